@@ -1,0 +1,138 @@
+"""Built-in losses, written so that every HVP route works.
+
+Each loss maps a chunk's ``outputs`` and ``targets`` to the **mean** over the chunk's
+averaged terms (PyTorch's ``reduction="mean"``), so that the full-data loss is the
+size-weighted sum of chunk losses. They are written with elementary ops because
+``torch.func.jvp(grad(...))`` fails on ``F.mse_loss(reduction="mean")`` in torch 2.13
+("ZeroTensors are immutable"; DESIGN.md section 8).
+
+==================  ===========================  ====================================
+name                outputs / targets            averaged terms N (n examples)
+==================  ===========================  ====================================
+``mse``             same shape, float            n·k (all output entries)
+``cross-entropy``   logits (n, C, ...) / class   n·(spatial size)
+                    indices (n, ...), integer
+``nll``             log-probs / indices          as cross-entropy
+``bce``             logits / targets in [0, 1]   n·k; binary cross-entropy **on logits**
+==================  ===========================  ====================================
+
+A user loss ``module:function`` must follow the same contract: ``function(outputs,
+targets) -> scalar mean over the batch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import InputError
+
+__all__ = ["LossFn", "BUILTIN_LOSSES", "infer_loss_name", "get_loss", "check_targets", "num_terms_per_example"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over every output entry, ``mean((o - t)²)``."""
+    return ((outputs - targets) ** 2).mean()
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy; logits ``(n, C, ...)``, integer targets ``(n, ...)``."""
+    picked = outputs.gather(1, targets.unsqueeze(1)).squeeze(1)
+    return (torch.logsumexp(outputs, dim=1) - picked).mean()
+
+
+def nll(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of log-probabilities ``(n, C, ...)`` at integer targets."""
+    return -outputs.gather(1, targets.unsqueeze(1)).squeeze(1).mean()
+
+
+def bce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy on logits, numerically stable, mean over all entries."""
+    return (F.softplus(outputs) - outputs * targets).mean()
+
+
+BUILTIN_LOSSES: dict[str, LossFn] = {
+    "mse": mse,
+    "cross-entropy": cross_entropy,
+    "nll": nll,
+    "bce": bce,
+}
+
+
+def infer_loss_name(targets: torch.Tensor) -> str:
+    """The default loss for these targets: integer → ``cross-entropy``, floating → ``mse``."""
+    if targets.is_floating_point():
+        return "mse"
+    if targets.dtype == torch.bool:
+        return "bce"
+    return "cross-entropy"
+
+
+def get_loss(name: str | LossFn) -> LossFn:
+    """A loss function by name, ``module:function``, or a callable passed through."""
+    if callable(name):
+        return name
+    if name in BUILTIN_LOSSES:
+        return BUILTIN_LOSSES[name]
+    if ":" in name:
+        from .loading import import_object
+
+        fn = import_object(name)
+        if not callable(fn):
+            raise InputError(f"loss {name!r} is not callable")
+        return fn  # type: ignore[no-any-return]
+    raise InputError(
+        f"unknown loss {name!r}: use one of {', '.join(BUILTIN_LOSSES)} or module:function"
+    )
+
+
+def check_targets(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Check that ``targets`` fit loss ``name`` for a model giving ``outputs``.
+
+    Returns the targets, reshaped where unambiguous (``(n,)`` targets for ``(n, 1)``
+    outputs under ``mse``/``bce``). Raises :class:`InputError` naming the mismatch.
+    """
+    if name in ("cross-entropy", "nll"):
+        if targets.is_floating_point() or targets.dtype == torch.bool:
+            raise InputError(
+                f"loss {name!r} needs integer class indices as targets, but the targets are {targets.dtype}; "
+                "use --loss mse for real-valued targets, or convert the targets with .long()"
+            )
+        if outputs.dim() < 2 or tuple(outputs.shape[2:]) != tuple(targets.shape[1:]):
+            raise InputError(
+                f"loss {name!r} needs outputs (n, C, ...) and targets (n, ...); got outputs "
+                f"{tuple(outputs.shape)} and targets {tuple(targets.shape)}"
+            )
+        num_classes = outputs.shape[1]
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= num_classes:
+            raise InputError(
+                f"targets hold class indices in [{lo}, {hi}] but the model has {num_classes} outputs per example"
+            )
+        return targets
+    if name in ("mse", "bce"):
+        if not targets.is_floating_point():
+            targets = targets.to(outputs.dtype)
+        if targets.shape != outputs.shape:
+            if targets.dim() == 1 and outputs.shape == (*targets.shape, 1):
+                return targets.unsqueeze(1)
+            raise InputError(
+                f"loss {name!r} needs targets of the outputs' shape; got outputs {tuple(outputs.shape)} "
+                f"and targets {tuple(targets.shape)} (per example: {tuple(outputs.shape[1:])} vs {tuple(targets.shape[1:])})"
+            )
+        if name == "bce" and (float(targets.min()) < 0 or float(targets.max()) > 1):
+            raise InputError("loss 'bce' needs targets in [0, 1]")
+        return targets
+    return targets
+
+
+def num_terms_per_example(name: str, outputs: torch.Tensor) -> int:
+    """How many averaged terms one example contributes (``k`` for mse/bce, spatial size for CE)."""
+    per_example = outputs[0]
+    if name in ("cross-entropy", "nll"):
+        return max(1, per_example[0].numel())
+    return per_example.numel()

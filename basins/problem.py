@@ -1,0 +1,532 @@
+"""The Problem engine: exact full-data loss, gradient, Hessian-vector products and batched loss.
+
+A :class:`Problem` is a model ``f(x; θ)``, the point ``θ*`` it was saved at, a dataset
+``{(xᵢ, yᵢ)}`` of ``n`` examples and a loss. Every quantity is of the **full-data mean**
+
+.. math:: L(θ) = \\sum_c \\frac{n_c}{n} \\, \\ell_c(θ),
+
+an exact size-weighted sum over chunks ``c`` of at most ``batch_size`` examples, where
+``ℓ_c`` is the loss function's mean over chunk ``c``. Memory is bounded by one chunk,
+except for the optional cached gradient graph (see :meth:`Problem.hvp`).
+
+Known limitations: the model must be a deterministic function of ``(θ, x)`` (checked at
+construction); data are held in memory (on the problem's device).
+
+Built on :mod:`torch.func`: ``functional_call`` with ``(params, buffers)``, ``grad``,
+``jvp``, ``vjp`` and ``vmap``. Nothing is kept in ``.grad``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from .errors import ComputeError, InputError
+from .losses import LossFn, check_targets, get_loss, infer_loss_name, num_terms_per_example
+from .params import ParamSpace
+
+__all__ = ["Problem", "HVP_ROUTES", "resolve_device", "resolve_dtype"]
+
+#: Exact HVP routes. ``graph``: a gradient graph built once with ``create_graph=True``,
+#: then one backward per HVP (fastest on CPU, memory ∝ n). ``fwd-rev``: ``jvp`` of
+#: ``grad``. ``rev-rev``: ``vjp`` of ``grad``. ``auto`` measures the viable ones.
+HVP_ROUTES = ("auto", "graph", "fwd-rev", "rev-rev")
+
+_Params = dict[str, torch.Tensor]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None → ``cuda`` when available else ``cpu``; checks that CUDA exists when asked."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``float32``/``float64`` (or a torch dtype, or None: keep the model's)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "float64": torch.float64, "double": torch.float64, "float": torch.float32}
+    if dtype not in table:
+        raise InputError(f"unknown dtype {dtype!r}: use float32 or float64")
+    return table[dtype]
+
+
+@dataclass
+class Counters:
+    """Work done so far, in units users can compare across runs."""
+
+    num_hvps: int = 0  # single Hessian-vector products (a block of K counts K)
+    num_loss_evals: int = 0  # full-data loss evaluations (a batch of K points counts K)
+    num_grads: int = 0  # full-data gradients
+
+    def as_dict(self) -> dict[str, int]:
+        return {"num_hvps": self.num_hvps, "num_loss_evals": self.num_loss_evals, "num_grads": self.num_grads}
+
+
+@dataclass
+class _Chunk:
+    inputs: torch.Tensor  # padded to the fixed batch size when there is one
+    targets: torch.Tensor  # never padded
+    num_real: int  # examples that count
+    weight: float  # num_real / n
+
+
+@dataclass
+class ProblemInfo:
+    """What a report records about the problem (no tensors)."""
+
+    num_params: int
+    num_examples: int
+    loss_name: str
+    loss_at_optimum: float
+    grad_norm: float
+    dtype: str
+    device: str
+    batch_size: int
+    hvp_route: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Problem:
+    """A model at a point θ*, a dataset and a loss, with exact full-data derivatives.
+
+    Args:
+        module: the model; called as ``functional_call(module, (params, buffers), (x,))``.
+            It is put in ``eval()`` mode (BatchNorm statistics fixed, dropout off).
+        inputs: ``(n, ...)`` inputs.
+        targets: ``(n, ...)`` targets.
+        loss: a built-in loss name (:mod:`basins.losses`), ``module:function``, a callable,
+            or None to infer it from the targets (integer → cross-entropy, float → mse).
+        batch_size: examples per chunk (default: all ``n`` in one chunk, or the model's
+            fixed batch size). Results do not depend on it beyond rounding.
+        fixed_batch_size: the batch size a ``.pt2`` was exported with; chunks are padded
+            to it (padding examples get weight zero), so any ``n`` works.
+        dtype: ``torch.float32``/``torch.float64``/names, or None to keep the model's.
+        device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
+        hvp_route: one of :data:`HVP_ROUTES`.
+        graph_memory_bytes: budget for the cached gradient graph (default a quarter of RAM).
+        check_determinism: evaluate loss and gradient twice and require agreement.
+
+    Raises:
+        InputError: the model rejects the inputs, the targets do not fit the loss, or
+            the model is not a deterministic function of θ (dropout in train mode, say).
+        ComputeError: the loss or gradient at θ* is not finite although the data are.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        loss: str | LossFn | None = None,
+        *,
+        batch_size: int | None = None,
+        fixed_batch_size: int | None = None,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = "cpu",
+        hvp_route: str = "auto",
+        graph_memory_bytes: int | None = None,
+        check_determinism: bool = True,
+    ) -> None:
+        if hvp_route not in HVP_ROUTES:
+            raise InputError(f"unknown HVP route {hvp_route!r}: use one of {', '.join(HVP_ROUTES)}")
+        if inputs.shape[0] != targets.shape[0]:
+            raise InputError(
+                f"inputs hold {inputs.shape[0]} examples but targets hold {targets.shape[0]}"
+            )
+        if inputs.shape[0] == 0:
+            raise InputError("the dataset is empty")
+        if batch_size is not None and batch_size < 1:
+            raise InputError(f"batch size must be a positive integer, got {batch_size}")
+        self.device = resolve_device(device)
+        wanted = resolve_dtype(dtype)
+        module = module.eval() if hasattr(module, "eval") else module
+        self.module = module
+        params = {n: p.detach() for n, p in module.named_parameters()}
+        if not params:
+            raise InputError("the model has no parameters")
+        dtype_ = wanted or next(iter(params.values())).dtype
+        if not dtype_.is_floating_point:
+            raise InputError(f"parameters must be floating point, got {dtype_}")
+        self.dtype = dtype_
+        self.params: _Params = {n: p.to(self.device, dtype_).clone() for n, p in params.items()}
+        self.buffers: _Params = {
+            n: (b.to(self.device, dtype_) if b.is_floating_point() else b.to(self.device))
+            for n, b in module.named_buffers()
+        }
+        self.space = ParamSpace(self.params)
+        self.theta0 = self.space.flatten(self.params).detach()
+        self.num_params = self.space.num_params
+        self.num_examples = int(inputs.shape[0])
+        self.fixed_batch_size = fixed_batch_size
+        self.inputs = inputs.to(self.device, dtype_) if inputs.is_floating_point() else inputs.to(self.device)
+        targets = targets.to(self.device)
+        self.batch_size = self._choose_batch_size(batch_size)
+        self.counters = Counters()
+
+        outputs = self._check_forward()
+        if loss is None:
+            self.loss_name = infer_loss_name(targets)
+        elif isinstance(loss, str):
+            self.loss_name = loss
+        else:
+            self.loss_name = getattr(loss, "__name__", "custom")
+        if targets.is_floating_point():
+            targets = targets.to(dtype_)
+        targets = self._fit_targets(outputs, targets)
+        self.targets = targets
+        self.loss_fn: LossFn = get_loss(loss if loss is not None else self.loss_name)
+        self.terms_per_example = num_terms_per_example(self.loss_name, outputs)
+        self._chunks = list(self._make_chunks())
+
+        self.loss_at_optimum = float(self.loss())
+        if not math.isfinite(self.loss_at_optimum):
+            raise ComputeError(
+                f"the loss at the saved parameters is {self.loss_at_optimum} although the data are finite; "
+                "check the model's outputs (overflow in float32? try --dtype float64) and the loss"
+            )
+        g = self.grad()
+        self.grad_at_optimum = g
+        self.grad_norm = float(g.norm())
+        if not math.isfinite(self.grad_norm):
+            raise ComputeError("the gradient at the saved parameters is not finite")
+        if check_determinism:
+            self._check_determinism(g)
+
+        self._graph: torch.Tensor | None = None
+        self._graph_leaves: list[torch.Tensor] | None = None
+        self._route_timings: dict[str, float] = {}
+        self._route_errors: dict[str, str] = {}
+        self._graph_memory_bytes = graph_memory_bytes
+        self.hvp_route = self._choose_route(hvp_route)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _choose_batch_size(self, batch_size: int | None) -> int:
+        if self.fixed_batch_size is not None:
+            return self.fixed_batch_size
+        return min(batch_size or self.num_examples, self.num_examples)
+
+    def _fit_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        head = check_targets(self.loss_name, outputs, targets[: outputs.shape[0]])
+        if head.shape[1:] != targets.shape[1:]:  # reshaped (n,) → (n, 1)
+            targets = targets.reshape(targets.shape[0], *head.shape[1:])
+        elif head.dtype != targets.dtype:
+            targets = targets.to(head.dtype)
+        return targets
+
+    def _check_forward(self) -> torch.Tensor:
+        size = self.fixed_batch_size or min(2, self.num_examples)
+        x = self._pad(self.inputs[:size], size)
+        try:
+            with torch.no_grad():
+                out = self.forward(self.params, x)
+        except Exception as exc:  # the model's own error, re-raised as bad input
+            shape = tuple(self.inputs.shape[1:])
+            raise InputError(
+                f"the model rejected inputs of shape (batch, {', '.join(map(str, shape))}) and dtype "
+                f"{self.inputs.dtype}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
+        if not isinstance(out, torch.Tensor):
+            raise InputError(f"the model must return one tensor, it returned {type(out).__name__}")
+        return out[: min(size, self.num_examples)]
+
+    def _pad(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        if x.shape[0] >= size:
+            return x
+        filler = x[:1].expand(size - x.shape[0], *x.shape[1:])
+        return torch.cat([x, filler], dim=0)
+
+    def _make_chunks(self) -> Iterator[_Chunk]:
+        n, b = self.num_examples, self.batch_size
+        for start in range(0, n, b):
+            stop = min(start + b, n)
+            x = self.inputs[start:stop]
+            if self.fixed_batch_size is not None:
+                x = self._pad(x, self.fixed_batch_size)
+            yield _Chunk(x, self.targets[start:stop], stop - start, (stop - start) / n)
+
+    def _check_determinism(self, g: torch.Tensor) -> None:
+        loss2 = float(self.loss())
+        g2 = self.grad()
+        eps = torch.finfo(self.dtype).eps
+        tol_loss = 64 * eps * max(1.0, abs(self.loss_at_optimum))
+        tol_grad = 64 * eps * max(1.0, self.grad_norm) * math.sqrt(self.num_params)
+        if abs(loss2 - self.loss_at_optimum) > tol_loss or float((g2 - g).norm()) > tol_grad:
+            raise InputError(
+                "the model is not a deterministic function of its parameters: two evaluations of the loss "
+                f"gave {self.loss_at_optimum!r} and {loss2!r}. Put dropout/batch statistics in eval mode "
+                "before exporting (model.eval()), and use data that do not change between passes"
+            )
+
+    # ------------------------------------------------------------------ functional pieces
+    def forward(self, params: _Params, x: torch.Tensor) -> torch.Tensor:
+        """Model outputs ``f(x; params)`` for a batch ``x`` (buffers fixed at θ*)."""
+        return functional_call(self.module, (params, self.buffers), (x,))
+
+    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, float]]:
+        """Yield ``(inputs, targets, num_real, weight)`` per chunk.
+
+        ``inputs`` may be padded to the fixed batch size; only the first ``num_real``
+        outputs count. ``weight = num_real / n``; weights sum to 1.
+        """
+        for c in self._chunks:
+            yield c.inputs, c.targets, c.num_real, c.weight
+
+    def _chunk_loss(self, params: _Params, x: torch.Tensor, y: torch.Tensor, num_real: int) -> torch.Tensor:
+        out = self.forward(params, x)
+        if out.shape[0] != num_real:
+            out = out[:num_real]
+        return self.loss_fn(out, y)
+
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum a per-process partial result over processes (identity in one process)."""
+        return t
+
+    def _as_params(self, theta: torch.Tensor | None) -> _Params:
+        if theta is None:
+            return self.params
+        return self.space.unflatten(theta.to(self.device, self.dtype))
+
+    # ------------------------------------------------------------------ public quantities
+    def loss(self, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-data mean loss ``L(θ)`` (scalar tensor); θ* when ``theta`` is None. Cost: 1 loss eval."""
+        params = self._as_params(theta)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for x, y, m, w in self.chunks():
+                total = total + w * self._chunk_loss(params, x, y, m).to(torch.float64)
+        self.counters.num_loss_evals += 1
+        return self._reduce(total)
+
+    def grad(self, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-data gradient ``∇L(θ)``, shape ``(P,)``. Cost: 1 gradient."""
+        params = self._as_params(theta)
+        g_fn = grad(self._chunk_loss)
+        total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
+        for x, y, m, w in self.chunks():
+            total += w * self.space.flatten(g_fn(params, x, y, m))
+        self.counters.num_grads += 1
+        return self._reduce(total)
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """Hessian-vector product ``H v`` at θ*, over the full data.
+
+        Args:
+            v: ``(P,)`` or a block ``(P, K)`` of K vectors; moved to the problem's dtype/device.
+
+        Returns:
+            ``H v`` with the shape of ``v``. Cost: K HVPs, in one pass over the data
+            (a block is vmapped for the functional routes). Route: :attr:`hvp_route`.
+        """
+        single = v.dim() == 1
+        V = v.to(self.device, self.dtype).reshape(self.num_params, -1)
+        out = self._hvp_block(V, self.hvp_route)
+        self.counters.num_hvps += V.shape[1]
+        return out[:, 0] if single else out
+
+    def hvp_with_route(self, v: torch.Tensor, route: str) -> torch.Tensor:
+        """:meth:`hvp` by a named route (for tests and benchmarks)."""
+        if route not in HVP_ROUTES[1:]:
+            raise InputError(f"unknown HVP route {route!r}")
+        single = v.dim() == 1
+        V = v.to(self.device, self.dtype).reshape(self.num_params, -1)
+        out = self._hvp_block(V, route)
+        self.counters.num_hvps += V.shape[1]
+        return out[:, 0] if single else out
+
+    def loss_many(self, thetas: torch.Tensor, *, chunk: int | None = None, route: str = "vmap") -> torch.Tensor:
+        """Full-data loss at K parameter vectors at once.
+
+        Args:
+            thetas: ``(K, P)`` parameter vectors (absolute, not offsets from θ*).
+            chunk: how many points go through one ``vmap`` call (memory ∝ chunk ×
+                activations); default all K.
+            route: ``vmap`` (batched ``functional_call``) or ``loop`` (one call per point).
+
+        Returns:
+            ``(K,)`` float64 losses. Cost: K loss evaluations.
+        """
+        thetas = thetas.to(self.device, self.dtype)
+        K = thetas.shape[0]
+        if route not in ("vmap", "loop"):
+            raise InputError(f"unknown loss_many route {route!r}: use vmap or loop")
+        out = torch.zeros(K, dtype=torch.float64, device=self.device)
+        step = max(1, chunk or K)
+        with torch.no_grad():
+            for x, y, m, w in self.chunks():
+                if route == "loop":
+                    vals = torch.stack(
+                        [self._chunk_loss(self.space.unflatten(thetas[i]), x, y, m) for i in range(K)]
+                    )
+                else:
+                    batched = vmap(self._chunk_loss, in_dims=(0, None, None, None))
+                    vals = torch.cat(
+                        [batched(self.space.unflatten(thetas[s : s + step]), x, y, m) for s in range(0, K, step)]
+                    )
+                out += w * vals.to(torch.float64)
+        self.counters.num_loss_evals += K
+        return self._reduce(out)
+
+    def info(self) -> ProblemInfo:
+        """Scalars describing the problem, for reports and ``--json`` output."""
+        return ProblemInfo(
+            num_params=self.num_params,
+            num_examples=self.num_examples,
+            loss_name=self.loss_name,
+            loss_at_optimum=self.loss_at_optimum,
+            grad_norm=self.grad_norm,
+            dtype=str(self.dtype).replace("torch.", ""),
+            device=str(self.device),
+            batch_size=self.batch_size,
+            hvp_route=self.hvp_route,
+        )
+
+    @property
+    def num_terms(self) -> int:
+        """``N``, the number of averaged terms in L (n·k for mse): ``H = (2/N) JᵀJ`` at a zero-residual mse optimum."""
+        return self.num_examples * self.terms_per_example
+
+    # ------------------------------------------------------------------ HVP routes
+    def _hvp_block(self, V: torch.Tensor, route: str) -> torch.Tensor:
+        if route == "graph":
+            return self._hvp_graph(V)
+        total = torch.zeros_like(V)
+        Vd = self.space.unflatten(V.T)  # {name: (K, *shape)}
+        for x, y, m, w in self.chunks():
+            g_fn = grad(self._chunk_loss)
+
+            def chunk_grad(p: _Params, x: torch.Tensor = x, y: torch.Tensor = y, m: int = m) -> _Params:
+                return g_fn(p, x, y, m)
+
+            if route == "fwd-rev":
+
+                def one(vd: _Params) -> _Params:
+                    return jvp(chunk_grad, (self.params,), (vd,))[1]
+
+            else:
+                _, pullback = vjp(chunk_grad, self.params)
+
+                def one(vd: _Params) -> _Params:
+                    return pullback(vd)[0]
+
+            hv = vmap(one)(Vd) if V.shape[1] > 1 else {k: t.unsqueeze(0) for k, t in one({k: t[0] for k, t in Vd.items()}).items()}
+            total += w * self.space.flatten(hv).T
+        return self._reduce(total)
+
+    def _build_graph(self) -> None:
+        leaves = [p.detach().clone().requires_grad_(True) for p in self.params.values()]
+        params = dict(zip(self.space.names, leaves))
+        g_total: torch.Tensor | None = None
+        with torch.enable_grad():
+            for x, y, m, w in self.chunks():
+                loss = self._chunk_loss(params, x, y, m) * w
+                gs = torch.autograd.grad(loss, leaves, create_graph=True)
+                flat = torch.cat([g.reshape(-1) for g in gs])
+                g_total = flat if g_total is None else g_total + flat
+        self._graph, self._graph_leaves = g_total, leaves
+
+    def _hvp_graph(self, V: torch.Tensor) -> torch.Tensor:
+        if self._graph is None:
+            self._build_graph()
+        assert self._graph is not None and self._graph_leaves is not None
+        cols = []
+        for j in range(V.shape[1]):
+            hs = torch.autograd.grad(self._graph, self._graph_leaves, V[:, j], retain_graph=True, allow_unused=True)
+            cols.append(torch.cat([
+                (h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hs, self._graph_leaves)
+            ]))
+        return self._reduce(torch.stack(cols, dim=1))
+
+    def _graph_bytes_per_chunk(self) -> int:
+        """Bytes the autograd graph of one chunk's ``create_graph`` gradient keeps alive."""
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += t.numel() * t.element_size()
+            return t
+
+        x, y, m, _ = next(self.chunks())
+        leaves = [p.detach().clone().requires_grad_(True) for p in self.params.values()]
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = self._chunk_loss(dict(zip(self.space.names, leaves)), x, y, m)
+            torch.autograd.grad(loss, leaves, create_graph=True)
+        return saved + 2 * self.num_params * self.dtype.itemsize
+
+    def _choose_route(self, route: str) -> str:
+        if route != "auto":
+            self._probe_route(route, strict=True)
+            return route
+        budget = self._graph_memory_bytes
+        if budget is None:
+            try:
+                budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+            except (ValueError, OSError, AttributeError):
+                budget = 2 << 30
+        candidates = ["fwd-rev", "rev-rev"]
+        try:
+            if self._graph_bytes_per_chunk() * len(self._chunks) <= budget:
+                candidates.insert(0, "graph")
+        except Exception as exc:  # noqa: BLE001 - a model that cannot double-backward
+            self._route_errors["graph"] = f"{type(exc).__name__}: {exc}"
+        for r in candidates:
+            self._probe_route(r, strict=False)
+        if not self._route_timings:
+            raise ComputeError(
+                "no Hessian-vector product route works for this model and loss: "
+                + "; ".join(f"{k}: {v}" for k, v in self._route_errors.items())
+            )
+        best = min(self._route_timings, key=self._route_timings.__getitem__)
+        if best != "graph":
+            self._graph = self._graph_leaves = None  # free it
+        return best
+
+    def _probe_route(self, route: str, *, strict: bool) -> None:
+        """Time one HVP by ``route`` (min of two runs); record failures."""
+        gen = torch.Generator().manual_seed(12345)
+        v = torch.randn(self.num_params, 1, generator=gen, dtype=torch.float64).to(self.device, self.dtype)
+        try:
+            if route == "graph" and self._graph is None:
+                self._build_graph()
+            best = math.inf
+            for _ in range(2):
+                t0 = time.perf_counter()
+                self._hvp_block(v, route)
+                best = min(best, time.perf_counter() - t0)
+            self._route_timings[route] = best
+        except Exception as exc:
+            self._route_errors[route] = f"{type(exc).__name__}: {exc}"
+            if strict:
+                raise ComputeError(f"HVP route {route!r} fails for this model/loss: {type(exc).__name__}: {exc}") from exc
+
+    @property
+    def route_timings(self) -> dict[str, float]:
+        """Seconds per HVP measured for each route tried by ``auto`` (and the failures)."""
+        return dict(self._route_timings)
+
+    def dense_hessian(self, *, block: int = 64, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """The dense ``(P, P)`` Hessian from P HVPs in blocks, symmetrised. Cost: P HVPs."""
+        P = self.num_params
+        H = torch.empty(P, P, dtype=self.dtype, device=self.device)
+        for s in range(0, P, block):
+            e = min(s + block, P)
+            E = torch.zeros(P, e - s, dtype=self.dtype, device=self.device)
+            E[torch.arange(s, e), torch.arange(e - s)] = 1
+            H[:, s:e] = self.hvp(E)
+            if progress is not None:
+                progress(e, P)
+        return (H + H.T) / 2

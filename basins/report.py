@@ -1,0 +1,254 @@
+"""HDF5 reports: one file holds several analyses of one problem.
+
+Layout (``schema_version`` 1)::
+
+    /                      attrs: format="basins-report", schema_version, basins_version,
+                                  torch_version, created (ISO 8601, UTC)
+    /problem               attrs: model, model_sha256, data, data_sha256, num_params,
+                                  num_examples, loss, loss_at_optimum, grad_norm, dtype,
+                                  device, seed, batch_size, hvp_route, ...
+    /<analysis>            one group per analysis (hessian, spectrum, nullity, features,
+                           volume, walls); attrs: settings, argv, costs (num_hvps,
+                           num_loss_evals), wall_seconds, created, replaced (how many
+                           earlier runs this group replaced)
+    /<analysis>/<name>     datasets, each with attrs ``description`` and (where
+                           meaningful) ``units``
+
+Attribute values are numbers, strings, booleans, numeric arrays, ``None`` (stored as an
+HDF5 empty attribute) or JSON text (lists/dicts of mixed types, prefixed ``json:``).
+Nothing is pickled.
+
+Writes are atomic: the new file is built beside the target, flushed and moved over it
+with :func:`os.replace`, so an interrupted run leaves the old report as it was.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import h5py
+import numpy as np
+
+from ._version import __version__
+from .errors import ReportError
+
+__all__ = ["SCHEMA_VERSION", "FORMAT", "Array", "write_analysis", "read_report", "check_report"]
+
+FORMAT = "basins-report"
+SCHEMA_VERSION = 1
+_IDENTITY_KEYS = ("model_sha256", "data_sha256")
+_JSON_PREFIX = "json:"
+
+
+@dataclass
+class Array:
+    """A dataset to write: values with a description and units (None where meaningless)."""
+
+    values: Any
+    description: str
+    units: str | None = None
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _to_attr(value: Any) -> Any:
+    if value is None:
+        return h5py.Empty("f")
+    if isinstance(value, (bool, np.bool_)):
+        return np.bool_(value)
+    if isinstance(value, (int, float, str, np.integer, np.floating)):
+        return value
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+        return value
+    if isinstance(value, (list, tuple)) and value and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+    ):
+        return np.asarray(value)
+    return _JSON_PREFIX + json.dumps(value, default=str)
+
+
+def _from_attr(value: Any) -> Any:
+    if isinstance(value, h5py.Empty):
+        return None
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, str):
+        return json.loads(value[len(_JSON_PREFIX):]) if value.startswith(_JSON_PREFIX) else value
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _set_attrs(obj: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
+    for key, value in attrs.items():
+        obj.attrs[key] = _to_attr(value)
+
+
+def _open_checked(path: str) -> h5py.File:
+    """Open an existing report for reading, checking format and schema version."""
+    if not os.path.exists(path):
+        raise ReportError(f"report {path!r} does not exist")
+    if os.path.isdir(path):
+        raise ReportError(f"{path!r} is a directory, not a report")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as exc:
+        raise ReportError(f"{path!r} is not an HDF5 file (or it is corrupt): {exc}") from exc
+    try:
+        fmt = _from_attr(f.attrs.get("format"))
+        if fmt != FORMAT:
+            raise ReportError(f"{path!r} is an HDF5 file but not a basins report (format attribute {fmt!r})")
+        version = _from_attr(f.attrs.get("schema_version"))
+        if not isinstance(version, int) or version < 1 or version > SCHEMA_VERSION:
+            raise ReportError(
+                f"{path!r} has report schema version {version!r}; this basins ({__version__}) reads "
+                f"versions 1..{SCHEMA_VERSION}: upgrade basins"
+            )
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
+def check_report(path: str) -> None:
+    """Raise :class:`ReportError` unless ``path`` is a readable basins report."""
+    _open_checked(path).close()
+
+
+def write_analysis(
+    path: str,
+    problem: Mapping[str, Any],
+    group: str,
+    attrs: Mapping[str, Any],
+    arrays: Mapping[str, Array] | None = None,
+    *,
+    subgroup_attrs: Mapping[str, Mapping[str, Any]] | None = None,
+    force: bool = False,
+) -> None:
+    """Write (or replace) analysis ``group`` in the report at ``path``, atomically.
+
+    Args:
+        path: the report file; created if missing.
+        problem: the ``/problem`` attributes (must include ``model_sha256`` and
+            ``data_sha256``: a report of another problem is refused unless ``force``).
+        group: the analysis name (``hessian``, ``volume``, ...).
+        attrs: the analysis' scalar results and settings.
+        arrays: datasets, keyed by name; a key ``"a/b"`` creates subgroup ``a``.
+        subgroup_attrs: attributes for subgroups, keyed by their path within ``group``.
+        force: overwrite a report of another problem (its other analyses are dropped).
+
+    Raises:
+        ReportError: ``path`` exists but is not a basins report, or is of another problem.
+    """
+    if not group or "/" in group or group == "problem":
+        raise ValueError(f"bad analysis group name {group!r}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ReportError(f"cannot write report {path!r}: directory {directory!r} does not exist")
+    old: h5py.File | None = None
+    replaced = 0
+    if os.path.exists(path):
+        old = _open_checked(path)
+        old_problem = {k: _from_attr(v) for k, v in old["problem"].attrs.items()} if "problem" in old else {}
+        differs = [k for k in _IDENTITY_KEYS if old_problem.get(k) != problem.get(k)]
+        if differs and not force:
+            old.close()
+            raise ReportError(
+                f"report {path!r} holds analyses of another problem ({', '.join(differs)} differ); "
+                "write to another file, or pass --force to replace it"
+            )
+        if differs:
+            old.close()
+            old = None
+        elif group in old:
+            replaced = int(_from_attr(old[group].attrs.get("replaced", 0)) or 0) + 1
+    fd, tmp = tempfile.mkstemp(prefix=".basins-", suffix=".h5.tmp", dir=directory)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as new:
+            _set_attrs(new, {
+                "format": FORMAT,
+                "schema_version": SCHEMA_VERSION,
+                "basins_version": __version__,
+                "torch_version": _torch_version(),
+                "created": _from_attr(old.attrs["created"]) if old is not None and "created" in old.attrs else _now(),
+                "modified": _now(),
+            })
+            if old is not None:
+                for name in old:
+                    if name not in (group, "problem"):
+                        old.copy(old[name], new, name=name)
+            prob = new.create_group("problem")
+            _set_attrs(prob, problem)
+            g = new.create_group(group)
+            _set_attrs(g, {**attrs, "created": _now(), "replaced": replaced})
+            for name, arr in (arrays or {}).items():
+                values = arr.values.detach().cpu().numpy() if hasattr(arr.values, "detach") else np.asarray(arr.values)
+                ds = g.create_dataset(name, data=values)
+                ds.attrs["description"] = arr.description
+                if arr.units is not None:
+                    ds.attrs["units"] = arr.units
+            for sub, sattrs in (subgroup_attrs or {}).items():
+                _set_attrs(g.require_group(sub), sattrs)
+            new.flush()
+        if old is not None:
+            old.close()
+            old = None
+        os.replace(tmp, path)
+    except BaseException:
+        if old is not None:
+            old.close()
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
+
+
+def _read_group(g: h5py.Group) -> dict[str, Any]:
+    out: dict[str, Any] = {"attrs": {k: _from_attr(v) for k, v in g.attrs.items()}, "datasets": {}, "groups": {}}
+    for name, item in g.items():
+        if isinstance(item, h5py.Dataset):
+            out["datasets"][name] = {
+                "values": item[()],
+                "description": _from_attr(item.attrs.get("description", "")),
+                "units": _from_attr(item.attrs.get("units")) if "units" in item.attrs else None,
+            }
+        else:
+            out["groups"][name] = _read_group(item)
+    return out
+
+
+def read_report(path: str) -> dict[str, Any]:
+    """Read a whole report into nested dicts.
+
+    Returns:
+        ``{"path", "attrs", "problem", "analyses": {name: {"attrs", "datasets": {name:
+        {"values" (numpy), "description", "units"}}, "groups": {...}}}}``.
+
+    Raises:
+        ReportError: missing, not HDF5, not a basins report, or an unknown schema version.
+    """
+    with _open_checked(path) as f:
+        attrs = {k: _from_attr(v) for k, v in f.attrs.items()}
+        problem = {k: _from_attr(v) for k, v in f["problem"].attrs.items()} if "problem" in f else {}
+        analyses = {name: _read_group(f[name]) for name in f if name != "problem" and isinstance(f[name], h5py.Group)}
+    return {"path": path, "attrs": attrs, "problem": problem, "analyses": analyses}

@@ -1,0 +1,211 @@
+"""Options, problem loading, progress and output shared by every command.
+
+Streams: stdout carries data only (a rich table, or one JSON object with ``--json``);
+logs and progress go to one stderr console. JSON floats keep full precision; non-finite
+values become ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+#: A point whose gradient norm exceeds this (loss units per unit of θ) gets a warning.
+CRITICAL_GRAD_TOL = 1e-3
+
+
+def stderr_console(quiet: bool = False) -> Console:
+    """The one console for logs and progress (stderr; silent with ``--quiet``)."""
+    return Console(stderr=True, quiet=quiet, highlight=False)
+
+
+def stdout_console() -> Console:
+    """The console for data tables (stdout). Width is fixed when stdout is not a terminal."""
+    return Console(file=sys.stdout, highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta["basins.debug"] = True
+    return value
+
+
+def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The model argument and the options that define the problem."""
+    decorators = [
+        click.argument("model", type=click.Path(dir_okay=False)),
+        click.option("--data", help="Data: .pt/.npz/.h5 with inputs and targets, or module:factory. Default: the bundle's."),
+        click.option("--loss", help="mse, cross-entropy, nll, bce or module:function. Default: the bundle's, else inferred from the targets."),
+        click.option("--arch", help="module:factory building the model, for a state-dict file."),
+        click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (runs code from the file)."),
+        click.option("--batch-size", type=click.IntRange(min=1), help="Examples per chunk (default: all at once)."),
+        click.option("--max-samples", type=click.IntRange(min=1), help="Use only the first N examples (recorded)."),
+        click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Compute dtype (default: the model's)."),
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice (recorded)."),
+        click.option("--hvp", "hvp_route", type=click.Choice(["auto", "graph", "fwd-rev", "rev-rev"]), default="auto",
+                     show_default=True, help="Hessian-vector product route (auto: measured fastest)."),
+    ]
+    for dec in reversed(decorators):
+        f = dec(f)
+    return f
+
+
+def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``-o``, ``--force``, ``--json``, ``--quiet``, ``--debug``."""
+    decorators = [
+        click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write/update this HDF5 report."),
+        click.option("--force", is_flag=True, help="Overwrite a report of another problem."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress or logs on stderr."),
+        click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+                     help="Show a traceback on errors."),
+    ]
+    for dec in reversed(decorators):
+        f = dec(f)
+    return f
+
+
+@dataclass
+class Loaded:
+    """A problem ready to analyse, with what a report records about it."""
+
+    problem: Any  # basins.Problem
+    record: dict[str, Any]
+    seed: int
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
+    """Load model, data and loss from the common options and build the Problem."""
+    from basins.loading import resolve_inputs
+    from basins.problem import Problem
+
+    with log.status("loading model and data", spinner="dots"):
+        model, data, loss = resolve_inputs(
+            opts["model"], data=opts.get("data"), loss=opts.get("loss"), arch=opts.get("arch"),
+            trust_pickle=opts.get("trust_pickle", False), max_samples=opts.get("max_samples"), seed=opts.get("seed", 0),
+        )
+    with log.status("evaluating L(θ*) and ∇L(θ*)", spinner="dots"):
+        problem = Problem(
+            model.module, data.inputs, data.targets, loss, batch_size=opts.get("batch_size"),
+            fixed_batch_size=model.fixed_batch_size, dtype=opts.get("dtype"), device=opts.get("device", "auto"),
+            hvp_route=opts.get("hvp_route", "auto"),
+        )
+    if loss is None:
+        log.print(f"loss: {problem.loss_name} (inferred from {data.targets.dtype} targets; set --loss to change)")
+    log.print(
+        f"P = {problem.num_params:,} parameters, n = {problem.num_examples:,} examples, "
+        f"L(θ*) = {problem.loss_at_optimum:.6g}, ‖∇L(θ*)‖ = {problem.grad_norm:.3g}, "
+        f"{str(problem.dtype).replace('torch.', '')} on {problem.device}, HVP route {problem.hvp_route}"
+    )
+    warnings = []
+    if problem.grad_norm > CRITICAL_GRAD_TOL:
+        msg = (f"‖∇L(θ*)‖ = {problem.grad_norm:.3g} > {CRITICAL_GRAD_TOL:g}: this point is not a critical point, "
+               "so its curvature is not that of a basin's minimum")
+        warnings.append(msg)
+        log.print(f"[yellow]warning:[/] {msg}")
+    record = {
+        "model": str(opts["model"]), "model_sha256": model.sha256, "model_kind": model.kind,
+        "data": data.source, "data_sha256": data.sha256, "num_params": problem.num_params,
+        "num_examples": problem.num_examples, "loss": problem.loss_name,
+        "loss_at_optimum": problem.loss_at_optimum, "grad_norm": problem.grad_norm,
+        "dtype": str(problem.dtype).replace("torch.", ""), "device": str(problem.device),
+        "seed": int(opts.get("seed", 0)), "batch_size": problem.batch_size, "hvp_route": problem.hvp_route,
+        "max_samples": opts.get("max_samples"),
+    }
+    return Loaded(problem, record, int(opts.get("seed", 0)), warnings)
+
+
+def problem_json(loaded: Loaded) -> dict[str, Any]:
+    """The keys every command's JSON carries about the problem."""
+    r = loaded.record
+    return {
+        "num_params": r["num_params"], "num_examples": r["num_examples"], "loss": r["loss"],
+        "loss_at_optimum": r["loss_at_optimum"], "grad_norm": r["grad_norm"], "dtype": r["dtype"],
+        "device": r["device"], "seed": r["seed"], "warnings": loaded.warnings,
+    }
+
+
+@contextmanager
+def progress_bar(log: Console, description: str, total: int | None, unit: str = "HVPs") -> Iterator[Callable[..., None]]:
+    """A rich progress bar on the stderr console; yields ``update(completed, total=None, info="")``."""
+    columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn(unit), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
+               TimeRemainingColumn()]
+    with Progress(*columns, console=log, transient=True, redirect_stdout=False, redirect_stderr=False) as prog:
+        task = prog.add_task(description, total=total, info="")
+
+        def update(completed: int, total: int | None = None, info: str = "") -> None:
+            kwargs: dict[str, Any] = {"completed": completed, "info": info}
+            if total is not None:
+                kwargs["total"] = total
+            prog.update(task, **kwargs)
+
+        yield update
+
+
+def jsonable(obj: Any) -> Any:
+    """Convert tensors/arrays/dataclasses to JSON types; non-finite floats to None."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "detach"):
+        obj = obj.detach().cpu().numpy()
+    if hasattr(obj, "tolist") and not isinstance(obj, (list, tuple)):
+        return jsonable(obj.tolist())
+    if hasattr(obj, "__dataclass_fields__"):
+        return jsonable(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return str(obj)
+
+
+def print_json(obj: Any) -> None:
+    """One JSON object on stdout (full precision, non-finite as null)."""
+    click.echo(json.dumps(jsonable(obj), allow_nan=False))
+
+
+def argv() -> str:
+    """The command line as run, for reports."""
+    return " ".join(["basins", *sys.argv[1:]])
+
+
+class Timer:
+    """Wall time of a block: ``with Timer() as t: ...; t.seconds``."""
+
+    def __enter__(self) -> Timer:
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
+
+
+def fmt(x: float | None, digits: int = 6) -> str:
+    """A number for a table: ``-`` for None/non-finite."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}g}"
+
+
+def common_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Split the problem options out of a command's kwargs (they stay in the dict too)."""
+    keys = ("model", "data", "loss", "arch", "trust_pickle", "batch_size", "max_samples", "dtype", "device", "seed", "hvp_route")
+    return {k: kwargs.get(k) for k in keys}

@@ -1,0 +1,101 @@
+"""The ``basins`` command group: lazily loaded subcommands and the exit-code contract.
+
+Exit codes: 0 success; 2 bad usage or input (missing file, wrong format, shape
+mismatch, non-finite data); 1 failure at run time (non-finite loss, no convergence under
+``--strict``, internal errors); 130 interrupted (a report being written is left as it was).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+import click
+
+from basins import __version__
+from basins.errors import BasinsError, InputError
+
+#: name -> (module within basins.cli, attribute, one-line help shown by ``basins --help``)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "example": ("example", "example", "Write a small trained example bundle."),
+    "hessian": ("hessian", "hessian", "Top/bottom Hessian eigenvalues by Lanczos, and the trace."),
+    "spectrum": ("spectrum", "spectrum", "Hessian spectral density by stochastic Lanczos quadrature."),
+    "nullity": ("nullity", "nullity", "Count near-zero Hessian eigenvalues (flat directions)."),
+    "features": ("features", "features", "Feature Gram (NTK) spectrum and rank of the output Jacobian."),
+    "volume": ("volume", "volume", "Basin volume and wall shape by random probing."),
+    "summary": ("summary", "summary", "Show one or more reports as tables, JSON or CSV."),
+}
+
+
+class LazyGroup(click.Group):
+    """A group that imports a subcommand's module only when it runs (torch is slow to import),
+    and maps library errors to exit codes with a one-line message."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [name for name, (mod, _, _) in COMMANDS.items() if _module_exists(mod)]
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS or not _module_exists(COMMANDS[cmd_name][0]):
+            return None
+        module_name, attr, _ = COMMANDS[cmd_name]
+        module = importlib.import_module(f"{__package__}.{module_name}")
+        command: click.Command = getattr(module, attr)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][2]) for name in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted; any report being written was left as it was", err=True)
+            sys.exit(130)
+        except BasinsError as exc:
+            if _debug(ctx):
+                raise
+            kind = "error" if isinstance(exc, InputError) else "failed"
+            click.echo(f"{kind}: {exc}", err=True)
+            sys.exit(2 if isinstance(exc, InputError) else 1)
+        except Exception as exc:
+            if _debug(ctx):
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            click.echo(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for a traceback)", err=True)
+            sys.exit(1)
+
+
+def _module_exists(module: str) -> bool:
+    return importlib.util.find_spec(f"{__package__}.{module}") is not None
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.meta.get("basins.debug")) or os.environ.get("BASINS_DEBUG", "") not in ("", "0")
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta["basins.debug"] = True
+    return value
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="basins")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+              help="Show a traceback on errors.")
+def main() -> None:
+    """Geometry of the loss basin of a trained PyTorch model.
+
+    \b
+    Quick start:
+      basins example                          # writes basins-example/model.pt
+      basins hessian basins-example/model.pt -o r.h5
+      basins summary r.h5
+    """
