@@ -120,6 +120,16 @@ class Problem:
         hvp_route: one of :data:`HVP_ROUTES`.
         graph_memory_bytes: budget for the cached gradient graph (default a quarter of RAM).
         check_determinism: evaluate loss and gradient twice and require agreement.
+        total_examples: data parallelism (:mod:`basins.distributed`): the global ``n`` when
+            ``inputs``/``targets`` are this process' shard; chunk weights are ``n_c / n``.
+            :attr:`num_examples` is this global n, :attr:`num_local_examples` the shard's.
+        reduce: sums a partial result over processes (e.g.
+            :func:`basins.distributed.all_reduce_sum`); applied to every loss, gradient,
+            HVP (block) and batched loss. Must give every process the same result.
+        gather: all-gathers a small picklable object (e.g.
+            :func:`basins.distributed.all_gather_object`); with it the ``auto`` HVP route is
+            chosen identically on every process (the fastest on the slowest process among
+            the routes that work everywhere) and the shard sizes are checked to sum to n.
 
     Raises:
         InputError: the model rejects the inputs, the targets do not fit the loss, or
@@ -141,6 +151,9 @@ class Problem:
         hvp_route: str = "auto",
         graph_memory_bytes: int | None = None,
         check_determinism: bool = True,
+        total_examples: int | None = None,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        gather: Callable[[Any], list[Any]] | None = None,
     ) -> None:
         if hvp_route not in HVP_ROUTES:
             raise InputError(f"unknown HVP route {hvp_route!r}: use one of {', '.join(HVP_ROUTES)}")
@@ -154,7 +167,10 @@ class Problem:
             raise InputError(f"batch size must be a positive integer, got {batch_size}")
         self.device = resolve_device(device)
         wanted = resolve_dtype(dtype)
-        module = module.eval() if hasattr(module, "eval") else module
+        try:
+            module.eval()
+        except NotImplementedError:  # torch.export modules: the mode was fixed at export
+            pass
         self.module = module
         params = {n: p.detach() for n, p in module.named_parameters()}
         if not params:
@@ -171,7 +187,14 @@ class Problem:
         self.space = ParamSpace(self.params)
         self.theta0 = self.space.flatten(self.params).detach()
         self.num_params = self.space.num_params
-        self.num_examples = int(inputs.shape[0])
+        self.num_local_examples = int(inputs.shape[0])
+        self.num_examples = int(total_examples) if total_examples is not None else self.num_local_examples
+        if self.num_examples < self.num_local_examples:
+            raise InputError(f"total_examples = {self.num_examples} is less than the {self.num_local_examples} examples given")
+        self._reduce_fn = reduce
+        self._gather_fn = gather
+        if gather is not None and sum(gather(self.num_local_examples)) != self.num_examples:
+            raise InputError(f"the processes' shards do not add up to total_examples = {self.num_examples}")
         self.fixed_batch_size = fixed_batch_size
         self.inputs = inputs.to(self.device, dtype_) if inputs.is_floating_point() else inputs.to(self.device)
         targets = targets.to(self.device)
@@ -212,13 +235,17 @@ class Problem:
         self._route_timings: dict[str, float] = {}
         self._route_errors: dict[str, str] = {}
         self._graph_memory_bytes = graph_memory_bytes
+        self._requested_route = hvp_route
+        self._block_timings: dict[str, float] = {}
         self.hvp_route = self._choose_route(hvp_route)
+        #: route used for blocks of vectors (chosen on the first block when ``auto``)
+        self.block_route: str | None = None if hvp_route == "auto" else hvp_route
 
     # ------------------------------------------------------------------ setup helpers
     def _choose_batch_size(self, batch_size: int | None) -> int:
         if self.fixed_batch_size is not None:
             return self.fixed_batch_size
-        return min(batch_size or self.num_examples, self.num_examples)
+        return min(batch_size or self.num_local_examples, self.num_local_examples)
 
     def _fit_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         head = check_targets(self.loss_name, outputs, targets[: outputs.shape[0]])
@@ -229,7 +256,7 @@ class Problem:
         return targets
 
     def _check_forward(self) -> torch.Tensor:
-        size = self.fixed_batch_size or min(2, self.num_examples)
+        size = self.fixed_batch_size or min(2, self.num_local_examples)
         x = self._pad(self.inputs[:size], size)
         try:
             with torch.no_grad():
@@ -242,7 +269,7 @@ class Problem:
             ) from exc
         if not isinstance(out, torch.Tensor):
             raise InputError(f"the model must return one tensor, it returned {type(out).__name__}")
-        return out[: min(size, self.num_examples)]
+        return out[: min(size, self.num_local_examples)]
 
     def _pad(self, x: torch.Tensor, size: int) -> torch.Tensor:
         if x.shape[0] >= size:
@@ -252,8 +279,8 @@ class Problem:
 
     def _make_chunks(self) -> Iterator[_Chunk]:
         n, b = self.num_examples, self.batch_size
-        for start in range(0, n, b):
-            stop = min(start + b, n)
+        for start in range(0, self.num_local_examples, b):
+            stop = min(start + b, self.num_local_examples)
             x = self.inputs[start:stop]
             if self.fixed_batch_size is not None:
                 x = self._pad(x, self.fixed_batch_size)
@@ -294,7 +321,7 @@ class Problem:
 
     def _reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a per-process partial result over processes (identity in one process)."""
-        return t
+        return t if self._reduce_fn is None else self._reduce_fn(t)
 
     def _as_params(self, theta: torch.Tensor | None) -> _Params:
         if theta is None:
@@ -334,9 +361,32 @@ class Problem:
         """
         single = v.dim() == 1
         V = v.to(self.device, self.dtype).reshape(self.num_params, -1)
-        out = self._hvp_block(V, self.hvp_route)
+        route = self.hvp_route if V.shape[1] == 1 else self._block_route_for(V)
+        out = self._hvp_block(V, route)
         self.counters.num_hvps += V.shape[1]
         return out[:, 0] if single else out
+
+    def _block_route_for(self, V: torch.Tensor) -> str:
+        """The route for blocks: with ``auto``, measured once on the first block (vmapped
+        ``fwd-rev`` often costs less per vector than a loop of cached-graph backwards, but
+        not for convolutions on CPU, DESIGN.md section 8)."""
+        if self._requested_route != "auto":
+            return self.hvp_route
+        if self.block_route is None:
+            probe = V[:, : min(V.shape[1], 8)]
+            timings: dict[str, float] = {}
+            for route in dict.fromkeys([self.hvp_route, "fwd-rev", "rev-rev"]):
+                if route not in self._route_timings:
+                    continue  # failed or not viable for single vectors either
+                try:
+                    t0 = time.perf_counter()
+                    self._hvp_block(probe, route)
+                    timings[route] = (time.perf_counter() - t0) / probe.shape[1]
+                except Exception as exc:  # noqa: BLE001 - vmap may fail where a loop works
+                    self._route_errors[f"{route} (block)"] = f"{type(exc).__name__}: {exc}"
+            self.block_route = min(timings, key=timings.__getitem__) if timings else self.hvp_route
+            self._block_timings = timings
+        return self.block_route
 
     def hvp_with_route(self, v: torch.Tensor, route: str) -> torch.Tensor:
         """:meth:`hvp` by a named route (for tests and benchmarks)."""
@@ -468,6 +518,25 @@ class Problem:
         return saved + 2 * self.num_params * self.dtype.itemsize
 
     def _choose_route(self, route: str) -> str:
+        # Probe on this process' shard alone (no collective: processes may try different
+        # routes), then agree: the route that works everywhere and is fastest on the slowest.
+        reduce_fn, self._reduce_fn = self._reduce_fn, None
+        try:
+            best = self._choose_local_route(route)
+        finally:
+            self._reduce_fn = reduce_fn
+        if route != "auto" or self._gather_fn is None:
+            return best
+        views: list[dict[str, float]] = self._gather_fn(dict(self._route_timings))
+        common = [r for r in HVP_ROUTES[1:] if all(r in v for v in views)]
+        if not common:
+            raise ComputeError("no Hessian-vector product route works on every process: " + repr(views))
+        agreed = min(common, key=lambda r: max(v[r] for v in views))
+        if agreed != "graph":
+            self._graph = self._graph_leaves = None
+        return agreed
+
+    def _choose_local_route(self, route: str) -> str:
         if route != "auto":
             self._probe_route(route, strict=True)
             return route
@@ -490,10 +559,7 @@ class Problem:
                 "no Hessian-vector product route works for this model and loss: "
                 + "; ".join(f"{k}: {v}" for k, v in self._route_errors.items())
             )
-        best = min(self._route_timings, key=self._route_timings.__getitem__)
-        if best != "graph":
-            self._graph = self._graph_leaves = None  # free it
-        return best
+        return min(self._route_timings, key=self._route_timings.__getitem__)
 
     def _probe_route(self, route: str, *, strict: bool) -> None:
         """Time one HVP by ``route`` (min of two runs); record failures."""
