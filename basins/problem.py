@@ -457,25 +457,30 @@ class Problem:
         total = torch.zeros_like(V)
         Vd = self.space.unflatten(V.T)  # {name: (K, *shape)}
         for x, y, m, w in self.chunks():
-            g_fn = grad(self._chunk_loss)
-
-            def chunk_grad(p: _Params, x: torch.Tensor = x, y: torch.Tensor = y, m: int = m) -> _Params:
-                return g_fn(p, x, y, m)
-
-            if route == "fwd-rev":
-
-                def one(vd: _Params) -> _Params:
-                    return jvp(chunk_grad, (self.params,), (vd,))[1]
-
-            else:
-                _, pullback = vjp(chunk_grad, self.params)
-
-                def one(vd: _Params) -> _Params:
-                    return pullback(vd)[0]
-
-            hv = vmap(one)(Vd) if V.shape[1] > 1 else {k: t.unsqueeze(0) for k, t in one({k: t[0] for k, t in Vd.items()}).items()}
-            total += w * self.space.flatten(hv).T
+            total += w * self.space.flatten(self._chunk_hvp(x, y, m, Vd, route)).T
         return self._reduce(total)
+
+    def _chunk_hvp(self, x: torch.Tensor, y: torch.Tensor, m: int, Vd: _Params, route: str) -> _Params:
+        """``H_c V`` for one chunk by a functional route; ``Vd`` holds K vectors as ``{name: (K, *shape)}``."""
+        g_fn = grad(self._chunk_loss)
+
+        def chunk_grad(p: _Params) -> _Params:
+            return g_fn(p, x, y, m)
+
+        if route == "fwd-rev":
+
+            def one(vd: _Params) -> _Params:
+                return jvp(chunk_grad, (self.params,), (vd,))[1]
+
+        else:
+            pullback = vjp(chunk_grad, self.params)[1]
+
+            def one(vd: _Params) -> _Params:
+                return pullback(vd)[0]
+
+        if next(iter(Vd.values())).shape[0] > 1:
+            return vmap(one)(Vd)
+        return {k: t.unsqueeze(0) for k, t in one({k: t[0] for k, t in Vd.items()}).items()}
 
     def _build_graph(self) -> None:
         leaves = [p.detach().clone().requires_grad_(True) for p in self.params.values()]
@@ -559,7 +564,10 @@ class Problem:
                 "no Hessian-vector product route works for this model and loss: "
                 + "; ".join(f"{k}: {v}" for k, v in self._route_errors.items())
             )
-        return min(self._route_timings, key=self._route_timings.__getitem__)
+        best = min(self._route_timings, key=self._route_timings.__getitem__)
+        if best != "graph":
+            self._graph = self._graph_leaves = None  # free the graph's memory
+        return best
 
     def _probe_route(self, route: str, *, strict: bool) -> None:
         """Time one HVP by ``route`` (min of two runs); record failures."""
