@@ -11,7 +11,8 @@ name                outputs / targets            averaged terms N (n examples)
 ==================  ===========================  ====================================
 ``mse``             same shape, float            n·k (all output entries)
 ``cross-entropy``   logits (n, C, ...) / class   n·(spatial size)
-                    indices (n, ...), integer
+                    indices (n, ...), integer,
+                    or probabilities (n, C, ...)
 ``nll``             log-probs / indices          as cross-entropy
 ``bce``             logits / targets in [0, 1]   n·k; binary cross-entropy **on logits**
 ==================  ===========================  ====================================
@@ -40,13 +41,22 @@ def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Softmax cross-entropy; logits ``(n, C, ...)``, integer targets ``(n, ...)``."""
+    """Softmax cross-entropy of logits ``(n, C, ...)``.
+
+    Targets are class indices ``(n, ...)`` (integer) or class probabilities of the
+    outputs' shape (floating; "soft labels", as ``F.cross_entropy`` accepts).
+    """
+    if targets.is_floating_point():
+        return -(targets * torch.log_softmax(outputs, dim=1)).sum(1).mean()
     picked = outputs.gather(1, targets.unsqueeze(1)).squeeze(1)
     return (torch.logsumexp(outputs, dim=1) - picked).mean()
 
 
 def nll(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Negative log-likelihood of log-probabilities ``(n, C, ...)`` at integer targets."""
+    """Negative log-likelihood of log-probabilities ``(n, C, ...)`` at integer targets
+    (or of class-probability targets of the outputs' shape)."""
+    if targets.is_floating_point():
+        return -(targets * outputs).sum(1).mean()
     return -outputs.gather(1, targets.unsqueeze(1)).squeeze(1).mean()
 
 
@@ -97,10 +107,19 @@ def check_targets(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> to
     outputs under ``mse``/``bce``). Raises :class:`InputError` naming the mismatch.
     """
     if name in ("cross-entropy", "nll"):
+        if targets.is_floating_point() and targets.shape == outputs.shape and outputs.dim() >= 2:
+            total = targets.sum(1)
+            if float(targets.min()) < 0 or not torch.allclose(total, torch.ones_like(total), atol=1e-4):
+                raise InputError(
+                    f"loss {name!r} with floating targets of the outputs' shape needs class probabilities "
+                    "(non-negative, summing to 1 over dimension 1)"
+                )
+            return targets
         if targets.is_floating_point() or targets.dtype == torch.bool:
             raise InputError(
-                f"loss {name!r} needs integer class indices as targets, but the targets are {targets.dtype}; "
-                "use --loss mse for real-valued targets, or convert the targets with .long()"
+                f"loss {name!r} needs integer class indices as targets (or class probabilities of the outputs' "
+                f"shape {tuple(outputs.shape)}), but the targets are {targets.dtype} of shape {tuple(targets.shape)}; "
+                "use --loss mse for real-valued targets, or convert class indices with .long()"
             )
         if outputs.dim() < 2 or tuple(outputs.shape[2:]) != tuple(targets.shape[1:]):
             raise InputError(
