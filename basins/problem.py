@@ -375,15 +375,22 @@ class Problem:
         if self.block_route is None:
             probe = V[:, : min(V.shape[1], 8)]
             timings: dict[str, float] = {}
-            for route in dict.fromkeys([self.hvp_route, "fwd-rev", "rev-rev"]):
-                if route not in self._route_timings:
-                    continue  # failed or not viable for single vectors either
-                try:
-                    t0 = time.perf_counter()
-                    self._hvp_block(probe, route)
-                    timings[route] = (time.perf_counter() - t0) / probe.shape[1]
-                except Exception as exc:  # noqa: BLE001 - vmap may fail where a loop works
-                    self._route_errors[f"{route} (block)"] = f"{type(exc).__name__}: {exc}"
+            reduce_fn, self._reduce_fn = self._reduce_fn, None  # measure this shard alone: no collective
+            try:
+                for route in dict.fromkeys([self.hvp_route, "fwd-rev", "rev-rev"]):
+                    if route not in self._route_timings:
+                        continue  # failed or not viable for single vectors either
+                    try:
+                        t0 = time.perf_counter()
+                        self._hvp_block(probe, route)
+                        timings[route] = (time.perf_counter() - t0) / probe.shape[1]
+                    except Exception as exc:  # noqa: BLE001 - vmap may fail where a loop works
+                        self._route_errors[f"{route} (block)"] = f"{type(exc).__name__}: {exc}"
+            finally:
+                self._reduce_fn = reduce_fn
+            if self._gather_fn is not None:  # agree across processes: works everywhere, fastest on the slowest
+                views: list[dict[str, float]] = self._gather_fn(timings)
+                timings = {r: max(v[r] for v in views) for r in timings if all(r in v for v in views)}
             self.block_route = min(timings, key=timings.__getitem__) if timings else self.hvp_route
             self._block_timings = timings
         return self.block_route

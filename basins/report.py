@@ -38,7 +38,7 @@ import numpy as np
 from ._version import __version__
 from .errors import ReportError
 
-__all__ = ["SCHEMA_VERSION", "FORMAT", "Array", "write_analysis", "read_report", "check_report"]
+__all__ = ["SCHEMA_VERSION", "FORMAT", "Array", "write_analysis", "read_report", "check_report", "check_writable"]
 
 FORMAT = "basins-report"
 SCHEMA_VERSION = 1
@@ -178,6 +178,7 @@ def write_analysis(
             replaced = int(_from_attr(old[group].attrs.get("replaced", 0)) or 0) + 1
     fd, tmp = tempfile.mkstemp(prefix=".basins-", suffix=".h5.tmp", dir=directory)
     os.close(fd)
+    os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; keep the old file's mode, else the umask's
     try:
         with h5py.File(tmp, "w") as new:
             _set_attrs(new, {
@@ -215,6 +216,35 @@ def write_analysis(
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _file_mode(path: str) -> int:
+    if os.path.exists(path):
+        return os.stat(path).st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def check_writable(path: str, problem: Mapping[str, Any], *, force: bool = False) -> None:
+    """Raise :class:`ReportError` now if :func:`write_analysis` would refuse ``path`` later.
+
+    Checks, before an expensive analysis, that the directory exists and that an existing
+    ``path`` is a readable basins report of the same problem (or ``force``).
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ReportError(f"cannot write report {path!r}: directory {directory!r} does not exist")
+    if not os.path.exists(path):
+        return
+    with _open_checked(path) as f:
+        old = {k: _from_attr(v) for k, v in f["problem"].attrs.items()} if "problem" in f else {}
+    differs = [k for k in _IDENTITY_KEYS if old.get(k) != problem.get(k)]
+    if differs and not force:
+        raise ReportError(
+            f"report {path!r} holds analyses of another problem ({', '.join(differs)} differ); "
+            "write to another file, or pass --force to replace it"
+        )
 
 
 def _torch_version() -> str:

@@ -7,8 +7,10 @@ values become ``null``.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -18,19 +20,40 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 #: A point whose gradient norm exceeds this (loss units per unit of θ) gets a warning.
 CRITICAL_GRAD_TOL = 1e-3
 
 
+def is_main_process() -> bool:
+    """True in a single process and on rank 0 of a ``torchrun`` launch (reads ``RANK``; imports no torch).
+
+    Agrees with :func:`basins.distributed.is_main_process`. Only the main process prints data,
+    logs and progress, and writes reports (:func:`write_report`); errors show on every rank.
+    """
+    if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
+        return True
+    return os.environ["RANK"].strip() in ("", "0")
+
+
 def stderr_console(quiet: bool = False) -> Console:
-    """The one console for logs and progress (stderr; silent with ``--quiet``)."""
-    return Console(stderr=True, quiet=quiet, highlight=False)
+    """The one console for logs and progress (stderr; silent with ``--quiet`` and on ranks other than 0)."""
+    return Console(stderr=True, quiet=quiet or not is_main_process(), highlight=False)
 
 
 def stdout_console() -> Console:
-    """The console for data tables (stdout). Width is fixed when stdout is not a terminal."""
+    """The console for data tables (stdout). Width is fixed when stdout is not a terminal. Silent on ranks other than 0."""
+    if not is_main_process():
+        return Console(file=io.StringIO(), quiet=True)
     return Console(file=sys.stdout, highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
 
 
@@ -88,20 +111,34 @@ class Loaded:
 
 def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
     """Load model, data and loss from the common options and build the Problem."""
+    from basins import distributed as dist
     from basins.loading import resolve_inputs
-    from basins.problem import Problem
+    from basins.problem import Problem, resolve_device
 
+    # Under torchrun: join the process group first (backend from this rank's device).
+    device = dist.local_device(opts.get("device") or "auto")
+    ctx = dist.init_from_env(resolve_device(device)) if dist.launched() and dist.env_world_size() > 1 else None
     with log.status("loading model and data", spinner="dots"):
         model, data, loss = resolve_inputs(
             opts["model"], data=opts.get("data"), loss=opts.get("loss"), arch=opts.get("arch"),
             trust_pickle=opts.get("trust_pickle", False), max_samples=opts.get("max_samples"), seed=opts.get("seed", 0),
         )
+    inputs, targets, n = data.inputs, data.targets, int(data.inputs.shape[0])
+    if ctx is not None:  # this rank's contiguous shard; chunk weights use the global n
+        start, stop = dist.shard_range(n, ctx.world_size, ctx.rank)
+        inputs, targets = inputs[start:stop].clone(), targets[start:stop].clone()  # copies: the full data can be freed
     with log.status("evaluating L(θ*) and ∇L(θ*)", spinner="dots"):
         problem = Problem(
-            model.module, data.inputs, data.targets, loss, batch_size=opts.get("batch_size"),
-            fixed_batch_size=model.fixed_batch_size, dtype=opts.get("dtype"), device=opts.get("device", "auto"),
-            hvp_route=opts.get("hvp_route", "auto"),
+            model.module, inputs, targets, loss, batch_size=opts.get("batch_size"),
+            fixed_batch_size=model.fixed_batch_size, dtype=opts.get("dtype"), device=device,
+            hvp_route=opts.get("hvp_route", "auto"), total_examples=n,
+            reduce=dist.all_reduce_sum if ctx is not None else None,
+            gather=dist.all_gather_object if ctx is not None else None,
         )
+    rank_examples = [int(k) for k in dist.all_gather_object(problem.num_local_examples)]
+    if ctx is not None:
+        log.print(f"data parallel: {ctx.world_size} processes ({ctx.backend}), examples per rank "
+                  f"{' + '.join(map(str, rank_examples))} = {sum(rank_examples):,}")
     if loss is None:
         log.print(f"loss: {problem.loss_name} (inferred from {data.targets.dtype} targets; set --loss to change)")
     log.print(
@@ -123,6 +160,8 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
         "dtype": str(problem.dtype).replace("torch.", ""), "device": str(problem.device),
         "seed": int(opts.get("seed", 0)), "batch_size": problem.batch_size, "hvp_route": problem.hvp_route,
         "max_samples": opts.get("max_samples"),
+        "world_size": len(rank_examples), "rank_examples": rank_examples,
+        "dist_backend": ctx.backend if ctx is not None else None,
     }
     return Loaded(problem, record, int(opts.get("seed", 0)), warnings)
 
@@ -134,12 +173,16 @@ def problem_json(loaded: Loaded) -> dict[str, Any]:
         "num_params": r["num_params"], "num_examples": r["num_examples"], "loss": r["loss"],
         "loss_at_optimum": r["loss_at_optimum"], "grad_norm": r["grad_norm"], "dtype": r["dtype"],
         "device": r["device"], "seed": r["seed"], "warnings": loaded.warnings,
+        "world_size": r.get("world_size", 1), "rank_examples": r.get("rank_examples", [r["num_examples"]]),
     }
 
 
 @contextmanager
 def progress_bar(log: Console, description: str, total: int | None, unit: str = "HVPs") -> Iterator[Callable[..., None]]:
     """A rich progress bar on the stderr console; yields ``update(completed, total=None, info="")``."""
+    if log.quiet:  # --quiet, or a rank other than 0
+        yield lambda completed, total=None, info="": None
+        return
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn(unit), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
                TimeRemainingColumn()]
@@ -177,8 +220,49 @@ def jsonable(obj: Any) -> Any:
 
 
 def print_json(obj: Any) -> None:
-    """One JSON object on stdout (full precision, non-finite as null)."""
-    click.echo(json.dumps(jsonable(obj), allow_nan=False))
+    """One JSON object on stdout (full precision, non-finite as null); only on rank 0."""
+    if is_main_process():
+        click.echo(json.dumps(jsonable(obj), allow_nan=False))
+
+
+def write_report(path: str, record: dict[str, Any], group: str, attrs: dict[str, Any],
+                 arrays: dict[str, Any] | None = None, **kwargs: Any) -> None:
+    """:func:`basins.report.write_analysis`, by rank 0 only; the other ranks wait for it.
+
+    Same arguments as ``write_analysis`` (``subgroup_attrs=``, ``force=``). When rank 0 fails
+    to write, it raises the error (shown once) and the other ranks exit quietly with the same code.
+    """
+    from basins.report import write_analysis
+
+    _on_main_process(lambda: write_analysis(path, record, group, attrs, arrays, **kwargs))
+
+
+def check_report_writable(path: str, record: dict[str, Any], *, force: bool = False) -> None:
+    """:func:`basins.report.check_writable` (fail before the work), by rank 0 only, like :func:`write_report`.
+
+    Under torchrun on several machines only rank 0's filesystem needs the report's directory.
+    """
+    from basins.report import check_writable
+
+    _on_main_process(lambda: check_writable(path, record, force=force))
+
+
+def _on_main_process(fn: Callable[[], object]) -> None:
+    """Run ``fn`` on rank 0; the other ranks wait, and exit quietly with rank 0's code if it raised."""
+    from basins import distributed as dist
+    from basins.errors import InputError
+
+    code = 0
+    if is_main_process():
+        try:
+            fn()
+        except BaseException as exc:
+            code = 2 if isinstance(exc, InputError) else 1
+            dist.broadcast_object(code)
+            raise
+    code = int(dist.broadcast_object(code))
+    if code:
+        raise click.exceptions.Exit(code)
 
 
 def argv() -> str:

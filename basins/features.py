@@ -1,0 +1,454 @@
+"""The feature Gram matrix: the Gauss–Newton part of the Hessian seen from the outputs (empirical NTK).
+
+Write ``J ∈ ℝ^{(n·k)×P}`` for the Jacobian of the model's outputs (n examples × k outputs
+each) with respect to θ, and ``H_ℓ`` for the block-diagonal Hessian of the loss with respect to
+the outputs (one ``k×k`` block per example, with the loss's normalisation). The Hessian is
+
+.. math:: H = G + R,\\qquad G = J^\\top H_\\ell J
+
+(``R`` involves the residuals and the model's second derivatives; ``R = 0`` at a zero-residual
+mse optimum, where ``H = (2/N) JᵀJ``, N = n·k averaged terms). The nonzero eigenvalues of
+``G`` are those of the ``(n·k)×(n·k)`` feature Gram matrix
+
+.. math:: K = H_\\ell^{1/2} J J^\\top H_\\ell^{1/2}
+
+(for mse ``K = (2/N)·JJᵀ``, the scaled empirical neural tangent kernel; for cross-entropy
+``H_ℓ = (diag p − ppᵀ)/n`` per example, so ``rank K ≤ n(k−1)``). Each eigenvector of ``K``
+is an independent "feature" direction in output space and its eigenvalue that feature's
+curvature; ``P − rank K`` directions of parameter space leave G flat.
+
+Known limitations: needs the loss to be a mean of per-example terms (all built-in losses
+are; checked) and a loss convex in the outputs (for a non-convex user loss the negative part
+of ``H_ℓ`` is dropped, with a note); data must not be sharded across processes. Memory:
+``8·(n·k·P + 2(n·k)²)`` bytes when ``n·k ≤ P`` (route ``gram``), else ``8·2P²`` plus one
+chunk's Jacobian (route ``outer``, ``G`` accumulated chunk by chunk).
+
+Cost: ``n·k`` vector-Jacobian products (per-example ``vmap(jacrev)``; for ``k ≪ P`` this is
+far cheaper than ``P`` forward-mode products), one ``O(min(nk, P)²·max(nk, P))`` product and
+one symmetric eigendecomposition, and ``gn_probes`` HVPs for the check ``‖Hv − Gv‖/‖Hv‖``.
+
+Rank cutoff (documented rule): a Jacobian computed in precision ``ε`` (the problem's dtype)
+is known to ``e = 10·√max(nk, P)·ε·σ_max`` in each singular value ``σ = √μ`` (Weyl, with a
+random-rounding estimate of the error's norm), and the float64 Gram eigenvalues to
+``f = max(nk, P)·ε₆₄·μ_max`` (the ``σ_max·max(dims)·eps`` rule of ``numpy.linalg.matrix_rank``
+applied to K). An eigenvalue is *certainly* above a threshold t when
+``max(√μ − e, 0)² − f > t`` and *possibly* above when ``(√μ + e)² + f > t``; the numerical
+rank counts ``μ > e² + f``. References: Jacot, Gabriel & Hongler, NeurIPS 2018 (NTK);
+Sagun et al. 2017 and Papyan 2020 (the Gauss–Newton part and the bulk near zero).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.func import hessian, jacfwd, jacrev, vmap
+
+from .errors import ComputeError, InputError
+
+__all__ = [
+    "FEATURE_ROUTES",
+    "JACOBIAN_MODES",
+    "FeaturesProgress",
+    "FeatureGram",
+    "feature_gram",
+    "features_memory_bytes",
+    "memory_budget",
+    "outputs_per_example",
+]
+
+#: ``gram``: the (nk)×(nk) matrix K from the stored factored Jacobian; ``outer``: the P×P
+#: matrix G accumulated chunk by chunk (nothing of size nk·P is stored); ``auto``: the
+#: smaller of the two.
+FEATURE_ROUTES = ("auto", "gram", "outer")
+#: ``per-example``: ``vmap`` over examples of ``jacrev`` of one example's outputs (k VJPs an
+#: example); ``batch``: ``jacrev`` (or ``jacfwd`` when P < outputs) of a whole chunk, for
+#: models that only accept their fixed batch size; ``auto``: per-example, else batch.
+JACOBIAN_MODES = ("auto", "per-example", "batch")
+#: Bytes of one per-example Jacobian block computed at once (bounds vmap's memory).
+_JACOBIAN_BLOCK_BYTES = 128 << 20
+#: Safety factor of the Jacobian's rounding-error estimate (see the module docstring).
+_NOISE_FACTOR = 10.0
+
+
+def memory_budget(memory_bytes: int | None = None) -> int:
+    """``memory_bytes``, or a quarter of the physical memory (2 GiB if unknown)."""
+    if memory_bytes is not None:
+        return int(memory_bytes)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 2 << 30
+
+
+@dataclass
+class FeaturesProgress:
+    """Progress of a computation in phases (also :class:`basins.nullity.NullityProgress`).
+
+    ``phase``: ``jacobian``/``eigenvectors`` (unit: examples), ``eigh``, ``gn-check``
+    (HVPs); in :mod:`basins.nullity` also ``hessian``, ``lanczos`` and ``slq`` (HVPs).
+    """
+
+    phase: str
+    done: int
+    total: int | None
+    unit: str
+
+
+@dataclass
+class FeatureGram:
+    """Spectrum of the feature Gram matrix K (= nonzero spectrum of G = JᵀH_ℓJ).
+
+    Attributes:
+        eigenvalues: ``(min(nk, P),)`` float64, descending: K's eigenvalues, i.e. G's
+            nonzero eigenvalues (loss units per unit θ²), numerical zeros included.
+        num_params: P.
+        num_examples: n.
+        outputs_per_example: k.
+        num_outputs: n·k (rows of J).
+        loss_name: the loss.
+        scale: for mse, ``2/N``: ``K = scale·JJᵀ`` (``eigenvalues/scale`` are the NTK's); else None.
+        sigma_noise: ``e``, the error of each singular value ``√μ`` (module docstring).
+        float_floor: ``f``, the float64 error of each eigenvalue of K.
+        rank: numerical rank, ``#{μ > cutoff}``.
+        cutoff: ``e² + f``.
+        participation_ratio: ``(Σμ)² / Σμ²`` over μ > 0: the effective number of features.
+        route: ``gram`` or ``outer``.
+        jacobian_mode: ``per-example`` or ``batch``.
+        jacobian_dtype: dtype the Jacobian was computed in.
+        eigenvectors: ``(nk, q)`` unit eigenvectors of K for the top q eigenvalues (rows are
+            example-major: row ``i·k + j`` is output j of example i), or None.
+        gn_residuals: ``‖Hv − Gv‖/‖Hv‖`` for each random Gaussian v (how far H is from G).
+        residual_scale: ``max ‖(H − G)v‖/‖v‖`` over those v (loss / parameter²): a rough size of
+            ``R = H − G`` in eigenvalue units (an rms, so at most ``‖R‖₂``); below it H's small
+            eigenvalues need not match G's. None without a check.
+        num_hvps: HVPs used (the Gauss–Newton check).
+        num_vjps: vector-Jacobian products (Jacobian rows computed, both passes).
+        notes: remarks for the user (non-convex loss, eigenvector pass, ...).
+    """
+
+    eigenvalues: torch.Tensor
+    num_params: int
+    num_examples: int
+    outputs_per_example: int
+    num_outputs: int
+    loss_name: str
+    scale: float | None
+    sigma_noise: float
+    float_floor: float
+    rank: int
+    cutoff: float
+    participation_ratio: float
+    route: str
+    jacobian_mode: str
+    jacobian_dtype: str
+    eigenvectors: torch.Tensor | None = None
+    gn_residuals: list[float] = field(default_factory=list)
+    residual_scale: float | None = None
+    num_hvps: int = 0
+    num_vjps: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def lambda_max(self) -> float:
+        """The largest eigenvalue of K (= of G)."""
+        return float(self.eigenvalues[0]) if self.eigenvalues.numel() else 0.0
+
+    @property
+    def gn_residual(self) -> float | None:
+        """The largest of :attr:`gn_residuals` (None when no check was made)."""
+        return max(self.gn_residuals) if self.gn_residuals else None
+
+    def rank_at(self, threshold: float) -> tuple[int, int, int]:
+        """``(rank, rank_lower, rank_upper)``: eigenvalues above ``threshold``, as computed,
+        certainly and possibly (see the module docstring)."""
+        mu = self.eigenvalues
+        s = mu.clamp_min(0).sqrt()
+        e, f = self.sigma_noise, self.float_floor
+        rank = int((mu > threshold).sum())
+        certain = int(((s - e).clamp_min(0) ** 2 - f > threshold).sum())
+        possible = int(((s + e) ** 2 + f > threshold).sum())
+        return rank, certain, possible
+
+    def loadings(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where eigenvector ``index`` of K lives: ``(per_output (k,), per_example (n,))``,
+        the squared entries summed over examples / over outputs (each sums to 1)."""
+        if self.eigenvectors is None or index >= self.eigenvectors.shape[1]:
+            raise InputError(f"eigenvector {index} was not computed: ask for more top vectors")
+        u2 = self.eigenvectors[:, index].reshape(self.num_examples, self.outputs_per_example) ** 2
+        return u2.sum(dim=0), u2.sum(dim=1)
+
+
+def features_memory_bytes(num_outputs: int, num_params: int, route: str = "auto") -> tuple[str, int]:
+    """The route :func:`feature_gram` takes and the bytes it needs (float64 storage)."""
+    if route == "auto":
+        route = "gram" if num_outputs <= num_params else "outer"
+    if route == "gram":
+        return route, 8 * (num_outputs * num_params + 2 * num_outputs**2)
+    return route, 8 * 2 * num_params**2
+
+
+def feature_gram(
+    problem: Any,
+    *,
+    route: str = "auto",
+    jacobian: str = "auto",
+    top_vectors: int = 0,
+    gn_probes: int = 3,
+    seed: int = 0,
+    memory_bytes: int | None = None,
+    callback: Callable[[FeaturesProgress], None] | None = None,
+) -> FeatureGram:
+    """Eigenvalues (and optionally top eigenvectors) of the feature Gram matrix of ``problem``.
+
+    Args:
+        problem: a :class:`basins.Problem` (outputs ``(n, ...)``, k = entries per example).
+        route: one of :data:`FEATURE_ROUTES`.
+        jacobian: one of :data:`JACOBIAN_MODES`.
+        top_vectors: how many top eigenvectors of K to return (loadings per output/example).
+            With route ``outer`` they cost a second Jacobian pass.
+        gn_probes: random vectors for the check ``‖Hv − Gv‖/‖Hv‖`` (one HVP each; 0: none).
+        seed: seeds the check's vectors.
+        memory_bytes: budget (default a quarter of physical memory).
+        callback: called with :class:`FeaturesProgress`.
+
+    Returns:
+        A :class:`FeatureGram`. Cost: ``n·k`` VJPs (twice for ``outer`` with eigenvectors),
+        one dense eigendecomposition of size ``min(nk, P)``, ``gn_probes`` HVPs.
+
+    Raises:
+        InputError: bad options; K (or G) would not fit ``memory_bytes`` (use ``--method
+            slq`` or ``--max-samples``); a loss that is not a mean of per-example terms;
+            sharded data.
+    """
+    if route not in FEATURE_ROUTES:
+        raise InputError(f"unknown features route {route!r}: use one of {', '.join(FEATURE_ROUTES)}")
+    if jacobian not in JACOBIAN_MODES:
+        raise InputError(f"unknown Jacobian mode {jacobian!r}: use one of {', '.join(JACOBIAN_MODES)}")
+    if top_vectors < 0 or gn_probes < 0:
+        raise InputError("top_vectors and gn_probes must be ≥ 0")
+    if getattr(problem, "num_local_examples", problem.num_examples) != problem.num_examples:
+        raise InputError("the feature Gram matrix needs all the data in one process; run it without torchrun")
+    P, n = int(problem.num_params), int(problem.num_examples)
+    k = outputs_per_example(problem)
+    M = n * k
+    route, need = features_memory_bytes(M, P, route)
+    budget = memory_budget(memory_bytes)
+    if need > budget:
+        raise InputError(
+            f"the feature Gram matrix needs {need / 2**30:.1f} GiB ({'(n·k)² with n·k' if route == 'gram' else 'P² with P'} "
+            f"= {M if route == 'gram' else P:,}) but the budget is {budget / 2**30:.1f} GiB; use --method slq, or fewer "
+            "examples (--max-samples)"
+        )
+    notes: list[str] = []
+    _check_separable(problem)
+
+    def report(phase: str, done: int, total: int | None, unit: str) -> None:
+        if callback is not None:
+            callback(FeaturesProgress(phase, done, total, unit))
+
+    mode = _choose_mode(problem, jacobian, notes)
+    num_vjps = 0
+    Jh: torch.Tensor | None = None
+    G: torch.Tensor | None = None
+    if route == "gram":
+        Jh = torch.empty(M, P, dtype=torch.float64, device=problem.device)
+    else:
+        G = torch.zeros(P, P, dtype=torch.float64, device=problem.device)
+    for start, rows in _factored_rows(problem, k, mode, notes, lambda d: report("jacobian", d, n, "examples")):
+        if Jh is not None:
+            Jh[start * k : start * k + rows.shape[0]] = rows
+        else:
+            assert G is not None
+            G.addmm_(rows.T, rows)
+        num_vjps += rows.shape[0]
+
+    report("eigh", 0, None, "")
+    eigenvectors = None
+    if Jh is not None:
+        K = Jh @ Jh.T
+        if top_vectors:
+            mu, U = torch.linalg.eigh(K)
+            eigenvectors = U.flip(1)[:, : min(top_vectors, M)].contiguous()
+        else:
+            mu = torch.linalg.eigvalsh(K)
+        del K
+    else:
+        assert G is not None
+        if top_vectors:
+            mu, V = torch.linalg.eigh(G)
+            V = V.flip(1)[:, : min(top_vectors, M, P)]
+        else:
+            mu = torch.linalg.eigvalsh(G)
+    mu = mu.flip(0)[: min(M, P)].cpu()
+    mu_max = max(float(mu[0]), 0.0)
+    if mu_max == 0:
+        notes.append(f"the loss {problem.loss_name!r} has zero curvature in the model's outputs, so G = 0 "
+                     "(for nll on log-probabilities, use cross-entropy on logits); use --method exact or slq")
+
+    eps = torch.finfo(problem.dtype).eps
+    sigma_noise = _NOISE_FACTOR * math.sqrt(max(M, P)) * eps * math.sqrt(mu_max)
+    float_floor = max(M, P) * torch.finfo(torch.float64).eps * mu_max
+    cutoff = sigma_noise**2 + float_floor
+    positive = mu.clamp_min(0)
+    pr = float(positive.sum() ** 2 / (positive**2).sum()) if mu_max > 0 else 0.0
+
+    if G is not None and top_vectors:
+        # u = J_h v / σ: a second Jacobian pass, projecting each chunk's rows on the top v's.
+        sig = mu[: V.shape[1]].clamp_min(0).sqrt()
+        good = sig > math.sqrt(cutoff)
+        eigenvectors = torch.zeros(M, V.shape[1], dtype=torch.float64)
+        for start, rows in _factored_rows(problem, k, mode, notes, lambda d: report("eigenvectors", d, n, "examples")):
+            eigenvectors[start * k : start * k + rows.shape[0]] = (rows @ V).cpu()
+            num_vjps += rows.shape[0]
+        eigenvectors[:, good] /= sig[good]
+        if not bool(good.all()):
+            eigenvectors = eigenvectors[:, good]
+            notes.append("eigenvectors of numerically zero eigenvalues were dropped")
+
+    gn: list[float] = []
+    scale_r: float | None = None
+    num_hvps = 0
+    if gn_probes:
+        gen = torch.Generator().manual_seed(seed)
+        Vr = torch.randn(P, gn_probes, generator=gen, dtype=torch.float64)
+        HV = problem.hvp(Vr.to(problem.device, problem.dtype)).to(torch.float64).cpu()
+        num_hvps += gn_probes
+        Vd = Vr.to(problem.device)
+        if Jh is not None:
+            GV = (Jh.T @ (Jh @ Vd)).cpu()
+        else:
+            assert G is not None
+            GV = (G @ Vd).cpu()
+        for j in range(gn_probes):
+            diff, denom = float((HV[:, j] - GV[:, j]).norm()), float(HV[:, j].norm())
+            gn.append(diff / denom if denom > 0 else (0.0 if diff == 0 else math.inf))
+            scale_r = max(scale_r or 0.0, diff / float(Vr[:, j].norm()))
+        report("gn-check", gn_probes, gn_probes, "HVPs")
+
+    return FeatureGram(
+        eigenvalues=mu.to(torch.float64),
+        num_params=P, num_examples=n, outputs_per_example=k, num_outputs=M,
+        loss_name=problem.loss_name,
+        scale=2.0 / problem.num_terms if problem.loss_name == "mse" else None,
+        sigma_noise=sigma_noise, float_floor=float_floor, rank=int((mu > cutoff).sum()), cutoff=cutoff,
+        participation_ratio=pr, route=route, jacobian_mode=mode,
+        jacobian_dtype=str(problem.dtype).replace("torch.", ""),
+        eigenvectors=None if eigenvectors is None else eigenvectors.cpu(),
+        gn_residuals=gn, residual_scale=scale_r, num_hvps=num_hvps, num_vjps=num_vjps, notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------- pieces
+def outputs_per_example(problem: Any) -> int:
+    """k: the number of output entries of one example of ``problem`` (one forward pass of a chunk)."""
+    x, _, m, _ = next(problem.chunks())
+    with torch.no_grad():
+        out = problem.forward(problem.params, x)
+    return int(out[0].numel())
+
+
+def _check_separable(problem: Any) -> None:
+    """Require L = mean over examples of the loss of each example alone (true for built-ins)."""
+    x, y, m, _ = next(problem.chunks())
+    c = min(m, 8)
+    with torch.no_grad():
+        out = problem.forward(problem.params, x)[:c].to(torch.float64)
+        yy = y[:c].to(torch.float64) if y.is_floating_point() else y[:c]
+        whole = float(problem.loss_fn(out, yy))
+        parts = sum(float(problem.loss_fn(out[i : i + 1], yy[i : i + 1])) for i in range(c)) / c
+    if not math.isclose(whole, parts, rel_tol=1e-8, abs_tol=1e-12):
+        raise InputError(
+            f"the loss {problem.loss_name!r} is not a mean of per-example terms (mean of one-example losses "
+            f"{parts!r} ≠ loss of the batch {whole!r}); the feature Gram matrix needs one: use --method exact or slq"
+        )
+
+
+def _loss_factor(problem: Any, out: torch.Tensor, y: torch.Tensor, notes: list[str]) -> torch.Tensor | float:
+    """Per-example symmetric square roots ``S_i`` of ``H_ℓ,i`` ((c, k, k), float64), or a scalar (mse).
+
+    ``H_ℓ,i = ∇²_o ℓ(o_i, y_i) / n``: L = (1/n) Σᵢ ℓ(oᵢ, yᵢ) with ℓ the loss of one example.
+    """
+    n = problem.num_examples
+    if problem.loss_name == "mse":
+        return math.sqrt(2.0 / problem.num_terms)
+    c = out.shape[0]
+    shape = out.shape[1:]
+    flat = out.detach().to(torch.float64).reshape(c, -1)
+    yy = y.to(torch.float64) if y.is_floating_point() else y
+
+    def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return problem.loss_fn(o.reshape(1, *shape), t.unsqueeze(0))
+
+    Hl = vmap(hessian(one))(flat, yy) / n
+    Hl = (Hl + Hl.transpose(1, 2)) / 2
+    evals, U = torch.linalg.eigh(Hl)
+    lo = float(evals.min())
+    if lo < -1e-12 * max(float(evals.abs().max()), 1e-300) and not any("not convex" in s for s in notes):
+        notes.append(f"the loss is not convex in the outputs here (an output-Hessian eigenvalue {lo:.3g}); "
+                     "its negative part was dropped from G")
+    return (U * evals.clamp_min(0).sqrt().unsqueeze(1)) @ U.transpose(1, 2)
+
+
+def _choose_mode(problem: Any, mode: str, notes: list[str]) -> str:
+    """``per-example`` if the model runs on single examples under ``vmap`` (tried on two), else ``batch``."""
+    if mode == "batch":
+        return mode
+    x, _, m, _ = next(problem.chunks())
+    try:
+        _jacobian(problem, x, 0, min(m, 2), m, "per-example")
+        return "per-example"
+    except Exception as exc:
+        if mode == "per-example":
+            raise ComputeError(f"the per-example Jacobian fails for this model: {type(exc).__name__}: {exc}") from exc
+        notes.append(f"the model does not run on single examples under vmap ({type(exc).__name__}); "
+                     "the Jacobian was computed a whole chunk at a time")
+        return "batch"
+
+
+def _factored_rows(
+    problem: Any, k: int, mode: str, notes: list[str], progress: Callable[[int], None]
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(first_example, rows)`` with rows ``S_i J_i`` ((c·k, P), float64), block by block."""
+    P = problem.num_params
+    sub = max(1, _JACOBIAN_BLOCK_BYTES // max(1, 8 * k * P))
+    start = 0
+    for x, y, m, _ in problem.chunks():
+        pieces = [(s, min(s + sub, m)) for s in range(0, m, sub)] if mode == "per-example" else [(0, m)]
+        for a, b in pieces:
+            J, out = _jacobian(problem, x, a, b, m, mode)  # (c, k, P), outputs (c, ...)
+            S = _loss_factor(problem, out, y[a:b], notes)
+            J = J.to(torch.float64)
+            rows = J * S if isinstance(S, float) else torch.bmm(S.to(J.device), J)
+            if not bool(torch.isfinite(rows).all()):
+                raise ComputeError("the output Jacobian has non-finite entries")
+            yield start + a, rows.reshape(-1, P)
+            progress(start + b)
+        start += m
+
+
+def _jacobian(problem: Any, x: torch.Tensor, a: int, b: int, m: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output Jacobian ``(b−a, k, P)`` of examples ``a:b`` of chunk ``x`` (``m`` real examples), and their outputs."""
+    params = problem.params
+    if mode == "per-example":
+
+        def f1(p: dict[str, torch.Tensor], xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            o = problem.forward(p, xi.unsqueeze(0))[0]
+            return o.reshape(-1), o
+
+        jac, out = vmap(jacrev(f1, has_aux=True), in_dims=(None, 0))(params, x[a:b])
+        return problem.space.flatten(jac), out
+    # batch: the whole (possibly padded) chunk at once; reverse mode unless P < outputs
+    with torch.no_grad():
+        out = problem.forward(params, x)[:m]
+    kk = out[0].numel()
+
+    def fb(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        return problem.forward(p, x)[:m].reshape(-1)
+
+    jac = jacrev(fb, chunk_size=64)(params) if m * kk <= problem.num_params else jacfwd(fb)(params)
+    return problem.space.flatten(jac).reshape(m, kk, -1), out

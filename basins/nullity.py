@@ -1,0 +1,496 @@
+"""Near-zero Hessian eigenvalues: how many directions leave the loss (nearly) unchanged.
+
+For a ladder of thresholds, ``count = #{i : |λᵢ| ≤ rtol·λ_max + atol}`` (λ_max: the largest
+eigenvalue; at a minimum ``‖H‖₂``), each with the method that produced it and an interval:
+
+* ``exact``: the dense Hessian from P HVPs (in blocks), ``eigvalsh`` in float64. Interval:
+  eigenvalues within ``δ`` of the threshold are uncertain, ``δ = ‖(H̃ − H̃ᵀ)/2‖₂ +
+  10·√P·ε₆₄·λ_max``: the asymmetry of the computed ``H̃`` measures the HVPs' rounding
+  error (its symmetric part is of the same size), plus the eigensolver's. Memory ``24·P²``
+  bytes; ``auto`` takes it when ``P ≤ 4096``.
+* ``features``: ``P − rank`` of the feature Gram matrix (:mod:`basins.features`): the count
+  of flat directions of the Gauss–Newton part ``G`` (= H at a zero-residual mse optimum;
+  ``‖Hv − Gv‖/‖Hv‖`` is reported so the user sees whether H ≈ G). Interval from the
+  Jacobian's rounding (:class:`basins.features.FeatureGram`).
+* ``slq`` (an estimate): deflate the top ``k`` eigenpairs found by Lanczos, then
+  ``(P − k) × (SLQ mass of [−t, t])`` on the deflated operator. Per probe the mass is
+  bracketed by (i) the Chebyshev–Markov–Stieltjes inequalities for Gauss quadrature (rigorous
+  for the probe's measure: ``Σ_{j<p} τⱼ² ≤ μ((−∞, θ_p))``, ``μ((−∞, θ_p]) ≤ Σ_{j≤p} τⱼ²``;
+  Golub & Meurant 2010, Thm 6.4; Szegő) and (ii) the nodes' residuals (a node counts as
+  surely inside only if ``|θ| + 3r ≤ t``, as possibly inside if ``|θ| − 3r ≤ t``); the
+  bracket's ends are then averaged over probes with a Student-t margin. So the interval
+  covers both the probe spread and the quadrature's resolution limit: where ~100 nodes cannot
+  resolve eigenvalues near t (a 26k-parameter classifier below ~1e-6·λ_max) it widens,
+  up to ``[0, P − k]``, instead of printing a confident 0.
+
+Known limitations: near an interpolating minimum eigenvalues fill every decade down to
+rounding level, so a count means something only with its threshold; read the whole ladder
+(Sagun et al. 2017; DESIGN.md section 8).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import ComputeError, InputError
+from .features import (
+    FeatureGram,
+    feature_gram,
+    features_memory_bytes,
+    memory_budget,
+    outputs_per_example,
+)
+from .features import FeaturesProgress as NullityProgress
+from .slq import DEFAULT_PROBES, DEFAULT_STEPS, SLQResult, slq, student_t_quantile
+
+__all__ = [
+    "NULLITY_METHODS",
+    "DEFAULT_RTOLS",
+    "EXACT_MAX_PARAMS",
+    "DEFAULT_DEFLATE",
+    "RESIDUAL_FACTOR",
+    "NullityCount",
+    "NullityProgress",
+    "NullityResult",
+    "nullity",
+    "nullity_exact",
+    "nullity_features",
+    "nullity_slq",
+    "count_eigenvalues",
+    "quadrature_mass",
+    "exact_memory_bytes",
+]
+
+NULLITY_METHODS = ("auto", "exact", "features", "slq")
+#: The default threshold ladder, relative to λ_max.
+DEFAULT_RTOLS = (1e-6, 1e-4, 1e-2)
+#: ``auto`` takes the dense route up to this many parameters (eigvalsh of 4096² ≈ 5 s here).
+EXACT_MAX_PARAMS = 4096
+#: Top eigenpairs deflated before SLQ (they would otherwise take nodes from the bulk).
+DEFAULT_DEFLATE = 20
+#: A node is surely inside ``[−t, t]`` when ``|θ| + RESIDUAL_FACTOR·r ≤ t``: a unit Ritz
+#: vector with residual r has at most ``1/RESIDUAL_FACTOR²`` of its spectral mass farther
+#: than ``RESIDUAL_FACTOR·r`` from θ.
+RESIDUAL_FACTOR = 3.0
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class NullityCount:
+    """One rung of the ladder: eigenvalues with ``|λ| ≤ threshold = rtol·λ_max + atol``.
+
+    ``count`` is an integer for ``exact``/``features`` and a real-valued estimate for ``slq``;
+    ``[count_lower, count_upper]`` is the interval (exact: rounding; slq: 95% by default).
+    """
+
+    rtol: float
+    atol: float
+    threshold: float
+    count: float
+    count_lower: float
+    count_upper: float
+    method: str
+
+
+@dataclass
+class NullityResult:
+    """Counts of near-zero Hessian eigenvalues for a ladder of thresholds.
+
+    Attributes:
+        num_params: P.
+        lambda_max: the largest eigenvalue of H (dense, or Lanczos for features/slq).
+        method: ``exact``, ``features`` or ``slq``.
+        counts: one :class:`NullityCount` per (rtol, atol).
+        num_hvps: HVPs used.
+        eigenvalues: exact: all P eigenvalues (ascending, float64); features: K's
+            eigenvalues (descending); slq: None.
+        eigenvalue_error: exact only: δ (see the module docstring).
+        gn_residual: features only: ``max ‖Hv − Gv‖/‖Hv‖``.
+        num_deflated: slq only: k.
+        slq: slq only: the raw quadrature (nodes, weights, residuals).
+        features: features only: the :class:`FeatureGram`.
+        coverage: nominal coverage of the slq intervals.
+        notes: remarks (why this method, resolution limits, H ≠ G, ...).
+        seed: the seed used.
+    """
+
+    num_params: int
+    lambda_max: float
+    method: str
+    counts: list[NullityCount]
+    num_hvps: int
+    eigenvalues: torch.Tensor | None = None
+    eigenvalue_error: float | None = None
+    gn_residual: float | None = None
+    num_deflated: int = 0
+    slq: SLQResult | None = None
+    features: FeatureGram | None = None
+    coverage: float | None = None
+    notes: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+def _thresholds(lambda_max: float, rtols: Sequence[float], atol: float) -> list[tuple[float, float]]:
+    if not rtols:
+        raise InputError("give at least one --rtol")
+    for r in rtols:
+        if not (r >= 0 and math.isfinite(r)):
+            raise InputError(f"--rtol must be a non-negative number, got {r}")
+    if not (atol >= 0 and math.isfinite(atol)):
+        raise InputError(f"--atol must be a non-negative number, got {atol}")
+    return [(float(r), float(r) * lambda_max + float(atol)) for r in rtols]
+
+
+def count_eigenvalues(
+    eigenvalues: torch.Tensor,
+    lambda_max: float,
+    rtols: Sequence[float] = DEFAULT_RTOLS,
+    atol: float = 0.0,
+    *,
+    error: float = 0.0,
+    method: str = "exact",
+) -> list[NullityCount]:
+    """Counts ``#{|λ| ≤ t}`` of known eigenvalues, with ``[#{|λ| ≤ t − error}, #{|λ| ≤ t + error}]``."""
+    a = eigenvalues.abs()
+    out = []
+    for r, t in _thresholds(lambda_max, rtols, atol):
+        out.append(NullityCount(
+            r, float(atol), t, int((a <= t).sum()), int((a <= t - error).sum()), int((a <= t + error).sum()), method,
+        ))
+    return out
+
+
+def exact_memory_bytes(num_params: int) -> int:
+    """Peak bytes of the exact route: the float64 Hessian, its symmetrised copy, eigvalsh's workspace."""
+    return 24 * num_params**2
+
+
+def nullity_exact(
+    matvec: Matvec,
+    num_params: int,
+    *,
+    rtols: Sequence[float] = DEFAULT_RTOLS,
+    atol: float = 0.0,
+    block: int = 64,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+    memory_bytes: int | None = None,
+    seed: int = 0,
+    callback: Callable[[NullityProgress], None] | None = None,
+) -> NullityResult:
+    """Exact counts from the dense operator (P matvecs in blocks of ``block``, ``eigvalsh`` in float64).
+
+    Args:
+        matvec: ``(P, b)`` → ``(P, b)``; receives identity columns of ``dtype``.
+        num_params: P.
+        rtols, atol: the threshold ladder.
+        block: columns per matvec call.
+        dtype, device: of the vectors passed to ``matvec``.
+        memory_bytes: budget (default a quarter of physical memory); needs ``24·P²``.
+        seed: seeds the power iteration that sizes the asymmetry.
+        callback: :class:`NullityProgress` after every block.
+
+    Returns:
+        A :class:`NullityResult` with all P eigenvalues. Cost: P matvecs.
+
+    Raises:
+        InputError: the dense matrix would not fit the memory budget.
+    """
+    P = int(num_params)
+    need, budget = exact_memory_bytes(P), memory_budget(memory_bytes)
+    if need > budget:
+        raise InputError(
+            f"--method exact needs the dense {P:,}×{P:,} Hessian: {need / 2**30:.1f} GiB, more than the "
+            f"{budget / 2**30:.1f} GiB budget; use --method features (the Gauss–Newton view) or slq (an estimate)"
+        )
+    _thresholds(0.0, rtols, atol)
+    device = torch.device(device)
+    H = torch.empty(P, P, dtype=torch.float64, device=device)
+    for s in range(0, P, block):
+        e = min(s + block, P)
+        E = torch.zeros(P, e - s, dtype=dtype, device=device)
+        E[torch.arange(s, e), torch.arange(e - s)] = 1
+        cols = matvec(E)
+        if cols.shape != (P, e - s):
+            raise ComputeError(f"the operator returned shape {tuple(cols.shape)} for a block of shape {(P, e - s)}")
+        H[:, s:e] = cols.to(torch.float64)
+        if callback is not None:
+            callback(NullityProgress("hessian", e, P, "HVPs"))
+    if not bool(torch.isfinite(H).all()):
+        raise ComputeError("the Hessian has non-finite entries")
+    skew = _skew_norm(H, seed)
+    H = (H + H.T) / 2
+    if callback is not None:
+        callback(NullityProgress("eigh", 0, None, ""))
+    eig = torch.linalg.eigvalsh(H).cpu()
+    del H
+    lam_max = float(eig[-1]) if float(eig[-1]) > 0 else float(eig.abs().max())
+    delta = skew + 10 * math.sqrt(P) * torch.finfo(torch.float64).eps * abs(lam_max)
+    return NullityResult(
+        num_params=P, lambda_max=lam_max, method="exact",
+        counts=count_eigenvalues(eig, lam_max, rtols, atol, error=delta, method="exact"),
+        num_hvps=P, eigenvalues=eig, eigenvalue_error=delta, seed=seed,
+    )
+
+
+def _skew_norm(H: torch.Tensor, seed: int, iters: int = 30) -> float:
+    """``‖(H − Hᵀ)/2‖₂`` by power iteration on ``SᵀS`` (no extra P×P matrix)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(H.shape[0], generator=gen, dtype=torch.float64).to(H.device)
+    x /= x.norm()
+    est = 0.0
+    for _ in range(iters):
+        y = (H @ x - H.T @ x) / 2
+        z = -(H @ y - H.T @ y) / 2  # SᵀS x = −S(Sx)
+        nz = float(z.norm())
+        if nz == 0:
+            return 0.0
+        est = math.sqrt(nz)
+        x = z / nz
+    return est
+
+
+# ---------------------------------------------------------------------- Lanczos pieces
+def _top_eigenpairs(
+    matvec: Matvec, P: int, k: int, *, vectors: bool, seed: int, dtype: torch.dtype, device: Any,
+    callback: Callable[[NullityProgress], None] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+    """Top-k Ritz values (descending), residuals, vectors (P, k) and the matvecs spent."""
+    from .lanczos import lanczos
+
+    def progress(p: Any) -> None:
+        if callback is not None:
+            callback(NullityProgress("lanczos", int(p.num_matvecs), int(p.max_matvecs), "HVPs"))
+
+    res = lanczos(matvec, P, k=k, which="top", tol=1e-6, dtype=dtype, device=device, seed=seed,
+                  return_eigenvectors=vectors, callback=progress)
+    return res.eigenvalues.cpu(), res.residuals.cpu(), res.eigenvectors, int(res.num_matvecs)
+
+
+def quadrature_mass(
+    result: SLQResult, threshold: float, *, residual_factor: float = RESIDUAL_FACTOR
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per probe: the quadrature's mass of ``[−t, t]`` and a bracket ``(lo, hi)`` around the true mass.
+
+    ``est = Σ_{|θⱼ| ≤ t} τⱼ²``; ``[lo, hi]`` intersects the Chebyshev–Markov–Stieltjes bounds
+    with the residual bounds (module docstring). Returns three ``(num_probes,)`` float64 tensors.
+    """
+    t = float(threshold)
+    est, lo, hi = [], [], []
+    for theta, w, r in zip(result.nodes, result.weights, result.residuals):
+        a = theta.abs()
+        est.append(float(w[a <= t].sum()))
+        lo_r = float(w[a + residual_factor * r <= t].sum())
+        hi_r = float(w[a - residual_factor * r <= t].sum())
+        W = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(w, 0)])  # W[i] = Σ_{j<i} w_j
+        n = w.numel()
+        kk = int((theta <= t).sum())  # nodes ≤ t
+        kl = int((theta < -t).sum())  # nodes < −t
+        f_lo, f_hi = float(W[max(kk - 1, 0)]), float(W[min(kk + 1, n)])  # F(t)
+        g_lo, g_hi = float(W[max(kl - 1, 0)]), float(W[min(kl + 1, n)])  # F(−t − 0)
+        lo.append(max(lo_r, f_lo - g_hi, 0.0))
+        hi.append(min(hi_r, f_hi - g_lo, 1.0))
+    return (torch.tensor(est, dtype=torch.float64), torch.tensor(lo, dtype=torch.float64),
+            torch.tensor(hi, dtype=torch.float64))
+
+
+def nullity_slq(
+    matvec: Matvec,
+    num_params: int,
+    *,
+    rtols: Sequence[float] = DEFAULT_RTOLS,
+    atol: float = 0.0,
+    deflate: int = DEFAULT_DEFLATE,
+    num_probes: int = DEFAULT_PROBES,
+    num_steps: int = DEFAULT_STEPS,
+    coverage: float = 0.95,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+    block_size: int | None = None,
+    callback: Callable[[NullityProgress], None] | None = None,
+) -> NullityResult:
+    """Estimated counts by deflated stochastic Lanczos quadrature, with intervals.
+
+    Args:
+        matvec: the symmetric operator on blocks ``(P, b)`` → ``(P, b)``.
+        num_params: P.
+        rtols, atol: the threshold ladder.
+        deflate: top eigenpairs removed first (0: none; λ_max is then the largest node).
+        num_probes: SLQ probes (≥ 2: the interval needs a spread).
+        num_steps: Lanczos steps per probe.
+        coverage: nominal coverage of each interval (Student t over probes).
+        seed: seeds Lanczos (``seed``) and the probes (``seed + 1``).
+        dtype, device: of the stored vectors.
+        block_size: SLQ probes per block matvec (default all).
+        callback: :class:`NullityProgress`.
+
+    Returns:
+        A :class:`NullityResult` (method ``slq``; counts are real-valued estimates).
+        Cost: the Lanczos HVPs (≈ 100–300 for k = 20) + ``num_probes·num_steps``.
+    """
+    P = int(num_params)
+    if not isinstance(num_probes, int) or num_probes < 2:
+        raise InputError(f"--probes must be ≥ 2 for a count with an interval, got {num_probes!r}")
+    if not 0 <= deflate < P:
+        raise InputError(f"--deflate must be between 0 and P − 1 = {P - 1}, got {deflate}")
+    if not 0 < coverage < 1:
+        raise InputError(f"coverage must be in (0, 1), got {coverage}")
+    _thresholds(0.0, rtols, atol)
+    num_hvps = 0
+    D = None
+    top = top_res = torch.zeros(0, dtype=torch.float64)
+    if deflate:
+        top, top_res, D, num_hvps = _top_eigenpairs(matvec, P, deflate, vectors=True, seed=seed, dtype=dtype,
+                                                    device=device, callback=callback)
+        assert D is not None
+        D = torch.linalg.qr(D.to(torch.float64))[0].to(dtype)
+
+    def progress(p: Any) -> None:
+        if callback is not None:
+            callback(NullityProgress("slq", num_hvps + p.num_matvecs, num_hvps + p.max_matvecs, "HVPs"))
+
+    res = slq(matvec, P, num_probes=num_probes, num_steps=num_steps, seed=seed + 1, deflate=D,
+              block_size=block_size, dtype=dtype, device=device, callback=progress)
+    num_hvps += res.num_matvecs
+    lam_max = float(top[0]) if deflate else max(res.lambda_max, abs(res.lambda_min))
+    tq = student_t_quantile(0.5 + coverage / 2, num_probes - 1)
+    counts = []
+    notes = [f"slq: an estimate from {num_probes} probes × {res.num_steps} Lanczos steps after deflating the top {deflate} "
+             f"eigenpairs; intervals are {coverage:.0%} (probe spread and quadrature resolution)"]
+    for r, t in _thresholds(lam_max, rtols, atol):
+        ta = top.abs()
+        top_in = int((ta <= t).sum())
+        top_lo, top_hi = int((ta + top_res <= t).sum()), int((ta - top_res <= t).sum())
+        est, lo, hi = quadrature_mass(res, t)
+        margin = tq / math.sqrt(num_probes)
+        count = top_in + res.dim * float(est.mean())
+        lower = top_lo + res.dim * max(0.0, float(lo.mean()) - margin * float(lo.std()))
+        upper = top_hi + res.dim * min(1.0, float(hi.mean()) + margin * float(hi.std()))
+        counts.append(NullityCount(r, float(atol), t, count, min(lower, count), max(upper, count), "slq"))
+        if float(hi.mean()) - float(lo.mean()) > 0.5 * max(float(est.mean()), 1.0 / res.dim):
+            notes.append(
+                f"rtol {r:g}: the quadrature cannot resolve eigenvalues near {t:.3g} (nodes there are not converged), "
+                "so the interval is wide; use --method exact or features where they fit"
+            )
+    return NullityResult(
+        num_params=P, lambda_max=lam_max, method="slq", counts=counts, num_hvps=num_hvps, num_deflated=deflate,
+        slq=res, coverage=coverage, notes=notes, seed=seed,
+    )
+
+
+# ---------------------------------------------------------------------- problem-level
+def nullity_features(
+    problem: Any,
+    *,
+    rtols: Sequence[float] = DEFAULT_RTOLS,
+    atol: float = 0.0,
+    seed: int = 0,
+    memory_bytes: int | None = None,
+    callback: Callable[[NullityProgress], None] | None = None,
+) -> NullityResult:
+    """Counts ``P − rank`` of the feature Gram matrix (flat directions of G), thresholds relative to λ_max(H).
+
+    λ_max(H) comes from a short top-1 Lanczos run (tol 1e-6). Cost: that run (≈ 20–60 HVPs),
+    ``n·k`` VJPs, 3 HVPs for the check ``‖Hv − Gv‖/‖Hv‖``, one eigendecomposition.
+    """
+    _thresholds(0.0, rtols, atol)
+    P = int(problem.num_params)
+    top, _, _, num_hvps = _top_eigenpairs(problem.hvp, P, 1, vectors=False, seed=seed, dtype=problem.dtype,
+                                          device=problem.device, callback=callback)
+    lam_max = abs(float(top[0]))
+
+    fg = feature_gram(problem, seed=seed, memory_bytes=memory_bytes, callback=callback)
+    counts = []
+    for r, t in _thresholds(lam_max, rtols, atol):
+        rank, certain, possible = fg.rank_at(t)
+        counts.append(NullityCount(r, float(atol), t, P - rank, P - possible, P - certain, "features"))
+    notes = [f"features: counts are P − rank of the feature Gram matrix, i.e. flat directions of the Gauss–Newton "
+             f"part G (n·k = {fg.num_outputs:,} outputs, {fg.loss_name})"] + fg.notes
+    gn = fg.gn_residual
+    if gn is not None and gn > 1e-2:
+        notes.append(f"H differs from G here (‖Hv − Gv‖/‖Hv‖ = {gn:.2g}): the counts are G's, not H's "
+                     "(not a zero-residual optimum); use --method exact or slq for H itself")
+    elif fg.residual_scale is not None:
+        below = [c.rtol for c in counts if c.threshold < fg.residual_scale]
+        if below:
+            notes.append(f"at rtol {', '.join(f'{r:g}' for r in below)} the threshold is below ‖(H − G)v‖/‖v‖ ≈ "
+                         f"{fg.residual_scale:.2g}: H's count there may differ from G's")
+    return NullityResult(
+        num_params=P, lambda_max=lam_max, method="features", counts=counts, num_hvps=num_hvps + fg.num_hvps,
+        eigenvalues=fg.eigenvalues, gn_residual=gn, features=fg, notes=notes, seed=seed,
+    )
+
+
+def nullity(
+    problem: Any,
+    *,
+    method: str = "auto",
+    rtols: Sequence[float] = DEFAULT_RTOLS,
+    atol: float = 0.0,
+    seed: int = 0,
+    exact_max_params: int = EXACT_MAX_PARAMS,
+    memory_bytes: int | None = None,
+    num_probes: int = DEFAULT_PROBES,
+    num_steps: int = DEFAULT_STEPS,
+    deflate: int = DEFAULT_DEFLATE,
+    callback: Callable[[NullityProgress], None] | None = None,
+) -> NullityResult:
+    """Count near-zero Hessian eigenvalues of ``problem`` at θ* for a ladder of thresholds.
+
+    Args:
+        problem: a :class:`basins.Problem`.
+        method: ``auto`` (exact when P ≤ ``exact_max_params`` and it fits memory, else features
+            when the Gram matrix fits, else slq), ``exact``, ``features`` or ``slq``.
+        rtols: relative thresholds (× λ_max); atol: absolute part.
+        seed: seeds every random choice.
+        exact_max_params: ``auto``'s limit for the dense route.
+        memory_bytes: budget of the dense routes (default a quarter of physical memory).
+        num_probes, num_steps, deflate: slq settings.
+        callback: :class:`NullityProgress`.
+
+    Returns:
+        A :class:`NullityResult`; ``notes`` say why ``auto`` chose its method.
+
+    Raises:
+        InputError: a bad option, or a dense method asked for that does not fit in memory.
+    """
+    if method not in NULLITY_METHODS:
+        raise InputError(f"unknown --method {method!r}: use one of {', '.join(NULLITY_METHODS)}")
+    _thresholds(0.0, rtols, atol)
+    P = int(problem.num_params)
+    budget = memory_budget(memory_bytes)
+    why = ""
+    if method == "auto":
+        if P <= exact_max_params and exact_memory_bytes(P) <= budget:
+            method, why = "exact", f"auto: exact because P = {P:,} ≤ {exact_max_params:,}"
+        else:
+            try:
+                M = int(problem.num_examples) * outputs_per_example(problem)
+                fits = features_memory_bytes(M, P)[1] <= budget
+            except Exception:  # noqa: BLE001 - any trouble sizing it: fall through to slq
+                fits = False
+            if fits and problem.loss_name != "nll":
+                method, why = "features", f"auto: features because P = {P:,} > {exact_max_params:,} and the Gram matrix fits"
+            else:
+                method, why = "slq", f"auto: slq because P = {P:,} > {exact_max_params:,} and the Gram matrix does not fit"
+    if method == "exact":
+        res = nullity_exact(problem.hvp, P, rtols=rtols, atol=atol, dtype=problem.dtype, device=problem.device,
+                            memory_bytes=budget, seed=seed, callback=callback)
+    elif method == "features":
+        res = nullity_features(problem, rtols=rtols, atol=atol, seed=seed, memory_bytes=budget, callback=callback)
+    else:
+        vectors = num_probes * (min(num_steps, P) + 1) + deflate  # stored Lanczos vectors
+        dtype = torch.float64 if 8 * P * vectors <= budget else problem.dtype
+        res = nullity_slq(problem.hvp, P, rtols=rtols, atol=atol, deflate=min(deflate, P - 1), num_probes=num_probes,
+                          num_steps=num_steps, seed=seed, dtype=dtype, device=problem.device, callback=callback)
+    if why:
+        res.notes.insert(0, why)
+    return res
+

@@ -1,0 +1,711 @@
+"""Basin volume and wall shape by random probing (DESIGN.md section 3): the entry points.
+
+:func:`probe_basin` runs the whole analysis on any batched criterion
+``C: (K, P) points → (K,)`` (closed-form losses in tests); :func:`probe_problem` connects it to a
+:class:`basins.Problem` (``C = L − L(θ*)`` through ``loss_many``, HVPs for the quadratic radius
+``sqrt(2ε/uᵀHu)``, Lanczos or the dense Hessian for the ``top``/``floor`` families and the
+quadratic baseline). For each ray family:
+
+1. antithetic pairs ``±u`` from per-pair seeds (:class:`basins.rays.DirectionSampler`);
+2. the first radius where ``C`` reaches each ε of the ladder (:func:`basins.rays.find_radii`),
+   batches of rays advancing together, guesses from the quadratic radius, the running median
+   and the ray's radius at the previous ε;
+3. volume ``log V = log V_ball(d) + logmeanexp(d·log rᵢ)`` and the Gaussian prior mass, with
+   ESS, the largest weight's share, a pair bootstrap CI or an explicit lower bound
+   (:mod:`basins.volume`);
+4. with ``walls``: ``C(t·r(u))`` on a geometric grid of ``t``, the local exponent
+   ``p = dlog C/dlog t`` at the crossing, the floor radius (``C = 1% of ε``), the anharmonicity
+   ``log(r/r_quad)`` (one HVP per pair) and the asymmetry ``log(r₊/r₋)``; quantiles across rays.
+
+Known limitations: volumes need directions uniform on the sphere of their subspace, so none is
+given for filter-normalised rays; ``top`` and ``floor`` give the volume of the d-dimensional
+*section* (d = k or P − k) through θ*, not of the basin; the prior mass is only given for
+isotropic rays. In high dimension the volume is usually a lower bound (see :mod:`basins.volume`).
+
+References: Li et al. 2018 (filter normalisation); Scherlis & Belrose 2024 (prior mass of a
+basin); Dowling & Sheikh (Illinois method, 1971).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ComputeError, InputError
+from .rays import (
+    CENSORED,
+    CROSSED,
+    DEFAULT_WALL_T,
+    FAMILIES,
+    NORMALISATIONS,
+    Criterion,
+    DirectionSampler,
+    default_radius_rtol,
+    filter_groups,
+    find_radii,
+    flag_reentries,
+    wall_profiles,
+)
+from .volume import (
+    QuadraticBaseline,
+    VolumeEstimate,
+    estimate_log_mean,
+    log_ball_volume,
+    log_ray_prior_mass,
+    quadratic_log_volume,
+    quantile_summary,
+)
+
+__all__ = [
+    "DEFAULT_EPSILONS",
+    "FLOOR_FRACTION",
+    "ProbeProgress",
+    "WallsResult",
+    "FamilyResult",
+    "ProbeResult",
+    "probe_basin",
+    "probe_problem",
+    "ProblemCriterion",
+    "hessian_eigenpairs",
+]
+
+#: Default ε ladder, in loss units (the same units as ``L``).
+DEFAULT_EPSILONS = (1e-3, 1e-2, 1e-1)
+#: The floor radius is where ``C`` falls to this fraction of ε along a ray.
+FLOOR_FRACTION = 0.01
+_PILOT_PAIRS = 16
+_BATCH_PAIRS = 128
+
+
+@dataclass
+class ProbeProgress:
+    """Passed to the callback after every batched evaluation."""
+
+    rays_done: int
+    num_rays: int
+    num_loss_evals: int
+    num_hvps: int
+    stage: str
+
+
+@dataclass
+class WallsResult:
+    """Wall shape along every ray of one family (rays ordered as in :class:`FamilyResult`).
+
+    Attributes:
+        epsilon: the ε whose radius ``r(u)`` scales the grid.
+        t: ``(T,)`` grid of ``t`` (radius / ``r(u)``); includes 1.
+        profile: ``(N, T)`` ``C(t·r(u))`` in loss units (``ε`` at ``t = 1``; NaN for rays that
+            did not cross).
+        exponent: ``(N,)`` local exponent ``dlog C/dlog t`` at ``t = 1`` (central difference
+            over the grid's neighbours of 1): 2 for a quadratic wall, > 2 degenerate, → 0 plateau.
+        floor_ratio: ``(N,)`` ``r_floor/r``, where ``C`` first falls to ``FLOOR_FRACTION·ε``
+            going inwards (log-log interpolation); NaN when it never does above ``t.min()``.
+        anharmonicity: ``(N, E)`` ``log(r/r_quad)``, ``r_quad = sqrt(2ε/uᵀHu)``; None without HVPs.
+        asymmetry: ``(M, E)`` ``log(r₊/r₋)`` per pair (NaN unless both rays crossed).
+        profile_quantiles: ``(5, T)`` quantiles (levels 0.05, 0.25, 0.5, 0.75, 0.95) of ``C/ε``.
+        summary: JSON-ready quantiles (see :func:`probe_basin`).
+    """
+
+    epsilon: float
+    t: np.ndarray
+    profile: np.ndarray
+    exponent: np.ndarray
+    floor_ratio: np.ndarray
+    anharmonicity: np.ndarray | None
+    asymmetry: np.ndarray
+    profile_quantiles: np.ndarray
+    summary: dict[str, Any]
+
+
+@dataclass
+class FamilyResult:
+    """Rays of one family. Ray ``2j`` is ``+u_j``, ray ``2j + 1`` is ``−u_j``.
+
+    Attributes:
+        family, normalisation: as sampled. dimension: ``d`` of the subspace the rays fill.
+        pair_seeds: ``(M,)`` int64 seed of each pair (regenerate ``u_j`` with
+            :meth:`DirectionSampler.direction`).
+        radii, log_error, status, reentered, num_evals: ``(N, E)``, see :class:`basins.rays.RaySearch`.
+        dots: ``(N,)`` ``u·θ*``. curvature: ``(M,)`` ``uᵀHu`` or None.
+        volume: per ε the :class:`~basins.volume.VolumeEstimate` of ``log V`` (of the d-dim
+            section), None for non-uniform directions. prior_mass: per ε, ``log`` prior mass
+            (isotropic family only, else None).
+        walls: :class:`WallsResult` or None.
+        num_loss_evals: criterion evaluations spent on this family (search + walls).
+    """
+
+    family: str
+    normalisation: str
+    dimension: int
+    pair_seeds: np.ndarray
+    radii: np.ndarray
+    log_error: np.ndarray
+    status: np.ndarray
+    reentered: np.ndarray
+    num_evals: np.ndarray
+    dots: np.ndarray
+    curvature: np.ndarray | None
+    volume: list[VolumeEstimate | None]
+    prior_mass: list[VolumeEstimate | None]
+    walls: WallsResult | None
+    num_loss_evals: int
+    num_walls_evals: int
+
+    @property
+    def num_rays(self) -> int:
+        return int(self.radii.shape[0])
+
+
+@dataclass
+class ProbeResult:
+    """Everything :func:`probe_basin` found, per family, with the settings used.
+
+    Attributes:
+        num_params: ``P``. epsilons: the ladder (loss units). radius_rtol, max_radius,
+        min_radius: search settings (parameter units). sigma: the prior's σ (None: no prior
+        mass). seed. families: ``{name: FamilyResult}`` in the order asked.
+        num_loss_evals: every criterion evaluation (for a Problem: every loss evaluation,
+        timing of the batched routes included). num_hvps. wall_t, walls_epsilon: the wall grid.
+        quadratic: the quadratic baseline or None. eigenvalues: the top Hessian eigenvalues used
+        (float64) or None. notes: what was left out and why. loss_route: the batched-loss route.
+    """
+
+    num_params: int
+    epsilons: list[float]
+    radius_rtol: float
+    max_radius: float
+    min_radius: float
+    sigma: float | None
+    seed: int
+    families: dict[str, FamilyResult]
+    num_loss_evals: int
+    num_hvps: int
+    wall_t: list[float] | None
+    walls_epsilon: float | None
+    quadratic: QuadraticBaseline | None = None
+    eigenvalues: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
+    loss_route: dict[str, Any] | None = None
+
+    @property
+    def primary(self) -> FamilyResult:
+        """The isotropic family if probed, else the first."""
+        return self.families.get("isotropic") or next(iter(self.families.values()))
+
+
+class ProblemCriterion:
+    """``C(θ) = L(θ) − L(θ*)`` of a :class:`basins.Problem`, batched through ``loss_many``.
+
+    The route (``vmap`` chunk size, or a ``loop``) is chosen by timing each candidate on a few
+    points near θ* (DESIGN.md section 1: on a CPU vmap measured 0.7–1.4× a loop), so the batched
+    search is never slower than a loop. ``L(θ*)`` is re-evaluated through the chosen route so
+    that ``C(θ*) = 0`` exactly in its arithmetic.
+
+    Args:
+        problem: the problem.
+        route: ``auto``, ``vmap`` or ``loop``.
+        chunk: points per ``vmap`` call (memory ∝ chunk × the model's activations on one data
+            chunk); with ``auto``, the candidates are 4, 16 and 64 capped at ``chunk``.
+        seed: seed of the timing points.
+
+    Attributes:
+        route, chunk: as chosen. timings: seconds per point of each candidate.
+        num_evals: evaluations through this object (timing included).
+    """
+
+    def __init__(self, problem: object, *, route: str = "auto", chunk: int | None = None, seed: int = 0) -> None:
+        if route not in ("auto", "vmap", "loop"):
+            raise InputError(f"unknown batched-loss route {route!r}: use auto, vmap or loop")
+        if chunk is not None and chunk < 1:
+            raise InputError(f"the chunk size must be ≥ 1, got {chunk}")
+        self.problem = problem
+        self.theta0: torch.Tensor = problem.theta0  # type: ignore[attr-defined]
+        self.num_evals = 0
+        self.timings: dict[str, float] = {}
+        self.route, self.chunk = ("loop", None) if route == "auto" else (route, chunk)
+        if route == "auto":
+            route, chunk = self._measure(chunk, seed)
+        self.route, self.chunk = route, (chunk if route == "vmap" else None)
+        self.reference = float(self._loss(self.theta0.unsqueeze(0))[0])
+        if not math.isfinite(self.reference):
+            raise ComputeError("the batched loss at θ* is not finite")
+
+    def _loss(self, points: torch.Tensor, route: str | None = None, chunk: int | None = None) -> torch.Tensor:
+        self.num_evals += points.shape[0]
+        r = route or self.route
+        out: torch.Tensor = self.problem.loss_many(points, chunk=chunk or self.chunk, route=r)  # type: ignore[attr-defined]
+        return out
+
+    def _measure(self, cap: int | None, seed: int) -> tuple[str, int | None]:
+        gen = torch.Generator().manual_seed(seed)
+        P = self.theta0.numel()
+        cands: list[tuple[str, int | None]] = [("loop", None)]
+        sizes = sorted({min(c, cap) if cap else c for c in (4, 16, 64)})
+        cands += [("vmap", c) for c in sizes]
+        m = max(32, max(sizes))
+        noise = torch.randn(m, P, generator=gen, dtype=torch.float64) * 1e-3
+        pts = self.theta0.unsqueeze(0) + noise.to(self.theta0.device, self.theta0.dtype)
+        best: tuple[float, str, int | None] = (math.inf, "loop", None)
+        for route, c in cands:
+            k = max(c or 1, 32)  # the same work per candidate (32 points; 64 for vmap ×64)
+            try:
+                per = math.inf
+                for _ in range(3):  # best of 3: timings on a shared CPU are noisy
+                    t0 = time.perf_counter()
+                    self._loss(pts[:k], route, c)
+                    per = min(per, (time.perf_counter() - t0) / k)
+            except Exception as exc:  # noqa: BLE001 - a model vmap cannot batch falls back to the loop
+                if route == "loop":
+                    raise ComputeError(f"the loss fails at points near θ*: {type(exc).__name__}: {exc}") from exc
+                continue
+            self.timings[route if c is None else f"vmap{c}"] = per
+            if per < best[0]:
+                best = (per, route, c)
+        return best[1], best[2]
+
+    def __call__(self, points: torch.Tensor) -> torch.Tensor:
+        return self._loss(points) - self.reference
+
+
+def _median_or(values: np.ndarray, default: float) -> float:
+    v = values[np.isfinite(values)]
+    return float(np.median(v)) if v.size else default
+
+
+def _pair_rows(num_pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.repeat(np.arange(num_pairs), 2), np.tile(np.array([1.0, -1.0]), num_pairs)
+
+
+def _exponent_at_one(t: np.ndarray, profile: np.ndarray) -> np.ndarray:
+    below, above = np.nonzero(t < 1.0)[0], np.nonzero(t > 1.0)[0]
+    if not below.size or not above.size:
+        return np.full(profile.shape[0], np.nan)
+    a, b = below[np.argmax(t[below])], above[np.argmin(t[above])]
+    ca, cb = profile[:, a], profile[:, b]
+    ok = (ca > 0) & (cb > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = (np.log(np.where(ok, cb, 1.0)) - np.log(np.where(ok, ca, 1.0))) / (math.log(t[b]) - math.log(t[a]))
+    return np.where(ok, p, np.nan)
+
+
+def _floor_ratio(t: np.ndarray, profile: np.ndarray, level: float) -> np.ndarray:
+    """Going inwards from t = 1: where C first falls to ``level`` (log-log interpolation)."""
+    inner = np.nonzero(t <= 1.0)[0]
+    inner = inner[np.argsort(-t[inner])]  # descending t, starting at 1
+    tt, cc = t[inner], profile[:, inner]
+    hit = cc <= level
+    hit[:, 0] = False
+    first = np.argmax(hit, axis=1)
+    has = hit.any(axis=1)
+    out = np.full(profile.shape[0], np.nan)
+    k = np.nonzero(has)[0]
+    if k.size:
+        j = first[k]
+        t1, t0 = tt[j - 1], tt[j]
+        c1, c0 = cc[k, j - 1], cc[k, j]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            loglog = np.exp(np.log(t0) + (math.log(level) - np.log(c0)) * (np.log(t1) - np.log(t0)) / (np.log(c1) - np.log(c0)))
+            lin = t0 + (level - c0) * (t1 - t0) / (c1 - c0)
+        out[k] = np.where(c0 > 0, loglog, lin)
+    return out
+
+
+def _walls_summary(w: WallsResult, epsilons: Sequence[float], status: np.ndarray, reentered: np.ndarray) -> dict[str, Any]:
+    jw = list(epsilons).index(w.epsilon)
+    return {
+        "epsilon": w.epsilon, "epsilon_index": jw, "t_min": float(w.t.min()), "t_max": float(w.t.max()), "num_t": int(w.t.size),
+        "exponent": quantile_summary(w.exponent),
+        "floor_fraction": FLOOR_FRACTION,
+        "floor_ratio": quantile_summary(w.floor_ratio),
+        "floor_not_reached": int(np.sum(np.isnan(w.floor_ratio) & (status[:, jw] == CROSSED))),
+        "anharmonicity": None if w.anharmonicity is None else [quantile_summary(w.anharmonicity[:, j]) for j in range(len(epsilons))],
+        "asymmetry": [quantile_summary(w.asymmetry[:, j]) for j in range(len(epsilons))],
+        "reentered": int(reentered[:, jw].sum()),
+    }
+
+
+def probe_basin(
+    criterion: Criterion,
+    theta0: torch.Tensor,
+    num_pairs: int,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    *,
+    families: Sequence[str] = ("isotropic",),
+    normalisation: str = "isotropic",
+    basis: torch.Tensor | None = None,
+    groups: Sequence[tuple[int, int]] | None = None,
+    seed: int = 0,
+    radius_rtol: float | None = None,
+    max_radius: float | None = None,
+    sigma: float | None = None,
+    walls: bool = False,
+    wall_t: Sequence[float] = DEFAULT_WALL_T,
+    walls_epsilon: float | None = None,
+    hvp: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    hvp_block: int = 32,
+    memory_bytes: int = 256 << 20,
+    num_bootstrap: int = 1000,
+    min_ess: float = 30.0,
+    callback: Callable[[ProbeProgress], None] | None = None,
+) -> ProbeResult:
+    """Probe the basin of ``criterion`` around θ* along ``2·num_pairs`` random rays per family.
+
+    Args:
+        criterion: batched ``C = L − L(θ*)``: ``(K, P)`` absolute points → ``(K,)`` (loss units).
+        theta0: ``(P,)`` θ* in the criterion's dtype and device.
+        num_pairs: antithetic pairs per family (rays = 2 × pairs).
+        epsilons: the ε ladder, loss units (default 1e-3, 1e-2, 1e-1).
+        families: any of ``isotropic``, ``top``, ``floor`` (the latter two need ``basis``).
+        normalisation: ``isotropic`` or ``filter`` (Li et al. 2018; needs ``groups``; no volume).
+        basis: ``(P, k)`` top Hessian eigenvectors (orthonormalised here).
+        groups: filter slices (:func:`basins.rays.filter_groups`).
+        seed: seed of every random choice (ray seeds, bootstrap).
+        radius_rtol: relative radius tolerance δ (default ``min(1e-3, 0.1/P)``: P·δ ≤ 0.1 nats).
+        max_radius: censoring radius (default ``10·max(‖θ*‖, 1)``, parameter units).
+        sigma: the prior's standard deviation per parameter (default the RMS of θ*; None and
+            θ* = 0: no prior mass).
+        walls: measure the walls (wall grid on every crossed ray; ``uᵀHu`` when ``hvp`` given).
+        wall_t: grid of ``t`` (default ``2^k``, 1/64 … 8: 9 evaluations per ray).
+        walls_epsilon: the ε whose radius scales the grid (default the ladder's median).
+        hvp: ``V (P, b) → H V`` at θ*; used for ``uᵀHu`` (one HVP per pair) when ``walls``.
+        hvp_block: vectors per ``hvp`` call.
+        memory_bytes: budget for the ``(K, P)`` direction and point batches.
+        num_bootstrap, min_ess: see :func:`basins.volume.estimate_log_mean`.
+        callback: called with a :class:`ProbeProgress` after every batched evaluation.
+
+    Returns:
+        :class:`ProbeResult`. Cost: about 3–8 criterion evaluations per ray and ε from a good
+        guess, plus ``#t`` per ray with ``walls``; ``num_pairs`` HVPs per family with ``walls``
+        and ``hvp``.
+
+    Raises:
+        InputError: bad settings (unknown family, ε not positive, no basis for top/floor, ...).
+    """
+    P = int(theta0.numel())
+    eps = sorted(float(e) for e in epsilons)
+    if num_pairs < 1:
+        raise InputError(f"need at least one pair of rays, got {num_pairs}")
+    if not families or any(f not in FAMILIES for f in families) or len(set(families)) != len(families):
+        raise InputError(f"ray families must be distinct names among {', '.join(FAMILIES)}, got {list(families)}")
+    if normalisation not in NORMALISATIONS:
+        raise InputError(f"unknown direction normalisation {normalisation!r}: use {' or '.join(NORMALISATIONS)}")
+    if len(set(eps)) != len(eps) or not eps or any(not (e > 0 and math.isfinite(e)) for e in eps):
+        raise InputError(f"the ε values must be distinct positive numbers, got {list(epsilons)}")
+    rtol = default_radius_rtol(P) if radius_rtol is None else float(radius_rtol)
+    theta64 = theta0.detach().to("cpu", torch.float64).reshape(-1)
+    tnorm = float(theta64.norm())
+    rmax = 10.0 * max(tnorm, 1.0) if max_radius is None else float(max_radius)
+    if not (rmax > 0 and math.isfinite(rmax)):
+        raise InputError(f"the maximum radius must be positive, got {max_radius}")
+    rmin = rmax * 1e-12
+    rms = tnorm / math.sqrt(P)
+    sig = float(sigma) if sigma is not None else (rms if rms > 0 else None)
+    if sig is not None and not sig > 0:
+        raise InputError(f"the prior's sigma must be positive, got {sigma}")
+    tgrid = np.unique(np.append(np.asarray(wall_t, dtype=np.float64), 1.0))
+    if walls and (tgrid.min() >= 1.0 or tgrid.max() <= 1.0 or tgrid.min() <= 0):
+        raise InputError("the wall grid needs positive t values on both sides of 1")
+    jw = (len(eps) - 1) // 2 if walls_epsilon is None else None
+    if walls_epsilon is not None:
+        if float(walls_epsilon) not in eps:
+            raise InputError(f"the walls' ε ({walls_epsilon}) must be one of the ladder {eps}")
+        jw = eps.index(float(walls_epsilon))
+    assert jw is not None
+    notes: list[str] = []
+    if sig is None:
+        notes.append("θ* = 0 and no sigma given: no prior mass")
+    itemsize = theta0.element_size()
+    point_batch = max(1, memory_bytes // (2 * P * itemsize))
+    batch_pairs = max(1, min(_BATCH_PAIRS, memory_bytes // (2 * P * itemsize)))
+    counts = {"evals": 0, "hvps": 0, "done": 0.0}
+    total_rays = 2 * num_pairs * len(families)
+    stages = len(eps) + (1 if walls else 0)
+
+    def report(stage: str) -> None:
+        if callback is not None:
+            callback(ProbeProgress(int(counts["done"]), total_rays, int(counts["evals"]), int(counts["hvps"]), stage))
+
+    def counted(points: torch.Tensor) -> torch.Tensor:
+        counts["evals"] += int(points.shape[0])
+        return criterion(points)
+
+    out: dict[str, FamilyResult] = {}
+    for fam in families:
+        sampler = DirectionSampler(P, family=fam, normalisation=normalisation, basis=basis, theta0=theta64,
+                                   groups=groups, seed=seed)
+        if fam != "isotropic" and normalisation == "isotropic":
+            notes.append(f"{fam}: volumes are of the {sampler.dimension}-dimensional section through θ* "
+                         f"({'top eigenvector span' if fam == 'top' else 'complement of the top eigenvectors'})")
+        out[fam] = _probe_family(
+            counted, theta0, theta64, sampler, num_pairs, eps, rtol=rtol, rmax=rmax, rmin=rmin, walls=walls,
+            tgrid=tgrid, jw=jw, hvp=hvp, hvp_block=hvp_block, batch_pairs=batch_pairs, point_batch=point_batch,
+            counts=counts, stages=stages, report=report,
+        )
+        _estimate(out[fam], sampler, eps, theta64, sig, seed, num_bootstrap, min_ess)
+    if normalisation == "filter":
+        notes.append("filter-normalised directions are not uniform on the sphere: no volume or prior mass")
+    return ProbeResult(
+        num_params=P, epsilons=eps, radius_rtol=rtol, max_radius=rmax, min_radius=rmin, sigma=sig, seed=seed,
+        families=out, num_loss_evals=int(counts["evals"]), num_hvps=int(counts["hvps"]),
+        wall_t=[float(x) for x in tgrid] if walls else None, walls_epsilon=eps[jw] if walls else None, notes=notes,
+    )
+
+
+def _probe_family(criterion: Criterion, theta0: torch.Tensor, theta64: torch.Tensor, sampler: DirectionSampler,
+                  num_pairs: int, eps: list[float], *, rtol: float, rmax: float, rmin: float, walls: bool,
+                  tgrid: np.ndarray, jw: int, hvp: Callable[[torch.Tensor], torch.Tensor] | None, hvp_block: int,
+                  batch_pairs: int, point_batch: int, counts: dict[str, float], stages: int,
+                  report: Callable[[str], None]) -> FamilyResult:
+    E, fam = len(eps), sampler.family
+    M, N = num_pairs, 2 * num_pairs
+    seeds = np.array([sampler.pair_seed(j) for j in range(M)], dtype=np.int64)
+    radii, lerr = np.zeros((N, E)), np.zeros((N, E))
+    status, reent = np.zeros((N, E), np.int8), np.zeros((N, E), bool)
+    nev, dots = np.zeros((N, E), np.int64), np.zeros(N)
+    curv = np.full(M, np.nan) if (walls and hvp is not None) else None
+    profile = np.full((N, tgrid.size), np.nan) if walls else None
+    walls_evals = 0
+    starts = [0, *range(min(_PILOT_PAIRS, M), M, batch_pairs)] if M > _PILOT_PAIRS else [0]
+    bounds = list(zip(starts, [*starts[1:], M]))
+    default_shift = [0.5 * math.log(eps[j + 1] / eps[j]) for j in range(E - 1)]
+    for a, b in bounds:
+        B = b - a
+        U = sampler.pairs(list(range(a, b)), dtype=theta0.dtype, device=theta0.device)
+        rows, signs = _pair_rows(B)
+        sl = slice(2 * a, 2 * b)
+        d = (U.to(torch.float64).cpu() @ theta64).numpy()
+        dots[sl] = np.repeat(d, 2) * signs
+        done_r = status[: 2 * a] == CROSSED
+        logr = np.where(done_r, np.log(np.maximum(radii[: 2 * a], 1e-300)), np.nan)
+        guess = np.full(2 * B, _median_or(logr[:, 0], math.log(rmax) - 6.0))
+        if curv is not None and hvp is not None:
+            for s in range(0, B, hvp_block):
+                V = U[s : s + hvp_block].T
+                HV = hvp(V).to(U.dtype)
+                curv[a + s : a + s + V.shape[1]] = (V * HV).sum(0).to("cpu", torch.float64).numpy()
+                counts["hvps"] += V.shape[1]
+                report("uᵀHu")
+            k = np.repeat(curv[a:b], 2)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                anh_done = logr[:, 0] - 0.5 * np.log(2 * eps[0] / np.repeat(curv[:a], 2))
+                quad = np.where(k > 0, 0.5 * np.log(2 * eps[0] / np.where(k > 0, k, 1.0)), np.nan)
+            quad = quad + _median_or(anh_done, 0.0)
+            guess = np.where(np.isfinite(quad), quad, guess)
+        shift = [_median_or(logr[:, j + 1] - logr[:, j], default_shift[j]) for j in range(E - 1)]
+        res = find_radii(criterion, theta0, U, eps, signs=signs, rows=rows, rtol=rtol, max_radius=rmax,
+                         min_radius=rmin, log_guess=guess, ladder_shift=shift, point_batch=point_batch,
+                         on_step=lambda: report("radius search"))
+        radii[sl], lerr[sl], status[sl], nev[sl] = res.radii, res.log_error, res.status, res.num_evals
+        counts["done"] += 2 * B * E / stages
+        hist = res.history
+        if profile is not None:
+            r_w = np.where(res.status[:, jw] == CROSSED, res.radii[:, jw], np.nan)
+            before = counts["evals"]
+            prof = wall_profiles(criterion, theta0, U, r_w, tgrid, signs=signs, rows=rows, point_batch=point_batch,
+                                 on_step=lambda: report("walls"))
+            walls_evals += int(counts["evals"] - before)
+            prof[np.isfinite(r_w)[:, None] & (tgrid == 1.0)[None, :]] = eps[jw]
+            profile[sl] = prof
+            kk, jj = np.nonzero(np.isfinite(prof) & (tgrid != 1.0)[None, :])
+            extra = (kk, np.log(r_w[kk] * tgrid[jj]), prof[kk, jj])
+            hist = (np.concatenate([hist[0], extra[0]]), np.concatenate([hist[1], extra[1]]),
+                    np.concatenate([hist[2], extra[2]]))
+            counts["done"] += 2 * B / stages
+        reent[sl] = flag_reentries(hist, res.radii, res.status, eps, margin=2 * math.log1p(rtol))
+        report("done")
+    wres = None
+    if walls and profile is not None:
+        anh: np.ndarray | None = None
+        if curv is not None:
+            k = np.repeat(curv, 2)[:, None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                anh = np.log(radii) - 0.5 * np.log(2 * np.asarray(eps)[None, :] / k)
+            anh = np.where((status == CROSSED) & (k > 0), anh, np.nan)
+        both = (status[0::2] == CROSSED) & (status[1::2] == CROSSED)
+        asym = np.where(both, np.log(radii[0::2]) - np.log(radii[1::2]), np.nan)
+        rel = profile / eps[jw]
+        with np.errstate(all="ignore"):
+            pq = np.nanquantile(rel, [0.05, 0.25, 0.5, 0.75, 0.95], axis=0) if np.isfinite(rel).any() \
+                else np.full((5, tgrid.size), np.nan)
+        wres = WallsResult(
+            epsilon=eps[jw], t=tgrid, profile=profile, exponent=_exponent_at_one(tgrid, profile),
+            floor_ratio=_floor_ratio(tgrid, profile, FLOOR_FRACTION * eps[jw]), anharmonicity=anh, asymmetry=asym,
+            profile_quantiles=pq, summary={},
+        )
+        wres.summary = _walls_summary(wres, eps, status, reent)
+    return FamilyResult(
+        family=fam, normalisation=sampler.normalisation, dimension=sampler.dimension, pair_seeds=seeds,
+        radii=radii, log_error=lerr, status=status, reentered=reent, num_evals=nev, dots=dots, curvature=curv,
+        volume=[], prior_mass=[], walls=wres, num_loss_evals=int(nev.sum()) + walls_evals,
+        num_walls_evals=walls_evals,
+    )
+
+
+def _estimate(fr: FamilyResult, sampler: DirectionSampler, eps: list[float], theta64: torch.Tensor,
+              sigma: float | None, seed: int, num_bootstrap: int, min_ess: float) -> None:
+    d = fr.dimension
+    boot_seed = int(seed) & 0xFFFFFFFF
+    for j in range(len(eps)):
+        r, err = fr.radii[:, j], fr.log_error[:, j]
+        cens = int(np.sum(fr.status[:, j] == CENSORED))
+        if not sampler.is_uniform:
+            fr.volume.append(None)
+            fr.prior_mass.append(None)
+            continue
+        fr.volume.append(estimate_log_mean(
+            d * np.log(r), log_prefactor=log_ball_volume(d), paired=True, log_errors=d * err,
+            num_censored=cens, min_ess=min_ess, num_bootstrap=num_bootstrap, seed=boot_seed + j,
+        ))
+        if fr.family == "isotropic" and sigma is not None:
+            tsq = float(theta64 @ theta64)
+            lm = log_ray_prior_mass(r, fr.dots, tsq, sigma, d)
+            lm_hi = log_ray_prior_mass(r * np.exp(err), fr.dots, tsq, sigma, d)
+            fr.prior_mass.append(estimate_log_mean(
+                lm, paired=True, log_errors=np.abs(lm_hi - lm), num_censored=cens, min_ess=min_ess,
+                num_bootstrap=num_bootstrap, seed=boot_seed + 1000 + j,
+            ))
+        else:
+            fr.prior_mass.append(None)
+
+
+def hessian_eigenpairs(
+    problem: Any,
+    k: int,
+    *,
+    exact_max_params: int = 2000,
+    seed: int = 0,
+    tol: float = 1e-4,
+    hvp_block: int = 32,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, torch.Tensor, bool, str]:
+    """Hessian eigenvalues and the top-k eigenvectors at θ*.
+
+    With ``P ≤ exact_max_params`` the dense Hessian (``P`` HVPs in blocks) and ``eigvalsh`` in
+    float64 give the whole spectrum; otherwise Lanczos (:func:`basins.lanczos.lanczos`, full
+    reorthogonalisation) gives the top ``k`` pairs to relative residual ``tol``.
+
+    Args:
+        problem: a :class:`basins.Problem`.
+        k: eigenvectors wanted (``1 ≤ k < P``; 0 allowed on the exact route).
+        exact_max_params: largest P for the dense route.
+        seed, tol: Lanczos settings.
+        hvp_block: HVPs per block (dense route).
+        progress: called with the number of HVPs done so far.
+
+    Returns:
+        ``(eigenvalues descending float64 — all P (exact) or k (Lanczos), eigenvectors (P, k)
+        float64 CPU, complete, method)``. Cost: P HVPs (exact) or the Lanczos count.
+    """
+    P = int(problem.num_params)
+    exact = P <= exact_max_params
+    if not (0 if exact else 1) <= k < P:
+        raise InputError(f"the number of top eigenvectors must be in [1, P) = [1, {P}), got {k}")
+    if exact:
+        H = problem.dense_hessian(block=hvp_block, progress=(lambda done, _t: progress(done)) if progress else None)
+        vals, vecs = torch.linalg.eigh(H.detach().to("cpu", torch.float64))
+        vals, vecs = vals.flip(0), vecs.flip(1)
+        return vals.numpy(), vecs[:, :k].contiguous(), True, "exact"
+    from .lanczos import lanczos
+
+    res = lanczos(problem.hvp, P, k=k, which="top", tol=tol, dtype=problem.dtype, device=problem.device,
+                  seed=seed, return_eigenvectors=True,
+                  callback=(lambda info: progress(int(info.num_matvecs))) if progress else None)
+    if res.eigenvectors is None:
+        raise ComputeError("Lanczos returned no eigenvectors")
+    vals_t = res.eigenvalues.to("cpu", torch.float64)
+    order = torch.argsort(vals_t, descending=True)
+    return vals_t[order].numpy(), res.eigenvectors.to("cpu", torch.float64)[:, order], False, "lanczos"
+
+
+def probe_problem(
+    problem: Any,
+    num_pairs: int,
+    epsilons: Sequence[float] = DEFAULT_EPSILONS,
+    *,
+    families: Sequence[str] = ("isotropic",),
+    normalisation: str = "isotropic",
+    top_k: int = 10,
+    seed: int = 0,
+    radius_rtol: float | None = None,
+    max_radius: float | None = None,
+    sigma: float | None = None,
+    walls: bool = False,
+    wall_t: Sequence[float] = DEFAULT_WALL_T,
+    walls_epsilon: float | None = None,
+    compare_quadratic: bool = False,
+    null_rtol: float = 1e-6,
+    exact_max_params: int = 2000,
+    loss_route: str = "auto",
+    chunk: int | None = None,
+    hvp_block: int = 32,
+    memory_bytes: int = 256 << 20,
+    num_bootstrap: int = 1000,
+    min_ess: float = 30.0,
+    callback: Callable[[ProbeProgress], None] | None = None,
+) -> ProbeResult:
+    """:func:`probe_basin` on a :class:`basins.Problem`: ``C = L − L(θ*)`` over the full data.
+
+    Extra args (others as :func:`probe_basin`):
+        problem: the problem.
+        top_k: eigenvectors spanning the ``top`` family / deflated by ``floor``.
+        compare_quadratic: add the quadratic baseline (:func:`basins.volume.quadratic_log_volume`)
+            from the exact spectrum (``P ≤ exact_max_params``) or the Lanczos top-k (a section).
+        null_rtol: null threshold of the baseline, ``|λ| ≤ null_rtol·λ_max``.
+        exact_max_params: largest P for the dense Hessian.
+        loss_route, chunk: batched loss route (:class:`ProblemCriterion`).
+
+    Returns:
+        :class:`ProbeResult` whose ``num_loss_evals`` / ``num_hvps`` count every evaluation the
+        problem made (timing, Hessian and ``uᵀHu`` included).
+    """
+    c0 = problem.counters
+    evals0, hvps0 = c0.num_loss_evals, c0.num_hvps
+    crit = ProblemCriterion(problem, route=loss_route, chunk=chunk, seed=seed)
+
+    def eig_progress(done: int) -> None:
+        if callback is not None:
+            callback(ProbeProgress(0, 2 * num_pairs * len(families), problem.counters.num_loss_evals - evals0,
+                                   problem.counters.num_hvps - hvps0, "Hessian"))
+
+    vals = basis = None
+    complete, method = False, ""
+    need_basis = any(f in ("top", "floor") for f in families)
+    if compare_quadratic or need_basis:
+        k = top_k if need_basis else min(top_k, problem.num_params - 1)
+        vals, basis, complete, method = hessian_eigenpairs(problem, k, exact_max_params=exact_max_params,
+                                                           seed=seed, hvp_block=hvp_block, progress=eig_progress)
+
+    def relay(info: ProbeProgress) -> None:
+        if callback is not None:
+            info.num_loss_evals = problem.counters.num_loss_evals - evals0
+            info.num_hvps = problem.counters.num_hvps - hvps0
+            callback(info)
+
+    groups = filter_groups(problem.space.shapes) if normalisation == "filter" else None
+    res = probe_basin(
+        crit, problem.theta0, num_pairs, epsilons, families=families, normalisation=normalisation,
+        basis=basis if any(f in ("top", "floor") for f in families) else None, groups=groups, seed=seed,
+        radius_rtol=radius_rtol, max_radius=max_radius, sigma=sigma, walls=walls, wall_t=wall_t,
+        walls_epsilon=walls_epsilon, hvp=problem.hvp, hvp_block=hvp_block, memory_bytes=memory_bytes,
+        num_bootstrap=num_bootstrap, min_ess=min_ess, callback=relay,
+    )
+    if vals is not None:
+        res.eigenvalues = vals
+        if float(vals[min(top_k, vals.size) - 1]) <= 0 and any(f in ("top", "floor") for f in families):
+            res.notes.append(f"some of the top {top_k} Hessian eigenvalues are ≤ 0: the 'top' family is not all walls")
+    if compare_quadratic and vals is not None:
+        res.quadratic = quadratic_log_volume(vals, res.epsilons, problem.num_params, null_rtol=null_rtol,
+                                             complete=complete, method=method)
+        if not complete:
+            res.notes.append(res.quadratic.note)
+    res.num_loss_evals = problem.counters.num_loss_evals - evals0
+    res.num_hvps = problem.counters.num_hvps - hvps0
+    res.loss_route = {"route": crit.route, "chunk": crit.chunk, "timings": dict(crit.timings)}
+    return res

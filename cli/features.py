@@ -1,0 +1,204 @@
+"""``basins features MODEL``: the feature Gram (empirical NTK) spectrum and the rank of the output Jacobian.
+
+Also the renderers ``basins summary`` uses for a report's ``/features`` group:
+:func:`summary_tables` and :func:`summary_row`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+from rich.console import RenderableType
+from rich.table import Table
+
+from .common import (
+    Timer,
+    argv,
+    fmt,
+    load_problem,
+    output_options,
+    print_json,
+    problem_json,
+    problem_options,
+    progress_bar,
+    stderr_console,
+    stdout_console,
+    write_report,
+)
+from .spectrum import sparkline
+
+EIGEN_UNITS = "loss / parameter²"
+_SHOW = 12  # eigenvalues shown in the table
+
+
+@click.command()
+@problem_options
+@click.option("--rtol", "rtols", type=click.FloatRange(min=0), multiple=True,
+              help="Rank cutoff: count μ > rtol·μ_max + atol. Repeatable [default: 1e-6, 1e-4, 1e-2].")
+@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Absolute part of the cutoff (loss / parameter²).")
+@click.option("--top", "top_vectors", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also give the top N eigenvectors' loadings per output and per example.")
+@click.option("--route", type=click.Choice(["auto", "gram", "outer"]), default="auto", show_default=True,
+              help="gram: the (n·k)² Gram matrix; outer: the P² matrix G; auto: the smaller.")
+@click.option("--gn-probes", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Random vectors (1 HVP each) for the check ‖Hv − Gv‖/‖Hv‖.")
+@output_options
+def features(**kw: Any) -> None:
+    """Spectrum of the feature Gram matrix: the sizes of the independent features the model computes.
+
+    With J the (n·k)×P Jacobian of the outputs and H_ℓ the loss's Hessian in the outputs, the
+    Gram matrix H_ℓ^½ J Jᵀ H_ℓ^½ (for mse (2/N)·JJᵀ, the scaled empirical NTK) has the nonzero
+    eigenvalues of the Gauss–Newton part G = JᵀH_ℓJ of the Hessian. Its rank is the number of
+    independent features; P − rank directions leave G flat. Reports the participation ratio
+    (effective number of features) and ‖Hv − Gv‖/‖Hv‖ (≈ 0 at a zero-residual mse optimum).
+
+    \b
+    Examples:
+      basins features model.pt
+      basins features model.pt --top 3 --json | jq '.loadings[0].per_output'
+      basins features model.pt --max-samples 500 -o report.h5
+    """
+    from basins.features import feature_gram
+    from basins.nullity import DEFAULT_RTOLS
+    from basins.report import check_writable
+
+    log = stderr_console(kw["quiet"])
+    rtols = tuple(kw["rtols"]) or DEFAULT_RTOLS
+    with Timer() as setup:
+        loaded = load_problem(kw, log)
+    problem = loaded.problem
+    if kw["output"]:
+        check_writable(kw["output"], loaded.record, force=kw["force"])
+    with Timer() as t, progress_bar(log, "feature Gram", total=problem.num_examples, unit="") as update:
+        fg = feature_gram(problem, route=kw["route"], top_vectors=kw["top_vectors"], gn_probes=kw["gn_probes"],
+                          seed=loaded.seed, callback=lambda p: update(p.done, total=p.total, info=f"{p.phase} {p.unit}".strip()))
+    for note in fg.notes:
+        log.print(f"note: {note}")
+    log.print(f"{fg.num_vjps:,} Jacobian rows ({fg.jacobian_mode}, route {fg.route}) and {fg.num_hvps} HVPs "
+              f"in {t.seconds:.2f} s")
+
+    ranks = []
+    for r in rtols:
+        thr = r * fg.lambda_max + kw["atol"]
+        rank, lo, hi = fg.rank_at(thr)
+        ranks.append({"rtol": r, "atol": kw["atol"], "threshold": thr, "rank": rank, "rank_lower": lo, "rank_upper": hi,
+                      "flat": fg.num_params - rank})
+    loadings = []
+    for i in range(0 if fg.eigenvectors is None else fg.eigenvectors.shape[1]):
+        per_output, per_example = fg.loadings(i)
+        loadings.append({"index": i, "eigenvalue": float(fg.eigenvalues[i]), "per_output": per_output,
+                         "per_example": per_example})
+    attrs: dict[str, Any] = {
+        "method": "feature Gram matrix H_ℓ^½ J Jᵀ H_ℓ^½ (nonzero spectrum of G = JᵀH_ℓJ)",
+        "rank": fg.rank, "cutoff": fg.cutoff, "sigma_noise": fg.sigma_noise, "float_floor": fg.float_floor,
+        "participation_ratio": fg.participation_ratio, "lambda_max": fg.lambda_max, "scale": fg.scale,
+        "num_outputs": fg.num_outputs, "outputs_per_example": fg.outputs_per_example, "route": fg.route,
+        "jacobian_mode": fg.jacobian_mode, "jacobian_dtype": fg.jacobian_dtype, "ranks": ranks,
+        "gn_residual": fg.gn_residual, "gn_residuals": fg.gn_residuals, "residual_scale": fg.residual_scale,
+        "notes": fg.notes, "seed": loaded.seed,
+        "num_hvps": fg.num_hvps, "num_vjps": fg.num_vjps, "num_loss_evals": 0, "hvp_route": problem.hvp_route,
+        "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "argv": argv(),
+    }
+    if kw["output"]:
+        from basins.report import Array
+
+        arrays = {"eigenvalues": Array(fg.eigenvalues, "feature Gram eigenvalues = nonzero spectrum of G, descending",
+                                       EIGEN_UNITS)}
+        if fg.eigenvectors is not None:
+            arrays["eigenvectors"] = Array(fg.eigenvectors.float(), "top unit eigenvectors of the Gram matrix (n·k, q), "
+                                           "row i·k + j = output j of example i, float32", None)
+        write_report(kw["output"], loaded.record, "features", attrs=attrs, arrays=arrays, force=kw["force"])
+        log.print(f"wrote /features to {kw['output']}")
+
+    if kw["as_json"]:
+        print_json({
+            **problem_json(loaded), "hvp_route": problem.hvp_route, "eigenvalues": fg.eigenvalues, "rank": fg.rank,
+            "cutoff": fg.cutoff, "num_outputs": fg.num_outputs, "outputs_per_example": fg.outputs_per_example,
+            "participation_ratio": fg.participation_ratio, "lambda_max": fg.lambda_max, "scale": fg.scale,
+            "ranks": ranks, "loadings": loadings, "gn_residual": fg.gn_residual, "gn_residuals": fg.gn_residuals,
+            "residual_scale": fg.residual_scale,
+            "route": fg.route, "jacobian_mode": fg.jacobian_mode, "notes": fg.notes, "num_hvps": fg.num_hvps,
+            "num_vjps": fg.num_vjps, "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "report": kw["output"],
+        })
+    else:
+        analysis = {"attrs": attrs, "datasets": {"eigenvalues": {"values": fg.eigenvalues.numpy()}}}
+        console = stdout_console()
+        for table in summary_tables(analysis, loaded.record):
+            console.print(table)
+        if loadings:
+            console.print(_loadings_table(loadings))
+
+
+def _loadings_table(loadings: list[dict[str, Any]]) -> Table:
+    t = Table(title="top features: where each eigenvector lives (squared loadings)", title_justify="left")
+    for col in ("#", "eigenvalue", "per output", "top examples (share)"):
+        t.add_column(col, justify="right" if col in ("#", "eigenvalue") else "left")
+    for item in loadings:
+        per_output = [float(v) for v in item["per_output"]]
+        per_example = [float(v) for v in item["per_example"]]
+        top = sorted(range(len(per_example)), key=per_example.__getitem__, reverse=True)[:5]
+        outputs = ", ".join(f"{v:.2f}" for v in per_output[:10]) + (" …" if len(per_output) > 10 else "")
+        t.add_row(str(item["index"] + 1), fmt(item["eigenvalue"]), outputs,
+                  ", ".join(f"{i} ({per_example[i]:.2f})" for i in top))
+    return t
+
+
+# ---------------------------------------------------------------------- summary renderers
+def _json_attr(a: dict[str, Any], name: str) -> Any:
+    v = a.get(name)
+    return json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v
+
+
+def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
+    """Rich tables for a ``/features`` group: rank, participation ratio, H vs G, the rank ladder, top eigenvalues."""
+    import numpy as np
+
+    a = analysis.get("attrs", {})
+    P = problem.get("num_params")
+    head = Table(title="feature Gram matrix (Gauss–Newton / NTK view)", show_header=False, title_justify="left")
+    head.add_column("quantity", style="bold")
+    head.add_column("value")
+    head.add_row("outputs n·k", f"{a.get('num_outputs', '-'):,}" if isinstance(a.get("num_outputs"), int) else "-")
+    head.add_row("numerical rank", f"{a.get('rank')} (cutoff {fmt(a.get('cutoff'), 3)})")
+    if isinstance(P, int) and isinstance(a.get("rank"), int):
+        head.add_row("flat directions of G", f"{P - a['rank']:,} of P = {P:,}")
+    head.add_row("participation ratio", fmt(a.get("participation_ratio"), 4))
+    head.add_row("μ_max", f"{fmt(a.get('lambda_max'))} {EIGEN_UNITS}")
+    if a.get("gn_residual") is not None:
+        head.add_row("‖Hv − Gv‖/‖Hv‖", f"{a['gn_residual']:.2g}")
+    ev = analysis.get("datasets", {}).get("eigenvalues")
+    if ev is not None:
+        mu = np.asarray(ev["values"], dtype=float)
+        top = float(mu.max()) if mu.size else 0.0
+        cutoff = a.get("cutoff") if isinstance(a.get("cutoff"), float) else 0.0
+        nonzero = mu[mu > cutoff]
+        if top > 0 and nonzero.size:
+            hist, _ = np.histogram(np.log10(nonzero / top), bins=16, range=(-16, 0))
+            head.add_row("eigenvalues per decade", f"[{sparkline(hist, 16)}] μ/μ_max from 1e-16 to 1, "
+                                                   f"{mu.size - nonzero.size:,} below the cutoff not shown")
+        head.add_row("largest eigenvalues", ", ".join(fmt(float(v), 4) for v in mu[:_SHOW]))
+    head.add_row("cost", f"{a.get('num_vjps')} Jacobian rows ({a.get('jacobian_mode')}), {a.get('num_hvps')} HVPs, "
+                         f"{fmt(a.get('wall_seconds'), 3)} s")
+    tables: list[RenderableType] = [head]
+    ranks = _json_attr(a, "ranks")
+    if ranks:
+        t = Table(title="rank of the feature Gram matrix at μ > rtol·μ_max + atol", title_justify="left")
+        for col in ("rtol", "threshold", "rank [interval]", "flat = P − rank"):
+            t.add_column(col, justify="right")
+        for r in ranks:
+            interval = "" if r["rank_lower"] == r["rank_upper"] == r["rank"] else f" [{r['rank_lower']}, {r['rank_upper']}]"
+            t.add_row(fmt(r["rtol"], 3), fmt(r["threshold"], 4), f"{r['rank']:,}{interval}", f"{r['flat']:,}")
+        tables.append(t)
+    return tables
+
+
+def summary_row(analysis: dict[str, Any]) -> dict[str, str]:
+    """One-row view of a ``/features`` group: rank, participation ratio, ‖Hv − Gv‖/‖Hv‖."""
+    a = analysis.get("attrs", {})
+    row = {"Gram rank": str(a.get("rank", "-")), "PR": fmt(a.get("participation_ratio"), 4)}
+    if a.get("gn_residual") is not None:
+        row["H≈G"] = f"{a['gn_residual']:.1g}"
+    return row

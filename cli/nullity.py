@@ -1,0 +1,208 @@
+"""``basins nullity MODEL``: count near-zero Hessian eigenvalues (flat directions) for a ladder of thresholds.
+
+Also the renderers ``basins summary`` uses for a report's ``/nullity`` group:
+:func:`summary_tables` and :func:`summary_row`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+from rich.console import RenderableType
+from rich.table import Table
+
+from .common import (
+    Timer,
+    argv,
+    fmt,
+    load_problem,
+    output_options,
+    print_json,
+    problem_json,
+    problem_options,
+    progress_bar,
+    stderr_console,
+    stdout_console,
+    write_report,
+)
+
+EIGEN_UNITS = "loss / parameter²"
+_COUNT_KEYS = ("rtol", "atol", "threshold", "count", "count_lower", "count_upper", "method")
+
+
+@click.command()
+@problem_options
+@click.option("--method", type=click.Choice(["auto", "exact", "features", "slq"]), default="auto", show_default=True,
+              help="exact: dense Hessian (auto when P ≤ 4096); features: P − rank of the feature Gram matrix "
+                   "(Gauss–Newton part); slq: an estimate with an interval.")
+@click.option("--rtol", "rtols", type=click.FloatRange(min=0), multiple=True,
+              help="Relative threshold: count |λ| ≤ rtol·λ_max + atol. Repeatable [default: 1e-6, 1e-4, 1e-2].")
+@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Absolute part of the threshold (loss / parameter²).")
+@click.option("--probes", type=click.IntRange(min=2), default=10, show_default=True, help="slq: probe vectors.")
+@click.option("--steps", type=click.IntRange(min=1), default=80, show_default=True, help="slq: Lanczos steps per probe.")
+@click.option("--deflate", type=click.IntRange(min=0), default=20, show_default=True,
+              help="slq: top eigenpairs removed (by Lanczos) before the quadrature.")
+@output_options
+def nullity(**kw: Any) -> None:
+    """Count the Hessian's near-zero eigenvalues: directions the model can move in without changing the loss.
+
+    For each threshold t = rtol·λ_max + atol the count #{|λ| ≤ t} comes with the method that
+    produced it and an interval: exact (rounding of the dense Hessian), features (rounding of
+    the Jacobian; counts the Gauss–Newton part, equal to H at a zero-residual mse optimum: see
+    the reported ‖Hv − Gv‖/‖Hv‖), slq (95% interval over probes and quadrature resolution).
+
+    \b
+    Examples:
+      basins nullity model.pt
+      basins nullity model.pt --method features --rtol 1e-8 --rtol 1e-6 --json
+      basins nullity model.pt --method slq --probes 20 -o report.h5
+    """
+    from basins.nullity import DEFAULT_RTOLS
+    from basins.nullity import nullity as count_nullity
+    from basins.report import check_writable
+
+    log = stderr_console(kw["quiet"])
+    rtols = tuple(kw["rtols"]) or DEFAULT_RTOLS
+    with Timer() as setup:
+        loaded = load_problem(kw, log)
+    problem = loaded.problem
+    if kw["output"]:
+        check_writable(kw["output"], loaded.record, force=kw["force"])
+
+    with Timer() as t, progress_bar(log, f"nullity ({kw['method']})", total=None, unit="") as update:
+        result = count_nullity(
+            problem, method=kw["method"], rtols=rtols, atol=kw["atol"], seed=loaded.seed, num_probes=kw["probes"],
+            num_steps=kw["steps"], deflate=kw["deflate"],
+            callback=lambda p: update(p.done, total=p.total, info=f"{p.phase} {p.unit}".strip()),
+        )
+    for note in result.notes:
+        log.print(f"note: {note}")
+    log.print(f"method {result.method}: {result.num_hvps} HVPs in {t.seconds:.2f} s")
+
+    counts = [{k: getattr(c, k) for k in _COUNT_KEYS} for c in result.counts]
+    attrs: dict[str, Any] = {
+        "method": result.method, "method_asked": kw["method"], "lambda_max": result.lambda_max,
+        "rtols": list(rtols), "atol": kw["atol"], "counts": counts, "notes": result.notes,
+        "eigenvalue_error": result.eigenvalue_error, "gn_residual": result.gn_residual,
+        "num_deflated": result.num_deflated if result.method == "slq" else None,
+        "num_probes": kw["probes"] if result.method == "slq" else None,
+        "num_steps": kw["steps"] if result.method == "slq" else None,
+        "coverage": result.coverage, "seed": loaded.seed,
+        "num_hvps": result.num_hvps, "num_loss_evals": 0, "hvp_route": problem.hvp_route,
+        "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "argv": argv(),
+    }
+    if result.features is not None:
+        attrs.update({"num_outputs": result.features.num_outputs, "gram_rank": result.features.rank,
+                      "gram_cutoff": result.features.cutoff, "num_vjps": result.features.num_vjps})
+    if kw["output"]:
+        write_report(kw["output"], loaded.record, "nullity", attrs=attrs, arrays=_arrays(result), force=kw["force"])
+        log.print(f"wrote /nullity to {kw['output']}")
+
+    if kw["as_json"]:
+        out: dict[str, Any] = {
+            **problem_json(loaded), "hvp_route": problem.hvp_route, "lambda_max": result.lambda_max,
+            "method": result.method, "method_asked": kw["method"], "counts": counts, "notes": result.notes,
+            "eigenvalue_error": result.eigenvalue_error, "gn_residual": result.gn_residual,
+            "num_hvps": result.num_hvps, "wall_seconds": t.seconds, "setup_seconds": setup.seconds,
+            "report": kw["output"],
+        }
+        if result.method == "slq" and result.slq is not None:
+            out.update({"num_deflated": result.num_deflated, "coverage": result.coverage,
+                        "num_probes": result.slq.num_probes, "num_steps": result.slq.num_steps})
+        if result.features is not None:
+            out.update({"num_outputs": result.features.num_outputs, "gram_rank": result.features.rank,
+                        "gn_residuals": result.features.gn_residuals})
+        print_json(out)
+    else:
+        console = stdout_console()
+        for table in summary_tables({"attrs": {**attrs, "notes": []}}, loaded.record):  # notes went to stderr
+            console.print(table)
+
+
+def _arrays(result: Any) -> dict[str, Any]:
+    from basins.report import Array
+
+    arrays = {
+        "rtol": Array([c.rtol for c in result.counts], "relative thresholds (× λ_max)", None),
+        "threshold": Array([c.threshold for c in result.counts], "thresholds t = rtol·λ_max + atol", EIGEN_UNITS),
+        "count": Array([float(c.count) for c in result.counts], "#{|λ| ≤ t} (slq: an estimate)", "eigenvalues"),
+        "count_lower": Array([float(c.count_lower) for c in result.counts], "lower end of the count's interval", "eigenvalues"),
+        "count_upper": Array([float(c.count_upper) for c in result.counts], "upper end of the count's interval", "eigenvalues"),
+    }
+    if result.method == "exact" and result.eigenvalues is not None:
+        arrays["eigenvalues"] = Array(result.eigenvalues, "all Hessian eigenvalues, ascending (dense eigvalsh)", EIGEN_UNITS)
+    if result.method == "features" and result.eigenvalues is not None:
+        arrays["gram_eigenvalues"] = Array(result.eigenvalues, "feature Gram eigenvalues = nonzero spectrum of G, "
+                                           "descending", EIGEN_UNITS)
+    if result.slq is not None:
+        nodes, weights, residuals = result.slq.padded()
+        arrays["slq_nodes"] = Array(nodes, "SLQ nodes on the deflated Hessian, one row per probe, NaN-padded", EIGEN_UNITS)
+        arrays["slq_weights"] = Array(weights, "SLQ weights, rows sum to 1, 0-padded", None)
+        arrays["slq_residuals"] = Array(residuals, "SLQ node residuals, NaN-padded", EIGEN_UNITS)
+    return arrays
+
+
+# ---------------------------------------------------------------------- summary renderers
+def _counts(analysis: dict[str, Any]) -> list[dict[str, Any]]:
+    c = analysis.get("attrs", {}).get("counts")
+    if isinstance(c, str):
+        c = json.loads(c)
+    return list(c) if isinstance(c, list) else []
+
+
+def _count_text(c: dict[str, Any]) -> str:
+    n, lo, hi = c.get("count"), c.get("count_lower"), c.get("count_upper")
+    if not isinstance(n, (int, float)):
+        return "-"
+    if not isinstance(lo, (int, float)) or not isinstance(hi, (int, float)):
+        lo = hi = n
+    if c.get("method") == "slq":
+        return f"≈ {n:,.1f} [{lo:,.0f}, {hi:,.0f}]"
+    if lo == hi == n:
+        return f"{int(n):,}"
+    return f"{int(n):,} [{int(lo):,}, {int(hi):,}]"
+
+
+def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
+    """Rich tables for a ``/nullity`` group: the threshold ladder with counts and intervals, then notes."""
+    a = analysis.get("attrs", {})
+    P = problem.get("num_params")
+    head = Table(title=f"near-zero Hessian eigenvalues ({a.get('method')})", show_header=False, title_justify="left")
+    head.add_column("quantity", style="bold")
+    head.add_column("value")
+    head.add_row("λ_max", f"{fmt(a.get('lambda_max'))} {EIGEN_UNITS}")
+    if a.get("gn_residual") is not None:
+        head.add_row("‖Hv − Gv‖/‖Hv‖", f"{a['gn_residual']:.2g} (≈ 0: H is its Gauss–Newton part)")
+    if a.get("eigenvalue_error") is not None:
+        head.add_row("eigenvalue error δ", f"{a['eigenvalue_error']:.2g}")
+    if a.get("num_deflated") is not None:
+        head.add_row("slq", f"{a.get('num_probes')} probes × {a.get('num_steps')} steps, top {a['num_deflated']} deflated")
+    head.add_row("cost", f"{a.get('num_hvps')} HVPs, {fmt(a.get('wall_seconds'), 3)} s")
+    ladder = Table(title="count of |λ| ≤ rtol·λ_max + atol", title_justify="left")
+    for col in ("rtol", "atol", "threshold", "count [interval]", "of P", "method"):
+        ladder.add_column(col, justify="right" if col != "method" else "left")
+    for c in _counts(analysis):
+        share = f"{c['count'] / P:.1%}" if isinstance(P, int) and P and isinstance(c.get("count"), (int, float)) else "-"
+        ladder.add_row(fmt(c.get("rtol"), 3), fmt(c.get("atol"), 3), fmt(c.get("threshold"), 4), _count_text(c), share,
+                       str(c.get("method", "")))
+    tables: list[RenderableType] = [head, ladder]
+    notes = a.get("notes")
+    if isinstance(notes, str):
+        notes = json.loads(notes)
+    if notes:
+        nt = Table(show_header=False, box=None)
+        nt.add_column("note")
+        for n in notes:
+            nt.add_row(f"note: {n}")
+        tables.append(nt)
+    return tables
+
+
+def summary_row(analysis: dict[str, Any]) -> dict[str, str]:
+    """One-row view of a ``/nullity`` group: the count at each rtol, and the method."""
+    row = {f"flat@{c.get('rtol'):g}": _count_text(c) for c in _counts(analysis) if c.get("atol", 0) == 0}
+    row["nullity method"] = str(analysis.get("attrs", {}).get("method", "-"))
+    return row

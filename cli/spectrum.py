@@ -1,0 +1,230 @@
+"""``basins spectrum MODEL``: the Hessian's spectral density by stochastic Lanczos quadrature.
+
+Also the renderers ``basins summary`` uses for a report's ``/spectrum`` group
+(:func:`summary_tables`, :func:`summary_row`) and :func:`sparkline`, a one-line text picture
+of a density. Densities shown by ``summary`` are re-smoothed from the stored raw nodes and
+weights (no HVPs).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import click
+import numpy as np
+from rich.console import RenderableType
+from rich.table import Table
+
+from .common import (
+    Timer,
+    argv,
+    fmt,
+    load_problem,
+    output_options,
+    print_json,
+    problem_json,
+    problem_options,
+    progress_bar,
+    stderr_console,
+    stdout_console,
+    write_report,
+)
+
+EIGEN_UNITS = "loss / parameter²"
+_BLOCKS = "▁▂▃▄▅▆▇█"
+
+
+@click.command()
+@problem_options
+@click.option("--probes", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Random probe vectors (the band is their spread).")
+@click.option("--steps", type=click.IntRange(min=1), default=80, show_default=True,
+              help="Lanczos steps per probe (quadrature nodes).")
+@click.option("--scale", type=click.Choice(["linear", "log"]), default="linear", show_default=True,
+              help="Density grid: linear in λ, or log-spaced in |λ| (density per decade).")
+@click.option("--sigma", type=click.FloatRange(min=0, min_open=True),
+              help="Gaussian broadening in grid units [default: 1% of the node range; 0.1 decade for log].")
+@click.option("--points", type=click.IntRange(min=10), default=500, show_default=True, help="Grid points.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also draw the density with its band to this image (needs matplotlib: pip install 'basins[plot]').")
+@output_options
+def spectrum(**kw: Any) -> None:
+    """Spectral density of the Hessian at the saved parameters (stochastic Lanczos quadrature).
+
+    PROBES random vectors × STEPS Lanczos steps (full reorthogonalisation); the raw nodes and
+    weights of every probe are kept (in --json and the report) so the density can be
+    re-smoothed later with no HVPs. The band is the pointwise 95% interval across probes.
+    SLQ does not resolve eigenvalues far below the smallest node: count near-zero
+    eigenvalues with `basins nullity`.
+
+    \b
+    Examples:
+      basins spectrum model.pt
+      basins spectrum model.pt --scale log --plot spectrum.png -o report.h5
+      basins spectrum model.pt --json | jq .num_hvps
+    """
+    from basins.report import check_writable
+    from basins.slq import hessian_slq, spectral_density
+
+    if kw["plot_path"]:
+        _require_matplotlib()
+    log = stderr_console(kw["quiet"])
+    with Timer() as setup:
+        loaded = load_problem(kw, log)
+    problem = loaded.problem
+    if kw["output"]:
+        check_writable(kw["output"], loaded.record, force=kw["force"])
+    total = kw["probes"] * min(kw["steps"], problem.num_params)
+    with Timer() as t, progress_bar(log, f"SLQ ({kw['probes']} probes)", total=total) as update:
+        result = hessian_slq(
+            problem, num_probes=kw["probes"], num_steps=kw["steps"], seed=loaded.seed,
+            callback=lambda p: update(p.num_matvecs, total=p.max_matvecs, info=f"step {p.step}/{p.num_steps}"),
+        )
+    dens = spectral_density(result.nodes, result.weights, scale=kw["scale"], sigma=kw["sigma"], num_points=kw["points"])
+    log.print(f"{result.num_matvecs} HVPs in {t.seconds:.2f} s")
+
+    nodes, weights, residuals = result.padded()
+    attrs: dict[str, Any] = {
+        "method": "stochastic Lanczos quadrature, full reorthogonalisation, float64 tridiagonal",
+        "num_probes": result.num_probes, "num_steps": result.num_steps, "probe": result.probe,
+        "seed": loaded.seed, "scale": dens.scale, "sigma": dens.sigma, "floor": dens.floor,
+        "coverage": dens.coverage, "trace": result.trace, "trace_stderr": result.trace_stderr,
+        "node_min": result.lambda_min, "node_max": result.lambda_max,
+        "num_hvps": result.num_matvecs, "num_loss_evals": 0, "hvp_route": problem.hvp_route,
+        "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "argv": argv(),
+    }
+    grid_units = "log10(|λ| / (loss / parameter²))" if dens.scale == "log" else EIGEN_UNITS
+    dens_units = "per decade of |λ|" if dens.scale == "log" else f"1 / ({EIGEN_UNITS})"
+    if kw["output"]:
+        from basins.report import Array
+
+        arrays = {
+            "nodes": Array(nodes, "Gauss quadrature nodes (Ritz values), one row per probe, NaN-padded", EIGEN_UNITS),
+            "weights": Array(weights, "quadrature weights (squared first components), rows sum to 1, 0-padded", None),
+            "residuals": Array(residuals, "node residuals |β_m s_mj|, NaN-padded", EIGEN_UNITS),
+            "quadratic_forms": Array(result.quadratic_forms, "vᵀHv per unit probe", EIGEN_UNITS),
+            "grid": Array(dens.grid, f"density grid ({dens.scale})", grid_units),
+            "density": Array(dens.density, "Gaussian-broadened spectral density, mean over probes", dens_units),
+            "density_lower": Array(dens.density_lower, f"lower end of the pointwise {dens.coverage:.0%} band", dens_units),
+            "density_upper": Array(dens.density_upper, f"upper end of the pointwise {dens.coverage:.0%} band", dens_units),
+        }
+        write_report(kw["output"], loaded.record, "spectrum", attrs=attrs, arrays=arrays, force=kw["force"])
+        log.print(f"wrote /spectrum to {kw['output']}")
+    if kw["plot_path"]:
+        plot_density(dens, kw["plot_path"], title=f"Hessian spectral density ({result.num_probes} probes × {result.num_steps} steps)")
+        log.print(f"wrote {kw['plot_path']}")
+
+    if kw["as_json"]:
+        print_json({
+            **problem_json(loaded), "hvp_route": problem.hvp_route, "scale": dens.scale, "sigma": dens.sigma,
+            "floor": dens.floor, "coverage": dens.coverage, "grid": dens.grid, "density": dens.density,
+            "density_lower": dens.density_lower, "density_upper": dens.density_upper,
+            "nodes": result.nodes, "weights": result.weights, "residuals": result.residuals,
+            "quadratic_forms": result.quadratic_forms, "trace": result.trace, "trace_stderr": result.trace_stderr,
+            "node_min": result.lambda_min, "node_max": result.lambda_max, "num_probes": result.num_probes,
+            "num_steps": result.num_steps, "probe": result.probe, "num_hvps": result.num_matvecs,
+            "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "report": kw["output"], "plot": kw["plot_path"],
+        })
+    else:
+        analysis = {"attrs": attrs, "datasets": {"nodes": {"values": nodes.numpy()}, "weights": {"values": weights.numpy()}}}
+        console = stdout_console()
+        for table in summary_tables(analysis, loaded.record):
+            console.print(table)
+
+
+def _require_matplotlib() -> None:
+    from basins.errors import InputError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise InputError("--plot needs matplotlib, which is not installed: pip install 'basins[plot]'") from exc
+
+
+def plot_density(dens: Any, path: str, title: str = "") -> None:
+    """Draw a :class:`basins.slq.SpectralDensity` (mean and band) to an image file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = dens.grid.numpy()
+    ax.fill_between(x, dens.density_lower.numpy(), dens.density_upper.numpy(), alpha=0.3,
+                    label=f"{dens.coverage:.0%} band across probes")
+    ax.plot(x, dens.density.numpy(), lw=1.5, label="density")
+    ax.set_yscale("log")
+    top = float(dens.density_upper.max())
+    ax.set_ylim(max(top * 1e-8, 1e-300), top * 2)
+    ax.set_xlabel("log10 |λ|" if dens.scale == "log" else "λ")
+    ax.set_ylabel("density per decade" if dens.scale == "log" else "density")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sparkline(values: Any, width: int = 48) -> str:
+    """A one-line picture of non-negative ``values``: the maximum of each of ``width`` bins as ▁..█
+    (a space where a bin is below 1% of the peak)."""
+    v = np.nan_to_num(np.asarray(values, dtype=float), nan=0.0)
+    if v.size == 0 or float(v.max()) <= 0:
+        return " " * width
+    bins = np.array_split(v, min(width, v.size))
+    peaks = np.array([b.max() for b in bins]) / v.max()
+    return "".join(" " if p < 0.01 else _BLOCKS[min(len(_BLOCKS) - 1, int(p * len(_BLOCKS)))] for p in peaks)
+
+
+# ---------------------------------------------------------------------- summary renderers
+def _rules(analysis: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+    ds = analysis.get("datasets", {})
+    if "nodes" not in ds or "weights" not in ds:
+        return None
+    return np.asarray(ds["nodes"]["values"], dtype=float), np.asarray(ds["weights"]["values"], dtype=float)
+
+
+def _log_sparkline(analysis: dict[str, Any], width: int = 48) -> tuple[str, str] | None:
+    """The density over log10|λ|, re-smoothed from the stored nodes/weights: (line, axis label)."""
+    from basins.slq import spectral_density
+
+    rules = _rules(analysis)
+    if rules is None or not np.isfinite(rules[0]).any() or np.nanmax(np.abs(rules[0])) == 0:
+        return None
+    d = spectral_density(rules[0], rules[1], scale="log", num_points=4 * width)
+    lo, hi = float(d.grid[0]), float(d.grid[-1])
+    return sparkline(d.density.numpy(), width), f"|λ| from 1e{round(lo)} to 1e{round(hi)}"
+
+
+def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
+    """Rich table for a ``/spectrum`` group: cost, trace, node range, and a density sparkline."""
+    a = analysis.get("attrs", {})
+    t = Table(title="Hessian spectral density (SLQ)", show_header=False, title_justify="left")
+    t.add_column("quantity", style="bold")
+    t.add_column("value")
+    t.add_row("probes × steps", f"{a.get('num_probes')} × {a.get('num_steps')} ({a.get('probe', 'rademacher')})")
+    t.add_row("node range", f"[{fmt(a.get('node_min'))}, {fmt(a.get('node_max'))}] {EIGEN_UNITS}")
+    tr, se = a.get("trace"), a.get("trace_stderr")
+    t.add_row("trace ± s.e.", "-" if tr is None else (fmt(tr) + ("" if se is None or not math.isfinite(se) else f" ± {se:.2g}")))
+    line = _log_sparkline(analysis)
+    if line is not None:
+        t.add_row("density (log |λ|)", f"[{line[0]}] {line[1]}")
+    t.add_row("cost", f"{a.get('num_hvps')} HVPs, {fmt(a.get('wall_seconds'), 3)} s")
+    for name in ("seed", "scale", "sigma", "hvp_route"):
+        if a.get(name) is not None:
+            t.add_row(name, str(a[name]) if not isinstance(a[name], float) else fmt(a[name]))
+    if a.get("argv"):
+        t.add_row("argv", str(a["argv"]))
+    return [t]
+
+
+def summary_row(analysis: dict[str, Any]) -> dict[str, str]:
+    """One-row view of a ``/spectrum`` group: sparkline over log|λ|, trace, HVPs."""
+    a = analysis.get("attrs", {})
+    line = _log_sparkline(analysis, width=24)
+    row = {"density (log|λ|)": line[0] if line else "-"}
+    if a.get("trace") is not None:
+        row["SLQ trace"] = fmt(a["trace"], 4)
+    row["SLQ HVPs"] = str(a.get("num_hvps", "-"))
+    return row

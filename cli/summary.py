@@ -1,0 +1,316 @@
+"""``basins summary REPORT...``: show reports as rich tables, one JSON document, or CSV.
+
+Renderers: an analysis group ``/<name>`` is drawn by ``basins.cli.<name>.summary_tables``
+(one report) and ``summary_row`` (several reports) when that module exports them (``/walls``
+by ``basins.cli.volume``); any other group is drawn generically (attributes as key/value rows, datasets with shape, description
+and units).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import io
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+import click
+from rich.console import Console, RenderableType
+from rich.table import Table
+
+from .common import _set_debug, fmt, print_json, stderr_console, stdout_console
+
+_CSV_COLUMNS = ("report", "end", "index", "eigenvalue", "residual", "converged")
+
+
+@click.command()
+@click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON document: the whole report as an object; a list of them for several reports.")
+@click.option("--csv", "as_csv", is_flag=True,
+              help="The eigenvalue table of the /hessian groups as CSV (columns: " + ", ".join(_CSV_COLUMNS) + ").")
+@click.option("-q", "--quiet", is_flag=True, help="No notes on stderr.")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+              help="Show a traceback on errors.")
+def summary(reports: tuple[str, ...], as_json: bool, as_csv: bool, quiet: bool) -> None:
+    """Show what REPORT(s) hold: the problem, then each analysis with its error bars and cost.
+
+    With one report: a problem table, then tables for each analysis. With several: one
+    table, one row per report (model, P, n, L(θ*), ‖∇L‖, λ_max, trace, ...), so a loop over
+    checkpoints ends with one comparison.
+
+    \b
+    Machine formats (same on a terminal or a pipe):
+      --json   one report: an object {path, attrs, problem, analyses: {name: {attrs,
+               datasets: {name: {values, shape, dtype, description, units}}, groups}}};
+               several reports: a JSON list of such objects, in the order given.
+               Arrays are lists; NaN/inf are null.
+      --csv    the eigenvalue table, one row per eigenvalue of every report's /hessian
+               group: report, end (top|bottom), index (1 = most extreme), eigenvalue,
+               residual, converged.
+
+    \b
+    Examples:
+      basins summary report.h5
+      basins summary runs/*.h5
+      basins summary report.h5 --json | jq '.analyses.hessian.attrs.lambda_max'
+    """
+    from basins.errors import InputError
+    from basins.report import read_report
+
+    if as_json and as_csv:
+        raise click.UsageError("--json and --csv are exclusive: pick one")
+    log = stderr_console(quiet)
+    data = [read_report(path) for path in reports]
+    if as_json:
+        docs = [_json_report(d) for d in data]
+        print_json(docs[0] if len(docs) == 1 else docs)
+    elif as_csv:
+        rows = _csv(data, log)
+        if not rows:
+            raise InputError(
+                f"no /hessian group in {', '.join(reports)}: --csv writes the eigenvalue table; "
+                "run `basins hessian MODEL -o REPORT` first, or use --json"
+            )
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(_CSV_COLUMNS), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        click.echo(buf.getvalue(), nl=False)
+    else:
+        _print(_report_tables(data[0], log) if len(data) == 1 else [_rows_table(data, log)])
+
+
+def _print(items: list[RenderableType]) -> None:
+    """Print on stdout; in a pipe, wide enough that no table wraps (a pipe has no width)."""
+    console = stdout_console()
+    if not console.is_terminal:
+        wide = console.options.update_width(1000)
+        widest = max((console.measure(item, options=wide).maximum for item in items), default=0)
+        console = Console(file=console.file, highlight=False, soft_wrap=False, width=min(max(120, widest), 1000))
+    for item in items:
+        console.print(item)
+
+
+# ---------------------------------------------------------------------- JSON
+def _plain(value: Any) -> Any:
+    """Numpy/bytes to JSON-ready Python (non-finite floats are made null by print_json)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if hasattr(value, "dtype") and hasattr(value, "tolist"):
+        if value.dtype.kind in "SO":
+            return _plain(value.tolist())
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _json_group(g: dict[str, Any]) -> dict[str, Any]:
+    datasets = {}
+    for name, ds in g.get("datasets", {}).items():
+        v = ds["values"]
+        datasets[name] = {"values": _plain(v), "shape": list(getattr(v, "shape", ())),
+                          "dtype": str(getattr(v, "dtype", type(v).__name__)),
+                          "description": ds.get("description"), "units": ds.get("units")}
+    return {"attrs": _plain(g.get("attrs", {})), "datasets": datasets,
+            "groups": {k: _json_group(v) for k, v in g.get("groups", {}).items()}}
+
+
+def _json_report(d: dict[str, Any]) -> dict[str, Any]:
+    return {"path": d["path"], "attrs": _plain(d["attrs"]), "problem": _plain(d["problem"]),
+            "analyses": {name: _json_group(g) for name, g in d["analyses"].items()}}
+
+
+# ---------------------------------------------------------------------- renderer lookup
+#: groups written by a command of another name: ``/walls`` comes from ``basins volume --walls``.
+RENDERER_MODULES = {"walls": "volume"}
+
+
+def _renderer(group: str, attr: str, log: Console) -> Callable[..., Any] | None:
+    """``basins.cli.<group>.<attr>`` (or the module :data:`RENDERER_MODULES` names) if it exists
+    and exports ``attr``; else None (the group is drawn generically)."""
+    name = group if group.isidentifier() else ""
+    if name in ("summary", "common", "main", ""):
+        return None
+    try:
+        module = importlib.import_module(f"{__package__}.{name}")
+    except ImportError:
+        if group not in RENDERER_MODULES:
+            return None
+        try:
+            module = importlib.import_module(f"{__package__}.{RENDERER_MODULES[group]}")
+        except ImportError:
+            return None
+    except Exception as exc:  # a broken renderer module must not hide the report
+        log.print(f"[yellow]note:[/] cannot import basins.cli.{group} ({type(exc).__name__}: {exc}); "
+                  f"showing /{group} generically")
+        return None
+    fn = getattr(module, attr, None)
+    return fn if callable(fn) else None
+
+
+def _call(fn: Callable[..., Any] | None, group: str, log: Console, *args: Any) -> Any:
+    if fn is None:
+        return None
+    try:
+        return fn(*args)
+    except Exception as exc:
+        if click.get_current_context().meta.get("basins.debug"):
+            raise
+        log.print(f"[yellow]note:[/] basins.cli.{group}.{fn.__name__} failed ({type(exc).__name__}: {exc}); "
+                  f"showing /{group} generically")
+        return None
+
+
+# ---------------------------------------------------------------------- one report
+def _value(v: Any, width: int = 80) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return fmt(v) if math.isfinite(v) else str(v)
+    if isinstance(v, (list, tuple)):
+        if len(v) <= 8 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+            return "[" + ", ".join(_value(x) for x in v) + "]"
+        text = json.dumps(_plain(v), default=str)
+        return text if len(text) <= width else f"[{len(v)} items]"
+    if isinstance(v, dict):
+        text = json.dumps(_plain(v), default=str)
+        return text if len(text) <= width else f"{{{len(v)} keys}}"
+    return str(v)
+
+
+def _short_hash(h: Any) -> str:
+    return str(h)[:12] if h else "-"
+
+
+def problem_table(d: dict[str, Any]) -> Table:
+    """Key/value table of a report's /problem group and file attributes."""
+    p, a = d["problem"], d["attrs"]
+    t = Table(title=f"{d['path']}: problem", show_header=False, title_justify="left")
+    t.add_column("quantity", style="bold")
+    t.add_column("value")
+    rows = [
+        ("model", p.get("model")), ("model sha256", _short_hash(p.get("model_sha256"))),
+        ("data", p.get("data")), ("data sha256", _short_hash(p.get("data_sha256"))),
+        ("P (parameters)", f"{p['num_params']:,}" if isinstance(p.get("num_params"), int) else p.get("num_params")),
+        ("n (examples)", f"{p['num_examples']:,}" if isinstance(p.get("num_examples"), int) else p.get("num_examples")),
+        ("loss", p.get("loss")), ("L(θ*)", p.get("loss_at_optimum")), ("‖∇L(θ*)‖", p.get("grad_norm")),
+        ("dtype", p.get("dtype")), ("device", p.get("device")), ("seed", p.get("seed")),
+    ]
+    if p.get("max_samples") is not None:
+        rows.append(("max samples", p.get("max_samples")))
+    rows += [("basins", a.get("basins_version")), ("written", a.get("modified") or a.get("created"))]
+    for k, v in rows:
+        t.add_row(k, _value(v))
+    return t
+
+
+def generic_tables(name: str, g: dict[str, Any]) -> list[RenderableType]:
+    """Any analysis group: its attributes as key/value rows, its datasets with shape/description/units."""
+    out: list[RenderableType] = []
+    attrs = Table(title=f"/{name}", show_header=False, title_justify="left")
+    attrs.add_column("attribute", style="bold")
+    attrs.add_column("value")
+    for k, v in g.get("attrs", {}).items():
+        attrs.add_row(k, _value(v))
+    out.append(attrs)
+    if g.get("datasets"):
+        ds = Table(title=f"/{name} datasets", title_justify="left")
+        for col in ("name", "shape", "dtype", "description", "units"):
+            ds.add_column(col)
+        for dname, item in g["datasets"].items():
+            v = item["values"]
+            shape = "×".join(map(str, getattr(v, "shape", ()))) or "scalar"
+            ds.add_row(dname, shape, str(getattr(v, "dtype", "")), item.get("description") or "",
+                       item.get("units") or "-")
+        out.append(ds)
+    for sub, sg in g.get("groups", {}).items():
+        out += generic_tables(f"{name}/{sub}", sg)
+    return out
+
+
+def _report_tables(d: dict[str, Any], log: Console) -> list[RenderableType]:
+    items: list[RenderableType] = [problem_table(d)]
+    if not d["analyses"]:
+        log.print(f"note: {d['path']} holds no analyses yet")
+    for name, g in d["analyses"].items():
+        tables = _call(_renderer(name, "summary_tables", log), name, log, g, d["problem"])
+        items += list(tables) if tables is not None else generic_tables(name, g)
+    return items
+
+
+# ---------------------------------------------------------------------- several reports
+def _generic_row(name: str, g: dict[str, Any]) -> dict[str, str]:
+    a = g.get("attrs", {})
+    for key, unit in (("num_hvps", "HVPs"), ("num_loss_evals", "loss evals")):
+        if isinstance(a.get(key), int) and not isinstance(a.get(key), bool):
+            return {"": f"{a[key]} {unit}"}
+    return {"": "✓"}
+
+
+def _rows_table(data: list[dict[str, Any]], log: Console) -> Table:
+    base = []
+    analysis_cells: list[dict[tuple[str, str], str]] = []
+    for d in data:
+        p = d["problem"]
+        base.append({
+            "report": d["path"], "model": str(p.get("model", "-")),
+            "P": f"{p['num_params']:,}" if isinstance(p.get("num_params"), int) else "-",
+            "n": f"{p['num_examples']:,}" if isinstance(p.get("num_examples"), int) else "-",
+            "loss": str(p.get("loss", "-")), "L(θ*)": _value(p.get("loss_at_optimum")),
+            "‖∇L‖": fmt(p["grad_norm"], 3) if isinstance(p.get("grad_norm"), float) else "-",
+        })
+        cells: dict[tuple[str, str], str] = {}
+        for name, g in d["analyses"].items():
+            row = _call(_renderer(name, "summary_row", log), name, log, g)
+            for k, v in (row if isinstance(row, dict) else _generic_row(name, g)).items():
+                cells[(name, str(k))] = str(v)
+        analysis_cells.append(cells)
+    keys: list[tuple[str, str]] = []
+    for cells in analysis_cells:
+        keys += [k for k in cells if k not in keys]
+    owners: dict[str, set[str]] = {}
+    for group, k in keys:
+        owners.setdefault(k, set()).add(group)
+    label = {(g, k): (k if k and len(owners[k]) == 1 else f"{g} {k}".strip()) for g, k in keys}
+    t = Table(title="reports", title_justify="left")
+    for col in base[0]:
+        t.add_column(col, justify="right" if col in ("P", "n", "L(θ*)", "‖∇L‖") else "left")
+    for k in keys:
+        t.add_column(label[k], justify="right")
+    for b, cells in zip(base, analysis_cells):
+        t.add_row(*b.values(), *(cells.get(k, "-") for k in keys))
+    return t
+
+
+# ---------------------------------------------------------------------- CSV
+def _csv(data: list[dict[str, Any]], log: Console) -> list[dict[str, Any]]:
+    rows_fn = _renderer("hessian", "csv_rows", log)
+    if rows_fn is None:
+        return []
+    rows = []
+    for d in data:
+        g = d["analyses"].get("hessian")
+        if g is None:
+            log.print(f"note: {d['path']} has no /hessian group; no CSV rows from it")
+            continue
+        for r in rows_fn(g):
+            rows.append({"report": d["path"], **{k: _csv_cell(r.get(k)) for k in _CSV_COLUMNS[1:]}})
+    return rows
+
+
+def _csv_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v) if math.isfinite(v) else ""
+    return str(v)

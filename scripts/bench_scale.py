@@ -1,0 +1,181 @@
+"""Scaling of the Hessian-vector product: 1 vs 2 processes (torchrun, gloo) on CPU, and GPU vs CPU.
+
+Usage::
+
+    python scripts/bench_scale.py                 # MLP 784-1024-256-10 (P = 1,068,810), n = 4096
+    python scripts/bench_scale.py --quick         # smaller, for a smoke run
+    python scripts/bench_scale.py --hvp graph     # force one HVP route everywhere
+
+Every configuration runs in a fresh process (``--worker``), so threads and memory do not
+leak between them:
+
+* ``1 proc × T threads``: one process, torch's default thread count (all cores);
+* ``1 proc × 1 thread``: the same with one thread (the per-rank setting under torchrun);
+* ``torchrun K × 1 thread``: K ranks, each holding n/K examples, HVPs all-reduced (gloo);
+* ``cuda``: one process on the GPU (only when ``torch.cuda.is_available()``).
+
+It prints, per configuration, seconds per HVP and per full-data gradient (median of
+``--repeats``, the HVP route the engine chose), then the ratios: HVP throughput of K
+processes vs one, GPU vs CPU, and HVP / gradient. Timings are noisy on a shared machine;
+compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+MARK = "BENCH_SCALE "
+
+
+# ---------------------------------------------------------------------- worker (one configuration)
+def _median(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    fn()  # warm-up
+    sync()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    from torch import nn
+
+    from basins import Problem
+    from basins import distributed as dist
+
+    device = args.device
+    if device == "cuda" and dist.launched():
+        device = f"cuda:{dist.env_local_rank()}"
+    ctx = dist.init_from_env(device)
+    torch.manual_seed(0)
+    widths = [int(w) for w in args.widths.split(",")]
+    layers: list[nn.Module] = []
+    for a, b in zip([784, *widths], widths):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    model = nn.Sequential(*layers, nn.Linear(widths[-1], 10))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.n, 784, generator=g)
+    y = torch.randint(0, 10, (args.n,), generator=g)
+    if ctx is not None:
+        s, e = dist.shard_range(args.n, ctx.world_size, ctx.rank)
+        x, y = x[s:e], y[s:e]
+    t0 = time.perf_counter()
+    p = Problem(model, x, y, "cross-entropy", device=device, dtype=args.dtype, hvp_route=args.hvp,
+                total_examples=args.n, reduce=dist.reducer(), gather=dist.all_gather_object if ctx else None)
+    setup = time.perf_counter() - t0
+    v = torch.randn(p.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def sync() -> None:
+        if p.device.type == "cuda":
+            torch.cuda.synchronize(p.device)
+        dist.barrier()
+
+    hvp_s = _median(lambda: p.hvp(v), args.repeats, sync)
+    grad_s = _median(lambda: p.grad(), args.repeats, sync)
+    w = torch.zeros(p.num_params, dtype=p.dtype, device=p.device)
+    reduce_s = _median(lambda: dist.all_reduce_sum(w), args.repeats, sync) if ctx is not None else 0.0
+    if dist.is_main_process():
+        print(MARK + json.dumps({
+            "num_params": p.num_params, "n": p.num_examples, "world_size": dist.world_size(),
+            "threads": torch.get_num_threads(), "device": str(p.device), "dtype": str(p.dtype),
+            "route": p.hvp_route, "hvp_s": hvp_s, "grad_s": grad_s, "allreduce_s": reduce_s, "setup_s": setup,
+        }), flush=True)
+    dist.teardown()
+
+
+# ---------------------------------------------------------------------- driver
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run(cmd: list[str], env: dict[str, str], label: str) -> dict[str, Any] | None:
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(MARK)]
+    if r.returncode != 0 or not lines:
+        print(f"{label}: failed ({r.returncode})\n{r.stderr[-2000:]}", file=sys.stderr)
+        return None
+    out: dict[str, Any] = json.loads(lines[-1][len(MARK):])
+    out["label"], out["wall_s"] = label, time.perf_counter() - t0
+    print(f"  {label}: {out['hvp_s']:.4f} s/HVP, {out['grad_s']:.4f} s/grad ({out['route']})", file=sys.stderr)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-examples", dest="n", type=int, default=4096, help="examples (synthetic, seeded)")
+    ap.add_argument("--widths", default="1024,256", help="hidden widths of the 784-…-10 MLP")
+    ap.add_argument("--nproc", type=int, default=2, help="processes for the torchrun configuration")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--hvp", default="auto", choices=["auto", "graph", "fwd-rev", "rev-rev"])
+    ap.add_argument("--quick", action="store_true", help="n = 1024, widths 256,64, 3 repeats")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.quick:
+        args.n, args.widths, args.repeats = 1024, "256,64", 3
+    if args.worker:
+        worker(args)
+        return
+
+    import torch
+
+    base = [sys.executable, os.path.abspath(__file__), "--worker", "--num-examples", str(args.n), "--widths", args.widths,
+            "--repeats", str(args.repeats), "--dtype", args.dtype, "--hvp", args.hvp]
+    clean = {k: v for k, v in os.environ.items()
+             if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")}
+    cores = os.cpu_count() or 1
+    print(f"bench_scale: MLP 784-{args.widths.replace(',', '-')}-10, n = {args.n}, {args.dtype}, "
+          f"{cores} cores, torch {torch.__version__}", file=sys.stderr)
+    runs: dict[str, dict[str, Any] | None] = {}
+    runs["1proc"] = _run(base + ["--device", "cpu"], clean, f"1 proc × {cores} threads")
+    runs["1proc1t"] = _run(base + ["--device", "cpu"], {**clean, "OMP_NUM_THREADS": "1"}, "1 proc × 1 thread")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(args.nproc),
+                "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+    runs["dist"] = _run(launcher + base[1:] + ["--device", "cpu"], {**clean, "OMP_NUM_THREADS": "1"},
+                        f"torchrun {args.nproc} × 1 thread (gloo)")
+    if torch.cuda.is_available():
+        runs["cuda"] = _run(base + ["--device", "cuda"], clean, "1 proc, cuda")
+
+    ok = {k: v for k, v in runs.items() if v is not None}
+    if not ok:
+        raise SystemExit("every configuration failed")
+    any_run = next(iter(ok.values()))
+    print(f"\nP = {any_run['num_params']:,}, n = {any_run['n']:,}, {args.dtype}\n")
+    print("| configuration | route | s / HVP | s / gradient | HVP / gradient | s / all-reduce of P |")
+    print("|---|---|---|---|---|---|")
+    for r in ok.values():
+        print(f"| {r['label']} | {r['route']} | {r['hvp_s']:.4f} | {r['grad_s']:.4f} | "
+              f"{r['hvp_s'] / r['grad_s']:.2f}× | {r['allreduce_s']:.4f} |")
+    print()
+    if "1proc" in ok and "dist" in ok:
+        print(f"HVP throughput, torchrun {args.nproc} procs vs 1 proc × {cores} threads: "
+              f"{ok['1proc']['hvp_s'] / ok['dist']['hvp_s']:.2f}×")
+    if "1proc1t" in ok and "dist" in ok:
+        print(f"HVP throughput, torchrun {args.nproc} procs vs 1 proc × 1 thread: "
+              f"{ok['1proc1t']['hvp_s'] / ok['dist']['hvp_s']:.2f}× (ideal {args.nproc}×)")
+    if "cuda" in ok and "1proc" in ok:
+        print(f"HVP time, GPU vs CPU (1 proc × {cores} threads): {ok['1proc']['hvp_s'] / ok['cuda']['hvp_s']:.1f}× faster "
+              f"on GPU; HVP / gradient on GPU: {ok['cuda']['hvp_s'] / ok['cuda']['grad_s']:.2f}×")
+    elif "cuda" not in ok:
+        print("GPU: not available here (torch.cuda.is_available() is False); rerun on a machine with CUDA")
+
+
+if __name__ == "__main__":
+    main()
