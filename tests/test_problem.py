@@ -238,7 +238,9 @@ def test_input_errors_name_the_problem() -> None:
     with pytest.raises(InputError, match=r"rejected inputs of shape \(batch, 5\)"):
         Problem(model, torch.randn(23, 5, dtype=torch.float64), y, "mse")
     with pytest.raises(InputError, match="needs integer class indices"):
-        Problem(model, x, y, "cross-entropy")
+        Problem(model, x, y[:, 0], "cross-entropy")
+    with pytest.raises(InputError, match="needs class probabilities"):
+        Problem(model, x, y, "cross-entropy")  # float targets of the outputs' shape, not probabilities
     with pytest.raises(InputError, match="targets of the outputs' shape"):
         Problem(model, x, torch.randn(23, 3, dtype=torch.float64), "mse")
     with pytest.raises(InputError, match="23 examples but targets hold 22"):
@@ -256,3 +258,11 @@ def test_loss_is_inferred_from_targets() -> None:
     assert Problem(model, x, y).loss_name == "mse"
     cnn, cx, cy, _ = cnn_bn_classification()
     assert Problem(cnn, cx, cy).loss_name == "cross-entropy"
+
+
+def test_soft_label_cross_entropy_matches_torch() -> None:
+    model, x, _, _ = tanh_regression()
+    probs = torch.softmax(torch.randn(23, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64), 1)
+    problem = Problem(model, x, probs, "cross-entropy", dtype="float64")
+    expected = torch.nn.functional.cross_entropy(model.eval()(x), probs).item()
+    assert problem.loss_at_optimum == pytest.approx(expected, rel=1e-12)
