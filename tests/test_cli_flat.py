@@ -12,10 +12,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from basins.cli.main import main
 from click.testing import CliRunner
 from torch import nn
 from torch.func import functional_call, jacrev
+
+from basins.cli.main import main
 
 
 @pytest.fixture(autouse=True, scope="module")

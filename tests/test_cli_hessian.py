@@ -16,11 +16,11 @@ import threading
 import numpy as np
 import pytest
 import torch
-from basins.cli.main import main
 from click.testing import CliRunner
 from torch import nn
 from torch.func import functional_call
 
+from basins.cli.main import main
 from basins.report import read_report
 
 TOP_RTOL = 1e-6  # top-k: relative error against eigvalsh

@@ -9,10 +9,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from basins.cli.main import main
 from click.testing import CliRunner
 from torch import nn
 
+from basins.cli.main import main
 from basins.report import read_report
 from basins.volume import log_ball_volume
 

@@ -435,8 +435,9 @@ def _cli_commands(files: dict[str, str]) -> list[list[str]]:
 
 
 def _one_process(args: list[str]) -> dict[str, Any]:
-    from basins.cli.main import main
     from click.testing import CliRunner
+
+    from basins.cli.main import main
 
     with _one_thread():
         r = CliRunner().invoke(main, args)

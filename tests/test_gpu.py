@@ -102,8 +102,9 @@ def test_auto_device_is_cuda_and_problem_lives_there() -> None:
 
 @needs_cuda
 def test_cli_hessian_cpu_vs_cuda(tmp_path: Path) -> None:
-    from basins.cli.main import main
     from click.testing import CliRunner
+
+    from basins.cli.main import main
 
     sys.path.insert(0, str(Path(__file__).parent))
     import test_distributed as td

@@ -16,9 +16,9 @@ import types
 import h5py
 import numpy as np
 import pytest
-from basins.cli.main import main
 from click.testing import CliRunner
 
+from basins.cli.main import main
 from basins.report import Array, write_analysis
 
 UNITS = "loss / parameter²"
