@@ -16,6 +16,7 @@ from rich.table import Table
 from .common import (
     Timer,
     argv,
+    check_report_writable,
     fmt,
     load_problem,
     output_options,
@@ -63,7 +64,6 @@ def features(**kw: Any) -> None:
     """
     from basins.features import feature_gram
     from basins.nullity import DEFAULT_RTOLS
-    from basins.report import check_writable
 
     log = stderr_console(kw["quiet"])
     rtols = tuple(kw["rtols"]) or DEFAULT_RTOLS
@@ -71,7 +71,7 @@ def features(**kw: Any) -> None:
         loaded = load_problem(kw, log)
     problem = loaded.problem
     if kw["output"]:
-        check_writable(kw["output"], loaded.record, force=kw["force"])
+        check_report_writable(kw["output"], loaded.record, force=kw["force"])
     with Timer() as t, progress_bar(log, "feature Gram", total=problem.num_examples, unit="") as update:
         fg = feature_gram(problem, route=kw["route"], top_vectors=kw["top_vectors"], gn_probes=kw["gn_probes"],
                           seed=loaded.seed, callback=lambda p: update(p.done, total=p.total, info=f"{p.phase} {p.unit}".strip()))

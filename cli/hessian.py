@@ -16,6 +16,7 @@ from rich.table import Table
 from .common import (
     Timer,
     argv,
+    check_report_writable,
     fmt,
     load_problem,
     output_options,
@@ -74,14 +75,13 @@ def hessian(**kw: Any) -> None:
       basins hessian model.pt --json --dtype float64 --tol 1e-10 | jq .eigenvalues
     """
     from basins.hessian import hessian_eigenvalues
-    from basins.report import check_writable
 
     log = stderr_console(kw["quiet"])
     with Timer() as setup:
         loaded = load_problem(kw, log)
     problem = loaded.problem
     if kw["output"]:
-        check_writable(kw["output"], loaded.record, force=kw["force"])  # fail before the work, not after
+        check_report_writable(kw["output"], loaded.record, force=kw["force"])  # fail before the work, not after
     if kw["eigenvectors"] and not kw["output"]:
         log.print("[yellow]note:[/] eigenvectors are stored only in a report: add -o report.h5")
     k = kw["top_k"]

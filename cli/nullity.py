@@ -16,6 +16,7 @@ from rich.table import Table
 from .common import (
     Timer,
     argv,
+    check_report_writable,
     fmt,
     load_problem,
     output_options,
@@ -62,7 +63,6 @@ def nullity(**kw: Any) -> None:
     """
     from basins.nullity import DEFAULT_RTOLS
     from basins.nullity import nullity as count_nullity
-    from basins.report import check_writable
 
     log = stderr_console(kw["quiet"])
     rtols = tuple(kw["rtols"]) or DEFAULT_RTOLS
@@ -70,7 +70,7 @@ def nullity(**kw: Any) -> None:
         loaded = load_problem(kw, log)
     problem = loaded.problem
     if kw["output"]:
-        check_writable(kw["output"], loaded.record, force=kw["force"])
+        check_report_writable(kw["output"], loaded.record, force=kw["force"])
 
     with Timer() as t, progress_bar(log, f"nullity ({kw['method']})", total=None, unit="") as update:
         result = count_nullity(

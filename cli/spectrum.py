@@ -19,7 +19,9 @@ from rich.table import Table
 from .common import (
     Timer,
     argv,
+    check_report_writable,
     fmt,
+    is_main_process,
     load_problem,
     output_options,
     print_json,
@@ -64,7 +66,6 @@ def spectrum(**kw: Any) -> None:
       basins spectrum model.pt --scale log --plot spectrum.png -o report.h5
       basins spectrum model.pt --json | jq .num_hvps
     """
-    from basins.report import check_writable
     from basins.slq import hessian_slq, spectral_density
 
     if kw["plot_path"]:
@@ -74,7 +75,7 @@ def spectrum(**kw: Any) -> None:
         loaded = load_problem(kw, log)
     problem = loaded.problem
     if kw["output"]:
-        check_writable(kw["output"], loaded.record, force=kw["force"])
+        check_report_writable(kw["output"], loaded.record, force=kw["force"])
     total = kw["probes"] * min(kw["steps"], problem.num_params)
     with Timer() as t, progress_bar(log, f"SLQ ({kw['probes']} probes)", total=total) as update:
         result = hessian_slq(
@@ -111,7 +112,7 @@ def spectrum(**kw: Any) -> None:
         }
         write_report(kw["output"], loaded.record, "spectrum", attrs=attrs, arrays=arrays, force=kw["force"])
         log.print(f"wrote /spectrum to {kw['output']}")
-    if kw["plot_path"]:
+    if kw["plot_path"] and is_main_process():
         plot_density(dens, kw["plot_path"], title=f"Hessian spectral density ({result.num_probes} probes × {result.num_steps} steps)")
         log.print(f"wrote {kw['plot_path']}")
 

@@ -17,7 +17,9 @@ from rich.table import Table
 from .common import (
     Timer,
     argv,
+    check_report_writable,
     fmt,
+    is_main_process,
     jsonable,
     load_problem,
     output_options,
@@ -83,7 +85,6 @@ def volume(**kw: Any) -> None:
       basins volume model.pt --epsilon 0.01 --family top --family floor --json | jq .families
     """
     from basins.probing import DEFAULT_EPSILONS, probe_problem
-    from basins.report import check_writable
 
     log = stderr_console(kw["quiet"])
     if kw["plot"]:
@@ -96,7 +97,7 @@ def volume(**kw: Any) -> None:
         loaded = load_problem(kw, log)
     problem = loaded.problem
     if kw["output"]:
-        check_writable(kw["output"], loaded.record, force=kw["force"])
+        check_report_writable(kw["output"], loaded.record, force=kw["force"])
     num_pairs = (kw["samples"] + 1) // 2
     if kw["samples"] % 2:
         log.print(f"note: {kw['samples']} rays rounded up to {2 * num_pairs} (antithetic pairs ±u)")
@@ -140,7 +141,7 @@ def volume(**kw: Any) -> None:
     if kw["output"]:
         _write(kw["output"], loaded.record, result, out, settings, t.seconds, setup.seconds, kw["force"])
         log.print(f"wrote /volume{' and /walls' if kw['walls'] else ''} to {kw['output']}")
-    if kw["plot"]:
+    if kw["plot"] and is_main_process():
         plot_walls(kw["plot"], result)
         log.print(f"wrote {kw['plot']}")
     if kw["as_json"]:

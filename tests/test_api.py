@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ def test_readme_api_on_a_bundle(model_files) -> None:  # type: ignore[no-untyped
     problem = basins.Problem(bundle.model.module, bundle.data.inputs, bundle.data.targets, bundle.loss,
                              fixed_batch_size=bundle.model.fixed_batch_size, dtype="float64")
     assert problem.num_params == 67 and problem.num_examples == 20
-    reference = torch.nn.functional.cross_entropy(model_files.module.double()(model_files.inputs.double()),
+    reference = torch.nn.functional.cross_entropy(copy.deepcopy(model_files.module).double()(model_files.inputs.double()),
                                                   model_files.targets).item()
     assert problem.loss_at_optimum == pytest.approx(reference, rel=1e-10)
 
