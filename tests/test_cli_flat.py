@@ -19,15 +19,6 @@ from torch.func import functional_call, jacrev
 from basins.cli.main import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """A zero-residual regression with a hidden linear layer (P = 38, n·k = 12) and a small classifier."""

@@ -27,13 +27,6 @@ TOP_RTOL = 1e-6  # top-k: relative error against eigvalsh
 BOTTOM_ATOL = 1e-6  # bottom-k: absolute error, in units of λ_max
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny problems: one intra-op thread (on a loaded 2-core machine, 2 threads run ~10-100× slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> torch.Tensor:

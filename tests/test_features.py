@@ -13,13 +13,6 @@ from basins.features import feature_gram
 TOL = 1e-8  # × λ_max, float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def mlp(d: int, h: int, k: int, seed: int = 0, act: type[nn.Module] = nn.Tanh) -> nn.Module:

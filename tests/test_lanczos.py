@@ -19,13 +19,6 @@ REL = 1e-6  # eigenvalue accuracy asked of a run with tol=1e-8
 ROUNDING = 1e-11  # below this relative residual, rounding in H y - θ y dominates the comparison
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Dense references (QR, eigvalsh) on one thread: threaded LAPACK stalls on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def spectrum(kind: str, P: int, seed: int) -> torch.Tensor:

@@ -15,13 +15,6 @@ from basins.slq import SLQResult, hessian_slq, slq, spectral_density, student_t_
 F64_EPS = torch.finfo(torch.float64).eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread avoids OpenMP oversubscription on a shared 2-core machine (50× slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

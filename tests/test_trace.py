@@ -16,13 +16,6 @@ METHODS = {"hutchinson": hutchinson, "hutch++": hutchpp}
 SEEDS = 50
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small dense products on one thread: threaded BLAS stalls on a busy 2-core box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def matrix(kind: str, P: int = 120) -> tuple[torch.Tensor, float]:
