@@ -223,7 +223,7 @@ def feature_gram(
     Raises:
         InputError: bad options; K (or G) would not fit ``memory_bytes`` (use ``--method
             slq`` or ``--max-samples``); a loss that is not a mean of per-example terms;
-            sharded data.
+            route ``gram`` or ``top_vectors`` with data split across processes.
     """
     if route not in FEATURE_ROUTES:
         raise InputError(f"unknown features route {route!r}: use one of {', '.join(FEATURE_ROUTES)}")
@@ -231,8 +231,15 @@ def feature_gram(
         raise InputError(f"unknown Jacobian mode {jacobian!r}: use one of {', '.join(JACOBIAN_MODES)}")
     if top_vectors < 0 or gn_probes < 0:
         raise InputError("top_vectors and gn_probes must be ≥ 0")
-    if getattr(problem, "num_local_examples", problem.num_examples) != problem.num_examples:
-        raise InputError("the feature Gram matrix needs all the data in one process; run it without torchrun")
+    sharded = getattr(problem, "num_local_examples", problem.num_examples) != problem.num_examples
+    if sharded:
+        # data split across processes (torchrun): each process sums its rows into G = JᵀH_ℓJ,
+        # then G is all-reduced; the (n·k)² Gram matrix and per-example loadings would need every row
+        if route == "gram" or top_vectors:
+            raise InputError("with data split across processes (torchrun) the features route is 'outer' and "
+                             "per-example loadings (--top) are not available; drop --route gram / --top, or run "
+                             "in one process")
+        route = "outer"
     P, n = int(problem.num_params), int(problem.num_examples)
     k = outputs_per_example(problem)
     M = n * k
@@ -267,6 +274,9 @@ def feature_gram(
             G.addmm_(rows.T, rows)
         num_vjps += rows.shape[0]
 
+    if G is not None and sharded:
+        G = problem._reduce(G)  # sum of the processes' parts: identical on every rank
+        num_vjps = int(problem._reduce(torch.tensor(float(num_vjps), dtype=torch.float64, device=G.device)).item())
     report("eigh", 0, None, "")
     eigenvectors = None
     if Jh is not None:

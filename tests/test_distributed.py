@@ -329,7 +329,7 @@ def two_process_run(tmp_path_factory: pytest.TempPathFactory, cli_files: dict[st
     Launches are the slow part (three interpreters importing torch), so the tests share this one.
     """
     out = tmp_path_factory.mktemp("two-procs")
-    commands = _cli_commands(cli_files) if cli_files is not None and _cli_available("nullity", "volume", "spectrum") else []
+    commands = _cli_commands(cli_files) if cli_files is not None and _cli_available("nullity", "volume", "spectrum", "features") else []
     r = torchrun([str(HERE), "all", str(out), *map(json.dumps, commands)])
     _assert_ok(r)
     return out, commands
@@ -431,6 +431,8 @@ def _cli_commands(files: dict[str, str]) -> list[list[str]]:
          *COMMON],
         ["volume", files["model"], "--data", files["data"], "--samples", "12", "--epsilon", "1e-3",
          "--epsilon", "1e-2", "--seed", "3", *COMMON],
+        # under torchrun G = JᵀH_ℓJ is summed per process and all-reduced: the 'outer' route
+        ["features", files["model"], "--data", files["data"], "--route", "outer", *COMMON],
     ]
 
 
@@ -496,7 +498,7 @@ def test_cli_hessian_under_torchrun_equals_one_process(files: dict[str, str], tm
 def test_cli_nullity_exact_volume_spectrum_under_torchrun_equal_one_process(
         two_process_run: tuple[Path, list[list[str]]]) -> None:
     """The shared launch ran the three commands in turn (the process group joined once, then reused)."""
-    _needs_cli("nullity", "volume", "spectrum")
+    _needs_cli("nullity", "volume", "spectrum", "features")
     out, commands = two_process_run
     assert commands
     for i, args in enumerate(commands):

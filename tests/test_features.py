@@ -151,3 +151,15 @@ def test_bad_options():
         feature_gram(p, route="diagonal")
     with pytest.raises(InputError, match="Jacobian mode"):
         feature_gram(p, jacobian="forward")
+
+
+def test_sharded_data_needs_the_outer_route_and_no_loadings() -> None:
+    """Under torchrun each process holds a shard: only G = JᵀH_ℓJ (all-reduced) can be formed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
+    shard = Problem(model, x[:6], y[:6], "mse", total_examples=10, reduce=lambda t: t, check_determinism=False)
+    for kwargs in ({"route": "gram"}, {"top_vectors": 2}):
+        with pytest.raises(InputError, match="split across processes"):
+            feature_gram(shard, **kwargs)
+    assert feature_gram(shard, gn_probes=0).num_examples == 10
