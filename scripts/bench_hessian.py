@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _bench import median_seconds  # scripts/ is on sys.path when run as a script
 from torch import nn
 
 from basins import Problem
@@ -234,21 +235,12 @@ def hvp_ratios(case: Case, dtype: torch.dtype, repeats: int) -> list[tuple[str, 
     """(route, seconds per gradient, seconds per HVP) for each route; the auto choice is marked."""
     problem = make_problem(case, dtype)
 
-    def median(fn: Callable[[], object]) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    t_grad = median(problem.grad)
+    t_grad = median_seconds(problem.grad, repeats)
     v = torch.randn(problem.num_params, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(dtype)
     out = []
     for route in ("graph", "fwd-rev", "rev-rev"):
         try:
-            t_hvp = median(functools.partial(problem.hvp_with_route, v, route))
+            t_hvp = median_seconds(functools.partial(problem.hvp_with_route, v, route), repeats)
         except Exception as exc:  # noqa: BLE001 - a route that does not work for this model
             out.append((f"{route}: failed ({type(exc).__name__})", t_grad, float("nan")))
             continue

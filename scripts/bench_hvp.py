@@ -14,36 +14,12 @@ compare ratios within one run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import tempfile
-import time
-from collections.abc import Callable
 
 import torch
+from _bench import example_problem, median_seconds  # scripts/ is on sys.path when run as a script
 from torch import nn
 
 from basins import Problem
-
-
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def example_problem() -> tuple[str, Problem]:
-    from basins.example import make_example
-    from basins.loading import load_bundle
-
-    directory = tempfile.mkdtemp(prefix="basins-bench-")
-    bundle = load_bundle(make_example(directory))
-    problem = Problem(bundle.model.module, bundle.data.inputs, bundle.data.targets, bundle.loss,
-                      fixed_batch_size=bundle.model.fixed_batch_size)
-    return f"example (P={problem.num_params:,}, n={problem.num_examples})", problem
 
 
 def mlp_problem(width: int, n: int) -> tuple[str, Problem]:

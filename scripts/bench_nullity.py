@@ -16,26 +16,15 @@ the count of eigenvalues with ``|λ| ≤ rtol·λ_max`` at rtol 1e-6, 1e-4, 1e-2
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from typing import Any
 
 import torch
+from _bench import example_problem  # scripts/ is on sys.path when run as a script
 from torch import nn
 
 from basins import InputError, Problem
 from basins.nullity import DEFAULT_RTOLS, nullity
-
-
-def example_problem() -> tuple[str, Problem]:
-    from basins.example import make_example
-    from basins.loading import load_bundle
-
-    directory = tempfile.mkdtemp(prefix="basins-bench-")
-    bundle = load_bundle(make_example(directory))
-    problem = Problem(bundle.model.module, bundle.data.inputs, bundle.data.targets, bundle.loss,
-                      fixed_batch_size=bundle.model.fixed_batch_size)
-    return f"example bundle (P={problem.num_params:,}, n={problem.num_examples:,})", problem
 
 
 def mlp_problem(n: int, width: int, steps: int, zero_residual: bool = False) -> tuple[str, Problem]:
