@@ -359,9 +359,14 @@ class Problem:
             ``H v`` with the shape of ``v``. Cost: K HVPs, in one pass over the data
             (a block is vmapped for the functional routes). Route: :attr:`hvp_route`.
         """
+        return self._counted_hvp(v, None)
+
+    def _counted_hvp(self, v: torch.Tensor, route: str | None) -> torch.Tensor:
+        """``H v`` for ``(P,)`` or ``(P, K)`` by ``route`` (None: the chosen one), counted."""
         single = v.dim() == 1
         V = v.to(self.device, self.dtype).reshape(self.num_params, -1)
-        route = self.hvp_route if V.shape[1] == 1 else self._block_route_for(V)
+        if route is None:
+            route = self.hvp_route if V.shape[1] == 1 else self._block_route_for(V)
         out = self._hvp_block(V, route)
         self.counters.num_hvps += V.shape[1]
         return out[:, 0] if single else out
@@ -399,11 +404,7 @@ class Problem:
         """:meth:`hvp` by a named route (for tests and benchmarks)."""
         if route not in HVP_ROUTES[1:]:
             raise InputError(f"unknown HVP route {route!r}")
-        single = v.dim() == 1
-        V = v.to(self.device, self.dtype).reshape(self.num_params, -1)
-        out = self._hvp_block(V, route)
-        self.counters.num_hvps += V.shape[1]
-        return out[:, 0] if single else out
+        return self._counted_hvp(v, route)
 
     def loss_many(self, thetas: torch.Tensor, *, chunk: int | None = None, route: str = "vmap") -> torch.Tensor:
         """Full-data loss at K parameter vectors at once.
