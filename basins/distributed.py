@@ -6,8 +6,12 @@ combined with :func:`all_reduce_sum`. Because an all-reduce hands every rank the
 result, Lanczos, SLQ and random probing — seeded, drawing on the CPU — then compute the
 same thing on every rank, and rank 0 alone prints and writes reports.
 
-Known limitations: the whole dataset is loaded by every rank before it is sharded (memory
-∝ n per process at load time; only the shard is kept); ranks must not take decisions from
+Data: a map-style ``Dataset``, an ordered ``DataLoader`` (``module:factory``) or an HDF5 file
+is streamed, and each rank reads only its own shard, a chunk at a time
+(:mod:`basins.datasource`). Tensors from a ``.pt``/``.npz`` file, a bundle or a factory are
+loaded whole by every rank before it keeps its shard (memory ∝ n per process at load time).
+
+Known limitations: ranks must not take decisions from
 local measurements (timings, memory) without agreeing on them (:func:`broadcast_object`,
 :func:`all_gather_object`), or the ranks' collective calls stop matching and they hang
 until ``torchrun`` tears them down.

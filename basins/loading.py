@@ -87,15 +87,18 @@ import sys
 import tempfile
 import types
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from basins.datasource import StreamSpec, hdf5_stream, stream_from_object
 from basins.errors import InputError
+
+_T = TypeVar("_T")
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -591,10 +594,7 @@ def load_data(spec: str, *, max_samples: int | None = None, seed: int = 0) -> Lo
         InputError: missing/unknown/corrupt file, missing keys, mismatched ``n``, ``n = 0``,
             non-finite values, or a factory that fails or returns something else.
     """
-    if max_samples is not None and (
-        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
-    ):
-        raise InputError(f"max_samples must be a positive integer, got {max_samples!r}")
+    _check_max_samples(max_samples)
     if os.path.exists(spec):
         _check_file(spec, "data")
         inputs, targets = _load_data_file(spec, max_samples)
@@ -606,6 +606,43 @@ def load_data(spec: str, *, max_samples: int | None = None, seed: int = 0) -> Lo
             "path/to/file.py:function)"
         )
     return _finish_data(inputs, targets, spec, max_samples)
+
+
+def open_data(spec: str, *, max_samples: int | None = None, seed: int = 0) -> LoadedData | StreamSpec:
+    """Like :func:`load_data`, but data that can be read a part at a time are not read yet.
+
+    A ``module:factory`` giving a map-style ``Dataset`` or an ordered ``DataLoader``, and an
+    HDF5 file, come back as a :class:`~basins.datasource.StreamSpec`: their size, and how to
+    open any contiguous part of them as a stream (:mod:`basins.datasource`). Everything else
+    is loaded, as by :func:`load_data`.
+
+    Raises:
+        InputError: as :func:`load_data`.
+    """
+    _check_max_samples(max_samples)
+    if os.path.exists(spec):
+        _check_file(spec, "data")
+        if _sniff(spec).kind == "hdf5":
+            return _reading(spec, lambda: hdf5_stream(spec, max_samples), seed)
+    elif ":" in spec and not spec.lower().endswith((".pt", ".pth", ".npz", ".h5", ".hdf5")):
+        obj = _call_factory(spec, seed)
+        from torch.utils.data import DataLoader
+
+        if isinstance(obj, DataLoader):
+            _check_ordered_loader(obj, spec)
+        stream = _reading(spec, lambda: stream_from_object(obj, spec, max_samples), seed)
+        if stream is not None:
+            return stream
+        inputs, targets = _reading(spec, lambda: _materialise(obj, spec, max_samples), seed)
+        return _finish_data(inputs, targets, spec, max_samples)
+    return load_data(spec, max_samples=max_samples, seed=seed)
+
+
+def _check_max_samples(max_samples: int | None) -> None:
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise InputError(f"max_samples must be a positive integer, got {max_samples!r}")
 
 
 def _load_data_file(path: str, max_samples: int | None) -> tuple[Any, Any]:
@@ -701,10 +738,11 @@ def _seeded(seed: int) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
-def _load_data_factory(spec: str, max_samples: int | None, seed: int) -> tuple[Any, Any]:
+def _call_factory(spec: str, seed: int) -> Any:
+    """The object ``module:factory`` names, called (seeded) when it is a function."""
     obj = import_object(spec)
-    with _seeded(seed):
-        if callable(obj) and not isinstance(obj, torch.utils.data.Dataset):
+    if callable(obj) and not isinstance(obj, torch.utils.data.Dataset):
+        with _seeded(seed):
             try:
                 obj = obj()
             except InputError:
@@ -713,8 +751,14 @@ def _load_data_factory(spec: str, max_samples: int | None, seed: int) -> tuple[A
                 raise InputError(
                     f"data factory {spec} raised {type(err).__name__}: {_one_line(err)}"
                 ) from err
+    return obj
+
+
+def _reading(spec: str, fn: Callable[[], _T], seed: int) -> _T:
+    """``fn()`` seeded, with a failure while reading the user's data reported as bad input."""
+    with _seeded(seed):
         try:
-            return _materialise(obj, spec, max_samples)
+            return fn()
         except InputError:
             raise
         except Exception as err:
@@ -723,24 +767,35 @@ def _load_data_factory(spec: str, max_samples: int | None, seed: int) -> tuple[A
             ) from err
 
 
+def _load_data_factory(spec: str, max_samples: int | None, seed: int) -> tuple[Any, Any]:
+    obj = _call_factory(spec, seed)
+    return _reading(spec, lambda: _materialise(obj, spec, max_samples), seed)
+
+
+def _check_ordered_loader(loader: Any, spec: str) -> None:
+    from torch.utils.data import RandomSampler
+
+    if isinstance(loader.sampler, RandomSampler) or loader.drop_last:
+        why = "shuffles" if isinstance(loader.sampler, RandomSampler) else "drops its last batch"
+        raise InputError(
+            f"{spec}: the DataLoader {why}, so the data would change between runs; return "
+            "it with shuffle=False and drop_last=False, or return the Dataset"
+        )
+
+
 def _is_array(value: Any) -> bool:
     return isinstance(value, torch.Tensor | np.ndarray)
 
 
 def _materialise(obj: Any, spec: str, max_samples: int | None) -> tuple[Any, Any]:
-    from torch.utils.data import DataLoader, Dataset, RandomSampler
+    from torch.utils.data import DataLoader, Dataset
 
     if isinstance(obj, tuple | list) and len(obj) == 2 and all(_is_array(v) for v in obj):
         return obj[0], obj[1]
     if isinstance(obj, Mapping):
         return _pair_from_mapping(obj, spec, "a factory result")
     if isinstance(obj, DataLoader):
-        if isinstance(obj.sampler, RandomSampler) or obj.drop_last:
-            why = "shuffles" if isinstance(obj.sampler, RandomSampler) else "drops its last batch"
-            raise InputError(
-                f"{spec}: the DataLoader {why}, so the data would change between runs; return "
-                "it with shuffle=False and drop_last=False, or return the Dataset"
-            )
+        _check_ordered_loader(obj, spec)
         xs: list[torch.Tensor] = []
         ys: list[torch.Tensor] = []
         count = 0
@@ -1066,12 +1121,15 @@ def resolve_inputs(
     trust_pickle: bool = False,
     max_samples: int | None = None,
     seed: int = 0,
-) -> tuple[LoadedModel, LoadedData, str | None]:
+    stream: bool = False,
+) -> tuple[LoadedModel, LoadedData | StreamSpec, str | None]:
     """The model, data and loss a command runs on.
 
     A bundle supplies all three; an explicit ``data`` or ``loss`` replaces what it carries.
     Any other model file needs ``data``. The loss is returned as given (``None``: none given,
-    the caller infers it from the targets).
+    the caller infers it from the targets). With ``stream``, ``data`` is opened by
+    :func:`open_data` (a Dataset, DataLoader or HDF5 file is not read yet); otherwise the
+    data come back loaded (:class:`LoadedData`).
 
     Raises:
         InputError: as :func:`load_model` and :func:`load_data`, or ``data`` missing for a
@@ -1080,8 +1138,9 @@ def resolve_inputs(
     loaded, raw = _load_model_file(model, arch=arch, trust_pickle=trust_pickle)
     if raw is not None:
         bundle_loss = raw.get("loss")
+        loaded_data: LoadedData | StreamSpec
         if data is not None:
-            loaded_data = load_data(data, max_samples=max_samples, seed=seed)
+            loaded_data = (open_data if stream else load_data)(data, max_samples=max_samples, seed=seed)
         else:
             loaded_data = _finish_data(raw["inputs"], raw["targets"], model, max_samples)
         return loaded, loaded_data, loss if loss is not None else bundle_loss
@@ -1096,7 +1155,7 @@ def resolve_inputs(
             "or .h5 file with inputs and targets, or module:function); only a bundle written by "
             "basins example or save_bundle carries its own"
         )
-    return loaded, load_data(data, max_samples=max_samples, seed=seed), loss
+    return loaded, (open_data if stream else load_data)(data, max_samples=max_samples, seed=seed), loss
 
 
 # --------------------------------------------------------------------------------------------

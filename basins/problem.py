@@ -9,8 +9,13 @@ an exact size-weighted sum over chunks ``c`` of at most ``batch_size`` examples,
 ``ℓ_c`` is the loss function's mean over chunk ``c``. Memory is bounded by one chunk,
 except for the optional cached gradient graph (see :meth:`Problem.hvp`).
 
+Data come from a :mod:`basins.datasource`: tensors held in memory, or a stream (a ``Dataset``,
+``DataLoader`` or HDF5 file) read a chunk at a time, so the data need not fit in memory. A
+stream's chunks are kept on the device after the first pass when they fit in
+``data_memory_bytes``; otherwise every pass reads them again.
+
 Known limitations: the model must be a deterministic function of ``(θ, x)`` (checked at
-construction); data are held in memory (on the problem's device).
+construction), and so must a stream's examples.
 
 Built on :mod:`torch.func`: ``functional_call`` with ``(params, buffers)``, ``grad``,
 ``jvp``, ``vjp`` and ``vmap``. Nothing is kept in ``.grad``.
@@ -28,6 +33,7 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from .datasource import DataSource, TensorData
 from .errors import ComputeError, InputError
 from .losses import LossFn, check_targets, get_loss, infer_loss_name, num_terms_per_example
 from .params import ParamSpace
@@ -40,6 +46,20 @@ __all__ = ["Problem", "HVP_ROUTES", "resolve_device", "resolve_dtype"]
 HVP_ROUTES = ("auto", "graph", "fwd-rev", "rev-rev")
 
 _Params = dict[str, torch.Tensor]
+
+
+def _memory_share() -> int:
+    """Bytes of RAM this process may count on: the machine's, split between the ``LOCAL_WORLD_SIZE``
+    processes ``torchrun`` started on it (2 GiB in all when the OS does not say)."""
+    try:
+        total = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        total = 2 << 30
+    try:
+        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local = 1
+    return total // local
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -107,18 +127,23 @@ class Problem:
     Args:
         module: the model; called as ``functional_call(module, (params, buffers), (x,))``.
             It is put in ``eval()`` mode (BatchNorm statistics fixed, dropout off).
-        inputs: ``(n, ...)`` inputs.
+        inputs: ``(n, ...)`` inputs, or a :class:`~basins.datasource.DataSource` (then
+            ``targets`` is None), e.g. a :class:`~basins.datasource.DatasetStream`.
         targets: ``(n, ...)`` targets.
         loss: a built-in loss name (:mod:`basins.losses`), ``module:function``, a callable,
             or None to infer it from the targets (integer → cross-entropy, float → mse).
-        batch_size: examples per chunk (default: all ``n`` in one chunk, or the model's
-            fixed batch size). Results do not depend on it beyond rounding.
+        batch_size: examples per chunk (default: all ``n`` in one chunk for tensors, the
+            source's own batch size for a stream, or the model's fixed batch size). Results do
+            not depend on it beyond rounding.
         fixed_batch_size: the batch size a ``.pt2`` was exported with; chunks are padded
             to it (padding examples get weight zero), so any ``n`` works.
         dtype: ``torch.float32``/``torch.float64``/names, or None to keep the model's.
         device: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``.
         hvp_route: one of :data:`HVP_ROUTES`.
-        graph_memory_bytes: budget for the cached gradient graph (default a quarter of RAM).
+        graph_memory_bytes: budget for the cached gradient graph (default a quarter of RAM,
+            shared among the ``LOCAL_WORLD_SIZE`` processes of a torchrun launch).
+        data_memory_bytes: budget for keeping a stream's chunks in memory after the first
+            pass (same default; 0: read the stream on every pass). Tensors are always held.
         check_determinism: evaluate loss and gradient twice and require agreement.
         total_examples: data parallelism (:mod:`basins.distributed`): the global ``n`` when
             ``inputs``/``targets`` are this process' shard; chunk weights are ``n_c / n``.
@@ -140,8 +165,8 @@ class Problem:
     def __init__(
         self,
         module: torch.nn.Module,
-        inputs: torch.Tensor,
-        targets: torch.Tensor,
+        inputs: torch.Tensor | DataSource,
+        targets: torch.Tensor | None = None,
         loss: str | LossFn | None = None,
         *,
         batch_size: int | None = None,
@@ -150,6 +175,7 @@ class Problem:
         device: str | torch.device | None = "cpu",
         hvp_route: str = "auto",
         graph_memory_bytes: int | None = None,
+        data_memory_bytes: int | None = None,
         check_determinism: bool = True,
         total_examples: int | None = None,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -157,11 +183,15 @@ class Problem:
     ) -> None:
         if hvp_route not in HVP_ROUTES:
             raise InputError(f"unknown HVP route {hvp_route!r}: use one of {', '.join(HVP_ROUTES)}")
-        if inputs.shape[0] != targets.shape[0]:
-            raise InputError(
-                f"inputs hold {inputs.shape[0]} examples but targets hold {targets.shape[0]}"
-            )
-        if inputs.shape[0] == 0:
+        if isinstance(inputs, DataSource):
+            if targets is not None:
+                raise InputError("pass either a DataSource or (inputs, targets) tensors, not both")
+            source = inputs
+        else:
+            if targets is None:
+                raise InputError("targets are missing: Problem(module, inputs, targets, loss)")
+            source = TensorData(inputs, targets)
+        if source.num_examples == 0:
             raise InputError("the dataset is empty")
         if batch_size is not None and batch_size < 1:
             raise InputError(f"batch size must be a positive integer, got {batch_size}")
@@ -187,7 +217,9 @@ class Problem:
         self.space = ParamSpace(self.params)
         self.theta0 = self.space.flatten(self.params).detach()
         self.num_params = self.space.num_params
-        self.num_local_examples = int(inputs.shape[0])
+        #: where the examples come from (:mod:`basins.datasource`)
+        self.data = source
+        self.num_local_examples = int(source.num_examples)
         self.num_examples = int(total_examples) if total_examples is not None else self.num_local_examples
         if self.num_examples < self.num_local_examples:
             raise InputError(f"total_examples = {self.num_examples} is less than the {self.num_local_examples} examples given")
@@ -196,25 +228,30 @@ class Problem:
         if gather is not None and sum(gather(self.num_local_examples)) != self.num_examples:
             raise InputError(f"the processes' shards do not add up to total_examples = {self.num_examples}")
         self.fixed_batch_size = fixed_batch_size
-        self.inputs = inputs.to(self.device, dtype_) if inputs.is_floating_point() else inputs.to(self.device)
-        targets = targets.to(self.device)
         self.batch_size = self._choose_batch_size(batch_size)
         self.counters = Counters()
+        self._data_memory_bytes = data_memory_bytes
 
-        outputs = self._check_forward()
+        head_x, head_y = source.head(self.fixed_batch_size or min(2, self.num_local_examples))
+        head_x = self._to_device_inputs(head_x)
+        outputs = self._check_forward(head_x)
         if loss is None:
-            self.loss_name = infer_loss_name(targets)
+            self.loss_name = infer_loss_name(head_y)
         elif isinstance(loss, str):
             self.loss_name = loss
         else:
             self.loss_name = getattr(loss, "__name__", "custom")
-        if targets.is_floating_point():
-            targets = targets.to(dtype_)
-        targets = self._fit_targets(outputs, targets)
-        self.targets = targets
+        #: the targets' dtype as the data hold them (before conversion to the loss' needs)
+        self.data_target_dtype = head_y.dtype
+        self._target_spec: tuple[tuple[int, ...], torch.dtype] | None = None
+        self._fit_targets(outputs, head_y.to(self.device))
         self.loss_fn: LossFn = get_loss(loss if loss is not None else self.loss_name)
         self.terms_per_example = num_terms_per_example(self.loss_name, outputs)
-        self._chunks = list(self._make_chunks())
+        #: chunks held in memory (None: read from the stream on every pass, see :meth:`chunks`)
+        self._cached: list[_Chunk] | None = None
+        self._streaming = source.streamed
+        if not source.streamed:
+            self._cached = list(self._read_chunks(check=True))
 
         self.loss_at_optimum = float(self.loss())
         if not math.isfinite(self.loss_at_optimum):
@@ -245,31 +282,49 @@ class Problem:
     def _choose_batch_size(self, batch_size: int | None) -> int:
         if self.fixed_batch_size is not None:
             return self.fixed_batch_size
-        return min(batch_size or self.num_local_examples, self.num_local_examples)
+        default = self.data.default_batch_size or self.num_local_examples
+        return min(batch_size or default, self.num_local_examples)
 
-    def _fit_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _to_device_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device)
+
+    def _fit_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Check the first targets against the model's outputs, and fix what every chunk's targets
+        are brought to: per-example shape (``(n,)`` → ``(n, 1)`` where unambiguous) and dtype."""
+        if targets.is_floating_point():
+            targets = targets.to(self.dtype)
         head = check_targets(self.loss_name, outputs, targets[: outputs.shape[0]])
-        if head.shape[1:] != targets.shape[1:]:  # reshaped (n,) → (n, 1)
-            targets = targets.reshape(targets.shape[0], *head.shape[1:])
-        elif head.dtype != targets.dtype:
-            targets = targets.to(head.dtype)
-        return targets
+        self._target_spec = (tuple(head.shape[1:]), head.dtype)
+        self._output_spec = (tuple(outputs.shape[1:]), outputs.dtype)
 
-    def _check_forward(self) -> torch.Tensor:
-        size = self.fixed_batch_size or min(2, self.num_local_examples)
-        x = self._pad(self.inputs[:size], size)
+    def _chunk_targets(self, y: torch.Tensor, *, check: bool) -> torch.Tensor:
+        """One chunk's targets on the device, checked (when ``check``) and fitted as :meth:`_fit_targets` fixed."""
+        assert self._target_spec is not None
+        y = y.to(self.device)
+        if y.is_floating_point():
+            y = y.to(self.dtype)
+        if check:  # against outputs of the model's shape (no forward pass needed)
+            shape, dtype = self._output_spec
+            check_targets(self.loss_name, torch.zeros((), dtype=dtype, device=y.device).expand(y.shape[0], *shape), y)
+        tail, dtype = self._target_spec
+        if tuple(y.shape[1:]) != tail:
+            y = y.reshape(y.shape[0], *tail)
+        return y.to(dtype)
+
+    def _check_forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.fixed_batch_size or x.shape[0]
         try:
             with torch.no_grad():
-                out = self.forward(self.params, x)
+                out = self.forward(self.params, self._pad(x, size))
         except Exception as exc:  # the model's own error, re-raised as bad input
-            shape = tuple(self.inputs.shape[1:])
+            shape = tuple(x.shape[1:])
             raise InputError(
                 f"the model rejected inputs of shape (batch, {', '.join(map(str, shape))}) and dtype "
-                f"{self.inputs.dtype}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f"{x.dtype}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             ) from exc
         if not isinstance(out, torch.Tensor):
             raise InputError(f"the model must return one tensor, it returned {type(out).__name__}")
-        return out[: min(size, self.num_local_examples)]
+        return out[: x.shape[0]]
 
     def _pad(self, x: torch.Tensor, size: int) -> torch.Tensor:
         if x.shape[0] >= size:
@@ -277,14 +332,16 @@ class Problem:
         filler = x[:1].expand(size - x.shape[0], *x.shape[1:])
         return torch.cat([x, filler], dim=0)
 
-    def _make_chunks(self) -> Iterator[_Chunk]:
-        n, b = self.num_examples, self.batch_size
-        for start in range(0, self.num_local_examples, b):
-            stop = min(start + b, self.num_local_examples)
-            x = self.inputs[start:stop]
+    def _read_chunks(self, *, check: bool) -> Iterator[_Chunk]:
+        """Chunks read from the data source: on the device, targets fitted to the loss, padded
+        to the fixed batch size. ``check``: values finite, targets valid, count as promised."""
+        n = self.num_examples
+        for x, y in self.data.batches(self.batch_size, check=check):
+            m = int(x.shape[0])
+            x = self._to_device_inputs(x)
             if self.fixed_batch_size is not None:
                 x = self._pad(x, self.fixed_batch_size)
-            yield _Chunk(x, self.targets[start:stop], stop - start, (stop - start) / n)
+            yield _Chunk(x, self._chunk_targets(y, check=check), m, m / n)
 
     def _check_determinism(self, g: torch.Tensor) -> None:
         loss2 = float(self.loss())
@@ -296,7 +353,8 @@ class Problem:
             raise InputError(
                 "the model is not a deterministic function of its parameters: two evaluations of the loss "
                 f"gave {self.loss_at_optimum!r} and {loss2!r}. Put dropout/batch statistics in eval mode "
-                "before exporting (model.eval()), and use data that do not change between passes"
+                "before exporting (model.eval()), and use data that do not change between passes "
+                "(a Dataset must return the same example for the same index: no random augmentation)"
             )
 
     # ------------------------------------------------------------------ functional pieces
@@ -310,8 +368,56 @@ class Problem:
         ``inputs`` may be padded to the fixed batch size; only the first ``num_real``
         outputs count. ``weight = num_real / n``; weights sum to 1.
         """
-        for c in self._chunks:
+        if self._cached is not None:
+            for c in self._cached:
+                yield c.inputs, c.targets, c.num_real, c.weight
+            return
+        # A stream: read it again. The first complete pass is checked and, when the chunks fit
+        # in the data budget, kept in memory for the later passes.
+        first = self.data.digest is None
+        keep: list[_Chunk] | None = [] if first and self._keep_budget() > 0 else None
+        held = 0
+        for c in self._read_chunks(check=first):
+            if keep is not None:
+                held += c.inputs.numel() * c.inputs.element_size() + c.targets.numel() * c.targets.element_size()
+                if held <= self._keep_budget():
+                    keep.append(c)
+                else:
+                    keep = None  # too big to hold: stream on every pass
             yield c.inputs, c.targets, c.num_real, c.weight
+        if keep is not None and self.data.digest is not None:
+            self._cached = keep
+
+    def _keep_budget(self) -> int:
+        """Bytes of streamed chunks a Problem may keep in memory (``data_memory_bytes``; default ¼ of RAM)."""
+        if self._data_memory_bytes is not None:
+            return self._data_memory_bytes
+        return _memory_share() // 4
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """All of this process' inputs ``(n, ...)`` on the device (data in memory only)."""
+        return self._to_device_inputs(self._memory_data().inputs)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """All of this process' targets ``(n, ...)``, fitted to the loss (data in memory only)."""
+        return self._chunk_targets(self._memory_data().targets, check=False)
+
+    def _memory_data(self) -> TensorData:
+        if not isinstance(self.data, TensorData):
+            raise InputError(f"the data of this Problem are streamed from {self.data.source}; read them with chunks()")
+        return self.data
+
+    @property
+    def num_chunks(self) -> int:
+        """Chunks per pass over this process' examples."""
+        return -(-self.num_local_examples // self.batch_size)
+
+    @property
+    def streaming(self) -> bool:
+        """True while every pass reads the data source again (False once the chunks are held in memory)."""
+        return self._cached is None
 
     def _chunk_loss(self, params: _Params, x: torch.Tensor, y: torch.Tensor, num_real: int) -> torch.Tensor:
         out = self.forward(params, x)
@@ -555,13 +661,10 @@ class Problem:
             return route
         budget = self._graph_memory_bytes
         if budget is None:
-            try:
-                budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-            except (ValueError, OSError, AttributeError):
-                budget = 2 << 30
+            budget = _memory_share() // 4
         candidates = ["fwd-rev", "rev-rev"]
         try:
-            if self._graph_bytes_per_chunk() * len(self._chunks) <= budget:
+            if self._graph_bytes_per_chunk() * self.num_chunks <= budget:
                 candidates.insert(0, "graph")
         except Exception as exc:  # noqa: BLE001 - a model that cannot double-backward
             self._route_errors["graph"] = f"{type(exc).__name__}: {exc}"

@@ -73,6 +73,9 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (runs code from the file)."),
         click.option("--batch-size", type=click.IntRange(min=1), help="Examples per chunk (default: all at once)."),
         click.option("--max-samples", type=click.IntRange(min=1), help="Use only the first N examples (recorded)."),
+        click.option("--stream", is_flag=True,
+                     help="Read a Dataset/DataLoader/HDF5 data source again on every pass instead of holding it in memory "
+                          "(automatic when it would take more than a quarter of RAM)."),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Compute dtype (default: the model's)."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice (recorded)."),
@@ -112,35 +115,53 @@ class Loaded:
 def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
     """Load model, data and loss from the common options and build the Problem."""
     from basins import distributed as dist
+    from basins.datasource import StreamSpec, combine_digests
     from basins.loading import resolve_inputs
     from basins.problem import Problem, resolve_device
 
     # Under torchrun: join the process group first (backend from this rank's device).
     device = dist.local_device(opts.get("device") or "auto")
     ctx = dist.init_from_env(resolve_device(device)) if dist.launched() and dist.env_world_size() > 1 else None
+    world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
     with log.status("loading model and data", spinner="dots"):
         model, data, loss = resolve_inputs(
             opts["model"], data=opts.get("data"), loss=opts.get("loss"), arch=opts.get("arch"),
             trust_pickle=opts.get("trust_pickle", False), max_samples=opts.get("max_samples"), seed=opts.get("seed", 0),
+            stream=True,
         )
-    inputs, targets, n = data.inputs, data.targets, int(data.inputs.shape[0])
-    if ctx is not None:  # this rank's contiguous shard; chunk weights use the global n
-        start, stop = dist.shard_range(n, ctx.world_size, ctx.rank)
-        inputs, targets = inputs[start:stop].clone(), targets[start:stop].clone()  # copies: the full data can be freed
+    inputs: Any  # this rank's examples: a DataSource (targets None), or in-memory tensors
+    targets: Any
+    if isinstance(data, StreamSpec):  # a Dataset, DataLoader or HDF5 file: this rank reads only its shard
+        n = data.num_examples
+        inputs, targets = data.shard(world, rank), None
+    else:
+        n = int(data.inputs.shape[0])
+        start, stop = dist.shard_range(n, world, rank)  # chunk weights use the global n
+        # copies under torchrun, so that the full data can be freed
+        inputs, targets = data.inputs, data.targets
+        if world > 1:
+            inputs, targets = inputs[start:stop].clone(), targets[start:stop].clone()
     with log.status("evaluating L(θ*) and ∇L(θ*)", spinner="dots"):
         problem = Problem(
             model.module, inputs, targets, loss, batch_size=opts.get("batch_size"),
             fixed_batch_size=model.fixed_batch_size, dtype=opts.get("dtype"), device=device,
             hvp_route=opts.get("hvp_route", "auto"), total_examples=n,
+            data_memory_bytes=0 if opts.get("stream") else None,
             reduce=dist.all_reduce_sum if ctx is not None else None,
             gather=dist.all_gather_object if ctx is not None else None,
         )
+    if isinstance(data, StreamSpec):
+        data_sha256 = combine_digests(dist.all_gather_object(problem.data.digest))
+        how = "read again on every pass" if problem.streaming else "held in memory after the first pass"
+        log.print(f"data: {n:,} examples streamed from {data.source} in chunks of {problem.batch_size} ({how})")
+    else:
+        data_sha256 = data.sha256
     rank_examples = [int(k) for k in dist.all_gather_object(problem.num_local_examples)]
     if ctx is not None:
         log.print(f"data parallel: {ctx.world_size} processes ({ctx.backend}), examples per rank "
                   f"{' + '.join(map(str, rank_examples))} = {sum(rank_examples):,}")
     if loss is None:
-        log.print(f"loss: {problem.loss_name} (inferred from {data.targets.dtype} targets; set --loss to change)")
+        log.print(f"loss: {problem.loss_name} (inferred from {problem.data_target_dtype} targets; set --loss to change)")
     log.print(
         f"P = {problem.num_params:,} parameters, n = {problem.num_examples:,} examples, "
         f"L(θ*) = {problem.loss_at_optimum:.6g}, ‖∇L(θ*)‖ = {problem.grad_norm:.3g}, "
@@ -154,7 +175,7 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
         log.print(f"[yellow]warning:[/] {msg}")
     record = {
         "model": str(opts["model"]), "model_sha256": model.sha256, "model_kind": model.kind,
-        "data": data.source, "data_sha256": data.sha256, "num_params": problem.num_params,
+        "data": data.source, "data_sha256": data_sha256, "data_streamed": problem.streaming, "num_params": problem.num_params,
         "num_examples": problem.num_examples, "loss": problem.loss_name,
         "loss_at_optimum": problem.loss_at_optimum, "grad_norm": problem.grad_norm,
         "dtype": str(problem.dtype).replace("torch.", ""), "device": str(problem.device),
@@ -291,5 +312,6 @@ def fmt(x: float | None, digits: int = 6) -> str:
 
 def common_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Split the problem options out of a command's kwargs (they stay in the dict too)."""
-    keys = ("model", "data", "loss", "arch", "trust_pickle", "batch_size", "max_samples", "dtype", "device", "seed", "hvp_route")
+    keys = ("model", "data", "loss", "arch", "trust_pickle", "batch_size", "max_samples", "stream", "dtype", "device", "seed",
+            "hvp_route")
     return {k: kwargs.get(k) for k in keys}

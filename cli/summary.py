@@ -206,6 +206,11 @@ def problem_table(d: dict[str, Any]) -> Table:
     ]
     if p.get("max_samples") is not None:
         rows.append(("max samples", p.get("max_samples")))
+    if p.get("data_streamed"):
+        rows.append(("data streamed", "read again on every pass"))
+    if int(p.get("world_size") or 1) > 1:
+        rows.append(("processes", f"{p['world_size']} ({p.get('dist_backend')}), examples per rank "
+                                  + " + ".join(str(int(k)) for k in p.get("rank_examples", []))))
     rows += [("basins", a.get("basins_version")), ("written", a.get("modified") or a.get("created"))]
     for k, v in rows:
         t.add_row(k, _value(v))

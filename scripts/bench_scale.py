@@ -12,7 +12,10 @@ leak between them:
 * ``1 proc × T threads``: one process, torch's default thread count (all cores);
 * ``1 proc × 1 thread``: the same with one thread (the per-rank setting under torchrun);
 * ``torchrun K × 1 thread``: K ranks, each holding n/K examples, HVPs all-reduced (gloo);
-* ``cuda``: one process on the GPU (only when ``torch.cuda.is_available()``).
+* ``cuda``: one process on the GPU (only when ``torch.cuda.is_available()``);
+* ``streamed`` vs ``held``: one process, route ``rev-rev`` in both, the data read from a
+  ``DataLoader`` over a map-style ``Dataset`` on every pass (``data_memory_bytes=0``, the
+  ``--stream`` setting) vs held in memory: the cost of not holding the data.
 
 It prints, per configuration, seconds per HVP and per full-data gradient (median of
 ``--repeats``, the HVP route the engine chose), then the ratios: HVP throughput of K
@@ -69,11 +72,23 @@ def worker(args: argparse.Namespace) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(args.n, 784, generator=g)
     y = torch.randint(0, 10, (args.n,), generator=g)
-    if ctx is not None:
-        s, e = dist.shard_range(args.n, ctx.world_size, ctx.rank)
-        x, y = x[s:e], y[s:e]
+    data: tuple[Any, Any]
+    if args.source == "stream":  # a DataLoader (chunks of 512) read on every pass, this rank's shard only
+        from torch.utils.data import DataLoader, TensorDataset
+
+        from basins.datasource import stream_from_object
+
+        spec = stream_from_object(DataLoader(TensorDataset(x, y), batch_size=512), "bench")
+        assert spec is not None
+        data = (spec.shard(dist.world_size(), dist.rank()), None)
+    else:
+        if ctx is not None:
+            s, e = dist.shard_range(args.n, ctx.world_size, ctx.rank)
+            x, y = x[s:e], y[s:e]
+        data = (x, y)
     t0 = time.perf_counter()
-    p = Problem(model, x, y, "cross-entropy", device=device, dtype=args.dtype, hvp_route=args.hvp,
+    p = Problem(model, *data, "cross-entropy", device=device, dtype=args.dtype, hvp_route=args.hvp,
+                batch_size=512 if args.source != "default" else None, data_memory_bytes=0,
                 total_examples=args.n, reduce=dist.reducer(), gather=dist.all_gather_object if ctx else None)
     setup = time.perf_counter() - t0
     v = torch.randn(p.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -127,6 +142,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="n = 1024, widths 256,64, 3 repeats")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
+    ap.add_argument("--source", default="default", choices=["default", "memory", "stream"], help=argparse.SUPPRESS)
+    ap.add_argument("--no-stream", action="store_true", help="skip the streamed-vs-held comparison")
     args = ap.parse_args()
     if args.quick:
         args.n, args.widths, args.repeats = 1024, "256,64", 3
@@ -152,6 +169,12 @@ def main() -> None:
                         f"torchrun {args.nproc} × 1 thread (gloo)")
     if torch.cuda.is_available():
         runs["cuda"] = _run(base + ["--device", "cuda"], clean, "1 proc, cuda")
+    if not args.no_stream:
+        fixed = [a if a != args.hvp else "rev-rev" for a in base]
+        runs["held"] = _run(fixed + ["--device", "cpu", "--source", "memory"], clean,
+                            f"1 proc × {cores} threads, chunks of 512 held in memory")
+        runs["streamed"] = _run(fixed + ["--device", "cpu", "--source", "stream"], clean,
+                                f"1 proc × {cores} threads, DataLoader streamed every pass")
 
     ok = {k: v for k, v in runs.items() if v is not None}
     if not ok:
@@ -175,6 +198,10 @@ def main() -> None:
               f"on GPU; HVP / gradient on GPU: {ok['cuda']['hvp_s'] / ok['cuda']['grad_s']:.2f}×")
     elif "cuda" not in ok:
         print("GPU: not available here (torch.cuda.is_available() is False); rerun on a machine with CUDA")
+    if "held" in ok and "streamed" in ok:
+        print(f"Streaming the data from a DataLoader on every pass (rev-rev, chunks of 512): HVP "
+              f"{ok['streamed']['hvp_s'] / ok['held']['hvp_s']:.2f}×, gradient "
+              f"{ok['streamed']['grad_s'] / ok['held']['grad_s']:.2f}× the time with the chunks held in memory")
 
 
 if __name__ == "__main__":

@@ -404,7 +404,35 @@ def make_cli_files(root: Path) -> dict[str, str]:
         ep = torch.export.export(model.eval(), (x[:4],), dynamic_shapes=({0: torch.export.Dim("batch")},))
         torch.export.save(ep, str(root / "model.pt2"))
         torch.save({"inputs": x, "targets": y}, root / "data.pt")
-    return {"model": str(root / "model.pt2"), "data": str(root / "data.pt"), "root": str(root)}
+    (root / "stream_data.py").write_text(STREAM_DATA.format(data=str(root / "data.pt"), root=str(root)))
+    return {"model": str(root / "model.pt2"), "data": str(root / "data.pt"), "root": str(root),
+            "stream": f"{root / 'stream_data.py'}:loader"}
+
+
+#: A DataLoader (chunks of 5) over a Dataset that logs every index it reads, per rank.
+STREAM_DATA = """\
+import os
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class Logged(Dataset):
+    def __init__(self):
+        d = torch.load({data!r})
+        self.x, self.y = d["inputs"], d["targets"]
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        with open(os.path.join({root!r}, "reads_rank" + os.environ.get("RANK", "-") + ".txt"), "a") as f:
+            f.write(str(int(i)) + "\\n")
+        return self.x[i], self.y[i]
+
+
+def loader():
+    return DataLoader(Logged(), batch_size=5)
+"""
 
 
 def _missing(*commands: str) -> list[str]:
@@ -433,6 +461,9 @@ def _cli_commands(files: dict[str, str]) -> list[list[str]]:
          "--epsilon", "1e-2", "--seed", "3", *COMMON],
         # under torchrun G = JᵀH_ℓJ is summed per process and all-reduced: the 'outer' route
         ["features", files["model"], "--data", files["data"], "--route", "outer", *COMMON],
+        # a DataLoader read on every pass, each rank reading only its shard
+        ["hessian", files["model"], "--data", files["stream"], "--stream", "-k", "3", "--which", "both",
+         "--tol", "1e-10", *COMMON],
     ]
 
 
@@ -512,6 +543,24 @@ def test_cli_nullity_exact_volume_spectrum_under_torchrun_equal_one_process(
             _compare(two, one, float(one["radius_rtol"]))
         else:
             _compare(two, one, RTOL)
+
+
+@pytest.mark.slow
+def test_streamed_loader_under_torchrun_reads_each_shard_on_its_own_rank(
+        two_process_run: tuple[Path, list[list[str]]], files: dict[str, str]) -> None:
+    """Rank r reads only examples of its shard (12 + 11), in chunks of the loader's 5, again on every pass;
+    the numbers equal one process with the data loaded from the .pt file."""
+    out, commands = two_process_run
+    i = next(k for k, c in enumerate(commands) if "--stream" in c)
+    two = json.loads((out / f"cli{i}_rank0.txt").read_text())
+    args = commands[i]
+    one = _one_process([a if a != files["stream"] else files["data"] for a in args if a != "--stream"])
+    _compare(two, one, RTOL)
+    root = Path(files["root"])
+    reads = [[int(v) for v in (root / f"reads_rank{r}.txt").read_text().split()] for r in range(2)]
+    assert set(reads[0]) == set(range(12)) and set(reads[1]) == set(range(12, 23))
+    passes = [reads[0].count(11), reads[1].count(22)]  # the last example of each shard: once per full pass
+    assert passes[0] == passes[1] >= 5  # read again on every pass (loss, gradient, HVPs), in step
 
 
 @pytest.mark.slow

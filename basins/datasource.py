@@ -1,0 +1,466 @@
+"""Where a :class:`~basins.Problem` reads its examples from: tensors in memory, or a stream.
+
+A *data source* hands out its examples as consecutive ``(inputs, targets)`` batches, in the
+same order on every pass. Two kinds:
+
+* :class:`TensorData` — tensors already in memory (sliced, never copied);
+* streams, which read the examples from somewhere else on every pass, so the data need not fit
+  in one process: :class:`DatasetStream` (a map-style ``Dataset``, or an ordered ``DataLoader``
+  over one, read through a ``DataLoader`` over this process' indices),
+  :class:`IterableStream` (a ``DataLoader`` over an ``IterableDataset``: every pass reads the
+  whole stream and keeps this process' examples) and :class:`HDF5Stream` (``inputs``/``targets``
+  datasets of an HDF5 file, read a slice at a time).
+
+Each stream covers a contiguous range ``[start, stop)`` of the global example order, so under
+``torchrun`` every rank reads only its own shard (:meth:`StreamSpec.shard`). A
+:class:`~basins.Problem` given a stream keeps the chunks in memory after the first pass when
+they fit in its data budget, and otherwise reads the stream again on every pass.
+
+Every stream checks, batch by batch, that values are finite and that the pass yields exactly
+the promised number of examples; it also computes a content fingerprint on its first full pass
+(:attr:`DataSource.digest`): ``Σᵢ sha256(i, xᵢ, yᵢ) mod 2²⁵⁶`` over global example indices i,
+which does not depend on the batch size or on how the examples are split across processes
+(partial sums add up; :func:`combine_digests`).
+
+Streams never seed random number generators: a ``Dataset`` must return the same example for the
+same index on every call (no random augmentation). The Problem's determinism check (two full
+passes at load) reports one that does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InputError
+
+__all__ = [
+    "DataSource",
+    "TensorData",
+    "DatasetStream",
+    "IterableStream",
+    "HDF5Stream",
+    "StreamSpec",
+    "stream_from_object",
+    "hdf5_stream",
+    "combine_digests",
+    "DEFAULT_STREAM_BATCH",
+]
+
+#: Examples per chunk of a stream when neither the user nor the loader names a batch size.
+DEFAULT_STREAM_BATCH = 256
+_MOD = 1 << 256
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def combine_digests(parts: Sequence[int]) -> str:
+    """Hex fingerprint of a whole dataset from its shards' partial digests (their sum mod 2²⁵⁶)."""
+    return f"{sum(parts) % _MOD:064x}"
+
+
+def _example_digests(x: torch.Tensor, y: torch.Tensor, first_index: int) -> int:
+    """``Σᵢ sha256(i, dtype/shape, xᵢ, yᵢ)`` (as an integer mod 2²⁵⁶) for one batch."""
+    header = f"{x.dtype}:{tuple(x.shape[1:])};{y.dtype}:{tuple(y.shape[1:])};".encode()
+    xb = x.detach().cpu().contiguous().reshape(x.shape[0], -1).view(torch.uint8).numpy()
+    yb = y.detach().cpu().contiguous().reshape(y.shape[0], -1).view(torch.uint8).numpy()
+    total = 0
+    for i in range(x.shape[0]):
+        h = hashlib.sha256(header)
+        h.update((first_index + i).to_bytes(8, "little"))
+        h.update(xb[i].data)
+        h.update(yb[i].data)
+        total += int.from_bytes(h.digest(), "little")
+    return total % _MOD
+
+
+def _as_batch_tensor(value: Any, source: str, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise InputError(f"{source}: the {name} are {array.dtype}, not numbers")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class DataSource(ABC):
+    """Consecutive ``(inputs, targets)`` batches of ``num_examples`` examples, the same on every pass.
+
+    Attributes:
+        num_examples: examples this source holds (this process' shard).
+        first_index: global index of its first example (0 unless it is a shard).
+        source: what the examples come from, for messages.
+        streamed: True when every pass reads the examples again (False: in memory).
+        default_batch_size: the chunk size to use when none is asked for (None: all at once).
+    """
+
+    num_examples: int
+    first_index: int = 0
+    source: str = "data"
+    streamed: bool = True
+    default_batch_size: int | None = DEFAULT_STREAM_BATCH
+
+    def __init__(self) -> None:
+        self._digest: int | None = None
+
+    @abstractmethod
+    def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
+        """The source's own ``(x, y)`` batches of at most ``batch_size`` examples, in order."""
+
+    def head(self, k: int) -> Batch:
+        """The first ``min(k, num_examples)`` examples as one batch (reads only what it needs)."""
+        k = min(k, self.num_examples)
+        xs, ys, have = [], [], 0
+        for x, y in self.batches(k, check=False):
+            xs.append(x)
+            ys.append(y)
+            have += x.shape[0]
+            if have >= k:
+                break
+        return torch.cat(xs)[:k], torch.cat(ys)[:k]
+
+    def batches(self, batch_size: int, *, check: bool = True) -> Iterator[Batch]:
+        """Yield ``(inputs (m, ...), targets (m, ...))`` tensors covering the source once, in order.
+
+        With ``check`` the values are checked to be finite and the pass to hold exactly
+        :attr:`num_examples` examples; a complete checked pass records :attr:`digest`.
+
+        Raises:
+            InputError: a batch that is not an ``(x, y)`` pair of equal length, non-finite
+                values, or a pass with more or fewer examples than promised.
+        """
+        seen = 0
+        digest = 0 if (check and self.streamed and self._digest is None) else None
+        for raw_x, raw_y in self._guarded(self._raw_batches(batch_size)):
+            x = _as_batch_tensor(raw_x, self.source, "inputs")
+            y = _as_batch_tensor(raw_y, self.source, "targets")
+            if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+                raise InputError(
+                    f"{self.source}: a batch holds inputs {tuple(x.shape)} and targets {tuple(y.shape)}; "
+                    "both need the same first dimension (examples)"
+                )
+            if check:
+                self._check_finite(x, y, seen)
+                if seen + x.shape[0] > self.num_examples:
+                    raise InputError(
+                        f"{self.source}: a pass yielded more than the {self.num_examples} examples "
+                        "promised; the data changed between passes"
+                    )
+                if digest is not None:
+                    digest += _example_digests(x, y, self.first_index + seen)
+            seen += x.shape[0]
+            yield x, y
+        if check and seen != self.num_examples:
+            raise InputError(
+                f"{self.source}: a pass yielded {seen} examples instead of {self.num_examples}; "
+                "the data changed between passes"
+            )
+        if digest is not None:
+            self._digest = digest % _MOD
+
+    def _guarded(self, raw: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+        """The user's batches, with an error raised while reading them reported as bad input."""
+        while True:
+            try:
+                item = next(raw)
+            except StopIteration:
+                return
+            except InputError:
+                raise
+            except Exception as err:
+                first = str(err).splitlines()[0][:300] if str(err) else ""
+                raise InputError(f"{self.source}: reading the data failed with {type(err).__name__}: {first}") from err
+            yield item
+
+    def _check_finite(self, x: torch.Tensor, y: torch.Tensor, seen: int) -> None:
+        for name, t in (("inputs", x), ("targets", y)):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                a = self.first_index + seen
+                raise InputError(
+                    f"{self.source}: {bad} non-finite values (NaN or inf) in the {name} of examples "
+                    f"{a}..{a + x.shape[0] - 1}; clean them"
+                )
+
+    @property
+    def digest(self) -> int | None:
+        """This stream's partial fingerprint (see module docstring); None before a complete checked
+        pass, and always None for :class:`TensorData` (hash the tensors themselves)."""
+        return self._digest
+
+
+class TensorData(DataSource):
+    """Examples held in memory: ``inputs (n, ...)`` and ``targets (n, ...)`` tensors (or arrays)."""
+
+    streamed = False
+    default_batch_size = None
+
+    def __init__(self, inputs: Any, targets: Any, *, source: str = "data", first_index: int = 0) -> None:
+        super().__init__()
+        self.inputs = _as_batch_tensor(inputs, source, "inputs")
+        self.targets = _as_batch_tensor(targets, source, "targets")
+        if self.inputs.dim() == 0 or self.targets.dim() == 0:
+            raise InputError(f"{source}: inputs and targets need a first dimension of n examples")
+        if self.inputs.shape[0] != self.targets.shape[0]:
+            raise InputError(
+                f"inputs hold {self.inputs.shape[0]} examples but targets hold {self.targets.shape[0]}"
+            )
+        self.num_examples = int(self.inputs.shape[0])
+        self.first_index = first_index
+        self.source = source
+
+    def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
+        for a in range(0, self.num_examples, batch_size):
+            yield self.inputs[a : a + batch_size], self.targets[a : a + batch_size]
+
+
+class DatasetStream(DataSource):
+    """A map-style ``Dataset``'s examples ``indices[start:stop]``, read through a ``DataLoader``.
+
+    Args:
+        dataset: indexable, ``dataset[i]`` is an ``(x, y)`` pair.
+        indices: the global example order (e.g. ``range(len(dataset))`` or a loader's sampler order).
+        start, stop: this source's part of that order.
+        loader_options: ``DataLoader`` keywords kept from the user's loader (``collate_fn``,
+            ``num_workers``, ``pin_memory``, ``worker_init_fn``, ...).
+        default_batch_size: chunk size when none is asked for (the user's loader's, else 256).
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        indices: Sequence[int],
+        start: int = 0,
+        stop: int | None = None,
+        *,
+        loader_options: dict[str, Any] | None = None,
+        default_batch_size: int | None = None,
+        source: str = "dataset",
+    ) -> None:
+        super().__init__()
+        stop = len(indices) if stop is None else stop
+        if not 0 <= start <= stop <= len(indices):
+            raise ValueError(f"bad range [{start}, {stop}) of {len(indices)} examples")
+        self.dataset = dataset
+        self.indices = indices
+        self.first_index, self.num_examples = start, stop - start
+        self._stop = stop
+        self.loader_options = dict(loader_options or {})
+        self._loaders: dict[int, Any] = {}
+        self.default_batch_size = default_batch_size or DEFAULT_STREAM_BATCH
+        self.source = source
+
+    def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
+        from torch.utils.data import DataLoader, Subset
+
+        loader = self._loaders.get(batch_size)
+        if loader is None:  # one per batch size, reused: persistent workers stay up between passes
+            part = Subset(self.dataset, self.indices[self.first_index : self._stop])
+            loader = DataLoader(part, batch_size=batch_size, shuffle=False, drop_last=False, **self.loader_options)
+            self._loaders[batch_size] = loader
+        for number, batch in enumerate(loader):
+            yield _pair(batch, self.source, f"batch {number}")
+
+
+class IterableStream(DataSource):
+    """Examples ``[start, stop)`` of a ``DataLoader`` that can only be iterated (``IterableDataset``).
+
+    Every pass iterates the whole loader and keeps this process' examples, re-batched to the
+    asked size: memory is one batch, reading time is the whole stream's on every process.
+    """
+
+    def __init__(self, loader: Any, start: int, stop: int, *, source: str = "loader") -> None:
+        super().__init__()
+        self.loader = loader
+        self.first_index, self.num_examples, self._stop = start, stop - start, stop
+        #: a loader with ``batch_size=None`` yields single examples, not batches
+        self.unbatched = getattr(loader, "batch_size", 1) is None
+        self.default_batch_size = getattr(loader, "batch_size", None) or DEFAULT_STREAM_BATCH
+        self.source = source
+
+    def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
+        xs: list[torch.Tensor] = []
+        ys: list[torch.Tensor] = []
+        have = position = 0
+        for number, batch in enumerate(self.loader):
+            x, y = _pair(batch, self.source, f"batch {number}")
+            x, y = _as_batch_tensor(x, self.source, "inputs"), _as_batch_tensor(y, self.source, "targets")
+            if self.unbatched:
+                x, y = x.unsqueeze(0), y.unsqueeze(0)
+            m = x.shape[0]
+            a, b = max(self.first_index - position, 0), min(self._stop - position, m)
+            position += m
+            if a < b:
+                xs.append(x[a:b])
+                ys.append(y[a:b])
+                have += b - a
+            while have >= batch_size:
+                X, Y = torch.cat(xs), torch.cat(ys)
+                yield X[:batch_size], Y[:batch_size]
+                xs, ys, have = [X[batch_size:]], [Y[batch_size:]], have - batch_size
+            if position >= self._stop:
+                break
+        if have:
+            yield torch.cat(xs), torch.cat(ys)
+
+
+class HDF5Stream(DataSource):
+    """Rows ``[start, stop)`` of the ``inputs`` and ``targets`` datasets of an HDF5 file, a slice per batch."""
+
+    def __init__(self, path: str, start: int, stop: int, *, default_batch_size: int | None = None) -> None:
+        super().__init__()
+        self.path = path
+        self.first_index, self.num_examples, self._stop = start, stop - start, stop
+        self.default_batch_size = default_batch_size or DEFAULT_STREAM_BATCH
+        self.source = path
+
+    def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
+        import h5py  # type: ignore[import-untyped]
+
+        with h5py.File(self.path, "r") as handle:
+            xs, ys = handle["inputs"], handle["targets"]
+            for a in range(self.first_index, self._stop, batch_size):
+                b = min(a + batch_size, self._stop)
+                yield xs[a:b], ys[a:b]
+
+
+def _pair(item: Any, source: str, where: str) -> tuple[Any, Any]:
+    if isinstance(item, tuple | list) and len(item) == 2:
+        return item[0], item[1]
+    if isinstance(item, dict) and "inputs" in item and "targets" in item:
+        return item["inputs"], item["targets"]
+    raise InputError(f"{source}: {where} is a {type(item).__name__}, not an (x, y) pair")
+
+
+@dataclass
+class StreamSpec:
+    """A dataset too big to load at once: its size and how to open any contiguous part of it.
+
+    Attributes:
+        num_examples: n, the global number of examples (after ``max_samples``).
+        source: the spec it came from.
+        open: ``open(start, stop)`` → a :class:`DataSource` over examples ``[start, stop)``.
+    """
+
+    num_examples: int
+    source: str
+    open: Callable[[int, int], DataSource]
+
+    def shard(self, world_size: int = 1, rank: int = 0) -> DataSource:
+        """This process' contiguous shard (:func:`basins.distributed.shard_range`; all of it for one process)."""
+        from .distributed import shard_range
+
+        return self.open(*shard_range(self.num_examples, world_size, rank))
+
+
+# ---------------------------------------------------------------------- opening user objects
+#: ``DataLoader`` settings carried over to the loader a :class:`DatasetStream` builds.
+_LOADER_OPTIONS = ("num_workers", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
+                   "generator", "prefetch_factor", "persistent_workers", "in_order")
+
+
+def stream_from_object(obj: Any, source: str, max_samples: int | None = None) -> StreamSpec | None:
+    """A :class:`StreamSpec` for a map-style ``Dataset`` or an ordered ``DataLoader``; None for anything else.
+
+    A ``DataLoader`` keeps its order (its sampler's, batch sampler's), batch size (as the
+    default chunk size), collate function and worker settings. One over an ``IterableDataset``
+    is iterated once here to count its examples. Shuffling/``drop_last`` loaders must be
+    refused by the caller. ``max_samples`` keeps the first examples in that order.
+
+    Raises:
+        InputError: an empty dataset or loader.
+    """
+    from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+    cap = (lambda n: n) if max_samples is None else (lambda n: min(n, max_samples))
+    if isinstance(obj, DataLoader):
+        if isinstance(obj.dataset, IterableDataset):
+            total = _count_examples(obj, source, max_samples)
+            return StreamSpec(cap(total), source, lambda a, b: IterableStream(obj, a, b, source=source))
+        options = {k: getattr(obj, k) for k in _LOADER_OPTIONS if hasattr(obj, k)}
+        if not options.get("num_workers"):
+            for k in ("prefetch_factor", "persistent_workers", "timeout", "worker_init_fn", "multiprocessing_context"):
+                options.pop(k, None)
+        if obj.batch_size is not None:  # batch_size=None loaders convert single examples: batch them ourselves
+            options["collate_fn"] = obj.collate_fn
+        indices: Sequence[int]
+        if _sequential(obj):
+            indices = range(len(obj.dataset))  # type: ignore[arg-type]
+        elif obj.batch_sampler is not None:
+            indices = [int(i) for batch in obj.batch_sampler for i in batch]
+        else:
+            indices = [int(i) for i in obj.sampler]
+        indices = indices[: cap(len(indices))]
+        if not indices:
+            raise InputError(f"{source}: the DataLoader yields no examples")
+        dataset, batch = obj.dataset, obj.batch_size
+        return StreamSpec(len(indices), source, lambda a, b: DatasetStream(
+            dataset, indices, a, b, loader_options=options, default_batch_size=batch, source=source))
+    if isinstance(obj, Dataset) and not isinstance(obj, IterableDataset) and hasattr(obj, "__len__"):
+        size = cap(len(obj))
+        if size == 0:
+            raise InputError(f"{source}: the dataset is empty (n = 0)")
+        return StreamSpec(size, source, lambda a, b: DatasetStream(obj, range(size), a, b, source=source))
+    return None
+
+
+def _sequential(loader: Any) -> bool:
+    """A loader whose batches are consecutive indices 0, 1, 2, ... (the default, unshuffled)."""
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    bs = loader.batch_sampler
+    return isinstance(loader.sampler, SequentialSampler) and (bs is None or type(bs) is BatchSampler)
+
+
+def _count_examples(loader: Any, source: str, max_samples: int | None) -> int:
+    unbatched = loader.batch_size is None
+    total = 0
+    for number, batch in enumerate(loader):
+        x, _ = _pair(batch, source, f"batch {number}")
+        total += 1 if unbatched else len(x)
+        if max_samples is not None and total >= max_samples:
+            break
+    if total == 0:
+        raise InputError(f"{source}: the DataLoader yielded no batches")
+    return total
+
+
+def hdf5_stream(path: str, max_samples: int | None = None) -> StreamSpec:
+    """A :class:`StreamSpec` over the root datasets ``inputs`` and ``targets`` of an HDF5 file.
+
+    Raises:
+        InputError: a missing or scalar dataset, unequal first dimensions, no examples, or
+            values that are not numbers.
+    """
+    import h5py
+
+    with h5py.File(path, "r") as handle:
+        sizes = []
+        for key in ("inputs", "targets"):
+            item = handle.get(key)
+            if not isinstance(item, h5py.Dataset):
+                found = ", ".join(sorted(handle.keys())[:8]) or "nothing"
+                raise InputError(
+                    f"{path} is an HDF5 file without a dataset named {key} at its root "
+                    f"(found: {found}); store datasets inputs and targets"
+                )
+            if item.ndim == 0:
+                raise InputError(f"{path}: {key} is a scalar; it needs a first dimension of n examples")
+            if item.dtype.kind not in "biuf":
+                raise InputError(f"{path}: {key} has dtype {item.dtype}, not numbers; store numeric arrays")
+            sizes.append(int(item.shape[0]))
+    if sizes[0] != sizes[1]:
+        raise InputError(
+            f"{path}: inputs have {sizes[0]} examples but targets have {sizes[1]}; "
+            "both need the same first dimension n"
+        )
+    n = sizes[0] if max_samples is None else min(sizes[0], max_samples)
+    if n == 0:
+        raise InputError(f"{path}: the data has no examples (n = 0)")
+    return StreamSpec(n, path, lambda a, b: HDF5Stream(path, a, b))
