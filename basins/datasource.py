@@ -82,7 +82,7 @@ def _example_digests(x: torch.Tensor, y: torch.Tensor, first_index: int) -> int:
 
 def _as_batch_tensor(value: Any, source: str, name: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
-        return value.detach()
+        return value.detach() if value.requires_grad else value
     array = np.asarray(value)
     if array.dtype.kind not in "biuf":
         raise InputError(f"{source}: the {name} are {array.dtype}, not numbers")

@@ -285,3 +285,26 @@ def test_tensors_and_a_source_are_not_mixed() -> None:
                 data_memory_bytes=0)
     with pytest.raises(InputError, match="streamed from s"):
         _ = p.inputs
+
+
+def test_a_streamed_problem_holds_no_chunk_between_passes() -> None:
+    """With --stream, no batch the loader made outlives its pass: memory is one chunk, not n."""
+    import gc
+    import weakref
+
+    alive: set[int] = set()
+
+    def collate(items: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.stack([a for a, _ in items])
+        key = id(x)
+        alive.add(key)
+        weakref.finalize(x, alive.discard, key)
+        return x, torch.stack([b for _, b in items])
+
+    ds = CountingDataset(40)
+    src = stream_from_object(DataLoader(ds, batch_size=8, collate_fn=collate), "tracked").shard()  # type: ignore[union-attr]
+    p = Problem(_model(), src, None, "mse", hvp_route="rev-rev", data_memory_bytes=0)
+    for _ in range(3):
+        p.hvp(torch.ones(p.num_params, dtype=torch.float64))
+        gc.collect()
+        assert not alive, f"{len(alive)} chunks still alive after a pass"

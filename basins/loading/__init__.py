@@ -1,0 +1,151 @@
+"""Load a model and its data from the files users have, and write self-contained bundles.
+
+Files are recognised by their **content**, not their extension: the first bytes and, for zip
+archives, the names of the members. ``torch.save`` files, ``torch.export`` archives, TorchScript
+archives and ``.npz`` files are all zip archives, so a ``.pt`` file may hold a bundle, a state
+dict, a pickled module or TorchScript; errors say which one was found. Every failure raises
+:class:`~basins.errors.InputError` with a one-line message naming the file, what it holds and
+what to do. Nothing here prints.
+
+Models (:func:`load_model`)
+    * ``.pt2`` written by ``torch.export.save``: loaded with ``torch.export.load`` (no pickle,
+      safe). The exported program is turned into inference mode: batch-norm layers use their
+      running statistics and dropout is off, even if the model was exported in training mode,
+      and the module's ``eval()`` is a no-op rather than the error exported modules raise. If
+      the batch dimension of the input was exported as static, ``fixed_batch_size`` is that
+      size (the model can only be called on batches of exactly that many examples).
+    * a state dict (``torch.save(model.state_dict(), path)``), read with ``weights_only=True``,
+      plus ``arch="module:factory"``: ``factory()`` builds the ``nn.Module`` and the weights are
+      loaded with ``strict=True``.
+    * a pickled ``nn.Module`` (``torch.save(model, path)``): loading it runs code from the file,
+      so it is refused unless ``trust_pickle=True`` (``--trust-pickle``).
+    * TorchScript (``torch.jit.save``) is always refused: ``torch.func`` cannot differentiate it.
+      The error gives the ``torch.export`` one-liner to use instead.
+
+Data (:func:`load_data`)
+    ``spec`` is a file or ``module:factory``:
+
+    * ``.pt``: ``torch.save({"inputs": X, "targets": Y}, path)``, read with ``weights_only=True``;
+    * ``.npz``: ``numpy.savez(path, inputs=X, targets=Y)`` (read with ``allow_pickle=False``);
+    * ``.h5``/``.hdf5``: datasets named ``inputs`` and ``targets`` at the root;
+    * a bundle (its data);
+    * ``module:factory`` or ``path/to/file.py:factory``: the attribute, called with no
+      arguments if it is callable, gives ``(inputs, targets)`` (tensors or arrays), a dict with
+      those keys, a map-style ``Dataset`` of ``(x, y)`` pairs, or a ``DataLoader`` of
+      ``(x, y)`` batches (iterated once, in order; a shuffling or ``drop_last`` loader is
+      refused because the data would change from run to run).
+
+    Inputs have shape ``(n, ...)`` and targets ``(n, ...)`` with the same ``n ≥ 1``; dtypes are
+    kept as stored (integer class labels stay integer, float targets stay float); NumPy arrays
+    become tensors. Floating-point inputs and targets must be finite.
+    ``max_samples=k`` keeps the **first** ``k`` examples, in stored order: a fixed subset,
+    nothing random, so the same file and ``k`` always give the same problem (and the same data
+    hash). ``seed`` only seeds ``torch``, ``numpy`` and ``random`` while a factory runs and its
+    dataset or loader is materialised (global generator states are restored afterwards), so a
+    factory that draws random numbers gives the same data on every run.
+
+Bundle format (version 1)
+    One ``torch.save`` file, readable with ``torch.load(path, weights_only=True)`` (no code
+    runs when it is loaded), holding a dict::
+
+        {
+            "format": "basins-bundle",       # str, identifies the file
+            "version": 1,                    # int, this layout
+            "model": uint8 tensor (m,),      # the bytes of a torch.export.save (.pt2) archive
+            "inputs": tensor (n, ...),       # the data, dtypes as given
+            "targets": tensor (n, ...),
+            "loss": "cross-entropy" | None,  # a loss name (mse, cross-entropy, nll, bce) or
+                                             # "module:function"; None: infer from the targets
+            "meta": {str: str | int | float | bool | None | list of these},
+        }
+
+    ``basins example`` writes one (:mod:`basins.example`), :func:`save_bundle` writes one from
+    a module or an ``ExportedProgram``, and any command accepts it as ``MODEL`` with no other
+    option (``--data``/``--loss`` override what it carries). Readers refuse other ``format``
+    values and newer versions. ``LoadedModel.sha256`` of a bundle is the hash of the embedded
+    ``.pt2`` bytes. (It differs from the hash of a ``.pt2`` file of the same program: the
+    archive's member names start with the file's name, ``archive/`` in a bundle.)
+
+Modules: :mod:`~basins.loading.formats` (recognising files), :mod:`~basins.loading.models`,
+:mod:`~basins.loading.data`, :mod:`~basins.loading.bundle`, :mod:`~basins.loading.imports`
+(``module:attr`` specs); everything public is importable from ``basins.loading``.
+
+Example:
+    >>> from basins.loading import resolve_inputs
+    >>> model, data, loss = resolve_inputs("basins-example/model.pt")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from basins.datasource import StreamSpec
+from basins.errors import InputError
+
+from .bundle import Bundle, load_bundle, save_bundle
+from .data import LoadedData, _finish_data, load_data, open_data
+from .formats import BUNDLE_FORMAT, BUNDLE_VERSION
+from .imports import import_object
+from .models import LoadedModel, _load_model_file, load_model
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "BUNDLE_VERSION",
+    "Bundle",
+    "LoadedData",
+    "LoadedModel",
+    "StreamSpec",
+    "import_object",
+    "load_bundle",
+    "load_data",
+    "load_model",
+    "open_data",
+    "resolve_inputs",
+    "save_bundle",
+]
+
+
+
+def resolve_inputs(
+    model: str,
+    *,
+    data: str | None = None,
+    loss: str | None = None,
+    arch: str | None = None,
+    trust_pickle: bool = False,
+    max_samples: int | None = None,
+    seed: int = 0,
+    stream: bool = False,
+) -> tuple[LoadedModel, LoadedData | StreamSpec, str | None]:
+    """The model, data and loss a command runs on.
+
+    A bundle supplies all three; an explicit ``data`` or ``loss`` replaces what it carries.
+    Any other model file needs ``data``. The loss is returned as given (``None``: none given,
+    the caller infers it from the targets). With ``stream``, ``data`` is opened by
+    :func:`open_data` (a Dataset, DataLoader or HDF5 file is not read yet); otherwise the
+    data come back loaded (:class:`LoadedData`).
+
+    Raises:
+        InputError: as :func:`load_model` and :func:`load_data`, or ``data`` missing for a
+            model that is not a bundle.
+    """
+    loaded, raw = _load_model_file(model, arch=arch, trust_pickle=trust_pickle)
+    if raw is not None:
+        bundle_loss = raw.get("loss")
+        loaded_data: LoadedData | StreamSpec
+        if data is not None:
+            loaded_data = (open_data if stream else load_data)(data, max_samples=max_samples, seed=seed)
+        else:
+            loaded_data = _finish_data(raw["inputs"], raw["targets"], model, max_samples)
+        return loaded, loaded_data, loss if loss is not None else bundle_loss
+    if data is None:
+        found = {
+            "export": "a .pt2 export",
+            "state_dict": "a state dict",
+            "pickle": "a pickled module",
+        }.get(loaded.kind, loaded.kind)
+        raise InputError(
+            f"{model} is {found}, which holds no data: pass the data with --data (a .pt, .npz "
+            "or .h5 file with inputs and targets, or module:function); only a bundle written by "
+            "basins example or save_bundle carries its own"
+        )
+    return loaded, (open_data if stream else load_data)(data, max_samples=max_samples, seed=seed), loss
+

@@ -1,0 +1,327 @@
+"""Load a model file: ``torch.export`` archive, state dict + ``--arch``, trusted pickle, or bundle.
+
+See :mod:`basins.loading` for the formats. Exported programs are turned into inference mode
+(batch-norm running statistics, dropout off) and their static batch size is detected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from basins.errors import InputError
+
+from .formats import (
+    _EXPORT_HINT,
+    _KIND_WORDS,
+    BUNDLE_FORMAT,
+    _check_bundle,
+    _check_file,
+    _describe,
+    _file_sha256,
+    _not_readable,
+    _one_line,
+    _sniff,
+    _torch_load_safe,
+    _unpickling_global,
+)
+from .imports import import_object
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for ``torch.func.functional_call(module, (params, buffers), x)``.
+
+    Attributes:
+        module: The ``nn.Module``, in eval mode; for a ``.pt2`` the ``ExportedProgram``'s
+            ``.module()`` rewritten to inference mode (its ``eval()`` is a no-op).
+        kind: ``"export"``, ``"state_dict"``, ``"pickle"`` or ``"bundle"``.
+        fixed_batch_size: For an export whose batch dimension is static, that size (the module
+            only accepts batches of exactly this many examples); otherwise ``None``.
+        source: The path as given.
+        sha256: Hex SHA-256 of the model file's bytes (of a bundle: of the embedded ``.pt2``).
+    """
+
+    module: torch.nn.Module
+    kind: str
+    fixed_batch_size: int | None
+    source: str
+    sha256: str
+
+
+
+def load_model(path: str, *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
+    """Load a model file (``.pt2``, state dict + ``arch``, trusted pickle, or bundle).
+
+    Args:
+        path: The model file; its format is recognised from its content.
+        arch: ``"module:factory"`` building the ``nn.Module`` for a state dict (the factory is
+            called with no arguments; an ``nn.Module`` instance is used as is). Ignored for
+            self-contained formats.
+        trust_pickle: Allow loading a pickled ``nn.Module``, which runs code from the file.
+
+    Returns:
+        The :class:`LoadedModel`, in eval mode.
+
+    Raises:
+        InputError: missing file, directory, unknown or corrupt content, TorchScript, a pickle
+            without ``trust_pickle``, a state dict without ``arch`` or that does not fit it.
+    """
+    model, _ = _load_model_file(path, arch=arch, trust_pickle=trust_pickle)
+    return model
+
+
+
+def _load_model_file(
+    path: str, *, arch: str | None, trust_pickle: bool
+) -> tuple[LoadedModel, dict[str, Any] | None]:
+    """The model, and the raw bundle dict when the file is a bundle."""
+    _check_file(path, "model")
+    sniffed = _sniff(path)
+    kind = sniffed.kind
+    if kind == "pt2":
+        try:
+            program = torch.export.load(path)
+        except Exception as err:
+            raise InputError(
+                f"{path} looks like a torch.export archive (.pt2) but torch.export.load failed "
+                f"({_one_line(err)}); re-export it with this torch version ({torch.__version__})"
+            ) from err
+        module, fixed = _prepare_exported(program, path)
+        return LoadedModel(module, "export", fixed, path, _file_sha256(path)), None
+    if kind == "torchscript":
+        raise InputError(
+            f"{path} is a TorchScript archive (torch.jit.save): torch.func cannot differentiate "
+            f"TorchScript; export the original nn.Module instead: {_EXPORT_HINT}"
+        )
+    if kind == "aoti":
+        raise InputError(
+            f"{path} is an AOTInductor compiled package: compiled code cannot be differentiated; "
+            f"save the ExportedProgram itself: {_EXPORT_HINT}"
+        )
+    if kind in ("torch-save", "legacy-pickle"):
+        return _load_torch_save_model(path, arch=arch, trust_pickle=trust_pickle)
+    if kind in ("npz", "npy", "hdf5"):
+        raise InputError(
+            f"{path} is {_KIND_WORDS[kind]}, which is data, not a model: pass it with --data"
+        )
+    raise InputError(_not_readable(path, sniffed, "model"))
+
+
+
+def _load_torch_save_model(
+    path: str, *, arch: str | None, trust_pickle: bool
+) -> tuple[LoadedModel, dict[str, Any] | None]:
+    try:
+        obj = _torch_load_safe(path, path)
+    except pickle.UnpicklingError as err:
+        if not trust_pickle:
+            raise InputError(
+                f"{path} is a pickled Python object ({_unpickling_global(err)}); loading a "
+                "pickle runs code from the file: pass --trust-pickle (trust_pickle=True) only "
+                "if you trust its source, or save model.state_dict() and pass --arch, or "
+                "export a .pt2 with torch.export"
+            ) from err
+        return _load_trusted_pickle(path), None
+    if isinstance(obj, Mapping) and obj.get("format") == BUNDLE_FORMAT:
+        return _bundle_model(obj, path), dict(obj)
+    if isinstance(obj, Mapping) and "inputs" in obj and "targets" in obj:
+        raise InputError(
+            f"{path} is a data file (a dict with inputs and targets), not a model: "
+            "pass it with --data"
+        )
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _load_state_dict(path, obj, arch), None
+    raise InputError(
+        f"{path} is a torch.save file holding {_describe(obj)}, not a model: expected a "
+        "state dict (name -> tensor) with --arch, a pickled nn.Module, or a bundle"
+    )
+
+
+
+def _load_trusted_pickle(path: str) -> LoadedModel:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise InputError(
+            f"{path}: unpickling failed ({type(err).__name__}: {_one_line(err)}); the classes "
+            "it references must be importable (run from the project that defines them)"
+        ) from err
+    if not isinstance(obj, torch.nn.Module):
+        raise InputError(
+            f"{path} unpickled to {_describe(obj)}, not an nn.Module: save the model itself "
+            "(torch.save(model, path)) or, better, export a .pt2 with torch.export"
+        )
+    obj.eval()
+    return LoadedModel(obj, "pickle", None, path, _file_sha256(path))
+
+
+
+def _load_state_dict(path: str, state: Mapping[str, Any], arch: str | None) -> LoadedModel:
+    first = next(iter(state))
+    if arch is None:
+        raise InputError(
+            f"{path} is a state dict ({len(state)} tensors, e.g. {first!r}): it holds weights "
+            "but not the architecture; pass --arch module:factory naming a function that builds "
+            "the nn.Module (e.g. --arch mypkg.models:make_model), or export a .pt2 with "
+            "torch.export"
+        )
+    module = _build_module(arch)
+    try:
+        module.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise InputError(
+            f"{path}: the state dict does not fit the model built by --arch {arch} "
+            f"({_one_line(err)})"
+        ) from err
+    module.eval()
+    return LoadedModel(module, "state_dict", None, path, _file_sha256(path))
+
+
+
+def _build_module(arch: str) -> torch.nn.Module:
+    factory = import_object(arch)
+    if isinstance(factory, torch.nn.Module):
+        return factory
+    if not callable(factory):
+        raise InputError(
+            f"--arch {arch} is a {type(factory).__name__}, not a function returning an nn.Module"
+        )
+    try:
+        module = factory()
+    except Exception as err:
+        raise InputError(
+            f"--arch {arch}: calling it with no arguments raised {type(err).__name__} "
+            f"({_one_line(err)}); it must build the model without arguments"
+        ) from err
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"--arch {arch} returned {_describe(module)}, not an nn.Module")
+    return module
+
+
+
+_TRAINING_FLAG_ARG = {  # op -> (position, name) of its "training" flag
+    "aten::batch_norm": (5, "training"),
+    "aten::dropout": (2, "train"),
+    "aten::feature_dropout": (2, "train"),
+    "aten::alpha_dropout": (2, "train"),
+    "aten::feature_alpha_dropout": (2, "train"),
+}
+
+
+
+def _prepare_exported(
+    program: torch.export.ExportedProgram, source: str
+) -> tuple[torch.nn.Module, int | None]:
+    """``program.module()`` in inference mode, and its static batch size (or None)."""
+    from torch.export.graph_signature import InputKind, TensorArgument
+
+    user_inputs = [
+        spec for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT
+    ]
+    tensors = [spec for spec in user_inputs if isinstance(spec.arg, TensorArgument)]
+    if len(user_inputs) != 1 or len(tensors) != 1:
+        names = ", ".join(getattr(spec.arg, "name", "?") for spec in user_inputs) or "none"
+        raise InputError(
+            f"{source}: the exported model takes {len(user_inputs)} inputs ({names}); basins "
+            "calls model(x) with one batch tensor x: export a wrapper whose forward takes one "
+            "tensor"
+        )
+    name = tensors[0].arg.name
+    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
+    value = node.meta.get("val")
+    shape = getattr(value, "shape", None)
+    if shape is None or len(shape) == 0:
+        raise InputError(
+            f"{source}: the exported model's input is a scalar, it has no batch dimension: "
+            f"export it with a batch of examples: {_EXPORT_HINT}"
+        )
+    first = shape[0]
+    fixed = int(first) if isinstance(first, int) else None
+    module = program.module()
+    _to_inference_mode(module, source)
+    return module, fixed
+
+
+
+def _to_inference_mode(module: torch.fx.GraphModule, source: str) -> None:
+    """Rewrite training-mode ops of an unlifted exported graph to eval behaviour, in place.
+
+    ``torch.export`` bakes train/eval into the graph, and the module it returns refuses
+    ``eval()``. Batch norm and dropout carry a ``training`` flag that is set to ``False``, and
+    the ``num_batches_tracked += 1`` of batch norm is dropped. Any other op that mutates state
+    means the model is not a function of its parameters: refused.
+    """
+    graph = module.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        schema = node.target._schema
+        flag = _TRAINING_FLAG_ARG.get(schema.name)
+        if flag is not None:
+            position, keyword = flag
+            if len(node.args) > position and node.args[position] is True:
+                args = list(node.args)
+                args[position] = False
+                node.args = tuple(args)
+                changed = True
+            elif node.kwargs.get(keyword) is True:
+                node.kwargs = {**node.kwargs, keyword: False}
+                changed = True
+            continue
+        if schema.is_mutable:
+            target = node.args[0] if node.args else None
+            if (
+                isinstance(target, torch.fx.Node)
+                and target.op == "get_attr"
+                and str(target.target).endswith("num_batches_tracked")
+                and not node.users
+            ):
+                graph.erase_node(node)
+                changed = True
+                continue
+            raise InputError(
+                f"{source}: the exported model updates its own state when called "
+                f"({schema.name}); export it in eval mode, after model.eval(): {_EXPORT_HINT}"
+            )
+    if changed:  # (no dead-code elimination: it could drop the input-guard call)
+        module.recompile()
+    for submodule in module.modules():
+        submodule.training = False
+
+    def _eval(self: torch.nn.Module) -> torch.nn.Module:
+        return self
+
+    def _train(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
+        if mode:
+            raise NotImplementedError(
+                "basins loaded this exported program in inference mode; it cannot be trained"
+            )
+        return self
+
+    module.eval = types.MethodType(_eval, module)  # type: ignore[method-assign]
+    module.train = types.MethodType(_train, module)  # type: ignore[method-assign]
+
+
+
+def _bundle_model(obj: Mapping[str, Any], source: str) -> LoadedModel:
+    _check_bundle(obj, source)
+    raw = obj["model"].contiguous().numpy().tobytes()
+    try:
+        program = torch.export.load(io.BytesIO(raw))
+    except Exception as err:
+        raise InputError(
+            f"{source}: the model inside the bundle could not be loaded by torch.export.load "
+            f"({_one_line(err)}); rewrite the bundle with this torch version"
+        ) from err
+    module, fixed = _prepare_exported(program, source)
+    return LoadedModel(module, "bundle", fixed, source, hashlib.sha256(raw).hexdigest())
+
