@@ -30,8 +30,9 @@ passes at load) reports one that does not.
 from __future__ import annotations
 
 import hashlib
+import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,8 +49,10 @@ __all__ = [
     "HDF5Stream",
     "StreamSpec",
     "stream_from_object",
+    "check_ordered_loader",
     "hdf5_stream",
     "combine_digests",
+    "data_fingerprint",
     "DEFAULT_STREAM_BATCH",
 ]
 
@@ -58,6 +61,14 @@ DEFAULT_STREAM_BATCH = 256
 _MOD = 1 << 256
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def data_fingerprint(inputs: torch.Tensor, targets: torch.Tensor, *, chunk: int = 4096) -> str:
+    """Hex fingerprint of examples held in memory, equal to a stream's over the same examples."""
+    total = 0
+    for a in range(0, inputs.shape[0], chunk):
+        total += _example_digests(inputs[a : a + chunk], targets[a : a + chunk], a)
+    return combine_digests([total])
 
 
 def combine_digests(parts: Sequence[int]) -> str:
@@ -78,6 +89,19 @@ def _example_digests(x: torch.Tensor, y: torch.Tensor, first_index: int) -> int:
         h.update(yb[i].data)
         total += int.from_bytes(h.digest(), "little")
     return total % _MOD
+
+
+def _describe_error(err: BaseException) -> str:
+    """``Type: message`` of an error raised by the user's data code, in one line.
+
+    A DataLoader worker's error carries the original traceback in its message; its last line
+    is the original error.
+    """
+    text = str(err)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if "Original Traceback" in text and lines:
+        return lines[-1][:300]
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def _as_batch_tensor(value: Any, source: str, name: str) -> torch.Tensor:
@@ -128,15 +152,17 @@ class DataSource(ABC):
     def batches(self, batch_size: int, *, check: bool = True) -> Iterator[Batch]:
         """Yield ``(inputs (m, ...), targets (m, ...))`` tensors covering the source once, in order.
 
-        With ``check`` the values are checked to be finite and the pass to hold exactly
-        :attr:`num_examples` examples; a complete checked pass records :attr:`digest`.
+        Every complete pass must hold exactly :attr:`num_examples` examples. With ``check`` the
+        values are also checked to be finite and, for a stream, the pass's fingerprint is
+        recorded (:attr:`digest`, first checked pass) or compared with the recorded one.
 
         Raises:
             InputError: a batch that is not an ``(x, y)`` pair of equal length, non-finite
-                values, or a pass with more or fewer examples than promised.
+                values, a pass with more or fewer examples than promised, or examples that
+                differ from those of an earlier checked pass.
         """
         seen = 0
-        digest = 0 if (check and self.streamed and self._digest is None) else None
+        digest = 0 if (check and self.streamed) else None
         for raw_x, raw_y in self._guarded(self._raw_batches(batch_size)):
             x = _as_batch_tensor(raw_x, self.source, "inputs")
             y = _as_batch_tensor(raw_y, self.source, "targets")
@@ -145,24 +171,31 @@ class DataSource(ABC):
                     f"{self.source}: a batch holds inputs {tuple(x.shape)} and targets {tuple(y.shape)}; "
                     "both need the same first dimension (examples)"
                 )
+            if seen + x.shape[0] > self.num_examples:
+                raise InputError(
+                    f"{self.source}: a pass yielded more than the {self.num_examples} examples "
+                    "promised; the data changed between passes"
+                )
             if check:
                 self._check_finite(x, y, seen)
-                if seen + x.shape[0] > self.num_examples:
-                    raise InputError(
-                        f"{self.source}: a pass yielded more than the {self.num_examples} examples "
-                        "promised; the data changed between passes"
-                    )
                 if digest is not None:
                     digest += _example_digests(x, y, self.first_index + seen)
             seen += x.shape[0]
             yield x, y
-        if check and seen != self.num_examples:
+        if seen != self.num_examples:
             raise InputError(
                 f"{self.source}: a pass yielded {seen} examples instead of {self.num_examples}; "
                 "the data changed between passes"
             )
         if digest is not None:
-            self._digest = digest % _MOD
+            if self._digest is None:
+                self._digest = digest % _MOD
+            elif self._digest != digest % _MOD:
+                raise InputError(
+                    f"{self.source}: two passes over the data gave different examples; a Dataset must "
+                    "return the same example for the same index (no random augmentation) and a loader "
+                    "the same order"
+                )
 
     def _guarded(self, raw: Iterator[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
         """The user's batches, with an error raised while reading them reported as bad input."""
@@ -174,19 +207,21 @@ class DataSource(ABC):
             except InputError:
                 raise
             except Exception as err:
-                first = str(err).splitlines()[0][:300] if str(err) else ""
-                raise InputError(f"{self.source}: reading the data failed with {type(err).__name__}: {first}") from err
+                raise InputError(f"{self.source}: reading the data failed with {_describe_error(err)}") from err
             yield item
 
     def _check_finite(self, x: torch.Tensor, y: torch.Tensor, seen: int) -> None:
         for name, t in (("inputs", x), ("targets", y)):
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                bad = int((~torch.isfinite(t)).sum())
-                a = self.first_index + seen
-                raise InputError(
-                    f"{self.source}: {bad} non-finite values (NaN or inf) in the {name} of examples "
-                    f"{a}..{a + x.shape[0] - 1}; clean them"
-                )
+            if t.is_floating_point():
+                bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+                if bool(bad.any()):
+                    rows = torch.nonzero(bad).flatten()
+                    first = self.first_index + seen + int(rows[0])
+                    more = f" (and {len(rows) - 1} more examples in this chunk)" if len(rows) > 1 else ""
+                    raise InputError(
+                        f"{self.source}: non-finite values (NaN or inf) in the {name} of example {first}{more}; "
+                        "clean them"
+                    )
 
     @property
     def digest(self) -> int | None:
@@ -229,7 +264,8 @@ class DatasetStream(DataSource):
         start, stop: this source's part of that order.
         loader_options: ``DataLoader`` keywords kept from the user's loader (``collate_fn``,
             ``num_workers``, ``pin_memory``, ``worker_init_fn``, ...).
-        default_batch_size: chunk size when none is asked for (the user's loader's, else 256).
+        default_batch_size: the user's loader's batch size; chunks are at least 256 examples
+            unless a batch size is asked for.
     """
 
     def __init__(
@@ -253,15 +289,25 @@ class DatasetStream(DataSource):
         self._stop = stop
         self.loader_options = dict(loader_options or {})
         self._loaders: dict[int, Any] = {}
-        self.default_batch_size = default_batch_size or DEFAULT_STREAM_BATCH
+        self.default_batch_size = max(default_batch_size or 1, DEFAULT_STREAM_BATCH)
         self.source = source
+
+    def head(self, k: int) -> Batch:
+        """The first examples, read straight from the dataset (no loader, no worker processes)."""
+        from torch.utils.data import default_collate
+
+        k = min(k, self.num_examples)
+        collate = self.loader_options.get("collate_fn") or default_collate
+        items = [self.dataset[int(i)] for i in self.indices[self.first_index : self.first_index + k]]
+        x, y = _pair(collate(items), self.source, "the first examples")
+        return _as_batch_tensor(x, self.source, "inputs"), _as_batch_tensor(y, self.source, "targets")
 
     def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
         from torch.utils.data import DataLoader, Subset
 
         loader = self._loaders.get(batch_size)
         if loader is None:  # one per batch size, reused: persistent workers stay up between passes
-            part = Subset(self.dataset, self.indices[self.first_index : self._stop])
+            part = Subset(self.dataset, _as_int_list(self.indices[self.first_index : self._stop]))
             loader = DataLoader(part, batch_size=batch_size, shuffle=False, drop_last=False, **self.loader_options)
             self._loaders[batch_size] = loader
         for number, batch in enumerate(loader):
@@ -269,30 +315,28 @@ class DatasetStream(DataSource):
 
 
 class IterableStream(DataSource):
-    """Examples ``[start, stop)`` of a ``DataLoader`` that can only be iterated (``IterableDataset``).
+    """Examples ``[start, stop)`` of anything iterable that yields ``(x, y)`` batches, e.g. a
+    ``DataLoader`` over an ``IterableDataset`` or one with its own ``__iter__``.
 
     Every pass iterates the whole loader and keeps this process' examples, re-batched to the
     asked size: memory is one batch, reading time is the whole stream's on every process.
+    A loader with ``batch_size=None`` may yield single examples or whole batches: an item whose
+    inputs and targets share their first dimension is a batch, any other item one example.
     """
 
     def __init__(self, loader: Any, start: int, stop: int, *, source: str = "loader") -> None:
         super().__init__()
         self.loader = loader
         self.first_index, self.num_examples, self._stop = start, stop - start, stop
-        #: a loader with ``batch_size=None`` yields single examples, not batches
-        self.unbatched = getattr(loader, "batch_size", 1) is None
-        self.default_batch_size = getattr(loader, "batch_size", None) or DEFAULT_STREAM_BATCH
+        self.default_batch_size = max(_loader_batch_size(loader) or 1, DEFAULT_STREAM_BATCH)
         self.source = source
 
     def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
         xs: list[torch.Tensor] = []
         ys: list[torch.Tensor] = []
         have = position = 0
-        for number, batch in enumerate(self.loader):
-            x, y = _pair(batch, self.source, f"batch {number}")
-            x, y = _as_batch_tensor(x, self.source, "inputs"), _as_batch_tensor(y, self.source, "targets")
-            if self.unbatched:
-                x, y = x.unsqueeze(0), y.unsqueeze(0)
+        for number, item in enumerate(self.loader):
+            x, y = loader_batch(self.loader, item, self.source, number)
             m = x.shape[0]
             a, b = max(self.first_index - position, 0), min(self._stop - position, m)
             position += m
@@ -308,6 +352,30 @@ class IterableStream(DataSource):
                 break
         if have:
             yield torch.cat(xs), torch.cat(ys)
+
+
+def _auto_batching(loader: Any) -> bool:
+    """Whether a loader collates examples into batches itself (it has a batch sampler)."""
+    return getattr(loader, "batch_sampler", True) is not None
+
+
+def _loader_batch_size(loader: Any) -> int | None:
+    """The examples per batch a loader makes (its own, or its batch sampler's), if it says."""
+    size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return size if isinstance(size, int) else None
+
+
+def loader_batch(loader: Any, item: Any, source: str, number: int) -> Batch:
+    """Item ``number`` that ``loader`` yielded, as ``(x, y)`` tensors with a leading example dimension.
+
+    With automatic batching off (``batch_size=None``) an item whose inputs and targets do not
+    share their first dimension is one example; every other item is a batch.
+    """
+    x, y = _pair(item, source, f"batch {number}")
+    x, y = _as_batch_tensor(x, source, "inputs"), _as_batch_tensor(y, source, "targets")
+    if not _auto_batching(loader) and (x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]):
+        x, y = x.unsqueeze(0), y.unsqueeze(0)  # automatic batching off, and this item is one example
+    return x, y
 
 
 class HDF5Stream(DataSource):
@@ -333,9 +401,15 @@ class HDF5Stream(DataSource):
 def _pair(item: Any, source: str, where: str) -> tuple[Any, Any]:
     if isinstance(item, tuple | list) and len(item) == 2:
         return item[0], item[1]
-    if isinstance(item, dict) and "inputs" in item and "targets" in item:
+    if isinstance(item, Mapping) and "inputs" in item and "targets" in item:
         return item["inputs"], item["targets"]
-    raise InputError(f"{source}: {where} is a {type(item).__name__}, not an (x, y) pair")
+    if isinstance(item, tuple | list):
+        found = f"a {type(item).__name__} of {len(item)} items"
+    elif isinstance(item, Mapping):
+        found = f"a dict with keys {', '.join(map(str, list(item)[:6]))} (expected keys inputs and targets)"
+    else:
+        found = f"a {type(item).__name__}"
+    raise InputError(f"{source}: {where} is {found}, not an (x, y) pair")
 
 
 @dataclass
@@ -368,40 +442,39 @@ _LOADER_OPTIONS = ("num_workers", "pin_memory", "timeout", "worker_init_fn", "mu
 def stream_from_object(obj: Any, source: str, max_samples: int | None = None) -> StreamSpec | None:
     """A :class:`StreamSpec` for a map-style ``Dataset`` or an ordered ``DataLoader``; None for anything else.
 
-    A ``DataLoader`` keeps its order (its sampler's, batch sampler's), batch size (as the
-    default chunk size), collate function and worker settings. One over an ``IterableDataset``
-    is iterated once here to count its examples. Shuffling/``drop_last`` loaders must be
-    refused by the caller. ``max_samples`` keeps the first examples in that order.
+    A plain ``DataLoader`` over a map-style dataset is read by index: its sampler's (or batch
+    sampler's) order, counted once here, its batch size (chunks are at least 256 examples
+    unless ``--batch-size`` says otherwise), collate function and worker settings are kept,
+    and each process reads only its indices. Any other loader (over an ``IterableDataset``, a
+    ``DataLoader`` subclass, a sampler of non-integer keys) is iterated as it is, once here to
+    count its examples and once per pass. ``max_samples`` keeps the first examples in that order.
 
     Raises:
-        InputError: an empty dataset or loader.
+        InputError: a loader that shuffles (a random sampler, or an order that changes from
+            one iteration to the next) or drops its last batch, an empty dataset or loader.
     """
     from torch.utils.data import DataLoader, Dataset, IterableDataset
 
     cap = (lambda n: n) if max_samples is None else (lambda n: min(n, max_samples))
     if isinstance(obj, DataLoader):
-        if isinstance(obj.dataset, IterableDataset):
+        check_ordered_loader(obj, source)
+        indices = None if (type(obj) is not DataLoader or isinstance(obj.dataset, IterableDataset)) \
+            else _loader_indices(obj, source)
+        if indices is None:  # iterate the loader itself
             total = _count_examples(obj, source, max_samples)
             return StreamSpec(cap(total), source, lambda a, b: IterableStream(obj, a, b, source=source))
         options = {k: getattr(obj, k) for k in _LOADER_OPTIONS if hasattr(obj, k)}
         if not options.get("num_workers"):
             for k in ("prefetch_factor", "persistent_workers", "timeout", "worker_init_fn", "multiprocessing_context"):
                 options.pop(k, None)
-        if obj.batch_size is not None:  # batch_size=None loaders convert single examples: batch them ourselves
-            options["collate_fn"] = obj.collate_fn
-        indices: Sequence[int]
-        if _sequential(obj):
-            indices = range(len(obj.dataset))  # type: ignore[arg-type]
-        elif obj.batch_sampler is not None:
-            indices = [int(i) for batch in obj.batch_sampler for i in batch]
-        else:
-            indices = [int(i) for i in obj.sampler]
+        # with automatic batching off the loader's collate_fn converts one example: apply it to each
+        options["collate_fn"] = obj.collate_fn if _auto_batching(obj) else _PerExample(obj.collate_fn)
         indices = indices[: cap(len(indices))]
-        if not indices:
+        if len(indices) == 0:
             raise InputError(f"{source}: the DataLoader yields no examples")
-        dataset, batch = obj.dataset, obj.batch_size
-        return StreamSpec(len(indices), source, lambda a, b: DatasetStream(
-            dataset, indices, a, b, loader_options=options, default_batch_size=batch, source=source))
+        dataset, batch, chosen = obj.dataset, _loader_batch_size(obj), indices
+        return StreamSpec(len(chosen), source, lambda a, b: DatasetStream(
+            dataset, chosen, a, b, loader_options=options, default_batch_size=batch, source=source))
     if isinstance(obj, Dataset) and not isinstance(obj, IterableDataset) and hasattr(obj, "__len__"):
         size = cap(len(obj))
         if size == 0:
@@ -410,20 +483,85 @@ def stream_from_object(obj: Any, source: str, max_samples: int | None = None) ->
     return None
 
 
-def _sequential(loader: Any) -> bool:
-    """A loader whose batches are consecutive indices 0, 1, 2, ... (the default, unshuffled)."""
+def check_ordered_loader(loader: Any, source: str) -> None:
+    """Refuse a ``DataLoader`` whose examples would change from run to run (random sampling, ``drop_last``).
+
+    Raises:
+        InputError: naming what the loader does and what to return instead.
+    """
+    from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
+
+    samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
+    if any(isinstance(s, RandomSampler | SubsetRandomSampler | WeightedRandomSampler) for s in samplers):
+        why = "shuffles (random sampler)"
+    elif loader.drop_last:
+        why = "drops its last batch"
+    else:
+        return
+    raise InputError(
+        f"{source}: the DataLoader {why}, so the data would change between runs; return "
+        "it with shuffle=False and drop_last=False, or return the Dataset"
+    )
+
+
+def _loader_indices(loader: Any, source: str) -> Sequence[int] | None:
+    """The dataset indices a plain ``DataLoader`` reads, in order (None: keys that are not integers).
+
+    The order is enumerated twice and must agree (a sampler that draws at random is refused).
+    """
     from torch.utils.data import BatchSampler, SequentialSampler
 
     bs = loader.batch_sampler
-    return isinstance(loader.sampler, SequentialSampler) and (bs is None or type(bs) is BatchSampler)
+    if (type(bs) is BatchSampler and not bs.drop_last
+            and type(bs.sampler) is SequentialSampler and bs.sampler.data_source is loader.dataset):
+        return range(len(loader.dataset))  # the default: 0, 1, ..., n-1
+
+    def enumerate_once() -> np.ndarray | None:
+        keys = (i for batch in bs for i in batch) if _auto_batching(loader) else iter(loader.sampler)
+        out = []
+        for key in keys:
+            if isinstance(key, bool) or not isinstance(key, numbers.Integral | np.integer | torch.Tensor) \
+                    or (isinstance(key, torch.Tensor) and (key.dim() or key.is_floating_point())):
+                return None
+            out.append(int(key))
+        return np.asarray(out, dtype=np.int64)
+
+    first = enumerate_once()
+    if first is None:
+        return None
+    again = enumerate_once()
+    if again is None or not np.array_equal(first, again):
+        raise InputError(f"{source}: the DataLoader's sampler gives a different order each time; use a fixed order")
+    return first  # type: ignore[return-value]
+
+
+def _as_int_list(indices: Sequence[int]) -> Sequence[int]:
+    """Indices a ``Dataset`` accepts: a ``range`` as is, anything else as Python ints."""
+    if isinstance(indices, range):
+        return indices
+    return [int(i) for i in indices]
+
+
+class _PerExample:
+    """``default_collate`` of ``fn`` applied to each example (a loader's collate_fn with batching off).
+
+    A class, not a closure, so that it pickles for worker processes.
+    """
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, items: list[Any]) -> Any:
+        from torch.utils.data import default_collate
+
+        return default_collate([self.fn(item) for item in items])
 
 
 def _count_examples(loader: Any, source: str, max_samples: int | None) -> int:
-    unbatched = loader.batch_size is None
     total = 0
-    for number, batch in enumerate(loader):
-        x, _ = _pair(batch, source, f"batch {number}")
-        total += 1 if unbatched else len(x)
+    for number, item in enumerate(loader):
+        x, _ = loader_batch(loader, item, source, number)
+        total += x.shape[0]
         if max_samples is not None and total >= max_samples:
             break
     if total == 0:

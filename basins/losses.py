@@ -132,7 +132,7 @@ def check_targets(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> to
             raise InputError(
                 f"targets hold class indices in [{lo}, {hi}] but the model has {num_classes} outputs per example"
             )
-        return targets
+        return targets.long()  # uint8/int32 labels as the int64 indices gather() needs
     if name in ("mse", "bce"):
         if not targets.is_floating_point():
             targets = targets.to(outputs.dtype)

@@ -48,9 +48,15 @@ HVP_ROUTES = ("auto", "graph", "fwd-rev", "rev-rev")
 _Params = dict[str, torch.Tensor]
 
 
-def _memory_share() -> int:
-    """Bytes of RAM this process may count on: the machine's, split between the ``LOCAL_WORLD_SIZE``
-    processes ``torchrun`` started on it (2 GiB in all when the OS does not say)."""
+def _memory_share(device: torch.device | None = None) -> int:
+    """Bytes of memory this process may count on where its tensors live: the GPU's total for a
+    CUDA device, else the machine's RAM split between the ``LOCAL_WORLD_SIZE`` processes
+    ``torchrun`` started on it (2 GiB in all when the OS does not say)."""
+    if device is not None and device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[1])
+        except Exception:  # noqa: BLE001 - no CUDA runtime information: fall back to RAM
+            pass
     try:
         total = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     except (ValueError, OSError, AttributeError):
@@ -249,9 +255,11 @@ class Problem:
         self.terms_per_example = num_terms_per_example(self.loss_name, outputs)
         #: chunks held in memory (None: read from the stream on every pass, see :meth:`chunks`)
         self._cached: list[_Chunk] | None = None
+        self._checked_pass = False  # a complete pass with every chunk checked (streams: the first)
         self._streaming = source.streamed
         if not source.streamed:
             self._cached = list(self._read_chunks(check=True))
+            self._checked_pass = True
 
         self.loss_at_optimum = float(self.loss())
         if not math.isfinite(self.loss_at_optimum):
@@ -297,7 +305,7 @@ class Problem:
         self._target_spec = (tuple(head.shape[1:]), head.dtype)
         self._output_spec = (tuple(outputs.shape[1:]), outputs.dtype)
 
-    def _chunk_targets(self, y: torch.Tensor, *, check: bool) -> torch.Tensor:
+    def _chunk_targets(self, y: torch.Tensor, *, check: bool, where: str = "targets") -> torch.Tensor:
         """One chunk's targets on the device, checked (when ``check``) and fitted as :meth:`_fit_targets` fixed."""
         assert self._target_spec is not None
         y = y.to(self.device)
@@ -305,7 +313,10 @@ class Problem:
             y = y.to(self.dtype)
         if check:  # against outputs of the model's shape (no forward pass needed)
             shape, dtype = self._output_spec
-            check_targets(self.loss_name, torch.zeros((), dtype=dtype, device=y.device).expand(y.shape[0], *shape), y)
+            try:
+                check_targets(self.loss_name, torch.zeros((), dtype=dtype, device=y.device).expand(y.shape[0], *shape), y)
+            except InputError as err:
+                raise InputError(f"{self.data.source}: {where}: {err}") from err
         tail, dtype = self._target_spec
         if tuple(y.shape[1:]) != tail:
             y = y.reshape(y.shape[0], *tail)
@@ -336,14 +347,20 @@ class Problem:
         """Chunks read from the data source: on the device, targets fitted to the loss, padded
         to the fixed batch size. ``check``: values finite, targets valid, count as promised."""
         n = self.num_examples
+        start = self.data.first_index
         for x, y in self.data.batches(self.batch_size, check=check):
             m = int(x.shape[0])
             x = self._to_device_inputs(x)
             if self.fixed_batch_size is not None:
                 x = self._pad(x, self.fixed_batch_size)
-            yield _Chunk(x, self._chunk_targets(y, check=check), m, m / n)
+            where = f"the targets of examples {start}..{start + m - 1}"
+            yield _Chunk(x, self._chunk_targets(y, check=check, where=where), m, m / n)
+            start += m
 
     def _check_determinism(self, g: torch.Tensor) -> None:
+        if self.data.streamed:  # read the data again: same examples (fingerprints compared), same order
+            for _ in self.data.batches(self.batch_size, check=True):
+                pass
         loss2 = float(self.loss())
         g2 = self.grad()
         eps = torch.finfo(self.dtype).eps
@@ -374,25 +391,27 @@ class Problem:
             return
         # A stream: read it again. The first complete pass is checked and, when the chunks fit
         # in the data budget, kept in memory for the later passes.
-        first = self.data.digest is None
-        keep: list[_Chunk] | None = [] if first and self._keep_budget() > 0 else None
+        first = not self._checked_pass
+        budget = self._keep_budget()
+        keep: list[_Chunk] | None = [] if first and budget > 0 else None
         held = 0
         for c in self._read_chunks(check=first):
             if keep is not None:
                 held += c.inputs.numel() * c.inputs.element_size() + c.targets.numel() * c.targets.element_size()
-                if held <= self._keep_budget():
+                if held <= budget:
                     keep.append(c)
                 else:
                     keep = None  # too big to hold: stream on every pass
             yield c.inputs, c.targets, c.num_real, c.weight
-        if keep is not None and self.data.digest is not None:
+        self._checked_pass = True
+        if keep is not None:
             self._cached = keep
 
     def _keep_budget(self) -> int:
         """Bytes of streamed chunks a Problem may keep in memory (``data_memory_bytes``; default ¼ of RAM)."""
         if self._data_memory_bytes is not None:
             return self._data_memory_bytes
-        return _memory_share() // 4
+        return _memory_share(self.device) // 4
 
     @property
     def inputs(self) -> torch.Tensor:
@@ -661,10 +680,11 @@ class Problem:
             return route
         budget = self._graph_memory_bytes
         if budget is None:
-            budget = _memory_share() // 4
+            budget = _memory_share(self.device) // 4
         candidates = ["fwd-rev", "rev-rev"]
         try:
-            if self._graph_bytes_per_chunk() * self.num_chunks <= budget:
+            # the gradient graph holds every chunk: not for data read again on every pass
+            if not self.streaming and self._graph_bytes_per_chunk() * self.num_chunks <= budget:
                 candidates.insert(0, "graph")
         except Exception as exc:  # noqa: BLE001 - a model that cannot double-backward
             self._route_errors["graph"] = f"{type(exc).__name__}: {exc}"
@@ -681,14 +701,14 @@ class Problem:
         return best
 
     def _probe_route(self, route: str, *, strict: bool) -> None:
-        """Time one HVP by ``route`` (min of two runs); record failures."""
+        """Time one HVP by ``route`` (min of two runs; one for streamed data); record failures."""
         gen = torch.Generator().manual_seed(12345)
         v = torch.randn(self.num_params, 1, generator=gen, dtype=torch.float64).to(self.device, self.dtype)
         try:
             if route == "graph" and self._graph is None:
                 self._build_graph()
             best = math.inf
-            for _ in range(2):
+            for _ in range(1 if self.streaming else 2):  # a streamed pass is dominated by reading
                 t0 = time.perf_counter()
                 self._hvp_block(v, route)
                 best = min(best, time.perf_counter() - t0)

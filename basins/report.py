@@ -7,11 +7,12 @@ Layout (``schema_version`` 1)::
     /problem               attrs: model, model_sha256, data, data_sha256, num_params,
                                   num_examples, loss, loss_at_optimum, grad_norm, dtype,
                                   device, seed, batch_size, hvp_route, data_streamed,
-                                  world_size, rank_examples, dist_backend, ...
-                           data_sha256: SHA-256 of the tensors for data held in memory;
-                           for a streamed Dataset/DataLoader/HDF5 source
-                           Σᵢ sha256(i, xᵢ, yᵢ) mod 2²⁵⁶ (basins.datasource), the same
-                           for any batch size and number of processes
+                                  data_read_every_pass, world_size, rank_examples,
+                                  dist_backend, ...
+                           data_sha256: Σᵢ sha256(i, xᵢ, yᵢ) mod 2²⁵⁶ over the examples
+                           (basins.datasource.data_fingerprint): the same for the same
+                           examples from any file format or stream, batch size and
+                           number of processes
     /<analysis>            one group per analysis (hessian, spectrum, nullity, features,
                            volume, walls); attrs: settings, argv, costs (num_hvps,
                            num_loss_evals), wall_seconds, created, replaced (how many

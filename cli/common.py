@@ -71,7 +71,9 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--loss", help="mse, cross-entropy, nll, bce or module:function. Default: the bundle's, else inferred from the targets."),
         click.option("--arch", help="module:factory building the model, for a state-dict file."),
         click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (runs code from the file)."),
-        click.option("--batch-size", type=click.IntRange(min=1), help="Examples per chunk (default: all at once)."),
+        click.option("--batch-size", type=click.IntRange(min=1),
+                     help="Examples per chunk (default: all at once for data in memory; for a streamed source its "
+                          "loader's batch size, at least 256; a fixed-batch .pt2's own size)."),
         click.option("--max-samples", type=click.IntRange(min=1), help="Use only the first N examples (recorded)."),
         click.option("--stream", is_flag=True,
                      help="Read a Dataset/DataLoader/HDF5 data source again on every pass instead of holding it in memory "
@@ -150,12 +152,20 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
             reduce=dist.all_reduce_sum if ctx is not None else None,
             gather=dist.all_gather_object if ctx is not None else None,
         )
+    streamed = isinstance(data, StreamSpec)
     if isinstance(data, StreamSpec):
         data_sha256 = combine_digests(dist.all_gather_object(problem.data.digest))
         how = "read again on every pass" if problem.streaming else "held in memory after the first pass"
+        if problem.streaming and problem.hvp_route == "graph":
+            how += "; HVPs reuse the gradient graph, which holds every chunk"
         log.print(f"data: {n:,} examples streamed from {data.source} in chunks of {problem.batch_size} ({how})")
     else:
         data_sha256 = data.sha256
+        if opts.get("stream"):
+            log.print(f"note: --stream applies to a Dataset, DataLoader or .h5 file; {data.source} is read whole")
+    if opts.get("batch_size") and model.fixed_batch_size is not None and opts["batch_size"] != model.fixed_batch_size:
+        log.print(f"note: --batch-size {opts['batch_size']} is ignored: the model was exported for batches of "
+                  f"exactly {model.fixed_batch_size}")
     rank_examples = [int(k) for k in dist.all_gather_object(problem.num_local_examples)]
     if ctx is not None:
         log.print(f"data parallel: {ctx.world_size} processes ({ctx.backend}), examples per rank "
@@ -175,7 +185,8 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
         log.print(f"[yellow]warning:[/] {msg}")
     record = {
         "model": str(opts["model"]), "model_sha256": model.sha256, "model_kind": model.kind,
-        "data": data.source, "data_sha256": data_sha256, "data_streamed": problem.streaming, "num_params": problem.num_params,
+        "data": data.source, "data_sha256": data_sha256, "data_streamed": streamed,
+        "data_read_every_pass": problem.streaming, "num_params": problem.num_params,
         "num_examples": problem.num_examples, "loss": problem.loss_name,
         "loss_at_optimum": problem.loss_at_optimum, "grad_norm": problem.grad_norm,
         "dtype": str(problem.dtype).replace("torch.", ""), "device": str(problem.device),

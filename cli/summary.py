@@ -207,7 +207,8 @@ def problem_table(d: dict[str, Any]) -> Table:
     if p.get("max_samples") is not None:
         rows.append(("max samples", p.get("max_samples")))
     if p.get("data_streamed"):
-        rows.append(("data streamed", "read again on every pass"))
+        rows.append(("data streamed", "read again on every pass" if p.get("data_read_every_pass")
+                     else "held in memory after the first pass"))
     if int(p.get("world_size") or 1) > 1:
         rows.append(("processes", f"{p['world_size']} ({p.get('dist_backend')}), examples per rank "
                                   + " + ".join(str(int(k)) for k in p.get("rank_examples", []))))

@@ -52,7 +52,8 @@ def test_hessian_on_a_streamed_source_equals_the_file(spec: str, stream: bool, m
         _close(got[key], want[key])
     assert got["loss_at_optimum"] == pytest.approx(want["loss_at_optimum"], rel=RTOL)
     problem = read_report(str(report))["problem"]
-    assert bool(problem["data_streamed"]) is stream and problem["batch_size"] == 6
+    assert bool(problem["data_streamed"]) and bool(problem["data_read_every_pass"]) is stream
+    assert problem["batch_size"] == 6
 
 
 def test_the_fingerprint_of_streamed_data_ignores_batch_size_and_stream_mode(model_files: Any, data_files: Any,
@@ -66,6 +67,11 @@ def test_the_fingerprint_of_streamed_data_ignores_batch_size_and_stream_mode(mod
     assert read_report(str(report))["problem"]["data_sha256"] == first
     code, _, err = run(*base[:3], "tests.models:classification_dataset", *base[4:])  # same examples, another source
     assert code == 0, err
+    code, _, err = run(*base[:3], data_files.pt, *base[4:])  # the same examples held in memory: the same problem
+    assert code == 0, err
+    assert read_report(str(report))["problem"]["data_sha256"] == first
+    code, _, err = run(*base[:3], data_files.pt, *base[4:], "--max-samples", "19")  # other examples: refused
+    assert code == 2 and "--force" in err
 
 
 def test_volume_and_nullity_on_a_streamed_source_equal_the_file(regression_files: Any, tmp_path: Path) -> None:
@@ -105,5 +111,5 @@ def test_a_bad_example_deep_in_a_stream_exits_2_naming_it(model_files: Any, tmp_
     code, out, err = run("hessian", model_files.pt2, "--data", f"{tmp_path / 'nan_data.py'}:make", "--batch-size", "5",
                          "-k", "1", "--json")
     assert code == 2 and out == ""
-    assert "non-finite values (NaN or inf) in the inputs of examples 15..19" in err
+    assert "non-finite values (NaN or inf) in the inputs of example 17;" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -135,7 +135,7 @@ def test_loader_keeps_its_sampler_order_batch_size_and_collate() -> None:
     spec = stream_from_object(loader, "loader", max_samples=8)
     assert spec is not None and spec.num_examples == 8
     src = spec.shard()
-    assert src.default_batch_size == 3
+    assert src.default_batch_size == 256  # the loader's 3, raised to the smallest default chunk
     x, y = ds.tensors()
     got = list(src.batches(3))
     assert torch.equal(torch.cat([b[0] for b in got]), 2 * x[order[:8]])
@@ -191,7 +191,7 @@ def test_stream_errors_name_the_examples() -> None:
     x, y = CountingDataset(9).tensors()
     x[6, 1] = float("nan")
     src = stream_from_object(TensorDataset(x, y), "nan-data").shard()  # type: ignore[union-attr]
-    with pytest.raises(InputError, match=r"nan-data: 1 non-finite values .* inputs of examples 4\.\.7"):
+    with pytest.raises(InputError, match=r"nan-data: non-finite values \(NaN or inf\) in the inputs of example 6;"):
         list(src.batches(4))
 
     ds = CountingDataset(9)
@@ -264,7 +264,8 @@ def test_streamed_targets_are_checked_in_every_chunk() -> None:
         Problem(model, stream_from_object(bad, "bad").shard(), None, "cross-entropy", batch_size=4)  # type: ignore[union-attr]
 
 
-def test_a_dataset_with_random_augmentation_is_refused() -> None:
+@pytest.mark.parametrize("memory", [None, 0], ids=["kept-after-first-pass", "read-every-pass"])
+def test_a_dataset_with_random_augmentation_is_refused(memory: int | None) -> None:
     class Augmented(CountingDataset):
         def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
             x, y = super().__getitem__(i)
@@ -272,7 +273,7 @@ def test_a_dataset_with_random_augmentation_is_refused() -> None:
 
     src = stream_from_object(Augmented(10), "augmented").shard()  # type: ignore[union-attr]
     with pytest.raises(InputError, match="same example for the same index"):
-        Problem(_model(), src, None, "mse", data_memory_bytes=0)
+        Problem(_model(), src, None, "mse", data_memory_bytes=memory)
 
 
 def test_tensors_and_a_source_are_not_mixed() -> None:
@@ -308,3 +309,121 @@ def test_a_streamed_problem_holds_no_chunk_between_passes() -> None:
         p.hvp(torch.ones(p.num_params, dtype=torch.float64))
         gc.collect()
         assert not alive, f"{len(alive)} chunks still alive after a pass"
+
+
+# ---------------------------------------------------------------------- loaders the way users write them
+def _streamed(obj: Any, **kw: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    spec = stream_from_object(obj, "loader", **kw)
+    assert spec is not None
+    got = list(spec.shard().batches(7))
+    return torch.cat([b[0] for b in got]), torch.cat([b[1] for b in got])
+
+
+def test_batch_samplers_and_sequential_samplers_over_a_subset_keep_their_indices() -> None:
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+    ds = CountingDataset(50)
+    x, y = ds.tensors()
+    even = list(range(0, 50, 2))
+    cases = {
+        "batch sampler over even indices": (DataLoader(ds, batch_sampler=BatchSampler(even, 4, False)), even),
+        "sequential sampler over the first 20": (DataLoader(ds, batch_size=4, sampler=SequentialSampler(range(20))),
+                                                 list(range(20))),
+        "batch sampler dropping its last batch": (
+            DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 8, drop_last=True)), list(range(48))),
+    }
+    for name, (loader, order) in cases.items():
+        gx, gy = _streamed(loader)
+        assert torch.equal(gx, x[order]) and torch.equal(gy, y[order]), name
+    with pytest.raises(InputError, match="shuffles"):
+        stream_from_object(DataLoader(ds, batch_sampler=BatchSampler(RandomSampler(ds), 4, False)), "random")
+
+    class Drawn:
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return iter(torch.randperm(50).tolist())
+
+        def __len__(self) -> int:
+            return 50
+
+    with pytest.raises(InputError, match="different order each time"):
+        stream_from_object(DataLoader(ds, batch_size=5, sampler=Drawn()), "drawn")
+
+
+def test_a_loader_subclass_is_iterated_as_it_is() -> None:
+    class Doubling(DataLoader):  # type: ignore[type-arg]
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for a, b in super().__iter__():
+                yield 2 * a, b
+
+    ds = CountingDataset(23)
+    x, y = ds.tensors()
+    gx, gy = _streamed(Doubling(ds, batch_size=5))
+    assert torch.equal(gx, 2 * x) and torch.equal(gy, y)
+
+
+def test_batch_size_none_yields_examples_or_batches() -> None:
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    ds = CountingDataset(30)
+    x, y = ds.tensors()
+
+    class PreBatched(IterableDataset):  # type: ignore[type-arg]
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for a in range(0, 30, 8):
+                yield x[a : a + 8], y[a : a + 8]
+
+    class BatchedGetItem(Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return 30
+
+        def __getitem__(self, keys: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            return x[keys], y[keys]
+
+    def as_dict(item: Any) -> dict[str, torch.Tensor]:
+        return {"inputs": item[0], "targets": item[1]}
+
+    loaders = {
+        "pre-batched iterable": DataLoader(PreBatched(), batch_size=None),
+        "batched __getitem__": DataLoader(BatchedGetItem(), batch_size=None,
+                                          sampler=BatchSampler(SequentialSampler(range(30)), 8, False)),
+        "single examples": DataLoader(ds, batch_size=None),
+        "single examples, converting collate_fn": DataLoader(ds, batch_size=None, collate_fn=as_dict),
+        "single examples, iterable": DataLoader(CountingIterable(ds), batch_size=None),
+    }
+    for name, loader in loaders.items():
+        gx, gy = _streamed(loader)
+        assert torch.equal(gx, x) and torch.equal(gy, y), name
+        assert _streamed(loader, max_samples=11)[0].shape[0] == 11, name
+
+
+def test_one_source_serves_several_problems_each_checked_and_kept() -> None:
+    ds = CountingDataset(20, k=3, classes=3)
+    src = stream_from_object(ds, "shared").shard()  # type: ignore[union-attr]
+    models = [_model(4, 3) for _ in range(2)]
+    first = Problem(models[0], src, None, "cross-entropy", batch_size=5)
+    second = Problem(models[1], src, None, "cross-entropy", batch_size=5)
+    assert not first.streaming and not second.streaming  # both kept their chunks
+    ds.reads.clear()
+    second.hvp(torch.ones(second.num_params, dtype=torch.float64))
+    assert ds.reads == []
+    with pytest.raises(InputError, match=r"shared: the targets of examples 0\.\.4: targets hold class indices"):
+        Problem(_model(4, 2), src, None, "cross-entropy", batch_size=5)  # 2 classes: label 2 is out of range
+
+
+def test_every_pass_checks_the_example_count() -> None:
+    base = CountingDataset(12)
+    src = stream_from_object(DataLoader(CountingIterable(base), batch_size=4), "shrinking").shard()  # type: ignore[union-attr]
+    p = Problem(_model(), src, None, "mse", hvp_route="rev-rev", data_memory_bytes=0)
+    p.hvp(torch.ones(p.num_params, dtype=torch.float64))
+    base.n = 9  # the stream lost examples after the checks at load
+    with pytest.raises(InputError, match="yielded 9 examples instead of 12"):
+        p.hvp(torch.ones(p.num_params, dtype=torch.float64))
+
+
+def test_small_integer_labels_work_as_class_indices() -> None:
+    x, y = CountingDataset(15, classes=3).tensors()
+    want = Problem(_model(4, 3), x, y, "cross-entropy").loss()
+    for dtype in (torch.uint8, torch.int32):
+        torch.testing.assert_close(Problem(_model(4, 3), x, y.to(dtype), "cross-entropy").loss(), want, rtol=0, atol=0)
+        src = stream_from_object(TensorDataset(x, y.to(dtype)), "u8").shard()  # type: ignore[union-attr]
+        torch.testing.assert_close(Problem(_model(4, 3), src, None, "cross-entropy").loss(), want, rtol=0, atol=0)

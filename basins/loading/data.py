@@ -6,7 +6,6 @@ See :mod:`basins.loading` for the formats and :mod:`basins.datasource` for strea
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import pickle
 import random
@@ -17,7 +16,14 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from basins.datasource import StreamSpec, hdf5_stream, stream_from_object
+from basins.datasource import (
+    StreamSpec,
+    check_ordered_loader,
+    data_fingerprint,
+    hdf5_stream,
+    loader_batch,
+    stream_from_object,
+)
 from basins.errors import InputError
 
 from .formats import (
@@ -46,8 +52,10 @@ class LoadedData:
         inputs: Tensor ``(n, ...)``, dtype as stored.
         targets: Tensor ``(n, ...)``, dtype as stored (class labels integer, values float).
         source: The path or ``module:factory`` spec as given.
-        sha256: Hex SHA-256 of the content: names, dtypes, shapes and bytes of inputs and
-            targets (after ``max_samples``), independent of the file format.
+        sha256: Hex fingerprint of the content (after ``max_samples``): the sum over examples of
+            the SHA-256 of each example's index, dtypes, shapes and bytes, mod 2²⁵⁶
+            (:func:`basins.datasource.data_fingerprint`), independent of the file format and
+            equal to that of the same examples streamed.
     """
 
     inputs: torch.Tensor
@@ -106,10 +114,6 @@ def open_data(spec: str, *, max_samples: int | None = None, seed: int = 0) -> Lo
             return _reading(spec, lambda: hdf5_stream(spec, max_samples), seed)
     elif ":" in spec and not spec.lower().endswith((".pt", ".pth", ".npz", ".h5", ".hdf5")):
         obj = _call_factory(spec, seed)
-        from torch.utils.data import DataLoader
-
-        if isinstance(obj, DataLoader):
-            _check_ordered_loader(obj, spec)
         stream = _reading(spec, lambda: stream_from_object(obj, spec, max_samples), seed)
         if stream is not None:
             return stream
@@ -261,18 +265,6 @@ def _load_data_factory(spec: str, max_samples: int | None, seed: int) -> tuple[A
 
 
 
-def _check_ordered_loader(loader: Any, spec: str) -> None:
-    from torch.utils.data import RandomSampler
-
-    if isinstance(loader.sampler, RandomSampler) or loader.drop_last:
-        why = "shuffles" if isinstance(loader.sampler, RandomSampler) else "drops its last batch"
-        raise InputError(
-            f"{spec}: the DataLoader {why}, so the data would change between runs; return "
-            "it with shuffle=False and drop_last=False, or return the Dataset"
-        )
-
-
-
 def _is_array(value: Any) -> bool:
     return isinstance(value, torch.Tensor | np.ndarray)
 
@@ -286,15 +278,15 @@ def _materialise(obj: Any, spec: str, max_samples: int | None) -> tuple[Any, Any
     if isinstance(obj, Mapping):
         return _pair_from_mapping(obj, spec, "a factory result")
     if isinstance(obj, DataLoader):
-        _check_ordered_loader(obj, spec)
+        check_ordered_loader(obj, spec)
         xs: list[torch.Tensor] = []
         ys: list[torch.Tensor] = []
         count = 0
         for index, batch in enumerate(obj):
-            x, y = _pair(batch, spec, f"batch {index}")
-            xs.append(torch.as_tensor(x))
-            ys.append(torch.as_tensor(y))
-            count += xs[-1].shape[0] if xs[-1].ndim else 1
+            x, y = loader_batch(obj, batch, spec, index)
+            xs.append(x)
+            ys.append(y)
+            count += x.shape[0]
             if max_samples is not None and count >= max_samples:
                 break
         if not xs:
@@ -403,10 +395,6 @@ def _check_finite(inputs: torch.Tensor, targets: torch.Tensor, source: str) -> N
 
 
 def _data_sha256(inputs: torch.Tensor, targets: torch.Tensor) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in (("inputs", inputs), ("targets", targets)):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
-    return digest.hexdigest()
-
+    """The data fingerprint of :mod:`basins.datasource` (Σᵢ sha256(i, xᵢ, yᵢ) mod 2²⁵⁶), so that the
+    same examples give the same hash from a file, a factory or a stream, on any number of processes."""
+    return data_fingerprint(inputs, targets)
