@@ -427,3 +427,26 @@ def test_small_integer_labels_work_as_class_indices() -> None:
         torch.testing.assert_close(Problem(_model(4, 3), x, y.to(dtype), "cross-entropy").loss(), want, rtol=0, atol=0)
         src = stream_from_object(TensorDataset(x, y.to(dtype)), "u8").shard()  # type: ignore[union-attr]
         torch.testing.assert_close(Problem(_model(4, 3), src, None, "cross-entropy").loss(), want, rtol=0, atol=0)
+
+
+class _FailsAtFive(CountingDataset):
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if i == 5:
+            raise KeyError("image 5 is missing")
+        return super().__getitem__(i)
+
+
+def test_an_error_in_a_loader_worker_shows_the_users_message() -> None:
+    src = stream_from_object(DataLoader(_FailsAtFive(8), batch_size=4, num_workers=1), "workers").shard()  # type: ignore[union-attr]
+    with pytest.raises(InputError, match=r"workers: reading the data failed with KeyError: .image 5 is missing."):
+        list(src.batches(4))
+
+
+def test_loader_items_that_are_not_pairs_say_what_they_are() -> None:
+    x, y = CountingDataset(4).tensors()
+    triples = DataLoader(TensorDataset(x, y, y), batch_size=2)
+    with pytest.raises(InputError, match="batch 0 is a list of 3 items, not an"):
+        list(stream_from_object(triples, "triples").shard().batches(2))  # type: ignore[union-attr]
+    named = DataLoader([{"image": a, "label": b} for a, b in zip(x, y)], batch_size=2)
+    with pytest.raises(InputError, match="keys image, label .expected keys inputs and targets."):
+        list(stream_from_object(named, "named").shard().batches(2))  # type: ignore[union-attr]
