@@ -293,22 +293,30 @@ class DatasetStream(DataSource):
         self.source = source
 
     def head(self, k: int) -> Batch:
-        """The first examples, read straight from the dataset (no loader, no worker processes)."""
-        from torch.utils.data import default_collate
+        """The first examples: read in this process, or by a short-lived loader with the user's
+        worker settings (``worker_init_fn`` runs) when there are workers."""
+        from torch.utils.data import DataLoader, default_collate
 
         k = min(k, self.num_examples)
-        collate = self.loader_options.get("collate_fn") or default_collate
-        items = [self.dataset[int(i)] for i in self.indices[self.first_index : self.first_index + k]]
-        x, y = _pair(collate(items), self.source, "the first examples")
+        keys = _as_int_list(self.indices[self.first_index : self.first_index + k])
+        if self.loader_options.get("num_workers"):
+            options = {**self.loader_options, "persistent_workers": False}
+            options.pop("prefetch_factor", None)
+            batch = next(iter(DataLoader(self.dataset, batch_size=k, sampler=keys, **options)))
+        else:
+            batch = (self.loader_options.get("collate_fn") or default_collate)([self.dataset[i] for i in keys])
+        x, y = _pair(batch, self.source, "the batch of the first examples")
         return _as_batch_tensor(x, self.source, "inputs"), _as_batch_tensor(y, self.source, "targets")
 
     def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
-        from torch.utils.data import DataLoader, Subset
+        from torch.utils.data import DataLoader
 
         loader = self._loaders.get(batch_size)
         if loader is None:  # one per batch size, reused: persistent workers stay up between passes
-            part = Subset(self.dataset, _as_int_list(self.indices[self.first_index : self._stop]))
-            loader = DataLoader(part, batch_size=batch_size, shuffle=False, drop_last=False, **self.loader_options)
+            # the user's dataset itself (workers' get_worker_info().dataset), read in this shard's order
+            keys = _as_int_list(self.indices[self.first_index : self._stop])
+            loader = DataLoader(self.dataset, batch_size=batch_size, sampler=keys, drop_last=False,
+                                **self.loader_options)
             self._loaders[batch_size] = loader
         for number, batch in enumerate(loader):
             yield _pair(batch, self.source, f"batch {number}")
@@ -320,14 +328,16 @@ class IterableStream(DataSource):
 
     Every pass iterates the whole loader and keeps this process' examples, re-batched to the
     asked size: memory is one batch, reading time is the whole stream's on every process.
-    A loader with ``batch_size=None`` may yield single examples or whole batches: an item whose
-    inputs and targets share their first dimension is a batch, any other item one example.
+    A loader with ``batch_size=None`` may yield single examples or whole batches
+    (:func:`_looks_batched` tells them apart).
     """
 
-    def __init__(self, loader: Any, start: int, stop: int, *, source: str = "loader") -> None:
+    def __init__(self, loader: Any, start: int, stop: int, *, source: str = "loader", total: int | None = None) -> None:
         super().__init__()
         self.loader = loader
         self.first_index, self.num_examples, self._stop = start, stop - start, stop
+        #: the stream's length at load; the last shard reads to the end and refuses a longer stream
+        self.total = total
         self.default_batch_size = max(_loader_batch_size(loader) or 1, DEFAULT_STREAM_BATCH)
         self.source = source
 
@@ -348,10 +358,15 @@ class IterableStream(DataSource):
                 X, Y = torch.cat(xs), torch.cat(ys)
                 yield X[:batch_size], Y[:batch_size]
                 xs, ys, have = [X[batch_size:]], [Y[batch_size:]], have - batch_size
-            if position >= self._stop:
+            if position >= self._stop and self._stop != self.total:
                 break
         if have:
             yield torch.cat(xs), torch.cat(ys)
+        if self.total is not None and self._stop == self.total and position > self.total:
+            raise InputError(
+                f"{self.source}: a pass yielded {position} examples instead of {self.total}; "
+                "the data changed between passes"
+            )
 
 
 def _auto_batching(loader: Any) -> bool:
@@ -368,14 +383,21 @@ def _loader_batch_size(loader: Any) -> int | None:
 def loader_batch(loader: Any, item: Any, source: str, number: int) -> Batch:
     """Item ``number`` that ``loader`` yielded, as ``(x, y)`` tensors with a leading example dimension.
 
-    With automatic batching off (``batch_size=None``) an item whose inputs and targets do not
-    share their first dimension is one example; every other item is a batch.
+    With automatic batching off (``batch_size=None``) an item is a batch when
+    :func:`_looks_batched` says so, else one example.
     """
     x, y = _pair(item, source, f"batch {number}")
     x, y = _as_batch_tensor(x, source, "inputs"), _as_batch_tensor(y, source, "targets")
-    if not _auto_batching(loader) and (x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]):
+    if not _auto_batching(loader) and not _looks_batched(x, y):
         x, y = x.unsqueeze(0), y.unsqueeze(0)  # automatic batching off, and this item is one example
     return x, y
+
+
+def _looks_batched(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether an item a loader yields with automatic batching off is a batch: inputs of at least
+    2 dimensions whose first matches the targets' (``(B, ...)`` and ``(B, ...)``); anything else
+    (``(T,)`` tokens with ``(T,)`` labels, an image with a scalar label) is one example."""
+    return x.dim() >= 2 and y.dim() >= 1 and x.shape[0] == y.shape[0]
 
 
 class HDF5Stream(DataSource):
@@ -426,6 +448,13 @@ class StreamSpec:
     source: str
     open: Callable[[int, int], DataSource]
 
+    def identity(self) -> str:
+        """``n`` and the fingerprint of the first (up to 8) examples: processes that opened the same
+        data agree on it (a loader that splits the data by rank makes them disagree)."""
+        k = min(8, self.num_examples)
+        x, y = self.open(0, k).head(k)
+        return f"{self.num_examples}:{data_fingerprint(x, y)}"
+
     def shard(self, world_size: int = 1, rank: int = 0) -> DataSource:
         """This process' contiguous shard (:func:`basins.distributed.shard_range`; all of it for one process)."""
         from .distributed import shard_range
@@ -460,9 +489,15 @@ def stream_from_object(obj: Any, source: str, max_samples: int | None = None) ->
         check_ordered_loader(obj, source)
         indices = None if (type(obj) is not DataLoader or isinstance(obj.dataset, IterableDataset)) \
             else _loader_indices(obj, source)
+        if indices is not None and len(indices) and not _auto_batching(obj):
+            first = loader_batch(obj, obj.collate_fn(obj.dataset[int(indices[0])]), source, 0)
+            if first[0].shape[0] > 1:  # the dataset's items are batches themselves: iterate the loader
+                indices = None
         if indices is None:  # iterate the loader itself
-            total = _count_examples(obj, source, max_samples)
-            return StreamSpec(cap(total), source, lambda a, b: IterableStream(obj, a, b, source=source))
+            total = _count_examples(obj, source, None if max_samples is None else max_samples + 1)
+            n = cap(total)
+            return StreamSpec(n, source, lambda a, b: IterableStream(
+                obj, a, b, source=source, total=total if n == total else None))
         options = {k: getattr(obj, k) for k in _LOADER_OPTIONS if hasattr(obj, k)}
         if not options.get("num_workers"):
             for k in ("prefetch_factor", "persistent_workers", "timeout", "worker_init_fn", "multiprocessing_context"):
@@ -493,15 +528,21 @@ def check_ordered_loader(loader: Any, source: str) -> None:
 
     samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
     if any(isinstance(s, RandomSampler | SubsetRandomSampler | WeightedRandomSampler) for s in samplers):
-        why = "shuffles (random sampler)"
-    elif loader.drop_last:
-        why = "drops its last batch"
-    else:
-        return
-    raise InputError(
-        f"{source}: the DataLoader {why}, so the data would change between runs; return "
-        "it with shuffle=False and drop_last=False, or return the Dataset"
-    )
+        raise InputError(
+            f"{source}: the DataLoader shuffles (a random sampler), so the data would change between runs; "
+            "return it with shuffle=False, or return the Dataset"
+        )
+    if loader.drop_last or getattr(loader.batch_sampler, "drop_last", False):
+        raise InputError(
+            f"{source}: the DataLoader drops its last batch, so examples would be left out of the "
+            "full-data loss; return it with drop_last=False, or return the Dataset"
+        )
+    if type(loader.sampler).__name__ == "DistributedSampler" or \
+            type(getattr(loader.batch_sampler, "sampler", None)).__name__ == "DistributedSampler":
+        raise InputError(
+            f"{source}: the DataLoader has a DistributedSampler, so each process would see another part "
+            "of the data; return the whole dataset's loader: under torchrun basins gives each process its shard"
+        )
 
 
 def _loader_indices(loader: Any, source: str) -> Sequence[int] | None:

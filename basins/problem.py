@@ -301,7 +301,12 @@ class Problem:
         are brought to: per-example shape (``(n,)`` → ``(n, 1)`` where unambiguous) and dtype."""
         if targets.is_floating_point():
             targets = targets.to(self.dtype)
-        head = check_targets(self.loss_name, outputs, targets[: outputs.shape[0]])
+        try:
+            head = check_targets(self.loss_name, outputs, targets[: outputs.shape[0]])
+        except InputError as err:
+            first = self.data.first_index
+            raise InputError(f"{self.data.source}: the targets of examples {first}..{first + outputs.shape[0] - 1}: "
+                             f"{err}") from err
         self._target_spec = (tuple(head.shape[1:]), head.dtype)
         self._output_spec = (tuple(outputs.shape[1:]), outputs.dtype)
 

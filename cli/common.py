@@ -118,6 +118,7 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
     """Load model, data and loss from the common options and build the Problem."""
     from basins import distributed as dist
     from basins.datasource import StreamSpec, combine_digests
+    from basins.errors import InputError
     from basins.loading import resolve_inputs
     from basins.problem import Problem, resolve_device
 
@@ -133,6 +134,14 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
         )
     inputs: Any  # this rank's examples: a DataSource (targets None), or in-memory tensors
     targets: Any
+    if world > 1:  # every process must have opened the same data before taking its shard of it
+        seen = dist.all_gather_object(data.identity() if isinstance(data, StreamSpec) else data.sha256)
+        if len(set(seen)) > 1:
+            raise InputError(
+                f"{data.source}: the processes opened different data (sizes/fingerprints {sorted(set(seen))}); "
+                "return the whole dataset (no DistributedSampler, no splitting by RANK): basins gives each "
+                "process its shard"
+            )
     if isinstance(data, StreamSpec):  # a Dataset, DataLoader or HDF5 file: this rank reads only its shard
         n = data.num_examples
         inputs, targets = data.shard(world, rank), None

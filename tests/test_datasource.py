@@ -329,14 +329,18 @@ def test_batch_samplers_and_sequential_samplers_over_a_subset_keep_their_indices
         "batch sampler over even indices": (DataLoader(ds, batch_sampler=BatchSampler(even, 4, False)), even),
         "sequential sampler over the first 20": (DataLoader(ds, batch_size=4, sampler=SequentialSampler(range(20))),
                                                  list(range(20))),
-        "batch sampler dropping its last batch": (
-            DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 8, drop_last=True)), list(range(48))),
     }
     for name, (loader, order) in cases.items():
         gx, gy = _streamed(loader)
         assert torch.equal(gx, x[order]) and torch.equal(gy, y[order]), name
     with pytest.raises(InputError, match="shuffles"):
         stream_from_object(DataLoader(ds, batch_sampler=BatchSampler(RandomSampler(ds), 4, False)), "random")
+    with pytest.raises(InputError, match="drops its last batch, so examples would be left out"):
+        stream_from_object(DataLoader(ds, batch_sampler=BatchSampler(SequentialSampler(ds), 8, drop_last=True)), "d")
+    from torch.utils.data.distributed import DistributedSampler
+
+    with pytest.raises(InputError, match="DistributedSampler"):
+        stream_from_object(DataLoader(ds, sampler=DistributedSampler(ds, num_replicas=2, rank=0, shuffle=False)), "d")
 
     class Drawn:
         def __iter__(self):  # type: ignore[no-untyped-def]
@@ -382,8 +386,16 @@ def test_batch_size_none_yields_examples_or_batches() -> None:
     def as_dict(item: Any) -> dict[str, torch.Tensor]:
         return {"inputs": item[0], "targets": item[1]}
 
+    class BatchedItems(Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return x[8 * i : 8 * i + 8], y[8 * i : 8 * i + 8]
+
     loaders = {
         "pre-batched iterable": DataLoader(PreBatched(), batch_size=None),
+        "pre-batched map-style items": DataLoader(BatchedItems(), batch_size=None),
         "batched __getitem__": DataLoader(BatchedGetItem(), batch_size=None,
                                           sampler=BatchSampler(SequentialSampler(range(30)), 8, False)),
         "single examples": DataLoader(ds, batch_size=None),
@@ -450,3 +462,71 @@ def test_loader_items_that_are_not_pairs_say_what_they_are() -> None:
     named = DataLoader([{"image": a, "label": b} for a, b in zip(x, y)], batch_size=2)
     with pytest.raises(InputError, match="keys image, label .expected keys inputs and targets."):
         list(stream_from_object(named, "named").shard().batches(2))  # type: ignore[union-attr]
+
+
+def test_batch_size_none_sequences_with_labels_of_their_length_are_single_examples() -> None:
+    """Language-model data: tokens (T,) and next tokens (T,) per example, batching off."""
+    tokens = torch.arange(60).reshape(10, 6)
+
+    class Sequences(IterableDataset):  # type: ignore[type-arg]
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            for row in tokens:
+                yield row, row + 1
+
+    spec = stream_from_object(DataLoader(Sequences(), batch_size=None), "lm")
+    assert spec is not None and spec.num_examples == 10
+    got = list(spec.shard().batches(4))
+    assert torch.equal(torch.cat([b[0] for b in got]), tokens) and torch.equal(torch.cat([b[1] for b in got]), tokens + 1)
+
+
+class _OpensInWorker(CountingDataset):
+    """Opens its 'file' in ``worker_init_fn``, as datasets reading from disk with workers do."""
+
+    handle: str | None = None
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.handle is None:
+            raise RuntimeError("read before worker_init_fn opened the file")
+        return super().__getitem__(i)
+
+
+def _open_in_worker(_: int) -> None:
+    from torch.utils.data import get_worker_info
+
+    info = get_worker_info()
+    assert info is not None
+    info.dataset.handle = "open"  # the user's dataset, not a wrapper
+
+
+def test_worker_init_fn_sees_the_users_dataset() -> None:
+    ds = _OpensInWorker(9)
+    loader = DataLoader(ds, batch_size=4, num_workers=1, worker_init_fn=_open_in_worker)
+    spec = stream_from_object(loader, "workers")
+    assert spec is not None
+    ds.handle = "open"
+    x, y = CountingDataset(9).tensors()
+    ds.handle = None
+    got = list(spec.shard().batches(4))
+    assert torch.equal(torch.cat([b[0] for b in got]), x)
+    hx, _ = spec.shard().head(2)
+    assert torch.equal(hx, x[:2])
+
+
+def test_a_stream_that_grows_is_refused_by_the_last_shard() -> None:
+    base = CountingDataset(12)
+    spec = stream_from_object(DataLoader(CountingIterable(base), batch_size=4), "growing")
+    assert spec is not None
+    first, last = spec.shard(2, 0), spec.shard(2, 1)
+    base.n = 15
+    assert sum(b[0].shape[0] for b in first.batches(4)) == 6  # not its concern
+    with pytest.raises(InputError, match="yielded 15 examples instead of 12"):
+        list(last.batches(4))
+
+
+def test_processes_that_open_different_data_disagree_on_its_identity() -> None:
+    ds = CountingDataset(20)
+    same = [stream_from_object(DataLoader(ds, batch_size=4), "d").identity() for _ in range(2)]  # type: ignore[union-attr]
+    assert same[0] == same[1]
+    x, y = ds.tensors()
+    halves = [stream_from_object(TensorDataset(x[r::2], y[r::2]), "d").identity() for r in range(2)]  # type: ignore[union-attr]
+    assert halves[0] != halves[1]

@@ -413,7 +413,7 @@ def make_cli_files(root: Path) -> dict[str, str]:
 STREAM_DATA = """\
 import os
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 
 class Logged(Dataset):
@@ -432,6 +432,12 @@ class Logged(Dataset):
 
 def loader():
     return DataLoader(Logged(), batch_size=5)
+
+
+def rank_split():
+    d = torch.load({data!r})
+    rank = int(os.environ.get("RANK", "0"))
+    return TensorDataset(d["inputs"][rank::2], d["targets"][rank::2])  # each process its own half: refused
 """
 
 
@@ -464,6 +470,8 @@ def _cli_commands(files: dict[str, str]) -> list[list[str]]:
         # a DataLoader read on every pass, each rank reading only its shard
         ["hessian", files["model"], "--data", files["stream"], "--stream", "-k", "3", "--which", "both",
          "--tol", "1e-10", *COMMON],
+        # data already split by rank: refused (exit 2) on every rank, no hang
+        ["hessian", files["model"], "--data", files["stream"].replace(":loader", ":rank_split"), *COMMON],
     ]
 
 
@@ -533,6 +541,8 @@ def test_cli_nullity_exact_volume_spectrum_under_torchrun_equal_one_process(
     out, commands = two_process_run
     assert commands
     for i, args in enumerate(commands):
+        if any(a.endswith(":rank_split") for a in args):
+            continue  # an error case (test_data_split_by_rank_is_refused_under_torchrun)
         text0 = (out / f"cli{i}_rank0.txt").read_text()
         assert (out / f"cli{i}_rank1.txt").read_text() == "", "rank 1 printed to stdout"
         two = json.loads(text0)
@@ -548,7 +558,7 @@ def test_cli_nullity_exact_volume_spectrum_under_torchrun_equal_one_process(
 @pytest.mark.slow
 def test_streamed_loader_under_torchrun_reads_each_shard_on_its_own_rank(
         two_process_run: tuple[Path, list[list[str]]], files: dict[str, str]) -> None:
-    """Rank r reads only examples of its shard (12 + 11), in chunks of the loader's 5, again on every pass;
+    """Rank r reads only examples of its shard (12 + 11), in chunks of 5, again on every pass;
     the numbers equal one process with the data loaded from the .pt file."""
     out, commands = two_process_run
     i = next(k for k, c in enumerate(commands) if "--stream" in c)
@@ -560,9 +570,21 @@ def test_streamed_loader_under_torchrun_reads_each_shard_on_its_own_rank(
     _compare(two, one, RTOL)
     root = Path(files["root"])
     reads = [[int(v) for v in (root / f"reads_rank{r}.txt").read_text().split()] for r in range(2)]
-    assert set(reads[0]) == set(range(12)) and set(reads[1]) == set(range(12, 23))
+    assert set(reads[0]) == set(range(12))
+    # rank 1: its shard, plus the first 8 examples once (every process fingerprints them to check that
+    # all opened the same data)
+    assert set(reads[1]) - set(range(8)) == set(range(12, 23))
+    assert sorted(i for i in reads[1] if i < 12) == list(range(8))
     passes = [reads[0].count(11), reads[1].count(22)]  # the last example of each shard: once per full pass
     assert passes[0] == passes[1] >= 5  # read again on every pass (loss, gradient, HVPs), in step
+
+
+@pytest.mark.slow
+def test_data_split_by_rank_is_refused_under_torchrun(two_process_run: tuple[Path, list[list[str]]]) -> None:
+    out, commands = two_process_run
+    i = next(k for k, c in enumerate(commands) if any(a.endswith(":rank_split") for a in c))
+    for r in range(2):
+        assert (out / f"cli{i}_rank{r}.txt").read_text().strip() == "EXIT 2"
 
 
 @pytest.mark.slow
