@@ -519,6 +519,8 @@ class Problem:
                         t0 = time.perf_counter()
                         self._hvp_block(probe, route)
                         timings[route] = (time.perf_counter() - t0) / probe.shape[1]
+                    except InputError:  # the data changed under us: not a route failure
+                        raise
                     except Exception as exc:  # noqa: BLE001 - vmap may fail where a loop works
                         self._route_errors[f"{route} (block)"] = f"{type(exc).__name__}: {exc}"
             finally:
@@ -691,6 +693,8 @@ class Problem:
             # the gradient graph holds every chunk: not for data read again on every pass
             if not self.streaming and self._graph_bytes_per_chunk() * self.num_chunks <= budget:
                 candidates.insert(0, "graph")
+        except InputError:  # the data changed under us: not a route failure
+            raise
         except Exception as exc:  # noqa: BLE001 - a model that cannot double-backward
             self._route_errors["graph"] = f"{type(exc).__name__}: {exc}"
         for r in candidates:
@@ -718,6 +722,8 @@ class Problem:
                 self._hvp_block(v, route)
                 best = min(best, time.perf_counter() - t0)
             self._route_timings[route] = best
+        except InputError:  # the data changed under us: not a route failure
+            raise
         except Exception as exc:
             self._route_errors[route] = f"{type(exc).__name__}: {exc}"
             if strict:

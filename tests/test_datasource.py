@@ -530,3 +530,24 @@ def test_processes_that_open_different_data_disagree_on_its_identity() -> None:
     x, y = ds.tensors()
     halves = [stream_from_object(TensorDataset(x[r::2], y[r::2]), "d").identity() for r in range(2)]  # type: ignore[union-attr]
     assert halves[0] != halves[1]
+
+
+def test_data_that_change_while_routes_are_timed_are_reported_as_bad_data() -> None:
+    """Not as 'no HVP route works' (a run-time failure): the stream changed, whatever the route."""
+    base = CountingDataset(12)
+
+    class GrowsLater(IterableDataset):  # type: ignore[type-arg]
+        passes = 0
+
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            GrowsLater.passes += 1
+            for i in range(12):
+                yield base[i]
+            # passes: 1 count, 2 first examples, 3-7 loss/gradient/data re-read/determinism, 8+ route timing
+            if GrowsLater.passes >= 8:
+                for i in range(3):
+                    yield base[i]
+
+    src = stream_from_object(DataLoader(GrowsLater(), batch_size=4), "growing").shard()  # type: ignore[union-attr]
+    with pytest.raises(InputError, match="yielded 15 examples instead of 12"):
+        Problem(_model(), src, None, "mse", data_memory_bytes=0)
