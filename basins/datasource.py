@@ -610,6 +610,27 @@ def _count_examples(loader: Any, source: str, max_samples: int | None) -> int:
     return total
 
 
+def hdf5_datasets(handle: Any, path: str) -> tuple[Any, Any]:
+    """The root datasets ``inputs`` and ``targets`` of an open ``h5py.File``.
+
+    Raises:
+        InputError: one of them is missing (or not a dataset), naming what the file holds.
+    """
+    import h5py
+
+    found = []
+    for key in ("inputs", "targets"):
+        item = handle.get(key)
+        if not isinstance(item, h5py.Dataset):
+            names = ", ".join(sorted(handle.keys())[:8]) or "nothing"
+            raise InputError(
+                f"{path} is an HDF5 file without a dataset named {key} at its root "
+                f"(found: {names}); store datasets inputs and targets"
+            )
+        found.append(item)
+    return found[0], found[1]
+
+
 def hdf5_stream(path: str, max_samples: int | None = None) -> StreamSpec:
     """A :class:`StreamSpec` over the root datasets ``inputs`` and ``targets`` of an HDF5 file.
 
@@ -621,14 +642,7 @@ def hdf5_stream(path: str, max_samples: int | None = None) -> StreamSpec:
 
     with h5py.File(path, "r") as handle:
         sizes = []
-        for key in ("inputs", "targets"):
-            item = handle.get(key)
-            if not isinstance(item, h5py.Dataset):
-                found = ", ".join(sorted(handle.keys())[:8]) or "nothing"
-                raise InputError(
-                    f"{path} is an HDF5 file without a dataset named {key} at its root "
-                    f"(found: {found}); store datasets inputs and targets"
-                )
+        for key, item in zip(("inputs", "targets"), hdf5_datasets(handle, path)):
             if item.ndim == 0:
                 raise InputError(f"{path}: {key} is a scalar; it needs a first dimension of n examples")
             if item.dtype.kind not in "biuf":

@@ -20,6 +20,7 @@ from basins.datasource import (
     StreamSpec,
     check_ordered_loader,
     data_fingerprint,
+    hdf5_datasets,
     hdf5_stream,
     loader_batch,
     stream_from_object,
@@ -191,14 +192,7 @@ def _load_hdf5(path: str, max_samples: int | None) -> tuple[Any, Any]:
     try:
         with h5py.File(path, "r") as handle:
             arrays = []
-            for key in ("inputs", "targets"):
-                item = handle.get(key)
-                if not isinstance(item, h5py.Dataset):
-                    found = ", ".join(sorted(handle.keys())[:8]) or "nothing"
-                    raise InputError(
-                        f"{path} is an HDF5 file without a dataset named {key} at its root "
-                        f"(found: {found}); store datasets inputs and targets"
-                    )
+            for item in hdf5_datasets(handle, path):
                 if item.ndim == 0:
                     arrays.append(item[()])
                 else:
