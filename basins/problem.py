@@ -256,7 +256,6 @@ class Problem:
         #: chunks held in memory (None: read from the stream on every pass, see :meth:`chunks`)
         self._cached: list[_Chunk] | None = None
         self._checked_pass = False  # a complete pass with every chunk checked (streams: the first)
-        self._streaming = source.streamed
         if not source.streamed:
             self._cached = list(self._read_chunks(check=True))
             self._checked_pass = True
@@ -301,27 +300,28 @@ class Problem:
         are brought to: per-example shape (``(n,)`` → ``(n, 1)`` where unambiguous) and dtype."""
         if targets.is_floating_point():
             targets = targets.to(self.dtype)
-        try:
-            head = check_targets(self.loss_name, outputs, targets[: outputs.shape[0]])
-        except InputError as err:
-            first = self.data.first_index
-            raise InputError(f"{self.data.source}: the targets of examples {first}..{first + outputs.shape[0] - 1}: "
-                             f"{err}") from err
+        head = self._checked_targets(outputs, targets[: outputs.shape[0]], self.data.first_index)
         self._target_spec = (tuple(head.shape[1:]), head.dtype)
         self._output_spec = (tuple(outputs.shape[1:]), outputs.dtype)
 
-    def _chunk_targets(self, y: torch.Tensor, *, check: bool, where: str = "targets") -> torch.Tensor:
-        """One chunk's targets on the device, checked (when ``check``) and fitted as :meth:`_fit_targets` fixed."""
+    def _checked_targets(self, outputs: torch.Tensor, y: torch.Tensor, first: int) -> torch.Tensor:
+        """:func:`check_targets`, its error naming the source and the examples ``first..`` it was about."""
+        try:
+            return check_targets(self.loss_name, outputs, y)
+        except InputError as err:
+            where = f"the targets of examples {first}..{first + y.shape[0] - 1}"
+            raise InputError(f"{self.data.source}: {where}: {err}") from err
+
+    def _chunk_targets(self, y: torch.Tensor, *, check: bool, first: int = 0) -> torch.Tensor:
+        """One chunk's targets (global examples ``first..``) on the device, checked (when ``check``)
+        and fitted as :meth:`_fit_targets` fixed."""
         assert self._target_spec is not None
         y = y.to(self.device)
         if y.is_floating_point():
             y = y.to(self.dtype)
         if check:  # against outputs of the model's shape (no forward pass needed)
             shape, dtype = self._output_spec
-            try:
-                check_targets(self.loss_name, torch.zeros((), dtype=dtype, device=y.device).expand(y.shape[0], *shape), y)
-            except InputError as err:
-                raise InputError(f"{self.data.source}: {where}: {err}") from err
+            self._checked_targets(torch.zeros((), dtype=dtype, device=y.device).expand(y.shape[0], *shape), y, first)
         tail, dtype = self._target_spec
         if tuple(y.shape[1:]) != tail:
             y = y.reshape(y.shape[0], *tail)
@@ -358,8 +358,7 @@ class Problem:
             x = self._to_device_inputs(x)
             if self.fixed_batch_size is not None:
                 x = self._pad(x, self.fixed_batch_size)
-            where = f"the targets of examples {start}..{start + m - 1}"
-            yield _Chunk(x, self._chunk_targets(y, check=check, where=where), m, m / n)
+            yield _Chunk(x, self._chunk_targets(y, check=check, first=start), m, m / n)
             start += m
 
     def _check_determinism(self, g: torch.Tensor) -> None:
