@@ -115,7 +115,11 @@ class Loaded:
 
 
 def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
-    """Load model, data and loss from the common options and build the Problem."""
+    """Load model, data and loss from the common options and build the Problem.
+
+    With ``opts["output"]`` set, also check that the report can be written (``opts["force"]``),
+    so that a wrong ``-o`` fails before the analysis rather than after it.
+    """
     from basins import distributed as dist
     from basins.datasource import StreamSpec, combine_digests
     from basins.errors import InputError
@@ -204,6 +208,8 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
         "world_size": len(rank_examples), "rank_examples": rank_examples,
         "dist_backend": ctx.backend if ctx is not None else None,
     }
+    if opts.get("output"):  # fail before the work, not after it
+        check_report_writable(opts["output"], record, force=bool(opts.get("force")))
     return Loaded(problem, record, int(opts.get("seed", 0)), warnings)
 
 
@@ -328,10 +334,3 @@ def fmt(x: float | None, digits: int = 6) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
     return f"{x:.{digits}g}"
-
-
-def common_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Split the problem options out of a command's kwargs (they stay in the dict too)."""
-    keys = ("model", "data", "loss", "arch", "trust_pickle", "batch_size", "max_samples", "stream", "dtype", "device", "seed",
-            "hvp_route")
-    return {k: kwargs.get(k) for k in keys}

@@ -16,7 +16,6 @@ from rich.table import Table
 from .common import (
     Timer,
     argv,
-    check_report_writable,
     fmt,
     load_problem,
     output_options,
@@ -70,8 +69,6 @@ def features(**kw: Any) -> None:
     with Timer() as setup:
         loaded = load_problem(kw, log)
     problem = loaded.problem
-    if kw["output"]:
-        check_report_writable(kw["output"], loaded.record, force=kw["force"])
     with Timer() as t, progress_bar(log, "feature Gram", total=problem.num_examples, unit="") as update:
         fg = feature_gram(problem, route=kw["route"], top_vectors=kw["top_vectors"], gn_probes=kw["gn_probes"],
                           seed=loaded.seed, callback=lambda p: update(p.done, total=p.total, info=f"{p.phase} {p.unit}".strip()))

@@ -16,7 +16,6 @@ from rich.table import Table
 from .common import (
     Timer,
     argv,
-    check_report_writable,
     fmt,
     load_problem,
     output_options,
@@ -80,8 +79,6 @@ def hessian(**kw: Any) -> None:
     with Timer() as setup:
         loaded = load_problem(kw, log)
     problem = loaded.problem
-    if kw["output"]:
-        check_report_writable(kw["output"], loaded.record, force=kw["force"])  # fail before the work, not after
     if kw["eigenvectors"] and not kw["output"]:
         log.print("[yellow]note:[/] eigenvectors are stored only in a report: add -o report.h5")
     k = kw["top_k"]

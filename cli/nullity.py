@@ -16,7 +16,6 @@ from rich.table import Table
 from .common import (
     Timer,
     argv,
-    check_report_writable,
     fmt,
     load_problem,
     output_options,
@@ -69,8 +68,6 @@ def nullity(**kw: Any) -> None:
     with Timer() as setup:
         loaded = load_problem(kw, log)
     problem = loaded.problem
-    if kw["output"]:
-        check_report_writable(kw["output"], loaded.record, force=kw["force"])
 
     with Timer() as t, progress_bar(log, f"nullity ({kw['method']})", total=None, unit="") as update:
         result = count_nullity(

@@ -19,7 +19,6 @@ from rich.table import Table
 from .common import (
     Timer,
     argv,
-    check_report_writable,
     fmt,
     is_main_process,
     load_problem,
@@ -74,8 +73,6 @@ def spectrum(**kw: Any) -> None:
     with Timer() as setup:
         loaded = load_problem(kw, log)
     problem = loaded.problem
-    if kw["output"]:
-        check_report_writable(kw["output"], loaded.record, force=kw["force"])
     total = kw["probes"] * min(kw["steps"], problem.num_params)
     with Timer() as t, progress_bar(log, f"SLQ ({kw['probes']} probes)", total=total) as update:
         result = hessian_slq(

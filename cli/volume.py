@@ -17,7 +17,6 @@ from rich.table import Table
 from .common import (
     Timer,
     argv,
-    check_report_writable,
     fmt,
     is_main_process,
     jsonable,
@@ -96,8 +95,6 @@ def volume(**kw: Any) -> None:
     with Timer() as setup:
         loaded = load_problem(kw, log)
     problem = loaded.problem
-    if kw["output"]:
-        check_report_writable(kw["output"], loaded.record, force=kw["force"])
     num_pairs = (kw["samples"] + 1) // 2
     if kw["samples"] % 2:
         log.print(f"note: {kw['samples']} rays rounded up to {2 * num_pairs} (antithetic pairs ±u)")
