@@ -37,7 +37,7 @@ CRITICAL_GRAD_TOL = 1e-3
 def is_main_process() -> bool:
     """True in a single process and on rank 0 of a ``torchrun`` launch (reads ``RANK``; imports no torch).
 
-    Agrees with :func:`basins.distributed.is_main_process`. Only the main process prints data,
+    Agrees with :func:`basins.engine.distributed.is_main_process`. Only the main process prints data,
     logs and progress, and writes reports (:func:`write_report`); errors show on every rank.
     """
     if not all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")):
@@ -120,11 +120,11 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
     With ``opts["output"]`` set, also check that the report can be written (``opts["force"]``),
     so that a wrong ``-o`` fails before the analysis rather than after it.
     """
-    from basins import distributed as dist
-    from basins.datasource import StreamSpec, combine_digests
+    from basins.engine import distributed as dist
+    from basins.engine.data import StreamSpec, combine_digests
     from basins.errors import InputError
-    from basins.loading import resolve_inputs
-    from basins.problem import Problem, resolve_device
+    from basins.files.loading import resolve_inputs
+    from basins.engine.problem import Problem, resolve_device
 
     # Under torchrun: join the process group first (backend from this rank's device).
     device = dist.local_device(opts.get("device") or "auto")
@@ -274,29 +274,29 @@ def print_json(obj: Any) -> None:
 
 def write_report(path: str, record: dict[str, Any], group: str, attrs: dict[str, Any],
                  arrays: dict[str, Any] | None = None, **kwargs: Any) -> None:
-    """:func:`basins.report.write_analysis`, by rank 0 only; the other ranks wait for it.
+    """:func:`basins.files.report.write_analysis`, by rank 0 only; the other ranks wait for it.
 
     Same arguments as ``write_analysis`` (``subgroup_attrs=``, ``force=``). When rank 0 fails
     to write, it raises the error (shown once) and the other ranks exit quietly with the same code.
     """
-    from basins.report import write_analysis
+    from basins.files.report import write_analysis
 
     _on_main_process(lambda: write_analysis(path, record, group, attrs, arrays, **kwargs))
 
 
 def check_report_writable(path: str, record: dict[str, Any], *, force: bool = False) -> None:
-    """:func:`basins.report.check_writable` (fail before the work), by rank 0 only, like :func:`write_report`.
+    """:func:`basins.files.report.check_writable` (fail before the work), by rank 0 only, like :func:`write_report`.
 
     Under torchrun on several machines only rank 0's filesystem needs the report's directory.
     """
-    from basins.report import check_writable
+    from basins.files.report import check_writable
 
     _on_main_process(lambda: check_writable(path, record, force=force))
 
 
 def _on_main_process(fn: Callable[[], object]) -> None:
     """Run ``fn`` on rank 0; the other ranks wait, and exit quietly with rank 0's code if it raised."""
-    from basins import distributed as dist
+    from basins.engine import distributed as dist
     from basins.errors import InputError
 
     code = 0

@@ -22,7 +22,7 @@ def example(directory: str, seed: int, as_json: bool, quiet: bool) -> None:
       basins example
       basins hessian basins-example/model.pt
     """
-    from basins.example import make_example
+    from basins.files.example import make_example
 
     log = stderr_console(quiet)
     with Timer() as t, log.status("training the example model", spinner="dots"):

@@ -61,8 +61,8 @@ def features(**kw: Any) -> None:
       basins features model.pt --top 3 --json | jq '.loadings[0].per_output'
       basins features model.pt --max-samples 500 -o report.h5
     """
-    from basins.features import feature_gram
-    from basins.nullity import DEFAULT_RTOLS
+    from basins.analyses.features import feature_gram
+    from basins.analyses.nullity import DEFAULT_RTOLS
 
     log = stderr_console(kw["quiet"])
     rtols = tuple(kw["rtols"]) or DEFAULT_RTOLS
@@ -100,7 +100,7 @@ def features(**kw: Any) -> None:
         "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "argv": argv(),
     }
     if kw["output"]:
-        from basins.report import Array
+        from basins.files.report import Array
 
         arrays = {"eigenvalues": Array(fg.eigenvalues, "feature Gram eigenvalues = nonzero spectrum of G, descending",
                                        EIGEN_UNITS)}

@@ -73,7 +73,7 @@ def hessian(**kw: Any) -> None:
       basins hessian model.pt --which both --trace -o report.h5
       basins hessian model.pt --json --dtype float64 --tol 1e-10 | jq .eigenvalues
     """
-    from basins.hessian import hessian_eigenvalues
+    from basins.analyses.hessian import hessian_eigenvalues
 
     log = stderr_console(kw["quiet"])
     with Timer() as setup:
@@ -175,7 +175,7 @@ def _most_negative(result: Any) -> tuple[float, float]:
 
 
 def _arrays(result: Any) -> dict[str, Any]:
-    from basins.report import Array
+    from basins.files.report import Array
 
     end = "bottom (ascending)" if result.which == "bottom" else "top (descending)"
     arrays = {

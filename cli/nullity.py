@@ -60,8 +60,8 @@ def nullity(**kw: Any) -> None:
       basins nullity model.pt --method features --rtol 1e-8 --rtol 1e-6 --json
       basins nullity model.pt --method slq --probes 20 -o report.h5
     """
-    from basins.nullity import DEFAULT_RTOLS
-    from basins.nullity import nullity as count_nullity
+    from basins.analyses.nullity import DEFAULT_RTOLS
+    from basins.analyses.nullity import nullity as count_nullity
 
     log = stderr_console(kw["quiet"])
     rtols = tuple(kw["rtols"]) or DEFAULT_RTOLS
@@ -120,7 +120,7 @@ def nullity(**kw: Any) -> None:
 
 
 def _arrays(result: Any) -> dict[str, Any]:
-    from basins.report import Array
+    from basins.files.report import Array
 
     arrays = {
         "rtol": Array([c.rtol for c in result.counts], "relative thresholds (× λ_max)", None),

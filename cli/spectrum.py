@@ -65,7 +65,8 @@ def spectrum(**kw: Any) -> None:
       basins spectrum model.pt --scale log --plot spectrum.png -o report.h5
       basins spectrum model.pt --json | jq .num_hvps
     """
-    from basins.slq import hessian_slq, spectral_density
+    from basins.analyses.spectrum import hessian_slq
+    from basins.linalg.slq import spectral_density
 
     if kw["plot_path"]:
         _require_matplotlib()
@@ -95,7 +96,7 @@ def spectrum(**kw: Any) -> None:
     grid_units = "log10(|λ| / (loss / parameter²))" if dens.scale == "log" else EIGEN_UNITS
     dens_units = "per decade of |λ|" if dens.scale == "log" else f"1 / ({EIGEN_UNITS})"
     if kw["output"]:
-        from basins.report import Array
+        from basins.files.report import Array
 
         arrays = {
             "nodes": Array(nodes, "Gauss quadrature nodes (Ritz values), one row per probe, NaN-padded", EIGEN_UNITS),
@@ -141,7 +142,7 @@ def _require_matplotlib() -> None:
 
 
 def plot_density(dens: Any, path: str, title: str = "") -> None:
-    """Draw a :class:`basins.slq.SpectralDensity` (mean and band) to an image file."""
+    """Draw a :class:`basins.linalg.slq.SpectralDensity` (mean and band) to an image file."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -185,7 +186,7 @@ def _rules(analysis: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
 
 def _log_sparkline(analysis: dict[str, Any], width: int = 48) -> tuple[str, str] | None:
     """The density over log10|λ|, re-smoothed from the stored nodes/weights: (line, axis label)."""
-    from basins.slq import spectral_density
+    from basins.linalg.slq import spectral_density
 
     rules = _rules(analysis)
     if rules is None or not np.isfinite(rules[0]).any() or np.nanmax(np.abs(rules[0])) == 0:

@@ -58,7 +58,7 @@ def summary(reports: tuple[str, ...], as_json: bool, as_csv: bool, quiet: bool) 
       basins summary report.h5 --json | jq '.analyses.hessian.attrs.lambda_max'
     """
     from basins.errors import InputError
-    from basins.report import read_report
+    from basins.files.report import read_report
 
     if as_json and as_csv:
         raise click.UsageError("--json and --csv are exclusive: pick one")

@@ -83,7 +83,7 @@ def volume(**kw: Any) -> None:
       basins volume model.pt --samples 1000 --walls -o report.h5 --plot walls.png
       basins volume model.pt --epsilon 0.01 --family top --family floor --json | jq .families
     """
-    from basins.probing import DEFAULT_EPSILONS, probe_problem
+    from basins.analyses.volume.probe import DEFAULT_EPSILONS, probe_problem
 
     log = stderr_console(kw["quiet"])
     if kw["plot"]:
@@ -164,7 +164,7 @@ def family_json(fr: Any, epsilons: list[float]) -> dict[str, Any]:
     """The per-family keys of ``--json`` (one list entry per ε where a key depends on ε)."""
     import numpy as np
 
-    from basins.volume import quantile_summary
+    from basins.analyses.volume.estimators import quantile_summary
 
     E = len(epsilons)
     vols, prior = fr.volume, fr.prior_mass
@@ -206,7 +206,7 @@ def family_json(fr: Any, epsilons: list[float]) -> dict[str, Any]:
 
 
 def result_json(result: Any) -> dict[str, Any]:
-    """``--json`` keys of a :class:`basins.probing.ProbeResult` (top level: the primary family)."""
+    """``--json`` keys of a :class:`basins.analyses.volume.probe.ProbeResult` (top level: the primary family)."""
     fams = {name: family_json(fr, result.epsilons) for name, fr in result.families.items()}
     prim = fams[result.primary.family]
     q = result.quadratic
@@ -238,7 +238,7 @@ def _write(path: str, record: dict[str, Any], result: Any, out: dict[str, Any], 
            seconds: float, setup_seconds: float, force: bool) -> None:
     import numpy as np
 
-    from basins.report import Array
+    from basins.files.report import Array
 
     common = {"argv": argv(), "wall_seconds": seconds, "setup_seconds": setup_seconds, **settings}
     attrs = {"analysis": "volume", **jsonable(out), **common}
@@ -248,7 +248,7 @@ def _write(path: str, record: dict[str, Any], result: Any, out: dict[str, Any], 
             f"{name}/radii": Array(fr.radii, f"(rays, ε) radius where C = L − L(θ*) first reaches ε; {_RAY_ORDER}; "
                                              "max_radius when censored", RADIUS_UNITS),
             f"{name}/pair_seeds": Array(fr.pair_seeds, "per pair j: torch.Generator().manual_seed(seed) → randn float64 → "
-                                                       "family projection → unit norm (basins.rays.DirectionSampler)", None),
+                                                       "family projection → unit norm (basins.analyses.volume.directions.DirectionSampler)", None),
             f"{name}/status": Array(fr.status, f"(rays, ε) {_STATUS}", None),
             f"{name}/log_error": Array(fr.log_error, "(rays, ε) half-width of the final bracket in log r", "nats"),
             f"{name}/reentered": Array(fr.reentered, "(rays, ε) a point beyond the crossing had C < ε", None),

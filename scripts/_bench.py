@@ -23,8 +23,8 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
 
 def example_problem() -> tuple[str, Problem]:
     """The built-in example bundle (written to a temporary folder) as a Problem, with a label."""
-    from basins.example import make_example
-    from basins.loading import load_bundle
+    from basins.files.example import make_example
+    from basins.files.loading import load_bundle
 
     bundle = load_bundle(make_example(tempfile.mkdtemp(prefix="basins-bench-")))
     problem = Problem(bundle.model.module, bundle.data.inputs, bundle.data.targets, bundle.loss,

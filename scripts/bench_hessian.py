@@ -11,7 +11,7 @@ runs) and the worst relative error against a reference (dense ``eigvalsh`` when 
 ``scipy.sparse.linalg.eigsh`` at tol 1e-10 on a float64 copy of the problem).
 
 - basins: ``Problem(...)`` construction (loss, gradient, determinism check, HVP route choice)
-  **plus** :func:`basins.hessian.hessian_eigenvalues` at its defaults (tol 1e-4, block 1).
+  **plus** :func:`basins.analyses.hessian.hessian_eigenvalues` at its defaults (tol 1e-4, block 1).
 - PyHessian 0.1 at its defaults (power iteration with deflation, ``maxIter=100, tol=1e-3``),
   constructor included. It accumulates into ``.grad``, so each run gets a fresh model copy.
   HVPs are counted by wrapping ``pyhessian.hessian.hessian_vector_product``. Its
@@ -44,8 +44,8 @@ from _bench import median_seconds  # scripts/ is on sys.path when run as a scrip
 from torch import nn
 
 from basins import Problem
-from basins.hessian import hessian_eigenvalues
-from basins.losses import get_loss
+from basins.analyses.hessian import hessian_eigenvalues
+from basins.engine.losses import get_loss
 
 
 @dataclass
@@ -68,8 +68,8 @@ class Run:
 # ---------------------------------------------------------------------- problems
 def example_case() -> Case:
     """The ``basins example`` bundle, as a plain module (a torch.export module refuses .eval())."""
-    from basins.example import make_example
-    from basins.loading import load_bundle
+    from basins.files.example import make_example
+    from basins.files.loading import load_bundle
 
     directory = tempfile.mkdtemp(prefix="basins-bench-")
     bundle = load_bundle(make_example(directory))

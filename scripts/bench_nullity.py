@@ -24,7 +24,7 @@ from _bench import example_problem  # scripts/ is on sys.path when run as a scri
 from torch import nn
 
 from basins import InputError, Problem
-from basins.nullity import DEFAULT_RTOLS, nullity
+from basins.analyses.nullity import DEFAULT_RTOLS, nullity
 
 
 def mlp_problem(n: int, width: int, steps: int, zero_residual: bool = False) -> tuple[str, Problem]:

@@ -36,19 +36,19 @@ import torch
 from torch import nn
 
 from basins import Problem
-from basins.probing import ProblemCriterion, probe_problem
+from basins.analyses.volume.probe import ProblemCriterion, probe_problem
 
 
 def example_bundle(path: str | None) -> str:
     if path:
         return path
-    from basins.example import make_example
+    from basins.files.example import make_example
 
     return make_example(tempfile.mkdtemp(prefix="basins-bench-volume-"))
 
 
 def load(path: str) -> Problem:
-    from basins.loading import load_bundle
+    from basins.files.loading import load_bundle
 
     b = load_bundle(path)
     return Problem(b.model.module, b.data.inputs, b.data.targets, b.loss, fixed_batch_size=b.model.fixed_batch_size)

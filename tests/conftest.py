@@ -146,7 +146,7 @@ def _one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def model_files(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
-    from basins.loading import save_bundle
+    from basins.files.loading import save_bundle
 
     folder = tmp_path_factory.mktemp("models")
     module = models.mlp().eval()
@@ -210,7 +210,7 @@ def cnn_bn_files(tmp_path_factory: pytest.TempPathFactory) -> CnnBnFiles:
 
 @pytest.fixture(scope="session")
 def regression_files(tmp_path_factory: pytest.TempPathFactory) -> RegressionFiles:
-    from basins.loading import save_bundle
+    from basins.files.loading import save_bundle
 
     folder = tmp_path_factory.mktemp("regression")
     module = models.tanh_mlp_regression().eval()

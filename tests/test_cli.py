@@ -110,7 +110,7 @@ def test_bad_data_exit_2(tmp_path: Path, model_files, write_data) -> None:  # ty
 
 
 def test_non_finite_loss_with_finite_data_exits_1(tmp_path: Path, model_files) -> None:  # type: ignore[no-untyped-def]
-    from basins.loading import save_bundle
+    from basins.files.loading import save_bundle
 
     module = torch.nn.Sequential(torch.nn.Linear(4, 3))
     with torch.no_grad():

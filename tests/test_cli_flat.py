@@ -1,6 +1,6 @@
 """``basins spectrum``, ``nullity`` and ``features`` end to end: JSON keys and values, reports, summary, errors.
 
-Bundles are built with :func:`basins.loading.save_bundle` from small float64 models at an exact
+Bundles are built with :func:`basins.files.loading.save_bundle` from small float64 models at an exact
 zero-residual minimum (targets := f(x; θ*)), where the flat-direction count is P − rank J.
 """
 
@@ -22,7 +22,7 @@ from basins.cli.main import main
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """A zero-residual regression with a hidden linear layer (P = 38, n·k = 12) and a small classifier."""
-    from basins.loading import save_bundle
+    from basins.files.loading import save_bundle
 
     root = tmp_path_factory.mktemp("flat")
     g = torch.Generator().manual_seed(0)

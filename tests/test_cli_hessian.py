@@ -1,6 +1,6 @@
 """``basins hessian``: eigenvalues against a dense float64 Hessian, saddles, trace, JSON, reports, exit codes.
 
-Bundles are built here with :func:`basins.loading.save_bundle` from small float64 models; the dense
+Bundles are built here with :func:`basins.files.loading.save_bundle` from small float64 models; the dense
 reference is ``torch.func.hessian`` of the explicit full-data loss of the original module.
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 from torch.func import functional_call
 
 from basins.cli.main import main
-from basins.report import read_report
+from basins.files.report import read_report
 
 TOP_RTOL = 1e-6  # top-k: relative error against eigvalsh
 BOTTOM_ATOL = 1e-6  # bottom-k: absolute error, in units of λ_max
@@ -53,7 +53,7 @@ def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     """A tanh MLP regression (P = 72) and a two-layer linear net at a saddle (weights 0)."""
-    from basins.loading import save_bundle
+    from basins.files.loading import save_bundle
 
     root = tmp_path_factory.mktemp("bundles")
     g = torch.Generator().manual_seed(0)
@@ -313,7 +313,7 @@ def test_block_size_and_interrupt(bundles, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("basins.hessian.hessian_eigenvalues", interrupted)
+    monkeypatch.setattr("basins.analyses.hessian.hessian_eigenvalues", interrupted)
     r = run(bundles["mlp"], "-k", "1", "-o", report)
     assert r.exit_code == 130 and "interrupted" in r.stderr
     assert open(report, "rb").read() == before

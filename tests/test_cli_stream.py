@@ -16,7 +16,7 @@ import torch
 from click.testing import CliRunner
 
 from basins.cli.main import main
-from basins.report import read_report
+from basins.files.report import read_report
 
 RTOL = 1e-10
 COMMON = ["--dtype", "float64", "--device", "cpu", "--json"]

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from torch import nn
 
 from basins.cli.main import main
-from basins.report import read_report
-from basins.volume import log_ball_volume
+from basins.files.report import read_report
+from basins.analyses.volume.estimators import log_ball_volume
 
 F64 = torch.float64
 
@@ -22,7 +22,7 @@ F64 = torch.float64
 @pytest.fixture(scope="module")
 def linreg(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Linear regression (P = 3) saved at its least-squares solution: L − L* = δᵀ(XᵀX/n)δ exactly."""
-    from basins.loading import save_bundle
+    from basins.files.loading import save_bundle
 
     root = tmp_path_factory.mktemp("volume")
     g = torch.Generator().manual_seed(0)

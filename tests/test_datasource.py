@@ -1,4 +1,4 @@
-"""Streamed data (basins.datasource): the same examples, in the same order, as the data held in memory.
+"""Streamed data (basins.engine.data): the same examples, in the same order, as the data held in memory.
 
 A Problem over a stream must give the numbers of a Problem over the same tensors (float64,
 rtol 1e-12: the same chunks, so the same sums), whether it keeps the chunks after the first
@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from basins import InputError, Problem
-from basins.datasource import (
+from basins.engine.data import (
     HDF5Stream,
     IterableStream,
     TensorData,
@@ -27,7 +27,7 @@ from basins.datasource import (
     hdf5_stream,
     stream_from_object,
 )
-from basins.loading import load_data, open_data
+from basins.files.loading import load_data, open_data
 
 RTOL = 1e-12
 
@@ -236,7 +236,7 @@ def test_streamed_problem_keeps_what_fits_and_streams_what_does_not() -> None:
 
 
 def test_streamed_fixed_batch_export_is_padded_per_chunk(model_files: Any) -> None:
-    from basins.loading import load_model
+    from basins.files.loading import load_model
 
     loaded = load_model(model_files.pt2_fixed)
     x, y = model_files.inputs, model_files.targets

@@ -1,4 +1,4 @@
-"""Data parallelism (basins.distributed): 2 gloo processes under torchrun give the numbers of one process.
+"""Data parallelism (basins.engine.distributed): 2 gloo processes under torchrun give the numbers of one process.
 
 The multi-process tests launch ``python -m torch.distributed.run`` on loopback (127.0.0.1, a
 free port) with this very file as the worker script (the ``_worker_*`` functions at the
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from basins import ComputeError, InputError, Problem
-from basins import distributed as dist
+from basins.engine import distributed as dist
 
 RTOL = 1e-10  # HVP-based quantities, 2 processes vs 1, float64
 ROUTES = ("graph", "fwd-rev", "rev-rev")
@@ -119,7 +119,7 @@ def _quantities(p: Problem, seed: int = 7) -> dict[str, Any]:
         out[f"hvp_{r}"] = p.hvp_with_route(v, r)
         out[f"hvp_block_{r}"] = p.hvp_with_route(V, r)
     try:  # the library's Lanczos, where it exists: tolerance-driven stopping must agree across ranks
-        from basins.lanczos import lanczos
+        from basins.linalg.lanczos import lanczos
     except ImportError:
         pass
     else:
@@ -444,7 +444,7 @@ def rank_split():
 def _missing(*commands: str) -> list[str]:
     import importlib.util
 
-    mods = ["basins.loading", *(f"basins.cli.{c}" for c in commands)]
+    mods = ["basins.files.loading", *(f"basins.cli.{c}" for c in commands)]
     return [m for m in mods if importlib.util.find_spec(m) is None]
 
 
@@ -514,7 +514,7 @@ COMMON = ["--dtype", "float64", "--device", "cpu", "--json"]
 @pytest.mark.slow
 def test_cli_hessian_under_torchrun_equals_one_process(files: dict[str, str], tmp_path: Path) -> None:
     _needs_cli("hessian")
-    from basins.report import read_report
+    from basins.files.report import read_report
 
     args = ["hessian", files["model"], "--data", files["data"], "-k", "4", "--which", "both", "--tol", "1e-10",
             "--trace", *COMMON]

@@ -1,4 +1,4 @@
-"""Tests of basins.example: the shipped dataset and the trained example bundle."""
+"""Tests of basins.files.example: the shipped dataset and the trained example bundle."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad
 
 from basins.errors import InputError
-from basins.example import EXAMPLE_LOSS, load_example_data, make_example
-from basins.loading import load_bundle
+from basins.files.example import EXAMPLE_LOSS, load_example_data, make_example
+from basins.files.loading import load_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAD_TOL = 1e-3  # the CLI warns above this (cli/common.py CRITICAL_GRAD_TOL)

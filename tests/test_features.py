@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
 from basins import InputError, Problem
-from basins.features import feature_gram
+from basins.analyses.features import feature_gram
 
 TOL = 1e-8  # × λ_max, float64
 

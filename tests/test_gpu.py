@@ -69,7 +69,7 @@ def _compare_devices(dev_a: str, dev_b: str) -> None:
     _close(pa.loss_many(thetas, route="loop"), pb.loss_many(thetas, route="loop"), RTOL, "loss_many loop")
     _close(pa.dense_hessian(), pb.dense_hessian(), RTOL, "dense Hessian")
 
-    lanczos_mod = pytest.importorskip("basins.lanczos", reason="basins.lanczos is not there yet")
+    lanczos_mod = pytest.importorskip("basins.linalg.lanczos", reason="basins.linalg.lanczos is not there yet")
     ra = lanczos_mod.lanczos(pa.hvp, pa.num_params, k=4, tol=1e-10, seed=3, dtype=torch.float64, device=pa.device)
     rb = lanczos_mod.lanczos(pb.hvp, pb.num_params, k=4, tol=1e-10, seed=3, dtype=torch.float64, device=pb.device)
     _close(ra.eigenvalues, rb.eigenvalues, RTOL_EIG, "Lanczos top-4")

@@ -1,4 +1,4 @@
-"""basins.lanczos against dense float64 eigendecompositions of matrices with known spectra."""
+"""basins.linalg.lanczos against dense float64 eigendecompositions of matrices with known spectra."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from basins.errors import ComputeError, InputError
-from basins.lanczos import LanczosBothEnds, LanczosProgress, LanczosResult, lanczos
+from basins.linalg.lanczos import LanczosBothEnds, LanczosProgress, LanczosResult, lanczos
 
 F64 = torch.float64
 REL = 1e-6  # eigenvalue accuracy asked of a run with tol=1e-8

@@ -1,4 +1,4 @@
-"""Tests of basins.loading: every model/data format, every error path, bundles."""
+"""Tests of basins.files.loading: every model/data format, every error path, bundles."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 from torch.func import functional_call, grad
 
 from basins.errors import InputError
-from basins.loading import (
+from basins.files.loading import (
     BUNDLE_FORMAT,
     LoadedData,
     LoadedModel,

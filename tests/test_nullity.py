@@ -9,8 +9,8 @@ from dense import symmetric_with_spectrum
 from torch import nn
 
 from basins import InputError, Problem
-from basins.nullity import count_eigenvalues, nullity, nullity_exact, nullity_slq, quadrature_mass
-from basins.slq import slq
+from basins.analyses.nullity import count_eigenvalues, nullity, nullity_exact, nullity_slq, quadrature_mass
+from basins.linalg.slq import slq
 
 
 def gen(seed: int) -> torch.Generator:

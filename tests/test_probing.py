@@ -15,17 +15,10 @@ from scipy import stats
 
 from basins import Problem
 from basins.errors import InputError
-from basins.probing import ProblemCriterion, probe_basin, probe_problem
-from basins.rays import (
-    CENSORED,
-    CROSSED,
-    DirectionSampler,
-    default_radius_rtol,
-    filter_groups,
-    find_radii,
-    ray_seed,
-)
-from basins.volume import log_ball_volume
+from basins.analyses.volume.probe import ProblemCriterion, probe_basin, probe_problem
+from basins.analyses.volume.directions import DirectionSampler, filter_groups, ray_seed
+from basins.analyses.volume.radii import CENSORED, CROSSED, default_radius_rtol, find_radii
+from basins.analyses.volume.estimators import log_ball_volume
 
 F64 = torch.float64
 

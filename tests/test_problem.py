@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from basins import ComputeError, InputError, Problem
-from basins.losses import BUILTIN_LOSSES
+from basins.engine.losses import BUILTIN_LOSSES
 
 RTOL = 1e-8
 ROUTES = ("graph", "fwd-rev", "rev-rev")

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from basins.errors import ReportError
-from basins.report import (
+from basins.files.report import (
     FORMAT,
     SCHEMA_VERSION,
     Array,

@@ -10,7 +10,8 @@ from dense import random_orthogonal, symmetric_with_spectrum
 from torch import nn
 
 from basins import ComputeError, InputError, Problem
-from basins.slq import SLQResult, hessian_slq, slq, spectral_density, student_t_quantile
+from basins.analyses.spectrum import hessian_slq
+from basins.linalg.slq import SLQResult, slq, spectral_density, student_t_quantile
 
 F64_EPS = torch.finfo(torch.float64).eps
 

@@ -1,6 +1,6 @@
 """``basins summary``: tables for one report, one row per report for several, JSON, CSV, error paths.
 
-Reports are written here with :func:`basins.report.write_analysis` (no model needed), shaped as
+Reports are written here with :func:`basins.files.report.write_analysis` (no model needed), shaped as
 ``basins hessian -o`` writes them, plus groups no renderer knows.
 """
 
@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from basins.cli.main import main
-from basins.report import Array, write_analysis
+from basins.files.report import Array, write_analysis
 
 UNITS = "loss / parameter²"
 

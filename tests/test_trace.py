@@ -1,4 +1,4 @@
-"""basins.trace: Hutchinson and Hutch++ against exact traces of matrices with known spectra."""
+"""basins.linalg.trace: Hutchinson and Hutch++ against exact traces of matrices with known spectra."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from dense import CountingMatvec, symmetric_with_spectrum
 
 from basins.errors import ComputeError, InputError
-from basins.trace import TraceEstimate, hutchinson, hutchpp
+from basins.linalg.trace import TraceEstimate, hutchinson, hutchpp
 
 F64 = torch.float64
 METHODS = {"hutchinson": hutchinson, "hutch++": hutchpp}

@@ -1,4 +1,4 @@
-"""Estimators of basins.volume against closed forms: ball volumes, χ² prior mass, ellipsoids."""
+"""Estimators of basins.analyses.volume.estimators against closed forms: ball volumes, χ² prior mass, ellipsoids."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from scipy import integrate, stats
 
 from basins.errors import InputError
-from basins.volume import (
+from basins.analyses.volume.estimators import (
     estimate_log_mean,
     log_ball_volume,
     log_ray_prior_mass,

@@ -28,11 +28,33 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from basins.errors import InputError
 
-__all__ = ["LossFn", "BUILTIN_LOSSES", "infer_loss_name", "get_loss", "check_targets", "num_terms_per_example"]
+__all__ = [
+    "LossFn", "NamedLoss", "BUILTIN_LOSSES", "infer_loss_name", "get_loss", "loss_name", "check_targets",
+    "num_terms_per_example",
+]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class NamedLoss:
+    """A user's loss callable with the name reports record (e.g. the ``module:function`` it came from).
+
+    The engine takes a loss by built-in name or as a callable; resolving ``module:function``
+    specs is the loaders' job (:func:`basins.files.loading.load_loss`).
+    """
+
+    def __init__(self, fn: LossFn, name: str) -> None:
+        self.fn = fn
+        self.name = name
+        self.__name__ = name
+
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.fn(outputs, targets)
+
+    def __repr__(self) -> str:
+        return f"NamedLoss({self.name!r})"
 
 
 def mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -82,22 +104,24 @@ def infer_loss_name(targets: torch.Tensor) -> str:
     return "cross-entropy"
 
 
-def get_loss(name: str | LossFn) -> LossFn:
-    """A loss function by name, ``module:function``, or a callable passed through."""
-    if callable(name):
-        return name
-    if name in BUILTIN_LOSSES:
-        return BUILTIN_LOSSES[name]
-    if ":" in name:
-        from .loading import import_object
+def get_loss(loss: str | LossFn) -> LossFn:
+    """A built-in loss by name, or a callable passed through.
 
-        fn = import_object(name)
-        if not callable(fn):
-            raise InputError(f"loss {name!r} is not callable")
-        return fn  # type: ignore[no-any-return]
-    raise InputError(
-        f"unknown loss {name!r}: use one of {', '.join(BUILTIN_LOSSES)} or module:function"
-    )
+    Raises:
+        InputError: ``loss`` is neither a built-in name nor callable (``module:function``
+            specs are resolved by :func:`basins.files.loading.load_loss`, not here).
+    """
+    if callable(loss):
+        return loss
+    if loss in BUILTIN_LOSSES:
+        return BUILTIN_LOSSES[loss]
+    hint = " (resolve module:function specs with basins.files.loading.load_loss)" if ":" in str(loss) else ""
+    raise InputError(f"unknown loss {loss!r}: use one of {', '.join(BUILTIN_LOSSES)} or a callable{hint}")
+
+
+def loss_name(loss: str | LossFn) -> str:
+    """The name a report records for ``loss``: the built-in name, or a callable's ``__name__``."""
+    return loss if isinstance(loss, str) else str(getattr(loss, "__name__", "custom"))
 
 
 def check_targets(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """Load data (``inputs``, ``targets``) from a file or a ``module:factory``, or open it as a stream.
 
-See :mod:`basins.loading` for the formats and :mod:`basins.datasource` for streams.
+See :mod:`basins.files.loading` for the formats and :mod:`basins.engine.data` for streams.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from basins.datasource import (
+from basins.engine.data import (
     StreamSpec,
     check_ordered_loader,
     data_fingerprint,
@@ -55,7 +55,7 @@ class LoadedData:
         source: The path or ``module:factory`` spec as given.
         sha256: Hex fingerprint of the content (after ``max_samples``): the sum over examples of
             the SHA-256 of each example's index, dtypes, shapes and bytes, mod 2²⁵⁶
-            (:func:`basins.datasource.data_fingerprint`), independent of the file format and
+            (:func:`basins.engine.data.data_fingerprint`), independent of the file format and
             equal to that of the same examples streamed.
     """
 
@@ -101,8 +101,8 @@ def open_data(spec: str, *, max_samples: int | None = None, seed: int = 0) -> Lo
     """Like :func:`load_data`, but data that can be read a part at a time are not read yet.
 
     A ``module:factory`` giving a map-style ``Dataset`` or an ordered ``DataLoader``, and an
-    HDF5 file, come back as a :class:`~basins.datasource.StreamSpec`: their size, and how to
-    open any contiguous part of them as a stream (:mod:`basins.datasource`). Everything else
+    HDF5 file, come back as a :class:`~basins.engine.data.StreamSpec`: their size, and how to
+    open any contiguous part of them as a stream (:mod:`basins.engine.data`). Everything else
     is loaded, as by :func:`load_data`.
 
     Raises:
@@ -389,6 +389,6 @@ def _check_finite(inputs: torch.Tensor, targets: torch.Tensor, source: str) -> N
 
 
 def _data_sha256(inputs: torch.Tensor, targets: torch.Tensor) -> str:
-    """The data fingerprint of :mod:`basins.datasource` (Σᵢ sha256(i, xᵢ, yᵢ) mod 2²⁵⁶), so that the
+    """The data fingerprint of :mod:`basins.engine.data` (Σᵢ sha256(i, xᵢ, yᵢ) mod 2²⁵⁶), so that the
     same examples give the same hash from a file, a factory or a stream, on any number of processes."""
     return data_fingerprint(inputs, targets)

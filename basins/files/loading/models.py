@@ -1,6 +1,6 @@
 """Load a model file: ``torch.export`` archive, state dict + ``--arch``, trusted pickle, or bundle.
 
-See :mod:`basins.loading` for the formats. Exported programs are turned into inference mode
+See :mod:`basins.files.loading` for the formats. Exported programs are turned into inference mode
 (batch-norm running statistics, dropout off) and their static batch size is detected.
 """
 

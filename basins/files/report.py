@@ -10,7 +10,7 @@ Layout (``schema_version`` 1)::
                                   data_read_every_pass, world_size, rank_examples,
                                   dist_backend, ...
                            data_sha256: Σᵢ sha256(i, xᵢ, yᵢ) mod 2²⁵⁶ over the examples
-                           (basins.datasource.data_fingerprint): the same for the same
+                           (basins.engine.data.data_fingerprint): the same for the same
                            examples from any file format or stream, batch size and
                            number of processes
     /<analysis>            one group per analysis (hessian, spectrum, nullity, features,
@@ -41,8 +41,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ._version import __version__
-from .errors import ReportError
+from basins._version import __version__
+from basins.errors import ReportError
 
 __all__ = ["SCHEMA_VERSION", "FORMAT", "Array", "write_analysis", "read_report", "check_report", "check_writable"]
 

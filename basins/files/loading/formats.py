@@ -1,6 +1,6 @@
 """Recognise model and data files by their content (first bytes, zip member names), not their extension.
 
-Shared by the model, data and bundle readers of :mod:`basins.loading`: what a file holds
+Shared by the model, data and bundle readers of :mod:`basins.files.loading`: what a file holds
 (:func:`_sniff`), one-line descriptions for error messages, and the safe ``torch.load``
 (``weights_only=True``) every reader uses.
 """

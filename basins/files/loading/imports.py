@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+from basins.engine.losses import BUILTIN_LOSSES, NamedLoss
 from basins.errors import InputError
 
 from .formats import _one_line
@@ -110,3 +111,19 @@ def _import_file(filename: str, spec: str) -> types.ModuleType:
                 sys.path.remove(folder)
     return module
 
+
+
+def load_loss(spec: str | None) -> str | NamedLoss | None:
+    """A loss as the engine takes it: a built-in name as it is, ``module:function`` imported.
+
+    Raises:
+        InputError: the spec is neither a built-in name nor an importable callable.
+    """
+    if spec is None or spec in BUILTIN_LOSSES:
+        return spec
+    if ":" not in spec:
+        raise InputError(f"unknown loss {spec!r}: use one of {', '.join(BUILTIN_LOSSES)} or module:function")
+    fn = import_object(spec)
+    if not callable(fn):
+        raise InputError(f"loss {spec!r} is not callable")
+    return NamedLoss(fn, spec)

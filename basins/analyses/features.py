@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch.func import hessian, jacfwd, jacrev, vmap
 
-from .errors import ComputeError, InputError
+from basins.errors import ComputeError, InputError
 
 __all__ = [
     "FEATURE_ROUTES",
@@ -87,10 +87,10 @@ def memory_budget(memory_bytes: int | None = None) -> int:
 
 @dataclass
 class FeaturesProgress:
-    """Progress of a computation in phases (also :class:`basins.nullity.NullityProgress`).
+    """Progress of a computation in phases (also :class:`basins.analyses.nullity.NullityProgress`).
 
     ``phase``: ``jacobian``/``eigenvectors`` (unit: examples), ``eigh``, ``gn-check``
-    (HVPs); in :mod:`basins.nullity` also ``hessian``, ``lanczos`` and ``slq`` (HVPs).
+    (HVPs); in :mod:`basins.analyses.nullity` also ``hessian``, ``lanczos`` and ``slq`` (HVPs).
     """
 
     phase: str

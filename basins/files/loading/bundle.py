@@ -1,4 +1,4 @@
-"""Bundles: a model, its data and its loss in one ``weights_only``-loadable file (format in :mod:`basins.loading`)."""
+"""Bundles: a model, its data and its loss in one ``weights_only``-loadable file (format in :mod:`basins.files.loading`)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from basins.errors import InputError
 
 __all__ = [
     "DEFAULT_QUANTILES",

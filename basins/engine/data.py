@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import InputError
+from basins.errors import InputError
 
 __all__ = [
     "DataSource",
@@ -456,8 +456,8 @@ class StreamSpec:
         return f"{self.num_examples}:{data_fingerprint(x, y)}"
 
     def shard(self, world_size: int = 1, rank: int = 0) -> DataSource:
-        """This process' contiguous shard (:func:`basins.distributed.shard_range`; all of it for one process)."""
-        from .distributed import shard_range
+        """This process' contiguous shard (:func:`basins.engine.distributed.shard_range`; all of it for one process)."""
+        from basins.engine.distributed import shard_range
 
         return self.open(*shard_range(self.num_examples, world_size, rank))
 

@@ -9,7 +9,7 @@ an exact size-weighted sum over chunks ``c`` of at most ``batch_size`` examples,
 ``ℓ_c`` is the loss function's mean over chunk ``c``. Memory is bounded by one chunk,
 except for the optional cached gradient graph (see :meth:`Problem.hvp`).
 
-Data come from a :mod:`basins.datasource`: tensors held in memory, or a stream (a ``Dataset``,
+Data come from a :mod:`basins.engine.data`: tensors held in memory, or a stream (a ``Dataset``,
 ``DataLoader`` or HDF5 file) read a chunk at a time, so the data need not fit in memory. A
 stream's chunks are kept on the device after the first pass when they fit in
 ``data_memory_bytes``; otherwise every pass reads them again.
@@ -33,10 +33,17 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from .datasource import DataSource, TensorData
-from .errors import ComputeError, InputError
-from .losses import LossFn, check_targets, get_loss, infer_loss_name, num_terms_per_example
-from .params import ParamSpace
+from basins.engine.data import DataSource, TensorData
+from basins.errors import ComputeError, InputError
+from basins.engine.losses import (
+    LossFn,
+    check_targets,
+    get_loss,
+    infer_loss_name,
+    loss_name,
+    num_terms_per_example,
+)
+from basins.engine.params import ParamSpace
 
 __all__ = ["Problem", "HVP_ROUTES", "resolve_device", "resolve_dtype"]
 
@@ -133,10 +140,10 @@ class Problem:
     Args:
         module: the model; called as ``functional_call(module, (params, buffers), (x,))``.
             It is put in ``eval()`` mode (BatchNorm statistics fixed, dropout off).
-        inputs: ``(n, ...)`` inputs, or a :class:`~basins.datasource.DataSource` (then
-            ``targets`` is None), e.g. a :class:`~basins.datasource.DatasetStream`.
+        inputs: ``(n, ...)`` inputs, or a :class:`~basins.engine.data.DataSource` (then
+            ``targets`` is None), e.g. a :class:`~basins.engine.data.DatasetStream`.
         targets: ``(n, ...)`` targets.
-        loss: a built-in loss name (:mod:`basins.losses`), ``module:function``, a callable,
+        loss: a built-in loss name (:mod:`basins.engine.losses`), ``module:function``, a callable,
             or None to infer it from the targets (integer → cross-entropy, float → mse).
         batch_size: examples per chunk (default: all ``n`` in one chunk for tensors, the
             source's own batch size for a stream, or the model's fixed batch size). Results do
@@ -151,14 +158,14 @@ class Problem:
         data_memory_bytes: budget for keeping a stream's chunks in memory after the first
             pass (same default; 0: read the stream on every pass). Tensors are always held.
         check_determinism: evaluate loss and gradient twice and require agreement.
-        total_examples: data parallelism (:mod:`basins.distributed`): the global ``n`` when
+        total_examples: data parallelism (:mod:`basins.engine.distributed`): the global ``n`` when
             ``inputs``/``targets`` are this process' shard; chunk weights are ``n_c / n``.
             :attr:`num_examples` is this global n, :attr:`num_local_examples` the shard's.
         reduce: sums a partial result over processes (e.g.
-            :func:`basins.distributed.all_reduce_sum`); applied to every loss, gradient,
+            :func:`basins.engine.distributed.all_reduce_sum`); applied to every loss, gradient,
             HVP (block) and batched loss. Must give every process the same result.
         gather: all-gathers a small picklable object (e.g.
-            :func:`basins.distributed.all_gather_object`); with it the ``auto`` HVP route is
+            :func:`basins.engine.distributed.all_gather_object`); with it the ``auto`` HVP route is
             chosen identically on every process (the fastest on the slowest process among
             the routes that work everywhere) and the shard sizes are checked to sum to n.
 
@@ -223,7 +230,7 @@ class Problem:
         self.space = ParamSpace(self.params)
         self.theta0 = self.space.flatten(self.params).detach()
         self.num_params = self.space.num_params
-        #: where the examples come from (:mod:`basins.datasource`)
+        #: where the examples come from (:mod:`basins.engine.data`)
         self.data = source
         self.num_local_examples = int(source.num_examples)
         self.num_examples = int(total_examples) if total_examples is not None else self.num_local_examples
@@ -243,10 +250,8 @@ class Problem:
         outputs = self._check_forward(head_x)
         if loss is None:
             self.loss_name = infer_loss_name(head_y)
-        elif isinstance(loss, str):
-            self.loss_name = loss
         else:
-            self.loss_name = getattr(loss, "__name__", "custom")
+            self.loss_name = loss_name(loss)
         #: the targets' dtype as the data hold them (before conversion to the loss' needs)
         self.data_target_dtype = head_y.dtype
         self._target_spec: tuple[tuple[int, ...], torch.dtype] | None = None

@@ -59,31 +59,32 @@ Bundle format (version 1)
             "meta": {str: str | int | float | bool | None | list of these},
         }
 
-    ``basins example`` writes one (:mod:`basins.example`), :func:`save_bundle` writes one from
+    ``basins example`` writes one (:mod:`basins.files.example`), :func:`save_bundle` writes one from
     a module or an ``ExportedProgram``, and any command accepts it as ``MODEL`` with no other
     option (``--data``/``--loss`` override what it carries). Readers refuse other ``format``
     values and newer versions. ``LoadedModel.sha256`` of a bundle is the hash of the embedded
     ``.pt2`` bytes. (It differs from the hash of a ``.pt2`` file of the same program: the
     archive's member names start with the file's name, ``archive/`` in a bundle.)
 
-Modules: :mod:`~basins.loading.formats` (recognising files), :mod:`~basins.loading.models`,
-:mod:`~basins.loading.data`, :mod:`~basins.loading.bundle`, :mod:`~basins.loading.imports`
-(``module:attr`` specs); everything public is importable from ``basins.loading``.
+Modules: :mod:`~basins.files.loading.formats` (recognising files), :mod:`~basins.files.loading.models`,
+:mod:`~basins.files.loading.data`, :mod:`~basins.files.loading.bundle`, :mod:`~basins.files.loading.imports`
+(``module:attr`` specs); everything public is importable from ``basins.files.loading``.
 
 Example:
-    >>> from basins.loading import resolve_inputs
+    >>> from basins.files.loading import resolve_inputs
     >>> model, data, loss = resolve_inputs("basins-example/model.pt")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-from basins.datasource import StreamSpec
+from basins.engine.data import StreamSpec
+from basins.engine.losses import NamedLoss
 from basins.errors import InputError
 
 from .bundle import Bundle, load_bundle, save_bundle
 from .data import LoadedData, _finish_data, load_data, open_data
 from .formats import BUNDLE_FORMAT, BUNDLE_VERSION
-from .imports import import_object
+from .imports import import_object, load_loss
 from .models import LoadedModel, _load_model_file, load_model
 
 __all__ = [
@@ -96,6 +97,7 @@ __all__ = [
     "import_object",
     "load_bundle",
     "load_data",
+    "load_loss",
     "load_model",
     "open_data",
     "resolve_inputs",
@@ -114,12 +116,13 @@ def resolve_inputs(
     max_samples: int | None = None,
     seed: int = 0,
     stream: bool = False,
-) -> tuple[LoadedModel, LoadedData | StreamSpec, str | None]:
+) -> tuple[LoadedModel, LoadedData | StreamSpec, str | NamedLoss | None]:
     """The model, data and loss a command runs on.
 
     A bundle supplies all three; an explicit ``data`` or ``loss`` replaces what it carries.
-    Any other model file needs ``data``. The loss is returned as given (``None``: none given,
-    the caller infers it from the targets). With ``stream``, ``data`` is opened by
+    Any other model file needs ``data``. The loss comes back as a built-in name, a
+    :class:`~basins.engine.losses.NamedLoss` for a ``module:function`` spec (:func:`load_loss`),
+    or ``None`` (none given: the caller infers it from the targets). With ``stream``, ``data`` is opened by
     :func:`open_data` (a Dataset, DataLoader or HDF5 file is not read yet); otherwise the
     data come back loaded (:class:`LoadedData`).
 
@@ -135,7 +138,7 @@ def resolve_inputs(
             loaded_data = (open_data if stream else load_data)(data, max_samples=max_samples, seed=seed)
         else:
             loaded_data = _finish_data(raw["inputs"], raw["targets"], model, max_samples)
-        return loaded, loaded_data, loss if loss is not None else bundle_loss
+        return loaded, loaded_data, load_loss(loss if loss is not None else bundle_loss)
     if data is None:
         found = {
             "export": "a .pt2 export",
@@ -147,5 +150,5 @@ def resolve_inputs(
             "or .h5 file with inputs and targets, or module:function); only a bundle written by "
             "basins example or save_bundle carries its own"
         )
-    return loaded, (open_data if stream else load_data)(data, max_samples=max_samples, seed=seed), loss
+    return loaded, (open_data if stream else load_data)(data, max_samples=max_samples, seed=seed), load_loss(loss)
 

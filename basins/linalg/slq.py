@@ -11,7 +11,7 @@ Quadrature with Applications*, 2010, ch. 6; Ubaru, Chen & Saad, SIAM J. Matrix A
 Known limitations: m nodes resolve the measure only to about the spacing between nodes; a
 mass of tiny eigenvalues spread over many decades below the smallest node is merged into
 that node (on a 26k-parameter classifier, ~100 nodes do not resolve eigenvalues below
-~1e-6·λ_max). Counts near zero need :mod:`basins.nullity`, which turns the nodes'
+~1e-6·λ_max). Counts near zero need :mod:`basins.analyses.nullity`, which turns the nodes'
 residuals and the Chebyshev–Markov–Stieltjes inequalities into honest intervals.
 
 Numerics: full reorthogonalisation (classical Gram–Schmidt, twice) of every probe's Lanczos
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ComputeError, InputError
+from basins.errors import ComputeError, InputError
 
 __all__ = [
     "DEFAULT_PROBES",
@@ -42,7 +42,6 @@ __all__ = [
     "SLQResult",
     "SpectralDensity",
     "slq",
-    "hessian_slq",
     "spectral_density",
     "student_t_quantile",
 ]
@@ -356,34 +355,6 @@ def _gauss_rule(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, 
     return theta, S[0] ** 2, (beta[n - 1] * S[-1]).abs()
 
 
-def hessian_slq(
-    problem: Any,
-    *,
-    num_probes: int = DEFAULT_PROBES,
-    num_steps: int = DEFAULT_STEPS,
-    seed: int = 0,
-    probe: str = "rademacher",
-    deflate: torch.Tensor | None = None,
-    memory_bytes: int = 1 << 30,
-    callback: Callable[[SLQProgress], None] | None = None,
-) -> SLQResult:
-    """:func:`slq` on the Hessian of a :class:`basins.Problem` at θ*.
-
-    The Lanczos vectors are float64 when ``num_probes·(num_steps+1)·P`` doubles fit in
-    ``memory_bytes``, else the problem's dtype (and fewer probes per block if needed).
-    Cost: ≤ ``num_probes·num_steps`` HVPs, in blocks of all probes.
-    """
-    P = int(problem.num_params)
-    _check_budget(num_probes, num_steps, probe)
-    per_probe = (min(num_steps, P) + 1) * P
-    dtype = torch.float64 if num_probes * per_probe * 8 <= memory_bytes else problem.dtype
-    block = max(1, min(num_probes, memory_bytes // max(1, per_probe * dtype.itemsize)))
-    return slq(
-        problem.hvp, P, num_probes=num_probes, num_steps=num_steps, seed=seed, probe=probe,
-        deflate=deflate, block_size=block, dtype=dtype, device=problem.device, callback=callback,
-    )
-
-
 # ---------------------------------------------------------------------- densities
 def _as_rules(nodes: Any, weights: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per-probe (nodes, weights) as float64 tensors, dropping NaN padding and zero weights."""
@@ -476,7 +447,7 @@ def student_t_quantile(p: float, dof: int) -> float:
 
     Bisection on the CDF, integrated numerically (Simpson, 201 points) in the variable
     ``u = arctan(t/√dof)``, where the integrand ``∝ cos(u)^(dof−1)`` is smooth; accurate
-    to ~1e-8. Used for the across-probe intervals of SLQ and :mod:`basins.nullity`.
+    to ~1e-8. Used for the across-probe intervals of SLQ and :mod:`basins.analyses.nullity`.
     """
     if not 0 < p < 1 or dof < 1:
         raise ValueError(f"need 0 < p < 1 and dof ≥ 1, got p={p}, dof={dof}")

@@ -8,7 +8,7 @@ same thing on every rank, and rank 0 alone prints and writes reports.
 
 Data: a map-style ``Dataset``, an ordered ``DataLoader`` (``module:factory``) or an HDF5 file
 is streamed, and each rank reads only its own shard, a chunk at a time
-(:mod:`basins.datasource`). Tensors from a ``.pt``/``.npz`` file, a bundle or a factory are
+(:mod:`basins.engine.data`). Tensors from a ``.pt``/``.npz`` file, a bundle or a factory are
 loaded whole by every rank before it keeps its shard (memory ∝ n per process at load time).
 
 Known limitations: ranks must not take decisions from
@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .errors import ComputeError, InputError
+from basins.errors import ComputeError, InputError
 
 __all__ = [
     "DistContext",

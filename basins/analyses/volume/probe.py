@@ -6,13 +6,13 @@
 ``sqrt(2ε/uᵀHu)``, Lanczos or the dense Hessian for the ``top``/``floor`` families and the
 quadratic baseline). For each ray family:
 
-1. antithetic pairs ``±u`` from per-pair seeds (:class:`basins.rays.DirectionSampler`);
-2. the first radius where ``C`` reaches each ε of the ladder (:func:`basins.rays.find_radii`),
+1. antithetic pairs ``±u`` from per-pair seeds (:class:`basins.analyses.volume.directions.DirectionSampler`);
+2. the first radius where ``C`` reaches each ε of the ladder (:func:`basins.analyses.volume.directions.find_radii`),
    batches of rays advancing together, guesses from the quadratic radius, the running median
    and the ray's radius at the previous ε;
 3. volume ``log V = log V_ball(d) + logmeanexp(d·log rᵢ)`` and the Gaussian prior mass, with
    ESS, the largest weight's share, a pair bootstrap CI or an explicit lower bound
-   (:mod:`basins.volume`);
+   (:mod:`basins.analyses.volume.estimators`);
 4. with ``walls``: ``C(t·r(u))`` on a geometric grid of ``t``, the local exponent
    ``p = dlog C/dlog t`` at the crossing, the floor radius (``C = 1% of ε``), the anharmonicity
    ``log(r/r_quad)`` (one HVP per pair) and the asymmetry ``log(r₊/r₋)``; quantiles across rays.
@@ -20,7 +20,7 @@ quadratic baseline). For each ray family:
 Known limitations: volumes need directions uniform on the sphere of their subspace, so none is
 given for filter-normalised rays; ``top`` and ``floor`` give the volume of the d-dimensional
 *section* (d = k or P − k) through θ*, not of the basin; the prior mass is only given for
-isotropic rays. In high dimension the volume is usually a lower bound (see :mod:`basins.volume`).
+isotropic rays. In high dimension the volume is usually a lower bound (see :mod:`basins.analyses.volume.estimators`).
 
 References: Li et al. 2018 (filter normalisation); Scherlis & Belrose 2024 (prior mass of a
 basin); Dowling & Sheikh (Illinois method, 1971).
@@ -37,22 +37,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ComputeError, InputError
-from .rays import (
+from basins.errors import ComputeError, InputError
+from basins.analyses.volume.directions import FAMILIES, NORMALISATIONS, DirectionSampler, filter_groups
+from basins.analyses.volume.radii import (
     CENSORED,
     CROSSED,
     DEFAULT_WALL_T,
-    FAMILIES,
-    NORMALISATIONS,
     Criterion,
-    DirectionSampler,
     default_radius_rtol,
-    filter_groups,
     find_radii,
     flag_reentries,
     wall_profiles,
 )
-from .volume import (
+from basins.analyses.volume.estimators import (
     QuadraticBaseline,
     VolumeEstimate,
     estimate_log_mean,
@@ -132,9 +129,9 @@ class FamilyResult:
         family, normalisation: as sampled. dimension: ``d`` of the subspace the rays fill.
         pair_seeds: ``(M,)`` int64 seed of each pair (regenerate ``u_j`` with
             :meth:`DirectionSampler.direction`).
-        radii, log_error, status, reentered, num_evals: ``(N, E)``, see :class:`basins.rays.RaySearch`.
+        radii, log_error, status, reentered, num_evals: ``(N, E)``, see :class:`basins.analyses.volume.directions.RaySearch`.
         dots: ``(N,)`` ``u·θ*``. curvature: ``(M,)`` ``uᵀHu`` or None.
-        volume: per ε the :class:`~basins.volume.VolumeEstimate` of ``log V`` (of the d-dim
+        volume: per ε the :class:`~basins.analyses.volume.estimators.VolumeEstimate` of ``log V`` (of the d-dim
             section), None for non-uniform directions. prior_mass: per ε, ``log`` prior mass
             (isotropic family only, else None).
         walls: :class:`WallsResult` or None.
@@ -231,7 +228,7 @@ class ProblemCriterion:
         self.timings: dict[str, float] = {}
         self.route, self.chunk = ("loop", None) if route == "auto" else (route, chunk)
         if route == "auto":
-            from .distributed import broadcast_object
+            from basins.engine.distributed import broadcast_object
 
             # every process must use rank 0's choice: routes differ in rounding, and ranks that
             # saw different numbers would take different search steps (and different collectives)
@@ -369,7 +366,7 @@ def probe_basin(
         families: any of ``isotropic``, ``top``, ``floor`` (the latter two need ``basis``).
         normalisation: ``isotropic`` or ``filter`` (Li et al. 2018; needs ``groups``; no volume).
         basis: ``(P, k)`` top Hessian eigenvectors (orthonormalised here).
-        groups: filter slices (:func:`basins.rays.filter_groups`).
+        groups: filter slices (:func:`basins.analyses.volume.directions.filter_groups`).
         seed: seed of every random choice (ray seeds, bootstrap).
         radius_rtol: relative radius tolerance δ (default ``min(1e-3, 0.1/P)``: P·δ ≤ 0.1 nats).
         max_radius: censoring radius (default ``10·max(‖θ*‖, 1)``, parameter units).
@@ -381,7 +378,7 @@ def probe_basin(
         hvp: ``V (P, b) → H V`` at θ*; used for ``uᵀHu`` (one HVP per pair) when ``walls``.
         hvp_block: vectors per ``hvp`` call.
         memory_bytes: budget for the ``(K, P)`` direction and point batches.
-        num_bootstrap, min_ess: see :func:`basins.volume.estimate_log_mean`.
+        num_bootstrap, min_ess: see :func:`basins.analyses.volume.estimators.estimate_log_mean`.
         callback: called with a :class:`ProbeProgress` after every batched evaluation.
 
     Returns:
@@ -592,7 +589,7 @@ def hessian_eigenpairs(
     """Hessian eigenvalues and the top-k eigenvectors at θ*.
 
     With ``P ≤ exact_max_params`` the dense Hessian (``P`` HVPs in blocks) and ``eigvalsh`` in
-    float64 give the whole spectrum; otherwise Lanczos (:func:`basins.lanczos.lanczos`, full
+    float64 give the whole spectrum; otherwise Lanczos (:func:`basins.linalg.lanczos.lanczos`, full
     reorthogonalisation) gives the top ``k`` pairs to relative residual ``tol``.
 
     Args:
@@ -616,7 +613,7 @@ def hessian_eigenpairs(
         vals, vecs = torch.linalg.eigh(H.detach().to("cpu", torch.float64))
         vals, vecs = vals.flip(0), vecs.flip(1)
         return vals.numpy(), vecs[:, :k].contiguous(), True, "exact"
-    from .lanczos import lanczos
+    from basins.linalg.lanczos import lanczos
 
     res = lanczos(problem.hvp, P, k=k, which="top", tol=tol, dtype=problem.dtype, device=problem.device,
                   seed=seed, return_eigenvectors=True,
@@ -659,7 +656,7 @@ def probe_problem(
     Extra args (others as :func:`probe_basin`):
         problem: the problem.
         top_k: eigenvectors spanning the ``top`` family / deflated by ``floor``.
-        compare_quadratic: add the quadratic baseline (:func:`basins.volume.quadratic_log_volume`)
+        compare_quadratic: add the quadratic baseline (:func:`basins.analyses.volume.estimators.quadratic_log_volume`)
             from the exact spectrum (``P ≤ exact_max_params``) or the Lanczos top-k (a section).
         null_rtol: null threshold of the baseline, ``|λ| ≤ null_rtol·λ_max``.
         exact_max_params: largest P for the dense Hessian.

@@ -1,8 +1,8 @@
 """Hessian eigenvalues at θ* (top, bottom or both ends) and its trace, in one call.
 
-:func:`hessian_eigenvalues` runs Lanczos (:func:`basins.lanczos.lanczos`) on the exact
-full-data Hessian-vector product of a :class:`~basins.problem.Problem`, optionally followed
-by a stochastic trace estimate (:mod:`basins.trace`), and says whether θ* is a saddle.
+:func:`hessian_eigenvalues` runs Lanczos (:func:`basins.linalg.lanczos.lanczos`) on the exact
+full-data Hessian-vector product of a :class:`~basins.engine.problem.Problem`, optionally followed
+by a stochastic trace estimate (:mod:`basins.linalg.trace`), and says whether θ* is a saddle.
 
 Error bars: each Ritz value θⱼ comes with the residual norm ``rⱼ = ‖H yⱼ − θⱼ yⱼ‖``
 (unit Ritz vector ``yⱼ``); for symmetric H some true eigenvalue lies in ``[θⱼ − rⱼ, θⱼ + rⱼ]``
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from basins.errors import InputError
 
 __all__ = ["HessianProgress", "HessianResult", "hessian_eigenvalues", "WHICH", "TRACE_METHODS", "SADDLE_FLOOR_EPS"]
 
@@ -151,7 +151,7 @@ def hessian_eigenvalues(
         k: eigenvalues wanted at each end asked for (``1 ≤ k ≤ P``).
         which: ``top`` (largest algebraic), ``bottom`` (smallest: negative = saddle) or ``both``.
         tol: a Ritz value counts as converged when its residual ≤ ``tol·max|θ|`` (max over all Ritz values, ≈ ‖H‖).
-        max_hvps: Lanczos HVP budget (default: :func:`basins.lanczos.lanczos`'s).
+        max_hvps: Lanczos HVP budget (default: :func:`basins.linalg.lanczos.lanczos`'s).
         block_size: vectors per Lanczos step (one data pass per block).
         eigenvectors: also return the unit Ritz vectors.
         trace: also estimate ``tr H``.
@@ -166,7 +166,7 @@ def hessian_eigenvalues(
     Raises:
         InputError: a bad ``k``, ``which``, ``tol``, ``block_size``, ``trace_method`` or budget.
     """
-    from .lanczos import lanczos
+    from basins.linalg.lanczos import lanczos
 
     P = int(problem.num_params)
     if which not in WHICH:
@@ -210,7 +210,7 @@ def hessian_eigenvalues(
     tr = tr_se = None
     num_trace = 0
     if trace:
-        from .trace import hutchinson, hutchpp
+        from basins.linalg.trace import hutchinson, hutchpp
 
         done = [0]
 

@@ -8,10 +8,10 @@ eigenvalue; at a minimum ``‖H‖₂``), each with the method that produced it 
   10·√P·ε₆₄·λ_max``: the asymmetry of the computed ``H̃`` measures the HVPs' rounding
   error (its symmetric part is of the same size), plus the eigensolver's. Memory ``24·P²``
   bytes; ``auto`` takes it when ``P ≤ 4096``.
-* ``features``: ``P − rank`` of the feature Gram matrix (:mod:`basins.features`): the count
+* ``features``: ``P − rank`` of the feature Gram matrix (:mod:`basins.analyses.features`): the count
   of flat directions of the Gauss–Newton part ``G`` (= H at a zero-residual mse optimum;
   ``‖Hv − Gv‖/‖Hv‖`` is reported so the user sees whether H ≈ G). Interval from the
-  Jacobian's rounding (:class:`basins.features.FeatureGram`).
+  Jacobian's rounding (:class:`basins.analyses.features.FeatureGram`).
 * ``slq`` (an estimate): deflate the top ``k`` eigenpairs found by Lanczos, then
   ``(P − k) × (SLQ mass of [−t, t])`` on the deflated operator. Per probe the mass is
   bracketed by (i) the Chebyshev–Markov–Stieltjes inequalities for Gauss quadrature (rigorous
@@ -37,16 +37,16 @@ from typing import Any
 
 import torch
 
-from .errors import ComputeError, InputError
-from .features import (
+from basins.errors import ComputeError, InputError
+from basins.analyses.features import (
     FeatureGram,
     feature_gram,
     features_memory_bytes,
     memory_budget,
     outputs_per_example,
 )
-from .features import FeaturesProgress as NullityProgress
-from .slq import DEFAULT_PROBES, DEFAULT_STEPS, SLQResult, slq, student_t_quantile
+from basins.analyses.features import FeaturesProgress as NullityProgress
+from basins.linalg.slq import DEFAULT_PROBES, DEFAULT_STEPS, SLQResult, slq, student_t_quantile
 
 __all__ = [
     "NULLITY_METHODS",
@@ -262,7 +262,7 @@ def _top_eigenpairs(
     callback: Callable[[NullityProgress], None] | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
     """Top-k Ritz values (descending), residuals, vectors (P, k) and the matvecs spent."""
-    from .lanczos import lanczos
+    from basins.linalg.lanczos import lanczos
 
     def progress(p: Any) -> None:
         if callback is not None:

@@ -27,7 +27,7 @@ examples of ``−Σ_c t_c log softmax(f(x))_c``, as ``torch.nn.functional.cross_
 for floating-point targets.
 
 Example:
-    >>> from basins.example import make_example
+    >>> from basins.files.example import make_example
     >>> path = make_example("basins-example")  # doctest: +SKIP
     >>> # then: basins hessian basins-example/model.pt
 """
@@ -47,7 +47,7 @@ from torch import nn
 
 from basins._version import __version__
 from basins.errors import InputError
-from basins.loading import save_bundle
+from basins.files.loading import save_bundle
 
 __all__ = [
     "EXAMPLE_FILENAME",

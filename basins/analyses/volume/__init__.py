@@ -1,0 +1,1 @@
+"""Basin volume and wall shape by random probing: directions, radii, estimators, and the probe run."""
