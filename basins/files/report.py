@@ -43,6 +43,7 @@ import numpy as np
 
 from basins._version import __version__
 from basins.errors import ReportError
+from basins.record import Array
 
 __all__ = ["SCHEMA_VERSION", "FORMAT", "Array", "write_analysis", "read_report", "check_report", "check_writable"]
 
@@ -50,15 +51,6 @@ FORMAT = "basins-report"
 SCHEMA_VERSION = 1
 _IDENTITY_KEYS = ("model_sha256", "data_sha256")
 _JSON_PREFIX = "json:"
-
-
-@dataclass
-class Array:
-    """A dataset to write: values with a description and units (None where meaningless)."""
-
-    values: Any
-    description: str
-    units: str | None = None
 
 
 def _now() -> str:
