@@ -122,9 +122,9 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
     """
     from basins.engine import distributed as dist
     from basins.engine.data import StreamSpec, combine_digests
+    from basins.engine.problem import Problem, resolve_device
     from basins.errors import InputError
     from basins.files.loading import resolve_inputs
-    from basins.engine.problem import Problem, resolve_device
 
     # Under torchrun: join the process group first (backend from this rank's device).
     device = dist.local_device(opts.get("device") or "auto")

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import basins
-from basins.linalg.lanczos import lanczos
 from basins.files.loading import load_bundle
+from basins.linalg.lanczos import lanczos
 
 
 def test_readme_api_on_a_bundle(model_files) -> None:  # type: ignore[no-untyped-def]

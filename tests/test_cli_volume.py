@@ -12,9 +12,9 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from basins.analyses.volume.estimators import log_ball_volume
 from basins.cli.main import main
 from basins.files.report import read_report
-from basins.analyses.volume.estimators import log_ball_volume
 
 F64 = torch.float64
 

@@ -9,7 +9,13 @@ from dense import symmetric_with_spectrum
 from torch import nn
 
 from basins import InputError, Problem
-from basins.analyses.nullity import count_eigenvalues, nullity, nullity_exact, nullity_slq, quadrature_mass
+from basins.analyses.nullity import (
+    count_eigenvalues,
+    nullity,
+    nullity_exact,
+    nullity_slq,
+    quadrature_mass,
+)
 from basins.linalg.slq import slq
 
 

@@ -14,11 +14,11 @@ import torch
 from scipy import stats
 
 from basins import Problem
-from basins.errors import InputError
-from basins.analyses.volume.probe import ProblemCriterion, probe_basin, probe_problem
 from basins.analyses.volume.directions import DirectionSampler, filter_groups, ray_seed
-from basins.analyses.volume.radii import CENSORED, CROSSED, default_radius_rtol, find_radii
 from basins.analyses.volume.estimators import log_ball_volume
+from basins.analyses.volume.probe import ProblemCriterion, probe_basin, probe_problem
+from basins.analyses.volume.radii import CENSORED, CROSSED, default_radius_rtol, find_radii
+from basins.errors import InputError
 
 F64 = torch.float64
 

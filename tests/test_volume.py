@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from scipy import integrate, stats
 
-from basins.errors import InputError
 from basins.analyses.volume.estimators import (
     estimate_log_mean,
     log_ball_volume,
@@ -17,6 +16,7 @@ from basins.analyses.volume.estimators import (
     quadratic_log_volume,
     quantile_summary,
 )
+from basins.errors import InputError
 
 
 @pytest.mark.parametrize("d, expected", [(0, 0.0), (1, math.log(2.0)), (2, math.log(math.pi)),

@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 
-from basins.errors import ComputeError, InputError
 from basins.analyses.features import (
     FeatureGram,
     feature_gram,
@@ -46,6 +45,7 @@ from basins.analyses.features import (
     outputs_per_example,
 )
 from basins.analyses.features import FeaturesProgress as NullityProgress
+from basins.errors import ComputeError, InputError
 from basins.linalg.slq import DEFAULT_PROBES, DEFAULT_STEPS, SLQResult, slq, student_t_quantile
 
 __all__ = [

@@ -13,7 +13,14 @@ from collections.abc import Callable
 import torch
 
 from basins.engine.problem import Problem
-from basins.linalg.slq import DEFAULT_PROBES, DEFAULT_STEPS, SLQProgress, SLQResult, _check_budget, slq
+from basins.linalg.slq import (
+    DEFAULT_PROBES,
+    DEFAULT_STEPS,
+    SLQProgress,
+    SLQResult,
+    _check_budget,
+    slq,
+)
 
 __all__ = ["hessian_slq"]
 

@@ -34,7 +34,6 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from basins.engine.data import DataSource, TensorData
-from basins.errors import ComputeError, InputError
 from basins.engine.losses import (
     LossFn,
     check_targets,
@@ -44,6 +43,7 @@ from basins.engine.losses import (
     num_terms_per_example,
 )
 from basins.engine.params import ParamSpace
+from basins.errors import ComputeError, InputError
 
 __all__ = ["Problem", "HVP_ROUTES", "resolve_device", "resolve_dtype"]
 

@@ -37,17 +37,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from basins.errors import ComputeError, InputError
-from basins.analyses.volume.directions import FAMILIES, NORMALISATIONS, DirectionSampler, filter_groups
-from basins.analyses.volume.radii import (
-    CENSORED,
-    CROSSED,
-    DEFAULT_WALL_T,
-    Criterion,
-    default_radius_rtol,
-    find_radii,
-    flag_reentries,
-    wall_profiles,
+from basins.analyses.volume.directions import (
+    FAMILIES,
+    NORMALISATIONS,
+    DirectionSampler,
+    filter_groups,
 )
 from basins.analyses.volume.estimators import (
     QuadraticBaseline,
@@ -58,6 +52,17 @@ from basins.analyses.volume.estimators import (
     quadratic_log_volume,
     quantile_summary,
 )
+from basins.analyses.volume.radii import (
+    CENSORED,
+    CROSSED,
+    DEFAULT_WALL_T,
+    Criterion,
+    default_radius_rtol,
+    find_radii,
+    flag_reentries,
+    wall_profiles,
+)
+from basins.errors import ComputeError, InputError
 
 __all__ = [
     "DEFAULT_EPSILONS",
