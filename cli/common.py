@@ -23,12 +23,16 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.progress import (
+    Progress as RichProgress,
+)
+
+from basins.progress import Progress, ProgressCallback
 
 #: A point whose gradient norm exceeds this (loss units per unit of θ) gets a warning.
 CRITICAL_GRAD_TOL = 1e-3
@@ -225,21 +229,22 @@ def problem_json(loaded: Loaded) -> dict[str, Any]:
 
 
 @contextmanager
-def progress_bar(log: Console, description: str, total: int | None, unit: str = "HVPs") -> Iterator[Callable[..., None]]:
-    """A rich progress bar on the stderr console; yields ``update(completed, total=None, info="")``."""
+def progress_bar(log: Console, description: str, total: int | None = None) -> Iterator[ProgressCallback]:
+    """A rich progress bar on the stderr console; yields the library's one ``callback``, which
+    takes a :class:`basins.progress.Progress` (its ``done``, ``total``, ``unit`` and ``info``)."""
     if log.quiet:  # --quiet, or a rank other than 0
-        yield lambda completed, total=None, info="": None
+        yield lambda p: None
         return
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn(unit), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-               TimeRemainingColumn()]
-    with Progress(*columns, console=log, transient=True, redirect_stdout=False, redirect_stderr=False) as prog:
-        task = prog.add_task(description, total=total, info="")
+               TextColumn("{task.fields[unit]}"), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn()]
+    with RichProgress(*columns, console=log, transient=True, redirect_stdout=False, redirect_stderr=False) as prog:
+        task = prog.add_task(description, total=total, info="", unit="")
 
-        def update(completed: int, total: int | None = None, info: str = "") -> None:
-            kwargs: dict[str, Any] = {"completed": completed, "info": info}
-            if total is not None:
-                kwargs["total"] = total
+        def update(p: Progress) -> None:
+            kwargs: dict[str, Any] = {"completed": p.done, "info": p.info or p.phase, "unit": p.unit}
+            if p.total is not None:
+                kwargs["total"] = p.total
             prog.update(task, **kwargs)
 
         yield update

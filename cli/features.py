@@ -69,9 +69,9 @@ def features(**kw: Any) -> None:
     with Timer() as setup:
         loaded = load_problem(kw, log)
     problem = loaded.problem
-    with Timer() as t, progress_bar(log, "feature Gram", total=problem.num_examples, unit="") as update:
+    with Timer() as t, progress_bar(log, "feature Gram", total=problem.num_examples) as update:
         fg = feature_gram(problem, route=kw["route"], top_vectors=kw["top_vectors"], gn_probes=kw["gn_probes"],
-                          seed=loaded.seed, callback=lambda p: update(p.done, total=p.total, info=f"{p.phase} {p.unit}".strip()))
+                          seed=loaded.seed, callback=update)
     for note in fg.notes:
         log.print(f"note: {note}")
     log.print(f"{fg.num_vjps:,} Jacobian rows ({fg.jacobian_mode}, route {fg.route}) and {fg.num_hvps} HVPs "

@@ -83,16 +83,7 @@ def hessian(**kw: Any) -> None:
         log.print("[yellow]note:[/] eigenvectors are stored only in a report: add -o report.h5")
     k = kw["top_k"]
 
-    with Timer() as t, progress_bar(log, f"Lanczos ({kw['which']} {k})", total=kw["max_hvps"]) as update:
-
-        def on_progress(p: Any) -> None:
-            if p.phase == "lanczos":
-                rel = "-" if p.max_residual is None or math.isnan(p.max_residual) else f"{p.max_residual:.1e}"
-                info = f"max residual/‖H‖ {rel}, {p.num_converged} converged"
-            else:
-                info = f"trace ({kw['trace_method']})"
-            update(p.num_hvps, total=p.max_hvps, info=info)
-
+    with Timer() as t, progress_bar(log, f"Lanczos ({kw['which']} {k})", total=kw["max_hvps"]) as on_progress:
         result = hessian_eigenvalues(
             problem, k=k, which=kw["which"], tol=kw["tol"], max_hvps=kw["max_hvps"], block_size=kw["block_size"],
             eigenvectors=kw["eigenvectors"] and bool(kw["output"]), trace=kw["trace"],

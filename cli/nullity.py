@@ -69,11 +69,11 @@ def nullity(**kw: Any) -> None:
         loaded = load_problem(kw, log)
     problem = loaded.problem
 
-    with Timer() as t, progress_bar(log, f"nullity ({kw['method']})", total=None, unit="") as update:
+    with Timer() as t, progress_bar(log, f"nullity ({kw['method']})") as update:
         result = count_nullity(
             problem, method=kw["method"], rtols=rtols, atol=kw["atol"], seed=loaded.seed, num_probes=kw["probes"],
             num_steps=kw["steps"], deflate=kw["deflate"],
-            callback=lambda p: update(p.done, total=p.total, info=f"{p.phase} {p.unit}".strip()),
+            callback=update,
         )
     for note in result.notes:
         log.print(f"note: {note}")

@@ -78,7 +78,7 @@ def spectrum(**kw: Any) -> None:
     with Timer() as t, progress_bar(log, f"SLQ ({kw['probes']} probes)", total=total) as update:
         result = hessian_slq(
             problem, num_probes=kw["probes"], num_steps=kw["steps"], seed=loaded.seed,
-            callback=lambda p: update(p.num_matvecs, total=p.max_matvecs, info=f"step {p.step}/{p.num_steps}"),
+            callback=update,
         )
     dens = spectral_density(result.nodes, result.weights, scale=kw["scale"], sigma=kw["sigma"], num_points=kw["points"])
     log.print(f"{result.num_matvecs} HVPs in {t.seconds:.2f} s")

@@ -102,11 +102,7 @@ def volume(**kw: Any) -> None:
     epsilons = sorted(set(kw["epsilons"])) or list(DEFAULT_EPSILONS)
     total = 2 * num_pairs * len(families)
 
-    with Timer() as t, progress_bar(log, "probing rays", total=total, unit="rays") as update:
-
-        def on_progress(p: Any) -> None:
-            update(p.rays_done, info=f"{p.stage}: {p.num_loss_evals:,} loss evals, {p.num_hvps:,} HVPs")
-
+    with Timer() as t, progress_bar(log, "probing rays", total=total) as on_progress:
         result = probe_problem(
             problem, num_pairs, epsilons, families=families, normalisation=kw["normalisation"], top_k=kw["top_k"],
             seed=loaded.seed, radius_rtol=kw["radius_rtol"], max_radius=kw["max_radius"], sigma=kw["sigma"],

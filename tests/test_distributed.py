@@ -30,6 +30,7 @@ from torch import nn
 
 from basins import ComputeError, InputError, Problem
 from basins.engine import distributed as dist
+from basins.linalg.operator import Operator
 
 RTOL = 1e-10  # HVP-based quantities, 2 processes vs 1, float64
 ROUTES = ("graph", "fwd-rev", "rev-rev")
@@ -123,7 +124,7 @@ def _quantities(p: Problem, seed: int = 7) -> dict[str, Any]:
     except ImportError:
         pass
     else:
-        res = lanczos(p.hvp, P, k=3, which="top", tol=1e-8, seed=seed, dtype=torch.float64, device=p.device)
+        res = lanczos(Operator(p.hvp, P), k=3, which="top", tol=1e-8, seed=seed, dtype=torch.float64, device=p.device)
         out["basins_lanczos_top3"] = res.eigenvalues
         out["basins_lanczos_matvecs"] = torch.tensor(res.num_matvecs)
     return {k: (t.detach().cpu() if isinstance(t, torch.Tensor) else t) for k, t in out.items()}

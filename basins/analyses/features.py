@@ -49,11 +49,11 @@ import torch
 from torch.func import hessian, jacfwd, jacrev, vmap
 
 from basins.errors import ComputeError, InputError
+from basins.progress import Progress, ProgressCallback
 
 __all__ = [
     "FEATURE_ROUTES",
     "JACOBIAN_MODES",
-    "FeaturesProgress",
     "FeatureGram",
     "feature_gram",
     "features_memory_bytes",
@@ -83,20 +83,6 @@ def memory_budget(memory_bytes: int | None = None) -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
     except (ValueError, OSError, AttributeError):
         return 2 << 30
-
-
-@dataclass
-class FeaturesProgress:
-    """Progress of a computation in phases (also :class:`basins.analyses.nullity.NullityProgress`).
-
-    ``phase``: ``jacobian``/``eigenvectors`` (unit: examples), ``eigh``, ``gn-check``
-    (HVPs); in :mod:`basins.analyses.nullity` also ``hessian``, ``lanczos`` and ``slq`` (HVPs).
-    """
-
-    phase: str
-    done: int
-    total: int | None
-    unit: str
 
 
 @dataclass
@@ -201,7 +187,7 @@ def feature_gram(
     gn_probes: int = 3,
     seed: int = 0,
     memory_bytes: int | None = None,
-    callback: Callable[[FeaturesProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
 ) -> FeatureGram:
     """Eigenvalues (and optionally top eigenvectors) of the feature Gram matrix of ``problem``.
 
@@ -214,7 +200,8 @@ def feature_gram(
         gn_probes: random vectors for the check ``‖Hv − Gv‖/‖Hv‖`` (one HVP each; 0: none).
         seed: seeds the check's vectors.
         memory_bytes: budget (default a quarter of physical memory).
-        callback: called with :class:`FeaturesProgress`.
+        callback: called with a :class:`~basins.progress.Progress`: phase ``jacobian`` /
+            ``eigenvectors`` (unit ``examples``), ``eigh`` (no unit), ``gn-check`` (HVPs).
 
     Returns:
         A :class:`FeatureGram`. Cost: ``n·k`` VJPs (twice for ``outer`` with eigenvectors),
@@ -256,7 +243,7 @@ def feature_gram(
 
     def report(phase: str, done: int, total: int | None, unit: str) -> None:
         if callback is not None:
-            callback(FeaturesProgress(phase, done, total, unit))
+            callback(Progress(phase, done, total, unit))
 
     mode = _choose_mode(problem, jacobian, notes)
     num_vjps = 0

@@ -19,39 +19,23 @@ strictness or the budget; full reorthogonalisation keeps ghosts out).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from basins.analyses.eigen import hessian_operator
+from basins.engine.problem import Problem
 from basins.errors import InputError
+from basins.linalg.operator import Operator
+from basins.progress import Progress, ProgressCallback
 
-__all__ = ["HessianProgress", "HessianResult", "hessian_eigenvalues", "WHICH", "TRACE_METHODS", "SADDLE_FLOOR_EPS"]
+__all__ = ["HessianResult", "hessian_eigenvalues", "WHICH", "TRACE_METHODS", "SADDLE_FLOOR_EPS"]
 
 WHICH = ("top", "bottom", "both")
 TRACE_METHODS = ("hutch++", "hutchinson")
 #: A bottom Ritz value counts as negative only below ``-SADDLE_FLOOR_EPS·eps(dtype)·max|θ|``.
 SADDLE_FLOOR_EPS = 100.0
-
-
-@dataclass
-class HessianProgress:
-    """Progress of :func:`hessian_eigenvalues`, passed to its callback.
-
-    Attributes:
-        phase: ``"lanczos"`` or ``"trace"``.
-        num_hvps: HVPs done so far (both phases together).
-        max_hvps: the total budget (Lanczos budget + trace HVPs), None if not known yet.
-        max_residual: Lanczos phase: the largest residual of the wanted Ritz values.
-        num_converged: Lanczos phase: how many wanted Ritz values have converged.
-    """
-
-    phase: str
-    num_hvps: int
-    max_hvps: int | None
-    max_residual: float | None = None
-    num_converged: int | None = None
 
 
 @dataclass
@@ -130,7 +114,7 @@ class HessianResult:
 
 
 def hessian_eigenvalues(
-    problem: Any,
+    problem: Problem,
     *,
     k: int = 10,
     which: str = "top",
@@ -142,7 +126,7 @@ def hessian_eigenvalues(
     trace_method: str = "hutch++",
     trace_hvps: int = 100,
     seed: int = 0,
-    callback: Callable[[HessianProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
 ) -> HessianResult:
     """Top/bottom Hessian eigenvalues of ``problem`` at θ* by Lanczos, and optionally the trace.
 
@@ -158,7 +142,9 @@ def hessian_eigenvalues(
         trace_method: ``hutch++`` (Meyer et al. 2021) or ``hutchinson`` (Rademacher probes).
         trace_hvps: HVPs for the trace estimate.
         seed: seeds the Lanczos start block and the trace probes (same seed, separate generators).
-        callback: called with a :class:`HessianProgress` as the work proceeds.
+        callback: called with a :class:`~basins.progress.Progress` (unit ``"HVPs"``, phase
+            ``"lanczos"`` then ``"trace"``; ``done`` counts both phases, ``total`` is the Lanczos
+            budget plus ``trace_hvps``) as the work proceeds.
 
     Returns:
         A :class:`HessianResult`. Cost: ≤ ``max_hvps`` HVPs (+ ``trace_hvps`` with ``trace``).
@@ -170,20 +156,20 @@ def hessian_eigenvalues(
 
     P = int(problem.num_params)
     if which not in WHICH:
-        raise InputError(f"unknown --which {which!r}: use top, bottom or both")
+        raise InputError(f"unknown which={which!r}: use top, bottom or both")
     if not 1 <= k <= P:
-        raise InputError(f"k (--top-k) must be between 1 and the number of parameters P = {P}, got {k}")
+        raise InputError(f"k must be between 1 and the number of parameters P = {P}, got {k}")
     if not (tol > 0 and math.isfinite(tol)):
-        raise InputError(f"tol (--tol) must be a positive number, got {tol}")
+        raise InputError(f"tol must be a positive number, got {tol}")
     if block_size < 1:
-        raise InputError(f"block_size (--block-size) must be ≥ 1, got {block_size}")
+        raise InputError(f"block_size must be ≥ 1, got {block_size}")
     if max_hvps is not None and max_hvps < 1:
-        raise InputError(f"max_hvps (--max-hvps) must be ≥ 1, got {max_hvps}")
+        raise InputError(f"max_hvps must be ≥ 1, got {max_hvps}")
     if trace and trace_method not in TRACE_METHODS:
-        raise InputError(f"unknown trace method {trace_method!r}: use hutch++ or hutchinson")
+        raise InputError(f"unknown trace_method={trace_method!r}: use hutch++ or hutchinson")
     least = 4 if trace_method == "hutch++" else 2
     if trace and trace_hvps < least:
-        raise InputError(f"trace_hvps (--trace-hvps) must be ≥ {least} for {trace_method}, got {trace_hvps}")
+        raise InputError(f"trace_hvps must be ≥ {least} for {trace_method}, got {trace_hvps}")
 
     state: dict[str, Any] = {"phase": "lanczos", "base": 0, "lanczos_total": max_hvps}
     extra = trace_hvps if trace else 0
@@ -192,16 +178,16 @@ def hessian_eigenvalues(
         lt = state["lanczos_total"]
         return None if lt is None else int(lt) + extra
 
-    def lanczos_progress(p: Any) -> None:
-        if p.max_matvecs is not None:
-            state["lanczos_total"] = int(p.max_matvecs)
+    def lanczos_progress(p: Progress) -> None:
+        if p.total is not None:
+            state["lanczos_total"] = int(p.total)
         if callback is not None:
-            callback(HessianProgress("lanczos", int(p.num_matvecs), total(), float(p.max_residual), int(p.num_converged)))
+            callback(replace(p, total=total(), unit="HVPs"))
 
     options: dict[str, Any] = {"k": k, "which": which, "tol": tol, "max_matvecs": max_hvps, "block_size": block_size,
                                "dtype": problem.dtype, "device": problem.device, "seed": seed,
                                "return_eigenvectors": eigenvectors, "callback": lanczos_progress}
-    lres: Any = lanczos(problem.hvp, P, **options)  # LanczosResult, or LanczosBothEnds for "both"
+    lres: Any = lanczos(hessian_operator(problem), **options)  # LanczosResult, or LanczosBothEnds for "both"
     num_lanczos = int(lres.num_matvecs)
     if state["lanczos_total"] is None:
         state["lanczos_total"] = num_lanczos
@@ -218,11 +204,11 @@ def hessian_eigenvalues(
             out = problem.hvp(V)
             done[0] += 1 if V.dim() == 1 else int(V.shape[1])
             if callback is not None:
-                callback(HessianProgress("trace", num_lanczos + done[0], total()))
+                callback(Progress("trace", num_lanczos + done[0], total(), "HVPs", info=f"trace ({trace_method})"))
             return out
 
         estimator = hutchpp if trace_method == "hutch++" else hutchinson
-        est = estimator(counted, P, num_matvecs=trace_hvps, dtype=problem.dtype, device=problem.device, seed=seed)
+        est = estimator(Operator(counted, P, problem.dtype, problem.device), num_matvecs=trace_hvps, dtype=problem.dtype, device=problem.device, seed=seed)
         tr, tr_se, num_trace = float(est.estimate), float(est.stderr), int(est.num_matvecs)
 
     ritz = [top[0], top[1]] if which != "bottom" else []

@@ -8,19 +8,18 @@ Ubaru, Chen & Saad (2017); Ghorbani, Krishnan & Xiao (2019).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
+from basins.analyses.eigen import hessian_operator
 from basins.engine.problem import Problem
 from basins.linalg.slq import (
     DEFAULT_PROBES,
     DEFAULT_STEPS,
-    SLQProgress,
     SLQResult,
     _check_budget,
     slq,
 )
+from basins.progress import ProgressCallback, relay
 
 __all__ = ["hessian_slq"]
 
@@ -34,7 +33,7 @@ def hessian_slq(
     probe: str = "rademacher",
     deflate: torch.Tensor | None = None,
     memory_bytes: int = 1 << 30,
-    callback: Callable[[SLQProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
 ) -> SLQResult:
     """:func:`slq` on the Hessian of a :class:`basins.Problem` at θ*.
 
@@ -48,6 +47,7 @@ def hessian_slq(
     dtype = torch.float64 if num_probes * per_probe * 8 <= memory_bytes else problem.dtype
     block = max(1, min(num_probes, memory_bytes // max(1, per_probe * dtype.itemsize)))
     return slq(
-        problem.hvp, P, num_probes=num_probes, num_steps=num_steps, seed=seed, probe=probe,
-        deflate=deflate, block_size=block, dtype=dtype, device=problem.device, callback=callback,
+        hessian_operator(problem), num_probes=num_probes, num_steps=num_steps, seed=seed, probe=probe,
+        deflate=deflate, block_size=block, dtype=dtype, device=problem.device,
+        callback=relay(callback, unit="HVPs"),
     )

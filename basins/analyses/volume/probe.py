@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from basins.analyses.eigen import hessian_eigenpairs
 from basins.analyses.volume.directions import (
     FAMILIES,
     NORMALISATIONS,
@@ -63,18 +64,18 @@ from basins.analyses.volume.radii import (
     wall_profiles,
 )
 from basins.errors import ComputeError, InputError
+from basins.progress import Progress, ProgressCallback
 
 __all__ = [
     "DEFAULT_EPSILONS",
     "FLOOR_FRACTION",
-    "ProbeProgress",
+    "ray_progress",
     "WallsResult",
     "FamilyResult",
     "ProbeResult",
     "probe_basin",
     "probe_problem",
     "ProblemCriterion",
-    "hessian_eigenpairs",
 ]
 
 #: Default ε ladder, in loss units (the same units as ``L``).
@@ -85,15 +86,12 @@ _PILOT_PAIRS = 16
 _BATCH_PAIRS = 128
 
 
-@dataclass
-class ProbeProgress:
-    """Passed to the callback after every batched evaluation."""
-
-    rays_done: int
-    num_rays: int
-    num_loss_evals: int
-    num_hvps: int
-    stage: str
+def ray_progress(rays_done: int, num_rays: int, num_loss_evals: int, num_hvps: int, stage: str) -> Progress:
+    """The :class:`~basins.progress.Progress` of probing: rays done (unit ``"rays"``), with the
+    loss evaluations and HVPs so far in ``info``; ``phase`` is the stage (an ε, ``walls``,
+    ``Hessian``)."""
+    return Progress(stage, rays_done, num_rays, "rays",
+                    info=f"{stage}: {num_loss_evals:,} loss evals, {num_hvps:,} HVPs")
 
 
 @dataclass
@@ -359,7 +357,7 @@ def probe_basin(
     memory_bytes: int = 256 << 20,
     num_bootstrap: int = 1000,
     min_ess: float = 30.0,
-    callback: Callable[[ProbeProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
 ) -> ProbeResult:
     """Probe the basin of ``criterion`` around θ* along ``2·num_pairs`` random rays per family.
 
@@ -384,7 +382,8 @@ def probe_basin(
         hvp_block: vectors per ``hvp`` call.
         memory_bytes: budget for the ``(K, P)`` direction and point batches.
         num_bootstrap, min_ess: see :func:`basins.analyses.volume.estimators.estimate_log_mean`.
-        callback: called with a :class:`ProbeProgress` after every batched evaluation.
+        callback: called with a :class:`~basins.progress.Progress` (:func:`ray_progress`) after
+            every batched evaluation.
 
     Returns:
         :class:`ProbeResult`. Cost: about 3–8 criterion evaluations per ray and ε from a good
@@ -436,7 +435,7 @@ def probe_basin(
 
     def report(stage: str) -> None:
         if callback is not None:
-            callback(ProbeProgress(int(counts["done"]), total_rays, int(counts["evals"]), int(counts["hvps"]), stage))
+            callback(ray_progress(int(counts["done"]), total_rays, int(counts["evals"]), int(counts["hvps"]), stage))
 
     def counted(points: torch.Tensor) -> torch.Tensor:
         counts["evals"] += int(points.shape[0])
@@ -581,55 +580,6 @@ def _estimate(fr: FamilyResult, sampler: DirectionSampler, eps: list[float], the
             fr.prior_mass.append(None)
 
 
-def hessian_eigenpairs(
-    problem: Any,
-    k: int,
-    *,
-    exact_max_params: int = 2000,
-    seed: int = 0,
-    tol: float = 1e-4,
-    hvp_block: int = 32,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, torch.Tensor, bool, str]:
-    """Hessian eigenvalues and the top-k eigenvectors at θ*.
-
-    With ``P ≤ exact_max_params`` the dense Hessian (``P`` HVPs in blocks) and ``eigvalsh`` in
-    float64 give the whole spectrum; otherwise Lanczos (:func:`basins.linalg.lanczos.lanczos`, full
-    reorthogonalisation) gives the top ``k`` pairs to relative residual ``tol``.
-
-    Args:
-        problem: a :class:`basins.Problem`.
-        k: eigenvectors wanted (``1 ≤ k < P``; 0 allowed on the exact route).
-        exact_max_params: largest P for the dense route.
-        seed, tol: Lanczos settings.
-        hvp_block: HVPs per block (dense route).
-        progress: called with the number of HVPs done so far.
-
-    Returns:
-        ``(eigenvalues descending float64 — all P (exact) or k (Lanczos), eigenvectors (P, k)
-        float64 CPU, complete, method)``. Cost: P HVPs (exact) or the Lanczos count.
-    """
-    P = int(problem.num_params)
-    exact = P <= exact_max_params
-    if not (0 if exact else 1) <= k < P:
-        raise InputError(f"the number of top eigenvectors must be in [1, P) = [1, {P}), got {k}")
-    if exact:
-        H = problem.dense_hessian(block=hvp_block, progress=(lambda done, _t: progress(done)) if progress else None)
-        vals, vecs = torch.linalg.eigh(H.detach().to("cpu", torch.float64))
-        vals, vecs = vals.flip(0), vecs.flip(1)
-        return vals.numpy(), vecs[:, :k].contiguous(), True, "exact"
-    from basins.linalg.lanczos import lanczos
-
-    res = lanczos(problem.hvp, P, k=k, which="top", tol=tol, dtype=problem.dtype, device=problem.device,
-                  seed=seed, return_eigenvectors=True,
-                  callback=(lambda info: progress(int(info.num_matvecs))) if progress else None)
-    if res.eigenvectors is None:
-        raise ComputeError("Lanczos returned no eigenvectors")
-    vals_t = res.eigenvalues.to("cpu", torch.float64)
-    order = torch.argsort(vals_t, descending=True)
-    return vals_t[order].numpy(), res.eigenvectors.to("cpu", torch.float64)[:, order], False, "lanczos"
-
-
 def probe_problem(
     problem: Any,
     num_pairs: int,
@@ -654,7 +604,7 @@ def probe_problem(
     memory_bytes: int = 256 << 20,
     num_bootstrap: int = 1000,
     min_ess: float = 30.0,
-    callback: Callable[[ProbeProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
 ) -> ProbeResult:
     """:func:`probe_basin` on a :class:`basins.Problem`: ``C = L − L(θ*)`` over the full data.
 
@@ -675,24 +625,24 @@ def probe_problem(
     evals0, hvps0 = c0.num_loss_evals, c0.num_hvps
     crit = ProblemCriterion(problem, route=loss_route, chunk=chunk, seed=seed)
 
-    def eig_progress(done: int) -> None:
+    def eig_progress(_: Progress) -> None:
         if callback is not None:
-            callback(ProbeProgress(0, 2 * num_pairs * len(families), problem.counters.num_loss_evals - evals0,
-                                   problem.counters.num_hvps - hvps0, "Hessian"))
+            callback(ray_progress(0, 2 * num_pairs * len(families), problem.counters.num_loss_evals - evals0,
+                                  problem.counters.num_hvps - hvps0, "Hessian"))
 
     vals = basis = None
     complete, method = False, ""
     need_basis = any(f in ("top", "floor") for f in families)
     if compare_quadratic or need_basis:
         k = top_k if need_basis else min(top_k, problem.num_params - 1)
-        vals, basis, complete, method = hessian_eigenpairs(problem, k, exact_max_params=exact_max_params,
-                                                           seed=seed, hvp_block=hvp_block, progress=eig_progress)
+        pairs = hessian_eigenpairs(problem, k, exact_max_params=exact_max_params, seed=seed, hvp_block=hvp_block,
+                                   callback=eig_progress)
+        vals, basis, complete, method = pairs.eigenvalues.numpy(), pairs.eigenvectors, pairs.complete, pairs.method
 
-    def relay(info: ProbeProgress) -> None:
-        if callback is not None:
-            info.num_loss_evals = problem.counters.num_loss_evals - evals0
-            info.num_hvps = problem.counters.num_hvps - hvps0
-            callback(info)
+    def relay(info: Progress) -> None:
+        if callback is not None:  # the problem's counters: every evaluation, timing and uᵀHu included
+            callback(ray_progress(info.done, info.total or 0, problem.counters.num_loss_evals - evals0,
+                                  problem.counters.num_hvps - hvps0, info.phase))
 
     groups = filter_groups(problem.space.shapes) if normalisation == "filter" else None
     res = probe_basin(
