@@ -12,16 +12,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Array", "Record"]
+__all__ = ["Array", "Record", "EIGEN_UNITS"]
+
+#: Units of Hessian eigenvalues (and of its trace): the loss's units per parameter unit squared.
+EIGEN_UNITS = "loss / parameter²"
 
 
 @dataclass
 class Array:
-    """A dataset: values (tensor, array or list) with a description and units (None where meaningless)."""
+    """A dataset: values (tensor, array or list) with a description and units (None where meaningless).
+
+    Attributes:
+        values: what the report stores (a rectangular tensor or array).
+        description, units: dataset attributes in the report.
+        in_json: also a ``--json`` key (False for large arrays such as eigenvectors, which
+            only a report holds).
+        json_values: what ``--json`` shows instead of ``values`` where the natural JSON form
+            differs (e.g. ragged lists rather than a NaN-padded matrix); None: ``values``.
+    """
 
     values: Any
     description: str
     units: str | None = None
+    in_json: bool = True
+    json_values: Any = None
 
 
 @dataclass
@@ -37,3 +51,20 @@ class Record:
 
     attrs: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, Array] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``--json`` keys: every attribute, then every array with ``in_json`` (its
+        ``json_values`` where given). Values are left as they are (tensors included); the command
+        line converts them to JSON types."""
+        out = dict(self.attrs)
+        for name, arr in self.arrays.items():
+            if arr.in_json:
+                out[name] = arr.values if arr.json_values is None else arr.json_values
+        return out
+
+    def as_analysis(self) -> dict[str, Any]:
+        """The record in the shape :func:`basins.files.report.read_report` gives an analysis group
+        (``{"attrs": ..., "datasets": {name: {"values", "description", "units"}}}``), for renderers."""
+        return {"attrs": dict(self.attrs),
+                "datasets": {n: {"values": a.values, "description": a.description, "units": a.units}
+                             for n, a in self.arrays.items()}}

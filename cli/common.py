@@ -33,6 +33,7 @@ from rich.progress import (
 )
 
 from basins.progress import Progress, ProgressCallback
+from basins.record import Record
 
 #: A point whose gradient norm exceeds this (loss units per unit of θ) gets a warning.
 CRITICAL_GRAD_TOL = 1e-3
@@ -275,6 +276,30 @@ def print_json(obj: Any) -> None:
     """One JSON object on stdout (full precision, non-finite as null); only on rank 0."""
     if is_main_process():
         click.echo(json.dumps(jsonable(obj), allow_nan=False))
+
+
+def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: Record, *, warnings: list[str],
+         tables: Callable[[dict[str, Any], dict[str, Any]], list[Any]] | None = None,
+         subgroup_attrs: dict[str, dict[str, Any]] | None = None, extra_json: dict[str, Any] | None = None) -> None:
+    """The one way a command hands its result on: ``record`` to the report (``-o``, group
+    ``group``) and to stdout, as one JSON object with ``--json`` (:func:`record_json`) or as the
+    group's ``summary_tables`` (``tables``) otherwise."""
+    if kw.get("output"):
+        write_report(kw["output"], loaded.record, group, record.attrs, record.arrays,
+                     subgroup_attrs=subgroup_attrs, force=kw.get("force", False))
+        log.print(f"wrote /{group} to {kw['output']}")
+    if kw.get("as_json"):
+        print_json(record_json(loaded, record, warnings=warnings, report=kw.get("output"), **(extra_json or {})))
+    elif tables is not None:
+        console = stdout_console()
+        for table in tables(record.as_analysis(), loaded.record):
+            console.print(table)
+
+
+def record_json(loaded: Loaded, record: Record, *, warnings: list[str], **extra: Any) -> dict[str, Any]:
+    """The ``--json`` object of a command: the problem's keys (:func:`problem_json`), the
+    warnings, then :meth:`basins.record.Record.as_json` and ``extra`` (e.g. ``report``)."""
+    return {**problem_json(loaded), "warnings": warnings, **record.as_json(), **extra}
 
 
 def write_report(path: str, record: dict[str, Any], group: str, attrs: dict[str, Any],

@@ -13,22 +13,20 @@ import click
 from rich.console import RenderableType
 from rich.table import Table
 
+from basins.record import EIGEN_UNITS
+
 from .common import (
     Timer,
     argv,
+    emit,
     fmt,
     load_problem,
     output_options,
-    print_json,
-    problem_json,
     problem_options,
     progress_bar,
     stderr_console,
-    stdout_console,
-    write_report,
 )
 
-EIGEN_UNITS = "loss / parameter²"
 _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
 
 
@@ -92,7 +90,7 @@ def hessian(**kw: Any) -> None:
 
     warnings = list(loaded.warnings)
     if result.is_saddle:
-        lam, r = _most_negative(result)
+        lam, r = result.most_negative()
         msg = (f"λ_min = {lam:.6g} ± {r:.2g} < 0: the Hessian has a direction of negative curvature, "
                "so this point is a saddle (or a maximum), not a minimum")
         warnings.append(msg)
@@ -105,48 +103,9 @@ def hessian(**kw: Any) -> None:
         log.print(f"[yellow]warning:[/] {msg}")
     log.print(f"{result.num_hvps} HVPs in {t.seconds:.2f} s")
 
-    attrs: dict[str, Any] = {
-        "method": "Lanczos, full reorthogonalisation, float64 tridiagonal, thick restart",
-        "which": result.which, "top_k": k, "tol": kw["tol"], "max_hvps": kw["max_hvps"],
-        "block_size": kw["block_size"], "seed": loaded.seed,
-        "trace_method": result.trace_method, "trace_hvps": kw["trace_hvps"] if kw["trace"] else None,
-        "lambda_max": result.lambda_max, "lambda_min": result.lambda_min,
-        "is_saddle": result.is_saddle, "saddle_floor": result.saddle_floor,
-        "all_converged": result.all_converged, "num_converged": result.num_converged, "num_wanted": result.num_wanted,
-        "trace": result.trace, "trace_stderr": result.trace_stderr,
-        "num_hvps": result.num_hvps, "num_lanczos_hvps": result.num_lanczos_hvps,
-        "num_trace_hvps": result.num_trace_hvps, "num_restarts": result.num_restarts,
-        "num_loss_evals": 0, "hvp_route": problem.hvp_route,
-        "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "argv": argv(),
-    }
-    arrays = _arrays(result)
-    if kw["output"]:
-        write_report(kw["output"], loaded.record, "hessian", attrs, arrays, force=kw["force"])
-        log.print(f"wrote /hessian to {kw['output']}")
-
-    if kw["as_json"]:
-        out: dict[str, Any] = {**problem_json(loaded), "warnings": warnings, "hvp_route": problem.hvp_route,
-                               "which": result.which, "top_k": k, "tol": kw["tol"]}
-        for name in ("eigenvalues", "residuals", "converged"):
-            out[name] = getattr(result, name)
-        if result.which == "both":
-            for name in ("bottom_eigenvalues", "bottom_residuals", "bottom_converged"):
-                out[name] = getattr(result, name)
-        out.update({
-            "all_converged": result.all_converged, "is_saddle": result.is_saddle,
-            "lambda_max": result.lambda_max, "lambda_min": result.lambda_min,
-            "trace": result.trace, "trace_stderr": result.trace_stderr, "trace_method": result.trace_method,
-            "num_hvps": result.num_hvps, "num_lanczos_hvps": result.num_lanczos_hvps,
-            "num_trace_hvps": result.num_trace_hvps, "num_restarts": result.num_restarts,
-            "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "report": kw["output"],
-        })
-        print_json(out)
-    else:
-        analysis = {"attrs": attrs, "datasets": {n: {"values": a.values, "description": a.description,
-                                                      "units": a.units} for n, a in arrays.items()}}
-        console = stdout_console()
-        for table in summary_tables(analysis, loaded.record):
-            console.print(table)
+    record = result.record()
+    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds, argv=argv())
+    emit(kw, log, loaded, "hessian", record, warnings=warnings, tables=summary_tables)
 
     if kw["strict"] and not result.all_converged:
         from basins.errors import ComputeError
@@ -155,38 +114,6 @@ def hessian(**kw: Any) -> None:
             f"--strict: {result.num_wanted - result.num_converged} of {result.num_wanted} eigenvalues did not "
             f"converge within {result.num_lanczos_hvps} HVPs (raise --max-hvps or loosen --tol)"
         )
-
-
-def _most_negative(result: Any) -> tuple[float, float]:
-    vals, res = result.eigenvalues, result.residuals
-    if result.which == "both" and result.bottom_eigenvalues is not None:
-        vals, res = result.bottom_eigenvalues, result.bottom_residuals
-    i = int(vals.argmin())
-    return float(vals[i]), float(res[i])
-
-
-def _arrays(result: Any) -> dict[str, Any]:
-    from basins.files.report import Array
-
-    end = "bottom (ascending)" if result.which == "bottom" else "top (descending)"
-    arrays = {
-        "eigenvalues": Array(result.eigenvalues, f"Ritz values, {end}", EIGEN_UNITS),
-        "residuals": Array(result.residuals, "residual norms ‖Hy − λy‖: an eigenvalue lies within λ ± r", EIGEN_UNITS),
-        "converged": Array(result.converged.numpy(), "residual ≤ tol·max|λ| (max over all Ritz values)", None),
-    }
-    if result.which == "both":
-        arrays.update({
-            "bottom_eigenvalues": Array(result.bottom_eigenvalues, "Ritz values, bottom (ascending)", EIGEN_UNITS),
-            "bottom_residuals": Array(result.bottom_residuals, "residual norms of the bottom Ritz values", EIGEN_UNITS),
-            "bottom_converged": Array(result.bottom_converged.numpy(), "residual ≤ tol·max|λ| (max over all Ritz values)", None),
-        })
-    if result.eigenvectors is not None:
-        arrays["eigenvectors"] = Array(result.eigenvectors.float(), "unit Ritz vectors (P, k), columns as eigenvalues, "
-                                       "float32", None)
-    if result.bottom_eigenvectors is not None:
-        arrays["bottom_eigenvectors"] = Array(result.bottom_eigenvectors.float(), "unit Ritz vectors of the bottom end "
-                                              "(P, k), float32", None)
-    return arrays
 
 
 # ---------------------------------------------------------------------- summary renderers

@@ -29,6 +29,7 @@ from basins.engine.problem import Problem
 from basins.errors import InputError
 from basins.linalg.operator import Operator
 from basins.progress import Progress, ProgressCallback
+from basins.record import EIGEN_UNITS, Array, Record
 
 __all__ = ["HessianResult", "hessian_eigenvalues", "WHICH", "TRACE_METHODS", "SADDLE_FLOOR_EPS"]
 
@@ -59,6 +60,9 @@ class HessianResult:
             bottom end was computed and none has; None if only the top end was (unknown).
         saddle_floor: the rounding floor used for ``is_saddle`` (loss/θ² units).
         tol: the relative residual tolerance asked for.
+        top_k, max_hvps, block_size, seed, trace_hvps: the settings of the run
+            (``trace_hvps`` None without a trace).
+        hvp_route: the problem's HVP route.
     """
 
     which: str
@@ -80,6 +84,58 @@ class HessianResult:
     is_saddle: bool | None
     saddle_floor: float
     tol: float
+    top_k: int = 0
+    max_hvps: int | None = None
+    block_size: int = 1
+    seed: int = 0
+    trace_hvps: int | None = None
+    hvp_route: str | None = None
+
+    def record(self) -> Record:
+        """The report group ``/hessian`` and the ``--json`` keys (README, "Architecture")."""
+        attrs: dict[str, Any] = {
+            "method": "Lanczos, full reorthogonalisation, float64 tridiagonal, thick restart",
+            "which": self.which, "top_k": self.top_k, "tol": self.tol, "max_hvps": self.max_hvps,
+            "block_size": self.block_size, "seed": self.seed,
+            "trace_method": self.trace_method, "trace_hvps": self.trace_hvps,
+            "lambda_max": self.lambda_max, "lambda_min": self.lambda_min,
+            "is_saddle": self.is_saddle, "saddle_floor": self.saddle_floor,
+            "all_converged": self.all_converged, "num_converged": self.num_converged, "num_wanted": self.num_wanted,
+            "trace": self.trace, "trace_stderr": self.trace_stderr,
+            "num_hvps": self.num_hvps, "num_lanczos_hvps": self.num_lanczos_hvps,
+            "num_trace_hvps": self.num_trace_hvps, "num_restarts": self.num_restarts,
+            "num_loss_evals": 0, "hvp_route": self.hvp_route,
+        }
+        end = "bottom (ascending)" if self.which == "bottom" else "top (descending)"
+        conv = "residual ≤ tol·max|λ| (max over all Ritz values)"
+        arrays = {
+            "eigenvalues": Array(self.eigenvalues, f"Ritz values, {end}", EIGEN_UNITS),
+            "residuals": Array(self.residuals, "residual norms ‖Hy − λy‖: an eigenvalue lies within λ ± r", EIGEN_UNITS),
+            "converged": Array(self.converged.numpy(), conv, None),
+        }
+        if self.which == "both":
+            assert self.bottom_eigenvalues is not None and self.bottom_residuals is not None
+            assert self.bottom_converged is not None
+            arrays.update({
+                "bottom_eigenvalues": Array(self.bottom_eigenvalues, "Ritz values, bottom (ascending)", EIGEN_UNITS),
+                "bottom_residuals": Array(self.bottom_residuals, "residual norms of the bottom Ritz values", EIGEN_UNITS),
+                "bottom_converged": Array(self.bottom_converged.numpy(), conv, None),
+            })
+        if self.eigenvectors is not None:
+            arrays["eigenvectors"] = Array(self.eigenvectors.float(), "unit Ritz vectors (P, k), columns as "
+                                           "eigenvalues, float32", None, in_json=False)
+        if self.bottom_eigenvectors is not None:
+            arrays["bottom_eigenvectors"] = Array(self.bottom_eigenvectors.float(), "unit Ritz vectors of the bottom "
+                                                  "end (P, k), float32", None, in_json=False)
+        return Record(attrs, arrays)
+
+    def most_negative(self) -> tuple[float, float]:
+        """The smallest Ritz value found and its residual (of the bottom end where computed)."""
+        vals, res = self.eigenvalues, self.residuals
+        if self.which == "both" and self.bottom_eigenvalues is not None and self.bottom_residuals is not None:
+            vals, res = self.bottom_eigenvalues, self.bottom_residuals
+        i = int(vals.argmin())
+        return float(vals[i]), float(res[i])
 
     @property
     def all_converged(self) -> bool:
@@ -232,6 +288,8 @@ def hessian_eigenvalues(
         trace=tr, trace_stderr=tr_se, trace_method=trace_method if trace else None,
         num_hvps=num_lanczos + num_trace, num_lanczos_hvps=num_lanczos, num_trace_hvps=num_trace,
         num_restarts=int((lres.top if which == "both" else lres).num_restarts), is_saddle=is_saddle, saddle_floor=floor, tol=tol,
+        top_k=k, max_hvps=max_hvps, block_size=block_size, seed=seed, trace_hvps=trace_hvps if trace else None,
+        hvp_route=getattr(problem, "hvp_route", None),
     )
 
 
