@@ -47,19 +47,23 @@ class Record:
             of these. Report attributes and ``--json`` keys.
         arrays: datasets with descriptions and units. Report datasets and ``--json`` keys
             (as lists).
+        json_only: keys shown with ``--json`` only (nested per-item data too large or too
+            irregular for a report attribute, e.g. per-example loadings).
     """
 
     attrs: dict[str, Any] = field(default_factory=dict)
     arrays: dict[str, Array] = field(default_factory=dict)
+    json_only: dict[str, Any] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
-        """The ``--json`` keys: every attribute, then every array with ``in_json`` (its
-        ``json_values`` where given). Values are left as they are (tensors included); the command
+        """The ``--json`` keys: every attribute, every array with ``in_json`` (its
+        ``json_values`` where given), then :attr:`json_only`. Values are left as they are (tensors included); the command
         line converts them to JSON types."""
         out = dict(self.attrs)
         for name, arr in self.arrays.items():
             if arr.in_json:
                 out[name] = arr.values if arr.json_values is None else arr.json_values
+        out.update(self.json_only)
         return out
 
     def as_analysis(self) -> dict[str, Any]:

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -55,6 +56,7 @@ from basins.errors import InputError
 from basins.linalg.operator import Operator, as_operator
 from basins.linalg.slq import DEFAULT_PROBES, DEFAULT_STEPS, SLQResult, slq, student_t_quantile
 from basins.progress import Progress, ProgressCallback, relay
+from basins.record import EIGEN_UNITS, Array, Record
 
 __all__ = [
     "NULLITY_METHODS",
@@ -123,6 +125,9 @@ class NullityResult:
         coverage: nominal coverage of the slq intervals.
         notes: remarks (why this method, resolution limits, H ≠ G, ...).
         seed: the seed used.
+        method_asked: the method the caller asked for (``auto`` included).
+        rtols, atol: the threshold ladder.
+        hvp_route: the problem's HVP route (None for a bare operator).
     """
 
     num_params: int
@@ -139,6 +144,52 @@ class NullityResult:
     coverage: float | None = None
     notes: list[str] = field(default_factory=list)
     seed: int = 0
+    method_asked: str = ""
+    rtols: list[float] = field(default_factory=list)
+    atol: float = 0.0
+    hvp_route: str | None = None
+
+    def record(self) -> Record:
+        """The report group ``/nullity`` and the ``--json`` keys (README, "Architecture")."""
+        slq_run = self.slq if self.method == "slq" else None
+        attrs: dict[str, Any] = {
+            "method": self.method, "method_asked": self.method_asked or self.method, "lambda_max": self.lambda_max,
+            "rtols": list(self.rtols) or [c.rtol for c in self.counts], "atol": self.atol,
+            "counts": [asdict(c) for c in self.counts], "notes": list(self.notes),
+            "eigenvalue_error": self.eigenvalue_error, "gn_residual": self.gn_residual,
+            "num_deflated": self.num_deflated if slq_run is not None else None,
+            "num_probes": slq_run.num_probes if slq_run is not None else None,
+            "num_steps": slq_run.num_steps if slq_run is not None else None,
+            "coverage": self.coverage, "seed": self.seed,
+            "num_hvps": self.num_hvps, "num_loss_evals": 0, "hvp_route": self.hvp_route,
+        }
+        if self.features is not None:
+            fg = self.features
+            attrs.update({"num_outputs": fg.num_outputs, "gram_rank": fg.rank, "gram_cutoff": fg.cutoff,
+                          "num_vjps": fg.num_vjps, "gn_residuals": list(fg.gn_residuals)})
+        cs = self.counts
+        arrays = {
+            "rtol": Array([c.rtol for c in cs], "relative thresholds (× λ_max)", None),
+            "threshold": Array([c.threshold for c in cs], "thresholds t = rtol·λ_max + atol", EIGEN_UNITS),
+            "count": Array([float(c.count) for c in cs], "#{|λ| ≤ t} (slq: an estimate)", "eigenvalues"),
+            "count_lower": Array([float(c.count_lower) for c in cs], "lower end of the count's interval", "eigenvalues"),
+            "count_upper": Array([float(c.count_upper) for c in cs], "upper end of the count's interval", "eigenvalues"),
+        }
+        if self.method == "exact" and self.eigenvalues is not None:
+            arrays["eigenvalues"] = Array(self.eigenvalues, "all Hessian eigenvalues, ascending (dense eigvalsh)",
+                                          EIGEN_UNITS)
+        if self.method == "features" and self.eigenvalues is not None:
+            arrays["gram_eigenvalues"] = Array(self.eigenvalues, "feature Gram eigenvalues = nonzero spectrum of G, "
+                                               "descending", EIGEN_UNITS)
+        if self.slq is not None:
+            nodes, weights, residuals = self.slq.padded()
+            arrays["slq_nodes"] = Array(nodes, "SLQ nodes on the deflated Hessian, one row per probe, NaN-padded",
+                                        EIGEN_UNITS, json_values=self.slq.nodes)
+            arrays["slq_weights"] = Array(weights, "SLQ weights, rows sum to 1, 0-padded", None,
+                                          json_values=self.slq.weights)
+            arrays["slq_residuals"] = Array(residuals, "SLQ node residuals, NaN-padded", EIGEN_UNITS,
+                                            json_values=self.slq.residuals)
+        return Record(attrs, arrays)
 
 
 def _thresholds(lambda_max: float, rtols: Sequence[float], atol: float) -> list[tuple[float, float]]:
@@ -429,6 +480,7 @@ def nullity(
     Raises:
         InputError: a bad option, or a dense method asked for that does not fit in memory.
     """
+    method_asked = method
     if method not in NULLITY_METHODS:
         raise InputError(f"unknown method={method!r}: use one of {', '.join(NULLITY_METHODS)}")
     _thresholds(0.0, rtols, atol)
@@ -460,5 +512,7 @@ def nullity(
                           num_probes=num_probes, num_steps=num_steps, seed=seed, dtype=dtype, callback=callback)
     if why:
         res.notes.insert(0, why)
+    res.method_asked, res.rtols, res.atol = method_asked, [float(r) for r in rtols], float(atol)
+    res.hvp_route = getattr(problem, "hvp_route", None)
     return res
 
