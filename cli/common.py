@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -276,6 +277,27 @@ def print_json(obj: Any) -> None:
     """One JSON object on stdout (full precision, non-finite as null); only on rank 0."""
     if is_main_process():
         click.echo(json.dumps(jsonable(obj), allow_nan=False))
+
+
+@contextmanager
+def flag_names(**flags: str) -> Iterator[None]:
+    """Name the command's flag in a library error about one of its parameters.
+
+    Library messages name parameters (``num_probes must be ≥ 2 ...``); inside this context an
+    :class:`~basins.errors.InputError` whose message begins with a parameter in ``flags``
+    (optionally after ``unknown``) is raised again, same type, as ``"--probes: num_probes must
+    be ≥ 2 ..."``. Example: ``with flag_names(num_probes="--probes"): nullity(...)``.
+    """
+    from basins.errors import InputError
+
+    try:
+        yield
+    except InputError as exc:
+        msg = str(exc)
+        for param, flag in flags.items():
+            if re.match(rf"(unknown )?{re.escape(param)}\b", msg):
+                raise type(exc)(f"{flag}: {msg}") from exc
+        raise
 
 
 def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: Record, *, warnings: list[str],

@@ -19,6 +19,7 @@ from .common import (
     Timer,
     argv,
     emit,
+    flag_names,
     fmt,
     load_problem,
     output_options,
@@ -68,9 +69,10 @@ def features(**kw: Any) -> None:
         loaded = load_problem(kw, log)
     problem = loaded.problem
     with Timer() as t, progress_bar(log, "feature Gram", total=problem.num_examples) as update:
-        result = feature_analysis(problem, rtols=rtols, atol=kw["atol"], route=kw["route"],
-                                  top_vectors=kw["top_vectors"], gn_probes=kw["gn_probes"], seed=loaded.seed,
-                                  callback=update)
+        with flag_names(rtols="--rtol", atol="--atol", top_vectors="--top", gn_probes="--gn-probes"):
+            result = feature_analysis(problem, rtols=rtols, atol=kw["atol"], route=kw["route"],
+                                      top_vectors=kw["top_vectors"], gn_probes=kw["gn_probes"], seed=loaded.seed,
+                                      callback=update)
     fg = result.gram
     for note in fg.notes:
         log.print(f"note: {note}")

@@ -19,6 +19,7 @@ from .common import (
     Timer,
     argv,
     emit,
+    flag_names,
     fmt,
     load_problem,
     output_options,
@@ -82,11 +83,13 @@ def hessian(**kw: Any) -> None:
     k = kw["top_k"]
 
     with Timer() as t, progress_bar(log, f"Lanczos ({kw['which']} {k})", total=kw["max_hvps"]) as on_progress:
-        result = hessian_eigenvalues(
-            problem, k=k, which=kw["which"], tol=kw["tol"], max_hvps=kw["max_hvps"], block_size=kw["block_size"],
-            eigenvectors=kw["eigenvectors"] and bool(kw["output"]), trace=kw["trace"],
-            trace_method=kw["trace_method"], trace_hvps=kw["trace_hvps"], seed=loaded.seed, callback=on_progress,
-        )
+        with flag_names(k="--top-k", which="--which", tol="--tol", max_hvps="--max-hvps",
+                        block_size="--block-size", trace_method="--trace-method", trace_hvps="--trace-hvps"):
+            result = hessian_eigenvalues(
+                problem, k=k, which=kw["which"], tol=kw["tol"], max_hvps=kw["max_hvps"], block_size=kw["block_size"],
+                eigenvectors=kw["eigenvectors"] and bool(kw["output"]), trace=kw["trace"],
+                trace_method=kw["trace_method"], trace_hvps=kw["trace_hvps"], seed=loaded.seed, callback=on_progress,
+            )
 
     warnings = list(loaded.warnings)
     if result.is_saddle:

@@ -19,6 +19,7 @@ from .common import (
     Timer,
     argv,
     emit,
+    flag_names,
     fmt,
     load_problem,
     output_options,
@@ -66,11 +67,13 @@ def nullity(**kw: Any) -> None:
     problem = loaded.problem
 
     with Timer() as t, progress_bar(log, f"nullity ({kw['method']})") as update:
-        result = count_nullity(
-            problem, method=kw["method"], rtols=rtols, atol=kw["atol"], seed=loaded.seed, num_probes=kw["probes"],
-            num_steps=kw["steps"], deflate=kw["deflate"],
-            callback=update,
-        )
+        with flag_names(method="--method", rtols="--rtol", atol="--atol", num_probes="--probes",
+                        num_steps="--steps", deflate="--deflate"):
+            result = count_nullity(
+                problem, method=kw["method"], rtols=rtols, atol=kw["atol"], seed=loaded.seed, num_probes=kw["probes"],
+                num_steps=kw["steps"], deflate=kw["deflate"],
+                callback=update,
+            )
     for note in result.notes:
         log.print(f"note: {note}")
     log.print(f"method {result.method}: {result.num_hvps} HVPs in {t.seconds:.2f} s")

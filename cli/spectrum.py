@@ -22,6 +22,7 @@ from .common import (
     Timer,
     argv,
     emit,
+    flag_names,
     fmt,
     is_main_process,
     load_problem,
@@ -73,8 +74,10 @@ def spectrum(**kw: Any) -> None:
     problem = loaded.problem
     total = kw["probes"] * min(kw["steps"], problem.num_params)
     with Timer() as t, progress_bar(log, f"SLQ ({kw['probes']} probes)", total=total) as update:
-        result = hessian_spectrum(problem, num_probes=kw["probes"], num_steps=kw["steps"], seed=loaded.seed,
-                                  scale=kw["scale"], sigma=kw["sigma"], num_points=kw["points"], callback=update)
+        with flag_names(num_probes="--probes", num_steps="--steps", scale="--scale", sigma="--sigma",
+                        num_points="--points"):
+            result = hessian_spectrum(problem, num_probes=kw["probes"], num_steps=kw["steps"], seed=loaded.seed,
+                                      scale=kw["scale"], sigma=kw["sigma"], num_points=kw["points"], callback=update)
     log.print(f"{result.slq.num_matvecs} HVPs in {t.seconds:.2f} s")
     if kw["plot_path"] and is_main_process():
         plot_density(result.density, kw["plot_path"],
