@@ -9,10 +9,11 @@ every layer may use it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Array", "Record", "EIGEN_UNITS"]
+__all__ = ["Array", "Record", "EIGEN_UNITS", "plain"]
 
 #: Units of Hessian eigenvalues (and of its trace): the loss's units per parameter unit squared.
 EIGEN_UNITS = "loss / parameter²"
@@ -72,3 +73,26 @@ class Record:
         return {"attrs": dict(self.attrs),
                 "datasets": {n: {"values": a.values, "description": a.description, "units": a.units}
                              for n, a in self.arrays.items()}}
+
+
+def plain(obj: Any) -> Any:
+    """``obj`` as JSON types: tensors and arrays to (nested) lists, dataclasses to dicts, numpy
+    scalars to Python numbers, non-finite floats to None, anything else to ``str``. The one
+    conversion behind report attributes of nested values and ``--json``."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "detach"):
+        obj = obj.detach().cpu().numpy()
+    if hasattr(obj, "tolist") and not isinstance(obj, (list, tuple)):
+        return plain(obj.tolist())
+    if hasattr(obj, "__dataclass_fields__"):
+        return plain(asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return str(obj)

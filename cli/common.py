@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -34,7 +34,7 @@ from rich.progress import (
 )
 
 from basins.progress import Progress, ProgressCallback
-from basins.record import Record
+from basins.record import Record, plain
 
 #: A point whose gradient norm exceeds this (loss units per unit of θ) gets a warning.
 CRITICAL_GRAD_TOL = 1e-3
@@ -253,24 +253,8 @@ def progress_bar(log: Console, description: str, total: int | None = None) -> It
 
 
 def jsonable(obj: Any) -> Any:
-    """Convert tensors/arrays/dataclasses to JSON types; non-finite floats to None."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "detach"):
-        obj = obj.detach().cpu().numpy()
-    if hasattr(obj, "tolist") and not isinstance(obj, (list, tuple)):
-        return jsonable(obj.tolist())
-    if hasattr(obj, "__dataclass_fields__"):
-        return jsonable(asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return str(obj)
+    """JSON types for ``obj`` (:func:`basins.record.plain`); non-finite floats become None."""
+    return plain(obj)
 
 
 def print_json(obj: Any) -> None:
@@ -302,14 +286,17 @@ def flag_names(**flags: str) -> Iterator[None]:
 
 def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: Record, *, warnings: list[str],
          tables: Callable[[dict[str, Any], dict[str, Any]], list[Any]] | None = None,
-         subgroup_attrs: dict[str, dict[str, Any]] | None = None, extra_json: dict[str, Any] | None = None) -> None:
+         subgroup_attrs: dict[str, dict[str, Any]] | None = None, extra_json: dict[str, Any] | None = None,
+         also: dict[str, Record] | None = None) -> None:
     """The one way a command hands its result on: ``record`` to the report (``-o``, group
-    ``group``) and to stdout, as one JSON object with ``--json`` (:func:`record_json`) or as the
-    group's ``summary_tables`` (``tables``) otherwise."""
+    ``group``, then the groups in ``also``) and to stdout, as one JSON object with ``--json``
+    (:func:`record_json`) or as the group's ``summary_tables`` (``tables``) otherwise."""
     if kw.get("output"):
         write_report(kw["output"], loaded.record, group, record.attrs, record.arrays,
                      subgroup_attrs=subgroup_attrs, force=kw.get("force", False))
-        log.print(f"wrote /{group} to {kw['output']}")
+        for name, extra in (also or {}).items():
+            write_report(kw["output"], loaded.record, name, extra.attrs, extra.arrays, force=kw.get("force", False))
+        log.print(f"wrote {' and '.join('/' + g for g in [group, *(also or {})])} to {kw['output']}")
     if kw.get("as_json"):
         print_json(record_json(loaded, record, warnings=warnings, report=kw.get("output"), **(extra_json or {})))
     elif tables is not None:

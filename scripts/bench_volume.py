@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from basins import Problem
-from basins.analyses.volume.probe import ProblemCriterion, probe_problem
+from basins.analyses.volume.criterion import ProblemCriterion
+from basins.analyses.volume.probe import probe_problem
 
 
 def example_bundle(path: str | None) -> str:
