@@ -19,6 +19,9 @@ vectors, so no "ghost" copies of converged eigenvalues distort the weights; coef
 the tridiagonal eigenproblem in float64; the probes of a block advance together, one block
 matvec (``n_probes`` vectors, one data pass) per step. Raw nodes and weights are kept so a
 density can be re-smoothed with no new matvecs (:func:`spectral_density`).
+
+Length: about 460 lines: the Gauss rules and the density they define are one job (README,
+"Architecture"); the Student-t quantile at the end serves the density's band.
 """
 
 from __future__ import annotations
