@@ -213,8 +213,8 @@ def feature_gram(
         one dense eigendecomposition of size ``min(nk, P)``, ``gn_probes`` HVPs.
 
     Raises:
-        InputError: bad options; K (or G) would not fit ``memory_bytes`` (use ``--method
-            slq`` or ``--max-samples``); a loss that is not a mean of per-example terms;
+        InputError: bad options; K (or G) would not fit ``memory_bytes`` (use the nullity
+            method ``slq`` or fewer examples); a loss that is not a mean of per-example terms;
             route ``gram`` or ``top_vectors`` with data split across processes.
     """
     if route not in FEATURE_ROUTES:
@@ -229,8 +229,8 @@ def feature_gram(
         # then G is all-reduced; the (n·k)² Gram matrix and per-example loadings would need every row
         if route == "gram" or top_vectors:
             raise InputError("with data split across processes (torchrun) the features route is 'outer' and "
-                             "per-example loadings (--top) are not available; drop --route gram / --top, or run "
-                             "in one process")
+                             "per-example loadings (top_vectors) are not available; use route='outer' and top_vectors=0, "
+                             "or run in one process")
         route = "outer"
     P, n = int(problem.num_params), int(problem.num_examples)
     k = outputs_per_example(problem)
@@ -240,8 +240,8 @@ def feature_gram(
     if need > budget:
         raise InputError(
             f"the feature Gram matrix needs {need / 2**30:.1f} GiB ({'(n·k)² with n·k' if route == 'gram' else 'P² with P'} "
-            f"= {M if route == 'gram' else P:,}) but the budget is {budget / 2**30:.1f} GiB; use --method slq, or fewer "
-            "examples (--max-samples)"
+            f"= {M if route == 'gram' else P:,}) but the budget is {budget / 2**30:.1f} GiB; raise memory_bytes, or use the nullity "
+            "method 'slq', or fewer examples"
         )
     notes: list[str] = []
     check_separable(problem)
@@ -290,7 +290,7 @@ def feature_gram(
     mu_max = max(float(mu[0]), 0.0)
     if mu_max == 0:
         notes.append(f"the loss {problem.loss_name!r} has zero curvature in the model's outputs, so G = 0 "
-                     "(for nll on log-probabilities, use cross-entropy on logits); use --method exact or slq")
+                     "(for nll on log-probabilities, use cross-entropy on logits); use the nullity method 'exact' or 'slq'")
 
     eps = torch.finfo(problem.dtype).eps
     sigma_noise = _NOISE_FACTOR * math.sqrt(max(M, P)) * eps * math.sqrt(mu_max)

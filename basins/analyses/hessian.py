@@ -12,8 +12,8 @@ Error bars: each Ritz value θⱼ comes with the residual norm ``rⱼ = ‖H y�
 the HVPs themselves.
 
 Known limitation: the residual bound locates *an* eigenvalue near each Ritz value, not the
-k-th one; a cluster that Lanczos has not yet split can hide eigenvalues (raise ``--tol``
-strictness or the budget; full reorthogonalisation keeps ghosts out).
+k-th one; a cluster that Lanczos has not yet split can hide eigenvalues (tighten ``tol``
+or raise the budget; full reorthogonalisation keeps ghosts out).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from basins.linalg.operator import Operator
 from basins.progress import Progress, ProgressCallback
 from basins.record import EIGEN_UNITS, Array, Record
 
-__all__ = ["HessianResult", "hessian_eigenvalues", "WHICH", "TRACE_METHODS", "SADDLE_FLOOR_EPS"]
+__all__ = ["HessianEnd", "HessianResult", "hessian_eigenvalues", "WHICH", "TRACE_METHODS", "SADDLE_FLOOR_EPS"]
 
 WHICH = ("top", "bottom", "both")
 TRACE_METHODS = ("hutch++", "hutchinson")
@@ -40,19 +40,30 @@ SADDLE_FLOOR_EPS = 100.0
 
 
 @dataclass
+class HessianEnd:
+    """Ritz pairs at one end of the spectrum, on the CPU.
+
+    Attributes:
+        eigenvalues: ``(k,)`` float64, loss/θ² units; descending at the top, ascending at the bottom.
+        residuals: ``(k,)`` float64 residual norms: an eigenvalue of H lies within each.
+        converged: ``(k,)`` bool, ``residual ≤ tol·max|θ|`` (max over all Ritz values, ≈ ‖H‖).
+        eigenvectors: ``(P, k)`` unit Ritz vectors (problem dtype) when asked, else None.
+    """
+
+    eigenvalues: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    eigenvectors: torch.Tensor | None = None
+
+
+@dataclass
 class HessianResult:
     """Eigenvalues (with residual bounds) and trace of the Hessian at θ*.
 
     Attributes:
         which: ``"top"``, ``"bottom"`` or ``"both"``.
-        eigenvalues: ``(k,)`` float64, loss/θ² units. Top (descending) for ``top``/``both``;
-            bottom (ascending) for ``bottom``.
-        residuals: ``(k,)`` float64 residual norms: an eigenvalue of H lies within each.
-        converged: ``(k,)`` bool, ``residual ≤ tol·max|θ|`` (max over all Ritz values, ≈ ‖H‖).
-        bottom_eigenvalues, bottom_residuals, bottom_converged: the bottom end (ascending)
-            for ``which="both"``, else None.
-        eigenvectors: ``(P, k)`` unit Ritz vectors (problem dtype, CPU) when asked, else None.
-        bottom_eigenvectors: the same for the bottom end of ``both``.
+        top: the top end (:class:`HessianEnd`) for ``top``/``both``, else None.
+        bottom: the bottom end for ``bottom``/``both``, else None.
         trace, trace_stderr, trace_method: the trace estimate and its standard error, when asked.
         num_hvps: all HVPs spent (Lanczos + trace).
         num_lanczos_hvps, num_trace_hvps, num_restarts: the split and Lanczos restarts.
@@ -66,14 +77,8 @@ class HessianResult:
     """
 
     which: str
-    eigenvalues: torch.Tensor
-    residuals: torch.Tensor
-    converged: torch.Tensor
-    bottom_eigenvalues: torch.Tensor | None
-    bottom_residuals: torch.Tensor | None
-    bottom_converged: torch.Tensor | None
-    eigenvectors: torch.Tensor | None
-    bottom_eigenvectors: torch.Tensor | None
+    top: HessianEnd | None
+    bottom: HessianEnd | None
     trace: float | None
     trace_stderr: float | None
     trace_method: str | None
@@ -91,8 +96,49 @@ class HessianResult:
     trace_hvps: int | None = None
     hvp_route: str | None = None
 
+    @property
+    def ends(self) -> list[HessianEnd]:
+        """The ends computed: top first."""
+        return [e for e in (self.top, self.bottom) if e is not None]
+
+    @property
+    def all_converged(self) -> bool:
+        """Whether every wanted eigenvalue (both ends) converged."""
+        return all(bool(e.converged.all()) for e in self.ends)
+
+    @property
+    def num_converged(self) -> int:
+        return sum(int(e.converged.sum()) for e in self.ends)
+
+    @property
+    def num_wanted(self) -> int:
+        return sum(int(e.converged.numel()) for e in self.ends)
+
+    @property
+    def lambda_max(self) -> float | None:
+        """The largest eigenvalue found (None if only the bottom end was computed)."""
+        return float(self.top.eigenvalues[0]) if self.top is not None and self.top.eigenvalues.numel() else None
+
+    @property
+    def lambda_min(self) -> float | None:
+        """The smallest eigenvalue found (None if only the top end was computed)."""
+        b = self.bottom
+        return float(b.eigenvalues[0]) if b is not None and b.eigenvalues.numel() else None
+
+    def most_negative(self) -> tuple[float, float]:
+        """The smallest Ritz value found and its residual (of the bottom end where computed)."""
+        end = self.bottom or self.top
+        assert end is not None
+        i = int(end.eigenvalues.argmin())
+        return float(end.eigenvalues[i]), float(end.residuals[i])
+
     def record(self) -> Record:
-        """The report group ``/hessian`` and the ``--json`` keys (README, "Architecture")."""
+        """The report group ``/hessian`` and the ``--json`` keys (README, "Architecture").
+
+        Keys: ``eigenvalues``/``residuals``/``converged`` (and ``eigenvectors``, report only)
+        hold the top end, or the bottom end for ``which="bottom"``; ``which="both"`` adds the
+        bottom end as ``bottom_*``.
+        """
         attrs: dict[str, Any] = {
             "method": "Lanczos, full reorthogonalisation, float64 tridiagonal, thick restart",
             "which": self.which, "top_k": self.top_k, "tol": self.tol, "max_hvps": self.max_hvps,
@@ -106,67 +152,29 @@ class HessianResult:
             "num_trace_hvps": self.num_trace_hvps, "num_restarts": self.num_restarts,
             "num_loss_evals": 0, "hvp_route": self.hvp_route,
         }
-        end = "bottom (ascending)" if self.which == "bottom" else "top (descending)"
         conv = "residual ≤ tol·max|λ| (max over all Ritz values)"
+        main = self.bottom if self.which == "bottom" else self.top
+        assert main is not None
+        end = "bottom (ascending)" if self.which == "bottom" else "top (descending)"
         arrays = {
-            "eigenvalues": Array(self.eigenvalues, f"Ritz values, {end}", EIGEN_UNITS),
-            "residuals": Array(self.residuals, "residual norms ‖Hy − λy‖: an eigenvalue lies within λ ± r", EIGEN_UNITS),
-            "converged": Array(self.converged.numpy(), conv, None),
+            "eigenvalues": Array(main.eigenvalues, f"Ritz values, {end}", EIGEN_UNITS),
+            "residuals": Array(main.residuals, "residual norms ‖Hy − λy‖: an eigenvalue lies within λ ± r", EIGEN_UNITS),
+            "converged": Array(main.converged.numpy(), conv, None),
         }
-        if self.which == "both":
-            assert self.bottom_eigenvalues is not None and self.bottom_residuals is not None
-            assert self.bottom_converged is not None
-            arrays.update({
-                "bottom_eigenvalues": Array(self.bottom_eigenvalues, "Ritz values, bottom (ascending)", EIGEN_UNITS),
-                "bottom_residuals": Array(self.bottom_residuals, "residual norms of the bottom Ritz values", EIGEN_UNITS),
-                "bottom_converged": Array(self.bottom_converged.numpy(), conv, None),
-            })
-        if self.eigenvectors is not None:
-            arrays["eigenvectors"] = Array(self.eigenvectors.float(), "unit Ritz vectors (P, k), columns as "
+        if main.eigenvectors is not None:
+            arrays["eigenvectors"] = Array(main.eigenvectors.float(), "unit Ritz vectors (P, k), columns as "
                                            "eigenvalues, float32", None, in_json=False)
-        if self.bottom_eigenvectors is not None:
-            arrays["bottom_eigenvectors"] = Array(self.bottom_eigenvectors.float(), "unit Ritz vectors of the bottom "
-                                                  "end (P, k), float32", None, in_json=False)
+        if self.which == "both" and self.bottom is not None:
+            b = self.bottom
+            arrays.update({
+                "bottom_eigenvalues": Array(b.eigenvalues, "Ritz values, bottom (ascending)", EIGEN_UNITS),
+                "bottom_residuals": Array(b.residuals, "residual norms of the bottom Ritz values", EIGEN_UNITS),
+                "bottom_converged": Array(b.converged.numpy(), conv, None),
+            })
+            if b.eigenvectors is not None:
+                arrays["bottom_eigenvectors"] = Array(b.eigenvectors.float(), "unit Ritz vectors of the bottom "
+                                                      "end (P, k), float32", None, in_json=False)
         return Record(attrs, arrays)
-
-    def most_negative(self) -> tuple[float, float]:
-        """The smallest Ritz value found and its residual (of the bottom end where computed)."""
-        vals, res = self.eigenvalues, self.residuals
-        if self.which == "both" and self.bottom_eigenvalues is not None and self.bottom_residuals is not None:
-            vals, res = self.bottom_eigenvalues, self.bottom_residuals
-        i = int(vals.argmin())
-        return float(vals[i]), float(res[i])
-
-    @property
-    def all_converged(self) -> bool:
-        """Whether every wanted eigenvalue (both ends) converged."""
-        ok = bool(self.converged.all())
-        if self.bottom_converged is not None:
-            ok = ok and bool(self.bottom_converged.all())
-        return ok
-
-    @property
-    def num_converged(self) -> int:
-        n = int(self.converged.sum())
-        return n + (int(self.bottom_converged.sum()) if self.bottom_converged is not None else 0)
-
-    @property
-    def num_wanted(self) -> int:
-        return int(self.converged.numel()) + (int(self.bottom_converged.numel()) if self.bottom_converged is not None else 0)
-
-    @property
-    def lambda_max(self) -> float | None:
-        """The largest eigenvalue found (None if only the bottom end was computed)."""
-        return float(self.eigenvalues[0]) if self.which != "bottom" and self.eigenvalues.numel() else None
-
-    @property
-    def lambda_min(self) -> float | None:
-        """The smallest eigenvalue found (None if only the top end was computed)."""
-        if self.which == "both" and self.bottom_eigenvalues is not None and self.bottom_eigenvalues.numel():
-            return float(self.bottom_eigenvalues[0])
-        if self.which == "bottom" and self.eigenvalues.numel():
-            return float(self.eigenvalues[0])
-        return None
 
 
 def hessian_eigenvalues(
@@ -264,47 +272,33 @@ def hessian_eigenvalues(
             return out
 
         estimator = hutchpp if trace_method == "hutch++" else hutchinson
-        est = estimator(Operator(counted, P, problem.dtype, problem.device), num_matvecs=trace_hvps, dtype=problem.dtype, device=problem.device, seed=seed)
+        est = estimator(Operator(counted, P, problem.dtype, problem.device), num_matvecs=trace_hvps,
+                        dtype=problem.dtype, device=problem.device, seed=seed)
         tr, tr_se, num_trace = float(est.estimate), float(est.stderr), int(est.num_matvecs)
 
-    ritz = [top[0], top[1]] if which != "bottom" else []
-    if bottom is not None:
-        ritz += [bottom[0], bottom[1]]
+    ends = [e for e in (top, bottom) if e is not None]
     scale = float((lres.top if which == "both" else lres).scale)  # max |Ritz value| of the run
     floor = SADDLE_FLOOR_EPS * torch.finfo(problem.dtype).eps * scale
-    certified_negative = any(bool(((vals + res) < -floor).any()) for vals, res in zip(ritz[::2], ritz[1::2]))
+    certified_negative = any(bool(((e.eigenvalues + e.residuals) < -floor).any()) for e in ends)
     is_saddle: bool | None = True if certified_negative else (False if which != "top" else None)
-
-    main = bottom if which == "bottom" else top
-    assert main is not None
     return HessianResult(
-        which=which,
-        eigenvalues=main[0], residuals=main[1], converged=main[2],
-        bottom_eigenvalues=bottom[0] if which == "both" and bottom is not None else None,
-        bottom_residuals=bottom[1] if which == "both" and bottom is not None else None,
-        bottom_converged=bottom[2] if which == "both" and bottom is not None else None,
-        eigenvectors=main[3],
-        bottom_eigenvectors=bottom[3] if which == "both" and bottom is not None else None,
+        which=which, top=top, bottom=bottom,
         trace=tr, trace_stderr=tr_se, trace_method=trace_method if trace else None,
         num_hvps=num_lanczos + num_trace, num_lanczos_hvps=num_lanczos, num_trace_hvps=num_trace,
-        num_restarts=int((lres.top if which == "both" else lres).num_restarts), is_saddle=is_saddle, saddle_floor=floor, tol=tol,
-        top_k=k, max_hvps=max_hvps, block_size=block_size, seed=seed, trace_hvps=trace_hvps if trace else None,
-        hvp_route=getattr(problem, "hvp_route", None),
+        num_restarts=int((lres.top if which == "both" else lres).num_restarts), is_saddle=is_saddle,
+        saddle_floor=floor, tol=tol, top_k=k, max_hvps=max_hvps, block_size=block_size, seed=seed,
+        trace_hvps=trace_hvps if trace else None, hvp_route=getattr(problem, "hvp_route", None),
     )
 
 
-_End = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+def _split_ends(lres: Any, which: str) -> tuple[HessianEnd | None, HessianEnd | None]:
+    """(top, bottom) ends of a Lanczos result on the CPU (None where not computed)."""
 
-
-def _split_ends(lres: Any, which: str) -> tuple[_End, _End | None]:
-    """(top, bottom) ends of a Lanczos result as (values, residuals, converged, vectors) on the CPU."""
-
-    def end(r: Any) -> _End:
+    def end(r: Any) -> HessianEnd:
         vecs = r.eigenvectors.cpu() if r.eigenvectors is not None else None
-        return (r.eigenvalues.to("cpu", torch.float64), r.residuals.to("cpu", torch.float64),
-                r.converged.to("cpu", torch.bool), vecs)
+        return HessianEnd(r.eigenvalues.to("cpu", torch.float64), r.residuals.to("cpu", torch.float64),
+                          r.converged.to("cpu", torch.bool), vecs)
 
     if which == "both":
         return end(lres.top), end(lres.bottom)
-    e = end(lres)
-    return (e, None) if which == "top" else (e, e)
+    return (end(lres), None) if which == "top" else (None, end(lres))

@@ -50,7 +50,7 @@ def check_separable(problem: Problem) -> None:
     if not math.isclose(whole, parts, rel_tol=1e-8, abs_tol=1e-12):
         raise InputError(
             f"the loss {problem.loss_name!r} is not a mean of per-example terms (mean of one-example losses "
-            f"{parts!r} ≠ loss of the batch {whole!r}); the feature Gram matrix needs one: use --method exact or slq"
+            f"{parts!r} ≠ loss of the batch {whole!r}); the feature Gram matrix needs one: use the nullity method 'exact' or 'slq'"
         )
 
 
