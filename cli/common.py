@@ -291,17 +291,20 @@ def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: R
     """The one way a command hands its result on: ``record`` to the report (``-o``, group
     ``group``, then the groups in ``also``) and to stdout, as one JSON object with ``--json``
     (:func:`record_json`) or as the group's ``summary_tables`` (``tables``) otherwise."""
-    if kw.get("output"):
-        write_report(kw["output"], loaded.record, group, record.attrs, record.arrays,
+    if kw.get("output"):  # a report group also records the command line (not --json: it is the caller's)
+        write_report(kw["output"], loaded.record, group, {**record.attrs, "argv": argv()}, record.arrays,
                      subgroup_attrs=subgroup_attrs, force=kw.get("force", False))
         for name, extra in (also or {}).items():
-            write_report(kw["output"], loaded.record, name, extra.attrs, extra.arrays, force=kw.get("force", False))
+            write_report(kw["output"], loaded.record, name, {**extra.attrs, "argv": argv()}, extra.arrays,
+                         force=kw.get("force", False))
         log.print(f"wrote {' and '.join('/' + g for g in [group, *(also or {})])} to {kw['output']}")
     if kw.get("as_json"):
         print_json(record_json(loaded, record, warnings=warnings, report=kw.get("output"), **(extra_json or {})))
     elif tables is not None:
         console = stdout_console()
-        for table in tables(record.as_analysis(), loaded.record):
+        analysis = record.as_analysis()
+        analysis["attrs"]["argv"] = argv()
+        for table in tables(analysis, loaded.record):
             console.print(table)
 
 

@@ -17,7 +17,6 @@ from basins.record import EIGEN_UNITS
 
 from .common import (
     Timer,
-    argv,
     emit,
     flag_names,
     fmt,
@@ -79,7 +78,7 @@ def features(**kw: Any) -> None:
     log.print(f"{fg.num_vjps:,} Jacobian rows ({fg.jacobian_mode}, route {fg.route}) and {fg.num_hvps} HVPs "
               f"in {t.seconds:.2f} s")
     record = result.record()
-    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds, argv=argv())
+    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
 
     def tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
         out = summary_tables(analysis, problem)

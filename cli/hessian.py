@@ -17,7 +17,6 @@ from basins.record import EIGEN_UNITS
 
 from .common import (
     Timer,
-    argv,
     emit,
     flag_names,
     fmt,
@@ -107,7 +106,7 @@ def hessian(**kw: Any) -> None:
     log.print(f"{result.num_hvps} HVPs in {t.seconds:.2f} s")
 
     record = result.record()
-    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds, argv=argv())
+    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
     emit(kw, log, loaded, "hessian", record, warnings=warnings, tables=summary_tables)
 
     if kw["strict"] and not result.all_converged:

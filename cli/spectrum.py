@@ -20,7 +20,6 @@ from basins.record import EIGEN_UNITS
 
 from .common import (
     Timer,
-    argv,
     emit,
     flag_names,
     fmt,
@@ -84,7 +83,7 @@ def spectrum(**kw: Any) -> None:
                      title=f"Hessian spectral density ({result.slq.num_probes} probes × {result.slq.num_steps} steps)")
         log.print(f"wrote {kw['plot_path']}")
     record = result.record()
-    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds, argv=argv())
+    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
     emit(kw, log, loaded, "spectrum", record, warnings=list(loaded.warnings), tables=summary_tables,
          extra_json={"plot": kw["plot_path"]})
 

@@ -15,7 +15,6 @@ from rich.table import Table
 
 from .common import (
     Timer,
-    argv,
     emit,
     fmt,
     is_main_process,
@@ -114,7 +113,7 @@ def volume(**kw: Any) -> None:
     for note in result.notes:
         log.print(f"note: {note}")
 
-    timing = {"argv": argv(), "wall_seconds": t.seconds, "setup_seconds": setup.seconds}
+    timing = {"wall_seconds": t.seconds, "setup_seconds": setup.seconds}
     record = result.record()
     record.attrs.update(timing)
     walls = result.walls_record()

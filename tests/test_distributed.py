@@ -302,6 +302,7 @@ def test_route_agreement_picks_fastest_on_the_slowest_rank_among_common_routes(m
 def test_cli_output_is_rank_zero_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     from basins.cli import common
+    from basins.progress import Progress
 
     for k, v in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(k, v)
@@ -310,7 +311,7 @@ def test_cli_output_is_rank_zero_only(monkeypatch: pytest.MonkeyPatch, tmp_path:
     common.stdout_console().print("table")
     common.stderr_console(False).print("log")
     with common.progress_bar(common.stderr_console(False), "x", total=3) as update:
-        update(1, info="y")
+        update(Progress("x", 1, 3, info="y"))
     report = tmp_path / "r.h5"
     common.write_report(str(report), {"model_sha256": "a", "data_sha256": "b"}, "hessian", {"k": 1})
     out = capsys.readouterr()
