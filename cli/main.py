@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "nullity": ("nullity", "nullity", "Count near-zero Hessian eigenvalues (flat directions)."),
     "features": ("features", "features", "Feature Gram (NTK) spectrum and rank of the output Jacobian."),
     "volume": ("volume", "volume", "Basin volume and wall shape by random probing."),
+    "llc": ("llc", "llc", "Local learning coefficient by SGLD (singular learning theory)."),
+    "evidence": ("evidence", "evidence", "Laplace log evidence (Occam factor) around the minimum."),
     "summary": ("summary", "summary", "Show one or more reports as tables, JSON or CSV."),
 }
 

@@ -137,6 +137,8 @@ RENDERERS: dict[str, str] = {
     "features": "features",
     "volume": "volume",
     "walls": "volume",  # written by ``basins volume --walls``
+    "llc": "llc",
+    "evidence": "evidence",
 }
 
 
@@ -251,7 +253,57 @@ def _report_tables(d: dict[str, Any], log: Console) -> list[RenderableType]:
     for name, g in d["analyses"].items():
         tables = _call(_renderer(name, "summary_tables", log), name, log, g, d["problem"])
         items += list(tables) if tables is not None else generic_tables(name, g)
+    views = basin_views(d, log)
+    if views is not None:
+        items.append(views)
     return items
+
+
+def basin_views(d: dict[str, Any], log: Console) -> Table | None:
+    """The four basin-size views of one report side by side (nullity, probed log-volume, LLC,
+    log evidence), when at least two are present, with a note where they disagree: an LLC
+    well below P/2 says the basin is singular, which a nullity count of 0 contradicts."""
+    an = d["analyses"]
+    present = [g for g in ("nullity", "volume", "llc", "evidence") if g in an]
+    if len(present) < 2:
+        return None
+    t = Table(title="basin size, four views", title_justify="left")
+    for col in ("view", "value", "reads as"):
+        t.add_column(col)
+    P = d["problem"].get("num_params")
+    flat = None
+    if "nullity" in an:
+        row = _call(_renderer("nullity", "summary_row", log), "nullity", log, an["nullity"]) or {}
+        cells = [f"{k} {v}" for k, v in row.items() if k.startswith("flat@")]
+        counts = an["nullity"].get("attrs", {}).get("counts")
+        if isinstance(counts, str):
+            counts = json.loads(counts)
+        if isinstance(counts, list) and counts and isinstance(counts[-1].get("count"), (int, float)):
+            flat = float(counts[-1]["count"])
+        t.add_row("nullity", "; ".join(cells) or "-", "flat directions (Hessian)")
+    if "volume" in an:
+        row = _call(_renderer("volume", "summary_row", log), "volume", log, an["volume"]) or {}
+        cells = [f"{k} {v}" for k, v in row.items() if k.startswith("log V")]
+        t.add_row("probed log-volume", "; ".join(cells) or "-", "nats, larger = broader")
+    lam = None
+    if "llc" in an:
+        a = an["llc"].get("attrs", {})
+        lam = a.get("llc") if isinstance(a.get("llc"), (int, float)) else None
+        half = f" vs P/2 = {P / 2:g}" if isinstance(P, int) else ""
+        t.add_row("LLC λ̂", (_call(_renderer("llc", "summary_row", log), "llc", log, an["llc"]) or {}).get("LLC", "-")
+                  + half, "effective dimension/2, smaller = more degenerate")
+    if "evidence" in an:
+        t.add_row("log evidence", (_call(_renderer("evidence", "summary_row", log), "evidence", log, an["evidence"])
+                                   or {}).get("log evidence", "-"), "nats, Occam factor included")
+    if isinstance(P, int) and lam is not None and flat is not None:
+        reg = lam >= 0.9 * P / 2
+        if reg and flat > 0.1 * P:
+            t.caption = f"disagree: LLC ≈ P/2 (regular) but nullity counts {flat:g} flat directions"
+        elif not reg and flat == 0:
+            t.caption = "disagree: LLC < 0.9·P/2 (singular) but nullity counts no flat direction"
+        else:
+            t.caption = "LLC and nullity agree on whether the basin is degenerate"
+    return t
 
 
 # ---------------------------------------------------------------------- several reports

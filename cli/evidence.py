@@ -1,0 +1,104 @@
+"""``basins evidence MODEL``: the Laplace log evidence around θ* (MacKay 1992; Bishop PRML §3.5).
+
+Also the renderers ``basins summary`` uses for a report's ``/evidence`` group.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+from rich.console import RenderableType
+from rich.table import Table
+
+from .common import Timer, emit, flag_names, fmt, load_problem, output_options, problem_options, progress_bar, stderr_console
+
+
+@click.command()
+@problem_options
+@click.option("--prior-precision", default="auto", show_default=True,
+              help="δ of the prior N(0, δ⁻¹I), or auto (maximise the evidence over δ).")
+@click.option("--noise-std", type=click.FloatRange(min=0, min_open=True),
+              help="mse: Gaussian noise σ (default: estimated from the residual, σ² = L(w*)).")
+@click.option("--curvature", type=click.Choice(["hessian", "ggn"]), default="hessian", show_default=True,
+              help="Hessian of the NLL, or its generalised Gauss–Newton part.")
+@click.option("--method", type=click.Choice(["auto", "exact", "slq"]), default="auto", show_default=True,
+              help="log det: dense (auto when P ≤ 3000) or stochastic Lanczos quadrature with an interval.")
+@click.option("--probes", type=click.IntRange(min=2), default=30, show_default=True, help="slq: probe vectors.")
+@click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True, help="slq: Lanczos steps.")
+@click.option("--deflate", type=click.IntRange(min=0), default=20, show_default=True, help="slq: top eigenpairs kept exactly.")
+@output_options
+def evidence(**kw: Any) -> None:
+    """Laplace log evidence: log p(D|w*) + log p(w*) + (P/2)·log 2π − ½·log det(H_nll + δI).
+
+    H_nll is the Hessian of the summed negative log-likelihood (mse: Gaussian with σ;
+    cross-entropy/nll: categorical; bce: Bernoulli). In nats.
+
+    \b
+    Examples:
+      basins evidence model.pt
+      basins evidence model.pt --prior-precision 1.0 --noise-std 0.1 --json
+      basins evidence model.pt --method slq --curvature ggn -o report.h5
+    """
+    from basins.analyses.evidence import evidence as laplace
+
+    log = stderr_console(kw["quiet"])
+    pp = kw["prior_precision"]
+    if pp != "auto":
+        try:
+            pp = float(pp)
+        except ValueError:
+            raise click.BadParameter(f"a positive number or 'auto', got {pp!r}", param_hint="--prior-precision") from None
+    with Timer() as setup:
+        loaded = load_problem(kw, log)
+    with Timer() as t, progress_bar(log, f"evidence ({kw['method']})") as update:
+        with flag_names(prior_precision="--prior-precision", noise_std="--noise-std", curvature="--curvature",
+                        method="--method", num_probes="--probes", num_steps="--steps", deflate="--deflate"):
+            result = laplace(loaded.problem, prior_precision=pp, noise_std=kw["noise_std"], curvature=kw["curvature"],
+                             method=kw["method"], num_probes=kw["probes"], num_steps=kw["steps"],
+                             deflate=kw["deflate"], seed=loaded.seed, callback=update)
+    for note in result.notes:
+        log.print(f"note: {note}")
+    log.print(f"evidence ({result.method}): {result.num_matvecs} curvature products in {t.seconds:.2f} s")
+    record = result.record()
+    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
+    emit(kw, log, loaded, "evidence", record, warnings=list(loaded.warnings), tables=summary_tables)
+
+
+def evidence_text(a: dict[str, Any]) -> str:
+    """``log p(D) [lo, hi]``."""
+    v = a.get("log_evidence")
+    if not isinstance(v, (int, float)):
+        return "-"
+    ci = a.get("log_evidence_ci")
+    if isinstance(ci, str):
+        ci = json.loads(ci)
+    if isinstance(ci, list) and len(ci) == 2 and ci[0] != ci[1]:
+        return f"{v:.6g} [{ci[0]:.6g}, {ci[1]:.6g}]"
+    return f"{v:.6g}"
+
+
+def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
+    """Rich table for an ``/evidence`` group."""
+    a = analysis.get("attrs", {})
+    t = Table(title=f"Laplace log evidence ({a.get('method')}, {a.get('curvature')})", show_header=False,
+              title_justify="left")
+    t.add_column("quantity", style="bold")
+    t.add_column("value")
+    t.add_row("log p(D)", evidence_text(a) + " nats")
+    t.add_row("log p(D|w*)", fmt(a.get("log_likelihood")))
+    t.add_row("log Occam factor", fmt(a.get("log_occam")))
+    t.add_row("log p(w*)", fmt(a.get("log_prior")))
+    t.add_row("log det Λ", fmt(a.get("logdet")))
+    t.add_row("prior precision δ", f"{fmt(a.get('prior_precision'))} ({a.get('prior_precision_rule')})")
+    if a.get("noise_std") is not None:
+        t.add_row("noise σ", f"{fmt(a.get('noise_std'))} ({a.get('noise_std_rule')})")
+    t.add_row("likelihood", str(a.get("likelihood")))
+    t.add_row("cost", f"{a.get('num_hvps')} curvature products, {fmt(a.get('wall_seconds'), 3)} s")
+    return [t]
+
+
+def summary_row(analysis: dict[str, Any]) -> dict[str, str]:
+    """One-row view of an ``/evidence`` group."""
+    return {"log evidence": evidence_text(analysis.get("attrs", {}))}
