@@ -36,7 +36,7 @@ def _positive_or_auto(ctx: click.Context, param: click.Parameter, value: str | N
 @click.option("--nbeta", callback=_positive_or_auto, default="auto", show_default=True,
               help="nβ, the inverse temperature times n (auto: n/log n).")
 @click.option("--gamma", callback=_positive_or_auto, default="auto", show_default=True,
-              help="Localization γ (auto: 0.01·nβ·λ_max).")
+              help="Localization γ in 1/parameter² (auto: 1).")
 @click.option("--step-size", callback=_positive_or_auto, default="auto", show_default=True,
               help="SGLD step ε (auto: 0.1·2/(nβ·λ_max + γ)).")
 @click.option("--sampler", type=click.Choice(["sgld", "rmsprop"]), default="sgld", show_default=True,

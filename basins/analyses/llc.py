@@ -16,26 +16,30 @@ minibatch noise (a control variate). With ``batch_size ≥ n`` this is the exact
 difference. The same pair decides ``frac_below_init`` (steps with L_B(w) < L_B(w*)).
 
 Sampler: SGLD, ``w ← w − (ε/2)·∇U(w) + √ε·ξ`` with ``U = nβ·L_B + (γ/2)‖w − w*‖²``, or
-RMSProp-preconditioned SGLD (Li et al. 2016) with ``G = 1/(1e-8 + √V)`` scaling drift and noise.
+RMSProp-preconditioned SGLD (Li et al. 2016) with ``G = 1/(1e-8 + √V)`` scaling drift and noise;
+G adapts during burn-in and is frozen for the draws (a fixed G leaves the stationary
+distribution exact up to discretisation; an adapting one, without Li et al.'s Γ term, does not).
 All chains advance together: one ``vmap`` over a stacked ``(C, P)`` parameter axis
 (``torch.func.functional_call``), with a per-chain loop as the fallback (``batched=False``).
 
-Step size ``auto``: ε = 0.1 · 2/(nβ·λ_max + γ), λ_max by 20 power iterations on H (20 HVPs).
+Step size ``auto``: ε = 0.05 · 2/(nβ·λ_max + γ), λ_max by 20 power iterations on H (20 HVPs).
 For a quadratic basin the SGLD stationary variance in direction i is 1/(aᵢ(1 − εaᵢ/4)),
-aᵢ = nβhᵢ + γ, so this ε inflates each direction's share of λ̂ by at most 2.5%.
+aᵢ = nβhᵢ + γ, so this ε inflates each direction's share of λ̂ by at most ~2.6%
+(``llc_quadratic_sgld`` gives the prediction with this inflation).
 
 γ's pull: for a quadratic basin with Hessian eigenvalues hᵢ the estimator converges to
 ``Σᵢ ½·nβhᵢ/(nβhᵢ + γ)`` (``llc_quadratic``), not P/2. ``gamma_bias = P/2 − llc_quadratic``
 is computed from the dense Hessian (P ≤ 2000) or SLQ otherwise and reported; ``llc`` is
-the raw estimate (not corrected). Default γ = 0.01·nβ·λ_max (directions with
-nβhᵢ ≫ γ count fully).
+the raw estimate (not corrected). Default γ = 1 (``DEFAULT_GAMMA``, in 1/parameter²): on
+reduced-rank regression γ = 0.01·nβ·λ_max pulled λ̂ ~18% low, γ = 1 within ~9%; a smaller
+γ lets flat directions wander farther and mix more slowly (relaxation ~1/(εγ) steps).
 
 Diagnostics: ``frac_below_init`` (warn > 0.25), MALA acceptance of the SGLD proposal on
 the same batch every ``MALA_EVERY`` steps (warn < 0.9), split R-hat of the per-chain
 λ̂ traces (warn > 1.1). A non-finite loss or parameter raises :class:`ComputeError`.
 
 Cost: C·(burnin + draws) minibatch gradients, as many minibatch losses at w*, plus 1/
-``MALA_EVERY`` as many extra gradients for MALA, plus 20 HVPs (auto ε/γ) and the γ-bias
+``MALA_EVERY`` as many extra gradients for MALA, plus 20 HVPs (auto ε) and the γ-bias
 Hessian (P HVPs dense, or 10·30 SLQ).
 """
 
@@ -54,10 +58,11 @@ from basins.errors import ComputeError, InputError
 from basins.progress import Progress, ProgressCallback
 from basins.record import Array, Record
 
-__all__ = ["LLCResult", "llc", "split_rhat", "quadratic_llc", "MALA_EVERY", "SAMPLERS"]
+__all__ = ["LLCResult", "llc", "split_rhat", "quadratic_llc", "MALA_EVERY", "SAMPLERS", "DEFAULT_GAMMA"]
 
 SAMPLERS = ("sgld", "rmsprop")
 MALA_EVERY = 10
+DEFAULT_GAMMA = 1.0
 DENSE_MAX = 2000
 
 
@@ -93,6 +98,7 @@ class LLCResult:
     acceptance: float
     rhat: float
     llc_quadratic: float | None
+    llc_quadratic_sgld: float | None
     gamma_bias: float | None
     gamma_bias_method: str
     num_loss_evals: int
@@ -114,7 +120,8 @@ class LLCResult:
             "seeds": self.seeds, "num_chains": self.num_chains, "num_draws": self.num_draws,
             "num_burnin": self.num_burnin, "batch_size": self.batch_size,
             "diagnostics": {"frac_below_init": self.frac_below_init, "acceptance": self.acceptance, "rhat": self.rhat},
-            "llc_quadratic": self.llc_quadratic, "gamma_bias": self.gamma_bias,
+            "llc_quadratic": self.llc_quadratic, "llc_quadratic_sgld": self.llc_quadratic_sgld,
+            "gamma_bias": self.gamma_bias,
             "gamma_bias_method": self.gamma_bias_method,
             "num_loss_evals": self.num_loss_evals, "num_grads": self.num_grads, "num_hvps": self.num_hvps,
             "count_units": "num_loss_evals/num_grads count minibatch evaluations of batch_size examples per chain",
@@ -143,10 +150,12 @@ def split_rhat(x: torch.Tensor) -> float:
     return float(torch.sqrt(var / W))
 
 
-def quadratic_llc(eigenvalues: torch.Tensor, nbeta: float, gamma: float) -> float:
-    """Σᵢ ½·nβhᵢ/(nβhᵢ + γ) over eigenvalues hᵢ (clamped at 0): the estimator's limit on a quadratic basin."""
+def quadratic_llc(eigenvalues: torch.Tensor, nbeta: float, gamma: float, step_size: float = 0.0) -> float:
+    """Σᵢ ½·nβhᵢ/((nβhᵢ + γ)(1 − εaᵢ/4)), aᵢ = nβhᵢ + γ, over eigenvalues hᵢ of H_L (clamped at 0):
+    the limit of full-batch SGLD with step ε on a quadratic basin (ε = 0: exact Langevin)."""
     h = eigenvalues.to(torch.float64).clamp(min=0) * nbeta
-    return float((0.5 * h / (h + gamma)).sum())
+    a = h + gamma
+    return float((0.5 * h / (a * (1 - step_size * a / 4))).sum())
 
 
 def _lambda_max(problem: Problem, seed: int, iters: int = 20) -> float:
@@ -163,18 +172,26 @@ def _lambda_max(problem: Problem, seed: int, iters: int = 20) -> float:
     return abs(lam)
 
 
-def _gamma_bias(problem: Problem, nbeta: float, gamma: float, seed: int) -> tuple[float, str]:
+def _gamma_bias(problem: Problem, nbeta: float, gamma: float, seed: int, eps: float) -> tuple[float, float, str]:
     P = problem.num_params
     if P <= DENSE_MAX:
         H = problem.hvp(torch.eye(P, dtype=problem.dtype)).to(torch.float64)
-        return quadratic_llc(torch.linalg.eigvalsh((H + H.T) / 2), nbeta, gamma), "exact"
+        ev = torch.linalg.eigvalsh((H + H.T) / 2)
+        return quadratic_llc(ev, nbeta, gamma), quadratic_llc(ev, nbeta, gamma, eps), "exact"
     from basins.linalg.operator import Operator
     from basins.linalg.slq import slq
 
     r = slq(Operator(problem.hvp, P, problem.dtype, problem.device), num_probes=10, num_steps=30, seed=seed)
-    vals = [float((w * (0.5 * nbeta * t.clamp(min=0) / (nbeta * t.clamp(min=0) + gamma))).sum())
-            for t, w in zip(r.nodes, r.weights)]
-    return P * sum(vals) / len(vals), "slq (10 probes × 30 steps)"
+    q0 = [float((w * _half_ratio(t, nbeta, gamma, 0.0)).sum())
+          for t, w in zip(r.nodes, r.weights)]
+    q1 = [float((w * _half_ratio(t, nbeta, gamma, eps)).sum()) for t, w in zip(r.nodes, r.weights)]
+    return P * sum(q0) / len(q0), P * sum(q1) / len(q1), "slq (10 probes × 30 steps)"
+
+
+def _half_ratio(t: torch.Tensor, nbeta: float, gamma: float, eps: float) -> torch.Tensor:
+    h = t.to(torch.float64).clamp(min=0) * nbeta
+    a = h + gamma
+    return 0.5 * h / (a * (1 - eps * a / 4))
 
 
 def llc(
@@ -200,7 +217,7 @@ def llc(
         num_chains: C chains, chain c seeded by ``seed + c`` (recorded).
         num_draws, num_burnin: steps kept and discarded per chain.
         nbeta: nβ (default n/log n).
-        gamma: localization γ (default 0.01·nβ·λ_max).
+        gamma: localization γ (default :data:`DEFAULT_GAMMA`).
         step_size: ε (default ``auto``, see module docstring).
         batch_size: minibatch per chain step (default min(n, 256)).
         sampler: ``sgld`` or ``rmsprop``.
@@ -230,16 +247,15 @@ def llc(
         raise InputError(f"batch_size must be ≥ 1, got {batch_size}")
     hvps0 = problem.counters.num_hvps
     nb = float(nbeta) if nbeta is not None else n / math.log(n)
-    lam = _lambda_max(problem, seed) if (gamma is None or step_size is None) else math.nan
-    if gamma is None:
-        g_val, gamma_rule = max(0.01 * nb * lam, 1e-8), f"0.01·nβ·λ_max (λ_max = {lam:.6g} by 20 power iterations)"
-    else:
-        g_val, gamma_rule = float(gamma), "given"
+    lam = _lambda_max(problem, seed) if step_size is None else math.nan
+    g_val, gamma_rule = (DEFAULT_GAMMA, "default") if gamma is None else (float(gamma), "given")
     if step_size is None:
-        eps, eps_rule = 0.2 / (nb * lam + g_val), f"auto: 0.1·2/(nβ·λ_max + γ), λ_max = {lam:.6g}"
+        eps = 0.1 / (nb * lam + g_val)
+        eps_rule = f"auto: 0.05·2/(nβ·λ_max + γ), λ_max = {lam:.6g} by 20 power iterations"
     else:
         eps, eps_rule = float(step_size), "given"
-    lq, gb_method = (_gamma_bias(problem, nb, g_val, seed) if gamma_bias else (None, "not computed"))
+    lq, lq_eps, gb_method = (_gamma_bias(problem, nb, g_val, seed, eps) if gamma_bias
+                             else (None, None, "not computed"))
     P = problem.num_params
     w0 = problem.space.flatten(problem.params).detach().to(problem.dtype)
     C = num_chains
@@ -289,6 +305,7 @@ def llc(
     total = num_burnin + num_draws
     w = w0.expand(C, P).clone()
     V = torch.zeros_like(w)
+    G = torch.ones_like(w)
     traces = torch.zeros(C, num_draws, dtype=torch.float64)
     losses = torch.zeros(C, total, dtype=torch.float64)
     below = 0
@@ -311,10 +328,10 @@ def llc(
                 d = (lv - l0).to(torch.float64)
                 traces[:, t - num_burnin] = nb * d
                 below += int((d < 0).sum())
-            if sampler == "rmsprop":
+            if sampler == "rmsprop" and (t < num_burnin or t == 0):  # adapt in burn-in, then frozen
                 V = 0.99 * V + 0.01 * gU**2 if t else gU**2
                 G = 1.0 / (1e-8 + V.sqrt())
-            else:
+            elif sampler == "sgld" and t == 0:
                 G = torch.ones_like(w)
             w_new = w - 0.5 * eps * G * gU + (eps * G).sqrt() * noise()
             if t % MALA_EVERY == 0:
@@ -353,12 +370,12 @@ def llc(
         notes.append(f"R-hat {rhat:.3f} > 1.1: chains disagree; more draws or burn-in")
     if lq is not None:
         notes.append(f"γ's pull: a quadratic basin with this Hessian gives {lq:.4g} instead of P/2 = {P / 2:g} "
-                     f"(bias {P / 2 - lq:.4g}, {gb_method})")
+                     f"(bias {P / 2 - lq:.4g}, {gb_method}); with SGLD's step {eps:.3g}: {lq_eps:.4g}")
     return LLCResult(
         llc=est, llc_stderr=se, llc_ci=ci, llc_per_chain=per_chain.tolist(), nbeta=nb, gamma=g_val, step_size=eps,
         step_size_rule=eps_rule, gamma_rule=gamma_rule, sampler=sampler, seeds=seeds, num_chains=C,
         num_draws=num_draws, num_burnin=num_burnin, batch_size=b, frac_below_init=frac, acceptance=acc, rhat=rhat,
-        llc_quadratic=lq, gamma_bias=(P / 2 - lq) if lq is not None else None, gamma_bias_method=gb_method,
+        llc_quadratic=lq, llc_quadratic_sgld=lq_eps, gamma_bias=(P / 2 - lq) if lq is not None else None, gamma_bias_method=gb_method,
         num_loss_evals=nloss, num_grads=ngrad, num_hvps=problem.counters.num_hvps - hvps0, batched=batched,
         steps_per_second=C * total / wall if wall > 0 else math.nan, traces=traces, loss_traces=losses,
         loss_at_optimum=problem.loss_at_optimum, warnings=notes,
