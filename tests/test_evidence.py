@@ -155,7 +155,10 @@ def test_not_positive_definite_and_bad_input() -> None:
 
 
 def test_laplace_torch_full_hessian_agrees() -> None:
-    laplace = pytest.importorskip("laplace")
+    try:
+        import laplace
+    except Exception as exc:  # noqa: BLE001 - e.g. a torchvision built for another torch
+        pytest.skip(f"laplace-torch cannot be imported: {type(exc).__name__}: {exc}")
     m, X, y = _trained_classifier()
     delta = 2 * 0.05 * 120  # w* is the MAP of this Gaussian prior: Λ is positive definite
     p = Problem(m, X, y, loss="cross-entropy")
