@@ -41,10 +41,10 @@ from basins.analyses.features import (
     FeatureGram,
     feature_gram,
     features_memory_bytes,
-    memory_budget,
     outputs_per_example,
 )
 from basins.analyses.features import FeaturesProgress as NullityProgress
+from basins.engine.memory import memory_budget
 from basins.errors import ComputeError, InputError
 from basins.linalg.slq import DEFAULT_PROBES, DEFAULT_STEPS, SLQResult, slq, student_t_quantile
 
@@ -203,7 +203,7 @@ def nullity_exact(
         InputError: the dense matrix would not fit the memory budget.
     """
     P = int(num_params)
-    need, budget = exact_memory_bytes(P), memory_budget(memory_bytes)
+    need, budget = exact_memory_bytes(P), memory_budget(memory_bytes, torch.device(device))
     if need > budget:
         raise InputError(
             f"--method exact needs the dense {P:,}×{P:,} Hessian: {need / 2**30:.1f} GiB, more than the "
@@ -465,7 +465,7 @@ def nullity(
         raise InputError(f"unknown --method {method!r}: use one of {', '.join(NULLITY_METHODS)}")
     _thresholds(0.0, rtols, atol)
     P = int(problem.num_params)
-    budget = memory_budget(memory_bytes)
+    budget = memory_budget(memory_bytes, problem.device)
     why = ""
     if method == "auto":
         if P <= exact_max_params and exact_memory_bytes(P) <= budget:
