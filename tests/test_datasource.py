@@ -191,7 +191,7 @@ def test_stream_errors_name_the_examples() -> None:
     x, y = CountingDataset(9).tensors()
     x[6, 1] = float("nan")
     src = stream_from_object(TensorDataset(x, y), "nan-data").shard()  # type: ignore[union-attr]
-    with pytest.raises(InputError, match=r"nan-data: non-finite values \(NaN or inf\) in the inputs of example 6;"):
+    with pytest.raises(InputError, match=r"nan-data: non-finite values \(NaN or inf\) in the inputs of example 6: 1 in inputs among examples 4\.\.7; clean them"):
         list(src.batches(4))
 
     ds = CountingDataset(9)

@@ -242,7 +242,7 @@ def test_input_errors_name_the_problem() -> None:
         Problem(model, x, y, "cross-entropy")  # float targets of the outputs' shape, not probabilities
     with pytest.raises(InputError, match="targets of the outputs' shape"):
         Problem(model, x, torch.randn(23, 3, dtype=torch.float64), "mse")
-    with pytest.raises(InputError, match="23 examples but targets hold 22"):
+    with pytest.raises(InputError, match="23 examples but targets have 22"):
         Problem(model, x, y[:22], "mse")
     with pytest.raises(InputError, match="unknown loss"):
         Problem(model, x, y, "hinge")
