@@ -54,17 +54,28 @@ _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
 def hessian(**kw: Any) -> None:
     """Largest (and/or smallest) Hessian eigenvalues at the saved parameters, by Lanczos.
 
-    Every eigenvalue comes with a residual norm r: an eigenvalue of H lies within λ ± r.
-    A negative bottom eigenvalue beyond its residual means the point is a saddle.
+    Every eigenvalue comes with an error bound b (JSON error_bounds): an eigenvalue of the exact
+    Hessian lies within λ ± b. In float32, b is measured: each Ritz vector y gets one float64
+    check product, λ is its float64 Rayleigh quotient yᵀHy and b = ‖Hy − λy‖ (k extra HVPs per
+    end), so the rounding of the float32 HVPs is included. In float64, b is the Lanczos residual
+    (JSON residuals, kept in both dtypes) plus 64·eps·max|λ|. A negative bottom eigenvalue beyond
+    its residual means the point is a saddle.
+
+    Memory is dominated by the cached gradient graph of the `graph` HVP route (activations of
+    every example, kept only when they fit a quarter of this process' share of RAM; --hvp fwd-rev
+    recomputes one chunk at a time instead, --batch-size sets the chunk), then by the Lanczos
+    basis (P × (steps+1) numbers).
 
     \b
     --json keys: eigenvalues (descending for top, ascending for bottom),
-    residuals, converged, all_converged, is_saddle (null if only the top was
-    computed), lambda_max, lambda_min, trace, trace_stderr, trace_method (null
-    without --trace), num_hvps (= num_lanczos_hvps + num_trace_hvps), num_restarts,
+    residuals, error_bounds, converged, all_converged, is_saddle (null if only the
+    top was computed), lambda_max, lambda_min, trace, trace_stderr, trace_method
+    (null without --trace), num_hvps (every HVP computed: num_setup_hvps for the
+    route choice + num_lanczos_hvps + num_trace_hvps + num_check_hvps), num_grads,
+    num_loss_evals (set-up included), num_restarts,
     wall_seconds, setup_seconds, report (path or null), the problem's keys
     (num_params, num_examples, loss, loss_at_optimum, grad_norm, dtype, device,
-    seed, warnings); with --which both also bottom_eigenvalues, bottom_residuals,
+    seed, warnings); with --which both also bottom_eigenvalues, bottom_residuals, bottom_error_bounds,
     bottom_converged (eigenvalues stays the top end).
 
     \b
@@ -79,6 +90,7 @@ def hessian(**kw: Any) -> None:
     with Timer() as setup:
         loaded = load_problem(kw, log)
     problem = loaded.problem
+    num_setup_hvps = problem.counters.num_hvps  # the HVP route choice's products
     if kw["eigenvectors"] and not kw["output"]:
         log.print("[yellow]note:[/] eigenvectors are stored only in a report: add -o report.h5")
     k = kw["top_k"]
@@ -112,8 +124,10 @@ def hessian(**kw: Any) -> None:
                "raise --max-hvps or loosen --tol")
         warnings.append(msg)
         log.print(f"[yellow]warning:[/] {msg}")
-    log.print(f"{result.num_hvps} HVPs in {t.seconds:.2f} s")
+    log.print(f"{result.num_hvps} HVPs in {t.seconds:.2f} s ({problem.counters.num_hvps} in all, set-up included)")
 
+    # everything the run computed: set-up (loss, gradient, determinism check, route choice) and checks included
+    counts = {**problem.counters.as_dict(), "num_setup_hvps": num_setup_hvps}
     attrs: dict[str, Any] = {
         "method": "Lanczos, full reorthogonalisation, float64 tridiagonal, thick restart",
         "which": result.which, "top_k": k, "tol": kw["tol"], "max_hvps": kw["max_hvps"],
@@ -123,9 +137,9 @@ def hessian(**kw: Any) -> None:
         "is_saddle": result.is_saddle, "saddle_floor": result.saddle_floor,
         "all_converged": result.all_converged, "num_converged": result.num_converged, "num_wanted": result.num_wanted,
         "trace": result.trace, "trace_stderr": result.trace_stderr,
-        "num_hvps": result.num_hvps, "num_lanczos_hvps": result.num_lanczos_hvps,
-        "num_trace_hvps": result.num_trace_hvps, "num_restarts": result.num_restarts,
-        "num_loss_evals": 0, "hvp_route": problem.hvp_route,
+        **counts, "num_lanczos_hvps": result.num_lanczos_hvps,
+        "num_trace_hvps": result.num_trace_hvps, "num_check_hvps": result.num_check_hvps,
+        "num_restarts": result.num_restarts, "hvp_route": problem.hvp_route,
         "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "argv": argv(),
     }
     arrays = _arrays(result)
@@ -136,18 +150,18 @@ def hessian(**kw: Any) -> None:
     if kw["as_json"]:
         out: dict[str, Any] = {**problem_json(loaded), "warnings": warnings, "hvp_route": problem.hvp_route,
                                "which": result.which, "top_k": k, "tol": kw["tol"]}
-        for name in ("eigenvalues", "residuals", "converged"):
+        for name in ("eigenvalues", "residuals", "error_bounds", "converged"):
             out[name] = getattr(result, name)
         if result.which == "both":
-            for name in ("bottom_eigenvalues", "bottom_residuals", "bottom_converged"):
+            for name in ("bottom_eigenvalues", "bottom_residuals", "bottom_error_bounds", "bottom_converged"):
                 out[name] = getattr(result, name)
         out.update({
             "all_converged": result.all_converged, "is_saddle": result.is_saddle,
             "lambda_max": result.lambda_max, "lambda_min": result.lambda_min,
             "trace": result.trace, "trace_stderr": result.trace_stderr, "trace_method": result.trace_method,
-            "num_hvps": result.num_hvps, "num_lanczos_hvps": result.num_lanczos_hvps,
-            "num_trace_hvps": result.num_trace_hvps, "num_restarts": result.num_restarts,
-            "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "report": kw["output"],
+            **counts, "num_lanczos_hvps": result.num_lanczos_hvps,
+            "num_trace_hvps": result.num_trace_hvps, "num_check_hvps": result.num_check_hvps,
+            "num_restarts": result.num_restarts, "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "report": kw["output"],
         })
         print_json(out)
     else:
@@ -180,13 +194,17 @@ def _arrays(result: Any) -> dict[str, Any]:
     end = "bottom (ascending)" if result.which == "bottom" else "top (descending)"
     arrays = {
         "eigenvalues": Array(result.eigenvalues, f"Ritz values, {end}", EIGEN_UNITS),
-        "residuals": Array(result.residuals, "residual norms ‖Hy − λy‖: an eigenvalue lies within λ ± r", EIGEN_UNITS),
+        "residuals": Array(result.residuals, "Lanczos residual norms ‖Hy − λy‖ of the HVP as computed", EIGEN_UNITS),
+        "error_bounds": Array(result.error_bounds, "an eigenvalue of the exact Hessian lies within λ ± bound "
+                              "(HVP rounding included: float64 check products)", EIGEN_UNITS),
         "converged": Array(result.converged.numpy(), "residual ≤ tol·max|λ| (max over all Ritz values)", None),
     }
     if result.which == "both":
         arrays.update({
             "bottom_eigenvalues": Array(result.bottom_eigenvalues, "Ritz values, bottom (ascending)", EIGEN_UNITS),
             "bottom_residuals": Array(result.bottom_residuals, "residual norms of the bottom Ritz values", EIGEN_UNITS),
+            "bottom_error_bounds": Array(result.bottom_error_bounds, "error bounds of the bottom eigenvalues "
+                                         "(HVP rounding included)", EIGEN_UNITS),
             "bottom_converged": Array(result.bottom_converged.numpy(), "residual ≤ tol·max|λ| (max over all Ritz values)", None),
         })
     if result.eigenvectors is not None:

@@ -42,7 +42,7 @@ from basins.engine.losses import (
 )
 from basins.engine.memory import memory_budget
 from basins.engine.params import ParamSpace
-from basins.engine.routes import HVP_ROUTES, Routes
+from basins.engine.routes import HVP_ROUTES, Routes, float64_products
 from basins.errors import ComputeError, InputError
 
 __all__ = ["Problem", "HVP_ROUTES", "Counters", "resolve_device", "resolve_dtype"]
@@ -89,7 +89,9 @@ def _as_source(inputs: torch.Tensor | DataSource, targets: torch.Tensor | None) 
 
 @dataclass
 class Counters:
-    """Work done so far, in units users can compare across runs."""
+    """Work done so far, in units users can compare across runs: everything computed, the
+    construction's checks and the HVP route choice included (a product over a piece of the data,
+    as when routes are timed, counts as one)."""
 
     num_hvps: int = 0  # single Hessian-vector products (a block of K counts K)
     num_loss_evals: int = 0  # full-data loss evaluations (a batch of K points counts K)
@@ -469,13 +471,10 @@ class Problem:
         return self._counted_hvp(v, None)
 
     def _counted_hvp(self, v: torch.Tensor, route: str | None) -> torch.Tensor:
-        """``H v`` for ``(P,)`` or ``(P, K)`` by ``route`` (None: the chosen one), counted."""
+        """``H v`` for ``(P,)`` or ``(P, K)`` by ``route`` (None: the chosen one), counted (by the route)."""
         single = v.dim() == 1
         V = v.to(self.device, self.dtype).reshape(self.num_params, -1)
-        if route is None:
-            route = self.hvp_route if V.shape[1] == 1 else self.routes.for_block(V)
-        out = self._hvp_block(V, route)
-        self.counters.num_hvps += V.shape[1]
+        out = self.routes.compute(V, route or self.hvp_route)
         return out[:, 0] if single else out
 
     def hvp_with_route(self, v: torch.Tensor, route: str) -> torch.Tensor:
@@ -483,6 +482,27 @@ class Problem:
         if route not in HVP_ROUTES[1:]:
             raise InputError(f"unknown HVP route {route!r}")
         return self._counted_hvp(v, route)
+
+    def check_eigenpairs(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 Rayleigh quotients and residual norms of approximate eigenvectors.
+
+        For each column ``y`` (normalised here), ``ρ = yᵀHy`` and ``r = ‖Hy − ρy‖`` with ``H y``
+        the float64 check product (:func:`basins.engine.routes.float64_products`), so that an
+        eigenvalue of the exact Hessian lies within ``ρ ± r`` whatever the problem's dtype (up to
+        float64 rounding): the rounding error of lower-precision HVPs is measured, not assumed.
+
+        Args:
+            vectors: ``(P, k)``.
+
+        Returns:
+            ``(ρ (k,), r (k,))`` float64 on the CPU. Cost: k float64 HVPs.
+        """
+        Y = vectors.to(self.device, torch.float64)
+        Y = Y / Y.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        HY = float64_products(self, Y)
+        rho = (Y * HY).sum(0)
+        res = (HY - Y * rho).norm(dim=0)
+        return rho.cpu(), res.cpu()
 
     def loss_many(self, thetas: torch.Tensor, *, chunk: int | None = None, route: str = "vmap") -> torch.Tensor:
         """Full-data loss at K parameter vectors at once.
@@ -529,8 +549,8 @@ class Problem:
         return self.routes.single
 
     @property
-    def block_route(self) -> str | None:
-        """The route for blocks of vectors (chosen on the first block when ``auto``)."""
+    def block_route(self) -> str:
+        """The route for blocks of vectors: the same as :attr:`hvp_route`."""
         return self.routes.block
 
     @property
@@ -538,9 +558,6 @@ class Problem:
         """Seconds per HVP measured for each route tried by ``auto``."""
         return dict(self.routes.timings)
 
-    def _hvp_block(self, V: torch.Tensor, route: str) -> torch.Tensor:
-        """``H V`` for a ``(P, K)`` block by ``route``, summed over processes (not counted)."""
-        return self.routes.compute(V, route)
 
     def dense_hessian(self, *, block: int = 64, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """The dense ``(P, P)`` Hessian from P HVPs in blocks, symmetrised. Cost: P HVPs."""

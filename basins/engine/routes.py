@@ -9,16 +9,27 @@ Three routes compute the same ``H V`` (up to rounding) over the full data:
 * ``fwd-rev``: ``jvp`` of ``grad`` per chunk (a block of vectors is ``vmap``-ed);
 * ``rev-rev``: ``vjp`` of ``grad`` per chunk (likewise).
 
-``auto`` times the viable routes on this process' shard alone (no collective: processes may
-try different routes), then agrees across processes on the route that works everywhere and is
-fastest on the slowest process. Blocks of vectors get their own choice, measured on the first
-block. See README "Architecture".
+``auto`` costs at most about two HVPs at start-up:
+
+* when the data are held in memory, ``graph`` is built chunk by chunk while the bytes its
+  saved tensors take are counted; if it fits the budget it is taken after one check product
+  (timed). It cannot lose: each of its HVPs is the double backward that the functional routes
+  also do, without their repeated forward and first backward;
+* otherwise ``fwd-rev`` and ``rev-rev`` are each timed once on a small piece of the data (at most
+  64 examples of the first chunk, or the first chunk of a model exported for a fixed batch), and
+  the faster one that works is taken.
+
+Timing runs on this process' shard alone (no collective: processes may try different routes);
+the processes then agree on a route that works everywhere, fastest on the slowest process.
+Blocks of vectors use the same route (vmapped for the functional routes). Every product
+computed here, timing and checks included, is counted in ``problem.counters.num_hvps``.
+See README "Architecture".
 """
 
 from __future__ import annotations
 
-import math
 import time
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,18 +49,27 @@ HVP_ROUTES = ("auto", "graph", "fwd-rev", "rev-rev")
 _Params = dict[str, torch.Tensor]
 
 
+class _TooBig(Exception):
+    """The gradient graph outgrew its memory budget while it was being built."""
+
+
+#: Examples of the piece the functional routes are timed on (without a fixed batch size).
+TIMING_EXAMPLES = 64
+
+
 class Routes:
     """The HVP routes of one problem: compute ``H V`` by a named route, and choose one.
 
     Args:
-        problem: the problem whose chunks, parameters and collectives the routes use.
+        problem: the problem whose chunks, parameters, counters and collectives the routes use.
         requested: one of :data:`HVP_ROUTES`.
         graph_memory_bytes: budget for the cached gradient graph (default: :func:`memory_budget`).
 
     Attributes:
-        single: the route for single vectors (chosen at construction).
-        block: the route for blocks (None with ``auto`` until the first block is measured).
-        timings: seconds per HVP for each route ``auto`` tried; errors: why others failed.
+        single: the route chosen at construction (for single vectors and blocks).
+        block: the same route (kept for reports).
+        timings: seconds per HVP measured (on the data or a piece of it, see module docstring);
+        errors: why other routes were not taken.
     """
 
     def __init__(self, problem: Problem, requested: str, graph_memory_bytes: int | None) -> None:
@@ -63,19 +83,25 @@ class Routes:
         self._graph: torch.Tensor | None = None
         self._graph_leaves: list[torch.Tensor] | None = None
         self.single = self._choose()
-        self.block: str | None = None if requested == "auto" else requested
+        self.block: str = self.single
 
     # ------------------------------------------------------------------ computing
-    def compute(self, V: torch.Tensor, route: str, *, reduce: bool = True) -> torch.Tensor:
-        """``H V`` for a ``(P, K)`` block by ``route``; summed over processes when ``reduce``."""
+    def compute(self, V: torch.Tensor, route: str, *, reduce: bool = True,
+                chunks: Iterable[tuple[torch.Tensor, torch.Tensor, int, float]] | None = None) -> torch.Tensor:
+        """``H V`` for a ``(P, K)`` block by ``route``; summed over processes when ``reduce``.
+
+        ``chunks``: the ``(x, y, num_real, weight)`` chunks to sum over (default: all of this
+        process' data). Counts K HVPs in ``problem.counters``.
+        """
         p = self.problem
         if route == "graph":
             out = self._graph_hvp(V)
         else:
             out = torch.zeros_like(V)
             Vd = p.space.unflatten(V.T)  # {name: (K, *shape)}
-            for x, y, m, w in p.chunks():
+            for x, y, m, w in (p.chunks() if chunks is None else chunks):
                 out += w * p.space.flatten(self._chunk_hvp(x, y, m, Vd, route)).T
+        p.counters.num_hvps += V.shape[1]
         return p.reduce(out) if reduce else out
 
     def _chunk_hvp(self, x: torch.Tensor, y: torch.Tensor, m: int, Vd: _Params, route: str) -> _Params:
@@ -101,18 +127,30 @@ class Routes:
             return vmap(one)(Vd)
         return {k: t.unsqueeze(0) for k, t in one({k: t[0] for k, t in Vd.items()}).items()}
 
-    def _build_graph(self) -> None:
+    def _build_graph(self, budget: int | None = None) -> None:
+        """The full-data gradient with ``create_graph=True``, chunk by chunk; with ``budget``,
+        abandoned (:class:`_TooBig`) as soon as its saved tensors take more bytes."""
         p = self.problem
         leaves = [t.detach().clone().requires_grad_(True) for t in p.params.values()]
         params = dict(zip(p.space.names, leaves))
         g_total: torch.Tensor | None = None
-        with torch.enable_grad():
+        saved = 2 * p.num_params * p.dtype.itemsize
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += t.numel() * t.element_size()
+            if budget is not None and saved > budget:
+                raise _TooBig
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             for x, y, m, w in p.chunks():
                 loss = p._chunk_loss(params, x, y, m) * w
                 gs = torch.autograd.grad(loss, leaves, create_graph=True)
                 flat = torch.cat([g.reshape(-1) for g in gs])
                 g_total = flat if g_total is None else g_total + flat
         self._graph, self._graph_leaves = g_total, leaves
+        self.graph_bytes = saved
 
     def _graph_hvp(self, V: torch.Tensor) -> torch.Tensor:
         if self._graph is None:
@@ -130,103 +168,67 @@ class Routes:
         """Drop the cached gradient graph (it holds activations of every chunk)."""
         self._graph = self._graph_leaves = None
 
-    def _graph_bytes_per_chunk(self) -> int:
-        """Bytes the autograd graph of one chunk's ``create_graph`` gradient keeps alive."""
-        p = self.problem
-        saved = 0
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal saved
-            saved += t.numel() * t.element_size()
-            return t
-
-        x, y, m, _ = next(p.chunks())
-        leaves = [t.detach().clone().requires_grad_(True) for t in p.params.values()]
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = p._chunk_loss(dict(zip(p.space.names, leaves)), x, y, m)
-            torch.autograd.grad(loss, leaves, create_graph=True)
-        return saved + 2 * p.num_params * p.dtype.itemsize
-
     # ------------------------------------------------------------------ choosing
     def for_block(self, V: torch.Tensor) -> str:
-        """The route for a ``(P, K)`` block, K > 1: with ``auto``, measured once on the first block
-        (vmapped ``fwd-rev`` often costs less per vector than a loop of cached-graph backwards,
-        but not for convolutions on CPU)."""
-        if self.requested != "auto":
-            return self.single
-        if self.block is None:
-            probe = V[:, : min(V.shape[1], 8)]
-            timings: dict[str, float] = {}
-            for route in dict.fromkeys([self.single, "fwd-rev", "rev-rev"]):
-                if route not in self.timings:
-                    continue  # failed or not viable for single vectors either
-                try:
-                    t0 = time.perf_counter()
-                    self.compute(probe, route, reduce=False)  # this shard alone: no collective
-                    timings[route] = (time.perf_counter() - t0) / probe.shape[1]
-                except InputError:  # the data changed under us: not a route failure
-                    raise
-                except Exception as exc:  # noqa: BLE001 - vmap may fail where a loop works
-                    self.errors[f"{route} (block)"] = f"{type(exc).__name__}: {exc}"
-            views: list[dict[str, float]] = self.problem.gather(timings)
-            timings = {r: max(v[r] for v in views) for r in timings if all(r in v for v in views)}
-            self.block = min(timings, key=timings.__getitem__) if timings else self.single
+        """The route for a ``(P, K)`` block: the one chosen at construction."""
         return self.block
 
     def _choose(self) -> str:
-        best = self._choose_local()
-        if self.requested != "auto":
-            return best
-        views: list[dict[str, float]] = self.problem.gather(dict(self.timings))
-        common = [r for r in HVP_ROUTES[1:] if all(r in v for v in views)]
-        if not common:
-            raise ComputeError("no Hessian-vector product route works on every process: " + repr(views))
-        agreed = min(common, key=lambda r: max(v[r] for v in views))
-        if agreed != "graph":
-            self.free_graph()
-        return agreed
-
-    def _choose_local(self) -> str:
         p = self.problem
         if self.requested != "auto":
             self._time(self.requested, strict=True)
             return self.requested
-        budget = memory_budget(self._graph_memory_bytes, p.device)
-        candidates = ["fwd-rev", "rev-rev"]
+        if not p.streaming:  # the gradient graph holds every chunk: not for data read again on every pass
+            self._try_graph(memory_budget(self._graph_memory_bytes, p.device))
+        views: list[dict[str, float]] = p.gather(dict(self.timings))
+        if all("graph" in v for v in views):
+            return "graph"
+        self.free_graph()  # some process could not hold it: all use a functional route
+        for route in ("fwd-rev", "rev-rev"):
+            self._time(route, strict=False, piece=True)
+        views = p.gather({r: t for r, t in self.timings.items() if r != "graph"})
+        common = [r for r in HVP_ROUTES[2:] if all(r in v for v in views)]
+        if not common:
+            raise ComputeError(
+                "no Hessian-vector product route works for this model and loss"
+                + (" on every process" if len(views) > 1 else "") + ": "
+                + "; ".join(f"{k}: {v}" for k, v in self.errors.items())
+            )
+        return min(common, key=lambda r: max(v[r] for v in views))
+
+    def _try_graph(self, budget: int) -> None:
+        """Build the gradient graph within ``budget`` bytes and time one product through it."""
         try:
-            # the gradient graph holds every chunk: not for data read again on every pass
-            if not p.streaming and self._graph_bytes_per_chunk() * p.num_chunks <= budget:
-                candidates.insert(0, "graph")
+            self._build_graph(budget)
+            self._time("graph", strict=False)
+        except _TooBig:
+            self.free_graph()
+            self.errors["graph"] = f"the gradient graph needs more than its budget of {budget / 2**20:.0f} MiB"
         except InputError:  # the data changed under us: not a route failure
             raise
         except Exception as exc:  # noqa: BLE001 - a model that cannot double-backward
-            self.errors["graph"] = f"{type(exc).__name__}: {exc}"
-        for r in candidates:
-            self._time(r, strict=False)
-        if not self.timings:
-            raise ComputeError(
-                "no Hessian-vector product route works for this model and loss: "
-                + "; ".join(f"{k}: {v}" for k, v in self.errors.items())
-            )
-        best = min(self.timings, key=self.timings.__getitem__)
-        if best != "graph":
             self.free_graph()
-        return best
+            self.errors["graph"] = f"{type(exc).__name__}: {exc}"
 
-    def _time(self, route: str, *, strict: bool) -> None:
-        """Time one HVP by ``route`` on this shard (min of two runs; one for streamed data); record failures."""
+    def _piece(self) -> list[tuple[torch.Tensor, torch.Tensor, int, float]]:
+        """At most :data:`TIMING_EXAMPLES` examples of the first chunk (the whole chunk for a fixed batch size)."""
+        p = self.problem
+        x, y, m, w = next(p.chunks())
+        if p.fixed_batch_size is None and m > TIMING_EXAMPLES:
+            k = TIMING_EXAMPLES
+            return [(x[:k], y[:k], k, w * k / m)]
+        return [(x, y, m, w)]
+
+    def _time(self, route: str, *, strict: bool, piece: bool = False) -> None:
+        """Time one HVP by ``route`` on this shard (or on :meth:`_piece`); record failures."""
         p = self.problem
         gen = torch.Generator().manual_seed(12345)
         v = torch.randn(p.num_params, 1, generator=gen, dtype=torch.float64).to(p.device, p.dtype)
         try:
-            if route == "graph" and self._graph is None:
-                self._build_graph()
-            best = math.inf
-            for _ in range(1 if p.streaming else 2):  # a streamed pass is dominated by reading
-                t0 = time.perf_counter()
-                self.compute(v, route, reduce=False)
-                best = min(best, time.perf_counter() - t0)
-            self.timings[route] = best
+            chunks = self._piece() if piece else None
+            t0 = time.perf_counter()
+            self.compute(v, route, reduce=False, chunks=chunks)
+            self.timings[route] = time.perf_counter() - t0
         except InputError:  # the data changed under us: not a route failure
             raise
         except Exception as exc:
@@ -237,3 +239,58 @@ class Routes:
     def describe(self) -> dict[str, Any]:
         """Routes chosen, timings and failures, for logs."""
         return {"single": self.single, "block": self.block, "timings": dict(self.timings), "errors": dict(self.errors)}
+
+
+def float64_products(problem: Problem, V: torch.Tensor, *, block: int = 4) -> torch.Tensor:
+    """``H V`` in float64 for a ``(P, K)`` block: the float64 check product of a lower-precision problem.
+
+    The parameters, buffers and each chunk's floating-point data are cast to float64 on the fly
+    (no float64 copy of the data is kept); the product is the functional route the problem uses
+    (``fwd-rev`` when it uses ``graph``; ``rev-rev`` if that fails), ``block`` vectors per data
+    pass. Cost: K HVPs at float64 speed, counted in ``problem.counters.num_hvps``.
+
+    Returns:
+        ``(P, K)`` float64, summed over processes.
+    """
+    p = problem
+    f64 = torch.float64
+    params = {k: t.to(f64) for k, t in p.params.items()}
+    buffers = {k: (t.to(f64) if t.is_floating_point() else t) for k, t in p.buffers.items()}
+    V = V.to(p.device, f64)
+
+    def chunk_loss(prm: _Params, x: torch.Tensor, y: torch.Tensor, m: int) -> torch.Tensor:
+        out = torch.func.functional_call(p.module, (prm, buffers), (x,))
+        return p.loss_fn(out[:m] if out.shape[0] != m else out, y)
+
+    g_fn = grad(chunk_loss)
+
+    def one_chunk(x: torch.Tensor, y: torch.Tensor, m: int, route: str) -> Callable[[_Params], _Params]:
+        def chunk_grad(prm: _Params) -> _Params:
+            return g_fn(prm, x, y, m)
+
+        if route == "fwd-rev":
+            return lambda vd: jvp(chunk_grad, (params,), (vd,))[1]
+        pullback = vjp(chunk_grad, params)[1]
+        return lambda vd: pullback(vd)[0]
+
+    def product(route: str) -> torch.Tensor:
+        out = torch.zeros_like(V)
+        for x, y, m, w in p.chunks():
+            one = one_chunk(x.to(f64) if x.is_floating_point() else x, y.to(f64) if y.is_floating_point() else y, m, route)
+            for s in range(0, V.shape[1], block):
+                Vd = p.space.unflatten(V[:, s : s + block].T.contiguous())
+                out[:, s : s + block] += w * p.space.flatten(vmap(one)(Vd)).T
+        return out
+
+    routes = ["fwd-rev", "rev-rev"] if p.hvp_route in ("graph", "fwd-rev") else ["rev-rev", "fwd-rev"]
+    for i, route in enumerate(routes):
+        try:
+            out = product(route)
+            break
+        except InputError:
+            raise
+        except Exception:  # noqa: BLE001 - e.g. jvp of a loss that forward mode cannot do
+            if i == len(routes) - 1:
+                raise
+    p.counters.num_hvps += V.shape[1]
+    return p.reduce(out)
