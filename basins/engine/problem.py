@@ -49,6 +49,9 @@ __all__ = ["Problem", "HVP_ROUTES", "Counters", "resolve_device", "resolve_dtype
 
 _Params = dict[str, torch.Tensor]
 
+#: The factor of :meth:`Problem.rescaled_residuals` (1 + 3/8: not a power of two).
+RESCALE = 1.375
+
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """``auto``/None → ``cuda`` when available else ``cpu``; checks that CUDA exists when asked."""
@@ -410,10 +413,17 @@ class Problem:
         return self._cached is None
 
     def _chunk_loss(self, params: _Params, x: torch.Tensor, y: torch.Tensor, num_real: int) -> torch.Tensor:
+        """One chunk's mean loss. Below float64 the loss itself is evaluated in float64 on the
+        model's outputs (cheap: ``(m, k)`` numbers): in float32 the loss head's own rounding (the
+        softmax's ``diag(p) − ppᵀ`` cancels) biased the Hessian's top eigenvalues low by up to
+        ~25 eps·‖H‖ on the benchmark MLP; with it, the error is that of the model's own float32 layers."""
         out = self.forward(params, x)
         if out.shape[0] != num_real:
             out = out[:num_real]
-        return self.loss_fn(out, y)
+        if out.dtype == torch.float64 or not out.is_floating_point():
+            return self.loss_fn(out, y)
+        y64 = y.to(torch.float64) if y.is_floating_point() else y
+        return self.loss_fn(out.to(torch.float64), y64).to(out.dtype)
 
     # ------------------------------------------------------------------ processes
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -482,6 +492,24 @@ class Problem:
         if route not in HVP_ROUTES[1:]:
             raise InputError(f"unknown HVP route {route!r}")
         return self._counted_hvp(v, route)
+
+    def rescaled_residuals(self, vectors: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Residual norms ``‖H(c·y)/c − θ y‖`` of approximate eigenpairs, through the problem's own
+        HVP at a rescaled vector (``c = RESCALE``, not a power of two, so that its rounding differs
+        from that of the ``H y`` Lanczos saw): it measures the true residual of ``(θ, y)`` plus the
+        rounding error of one product. Used by :func:`basins.analyses.hessian.hessian_eigenvalues`
+        for float32 error bounds.
+
+        Args:
+            vectors: ``(P, k)`` (normalised here, in float64); values: ``(k,)``.
+
+        Returns:
+            ``(k,)`` float64 on the CPU. Cost: k HVPs in the problem's dtype.
+        """
+        Y = vectors.to(self.device, torch.float64)
+        Y = Y / Y.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        HY = self.hvp((Y * RESCALE).to(self.dtype)).to(torch.float64) / RESCALE
+        return (HY - Y * values.to(Y.device, torch.float64)).norm(dim=0).cpu()
 
     def check_eigenpairs(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Float64 Rayleigh quotients and residual norms of approximate eigenvectors.

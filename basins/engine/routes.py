@@ -241,19 +241,27 @@ class Routes:
         return {"single": self.single, "block": self.block, "timings": dict(self.timings), "errors": dict(self.errors)}
 
 
-def float64_products(problem: Problem, V: torch.Tensor, *, block: int = 4) -> torch.Tensor:
+#: Examples per float64 check pass (models without a fixed batch size): bounds its memory.
+CHECK_EXAMPLES = 64
+
+
+def float64_products(problem: Problem, V: torch.Tensor) -> torch.Tensor:
     """``H V`` in float64 for a ``(P, K)`` block: the float64 check product of a lower-precision problem.
 
     The parameters, buffers and each chunk's floating-point data are cast to float64 on the fly
-    (no float64 copy of the data is kept); the product is the functional route the problem uses
-    (``fwd-rev`` when it uses ``graph``; ``rev-rev`` if that fails), ``block`` vectors per data
-    pass. Cost: K HVPs at float64 speed, counted in ``problem.counters.num_hvps``.
+    (no float64 copy of the data is kept). The product is the functional route the problem uses
+    (``fwd-rev`` when it uses ``graph``; the other one if it fails). Memory: the K vectors are
+    vmapped over pieces of :data:`CHECK_EXAMPLES` examples; for a model exported for a fixed
+    batch, one vector at a time over whole chunks. The cached gradient graph is freed first
+    (rebuilt by the next HVP), so that the peak is one of the two. Cost: K HVPs at float64 speed,
+    counted in ``problem.counters.num_hvps``.
 
     Returns:
         ``(P, K)`` float64, summed over processes.
     """
     p = problem
     f64 = torch.float64
+    p.routes.free_graph()
     params = {k: t.to(f64) for k, t in p.params.items()}
     buffers = {k: (t.to(f64) if t.is_floating_point() else t) for k, t in p.buffers.items()}
     V = V.to(p.device, f64)
@@ -273,10 +281,23 @@ def float64_products(problem: Problem, V: torch.Tensor, *, block: int = 4) -> to
         pullback = vjp(chunk_grad, params)[1]
         return lambda vd: pullback(vd)[0]
 
+    def pieces() -> Iterable[tuple[torch.Tensor, torch.Tensor, int, float]]:
+        for x, y, m, w in p.chunks():
+            x = x.to(f64) if x.is_floating_point() else x
+            y = y.to(f64) if y.is_floating_point() else y
+            if p.fixed_batch_size is not None:
+                yield x, y, m, w
+                continue
+            for a in range(0, m, CHECK_EXAMPLES):
+                b = min(a + CHECK_EXAMPLES, m)
+                yield x[a:b], y[a:b], b - a, w * (b - a) / m
+
+    block = 1 if p.fixed_batch_size is not None else V.shape[1]
+
     def product(route: str) -> torch.Tensor:
         out = torch.zeros_like(V)
-        for x, y, m, w in p.chunks():
-            one = one_chunk(x.to(f64) if x.is_floating_point() else x, y.to(f64) if y.is_floating_point() else y, m, route)
+        for x, y, m, w in pieces():
+            one = one_chunk(x, y, m, route)
             for s in range(0, V.shape[1], block):
                 Vd = p.space.unflatten(V[:, s : s + block].T.contiguous())
                 out[:, s : s + block] += w * p.space.flatten(vmap(one)(Vd)).T
