@@ -101,9 +101,10 @@ def run(tool: str, name: str, directory: str, k: int, dtype_name: str) -> dict[s
         res = he.lanczos(op, k=k, tol=1e-4, which="LA", seed=0)
         values = sorted(res.eigenvalues.tolist(), reverse=True)
     elif tool == "pyhessian":
+        import importlib
         import warnings
 
-        import pyhessian.hessian as ph
+        ph: Any = importlib.import_module("pyhessian.hessian")  # the module (the package exports the class by that name)
 
         original = ph.hessian_vector_product
 
