@@ -11,11 +11,12 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -23,12 +24,17 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.progress import (
+    Progress as RichProgress,
+)
+
+from basins.progress import Progress, ProgressCallback
+from basins.record import Record, plain
 
 #: A point whose gradient norm exceeds this (loss units per unit of θ) gets a warning.
 CRITICAL_GRAD_TOL = 1e-3
@@ -206,51 +212,87 @@ def problem_json(loaded: Loaded) -> dict[str, Any]:
 
 
 @contextmanager
-def progress_bar(log: Console, description: str, total: int | None, unit: str = "HVPs") -> Iterator[Callable[..., None]]:
-    """A rich progress bar on the stderr console; yields ``update(completed, total=None, info="")``."""
+def progress_bar(log: Console, description: str, total: int | None = None) -> Iterator[ProgressCallback]:
+    """A rich progress bar on the stderr console; yields the library's one ``callback``, which
+    takes a :class:`basins.progress.Progress` (its ``done``, ``total``, ``unit`` and ``info``)."""
     if log.quiet:  # --quiet, or a rank other than 0
-        yield lambda completed, total=None, info="": None
+        yield lambda p: None
         return
     columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn(unit), TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
-               TimeRemainingColumn()]
-    with Progress(*columns, console=log, transient=True, redirect_stdout=False, redirect_stderr=False) as prog:
-        task = prog.add_task(description, total=total, info="")
+               TextColumn("{task.fields[unit]}"), TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn()]
+    with RichProgress(*columns, console=log, transient=True, redirect_stdout=False, redirect_stderr=False) as prog:
+        task = prog.add_task(description, total=total, info="", unit="")
 
-        def update(completed: int, total: int | None = None, info: str = "") -> None:
-            kwargs: dict[str, Any] = {"completed": completed, "info": info}
-            if total is not None:
-                kwargs["total"] = total
+        def update(p: Progress) -> None:
+            kwargs: dict[str, Any] = {"completed": p.done, "info": p.info or p.phase, "unit": p.unit}
+            if p.total is not None:
+                kwargs["total"] = p.total
             prog.update(task, **kwargs)
 
         yield update
 
 
 def jsonable(obj: Any) -> Any:
-    """Convert tensors/arrays/dataclasses to JSON types; non-finite floats to None."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "detach"):
-        obj = obj.detach().cpu().numpy()
-    if hasattr(obj, "tolist") and not isinstance(obj, (list, tuple)):
-        return jsonable(obj.tolist())
-    if hasattr(obj, "__dataclass_fields__"):
-        return jsonable(asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return str(obj)
+    """JSON types for ``obj`` (:func:`basins.record.plain`); non-finite floats become None."""
+    return plain(obj)
 
 
 def print_json(obj: Any) -> None:
     """One JSON object on stdout (full precision, non-finite as null); only on rank 0."""
     if is_main_process():
         click.echo(json.dumps(jsonable(obj), allow_nan=False))
+
+
+@contextmanager
+def flag_names(**flags: str) -> Iterator[None]:
+    """Name the command's flag in a library error about one of its parameters.
+
+    Library messages name parameters (``num_probes must be ≥ 2 ...``); inside this context an
+    :class:`~basins.errors.InputError` whose message begins with a parameter in ``flags``
+    (optionally after ``unknown``) is raised again, same type, as ``"--probes: num_probes must
+    be ≥ 2 ..."``. Example: ``with flag_names(num_probes="--probes"): nullity(...)``.
+    """
+    from basins.errors import InputError
+
+    try:
+        yield
+    except InputError as exc:
+        msg = str(exc)
+        for param, flag in flags.items():
+            if re.match(rf"(unknown )?{re.escape(param)}\b", msg):
+                raise type(exc)(f"{flag}: {msg}") from exc
+        raise
+
+
+def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: Record, *, warnings: list[str],
+         tables: Callable[[dict[str, Any], dict[str, Any]], list[Any]] | None = None,
+         subgroup_attrs: dict[str, dict[str, Any]] | None = None, extra_json: dict[str, Any] | None = None,
+         also: dict[str, Record] | None = None) -> None:
+    """The one way a command hands its result on: ``record`` to the report (``-o``, group
+    ``group``, then the groups in ``also``) and to stdout, as one JSON object with ``--json``
+    (:func:`record_json`) or as the group's ``summary_tables`` (``tables``) otherwise."""
+    if kw.get("output"):  # a report group also records the command line (not --json: it is the caller's)
+        write_report(kw["output"], loaded.record, group, {**record.attrs, "argv": argv()}, record.arrays,
+                     subgroup_attrs=subgroup_attrs, force=kw.get("force", False))
+        for name, extra in (also or {}).items():
+            write_report(kw["output"], loaded.record, name, {**extra.attrs, "argv": argv()}, extra.arrays,
+                         force=kw.get("force", False))
+        log.print(f"wrote {' and '.join('/' + g for g in [group, *(also or {})])} to {kw['output']}")
+    if kw.get("as_json"):
+        print_json(record_json(loaded, record, warnings=warnings, report=kw.get("output"), **(extra_json or {})))
+    elif tables is not None:
+        console = stdout_console()
+        analysis = record.as_analysis()
+        analysis["attrs"]["argv"] = argv()
+        for table in tables(analysis, loaded.record):
+            console.print(table)
+
+
+def record_json(loaded: Loaded, record: Record, *, warnings: list[str], **extra: Any) -> dict[str, Any]:
+    """The ``--json`` object of a command: the problem's keys (:func:`problem_json`), the
+    warnings, then :meth:`basins.record.Record.as_json` and ``extra`` (e.g. ``report``)."""
+    return {**problem_json(loaded), "warnings": warnings, **record.as_json(), **extra}
 
 
 def write_report(path: str, record: dict[str, Any], group: str, attrs: dict[str, Any],

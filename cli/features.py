@@ -13,23 +13,21 @@ import click
 from rich.console import RenderableType
 from rich.table import Table
 
+from basins.record import EIGEN_UNITS
+
 from .common import (
     Timer,
-    argv,
+    emit,
+    flag_names,
     fmt,
     load_problem,
     output_options,
-    print_json,
-    problem_json,
     problem_options,
     progress_bar,
     stderr_console,
-    stdout_console,
-    write_report,
 )
 from .spectrum import sparkline
 
-EIGEN_UNITS = "loss / parameter²"
 _SHOW = 12  # eigenvalues shown in the table
 
 
@@ -61,7 +59,7 @@ def features(**kw: Any) -> None:
       basins features model.pt --top 3 --json | jq '.loadings[0].per_output'
       basins features model.pt --max-samples 500 -o report.h5
     """
-    from basins.analyses.features import feature_gram
+    from basins.analyses.features import feature_analysis
     from basins.analyses.nullity import DEFAULT_RTOLS
 
     log = stderr_console(kw["quiet"])
@@ -69,64 +67,24 @@ def features(**kw: Any) -> None:
     with Timer() as setup:
         loaded = load_problem(kw, log)
     problem = loaded.problem
-    with Timer() as t, progress_bar(log, "feature Gram", total=problem.num_examples, unit="") as update:
-        fg = feature_gram(problem, route=kw["route"], top_vectors=kw["top_vectors"], gn_probes=kw["gn_probes"],
-                          seed=loaded.seed, callback=lambda p: update(p.done, total=p.total, info=f"{p.phase} {p.unit}".strip()))
+    with Timer() as t, progress_bar(log, "feature Gram", total=problem.num_examples) as update:
+        with flag_names(rtols="--rtol", atol="--atol", top_vectors="--top", gn_probes="--gn-probes"):
+            result = feature_analysis(problem, rtols=rtols, atol=kw["atol"], route=kw["route"],
+                                      top_vectors=kw["top_vectors"], gn_probes=kw["gn_probes"], seed=loaded.seed,
+                                      callback=update)
+    fg = result.gram
     for note in fg.notes:
         log.print(f"note: {note}")
     log.print(f"{fg.num_vjps:,} Jacobian rows ({fg.jacobian_mode}, route {fg.route}) and {fg.num_hvps} HVPs "
               f"in {t.seconds:.2f} s")
+    record = result.record()
+    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
 
-    ranks = []
-    for r in rtols:
-        thr = r * fg.lambda_max + kw["atol"]
-        rank, lo, hi = fg.rank_at(thr)
-        ranks.append({"rtol": r, "atol": kw["atol"], "threshold": thr, "rank": rank, "rank_lower": lo, "rank_upper": hi,
-                      "flat": fg.num_params - rank})
-    loadings = []
-    for i in range(0 if fg.eigenvectors is None else fg.eigenvectors.shape[1]):
-        per_output, per_example = fg.loadings(i)
-        loadings.append({"index": i, "eigenvalue": float(fg.eigenvalues[i]), "per_output": per_output,
-                         "per_example": per_example})
-    attrs: dict[str, Any] = {
-        "method": "feature Gram matrix H_ℓ^½ J Jᵀ H_ℓ^½ (nonzero spectrum of G = JᵀH_ℓJ)",
-        "rank": fg.rank, "cutoff": fg.cutoff, "sigma_noise": fg.sigma_noise, "float_floor": fg.float_floor,
-        "participation_ratio": fg.participation_ratio, "lambda_max": fg.lambda_max, "scale": fg.scale,
-        "num_outputs": fg.num_outputs, "outputs_per_example": fg.outputs_per_example, "route": fg.route,
-        "jacobian_mode": fg.jacobian_mode, "jacobian_dtype": fg.jacobian_dtype, "ranks": ranks,
-        "gn_residual": fg.gn_residual, "gn_residuals": fg.gn_residuals, "residual_scale": fg.residual_scale,
-        "notes": fg.notes, "seed": loaded.seed,
-        "num_hvps": fg.num_hvps, "num_vjps": fg.num_vjps, "num_loss_evals": 0, "hvp_route": problem.hvp_route,
-        "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "argv": argv(),
-    }
-    if kw["output"]:
-        from basins.files.report import Array
+    def tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
+        out = summary_tables(analysis, problem)
+        return out + [_loadings_table(result.loadings)] if result.loadings else out
 
-        arrays = {"eigenvalues": Array(fg.eigenvalues, "feature Gram eigenvalues = nonzero spectrum of G, descending",
-                                       EIGEN_UNITS)}
-        if fg.eigenvectors is not None:
-            arrays["eigenvectors"] = Array(fg.eigenvectors.float(), "top unit eigenvectors of the Gram matrix (n·k, q), "
-                                           "row i·k + j = output j of example i, float32", None)
-        write_report(kw["output"], loaded.record, "features", attrs=attrs, arrays=arrays, force=kw["force"])
-        log.print(f"wrote /features to {kw['output']}")
-
-    if kw["as_json"]:
-        print_json({
-            **problem_json(loaded), "hvp_route": problem.hvp_route, "eigenvalues": fg.eigenvalues, "rank": fg.rank,
-            "cutoff": fg.cutoff, "num_outputs": fg.num_outputs, "outputs_per_example": fg.outputs_per_example,
-            "participation_ratio": fg.participation_ratio, "lambda_max": fg.lambda_max, "scale": fg.scale,
-            "ranks": ranks, "loadings": loadings, "gn_residual": fg.gn_residual, "gn_residuals": fg.gn_residuals,
-            "residual_scale": fg.residual_scale,
-            "route": fg.route, "jacobian_mode": fg.jacobian_mode, "notes": fg.notes, "num_hvps": fg.num_hvps,
-            "num_vjps": fg.num_vjps, "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "report": kw["output"],
-        })
-    else:
-        analysis = {"attrs": attrs, "datasets": {"eigenvalues": {"values": fg.eigenvalues.numpy()}}}
-        console = stdout_console()
-        for table in summary_tables(analysis, loaded.record):
-            console.print(table)
-        if loadings:
-            console.print(_loadings_table(loadings))
+    emit(kw, log, loaded, "features", record, warnings=list(loaded.warnings), tables=tables)
 
 
 def _loadings_table(loadings: list[dict[str, Any]]) -> Table:

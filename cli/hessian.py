@@ -13,22 +13,20 @@ import click
 from rich.console import RenderableType
 from rich.table import Table
 
+from basins.record import EIGEN_UNITS
+
 from .common import (
     Timer,
-    argv,
+    emit,
+    flag_names,
     fmt,
     load_problem,
     output_options,
-    print_json,
-    problem_json,
     problem_options,
     progress_bar,
     stderr_console,
-    stdout_console,
-    write_report,
 )
 
-EIGEN_UNITS = "loss / parameter²"
 _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
 
 
@@ -55,16 +53,17 @@ def hessian(**kw: Any) -> None:
     """Largest (and/or smallest) Hessian eigenvalues at the saved parameters, by Lanczos.
 
     Every eigenvalue comes with an error bound b (JSON error_bounds): an eigenvalue of the exact
-    Hessian lies within λ ± b. In float32, b is measured: each Ritz vector y gets one float64
-    check product, λ is its float64 Rayleigh quotient yᵀHy and b = ‖Hy − λy‖ (k extra HVPs per
-    end), so the rounding of the float32 HVPs is included. In float64, b is the Lanczos residual
-    (JSON residuals, kept in both dtypes) plus 64·eps·max|λ|. A negative bottom eigenvalue beyond
-    its residual means the point is a saddle.
+    Hessian lies within λ ± b, rounding of the HVPs included. The Lanczos residual r (JSON
+    residuals) is that of the HVP as computed; in float32 its rounding can exceed r by orders of
+    magnitude, so it is measured at run time: one more HVP per eigenvalue, at the rescaled Ritz
+    vector c·y (c = 1.375), and b = r + 4·‖H(c·y)/c − λy‖ (an estimate; it held on every
+    benchmark and test problem). In float64, b = r + 64·eps·max|λ|. A negative bottom
+    eigenvalue beyond its residual means the point is a saddle.
 
     Memory is dominated by the cached gradient graph of the `graph` HVP route (activations of
-    every example, kept only when they fit a quarter of this process' share of RAM; --hvp fwd-rev
-    recomputes one chunk at a time instead, --batch-size sets the chunk), then by the Lanczos
-    basis (P × (steps+1) numbers).
+    every example, kept only when they fit a quarter of this process' share of RAM; --hvp
+    fwd-rev recomputes one chunk at a time instead, --batch-size sets the chunk), then by the
+    Lanczos basis (P × basis-size numbers).
 
     \b
     --json keys: eigenvalues (descending for top, ascending for bottom),
@@ -95,25 +94,18 @@ def hessian(**kw: Any) -> None:
         log.print("[yellow]note:[/] eigenvectors are stored only in a report: add -o report.h5")
     k = kw["top_k"]
 
-    with Timer() as t, progress_bar(log, f"Lanczos ({kw['which']} {k})", total=kw["max_hvps"]) as update:
-
-        def on_progress(p: Any) -> None:
-            if p.phase == "lanczos":
-                rel = "-" if p.max_residual is None or math.isnan(p.max_residual) else f"{p.max_residual:.1e}"
-                info = f"max residual/‖H‖ {rel}, {p.num_converged} converged"
-            else:
-                info = f"trace ({kw['trace_method']})"
-            update(p.num_hvps, total=p.max_hvps, info=info)
-
-        result = hessian_eigenvalues(
-            problem, k=k, which=kw["which"], tol=kw["tol"], max_hvps=kw["max_hvps"], block_size=kw["block_size"],
-            eigenvectors=kw["eigenvectors"] and bool(kw["output"]), trace=kw["trace"],
-            trace_method=kw["trace_method"], trace_hvps=kw["trace_hvps"], seed=loaded.seed, callback=on_progress,
-        )
+    with Timer() as t, progress_bar(log, f"Lanczos ({kw['which']} {k})", total=kw["max_hvps"]) as on_progress:
+        with flag_names(k="--top-k", which="--which", tol="--tol", max_hvps="--max-hvps",
+                        block_size="--block-size", trace_method="--trace-method", trace_hvps="--trace-hvps"):
+            result = hessian_eigenvalues(
+                problem, k=k, which=kw["which"], tol=kw["tol"], max_hvps=kw["max_hvps"], block_size=kw["block_size"],
+                eigenvectors=kw["eigenvectors"] and bool(kw["output"]), trace=kw["trace"],
+                trace_method=kw["trace_method"], trace_hvps=kw["trace_hvps"], seed=loaded.seed, callback=on_progress,
+            )
 
     warnings = list(loaded.warnings)
     if result.is_saddle:
-        lam, r = _most_negative(result)
+        lam, r = result.most_negative()
         msg = (f"λ_min = {lam:.6g} ± {r:.2g} < 0: the Hessian has a direction of negative curvature, "
                "so this point is a saddle (or a maximum), not a minimum")
         warnings.append(msg)
@@ -126,50 +118,11 @@ def hessian(**kw: Any) -> None:
         log.print(f"[yellow]warning:[/] {msg}")
     log.print(f"{result.num_hvps} HVPs in {t.seconds:.2f} s ({problem.counters.num_hvps} in all, set-up included)")
 
-    # everything the run computed: set-up (loss, gradient, determinism check, route choice) and checks included
-    counts = {**problem.counters.as_dict(), "num_setup_hvps": num_setup_hvps}
-    attrs: dict[str, Any] = {
-        "method": "Lanczos, full reorthogonalisation, float64 tridiagonal, thick restart",
-        "which": result.which, "top_k": k, "tol": kw["tol"], "max_hvps": kw["max_hvps"],
-        "block_size": kw["block_size"], "seed": loaded.seed,
-        "trace_method": result.trace_method, "trace_hvps": kw["trace_hvps"] if kw["trace"] else None,
-        "lambda_max": result.lambda_max, "lambda_min": result.lambda_min,
-        "is_saddle": result.is_saddle, "saddle_floor": result.saddle_floor,
-        "all_converged": result.all_converged, "num_converged": result.num_converged, "num_wanted": result.num_wanted,
-        "trace": result.trace, "trace_stderr": result.trace_stderr,
-        **counts, "num_lanczos_hvps": result.num_lanczos_hvps,
-        "num_trace_hvps": result.num_trace_hvps, "num_check_hvps": result.num_check_hvps,
-        "num_restarts": result.num_restarts, "hvp_route": problem.hvp_route,
-        "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "argv": argv(),
-    }
-    arrays = _arrays(result)
-    if kw["output"]:
-        write_report(kw["output"], loaded.record, "hessian", attrs, arrays, force=kw["force"])
-        log.print(f"wrote /hessian to {kw['output']}")
-
-    if kw["as_json"]:
-        out: dict[str, Any] = {**problem_json(loaded), "warnings": warnings, "hvp_route": problem.hvp_route,
-                               "which": result.which, "top_k": k, "tol": kw["tol"]}
-        for name in ("eigenvalues", "residuals", "error_bounds", "converged"):
-            out[name] = getattr(result, name)
-        if result.which == "both":
-            for name in ("bottom_eigenvalues", "bottom_residuals", "bottom_error_bounds", "bottom_converged"):
-                out[name] = getattr(result, name)
-        out.update({
-            "all_converged": result.all_converged, "is_saddle": result.is_saddle,
-            "lambda_max": result.lambda_max, "lambda_min": result.lambda_min,
-            "trace": result.trace, "trace_stderr": result.trace_stderr, "trace_method": result.trace_method,
-            **counts, "num_lanczos_hvps": result.num_lanczos_hvps,
-            "num_trace_hvps": result.num_trace_hvps, "num_check_hvps": result.num_check_hvps,
-            "num_restarts": result.num_restarts, "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "report": kw["output"],
-        })
-        print_json(out)
-    else:
-        analysis = {"attrs": attrs, "datasets": {n: {"values": a.values, "description": a.description,
-                                                      "units": a.units} for n, a in arrays.items()}}
-        console = stdout_console()
-        for table in summary_tables(analysis, loaded.record):
-            console.print(table)
+    record = result.record()
+    # every count is the work the run did: set-up (loss, gradient, determinism check, route choice) and checks included
+    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds, num_setup_hvps=num_setup_hvps,
+                        **problem.counters.as_dict())
+    emit(kw, log, loaded, "hessian", record, warnings=warnings, tables=summary_tables)
 
     if kw["strict"] and not result.all_converged:
         from basins.errors import ComputeError
@@ -178,42 +131,6 @@ def hessian(**kw: Any) -> None:
             f"--strict: {result.num_wanted - result.num_converged} of {result.num_wanted} eigenvalues did not "
             f"converge within {result.num_lanczos_hvps} HVPs (raise --max-hvps or loosen --tol)"
         )
-
-
-def _most_negative(result: Any) -> tuple[float, float]:
-    vals, res = result.eigenvalues, result.residuals
-    if result.which == "both" and result.bottom_eigenvalues is not None:
-        vals, res = result.bottom_eigenvalues, result.bottom_residuals
-    i = int(vals.argmin())
-    return float(vals[i]), float(res[i])
-
-
-def _arrays(result: Any) -> dict[str, Any]:
-    from basins.files.report import Array
-
-    end = "bottom (ascending)" if result.which == "bottom" else "top (descending)"
-    arrays = {
-        "eigenvalues": Array(result.eigenvalues, f"Ritz values, {end}", EIGEN_UNITS),
-        "residuals": Array(result.residuals, "Lanczos residual norms ‖Hy − λy‖ of the HVP as computed", EIGEN_UNITS),
-        "error_bounds": Array(result.error_bounds, "an eigenvalue of the exact Hessian lies within λ ± bound "
-                              "(HVP rounding included: float64 check products)", EIGEN_UNITS),
-        "converged": Array(result.converged.numpy(), "residual ≤ tol·max|λ| (max over all Ritz values)", None),
-    }
-    if result.which == "both":
-        arrays.update({
-            "bottom_eigenvalues": Array(result.bottom_eigenvalues, "Ritz values, bottom (ascending)", EIGEN_UNITS),
-            "bottom_residuals": Array(result.bottom_residuals, "residual norms of the bottom Ritz values", EIGEN_UNITS),
-            "bottom_error_bounds": Array(result.bottom_error_bounds, "error bounds of the bottom eigenvalues "
-                                         "(HVP rounding included)", EIGEN_UNITS),
-            "bottom_converged": Array(result.bottom_converged.numpy(), "residual ≤ tol·max|λ| (max over all Ritz values)", None),
-        })
-    if result.eigenvectors is not None:
-        arrays["eigenvectors"] = Array(result.eigenvectors.float(), "unit Ritz vectors (P, k), columns as eigenvalues, "
-                                       "float32", None)
-    if result.bottom_eigenvectors is not None:
-        arrays["bottom_eigenvectors"] = Array(result.bottom_eigenvectors.float(), "unit Ritz vectors of the bottom end "
-                                              "(P, k), float32", None)
-    return arrays
 
 
 # ---------------------------------------------------------------------- summary renderers

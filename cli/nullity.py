@@ -13,23 +13,19 @@ import click
 from rich.console import RenderableType
 from rich.table import Table
 
+from basins.record import EIGEN_UNITS
+
 from .common import (
     Timer,
-    argv,
+    emit,
+    flag_names,
     fmt,
     load_problem,
     output_options,
-    print_json,
-    problem_json,
     problem_options,
     progress_bar,
     stderr_console,
-    stdout_console,
-    write_report,
 )
-
-EIGEN_UNITS = "loss / parameter²"
-_COUNT_KEYS = ("rtol", "atol", "threshold", "count", "count_lower", "count_upper", "method")
 
 
 @click.command()
@@ -69,77 +65,25 @@ def nullity(**kw: Any) -> None:
         loaded = load_problem(kw, log)
     problem = loaded.problem
 
-    with Timer() as t, progress_bar(log, f"nullity ({kw['method']})", total=None, unit="") as update:
-        result = count_nullity(
-            problem, method=kw["method"], rtols=rtols, atol=kw["atol"], seed=loaded.seed, num_probes=kw["probes"],
-            num_steps=kw["steps"], deflate=kw["deflate"],
-            callback=lambda p: update(p.done, total=p.total, info=f"{p.phase} {p.unit}".strip()),
-        )
+    with Timer() as t, progress_bar(log, f"nullity ({kw['method']})") as update:
+        with flag_names(method="--method", rtols="--rtol", atol="--atol", num_probes="--probes",
+                        num_steps="--steps", deflate="--deflate"):
+            result = count_nullity(
+                problem, method=kw["method"], rtols=rtols, atol=kw["atol"], seed=loaded.seed, num_probes=kw["probes"],
+                num_steps=kw["steps"], deflate=kw["deflate"],
+                callback=update,
+            )
     for note in result.notes:
         log.print(f"note: {note}")
     log.print(f"method {result.method}: {result.num_hvps} HVPs in {t.seconds:.2f} s")
 
-    counts = [{k: getattr(c, k) for k in _COUNT_KEYS} for c in result.counts]
-    attrs: dict[str, Any] = {
-        "method": result.method, "method_asked": kw["method"], "lambda_max": result.lambda_max,
-        "rtols": list(rtols), "atol": kw["atol"], "counts": counts, "notes": result.notes,
-        "eigenvalue_error": result.eigenvalue_error, "gn_residual": result.gn_residual,
-        "num_deflated": result.num_deflated if result.method == "slq" else None,
-        "num_probes": kw["probes"] if result.method == "slq" else None,
-        "num_steps": kw["steps"] if result.method == "slq" else None,
-        "coverage": result.coverage, "seed": loaded.seed,
-        "num_hvps": result.num_hvps, "num_loss_evals": 0, "hvp_route": problem.hvp_route,
-        "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "argv": argv(),
-    }
-    if result.features is not None:
-        attrs.update({"num_outputs": result.features.num_outputs, "gram_rank": result.features.rank,
-                      "gram_cutoff": result.features.cutoff, "num_vjps": result.features.num_vjps})
-    if kw["output"]:
-        write_report(kw["output"], loaded.record, "nullity", attrs=attrs, arrays=_arrays(result), force=kw["force"])
-        log.print(f"wrote /nullity to {kw['output']}")
+    record = result.record()
+    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
 
-    if kw["as_json"]:
-        out: dict[str, Any] = {
-            **problem_json(loaded), "hvp_route": problem.hvp_route, "lambda_max": result.lambda_max,
-            "method": result.method, "method_asked": kw["method"], "counts": counts, "notes": result.notes,
-            "eigenvalue_error": result.eigenvalue_error, "gn_residual": result.gn_residual,
-            "num_hvps": result.num_hvps, "wall_seconds": t.seconds, "setup_seconds": setup.seconds,
-            "report": kw["output"],
-        }
-        if result.method == "slq" and result.slq is not None:
-            out.update({"num_deflated": result.num_deflated, "coverage": result.coverage,
-                        "num_probes": result.slq.num_probes, "num_steps": result.slq.num_steps})
-        if result.features is not None:
-            out.update({"num_outputs": result.features.num_outputs, "gram_rank": result.features.rank,
-                        "gn_residuals": result.features.gn_residuals})
-        print_json(out)
-    else:
-        console = stdout_console()
-        for table in summary_tables({"attrs": {**attrs, "notes": []}}, loaded.record):  # notes went to stderr
-            console.print(table)
+    def tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
+        return summary_tables({**analysis, "attrs": {**analysis["attrs"], "notes": []}}, problem)  # notes: stderr
 
-
-def _arrays(result: Any) -> dict[str, Any]:
-    from basins.files.report import Array
-
-    arrays = {
-        "rtol": Array([c.rtol for c in result.counts], "relative thresholds (× λ_max)", None),
-        "threshold": Array([c.threshold for c in result.counts], "thresholds t = rtol·λ_max + atol", EIGEN_UNITS),
-        "count": Array([float(c.count) for c in result.counts], "#{|λ| ≤ t} (slq: an estimate)", "eigenvalues"),
-        "count_lower": Array([float(c.count_lower) for c in result.counts], "lower end of the count's interval", "eigenvalues"),
-        "count_upper": Array([float(c.count_upper) for c in result.counts], "upper end of the count's interval", "eigenvalues"),
-    }
-    if result.method == "exact" and result.eigenvalues is not None:
-        arrays["eigenvalues"] = Array(result.eigenvalues, "all Hessian eigenvalues, ascending (dense eigvalsh)", EIGEN_UNITS)
-    if result.method == "features" and result.eigenvalues is not None:
-        arrays["gram_eigenvalues"] = Array(result.eigenvalues, "feature Gram eigenvalues = nonzero spectrum of G, "
-                                           "descending", EIGEN_UNITS)
-    if result.slq is not None:
-        nodes, weights, residuals = result.slq.padded()
-        arrays["slq_nodes"] = Array(nodes, "SLQ nodes on the deflated Hessian, one row per probe, NaN-padded", EIGEN_UNITS)
-        arrays["slq_weights"] = Array(weights, "SLQ weights, rows sum to 1, 0-padded", None)
-        arrays["slq_residuals"] = Array(residuals, "SLQ node residuals, NaN-padded", EIGEN_UNITS)
-    return arrays
+    emit(kw, log, loaded, "nullity", record, warnings=list(loaded.warnings), tables=tables)
 
 
 # ---------------------------------------------------------------------- summary renderers

@@ -16,23 +16,21 @@ import numpy as np
 from rich.console import RenderableType
 from rich.table import Table
 
+from basins.record import EIGEN_UNITS
+
 from .common import (
     Timer,
-    argv,
+    emit,
+    flag_names,
     fmt,
     is_main_process,
     load_problem,
     output_options,
-    print_json,
-    problem_json,
     problem_options,
     progress_bar,
     stderr_console,
-    stdout_console,
-    write_report,
 )
 
-EIGEN_UNITS = "loss / parameter²"
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
 
@@ -65,8 +63,7 @@ def spectrum(**kw: Any) -> None:
       basins spectrum model.pt --scale log --plot spectrum.png -o report.h5
       basins spectrum model.pt --json | jq .num_hvps
     """
-    from basins.analyses.spectrum import hessian_slq
-    from basins.linalg.slq import spectral_density
+    from basins.analyses.spectrum import hessian_spectrum
 
     if kw["plot_path"]:
         _require_matplotlib()
@@ -76,60 +73,19 @@ def spectrum(**kw: Any) -> None:
     problem = loaded.problem
     total = kw["probes"] * min(kw["steps"], problem.num_params)
     with Timer() as t, progress_bar(log, f"SLQ ({kw['probes']} probes)", total=total) as update:
-        result = hessian_slq(
-            problem, num_probes=kw["probes"], num_steps=kw["steps"], seed=loaded.seed,
-            callback=lambda p: update(p.num_matvecs, total=p.max_matvecs, info=f"step {p.step}/{p.num_steps}"),
-        )
-    dens = spectral_density(result.nodes, result.weights, scale=kw["scale"], sigma=kw["sigma"], num_points=kw["points"])
-    log.print(f"{result.num_matvecs} HVPs in {t.seconds:.2f} s")
-
-    nodes, weights, residuals = result.padded()
-    attrs: dict[str, Any] = {
-        "method": "stochastic Lanczos quadrature, full reorthogonalisation, float64 tridiagonal",
-        "num_probes": result.num_probes, "num_steps": result.num_steps, "probe": result.probe,
-        "seed": loaded.seed, "scale": dens.scale, "sigma": dens.sigma, "floor": dens.floor,
-        "coverage": dens.coverage, "trace": result.trace, "trace_stderr": result.trace_stderr,
-        "node_min": result.lambda_min, "node_max": result.lambda_max,
-        "num_hvps": result.num_matvecs, "num_loss_evals": 0, "hvp_route": problem.hvp_route,
-        "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "argv": argv(),
-    }
-    grid_units = "log10(|λ| / (loss / parameter²))" if dens.scale == "log" else EIGEN_UNITS
-    dens_units = "per decade of |λ|" if dens.scale == "log" else f"1 / ({EIGEN_UNITS})"
-    if kw["output"]:
-        from basins.files.report import Array
-
-        arrays = {
-            "nodes": Array(nodes, "Gauss quadrature nodes (Ritz values), one row per probe, NaN-padded", EIGEN_UNITS),
-            "weights": Array(weights, "quadrature weights (squared first components), rows sum to 1, 0-padded", None),
-            "residuals": Array(residuals, "node residuals |β_m s_mj|, NaN-padded", EIGEN_UNITS),
-            "quadratic_forms": Array(result.quadratic_forms, "vᵀHv per unit probe", EIGEN_UNITS),
-            "grid": Array(dens.grid, f"density grid ({dens.scale})", grid_units),
-            "density": Array(dens.density, "Gaussian-broadened spectral density, mean over probes", dens_units),
-            "density_lower": Array(dens.density_lower, f"lower end of the pointwise {dens.coverage:.0%} band", dens_units),
-            "density_upper": Array(dens.density_upper, f"upper end of the pointwise {dens.coverage:.0%} band", dens_units),
-        }
-        write_report(kw["output"], loaded.record, "spectrum", attrs=attrs, arrays=arrays, force=kw["force"])
-        log.print(f"wrote /spectrum to {kw['output']}")
+        with flag_names(num_probes="--probes", num_steps="--steps", scale="--scale", sigma="--sigma",
+                        num_points="--points"):
+            result = hessian_spectrum(problem, num_probes=kw["probes"], num_steps=kw["steps"], seed=loaded.seed,
+                                      scale=kw["scale"], sigma=kw["sigma"], num_points=kw["points"], callback=update)
+    log.print(f"{result.slq.num_matvecs} HVPs in {t.seconds:.2f} s")
     if kw["plot_path"] and is_main_process():
-        plot_density(dens, kw["plot_path"], title=f"Hessian spectral density ({result.num_probes} probes × {result.num_steps} steps)")
+        plot_density(result.density, kw["plot_path"],
+                     title=f"Hessian spectral density ({result.slq.num_probes} probes × {result.slq.num_steps} steps)")
         log.print(f"wrote {kw['plot_path']}")
-
-    if kw["as_json"]:
-        print_json({
-            **problem_json(loaded), "hvp_route": problem.hvp_route, "scale": dens.scale, "sigma": dens.sigma,
-            "floor": dens.floor, "coverage": dens.coverage, "grid": dens.grid, "density": dens.density,
-            "density_lower": dens.density_lower, "density_upper": dens.density_upper,
-            "nodes": result.nodes, "weights": result.weights, "residuals": result.residuals,
-            "quadratic_forms": result.quadratic_forms, "trace": result.trace, "trace_stderr": result.trace_stderr,
-            "node_min": result.lambda_min, "node_max": result.lambda_max, "num_probes": result.num_probes,
-            "num_steps": result.num_steps, "probe": result.probe, "num_hvps": result.num_matvecs,
-            "wall_seconds": t.seconds, "setup_seconds": setup.seconds, "report": kw["output"], "plot": kw["plot_path"],
-        })
-    else:
-        analysis = {"attrs": attrs, "datasets": {"nodes": {"values": nodes.numpy()}, "weights": {"values": weights.numpy()}}}
-        console = stdout_console()
-        for table in summary_tables(analysis, loaded.record):
-            console.print(table)
+    record = result.record()
+    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
+    emit(kw, log, loaded, "spectrum", record, warnings=list(loaded.warnings), tables=summary_tables,
+         extra_json={"plot": kw["plot_path"]})
 
 
 def _require_matplotlib() -> None:

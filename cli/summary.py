@@ -1,9 +1,9 @@
 """``basins summary REPORT...``: show reports as rich tables, one JSON document, or CSV.
 
-Renderers: an analysis group ``/<name>`` is drawn by ``basins.cli.<name>.summary_tables``
-(one report) and ``summary_row`` (several reports) when that module exports them (``/walls``
-by ``basins.cli.volume``); any other group is drawn generically (attributes as key/value rows, datasets with shape, description
-and units).
+Renderers: an analysis group ``/<name>`` is drawn by the ``summary_tables`` (one report) and
+``summary_row`` (several reports) of the ``basins.cli`` module that :data:`RENDERERS` names for
+it (``/walls`` by ``basins.cli.volume``); any other group is drawn generically (attributes as
+key/value rows, datasets with shape, description and units).
 """
 
 from __future__ import annotations
@@ -127,27 +127,29 @@ def _json_report(d: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- renderer lookup
-#: groups written by a command of another name: ``/walls`` comes from ``basins volume --walls``.
-RENDERER_MODULES = {"walls": "volume"}
+#: Report group → the ``basins.cli`` module whose ``summary_tables`` / ``summary_row`` /
+#: ``csv_rows`` draw it (imported when a report has that group). A new analysis adds its line;
+#: a group not listed here is drawn generically.
+RENDERERS: dict[str, str] = {
+    "hessian": "hessian",
+    "spectrum": "spectrum",
+    "nullity": "nullity",
+    "features": "features",
+    "volume": "volume",
+    "walls": "volume",  # written by ``basins volume --walls``
+}
 
 
 def _renderer(group: str, attr: str, log: Console) -> Callable[..., Any] | None:
-    """``basins.cli.<group>.<attr>`` (or the module :data:`RENDERER_MODULES` names) if it exists
-    and exports ``attr``; else None (the group is drawn generically)."""
-    name = group if group.isidentifier() else ""
-    if name in ("summary", "common", "main", ""):
+    """``basins.cli.<RENDERERS[group]>.<attr>`` if the group is listed and the module exports
+    ``attr``; else None (the group is drawn generically)."""
+    name = RENDERERS.get(group)
+    if name is None:
         return None
     try:
         module = importlib.import_module(f"{__package__}.{name}")
-    except ImportError:
-        if group not in RENDERER_MODULES:
-            return None
-        try:
-            module = importlib.import_module(f"{__package__}.{RENDERER_MODULES[group]}")
-        except ImportError:
-            return None
     except Exception as exc:  # a broken renderer module must not hide the report
-        log.print(f"[yellow]note:[/] cannot import basins.cli.{group} ({type(exc).__name__}: {exc}); "
+        log.print(f"[yellow]note:[/] cannot import basins.cli.{name} ({type(exc).__name__}: {exc}); "
                   f"showing /{group} generically")
         return None
     fn = getattr(module, attr, None)

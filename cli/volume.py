@@ -7,7 +7,6 @@ Also the renderers ``basins summary`` uses for a report's ``/volume`` and ``/wal
 from __future__ import annotations
 
 import importlib.util
-import math
 from typing import Any
 
 import click
@@ -16,24 +15,15 @@ from rich.table import Table
 
 from .common import (
     Timer,
-    argv,
+    emit,
     fmt,
     is_main_process,
-    jsonable,
     load_problem,
     output_options,
-    print_json,
-    problem_json,
     problem_options,
     progress_bar,
     stderr_console,
-    stdout_console,
-    write_report,
 )
-
-RADIUS_UNITS = "parameter units (Euclidean norm of θ − θ*)"
-_RAY_ORDER = "ray 2j is +u_j, ray 2j+1 is −u_j (u_j regenerated from pair_seeds[j])"
-_STATUS = "0 crossed, 1 censored (no crossing below max_radius), 2 collapsed (C ≥ ε at min_radius), 3 unconverged"
 
 
 @click.command()
@@ -102,11 +92,7 @@ def volume(**kw: Any) -> None:
     epsilons = sorted(set(kw["epsilons"])) or list(DEFAULT_EPSILONS)
     total = 2 * num_pairs * len(families)
 
-    with Timer() as t, progress_bar(log, "probing rays", total=total, unit="rays") as update:
-
-        def on_progress(p: Any) -> None:
-            update(p.rays_done, info=f"{p.stage}: {p.num_loss_evals:,} loss evals, {p.num_hvps:,} HVPs")
-
+    with Timer() as t, progress_bar(log, "probing rays", total=total) as on_progress:
         result = probe_problem(
             problem, num_pairs, epsilons, families=families, normalisation=kw["normalisation"], top_k=kw["top_k"],
             seed=loaded.seed, radius_rtol=kw["radius_rtol"], max_radius=kw["max_radius"], sigma=kw["sigma"],
@@ -118,171 +104,31 @@ def volume(**kw: Any) -> None:
               f"(batched loss: {result.loss_route['route'] if result.loss_route else '-'}"
               f"{'' if not result.loss_route or result.loss_route['chunk'] is None else ' ×' + str(result.loss_route['chunk'])})")
     warnings = list(loaded.warnings)
-    prim = result.primary
-    for j, e in enumerate(result.epsilons):
-        cens = int((prim.status[:, j] == 1).sum())
+    for e, cens in zip(result.epsilons, result.num_censored()):
         if cens:
-            msg = (f"ε = {e:g}: {cens} of {prim.num_rays} rays found no crossing below max radius "
+            msg = (f"ε = {e:g}: {cens} of {result.primary.num_rays} rays found no crossing below max radius "
                    f"{result.max_radius:.3g} (censored): the volume is a lower bound")
             warnings.append(msg)
             log.print(f"[yellow]warning:[/] {msg}")
     for note in result.notes:
         log.print(f"note: {note}")
 
-    out = result_json(result)
-    settings = {
-        "samples": 2 * num_pairs, "ray_families": families, "directions": kw["normalisation"], "top_k": kw["top_k"],
-        "walls_enabled": bool(kw["walls"]), "compare_quadratic": kw["compare_quadratic"],
-        "null_rtol": kw["null_rtol"], "exact_max_params": kw["exact_max_params"],
-    }
-    if kw["output"]:
-        _write(kw["output"], loaded.record, result, out, settings, t.seconds, setup.seconds, kw["force"])
-        log.print(f"wrote /volume{' and /walls' if kw['walls'] else ''} to {kw['output']}")
+    timing = {"wall_seconds": t.seconds, "setup_seconds": setup.seconds}
+    record = result.record()
+    record.attrs.update(timing)
+    walls = result.walls_record()
+    if walls is not None:
+        walls.attrs.update(timing)
+
+    def tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
+        out = summary_tables(analysis, problem)
+        return out + summary_tables(walls.as_analysis(), problem) if walls is not None else out
+
     if kw["plot"] and is_main_process():
         plot_walls(kw["plot"], result)
         log.print(f"wrote {kw['plot']}")
-    if kw["as_json"]:
-        print_json({**problem_json(loaded), "warnings": warnings, **out, "wall_seconds": t.seconds,
-                    "setup_seconds": setup.seconds, "report": kw["output"]})
-    else:
-        console = stdout_console()
-        analysis = {"attrs": {**jsonable(out), **settings, "analysis": "volume", "wall_seconds": t.seconds}}
-        for table in summary_tables(analysis, loaded.record):
-            console.print(table)
-        if result.families and any(f.walls is not None for f in result.families.values()):
-            for table in summary_tables({"attrs": {"analysis": "walls", **jsonable(_walls_attrs(result))}},
-                                        loaded.record):
-                console.print(table)
-
-
-# ---------------------------------------------------------------------- JSON
-def _est(v: Any, name: str) -> Any:
-    return None if v is None else getattr(v, name)
-
-
-def family_json(fr: Any, epsilons: list[float]) -> dict[str, Any]:
-    """The per-family keys of ``--json`` (one list entry per ε where a key depends on ε)."""
-    import numpy as np
-
-    from basins.analyses.volume.estimators import quantile_summary
-
-    E = len(epsilons)
-    vols, prior = fr.volume, fr.prior_mass
-    def slopes(vals: list[Any], ok: list[bool]) -> list[float | None]:
-        return [(vals[j + 1] - vals[j]) / math.log(epsilons[j + 1] / epsilons[j])
-                if ok[j] and ok[j + 1] and vals[j] is not None and vals[j + 1] is not None else None
-                for j in range(E - 1)]
-
-    logv = [_est(v, "log_value") for v in vols]
-    slope = slopes(logv, [v is not None and not v.is_lower_bound for v in vols])
-    typical = slopes([_est(v, "jensen_bound") for v in vols], [v is not None for v in vols])
-    return {
-        "family": fr.family, "directions": fr.normalisation, "dimension": fr.dimension,
-        "num_rays": fr.num_rays, "num_pairs": fr.num_rays // 2,
-        "log_volume": logv, "log_volume_se": [_est(v, "se") for v in vols],
-        "ess": [_est(v, "ess") for v in vols], "max_weight_share": [_est(v, "max_weight_share") for v in vols],
-        "is_lower_bound": [_est(v, "is_lower_bound") for v in vols],
-        "ci_lower": [_est(v, "ci_lower") for v in vols], "ci_upper": [_est(v, "ci_upper") for v in vols],
-        "ci_level": next((v.level for v in vols if v is not None), None),
-        "jensen_bound": [_est(v, "jensen_bound") for v in vols],
-        "jensen_bound_se": [_est(v, "jensen_se") for v in vols],
-        "radius_error_nats": [_est(v, "radius_error") for v in vols],
-        "volume_slope": slope,
-        "typical_slope": typical,
-        "log_prior_mass": [_est(v, "log_value") for v in prior],
-        "log_prior_mass_se": [_est(v, "se") for v in prior],
-        "prior_ess": [_est(v, "ess") for v in prior],
-        "prior_is_lower_bound": [_est(v, "is_lower_bound") for v in prior],
-        "prior_ci_lower": [_est(v, "ci_lower") for v in prior],
-        "prior_ci_upper": [_est(v, "ci_upper") for v in prior],
-        "radii": [quantile_summary(np.where(fr.status[:, j] == 0, fr.radii[:, j], np.nan)) for j in range(E)],
-        "censored": [int((fr.status[:, j] == 1).sum()) for j in range(E)],
-        "collapsed": [int((fr.status[:, j] == 2).sum()) for j in range(E)],
-        "unconverged": [int((fr.status[:, j] == 3).sum()) for j in range(E)],
-        "reentered": [int(fr.reentered[:, j].sum()) for j in range(E)],
-        "evals_per_ray": [float(fr.num_evals[:, j].mean()) for j in range(E)],
-        "walls": None if fr.walls is None else fr.walls.summary,
-    }
-
-
-def result_json(result: Any) -> dict[str, Any]:
-    """``--json`` keys of a :class:`basins.analyses.volume.probe.ProbeResult` (top level: the primary family)."""
-    fams = {name: family_json(fr, result.epsilons) for name, fr in result.families.items()}
-    prim = fams[result.primary.family]
-    q = result.quadratic
-    return {
-        "num_params": result.num_params, **prim, "epsilon": result.epsilons,
-        "num_loss_evals": result.num_loss_evals, "num_hvps": result.num_hvps,
-        "num_search_evals": int(sum(int(fr.num_evals.sum()) for fr in result.families.values())),
-        "radius_rtol": result.radius_rtol, "max_radius": result.max_radius, "sigma": result.sigma,
-        "seed": result.seed, "walls_epsilon": result.walls_epsilon,
-        "families": fams,
-        "quadratic": None if q is None else {
-            "log_volume": q.log_volume, "dimension": q.dimension, "num_null": q.num_null,
-            "num_negative": q.num_negative, "threshold": q.threshold, "null_rtol": q.null_rtol,
-            "method": q.method, "complete": q.complete, "note": q.note,
-        },
-        "notes": result.notes, "loss_route": result.loss_route,
-    }
-
-
-# ---------------------------------------------------------------------- report
-def _walls_attrs(result: Any) -> dict[str, Any]:
-    return {
-        "walls_epsilon": result.walls_epsilon, "t": result.wall_t, "floor_fraction": 0.01,
-        "family_walls": {n: fr.walls.summary for n, fr in result.families.items() if fr.walls is not None},
-    }
-
-
-def _write(path: str, record: dict[str, Any], result: Any, out: dict[str, Any], settings: dict[str, Any],
-           seconds: float, setup_seconds: float, force: bool) -> None:
-    import numpy as np
-
-    from basins.files.report import Array
-
-    common = {"argv": argv(), "wall_seconds": seconds, "setup_seconds": setup_seconds, **settings}
-    attrs = {"analysis": "volume", **jsonable(out), **common}
-    arrays: dict[str, Array] = {"epsilon": Array(np.asarray(result.epsilons), "the ε ladder: loss rise defining the basin", "loss units")}
-    for name, fr in result.families.items():
-        arrays.update({
-            f"{name}/radii": Array(fr.radii, f"(rays, ε) radius where C = L − L(θ*) first reaches ε; {_RAY_ORDER}; "
-                                             "max_radius when censored", RADIUS_UNITS),
-            f"{name}/pair_seeds": Array(fr.pair_seeds, "per pair j: torch.Generator().manual_seed(seed) → randn float64 → "
-                                                       "family projection → unit norm (basins.analyses.volume.directions.DirectionSampler)", None),
-            f"{name}/status": Array(fr.status, f"(rays, ε) {_STATUS}", None),
-            f"{name}/log_error": Array(fr.log_error, "(rays, ε) half-width of the final bracket in log r", "nats"),
-            f"{name}/reentered": Array(fr.reentered, "(rays, ε) a point beyond the crossing had C < ε", None),
-            f"{name}/num_evals": Array(fr.num_evals, "(rays, ε) loss evaluations spent by the radius search", None),
-            f"{name}/dots": Array(fr.dots, "per ray u·θ* (for the prior mass)", "parameter units"),
-        })
-    if result.eigenvalues is not None:
-        arrays["eigenvalues"] = Array(np.asarray(result.eigenvalues), "Hessian eigenvalues used (descending)",
-                                      "loss / parameter²")
-    write_report(path, record, "volume", attrs, arrays, force=force)
-    if not any(fr.walls is not None for fr in result.families.values()):
-        return
-    wattrs = {"analysis": "walls", **jsonable(_walls_attrs(result)), **common}
-    warrays: dict[str, Array] = {}
-    for name, fr in result.families.items():
-        w = fr.walls
-        if w is None:
-            continue
-        jw = result.epsilons.index(w.epsilon)
-        warrays.update({
-            f"{name}/t": Array(w.t, "grid of t = radius / r(u) at the walls' ε", None),
-            f"{name}/profile": Array(w.profile, f"(rays, t) C(t·r(u)) = L − L(θ*); {_RAY_ORDER}", "loss units"),
-            f"{name}/profile_quantiles": Array(w.profile_quantiles, "(5, t) quantiles 0.05, 0.25, 0.5, 0.75, 0.95 of C/ε", None),
-            f"{name}/exponent": Array(w.exponent, "per ray dlog C/dlog t at the crossing (2 = quadratic)", None),
-            f"{name}/floor_ratio": Array(w.floor_ratio, "per ray r_floor/r, C(r_floor) = 1% of ε (NaN: not reached)", None),
-            f"{name}/asymmetry": Array(w.asymmetry, "(pairs, ε) log(r₊/r₋)", "nats"),
-            f"{name}/radii": Array(fr.radii[:, jw], "per ray r(u) at the walls' ε", RADIUS_UNITS),
-            f"{name}/pair_seeds": Array(fr.pair_seeds, "per pair seed (see /volume)", None),
-        })
-        if w.anharmonicity is not None:
-            warrays[f"{name}/anharmonicity"] = Array(w.anharmonicity, "(rays, ε) log(r / sqrt(2ε/uᵀHu))", "nats")
-        if fr.curvature is not None:
-            warrays[f"{name}/curvature"] = Array(fr.curvature, "per pair uᵀHu", "loss / parameter²")
-    write_report(path, record, "walls", wattrs, warrays, force=force)
+    emit(kw, log, loaded, "volume", record, warnings=warnings, tables=tables,
+         also={"walls": walls} if walls is not None else None)
 
 
 # ---------------------------------------------------------------------- plot

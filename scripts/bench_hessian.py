@@ -143,7 +143,8 @@ def run_basins(case: Case, k: int, dtype: torch.dtype) -> Run:
     setup = time.perf_counter() - t0
     result = hessian_eigenvalues(problem, k=k, which="top")
     seconds = time.perf_counter() - t0
-    return Run(result.eigenvalues.tolist(), result.num_hvps, seconds, setup)
+    assert result.top is not None
+    return Run(result.top.eigenvalues.tolist(), result.num_hvps, seconds, setup)
 
 
 def _operator(problem: Problem, counter: list[int]) -> Any:

@@ -10,7 +10,7 @@ Measures, on the example bundle (written to a temporary folder unless ``--bundle
 ~26k-parameter MLP classifier built and briefly trained here (deterministic, seed 0):
 
 (a) loss evaluations per ray per ε of the radius search at the default radius tolerance
-    ``min(1e-3, 0.1/P)`` (DESIGN.md section 7 target: ≤ 15 on average);
+    ``min(1e-3, 0.1/P)`` (target: ≤ 15 on average);
 (b) loss evaluations per second: the route the search uses (``ProblemCriterion``: ``vmap`` at
     the measured chunk size, or ``loop``) against a plain Python loop that writes each
     parameter vector into the module (``vector_to_parameters``) and calls it;
@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from basins import Problem
-from basins.analyses.volume.probe import ProblemCriterion, probe_problem
+from basins.analyses.volume.criterion import ProblemCriterion
+from basins.analyses.volume.probe import probe_problem
 
 
 def example_bundle(path: str | None) -> str:

@@ -10,6 +10,7 @@ import torch
 import basins
 from basins.files.loading import load_bundle
 from basins.linalg.lanczos import lanczos
+from basins.linalg.operator import Operator
 
 
 def test_readme_api_on_a_bundle(model_files) -> None:  # type: ignore[no-untyped-def]
@@ -30,7 +31,7 @@ def test_readme_api_on_a_bundle(model_files) -> None:  # type: ignore[no-untyped
     thetas = problem.theta0 + 1e-2 * V.T[:4]
     torch.testing.assert_close(problem.loss_many(thetas), torch.stack([problem.loss(t) for t in thetas]))
 
-    top = lanczos(problem.hvp, problem.num_params, k=3, tol=1e-10, dtype=torch.float64)
+    top = lanczos(Operator(problem.hvp, problem.num_params), k=3, tol=1e-10, dtype=torch.float64)
     exact = torch.linalg.eigvalsh(H).flip(0)[:3]
     torch.testing.assert_close(top.eigenvalues, exact, rtol=1e-8, atol=1e-10)
 

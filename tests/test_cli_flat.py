@@ -152,8 +152,10 @@ def test_reports_and_summary(bundles, tmp_path):
 
 def test_bad_options_exit_2(bundles):
     code, _, err = run("nullity", bundles["reg"], "--rtol", "-1")
-    assert code == 2
+    assert code == 2 and "--rtol" in err
     code, _, err = run("nullity", bundles["reg"], "--method", "slq", "--probes", "1")
-    assert code == 2
+    assert code == 2 and "--probes" in err
+    code, _, err = run("hessian", bundles["reg"], "--top-k", "100000")  # past P: the library's check, flag named
+    assert code == 2 and "--top-k: k must be between 1 and the number of parameters" in err
     code, _, err = run("nullity", bundles["reg"], "--method", "svd")
     assert code == 2 and "svd" in err

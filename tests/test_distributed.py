@@ -30,6 +30,7 @@ from torch import nn
 
 from basins import ComputeError, InputError, Problem
 from basins.engine import distributed as dist
+from basins.linalg.operator import Operator
 
 RTOL = 1e-10  # HVP-based quantities, 2 processes vs 1, float64
 ROUTES = ("graph", "fwd-rev", "rev-rev")
@@ -123,7 +124,7 @@ def _quantities(p: Problem, seed: int = 7) -> dict[str, Any]:
     except ImportError:
         pass
     else:
-        res = lanczos(p.hvp, P, k=3, which="top", tol=1e-8, seed=seed, dtype=torch.float64, device=p.device)
+        res = lanczos(Operator(p.hvp, P), k=3, which="top", tol=1e-8, seed=seed, dtype=torch.float64, device=p.device)
         out["basins_lanczos_top3"] = res.eigenvalues
         out["basins_lanczos_matvecs"] = torch.tensor(res.num_matvecs)
     return {k: (t.detach().cpu() if isinstance(t, torch.Tensor) else t) for k, t in out.items()}
@@ -301,6 +302,7 @@ def test_route_agreement_picks_fastest_on_the_slowest_rank_among_common_routes(m
 def test_cli_output_is_rank_zero_only(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
     from basins.cli import common
+    from basins.progress import Progress
 
     for k, v in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(k, v)
@@ -309,7 +311,7 @@ def test_cli_output_is_rank_zero_only(monkeypatch: pytest.MonkeyPatch, tmp_path:
     common.stdout_console().print("table")
     common.stderr_console(False).print("log")
     with common.progress_bar(common.stderr_console(False), "x", total=3) as update:
-        update(1, info="y")
+        update(Progress("x", 1, 3, info="y"))
     report = tmp_path / "r.h5"
     common.write_report(str(report), {"model_sha256": "a", "data_sha256": "b"}, "hessian", {"k": 1})
     out = capsys.readouterr()

@@ -129,7 +129,7 @@ def test_rank_at_brackets_the_count():
 def test_refuses_when_it_would_not_fit_memory():
     model, x = mlp(3, 8, 2), inputs(9, 3)
     p = zero_residual(model, x)
-    with pytest.raises(InputError, match="--method slq"):
+    with pytest.raises(InputError, match="raise memory_bytes, or use the nullity method .slq."):
         feature_gram(p, memory_bytes=1000)
 
 

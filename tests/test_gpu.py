@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from basins import Problem
+from basins.linalg.operator import Operator
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(
@@ -70,8 +71,8 @@ def _compare_devices(dev_a: str, dev_b: str) -> None:
     _close(pa.dense_hessian(), pb.dense_hessian(), RTOL, "dense Hessian")
 
     lanczos_mod = pytest.importorskip("basins.linalg.lanczos", reason="basins.linalg.lanczos is not there yet")
-    ra = lanczos_mod.lanczos(pa.hvp, pa.num_params, k=4, tol=1e-10, seed=3, dtype=torch.float64, device=pa.device)
-    rb = lanczos_mod.lanczos(pb.hvp, pb.num_params, k=4, tol=1e-10, seed=3, dtype=torch.float64, device=pb.device)
+    ra = lanczos_mod.lanczos(Operator(pa.hvp, pa.num_params), k=4, tol=1e-10, seed=3, dtype=torch.float64, device=pa.device)
+    rb = lanczos_mod.lanczos(Operator(pb.hvp, pb.num_params), k=4, tol=1e-10, seed=3, dtype=torch.float64, device=pb.device)
     _close(ra.eigenvalues, rb.eigenvalues, RTOL_EIG, "Lanczos top-4")
     exact = torch.linalg.eigvalsh(pa.dense_hessian().cpu()).flip(0)[:4]
     _close(ra.eigenvalues, exact, RTOL_EIG, "Lanczos vs dense")

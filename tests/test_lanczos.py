@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from basins.errors import ComputeError, InputError
-from basins.linalg.lanczos import LanczosBothEnds, LanczosProgress, LanczosResult, lanczos
+from basins.linalg.lanczos import LanczosBothEnds, LanczosResult, lanczos
+from basins.linalg.operator import Operator
+from basins.progress import Progress
 
 F64 = torch.float64
 REL = 1e-6  # eigenvalue accuracy asked of a run with tol=1e-8
@@ -67,7 +69,7 @@ def assert_within_residual(r: LanczosResult, lam: torch.Tensor) -> None:
 @pytest.mark.parametrize("kind", ["nn", "indefinite", "clustered"])
 def test_top_k_matches_eigvalsh(kind: str) -> None:
     h, lam = problem(kind, P=300)
-    r = lanczos(CountingMatvec(h), 300, k=10, tol=1e-8)
+    r = lanczos(Operator(CountingMatvec(h), 300), k=10, tol=1e-8)
     assert isinstance(r, LanczosResult) and r.which == "top" and r.all_converged
     assert r.eigenvalues.dtype == F64 and r.eigenvalues.shape == (10,)
     assert bool((r.eigenvalues[:-1] >= r.eigenvalues[1:]).all())
@@ -79,7 +81,7 @@ def test_top_k_matches_eigvalsh(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["nn", "indefinite", "lowrank"])
 def test_bottom_k_matches_eigvalsh(kind: str) -> None:
     h, lam = problem(kind, P=300)
-    r = lanczos(CountingMatvec(h), 300, k=5, which="bottom", tol=1e-8)
+    r = lanczos(Operator(CountingMatvec(h), 300), k=5, which="bottom", tol=1e-8)
     ref = bottom(torch.linalg.eigvalsh(h), 5)
     lam_max = float(lam.abs().max())
     assert r.all_converged and bool((r.eigenvalues[:-1] <= r.eigenvalues[1:]).all())
@@ -88,7 +90,7 @@ def test_bottom_k_matches_eigvalsh(kind: str) -> None:
 
 def test_indefinite_bottom_is_negative() -> None:
     h, lam = problem("indefinite", P=300, seed=3)
-    r = lanczos(CountingMatvec(h), 300, k=3, which="bottom", tol=1e-8)
+    r = lanczos(Operator(CountingMatvec(h), 300), k=3, which="bottom", tol=1e-8)
     assert float(r.eigenvalues[0]) < 0
     assert float(r.eigenvalues[0]) == pytest.approx(float(lam.min()), rel=REL)
 
@@ -97,7 +99,7 @@ def test_indefinite_bottom_is_negative() -> None:
 def test_both_ends_from_one_run(block_size: int) -> None:
     h, lam = problem("indefinite", P=300, seed=1)
     mv = CountingMatvec(h)
-    r = lanczos(mv, 300, k=4, which="both", tol=1e-8, block_size=block_size, return_eigenvectors=True)
+    r = lanczos(Operator(mv, 300), k=4, which="both", tol=1e-8, block_size=block_size, return_eigenvectors=True)
     assert isinstance(r, LanczosBothEnds) and r.all_converged
     assert (r.top.which, r.bottom.which) == ("top", "bottom")
     assert r.num_matvecs == r.top.num_matvecs == r.bottom.num_matvecs == mv.vectors
@@ -112,7 +114,7 @@ def test_both_ends_from_one_run(block_size: int) -> None:
 def test_reported_residuals_are_true_residuals(block_size: int, max_basis: int | None) -> None:
     """Stopped early by the budget, residuals span many decades; each matches ||Hy - θy||."""
     h, lam = problem("uniform", P=400, seed=2)
-    r = lanczos(CountingMatvec(h), 400, k=10, tol=1e-12, max_matvecs=60, block_size=block_size,
+    r = lanczos(Operator(CountingMatvec(h), 400), k=10, tol=1e-12, max_matvecs=60, block_size=block_size,
                 max_basis=max_basis, return_eigenvectors=True)
     assert r.num_matvecs <= 60 and not r.all_converged
     if max_basis is not None:
@@ -126,7 +128,7 @@ def test_reported_residuals_are_true_residuals(block_size: int, max_basis: int |
 
 def test_converged_residuals_are_true_residuals() -> None:
     h, lam = problem("nn", P=300, seed=4)
-    r = lanczos(CountingMatvec(h), 300, k=10, tol=1e-6, return_eigenvectors=True)
+    r = lanczos(Operator(CountingMatvec(h), 300), k=10, tol=1e-6, return_eigenvectors=True)
     assert r.all_converged
     explicit = explicit_residuals(h, r)
     checked = r.residuals > ROUNDING * r.scale
@@ -138,7 +140,7 @@ def test_converged_residuals_are_true_residuals() -> None:
 
 def test_eigenvectors_are_orthonormal_ritz_vectors() -> None:
     h, _ = problem("nn", P=200, seed=5)
-    r = lanczos(CountingMatvec(h), 200, k=6, tol=1e-10, return_eigenvectors=True)
+    r = lanczos(Operator(CountingMatvec(h), 200), k=6, tol=1e-10, return_eigenvectors=True)
     y = r.eigenvectors
     assert y is not None and y.shape == (200, 6) and y.dtype == F64
     torch.testing.assert_close(y.T @ y, torch.eye(6, dtype=F64), atol=1e-12, rtol=0)
@@ -158,7 +160,7 @@ def test_no_ghosts_returned_multiset_is_true_multiset(data: st.DataObject, seed:
     spectra without an exact multiple eigenvalue there."""
     kind = data.draw(st.sampled_from(KINDS if which == "top" else DISTINCT), label="kind")
     h, lam = problem(kind, P=200, seed=seed)
-    r = lanczos(CountingMatvec(h), 200, k=k, which=which, tol=1e-10, block_size=block_size,
+    r = lanczos(Operator(CountingMatvec(h), 200), k=k, which=which, tol=1e-10, block_size=block_size,
                 seed=seed, max_matvecs=1000)
     ref = top(lam, k) if which == "top" else bottom(lam, k)
     assert r.all_converged
@@ -174,7 +176,7 @@ def test_multiplicity_three_found_three_times_with_block_three(seed: int, positi
     lam = torch.cat([base, value.repeat(2)])  # ``value`` now has multiplicity exactly 3
     ref = top(lam, 8) if which == "top" else bottom(lam, 8)
     h = symmetric_with_spectrum(lam, seed)
-    r = lanczos(CountingMatvec(h), 150, k=8, which=which, tol=1e-10, block_size=3, seed=seed,
+    r = lanczos(Operator(CountingMatvec(h), 150), k=8, which=which, tol=1e-10, block_size=3, seed=seed,
                 max_matvecs=900)
     assert r.all_converged
     torch.testing.assert_close(r.eigenvalues, ref, atol=1e-8 * float(lam.abs().max()), rtol=0)
@@ -187,7 +189,7 @@ def test_single_vector_multiple_eigenvalue_no_ghosts() -> None:
     lam = torch.cat([torch.full((2,), 10.0, dtype=F64), torch.linspace(0, 5, 98, dtype=F64)])
     h = symmetric_with_spectrum(lam, 0)
     for tol in (1e-4, 1e-10):
-        r = lanczos(CountingMatvec(h), 100, k=3, tol=tol)
+        r = lanczos(Operator(CountingMatvec(h), 100), k=3, tol=tol)
         assert float(r.eigenvalues[0]) == pytest.approx(10.0, rel=1e-12)
         unused = lam.clone()
         for value, res in zip(r.eigenvalues.tolist(), r.residuals.tolist(), strict=True):
@@ -202,7 +204,7 @@ def test_rank_deficient_breakdown_restarts(which: str, block_size: int, seed: in
     """Rank 10 in P = 200: the Krylov space becomes invariant after ~11 vectors; the run must
     go on from probes (k = 14 > 11) and return the zero eigenvalue as often as it is wanted."""
     h, lam = problem("lowrank", P=200, seed=seed)
-    r = lanczos(CountingMatvec(h), 200, k=14, which=which, tol=1e-10, block_size=block_size)
+    r = lanczos(Operator(CountingMatvec(h), 200), k=14, which=which, tol=1e-10, block_size=block_size)
     ref = top(lam, 14) if which == "top" else bottom(lam, 14)
     assert r.all_converged and not r.exhausted
     assert r.num_matvecs < 60  # stops once probes add nothing new, far from P
@@ -210,7 +212,7 @@ def test_rank_deficient_breakdown_restarts(which: str, block_size: int, seed: in
 
 
 def test_zero_operator() -> None:
-    r = lanczos(lambda v: torch.zeros_like(v), 50, k=3, which="both")
+    r = lanczos(Operator(lambda v: torch.zeros_like(v), 50), k=3, which="both")
     assert r.all_converged
     assert r.top.eigenvalues.tolist() == [0.0] * 3 and r.bottom.eigenvalues.tolist() == [0.0] * 3
 
@@ -221,7 +223,7 @@ def test_zero_operator() -> None:
 def test_tiny_problems_are_exact(P: int, k: int, block_size: int, which: str) -> None:
     h, lam = symmetric_with_spectrum(torch.linspace(-1, 2, P, dtype=F64), 1), torch.linspace(-1, 2, P, dtype=F64)
     mv = CountingMatvec(h)
-    r = lanczos(mv, P, k=k, which=which, tol=1e-12, block_size=block_size)
+    r = lanczos(Operator(mv, P), k=k, which=which, tol=1e-12, block_size=block_size)
     ends = [r.top, r.bottom] if isinstance(r, LanczosBothEnds) else [r]
     for end in ends:
         ref = top(lam, k) if end.which == "top" else bottom(lam, k)
@@ -233,7 +235,7 @@ def test_tiny_problems_are_exact(P: int, k: int, block_size: int, which: str) ->
 def test_k50_converges_with_thick_restart() -> None:
     lam = 0.99 ** torch.arange(2000, dtype=F64)
     h = symmetric_with_spectrum(lam, 0)
-    r = lanczos(CountingMatvec(h), 2000, k=50, tol=1e-8, max_basis=120)
+    r = lanczos(Operator(CountingMatvec(h), 2000), k=50, tol=1e-8, max_basis=120)
     assert r.num_restarts >= 1 and r.all_converged
     assert float(((r.eigenvalues - lam[:50]).abs() / lam[:50]).max()) <= REL
     assert r.num_matvecs <= 400
@@ -243,17 +245,17 @@ def test_k50_converges_with_thick_restart() -> None:
 def test_num_matvecs_accounting_is_exact(block_size: int) -> None:
     h, _ = problem("nn", P=200, seed=8)
     mv = CountingMatvec(h)
-    r = lanczos(mv, 200, k=5, tol=1e-8, block_size=block_size, max_basis=30)
+    r = lanczos(Operator(mv, 200), k=5, tol=1e-8, block_size=block_size, max_basis=30)
     assert r.num_matvecs == mv.vectors == mv.calls * block_size
     assert set(mv.widths) == {block_size}
     mv = CountingMatvec(symmetric_with_spectrum(spectrum("uniform", 200, 0), 0))
-    r = lanczos(mv, 200, k=5, tol=1e-14, block_size=block_size, max_matvecs=50)
+    r = lanczos(Operator(mv, 200), k=5, tol=1e-14, block_size=block_size, max_matvecs=50)
     assert r.num_matvecs == mv.vectors <= 50 and r.num_matvecs > 50 - block_size
 
 
 def test_budget_exhausted_is_not_converged() -> None:
     h, _ = problem("clustered", P=300)
-    r = lanczos(CountingMatvec(h), 300, k=10, tol=1e-12, max_matvecs=20)
+    r = lanczos(Operator(CountingMatvec(h), 300), k=10, tol=1e-12, max_matvecs=20)
     assert r.num_matvecs == 20 and not r.all_converged
     assert bool((r.converged == (r.residuals <= 1e-12 * r.scale)).all())
 
@@ -271,7 +273,7 @@ def test_fewer_matvecs_than_arpack_on_nn_spectrum() -> None:
     op = sla.LinearOperator((1000, 1000), matvec=mv, matmat=mv, dtype=np.float64)
     v0 = np.random.default_rng(0).standard_normal(1000)
     sla.eigsh(op, k=10, which="LA", tol=1e-4, v0=v0)
-    r = lanczos(CountingMatvec(h), 1000, k=10, tol=1e-4)
+    r = lanczos(Operator(CountingMatvec(h), 1000), k=10, tol=1e-4)
     ref = top(torch.linalg.eigvalsh(h), 10)
     assert r.num_matvecs <= count[0]
     assert float(((r.eigenvalues - ref).abs() / ref.abs()).max()) <= 1e-4
@@ -279,7 +281,7 @@ def test_fewer_matvecs_than_arpack_on_nn_spectrum() -> None:
 
 def test_float32_operator() -> None:
     h, lam = problem("nn", P=300, seed=9)
-    r = lanczos(CountingMatvec(h.float()), 300, k=5, tol=1e-4, dtype=torch.float32, return_eigenvectors=True)
+    r = lanczos(Operator(CountingMatvec(h.float()), 300), k=5, tol=1e-4, dtype=torch.float32, return_eigenvectors=True)
     assert r.eigenvalues.dtype == F64 and r.eigenvectors is not None and r.eigenvectors.dtype == torch.float32
     assert r.all_converged
     assert float(((r.eigenvalues - top(lam, 5)).abs() / top(lam, 5)).max()) <= 1e-4
@@ -287,21 +289,22 @@ def test_float32_operator() -> None:
 
 def test_seeded_and_callback() -> None:
     h, _ = problem("nn", P=200, seed=10)
-    seen: list[LanczosProgress] = []
-    a = lanczos(CountingMatvec(h), 200, k=4, tol=1e-8, seed=3, callback=seen.append)
-    b = lanczos(CountingMatvec(h), 200, k=4, tol=1e-8, seed=3)
-    c = lanczos(CountingMatvec(h), 200, k=4, tol=1e-8, seed=4)
+    seen: list[Progress] = []
+    a = lanczos(Operator(CountingMatvec(h), 200), k=4, tol=1e-8, seed=3, callback=seen.append)
+    b = lanczos(Operator(CountingMatvec(h), 200), k=4, tol=1e-8, seed=3)
+    c = lanczos(Operator(CountingMatvec(h), 200), k=4, tol=1e-8, seed=4)
     assert torch.equal(a.eigenvalues, b.eigenvalues) and a.num_matvecs == b.num_matvecs
     torch.testing.assert_close(a.eigenvalues, c.eigenvalues, rtol=1e-8, atol=0)
-    assert [p.num_matvecs for p in seen] == list(range(1, a.num_matvecs + 1))
-    assert all(p.max_matvecs == seen[0].max_matvecs for p in seen)
-    assert all(math.isnan(p.max_residual) for p in seen[:3]) and seen[-1].num_converged == 4
-    assert seen[-1].max_residual <= 1e-8
+    assert [p.done for p in seen] == list(range(1, a.num_matvecs + 1))
+    assert all(p.total == seen[0].total and p.phase == "lanczos" and p.unit == "matvecs" for p in seen)
+    assert all(p.max_residual is not None and math.isnan(p.max_residual) for p in seen[:3])
+    assert seen[-1].num_converged == 4
+    assert seen[-1].max_residual is not None and seen[-1].max_residual <= 1e-8
 
 
 def test_defaults_documented() -> None:
     h, _ = problem("nn", P=200, seed=11)
-    r = lanczos(CountingMatvec(h), 200)  # k=10, tol=1e-4, top
+    r = lanczos(Operator(CountingMatvec(h), 200))  # k=10, tol=1e-4, top
     assert r.eigenvalues.shape == (10,) and r.tol == 1e-4 and r.all_converged
 
 
@@ -313,19 +316,19 @@ def test_defaults_documented() -> None:
 ])
 def test_bad_arguments_raise_input_error(kwargs: dict, match: str) -> None:
     with pytest.raises(InputError, match=match):
-        lanczos(lambda v: v, 50, **kwargs)
+        lanczos(Operator(lambda v: v, 50), **kwargs)
 
 
 def test_bad_operators() -> None:
     with pytest.raises(InputError, match=r"num_params=0"):
-        lanczos(lambda v: v, 0)
+        lanczos(Operator(lambda v: v, 0))
     with pytest.raises(InputError, match=r"matvec returned \(50,\)"):
-        lanczos(lambda v: v[:, 0], 50, k=2)
+        lanczos(Operator(lambda v: v[:, 0], 50), k=2)
     with pytest.raises(ComputeError, match="non-finite"):
-        lanczos(lambda v: v * math.nan, 50, k=2)
+        lanczos(Operator(lambda v: v * math.nan, 50), k=2)
 
 
 def test_identity_matvec_returning_its_input() -> None:
-    r = lanczos(lambda v: v, 50, k=3, which="both")
+    r = lanczos(Operator(lambda v: v, 50), k=3, which="both")
     assert r.top.eigenvalues.tolist() == pytest.approx([1.0] * 3)
     assert r.bottom.eigenvalues.tolist() == pytest.approx([1.0] * 3)

@@ -14,9 +14,10 @@ import torch
 from scipy import stats
 
 from basins import Problem
+from basins.analyses.volume.criterion import ProblemCriterion
 from basins.analyses.volume.directions import DirectionSampler, filter_groups, ray_seed
 from basins.analyses.volume.estimators import log_ball_volume
-from basins.analyses.volume.probe import ProblemCriterion, probe_basin, probe_problem
+from basins.analyses.volume.probe import probe_basin, probe_problem
 from basins.analyses.volume.radii import CENSORED, CROSSED, default_radius_rtol, find_radii
 from basins.errors import InputError
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from basins import ComputeError, InputError, Problem
 from basins.analyses.spectrum import hessian_slq
+from basins.linalg.operator import Operator
 from basins.linalg.slq import SLQResult, slq, spectral_density, student_t_quantile
 
 F64_EPS = torch.finfo(torch.float64).eps
@@ -27,7 +28,7 @@ def bulk() -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_weights_of_each_probe_sum_to_one_without_renormalisation(bulk):
     _, A = bulk
-    r = slq(lambda V: A @ V, 300, num_probes=6, num_steps=40, seed=1)
+    r = slq(A, num_probes=6, num_steps=40, seed=1)
     for w in r.weights:
         assert abs(float(w.sum()) - 1.0) < 100 * F64_EPS
         assert bool((w >= 0).all())
@@ -36,7 +37,7 @@ def test_weights_of_each_probe_sum_to_one_without_renormalisation(bulk):
 
 def test_nodes_lie_in_the_spectrum_and_extremes_converge(bulk):
     ev, A = bulk
-    r = slq(lambda V: A @ V, 300, num_probes=4, num_steps=40, seed=2)
+    r = slq(A, num_probes=4, num_steps=40, seed=2)
     for theta, res in zip(r.nodes, r.residuals):
         assert float(theta.min()) >= -1e-12 and float(theta.max()) <= 1 + 1e-12
         assert abs(float(theta.max()) - 1.0) <= float(res[-1]) + 1e-12  # residual bound holds at the top
@@ -47,7 +48,7 @@ def test_invariant_krylov_space_stops_early_and_the_rule_is_exact():
     ev = torch.tensor([0.0] * 150 + [1.0] * 100 + [2.5] * 50, dtype=torch.float64)
     Q = random_orthogonal(300, 0)
     A = (Q * ev) @ Q.T
-    r = slq(lambda V: A @ V, 300, num_probes=3, num_steps=50, seed=5)
+    r = slq(A, num_probes=3, num_steps=50, seed=5)
     assert r.num_matvecs == 3 * 3  # three distinct eigenvalues: three steps per probe
     v = torch.randint(0, 2, (3, 300), generator=torch.Generator().manual_seed(5)).double() * 2 - 1
     v = v / v.norm(dim=1, keepdim=True)
@@ -60,10 +61,10 @@ def test_invariant_krylov_space_stops_early_and_the_rule_is_exact():
 
 def test_probes_in_one_block_equal_probes_one_at_a_time(bulk):
     _, A = bulk
-    a = slq(lambda V: A @ V, 300, num_probes=5, num_steps=30, seed=7)
-    b = slq(lambda V: A @ V, 300, num_probes=5, num_steps=30, seed=7, block_size=1)
+    a = slq(A, num_probes=5, num_steps=30, seed=7)
+    b = slq(A, num_probes=5, num_steps=30, seed=7, block_size=1)
     calls = []
-    slq(lambda V: calls.append(V.shape[1]) or A @ V, 300, num_probes=5, num_steps=30, seed=7)
+    slq(Operator(lambda V: calls.append(V.shape[1]) or A @ V, 300), num_probes=5, num_steps=30, seed=7)
     assert set(calls) == {5} and len(calls) == 30  # one block matvec per step
     for x, y in zip(a.nodes, b.nodes):
         torch.testing.assert_close(x, y, atol=1e-9, rtol=0)
@@ -71,7 +72,7 @@ def test_probes_in_one_block_equal_probes_one_at_a_time(bulk):
 
 def test_density_integrates_to_one_and_its_mean_is_the_trace_over_P(bulk):
     ev, A = bulk
-    r = slq(lambda V: A @ V, 300, num_probes=10, num_steps=40, seed=11)
+    r = slq(A, num_probes=10, num_steps=40, seed=11)
     d = spectral_density(r.nodes, r.weights)
     assert abs(float(torch.trapezoid(d.density, d.grid)) - 1.0) < 1e-6
     first = float(torch.trapezoid(d.density * d.grid, d.grid))
@@ -86,7 +87,7 @@ def test_density_integrates_to_one_and_its_mean_is_the_trace_over_P(bulk):
 
 def test_log_density_integrates_to_one_per_decade_and_re_smooths_from_padded_rules(bulk):
     _, A = bulk
-    r = slq(lambda V: A @ V, 300, num_probes=4, num_steps=20, seed=1)
+    r = slq(A, num_probes=4, num_steps=20, seed=1)
     d = spectral_density(r.nodes, r.weights, scale="log")
     assert d.scale == "log" and d.floor == pytest.approx(1e-12 * r.lambda_max)
     assert abs(float(torch.trapezoid(d.density, d.grid)) - 1.0) < 1e-6
@@ -111,7 +112,7 @@ def test_deflation_removes_the_top_eigenvalues():
     ev[-3:] = torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64)
     Q = random_orthogonal(200, 0)
     A = (Q * ev) @ Q.T
-    r = slq(lambda V: A @ V, 200, num_probes=3, num_steps=30, seed=0, deflate=Q[:, -3:])
+    r = slq(A, num_probes=3, num_steps=30, seed=0, deflate=Q[:, -3:])
     assert r.dim == 197 and r.num_deflated == 3 and r.probe == "gaussian"
     assert r.lambda_max <= 1.0 + 1e-10
 
@@ -127,7 +128,7 @@ def test_hessian_slq_on_a_problem_equals_slq_on_its_dense_hessian():
     before = p.counters.num_hvps
     a = hessian_slq(p, num_probes=3, num_steps=12, seed=4)
     assert p.counters.num_hvps - before == a.num_matvecs == 36
-    b = slq(lambda V: H @ V, p.num_params, num_probes=3, num_steps=12, seed=4)
+    b = slq(H, num_probes=3, num_steps=12, seed=4)
     for x1, x2 in zip(a.nodes, b.nodes):
         torch.testing.assert_close(x1, x2, atol=1e-9 * float(H.abs().max()), rtol=0)
 
@@ -141,17 +142,17 @@ def test_student_t_quantile_matches_scipy():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"num_probes": 0}, "--probes"), ({"num_steps": 0}, "--steps"), ({"probe": "sobol"}, "probe"),
+    [({"num_probes": 0}, "num_probes must"), ({"num_steps": 0}, "num_steps must"), ({"probe": "sobol"}, "probe"),
      ({"deflate": torch.zeros(7, 2)}, "deflate")],
 )
 def test_bad_arguments_are_input_errors(kwargs, match):
     with pytest.raises(InputError, match=match):
-        slq(lambda V: V, 10, **kwargs)
+        slq(Operator(lambda V: V, 10), **kwargs)
 
 
 def test_non_finite_operator_is_a_compute_error():
     with pytest.raises(ComputeError, match="non-finite"):
-        slq(lambda V: V * math.nan, 10, num_probes=2, num_steps=3)
+        slq(Operator(lambda V: V * math.nan, 10), num_probes=2, num_steps=3)
 
 
 def test_density_errors():

@@ -147,6 +147,9 @@ def test_specialised_renderers_used_and_broken_ones_tolerated(reports, monkeypat
         t.add_row(str(analysis["attrs"]["num_loss_evals"]) + " evals for " + prob["model"])
         return [t]
 
+    from basins.cli import summary
+
+    monkeypatch.setitem(summary.RENDERERS, "probe", "probe")  # a new analysis registers its renderer module
     fake = types.ModuleType("basins.cli.probe")
     fake.summary_tables = tables  # type: ignore[attr-defined]
     fake.summary_row = lambda analysis: {"probe ε": str(analysis["attrs"]["epsilon"])}  # type: ignore[attr-defined]
@@ -182,6 +185,15 @@ def test_walls_group_drawn_by_the_volume_module(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "basins.cli.walls", None)  # import fails: no such module
     r = invoke("r.h5")
     assert r.exit_code == 0 and "walls drawn by volume" in r.stdout
+
+
+def test_unlisted_group_drawn_generically(reports, monkeypatch):
+    """Only the groups listed in ``RENDERERS`` get a renderer: a module of the group's name is not enough."""
+    fake = types.ModuleType("basins.cli.probe")
+    fake.summary_tables = lambda analysis, prob: ["never drawn"]  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "basins.cli.probe", fake)
+    r = invoke("a.h5")
+    assert r.exit_code == 0 and "never drawn" not in r.stdout and "distance to the wall" in r.stdout
 
 
 def test_empty_report_and_odd_group(tmp_path, monkeypatch):

@@ -40,20 +40,31 @@ Sagun et al. 2017 and Papyan 2020 (the Gauss–Newton part and the bulk near zer
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch.func import hessian, jacfwd, jacrev, vmap
 
+from basins.analyses.jacobian import (
+    JACOBIAN_MODES,
+    check_separable,
+    choose_mode,
+    factored_rows,
+    outputs_per_example,
+)
 from basins.engine.memory import memory_budget
-from basins.errors import ComputeError, InputError
+from basins.engine.problem import Problem
+from basins.errors import InputError
+from basins.progress import Progress, ProgressCallback
+from basins.record import EIGEN_UNITS, Array, Record
 
 __all__ = [
+    "FeatureRank",
+    "FeaturesResult",
+    "feature_analysis",
     "FEATURE_ROUTES",
     "JACOBIAN_MODES",
-    "FeaturesProgress",
     "FeatureGram",
     "feature_gram",
     "features_memory_bytes",
@@ -64,28 +75,8 @@ __all__ = [
 #: matrix G accumulated chunk by chunk (nothing of size nk·P is stored); ``auto``: the
 #: smaller of the two.
 FEATURE_ROUTES = ("auto", "gram", "outer")
-#: ``per-example``: ``vmap`` over examples of ``jacrev`` of one example's outputs (k VJPs an
-#: example); ``batch``: ``jacrev`` (or ``jacfwd`` when P < outputs) of a whole chunk, for
-#: models that only accept their fixed batch size; ``auto``: per-example, else batch.
-JACOBIAN_MODES = ("auto", "per-example", "batch")
-#: Bytes of one per-example Jacobian block computed at once (bounds vmap's memory).
-_JACOBIAN_BLOCK_BYTES = 128 << 20
 #: Safety factor of the Jacobian's rounding-error estimate (see the module docstring).
 _NOISE_FACTOR = 10.0
-
-
-@dataclass
-class FeaturesProgress:
-    """Progress of a computation in phases (also :class:`basins.analyses.nullity.NullityProgress`).
-
-    ``phase``: ``jacobian``/``eigenvectors`` (unit: examples), ``eigh``, ``gn-check``
-    (HVPs); in :mod:`basins.analyses.nullity` also ``hessian``, ``lanczos`` and ``slq`` (HVPs).
-    """
-
-    phase: str
-    done: int
-    total: int | None
-    unit: str
 
 
 @dataclass
@@ -182,7 +173,7 @@ def features_memory_bytes(num_outputs: int, num_params: int, route: str = "auto"
 
 
 def feature_gram(
-    problem: Any,
+    problem: Problem,
     *,
     route: str = "auto",
     jacobian: str = "auto",
@@ -190,7 +181,7 @@ def feature_gram(
     gn_probes: int = 3,
     seed: int = 0,
     memory_bytes: int | None = None,
-    callback: Callable[[FeaturesProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
 ) -> FeatureGram:
     """Eigenvalues (and optionally top eigenvectors) of the feature Gram matrix of ``problem``.
 
@@ -203,15 +194,16 @@ def feature_gram(
         gn_probes: random vectors for the check ``‖Hv − Gv‖/‖Hv‖`` (one HVP each; 0: none).
         seed: seeds the check's vectors.
         memory_bytes: budget (default a quarter of physical memory).
-        callback: called with :class:`FeaturesProgress`.
+        callback: called with a :class:`~basins.progress.Progress`: phase ``jacobian`` /
+            ``eigenvectors`` (unit ``examples``), ``eigh`` (no unit), ``gn-check`` (HVPs).
 
     Returns:
         A :class:`FeatureGram`. Cost: ``n·k`` VJPs (twice for ``outer`` with eigenvectors),
         one dense eigendecomposition of size ``min(nk, P)``, ``gn_probes`` HVPs.
 
     Raises:
-        InputError: bad options; K (or G) would not fit ``memory_bytes`` (use ``--method
-            slq`` or ``--max-samples``); a loss that is not a mean of per-example terms;
+        InputError: bad options; K (or G) would not fit ``memory_bytes`` (use the nullity
+            method ``slq`` or fewer examples); a loss that is not a mean of per-example terms;
             route ``gram`` or ``top_vectors`` with data split across processes.
     """
     if route not in FEATURE_ROUTES:
@@ -226,8 +218,8 @@ def feature_gram(
         # then G is all-reduced; the (n·k)² Gram matrix and per-example loadings would need every row
         if route == "gram" or top_vectors:
             raise InputError("with data split across processes (torchrun) the features route is 'outer' and "
-                             "per-example loadings (--top) are not available; drop --route gram / --top, or run "
-                             "in one process")
+                             "per-example loadings (top_vectors) are not available; use route='outer' and top_vectors=0, "
+                             "or run in one process")
         route = "outer"
     P, n = int(problem.num_params), int(problem.num_examples)
     k = outputs_per_example(problem)
@@ -237,17 +229,17 @@ def feature_gram(
     if need > budget:
         raise InputError(
             f"the feature Gram matrix needs {need / 2**30:.1f} GiB ({'(n·k)² with n·k' if route == 'gram' else 'P² with P'} "
-            f"= {M if route == 'gram' else P:,}) but the budget is {budget / 2**30:.1f} GiB; use --method slq, or fewer "
-            "examples (--max-samples)"
+            f"= {M if route == 'gram' else P:,}) but the budget is {budget / 2**30:.1f} GiB; raise memory_bytes, or use the nullity "
+            "method 'slq', or fewer examples"
         )
     notes: list[str] = []
-    _check_separable(problem)
+    check_separable(problem)
 
     def report(phase: str, done: int, total: int | None, unit: str) -> None:
         if callback is not None:
-            callback(FeaturesProgress(phase, done, total, unit))
+            callback(Progress(phase, done, total, unit))
 
-    mode = _choose_mode(problem, jacobian, notes)
+    mode = choose_mode(problem, jacobian, notes)
     num_vjps = 0
     Jh: torch.Tensor | None = None
     G: torch.Tensor | None = None
@@ -255,7 +247,7 @@ def feature_gram(
         Jh = torch.empty(M, P, dtype=torch.float64, device=problem.device)
     else:
         G = torch.zeros(P, P, dtype=torch.float64, device=problem.device)
-    for start, rows in _factored_rows(problem, k, mode, notes, lambda d: report("jacobian", d, n, "examples")):
+    for start, rows in factored_rows(problem, k, mode, notes, lambda d: report("jacobian", d, n, "examples")):
         if Jh is not None:
             Jh[start * k : start * k + rows.shape[0]] = rows
         else:
@@ -287,7 +279,7 @@ def feature_gram(
     mu_max = max(float(mu[0]), 0.0)
     if mu_max == 0:
         notes.append(f"the loss {problem.loss_name!r} has zero curvature in the model's outputs, so G = 0 "
-                     "(for nll on log-probabilities, use cross-entropy on logits); use --method exact or slq")
+                     "(for nll on log-probabilities, use cross-entropy on logits); use the nullity method 'exact' or 'slq'")
 
     eps = torch.finfo(problem.dtype).eps
     sigma_noise = _NOISE_FACTOR * math.sqrt(max(M, P)) * eps * math.sqrt(mu_max)
@@ -301,7 +293,7 @@ def feature_gram(
         sig = mu[: V.shape[1]].clamp_min(0).sqrt()
         good = sig > math.sqrt(cutoff)
         eigenvectors = torch.zeros(M, V.shape[1], dtype=torch.float64)
-        for start, rows in _factored_rows(problem, k, mode, notes, lambda d: report("eigenvectors", d, n, "examples")):
+        for start, rows in factored_rows(problem, k, mode, notes, lambda d: report("eigenvectors", d, n, "examples")):
             eigenvectors[start * k : start * k + rows.shape[0]] = (rows @ V).cpu()
             num_vjps += rows.shape[0]
         eigenvectors[:, good] /= sig[good]
@@ -342,112 +334,101 @@ def feature_gram(
     )
 
 
-# ---------------------------------------------------------------------- pieces
-def outputs_per_example(problem: Any) -> int:
-    """k: the number of output entries of one example of ``problem`` (one forward pass of a chunk)."""
-    x, _, m, _ = next(problem.chunks())
-    with torch.no_grad():
-        out = problem.forward(problem.params, x)
-    return int(out[0].numel())
+@dataclass
+class FeatureRank:
+    """One rung of the rank ladder: the Gram matrix's rank above ``threshold = rtol·λ_max + atol``.
 
-
-def _check_separable(problem: Any) -> None:
-    """Require L = mean over examples of the loss of each example alone (true for built-ins)."""
-    x, y, m, _ = next(problem.chunks())
-    c = min(m, 8)
-    with torch.no_grad():
-        out = problem.forward(problem.params, x)[:c].to(torch.float64)
-        yy = y[:c].to(torch.float64) if y.is_floating_point() else y[:c]
-        whole = float(problem.loss_fn(out, yy))
-        parts = sum(float(problem.loss_fn(out[i : i + 1], yy[i : i + 1])) for i in range(c)) / c
-    if not math.isclose(whole, parts, rel_tol=1e-8, abs_tol=1e-12):
-        raise InputError(
-            f"the loss {problem.loss_name!r} is not a mean of per-example terms (mean of one-example losses "
-            f"{parts!r} ≠ loss of the batch {whole!r}); the feature Gram matrix needs one: use --method exact or slq"
-        )
-
-
-def _loss_factor(problem: Any, out: torch.Tensor, y: torch.Tensor, notes: list[str]) -> torch.Tensor | float:
-    """Per-example symmetric square roots ``S_i`` of ``H_ℓ,i`` ((c, k, k), float64), or a scalar (mse).
-
-    ``H_ℓ,i = ∇²_o ℓ(o_i, y_i) / n``: L = (1/n) Σᵢ ℓ(oᵢ, yᵢ) with ℓ the loss of one example.
+    ``[rank_lower, rank_upper]`` brackets it (eigenvalues certainly / possibly above, see
+    :meth:`FeatureGram.rank_at`); ``flat = P − rank`` directions leave G flat.
     """
-    n = problem.num_examples
-    if problem.loss_name == "mse":
-        return math.sqrt(2.0 / problem.num_terms)
-    c = out.shape[0]
-    shape = out.shape[1:]
-    flat = out.detach().to(torch.float64).reshape(c, -1)
-    yy = y.to(torch.float64) if y.is_floating_point() else y
 
-    def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return problem.loss_fn(o.reshape(1, *shape), t.unsqueeze(0))
-
-    Hl = vmap(hessian(one))(flat, yy) / n
-    Hl = (Hl + Hl.transpose(1, 2)) / 2
-    evals, U = torch.linalg.eigh(Hl)
-    lo = float(evals.min())
-    if lo < -1e-12 * max(float(evals.abs().max()), 1e-300) and not any("not convex" in s for s in notes):
-        notes.append(f"the loss is not convex in the outputs here (an output-Hessian eigenvalue {lo:.3g}); "
-                     "its negative part was dropped from G")
-    return (U * evals.clamp_min(0).sqrt().unsqueeze(1)) @ U.transpose(1, 2)
+    rtol: float
+    atol: float
+    threshold: float
+    rank: int
+    rank_lower: int
+    rank_upper: int
+    flat: int
 
 
-def _choose_mode(problem: Any, mode: str, notes: list[str]) -> str:
-    """``per-example`` if the model runs on single examples under ``vmap`` (tried on two), else ``batch``."""
-    if mode == "batch":
-        return mode
-    x, _, m, _ = next(problem.chunks())
-    try:
-        _jacobian(problem, x, 0, min(m, 2), m, "per-example")
-        return "per-example"
-    except Exception as exc:
-        if mode == "per-example":
-            raise ComputeError(f"the per-example Jacobian fails for this model: {type(exc).__name__}: {exc}") from exc
-        notes.append(f"the model does not run on single examples under vmap ({type(exc).__name__}); "
-                     "the Jacobian was computed a whole chunk at a time")
-        return "batch"
+@dataclass
+class FeaturesResult:
+    """The feature Gram matrix with its rank ladder and the loadings of its top eigenvectors.
+
+    Attributes:
+        gram: the :class:`FeatureGram`.
+        ranks: one :class:`FeatureRank` per rtol.
+        loadings: per top eigenvector ``{"index", "eigenvalue", "per_output", "per_example"}``
+            (squared loadings, :meth:`FeatureGram.loadings`).
+        seed: the seed used.
+        hvp_route: the problem's HVP route.
+    """
+
+    gram: FeatureGram
+    ranks: list[FeatureRank]
+    loadings: list[dict[str, Any]]
+    seed: int = 0
+    hvp_route: str | None = None
+
+    def record(self) -> Record:
+        """The report group ``/features`` and the ``--json`` keys (README, "Architecture")."""
+        fg = self.gram
+        attrs: dict[str, Any] = {
+            "method": "feature Gram matrix H_ℓ^½ J Jᵀ H_ℓ^½ (nonzero spectrum of G = JᵀH_ℓJ)",
+            "rank": fg.rank, "cutoff": fg.cutoff, "sigma_noise": fg.sigma_noise, "float_floor": fg.float_floor,
+            "participation_ratio": fg.participation_ratio, "lambda_max": fg.lambda_max, "scale": fg.scale,
+            "num_outputs": fg.num_outputs, "outputs_per_example": fg.outputs_per_example, "route": fg.route,
+            "jacobian_mode": fg.jacobian_mode, "jacobian_dtype": fg.jacobian_dtype,
+            "ranks": [asdict(r) for r in self.ranks],
+            "gn_residual": fg.gn_residual, "gn_residuals": fg.gn_residuals, "residual_scale": fg.residual_scale,
+            "notes": fg.notes, "seed": self.seed,
+            "num_hvps": fg.num_hvps, "num_vjps": fg.num_vjps, "num_loss_evals": 0, "hvp_route": self.hvp_route,
+        }
+        arrays = {"eigenvalues": Array(fg.eigenvalues, "feature Gram eigenvalues = nonzero spectrum of G, descending",
+                                       EIGEN_UNITS)}
+        if fg.eigenvectors is not None:
+            arrays["eigenvectors"] = Array(fg.eigenvectors.float(), "top unit eigenvectors of the Gram matrix (n·k, q), "
+                                           "row i·k + j = output j of example i, float32", None, in_json=False)
+        return Record(attrs, arrays, json_only={"loadings": self.loadings})
 
 
-def _factored_rows(
-    problem: Any, k: int, mode: str, notes: list[str], progress: Callable[[int], None]
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(first_example, rows)`` with rows ``S_i J_i`` ((c·k, P), float64), block by block."""
-    P = problem.num_params
-    sub = max(1, _JACOBIAN_BLOCK_BYTES // max(1, 8 * k * P))
-    start = 0
-    for x, y, m, _ in problem.chunks():
-        pieces = [(s, min(s + sub, m)) for s in range(0, m, sub)] if mode == "per-example" else [(0, m)]
-        for a, b in pieces:
-            J, out = _jacobian(problem, x, a, b, m, mode)  # (c, k, P), outputs (c, ...)
-            S = _loss_factor(problem, out, y[a:b], notes)
-            J = J.to(torch.float64)
-            rows = J * S if isinstance(S, float) else torch.bmm(S.to(J.device), J)
-            if not bool(torch.isfinite(rows).all()):
-                raise ComputeError("the output Jacobian has non-finite entries")
-            yield start + a, rows.reshape(-1, P)
-            progress(start + b)
-        start += m
+def rank_ladder(fg: FeatureGram, rtols: Sequence[float], atol: float = 0.0) -> list[FeatureRank]:
+    """The rank of ``fg`` at ``t = rtol·λ_max(K) + atol`` for each rtol, with its bracket. No HVPs.
+
+    Raises:
+        InputError: a negative or non-finite rtol or atol.
+    """
+    if not (atol >= 0 and math.isfinite(atol)):
+        raise InputError(f"atol must be a non-negative number, got {atol}")
+    out = []
+    for r in rtols:
+        if not (r >= 0 and math.isfinite(r)):
+            raise InputError(f"rtols must be non-negative numbers, got {r}")
+        thr = r * fg.lambda_max + atol
+        rank, lo, hi = fg.rank_at(thr)
+        out.append(FeatureRank(r, atol, thr, rank, lo, hi, fg.num_params - rank))
+    return out
 
 
-def _jacobian(problem: Any, x: torch.Tensor, a: int, b: int, m: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output Jacobian ``(b−a, k, P)`` of examples ``a:b`` of chunk ``x`` (``m`` real examples), and their outputs."""
-    params = problem.params
-    if mode == "per-example":
-
-        def f1(p: dict[str, torch.Tensor], xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            o = problem.forward(p, xi.unsqueeze(0))[0]
-            return o.reshape(-1), o
-
-        jac, out = vmap(jacrev(f1, has_aux=True), in_dims=(None, 0))(params, x[a:b])
-        return problem.space.flatten(jac), out
-    # batch: the whole (possibly padded) chunk at once; reverse mode unless P < outputs
-    with torch.no_grad():
-        out = problem.forward(params, x)[:m]
-    kk = out[0].numel()
-
-    def fb(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        return problem.forward(p, x)[:m].reshape(-1)
-
-    jac = jacrev(fb, chunk_size=64)(params) if m * kk <= problem.num_params else jacfwd(fb)(params)
-    return problem.space.flatten(jac).reshape(m, kk, -1), out
+def feature_analysis(
+    problem: Problem,
+    *,
+    rtols: Sequence[float] = (1e-6, 1e-4, 1e-2),
+    atol: float = 0.0,
+    route: str = "auto",
+    top_vectors: int = 0,
+    gn_probes: int = 3,
+    seed: int = 0,
+    memory_bytes: int | None = None,
+    callback: ProgressCallback | None = None,
+) -> FeaturesResult:
+    """:func:`feature_gram`, its rank ladder (:func:`rank_ladder`) and the loadings of the top
+    ``top_vectors`` eigenvectors, in one call. Cost: as :func:`feature_gram`."""
+    fg = feature_gram(problem, route=route, top_vectors=top_vectors, gn_probes=gn_probes, seed=seed,
+                      memory_bytes=memory_bytes, callback=callback)
+    loadings = []
+    for i in range(0 if fg.eigenvectors is None else fg.eigenvectors.shape[1]):
+        per_output, per_example = fg.loadings(i)
+        loadings.append({"index": i, "eigenvalue": float(fg.eigenvalues[i]), "per_output": per_output,
+                         "per_example": per_example})
+    return FeaturesResult(fg, rank_ladder(fg, rtols, atol), loadings, seed, getattr(problem, "hvp_route", None))

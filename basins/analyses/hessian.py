@@ -20,7 +20,7 @@ the residual by orders of magnitude, and ``|θ − λ| ≤ r + ‖E y‖``. ``bo
   ``c = 1.375`` (:meth:`basins.Problem.rescaled_residuals`) holds the pair's true residual plus
   the rounding of one product; the bound is ``r + ROUNDING_FACTOR·d``. This is a measured
   estimate, not a proof: rounding shared by both products (the saved activations) is not seen;
-  on the benchmark problems it was 0.4–1.4× ``‖E y‖`` and ``ROUNDING_FACTOR = 4`` keeps every
+  on the benchmark problems ``d`` was 0.4–1.4× ``‖E y‖`` and ``ROUNDING_FACTOR = 4`` kept every
   float64 eigenvalue inside, with a margin of ≥ 2.7×.
 * ``"float64"`` (k float64 HVPs: 10–12× a float32 one on CPU): each Ritz vector gets a float64
   check product (:meth:`basins.Problem.check_eigenpairs`); the eigenvalue becomes the float64
@@ -28,56 +28,63 @@ the residual by orders of magnitude, and ``|θ − λ| ≤ r + ‖E y‖``. ``bo
   eigenvalue of the exact Hessian (ρ's own error is second order, ``‖Hy − ρy‖²/gap``).
 
 In float64, the bound is the residual plus ``BOUND_EPS·eps₆₄·max|θ|`` for the rounding. The
-systematic float32 low bias of the top eigenvalues seen before came mostly from the loss head
-evaluated in float32; :class:`~basins.engine.problem.Problem` now evaluates it in float64.
+systematic float32 low bias of the top eigenvalues came mostly from the loss evaluated in
+float32; :class:`~basins.engine.problem.Problem` now evaluates the loss (on the model's
+outputs) in float64.
 
 Known limitation: the residual bound locates *an* eigenvalue near each Ritz value, not the
-k-th one; a cluster that Lanczos has not yet split can hide eigenvalues (raise ``--tol``
-strictness or the budget; full reorthogonalisation keeps ghosts out).
+k-th one; a cluster that Lanczos has not yet split can hide eigenvalues (tighten ``tol``
+or raise the budget; full reorthogonalisation keeps ghosts out).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from basins.analyses.eigen import hessian_operator
+from basins.engine.problem import Problem
 from basins.errors import InputError
+from basins.linalg.operator import Operator
+from basins.progress import Progress, ProgressCallback
+from basins.record import EIGEN_UNITS, Array, Record
 
-__all__ = ["HessianProgress", "HessianResult", "hessian_eigenvalues", "WHICH", "TRACE_METHODS", "SADDLE_FLOOR_EPS"]
+__all__ = ["HessianEnd", "HessianResult", "hessian_eigenvalues", "WHICH", "TRACE_METHODS", "SADDLE_FLOOR_EPS",
+           "BOUNDS", "ROUNDING_FACTOR", "BOUND_EPS"]
 
 WHICH = ("top", "bottom", "both")
 TRACE_METHODS = ("hutch++", "hutchinson")
-#: Safety factor on the measured rounding of ``bounds="rescaled"`` (module docstring).
-ROUNDING_FACTOR = 4.0
 #: How float32 error bounds are measured (module docstring).
 BOUNDS = ("rescaled", "float64")
-#: Rounding allowance of float64 error bounds, in units of ``eps₆₄·max|θ|``.
+#: Safety factor on the measured rounding of ``bounds="rescaled"`` (module docstring).
+ROUNDING_FACTOR = 4.0
+#: Rounding allowance of error bounds, in units of ``eps₆₄·max|θ|``.
 BOUND_EPS = 64.0
 #: A bottom Ritz value counts as negative only below ``-SADDLE_FLOOR_EPS·eps(dtype)·max|θ|``.
 SADDLE_FLOOR_EPS = 100.0
 
 
 @dataclass
-class HessianProgress:
-    """Progress of :func:`hessian_eigenvalues`, passed to its callback.
+class HessianEnd:
+    """Ritz pairs at one end of the spectrum, on the CPU.
 
     Attributes:
-        phase: ``"lanczos"`` or ``"trace"``.
-        num_hvps: HVPs done so far (both phases together).
-        max_hvps: the total budget (Lanczos budget + trace HVPs), None if not known yet.
-        max_residual: Lanczos phase: the largest residual of the wanted Ritz values.
-        num_converged: Lanczos phase: how many wanted Ritz values have converged.
+        eigenvalues: ``(k,)`` float64, loss/θ² units; descending at the top, ascending at the bottom.
+        residuals: ``(k,)`` float64 residual norms: an eigenvalue of H lies within each.
+        converged: ``(k,)`` bool, ``residual ≤ tol·max|θ|`` (max over all Ritz values, ≈ ‖H‖).
+        eigenvectors: ``(P, k)`` unit Ritz vectors (problem dtype) when asked, else None.
+        error_bounds: ``(k,)`` float64: an eigenvalue of the exact Hessian lies within each
+            eigenvalue ± its bound, rounding of the HVPs included (module docstring).
     """
 
-    phase: str
-    num_hvps: int
-    max_hvps: int | None
-    max_residual: float | None = None
-    num_converged: int | None = None
+    eigenvalues: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
+    eigenvectors: torch.Tensor | None = None
+    error_bounds: torch.Tensor | None = None
 
 
 @dataclass
@@ -86,35 +93,24 @@ class HessianResult:
 
     Attributes:
         which: ``"top"``, ``"bottom"`` or ``"both"``.
-        eigenvalues: ``(k,)`` float64, loss/θ² units. Top (descending) for ``top``/``both``;
-            bottom (ascending) for ``bottom``.
-        residuals: ``(k,)`` float64 residual norms: an eigenvalue of H lies within each.
-        converged: ``(k,)`` bool, ``residual ≤ tol·max|θ|`` (max over all Ritz values, ≈ ‖H‖).
-        bottom_eigenvalues, bottom_residuals, bottom_converged: the bottom end (ascending)
-            for ``which="both"``, else None.
-        eigenvectors: ``(P, k)`` unit Ritz vectors (problem dtype, CPU) when asked, else None.
-        bottom_eigenvectors: the same for the bottom end of ``both``.
+        top: the top end (:class:`HessianEnd`) for ``top``/``both``, else None.
+        bottom: the bottom end for ``bottom``/``both``, else None.
         trace, trace_stderr, trace_method: the trace estimate and its standard error, when asked.
-        num_hvps: all HVPs spent by this call (Lanczos + trace + float64 checks).
+        num_hvps: all HVPs spent by this call (Lanczos + trace + error-bound checks).
         num_lanczos_hvps, num_trace_hvps, num_restarts: the split and Lanczos restarts.
         is_saddle: True if some Ritz value θ has ``θ + r < −saddle_floor``; False if the
             bottom end was computed and none has; None if only the top end was (unknown).
         saddle_floor: the rounding floor used for ``is_saddle`` (loss/θ² units).
         tol: the relative residual tolerance asked for.
-        error_bounds, bottom_error_bounds: ``(k,)`` float64: an eigenvalue of the exact Hessian
-            lies within each eigenvalue ± its bound, rounding of the HVPs included (module docstring).
-        num_check_hvps: products spent on the bounds (rescaled or float64, one per Ritz vector).
+        top_k, max_hvps, block_size, seed, trace_hvps: the settings of the run
+            (``trace_hvps`` None without a trace).
+        hvp_route: the problem's HVP route.
+        num_check_hvps: products spent on the error bounds (one per Ritz vector; none in float64).
     """
 
     which: str
-    eigenvalues: torch.Tensor
-    residuals: torch.Tensor
-    converged: torch.Tensor
-    bottom_eigenvalues: torch.Tensor | None
-    bottom_residuals: torch.Tensor | None
-    bottom_converged: torch.Tensor | None
-    eigenvectors: torch.Tensor | None
-    bottom_eigenvectors: torch.Tensor | None
+    top: HessianEnd | None
+    bottom: HessianEnd | None
     trace: float | None
     trace_stderr: float | None
     trace_method: str | None
@@ -125,44 +121,104 @@ class HessianResult:
     is_saddle: bool | None
     saddle_floor: float
     tol: float
-    error_bounds: torch.Tensor | None = None
-    bottom_error_bounds: torch.Tensor | None = None
+    top_k: int = 0
+    max_hvps: int | None = None
+    block_size: int = 1
+    seed: int = 0
+    trace_hvps: int | None = None
+    hvp_route: str | None = None
     num_check_hvps: int = 0
+
+    @property
+    def ends(self) -> list[HessianEnd]:
+        """The ends computed: top first."""
+        return [e for e in (self.top, self.bottom) if e is not None]
 
     @property
     def all_converged(self) -> bool:
         """Whether every wanted eigenvalue (both ends) converged."""
-        ok = bool(self.converged.all())
-        if self.bottom_converged is not None:
-            ok = ok and bool(self.bottom_converged.all())
-        return ok
+        return all(bool(e.converged.all()) for e in self.ends)
 
     @property
     def num_converged(self) -> int:
-        n = int(self.converged.sum())
-        return n + (int(self.bottom_converged.sum()) if self.bottom_converged is not None else 0)
+        return sum(int(e.converged.sum()) for e in self.ends)
 
     @property
     def num_wanted(self) -> int:
-        return int(self.converged.numel()) + (int(self.bottom_converged.numel()) if self.bottom_converged is not None else 0)
+        return sum(int(e.converged.numel()) for e in self.ends)
 
     @property
     def lambda_max(self) -> float | None:
         """The largest eigenvalue found (None if only the bottom end was computed)."""
-        return float(self.eigenvalues[0]) if self.which != "bottom" and self.eigenvalues.numel() else None
+        return float(self.top.eigenvalues[0]) if self.top is not None and self.top.eigenvalues.numel() else None
 
     @property
     def lambda_min(self) -> float | None:
         """The smallest eigenvalue found (None if only the top end was computed)."""
-        if self.which == "both" and self.bottom_eigenvalues is not None and self.bottom_eigenvalues.numel():
-            return float(self.bottom_eigenvalues[0])
-        if self.which == "bottom" and self.eigenvalues.numel():
-            return float(self.eigenvalues[0])
-        return None
+        b = self.bottom
+        return float(b.eigenvalues[0]) if b is not None and b.eigenvalues.numel() else None
+
+    def most_negative(self) -> tuple[float, float]:
+        """The smallest Ritz value found and its residual (of the bottom end where computed)."""
+        end = self.bottom or self.top
+        assert end is not None
+        i = int(end.eigenvalues.argmin())
+        return float(end.eigenvalues[i]), float(end.residuals[i])
+
+    def record(self) -> Record:
+        """The report group ``/hessian`` and the ``--json`` keys (README, "Architecture").
+
+        Keys: ``eigenvalues``/``residuals``/``converged`` (and ``eigenvectors``, report only)
+        hold the top end, or the bottom end for ``which="bottom"``; ``which="both"`` adds the
+        bottom end as ``bottom_*``.
+        """
+        attrs: dict[str, Any] = {
+            "method": "Lanczos, full reorthogonalisation, float64 tridiagonal, thick restart",
+            "which": self.which, "top_k": self.top_k, "tol": self.tol, "max_hvps": self.max_hvps,
+            "block_size": self.block_size, "seed": self.seed,
+            "trace_method": self.trace_method, "trace_hvps": self.trace_hvps,
+            "lambda_max": self.lambda_max, "lambda_min": self.lambda_min,
+            "is_saddle": self.is_saddle, "saddle_floor": self.saddle_floor,
+            "all_converged": self.all_converged, "num_converged": self.num_converged, "num_wanted": self.num_wanted,
+            "trace": self.trace, "trace_stderr": self.trace_stderr,
+            "num_hvps": self.num_hvps, "num_lanczos_hvps": self.num_lanczos_hvps,
+            "num_trace_hvps": self.num_trace_hvps, "num_check_hvps": self.num_check_hvps,
+            "num_restarts": self.num_restarts,
+            "num_loss_evals": 0, "hvp_route": self.hvp_route,
+        }
+        conv = "residual ≤ tol·max|λ| (max over all Ritz values)"
+        main = self.bottom if self.which == "bottom" else self.top
+        assert main is not None
+        end = "bottom (ascending)" if self.which == "bottom" else "top (descending)"
+        arrays = {
+            "eigenvalues": Array(main.eigenvalues, f"Ritz values, {end}", EIGEN_UNITS),
+            "residuals": Array(main.residuals, "Lanczos residual norms ‖Hy − λy‖ of the HVP as computed", EIGEN_UNITS),
+            "converged": Array(main.converged.numpy(), conv, None),
+        }
+        if main.error_bounds is not None:
+            arrays["error_bounds"] = Array(main.error_bounds, "an eigenvalue of the exact Hessian lies within "
+                                           "λ ± bound (HVP rounding included)", EIGEN_UNITS)
+        if main.eigenvectors is not None:
+            arrays["eigenvectors"] = Array(main.eigenvectors.float(), "unit Ritz vectors (P, k), columns as "
+                                           "eigenvalues, float32", None, in_json=False)
+        if self.which == "both" and self.bottom is not None:
+            b = self.bottom
+            arrays.update({
+                "bottom_eigenvalues": Array(b.eigenvalues, "Ritz values, bottom (ascending)", EIGEN_UNITS),
+                "bottom_residuals": Array(b.residuals, "residual norms of the bottom Ritz values", EIGEN_UNITS),
+                "bottom_converged": Array(b.converged.numpy(), conv, None),
+            })
+            if b.error_bounds is not None:
+                arrays["bottom_error_bounds"] = Array(b.error_bounds, "error bounds of the bottom eigenvalues "
+                                                      "(HVP rounding included)", EIGEN_UNITS)
+            if b.eigenvectors is not None:
+                arrays["bottom_eigenvectors"] = Array(b.eigenvectors.float(), "unit Ritz vectors of the bottom "
+                                                      "end (P, k), float32", None, in_json=False)
+        return Record(attrs, arrays)
 
 
 def hessian_eigenvalues(
-    problem: Any,
+    problem: Problem,
     *,
     k: int = 10,
     which: str = "top",
@@ -174,7 +230,7 @@ def hessian_eigenvalues(
     trace_method: str = "hutch++",
     trace_hvps: int = 100,
     seed: int = 0,
-    callback: Callable[[HessianProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
     bounds: str = "rescaled",
 ) -> HessianResult:
     """Top/bottom Hessian eigenvalues of ``problem`` at θ* by Lanczos, and optionally the trace.
@@ -191,11 +247,14 @@ def hessian_eigenvalues(
         trace_method: ``hutch++`` (Meyer et al. 2021) or ``hutchinson`` (Rademacher probes).
         trace_hvps: HVPs for the trace estimate.
         seed: seeds the Lanczos start block and the trace probes (same seed, separate generators).
+        callback: called with a :class:`~basins.progress.Progress` (unit ``"HVPs"``, phase
+            ``"lanczos"`` then ``"trace"``; ``done`` counts both phases, ``total`` is the Lanczos
+            budget plus ``trace_hvps``) as the work proceeds.
         bounds: how float32 error bounds measure rounding: ``rescaled`` or ``float64`` (module docstring).
-        callback: called with a :class:`HessianProgress` as the work proceeds.
 
     Returns:
-        A :class:`HessianResult`. Cost: ≤ ``max_hvps`` HVPs (+ ``trace_hvps`` with ``trace``).
+        A :class:`HessianResult`. Cost: ≤ ``max_hvps`` HVPs (+ ``trace_hvps`` with ``trace``),
+        + k per end for the error bounds below float64.
 
     Raises:
         InputError: a bad ``k``, ``which``, ``tol``, ``block_size``, ``trace_method`` or budget.
@@ -204,22 +263,22 @@ def hessian_eigenvalues(
 
     P = int(problem.num_params)
     if which not in WHICH:
-        raise InputError(f"unknown --which {which!r}: use top, bottom or both")
+        raise InputError(f"unknown which={which!r}: use top, bottom or both")
     if not 1 <= k <= P:
-        raise InputError(f"k (--top-k) must be between 1 and the number of parameters P = {P}, got {k}")
+        raise InputError(f"k must be between 1 and the number of parameters P = {P}, got {k}")
     if not (tol > 0 and math.isfinite(tol)):
-        raise InputError(f"tol (--tol) must be a positive number, got {tol}")
+        raise InputError(f"tol must be a positive number, got {tol}")
     if block_size < 1:
-        raise InputError(f"block_size (--block-size) must be ≥ 1, got {block_size}")
+        raise InputError(f"block_size must be ≥ 1, got {block_size}")
     if max_hvps is not None and max_hvps < 1:
-        raise InputError(f"max_hvps (--max-hvps) must be ≥ 1, got {max_hvps}")
+        raise InputError(f"max_hvps must be ≥ 1, got {max_hvps}")
     if bounds not in BOUNDS:
-        raise InputError(f"unknown bounds {bounds!r}: use rescaled or float64")
+        raise InputError(f"unknown bounds={bounds!r}: use rescaled or float64")
     if trace and trace_method not in TRACE_METHODS:
-        raise InputError(f"unknown trace method {trace_method!r}: use hutch++ or hutchinson")
+        raise InputError(f"unknown trace_method={trace_method!r}: use hutch++ or hutchinson")
     least = 4 if trace_method == "hutch++" else 2
     if trace and trace_hvps < least:
-        raise InputError(f"trace_hvps (--trace-hvps) must be ≥ {least} for {trace_method}, got {trace_hvps}")
+        raise InputError(f"trace_hvps must be ≥ {least} for {trace_method}, got {trace_hvps}")
 
     state: dict[str, Any] = {"phase": "lanczos", "base": 0, "lanczos_total": max_hvps}
     extra = trace_hvps if trace else 0
@@ -228,16 +287,16 @@ def hessian_eigenvalues(
         lt = state["lanczos_total"]
         return None if lt is None else int(lt) + extra
 
-    def lanczos_progress(p: Any) -> None:
-        if p.max_matvecs is not None:
-            state["lanczos_total"] = int(p.max_matvecs)
+    def lanczos_progress(p: Progress) -> None:
+        if p.total is not None:
+            state["lanczos_total"] = int(p.total)
         if callback is not None:
-            callback(HessianProgress("lanczos", int(p.num_matvecs), total(), float(p.max_residual), int(p.num_converged)))
+            callback(replace(p, total=total(), unit="HVPs"))
 
     options: dict[str, Any] = {"k": k, "which": which, "tol": tol, "max_matvecs": max_hvps, "block_size": block_size,
                                "dtype": problem.dtype, "device": problem.device, "seed": seed,
                                "return_eigenvectors": True, "callback": lanczos_progress}
-    lres: Any = lanczos(problem.hvp, P, **options)  # LanczosResult, or LanczosBothEnds for "both"
+    lres: Any = lanczos(hessian_operator(problem), **options)  # LanczosResult, or LanczosBothEnds for "both"
     num_lanczos = int(lres.num_matvecs)
     if state["lanczos_total"] is None:
         state["lanczos_total"] = num_lanczos
@@ -254,74 +313,56 @@ def hessian_eigenvalues(
             out = problem.hvp(V)
             done[0] += 1 if V.dim() == 1 else int(V.shape[1])
             if callback is not None:
-                callback(HessianProgress("trace", num_lanczos + done[0], total()))
+                callback(Progress("trace", num_lanczos + done[0], total(), "HVPs", info=f"trace ({trace_method})"))
             return out
 
         estimator = hutchpp if trace_method == "hutch++" else hutchinson
-        est = estimator(counted, P, num_matvecs=trace_hvps, dtype=problem.dtype, device=problem.device, seed=seed)
+        est = estimator(Operator(counted, P, problem.dtype, problem.device), num_matvecs=trace_hvps,
+                        dtype=problem.dtype, device=problem.device, seed=seed)
         tr, tr_se, num_trace = float(est.estimate), float(est.stderr), int(est.num_matvecs)
 
     scale = float((lres.top if which == "both" else lres).scale)  # max |Ritz value| of the run
-    top, top_bounds = _bounded(problem, top, scale, eigenvectors, bounds)  # after the trace: the checks free the graph
-    bottom_bounds = None
-    if which == "bottom":
-        bottom, bottom_bounds = top, top_bounds
-    elif bottom is not None:
-        bottom, bottom_bounds = _bounded(problem, bottom, scale, eigenvectors, bounds)
-    num_check = 0 if problem.dtype == torch.float64 else k * (2 if which == "both" else 1)  # one per Ritz vector
-
-    ritz = [top[0], top[1]] if which != "bottom" else []
-    if bottom is not None:
-        ritz += [bottom[0], bottom[1]]
+    # after the trace: float64 checks free the gradient graph
+    top, bottom = (_bounded(problem, e, scale, eigenvectors, bounds) if e is not None else None for e in (top, bottom))
+    num_check = 0 if problem.dtype == torch.float64 else k * (2 if which == "both" else 1)
+    ends = [e for e in (top, bottom) if e is not None]
     floor = SADDLE_FLOOR_EPS * torch.finfo(problem.dtype).eps * scale
-    certified_negative = any(bool(((vals + res) < -floor).any()) for vals, res in zip(ritz[::2], ritz[1::2]))
+    certified_negative = any(bool(((e.eigenvalues + e.residuals) < -floor).any()) for e in ends)
     is_saddle: bool | None = True if certified_negative else (False if which != "top" else None)
-
-    main = bottom if which == "bottom" else top
-    assert main is not None
     return HessianResult(
-        which=which,
-        eigenvalues=main[0], residuals=main[1], converged=main[2],
-        bottom_eigenvalues=bottom[0] if which == "both" and bottom is not None else None,
-        bottom_residuals=bottom[1] if which == "both" and bottom is not None else None,
-        bottom_converged=bottom[2] if which == "both" and bottom is not None else None,
-        eigenvectors=main[3],
-        bottom_eigenvectors=bottom[3] if which == "both" and bottom is not None else None,
+        which=which, top=top, bottom=bottom,
         trace=tr, trace_stderr=tr_se, trace_method=trace_method if trace else None,
         num_hvps=num_lanczos + num_trace + num_check, num_lanczos_hvps=num_lanczos, num_trace_hvps=num_trace,
-        num_restarts=int((lres.top if which == "both" else lres).num_restarts), is_saddle=is_saddle, saddle_floor=floor, tol=tol,
-        error_bounds=bottom_bounds if which == "bottom" else top_bounds,
-        bottom_error_bounds=bottom_bounds if which == "both" else None, num_check_hvps=num_check,
+        num_restarts=int((lres.top if which == "both" else lres).num_restarts), is_saddle=is_saddle,
+        saddle_floor=floor, tol=tol, top_k=k, max_hvps=max_hvps, block_size=block_size, seed=seed,
+        trace_hvps=trace_hvps if trace else None, hvp_route=getattr(problem, "hvp_route", None),
+        num_check_hvps=num_check,
     )
 
 
-def _bounded(problem: Any, end: _End, scale: float, keep_vectors: bool, how: str) -> tuple[_End, torch.Tensor]:
-    """An end with its error bounds (module docstring); with ``how="float64"`` the values become
-    float64 Rayleigh quotients."""
-    vals, res, conv, vecs = end
+def _bounded(problem: Problem, end: HessianEnd, scale: float, keep_vectors: bool, how: str) -> HessianEnd:
+    """``end`` with its error bounds (module docstring); with ``how="float64"`` (below float64)
+    the eigenvalues become float64 Rayleigh quotients."""
+    vals, res, vecs = end.eigenvalues, end.residuals, end.eigenvectors
     allowance = BOUND_EPS * torch.finfo(torch.float64).eps * scale
     if problem.dtype == torch.float64 or vecs is None:
-        bounds = res + allowance
+        bound = res + allowance
     elif how == "float64":
         vals, r64 = problem.check_eigenpairs(vecs)
-        bounds = r64 + allowance
+        bound = r64 + allowance
     else:
-        bounds = res + ROUNDING_FACTOR * problem.rescaled_residuals(vecs, vals) + allowance
-    return (vals, res, conv, vecs if keep_vectors else None), bounds
+        bound = res + ROUNDING_FACTOR * problem.rescaled_residuals(vecs, vals) + allowance
+    return HessianEnd(vals, res, end.converged, vecs if keep_vectors else None, bound)
 
 
-_End = tuple[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+def _split_ends(lres: Any, which: str) -> tuple[HessianEnd | None, HessianEnd | None]:
+    """(top, bottom) ends of a Lanczos result on the CPU (None where not computed)."""
 
-
-def _split_ends(lres: Any, which: str) -> tuple[_End, _End | None]:
-    """(top, bottom) ends of a Lanczos result as (values, residuals, converged, vectors) on the CPU."""
-
-    def end(r: Any) -> _End:
+    def end(r: Any) -> HessianEnd:
         vecs = r.eigenvectors.cpu() if r.eigenvectors is not None else None
-        return (r.eigenvalues.to("cpu", torch.float64), r.residuals.to("cpu", torch.float64),
-                r.converged.to("cpu", torch.bool), vecs)
+        return HessianEnd(r.eigenvalues.to("cpu", torch.float64), r.residuals.to("cpu", torch.float64),
+                          r.converged.to("cpu", torch.bool), vecs)
 
     if which == "both":
         return end(lres.top), end(lres.bottom)
-    e = end(lres)
-    return (e, None) if which == "top" else (e, e)
+    return (end(lres), None) if which == "top" else (None, end(lres))

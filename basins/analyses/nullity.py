@@ -25,28 +25,43 @@ eigenvalue; at a minimum ``‖H‖₂``), each with the method that produced it 
 
 Known limitations: near an interpolating minimum eigenvalues fill every decade down to
 rounding level, so a count means something only with its threshold; read the whole ladder
-(Sagun et al. 2017; DESIGN.md section 8).
+(Sagun et al. 2017; the paper's section on nullity).
+
+Length: about 520 lines, over the house's 450, on purpose: the three routes share the threshold
+ladder, the count type and the result (with its record), and ``auto`` chooses among them; split
+apart, one decision would be spread over three files. The dense/Lanczos machinery itself lives in
+:mod:`basins.analyses.eigen`, the Gram matrix in :mod:`basins.analyses.features`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from basins.analyses.eigen import (
+    dense_fits,
+    dense_hessian,
+    dense_memory_bytes,
+    hessian_operator,
+    top_eigenpairs,
+)
 from basins.analyses.features import (
     FeatureGram,
     feature_gram,
     features_memory_bytes,
     outputs_per_example,
 )
-from basins.analyses.features import FeaturesProgress as NullityProgress
 from basins.engine.memory import memory_budget
-from basins.errors import ComputeError, InputError
+from basins.engine.problem import Problem
+from basins.errors import InputError
+from basins.linalg.operator import Operator, as_operator
 from basins.linalg.slq import DEFAULT_PROBES, DEFAULT_STEPS, SLQResult, slq, student_t_quantile
+from basins.progress import Progress, ProgressCallback, relay
+from basins.record import EIGEN_UNITS, Array, Record
 
 __all__ = [
     "NULLITY_METHODS",
@@ -55,7 +70,6 @@ __all__ = [
     "DEFAULT_DEFLATE",
     "RESIDUAL_FACTOR",
     "NullityCount",
-    "NullityProgress",
     "NullityResult",
     "nullity",
     "nullity_exact",
@@ -77,8 +91,6 @@ DEFAULT_DEFLATE = 20
 #: vector with residual r has at most ``1/RESIDUAL_FACTOR²`` of its spectral mass farther
 #: than ``RESIDUAL_FACTOR·r`` from θ.
 RESIDUAL_FACTOR = 3.0
-
-Matvec = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -118,6 +130,9 @@ class NullityResult:
         coverage: nominal coverage of the slq intervals.
         notes: remarks (why this method, resolution limits, H ≠ G, ...).
         seed: the seed used.
+        method_asked: the method the caller asked for (``auto`` included).
+        rtols, atol: the threshold ladder.
+        hvp_route: the problem's HVP route (None for a bare operator).
     """
 
     num_params: int
@@ -134,16 +149,62 @@ class NullityResult:
     coverage: float | None = None
     notes: list[str] = field(default_factory=list)
     seed: int = 0
+    method_asked: str = ""
+    rtols: list[float] = field(default_factory=list)
+    atol: float = 0.0
+    hvp_route: str | None = None
+
+    def record(self) -> Record:
+        """The report group ``/nullity`` and the ``--json`` keys (README, "Architecture")."""
+        slq_run = self.slq if self.method == "slq" else None
+        attrs: dict[str, Any] = {
+            "method": self.method, "method_asked": self.method_asked or self.method, "lambda_max": self.lambda_max,
+            "rtols": list(self.rtols) or [c.rtol for c in self.counts], "atol": self.atol,
+            "counts": [asdict(c) for c in self.counts], "notes": list(self.notes),
+            "eigenvalue_error": self.eigenvalue_error, "gn_residual": self.gn_residual,
+            "num_deflated": self.num_deflated if slq_run is not None else None,
+            "num_probes": slq_run.num_probes if slq_run is not None else None,
+            "num_steps": slq_run.num_steps if slq_run is not None else None,
+            "coverage": self.coverage, "seed": self.seed,
+            "num_hvps": self.num_hvps, "num_loss_evals": 0, "hvp_route": self.hvp_route,
+        }
+        if self.features is not None:
+            fg = self.features
+            attrs.update({"num_outputs": fg.num_outputs, "gram_rank": fg.rank, "gram_cutoff": fg.cutoff,
+                          "num_vjps": fg.num_vjps, "gn_residuals": list(fg.gn_residuals)})
+        cs = self.counts
+        arrays = {
+            "rtol": Array([c.rtol for c in cs], "relative thresholds (× λ_max)", None),
+            "threshold": Array([c.threshold for c in cs], "thresholds t = rtol·λ_max + atol", EIGEN_UNITS),
+            "count": Array([float(c.count) for c in cs], "#{|λ| ≤ t} (slq: an estimate)", "eigenvalues"),
+            "count_lower": Array([float(c.count_lower) for c in cs], "lower end of the count's interval", "eigenvalues"),
+            "count_upper": Array([float(c.count_upper) for c in cs], "upper end of the count's interval", "eigenvalues"),
+        }
+        if self.method == "exact" and self.eigenvalues is not None:
+            arrays["eigenvalues"] = Array(self.eigenvalues, "all Hessian eigenvalues, ascending (dense eigvalsh)",
+                                          EIGEN_UNITS)
+        if self.method == "features" and self.eigenvalues is not None:
+            arrays["gram_eigenvalues"] = Array(self.eigenvalues, "feature Gram eigenvalues = nonzero spectrum of G, "
+                                               "descending", EIGEN_UNITS)
+        if self.slq is not None:
+            nodes, weights, residuals = self.slq.padded()
+            arrays["slq_nodes"] = Array(nodes, "SLQ nodes on the deflated Hessian, one row per probe, NaN-padded",
+                                        EIGEN_UNITS, json_values=self.slq.nodes)
+            arrays["slq_weights"] = Array(weights, "SLQ weights, rows sum to 1, 0-padded", None,
+                                          json_values=self.slq.weights)
+            arrays["slq_residuals"] = Array(residuals, "SLQ node residuals, NaN-padded", EIGEN_UNITS,
+                                            json_values=self.slq.residuals)
+        return Record(attrs, arrays)
 
 
 def _thresholds(lambda_max: float, rtols: Sequence[float], atol: float) -> list[tuple[float, float]]:
     if not rtols:
-        raise InputError("give at least one --rtol")
+        raise InputError("rtols must hold at least one threshold")
     for r in rtols:
         if not (r >= 0 and math.isfinite(r)):
-            raise InputError(f"--rtol must be a non-negative number, got {r}")
+            raise InputError(f"rtols must be non-negative numbers, got {r}")
     if not (atol >= 0 and math.isfinite(atol)):
-        raise InputError(f"--atol must be a non-negative number, got {atol}")
+        raise InputError(f"atol must be a non-negative number, got {atol}")
     return [(float(r), float(r) * lambda_max + float(atol)) for r in rtols]
 
 
@@ -166,35 +227,32 @@ def count_eigenvalues(
     return out
 
 
-def exact_memory_bytes(num_params: int) -> int:
-    """Peak bytes of the exact route: the float64 Hessian, its symmetrised copy, eigvalsh's workspace."""
-    return 24 * num_params**2
+exact_memory_bytes = dense_memory_bytes
+"""Peak bytes of the exact route (:func:`basins.analyses.eigen.dense_memory_bytes`)."""
 
 
 def nullity_exact(
-    matvec: Matvec,
-    num_params: int,
+    operator: Operator | torch.Tensor,
     *,
     rtols: Sequence[float] = DEFAULT_RTOLS,
     atol: float = 0.0,
     block: int = 64,
-    dtype: torch.dtype = torch.float64,
-    device: str | torch.device = "cpu",
     memory_bytes: int | None = None,
     seed: int = 0,
-    callback: Callable[[NullityProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
 ) -> NullityResult:
     """Exact counts from the dense operator (P matvecs in blocks of ``block``, ``eigvalsh`` in float64).
 
     Args:
-        matvec: ``(P, b)`` → ``(P, b)``; receives identity columns of ``dtype``.
-        num_params: P.
+        operator: the symmetric operator (an :class:`~basins.linalg.operator.Operator`, e.g.
+            :func:`basins.analyses.eigen.hessian_operator`, or a dense tensor); it receives
+            float64 identity columns.
         rtols, atol: the threshold ladder.
         block: columns per matvec call.
-        dtype, device: of the vectors passed to ``matvec``.
         memory_bytes: budget (default a quarter of physical memory); needs ``24·P²``.
         seed: seeds the power iteration that sizes the asymmetry.
-        callback: :class:`NullityProgress` after every block.
+        callback: :class:`~basins.progress.Progress` after every block (phase ``hessian``),
+            then once for ``eigh``.
 
     Returns:
         A :class:`NullityResult` with all P eigenvalues. Cost: P matvecs.
@@ -202,32 +260,21 @@ def nullity_exact(
     Raises:
         InputError: the dense matrix would not fit the memory budget.
     """
-    P = int(num_params)
-    need, budget = exact_memory_bytes(P), memory_budget(memory_bytes, torch.device(device))
+    op = as_operator(operator)
+    P = op.num_params
+    need, budget = exact_memory_bytes(P), memory_budget(memory_bytes, op.device)
     if need > budget:
         raise InputError(
-            f"--method exact needs the dense {P:,}×{P:,} Hessian: {need / 2**30:.1f} GiB, more than the "
-            f"{budget / 2**30:.1f} GiB budget; use --method features (the Gauss–Newton view) or slq (an estimate)"
+            f"method 'exact' needs the dense {P:,}×{P:,} Hessian: {need / 2**30:.1f} GiB, more than the "
+            f"{budget / 2**30:.1f} GiB memory budget; use method 'features' (the Gauss–Newton view) or "
+            "'slq' (an estimate)"
         )
     _thresholds(0.0, rtols, atol)
-    device = torch.device(device)
-    H = torch.empty(P, P, dtype=torch.float64, device=device)
-    for s in range(0, P, block):
-        e = min(s + block, P)
-        E = torch.zeros(P, e - s, dtype=dtype, device=device)
-        E[torch.arange(s, e), torch.arange(e - s)] = 1
-        cols = matvec(E)
-        if cols.shape != (P, e - s):
-            raise ComputeError(f"the operator returned shape {tuple(cols.shape)} for a block of shape {(P, e - s)}")
-        H[:, s:e] = cols.to(torch.float64)
-        if callback is not None:
-            callback(NullityProgress("hessian", e, P, "HVPs"))
-    if not bool(torch.isfinite(H).all()):
-        raise ComputeError("the Hessian has non-finite entries")
+    H = dense_hessian(op, block=block, callback=callback, symmetrise=False)
     skew = _skew_norm(H, seed)
     H = (H + H.T) / 2
     if callback is not None:
-        callback(NullityProgress("eigh", 0, None, ""))
+        callback(Progress("eigh", 0, None, ""))
     eig = torch.linalg.eigvalsh(H).cpu()
     del H
     lam_max = float(eig[-1]) if float(eig[-1]) > 0 else float(eig.abs().max())
@@ -254,23 +301,6 @@ def _skew_norm(H: torch.Tensor, seed: int, iters: int = 30) -> float:
         est = math.sqrt(nz)
         x = z / nz
     return est
-
-
-# ---------------------------------------------------------------------- Lanczos pieces
-def _top_eigenpairs(
-    matvec: Matvec, P: int, k: int, *, vectors: bool, seed: int, dtype: torch.dtype, device: Any,
-    callback: Callable[[NullityProgress], None] | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
-    """Top-k Ritz values (descending), residuals, vectors (P, k) and the matvecs spent."""
-    from basins.linalg.lanczos import lanczos
-
-    def progress(p: Any) -> None:
-        if callback is not None:
-            callback(NullityProgress("lanczos", int(p.num_matvecs), int(p.max_matvecs), "HVPs"))
-
-    res = lanczos(matvec, P, k=k, which="top", tol=1e-6, dtype=dtype, device=device, seed=seed,
-                  return_eigenvectors=vectors, callback=progress)
-    return res.eigenvalues.cpu(), res.residuals.cpu(), res.eigenvectors, int(res.num_matvecs)
 
 
 def quadrature_mass(
@@ -301,8 +331,7 @@ def quadrature_mass(
 
 
 def nullity_slq(
-    matvec: Matvec,
-    num_params: int,
+    operator: Operator | torch.Tensor,
     *,
     rtols: Sequence[float] = DEFAULT_RTOLS,
     atol: float = 0.0,
@@ -312,34 +341,33 @@ def nullity_slq(
     coverage: float = 0.95,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
-    device: str | torch.device = "cpu",
     block_size: int | None = None,
-    callback: Callable[[NullityProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
 ) -> NullityResult:
     """Estimated counts by deflated stochastic Lanczos quadrature, with intervals.
 
     Args:
-        matvec: the symmetric operator on blocks ``(P, b)`` → ``(P, b)``.
-        num_params: P.
+        operator: the symmetric operator (:class:`~basins.linalg.operator.Operator` or a dense tensor).
         rtols, atol: the threshold ladder.
         deflate: top eigenpairs removed first (0: none; λ_max is then the largest node).
         num_probes: SLQ probes (≥ 2: the interval needs a spread).
         num_steps: Lanczos steps per probe.
         coverage: nominal coverage of each interval (Student t over probes).
         seed: seeds Lanczos (``seed``) and the probes (``seed + 1``).
-        dtype, device: of the stored vectors.
+        dtype: of the stored vectors (on the operator's device).
         block_size: SLQ probes per block matvec (default all).
-        callback: :class:`NullityProgress`.
+        callback: :class:`~basins.progress.Progress` (phases ``lanczos``, ``slq``; HVPs).
 
     Returns:
         A :class:`NullityResult` (method ``slq``; counts are real-valued estimates).
         Cost: the Lanczos HVPs (≈ 100–300 for k = 20) + ``num_probes·num_steps``.
     """
-    P = int(num_params)
+    op = as_operator(operator)
+    P = op.num_params
     if not isinstance(num_probes, int) or num_probes < 2:
-        raise InputError(f"--probes must be ≥ 2 for a count with an interval, got {num_probes!r}")
+        raise InputError(f"num_probes must be ≥ 2 for a count with an interval, got {num_probes!r}")
     if not 0 <= deflate < P:
-        raise InputError(f"--deflate must be between 0 and P − 1 = {P - 1}, got {deflate}")
+        raise InputError(f"deflate must be between 0 and P − 1 = {P - 1}, got {deflate}")
     if not 0 < coverage < 1:
         raise InputError(f"coverage must be in (0, 1), got {coverage}")
     _thresholds(0.0, rtols, atol)
@@ -347,17 +375,13 @@ def nullity_slq(
     D = None
     top = top_res = torch.zeros(0, dtype=torch.float64)
     if deflate:
-        top, top_res, D, num_hvps = _top_eigenpairs(matvec, P, deflate, vectors=True, seed=seed, dtype=dtype,
-                                                    device=device, callback=callback)
-        assert D is not None
-        D = torch.linalg.qr(D.to(torch.float64))[0].to(dtype)
+        pairs = top_eigenpairs(Operator(op.matvec, P, dtype, op.device), deflate, tol=1e-6, seed=seed,
+                               callback=callback)
+        top, top_res, num_hvps = pairs.eigenvalues, pairs.residuals, pairs.num_hvps
+        D = torch.linalg.qr(pairs.eigenvectors)[0].to(dtype)
 
-    def progress(p: Any) -> None:
-        if callback is not None:
-            callback(NullityProgress("slq", num_hvps + p.num_matvecs, num_hvps + p.max_matvecs, "HVPs"))
-
-    res = slq(matvec, P, num_probes=num_probes, num_steps=num_steps, seed=seed + 1, deflate=D,
-              block_size=block_size, dtype=dtype, device=device, callback=progress)
+    res = slq(op, num_probes=num_probes, num_steps=num_steps, seed=seed + 1, deflate=D, block_size=block_size,
+              dtype=dtype, callback=relay(callback, offset=num_hvps, unit="HVPs"))
     num_hvps += res.num_matvecs
     lam_max = float(top[0]) if deflate else max(res.lambda_max, abs(res.lambda_min))
     tq = student_t_quantile(0.5 + coverage / 2, num_probes - 1)
@@ -377,7 +401,7 @@ def nullity_slq(
         if float(hi.mean()) - float(lo.mean()) > 0.5 * max(float(est.mean()), 1.0 / res.dim):
             notes.append(
                 f"rtol {r:g}: the quadrature cannot resolve eigenvalues near {t:.3g} (nodes there are not converged), "
-                "so the interval is wide; use --method exact or features where they fit"
+                "so the interval is wide; use method exact or features where they fit"
             )
     return NullityResult(
         num_params=P, lambda_max=lam_max, method="slq", counts=counts, num_hvps=num_hvps, num_deflated=deflate,
@@ -387,13 +411,13 @@ def nullity_slq(
 
 # ---------------------------------------------------------------------- problem-level
 def nullity_features(
-    problem: Any,
+    problem: Problem,
     *,
     rtols: Sequence[float] = DEFAULT_RTOLS,
     atol: float = 0.0,
     seed: int = 0,
     memory_bytes: int | None = None,
-    callback: Callable[[NullityProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
 ) -> NullityResult:
     """Counts ``P − rank`` of the feature Gram matrix (flat directions of G), thresholds relative to λ_max(H).
 
@@ -402,9 +426,8 @@ def nullity_features(
     """
     _thresholds(0.0, rtols, atol)
     P = int(problem.num_params)
-    top, _, _, num_hvps = _top_eigenpairs(problem.hvp, P, 1, vectors=False, seed=seed, dtype=problem.dtype,
-                                          device=problem.device, callback=callback)
-    lam_max = abs(float(top[0]))
+    pairs = top_eigenpairs(hessian_operator(problem), 1, tol=1e-6, seed=seed, vectors=False, callback=callback)
+    lam_max, num_hvps = abs(float(pairs.eigenvalues[0])), pairs.num_hvps
 
     fg = feature_gram(problem, seed=seed, memory_bytes=memory_bytes, callback=callback)
     counts = []
@@ -416,7 +439,7 @@ def nullity_features(
     gn = fg.gn_residual
     if gn is not None and gn > 1e-2:
         notes.append(f"H differs from G here (‖Hv − Gv‖/‖Hv‖ = {gn:.2g}): the counts are G's, not H's "
-                     "(not a zero-residual optimum); use --method exact or slq for H itself")
+                     "(not a zero-residual optimum); use method exact or slq for H itself")
     elif fg.residual_scale is not None:
         below = [c.rtol for c in counts if c.threshold < fg.residual_scale]
         if below:
@@ -429,7 +452,7 @@ def nullity_features(
 
 
 def nullity(
-    problem: Any,
+    problem: Problem,
     *,
     method: str = "auto",
     rtols: Sequence[float] = DEFAULT_RTOLS,
@@ -440,7 +463,7 @@ def nullity(
     num_probes: int = DEFAULT_PROBES,
     num_steps: int = DEFAULT_STEPS,
     deflate: int = DEFAULT_DEFLATE,
-    callback: Callable[[NullityProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
 ) -> NullityResult:
     """Count near-zero Hessian eigenvalues of ``problem`` at θ* for a ladder of thresholds.
 
@@ -453,7 +476,8 @@ def nullity(
         exact_max_params: ``auto``'s limit for the dense route.
         memory_bytes: budget of the dense routes (default a quarter of physical memory).
         num_probes, num_steps, deflate: slq settings.
-        callback: :class:`NullityProgress`.
+        callback: :class:`~basins.progress.Progress` (phases ``hessian``, ``eigh``, ``lanczos``,
+            ``slq``, ``jacobian``, ...).
 
     Returns:
         A :class:`NullityResult`; ``notes`` say why ``auto`` chose its method.
@@ -461,14 +485,15 @@ def nullity(
     Raises:
         InputError: a bad option, or a dense method asked for that does not fit in memory.
     """
+    method_asked = method
     if method not in NULLITY_METHODS:
-        raise InputError(f"unknown --method {method!r}: use one of {', '.join(NULLITY_METHODS)}")
+        raise InputError(f"unknown method={method!r}: use one of {', '.join(NULLITY_METHODS)}")
     _thresholds(0.0, rtols, atol)
     P = int(problem.num_params)
     budget = memory_budget(memory_bytes, problem.device)
     why = ""
     if method == "auto":
-        if P <= exact_max_params and exact_memory_bytes(P) <= budget:
+        if dense_fits(P, max_params=exact_max_params, memory_bytes=budget):
             method, why = "exact", f"auto: exact because P = {P:,} ≤ {exact_max_params:,}"
         else:
             try:
@@ -481,16 +506,18 @@ def nullity(
             else:
                 method, why = "slq", f"auto: slq because P = {P:,} > {exact_max_params:,} and the Gram matrix does not fit"
     if method == "exact":
-        res = nullity_exact(problem.hvp, P, rtols=rtols, atol=atol, dtype=problem.dtype, device=problem.device,
-                            memory_bytes=budget, seed=seed, callback=callback)
+        res = nullity_exact(hessian_operator(problem), rtols=rtols, atol=atol, memory_bytes=budget, seed=seed,
+                            callback=callback)
     elif method == "features":
         res = nullity_features(problem, rtols=rtols, atol=atol, seed=seed, memory_bytes=budget, callback=callback)
     else:
         vectors = num_probes * (min(num_steps, P) + 1) + deflate  # stored Lanczos vectors
         dtype = torch.float64 if 8 * P * vectors <= budget else problem.dtype
-        res = nullity_slq(problem.hvp, P, rtols=rtols, atol=atol, deflate=min(deflate, P - 1), num_probes=num_probes,
-                          num_steps=num_steps, seed=seed, dtype=dtype, device=problem.device, callback=callback)
+        res = nullity_slq(hessian_operator(problem), rtols=rtols, atol=atol, deflate=min(deflate, P - 1),
+                          num_probes=num_probes, num_steps=num_steps, seed=seed, dtype=dtype, callback=callback)
     if why:
         res.notes.insert(0, why)
+    res.method_asked, res.rtols, res.atol = method_asked, [float(r) for r in rtols], float(atol)
+    res.hvp_route = getattr(problem, "hvp_route", None)
     return res
 

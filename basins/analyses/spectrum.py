@@ -8,22 +8,94 @@ Ubaru, Chen & Saad (2017); Ghorbani, Krishnan & Xiao (2019).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from basins.analyses.eigen import hessian_operator
 from basins.engine.memory import memory_budget
 from basins.engine.problem import Problem
 from basins.linalg.slq import (
     DEFAULT_PROBES,
     DEFAULT_STEPS,
-    SLQProgress,
     SLQResult,
+    SpectralDensity,
     _check_budget,
     slq,
+    spectral_density,
 )
+from basins.progress import ProgressCallback, relay
+from basins.record import EIGEN_UNITS, Array, Record
 
-__all__ = ["hessian_slq"]
+__all__ = ["hessian_slq", "hessian_spectrum", "SpectrumResult"]
+
+
+@dataclass
+class SpectrumResult:
+    """The raw SLQ rules of the Hessian and their smoothed density.
+
+    Attributes:
+        slq: the raw quadrature (nodes, weights, residuals per probe; HVP count).
+        density: the Gaussian-broadened density with its band across probes.
+        seed: the probes' seed.
+        hvp_route: the problem's HVP route.
+    """
+
+    slq: SLQResult
+    density: SpectralDensity
+    seed: int = 0
+    hvp_route: str | None = None
+
+    def record(self) -> Record:
+        """The report group ``/spectrum`` and the ``--json`` keys (README, "Architecture")."""
+        r, dens = self.slq, self.density
+        attrs: dict[str, Any] = {
+            "method": "stochastic Lanczos quadrature, full reorthogonalisation, float64 tridiagonal",
+            "num_probes": r.num_probes, "num_steps": r.num_steps, "probe": r.probe,
+            "seed": self.seed, "scale": dens.scale, "sigma": dens.sigma, "floor": dens.floor,
+            "coverage": dens.coverage, "trace": r.trace, "trace_stderr": r.trace_stderr,
+            "node_min": r.lambda_min, "node_max": r.lambda_max,
+            "num_hvps": r.num_matvecs, "num_loss_evals": 0, "hvp_route": self.hvp_route,
+        }
+        nodes, weights, residuals = r.padded()
+        grid_units = "log10(|λ| / (loss / parameter²))" if dens.scale == "log" else EIGEN_UNITS
+        dens_units = "per decade of |λ|" if dens.scale == "log" else f"1 / ({EIGEN_UNITS})"
+        band = f"{dens.coverage:.0%} band"
+        arrays = {
+            "nodes": Array(nodes.numpy(), "Gauss quadrature nodes (Ritz values), one row per probe, NaN-padded",
+                           EIGEN_UNITS, json_values=r.nodes),
+            "weights": Array(weights.numpy(), "quadrature weights (squared first components), rows sum to 1, "
+                             "0-padded", None, json_values=r.weights),
+            "residuals": Array(residuals.numpy(), "node residuals |β_m s_mj|, NaN-padded", EIGEN_UNITS,
+                               json_values=r.residuals),
+            "quadratic_forms": Array(r.quadratic_forms, "vᵀHv per unit probe", EIGEN_UNITS),
+            "grid": Array(dens.grid, f"density grid ({dens.scale})", grid_units),
+            "density": Array(dens.density, "Gaussian-broadened spectral density, mean over probes", dens_units),
+            "density_lower": Array(dens.density_lower, f"lower end of the pointwise {band}", dens_units),
+            "density_upper": Array(dens.density_upper, f"upper end of the pointwise {band}", dens_units),
+        }
+        return Record(attrs, arrays)
+
+
+def hessian_spectrum(
+    problem: Problem,
+    *,
+    num_probes: int = DEFAULT_PROBES,
+    num_steps: int = DEFAULT_STEPS,
+    seed: int = 0,
+    scale: str = "linear",
+    sigma: float | None = None,
+    num_points: int = 1000,
+    memory_bytes: int | None = None,
+    callback: ProgressCallback | None = None,
+) -> SpectrumResult:
+    """:func:`hessian_slq` and its :func:`~basins.linalg.slq.spectral_density` (``scale``,
+    ``sigma``, ``num_points``) in one call. Cost: as :func:`hessian_slq`; the density needs no HVPs."""
+    r = hessian_slq(problem, num_probes=num_probes, num_steps=num_steps, seed=seed, memory_bytes=memory_bytes,
+                    callback=callback)
+    dens = spectral_density(r.nodes, r.weights, scale=scale, sigma=sigma, num_points=num_points)
+    return SpectrumResult(r, dens, seed, getattr(problem, "hvp_route", None))
 
 
 def hessian_slq(
@@ -35,7 +107,7 @@ def hessian_slq(
     probe: str = "rademacher",
     deflate: torch.Tensor | None = None,
     memory_bytes: int | None = None,
-    callback: Callable[[SLQProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
 ) -> SLQResult:
     """:func:`slq` on the Hessian of a :class:`basins.Problem` at θ*.
 
@@ -52,6 +124,7 @@ def hessian_slq(
     dtype = torch.float64 if num_probes * per_probe * 8 <= memory_bytes else problem.dtype
     block = max(1, min(num_probes, memory_bytes // max(1, per_probe * dtype.itemsize)))
     return slq(
-        problem.hvp, P, num_probes=num_probes, num_steps=num_steps, seed=seed, probe=probe,
-        deflate=deflate, block_size=block, dtype=dtype, device=problem.device, callback=callback,
+        hessian_operator(problem), num_probes=num_probes, num_steps=num_steps, seed=seed, probe=probe,
+        deflate=deflate, block_size=block, dtype=dtype, device=problem.device,
+        callback=relay(callback, unit="HVPs"),
     )

@@ -44,6 +44,7 @@ from basins.engine.memory import memory_budget
 from basins.engine.params import ParamSpace
 from basins.engine.routes import HVP_ROUTES, Routes, float64_products
 from basins.errors import ComputeError, InputError
+from basins.progress import ProgressCallback, relay
 
 __all__ = ["Problem", "HVP_ROUTES", "Counters", "resolve_device", "resolve_dtype"]
 
@@ -587,15 +588,10 @@ class Problem:
         return dict(self.routes.timings)
 
 
-    def dense_hessian(self, *, block: int = 64, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-        """The dense ``(P, P)`` Hessian from P HVPs in blocks, symmetrised. Cost: P HVPs."""
-        P = self.num_params
-        H = torch.empty(P, P, dtype=self.dtype, device=self.device)
-        for s in range(0, P, block):
-            e = min(s + block, P)
-            E = torch.zeros(P, e - s, dtype=self.dtype, device=self.device)
-            E[torch.arange(s, e), torch.arange(e - s)] = 1
-            H[:, s:e] = self.hvp(E)
-            if progress is not None:
-                progress(e, P)
-        return (H + H.T) / 2
+    def dense_hessian(self, *, block: int = 64, callback: ProgressCallback | None = None) -> torch.Tensor:
+        """The dense ``(P, P)`` Hessian in the problem's dtype, symmetrised
+        (:meth:`basins.linalg.operator.Operator.materialise`). Cost: P HVPs in blocks of ``block``."""
+        from basins.linalg.operator import Operator
+
+        op = Operator(self.hvp, self.num_params, self.dtype, self.device)
+        return op.materialise(block=block, callback=relay(callback, phase="hessian", unit="HVPs"))

@@ -1,7 +1,8 @@
 """Extreme eigenpairs of a symmetric operator by block Lanczos with thick restart.
 
-The operator is seen only through ``matvec``, which maps a block ``V`` of shape ``(P, b)`` to
-``H @ V``; for a Hessian one call is one pass of ``b`` Hessian-vector products over the data.
+The operator (:class:`~basins.linalg.operator.Operator`, or a dense symmetric tensor) is seen only
+through its checked product on blocks ``V`` of shape ``(P, b)``; for a Hessian one call is one
+pass of ``b`` Hessian-vector products over the data.
 Basis vectors stay in the operator's dtype; the projected matrix, Ritz values and residuals are
 always float64. Every new block is reorthogonalised twice against all stored basis vectors
 (a third time where the second pass still cancels, Daniel, Gragg, Kaufman & Stewart 1976), so no
@@ -21,38 +22,18 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, overload
 
 import torch
 
-from basins.errors import ComputeError, InputError
+from basins.errors import InputError
+from basins.linalg.operator import Operator, as_operator
+from basins.progress import Progress, ProgressCallback
 
-__all__ = ["Matvec", "LanczosProgress", "LanczosResult", "LanczosBothEnds", "lanczos"]
-
-Matvec = Callable[[torch.Tensor], torch.Tensor]
-"""Maps a block ``V`` of shape ``(P, b)`` to ``H @ V`` of shape ``(P, b)``; ``H`` symmetric."""
+__all__ = ["LanczosResult", "LanczosBothEnds", "lanczos"]
 
 _F64 = torch.float64
-
-
-@dataclass(frozen=True)
-class LanczosProgress:
-    """State after one block step, passed to ``callback`` (for a progress bar).
-
-    Attributes:
-        num_matvecs: single-vector products spent so far.
-        max_matvecs: the budget.
-        max_residual: largest ``residual / scale`` over the wanted Ritz pairs (``nan`` while
-            fewer Ritz values than wanted exist).
-        num_converged: how many wanted pairs meet ``residual <= tol * scale``.
-    """
-
-    num_matvecs: int
-    max_matvecs: int
-    max_residual: float
-    num_converged: int
 
 
 @dataclass
@@ -113,22 +94,22 @@ class LanczosBothEnds:
 
 
 @overload
-def lanczos(matvec: Matvec, num_params: int, *, k: int = ..., which: Literal["top", "bottom"] = ...,
+def lanczos(operator: Operator | torch.Tensor, *, k: int = ..., which: Literal["top", "bottom"] = ...,
             tol: float = ..., max_matvecs: int | None = ..., block_size: int = ...,
-            max_basis: int | None = ..., dtype: torch.dtype = ..., device: str | torch.device = ...,
+            max_basis: int | None = ..., dtype: torch.dtype = ..., device: str | torch.device | None = ...,
             seed: int = ..., return_eigenvectors: bool = ...,
-            callback: Callable[[LanczosProgress], None] | None = ...) -> LanczosResult: ...
+            callback: ProgressCallback | None = ...) -> LanczosResult: ...
 @overload
-def lanczos(matvec: Matvec, num_params: int, *, k: int = ..., which: Literal["both"],
+def lanczos(operator: Operator | torch.Tensor, *, k: int = ..., which: Literal["both"],
             tol: float = ..., max_matvecs: int | None = ..., block_size: int = ...,
-            max_basis: int | None = ..., dtype: torch.dtype = ..., device: str | torch.device = ...,
+            max_basis: int | None = ..., dtype: torch.dtype = ..., device: str | torch.device | None = ...,
             seed: int = ..., return_eigenvectors: bool = ...,
-            callback: Callable[[LanczosProgress], None] | None = ...) -> LanczosBothEnds: ...
-def lanczos(matvec: Matvec, num_params: int, *, k: int = 10, which: str = "top",
+            callback: ProgressCallback | None = ...) -> LanczosBothEnds: ...
+def lanczos(operator: Operator | torch.Tensor, *, k: int = 10, which: str = "top",
             tol: float = 1e-4, max_matvecs: int | None = None, block_size: int = 1,
             max_basis: int | None = None, dtype: torch.dtype = _F64,
-            device: str | torch.device = "cpu", seed: int = 0, return_eigenvectors: bool = False,
-            callback: Callable[[LanczosProgress], None] | None = None,
+            device: str | torch.device | None = None, seed: int = 0, return_eigenvectors: bool = False,
+            callback: ProgressCallback | None = None,
             ) -> LanczosResult | LanczosBothEnds:
     r"""The ``k`` largest and/or smallest eigenpairs of a symmetric operator.
 
@@ -146,9 +127,8 @@ def lanczos(matvec: Matvec, num_params: int, *, k: int = 10, which: str = "top",
     wanted.
 
     Args:
-        matvec: maps ``V`` of shape ``(P, c)``, ``c <= block_size``, to ``H @ V``; must not
-            modify ``V``. Called once per block step.
-        num_params: ``P``, the dimension.
+        operator: ``H`` as an :class:`~basins.linalg.operator.Operator` (its matvec gets blocks
+            ``(P, c)``, ``c <= block_size``, once per block step) or a dense symmetric tensor.
         k: eigenpairs wanted at each requested end, ``1 <= k <= P``.
         which: ``"top"`` (largest algebraic), ``"bottom"`` (smallest algebraic; negative means
             not a minimum) or ``"both"`` (a :class:`LanczosBothEnds` from one run).
@@ -163,27 +143,32 @@ def lanczos(matvec: Matvec, num_params: int, *, k: int = 10, which: str = "top",
             ``P`` (plus ``k`` or ``2k`` for the returned eigenvectors), e.g. ``P = 10^7``
             float32, ``k = 50``: ``max_basis = 120`` vectors, 4.8 GB.
         dtype: dtype of the basis vectors, ``torch.float32`` or ``torch.float64``.
-        device: device of the basis vectors.
+        device: device of the basis vectors (default the operator's).
         seed: start vectors are ``randn(b, P)`` from ``torch.Generator().manual_seed(seed)`` on
             the CPU in float64, then moved, so CPU and GPU runs agree.
         return_eigenvectors: also return the ``(P, k)`` Ritz vectors.
-        callback: called with a :class:`LanczosProgress` after every block step.
+        callback: called with a :class:`~basins.progress.Progress` after every block step
+            (phase ``"lanczos"``, unit ``"matvecs"``; ``max_residual`` is the largest
+            ``residual / scale`` of the wanted pairs, ``nan`` while fewer Ritz values than
+            wanted exist, and ``num_converged`` counts the converged ones).
 
     Returns:
         A :class:`LanczosResult` (``"top"`` / ``"bottom"``) or :class:`LanczosBothEnds`.
         Cost: ``num_matvecs`` products; ``O(P · max_basis · b)`` work per block step.
 
     Raises:
-        InputError: a bad argument, or a ``matvec`` that returns the wrong shape.
-        ComputeError: ``matvec`` returned non-finite values.
+        InputError: a bad argument, or a matvec that returns the wrong shape.
+        ComputeError: the matvec returned non-finite values.
 
     Example:
         >>> H = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
-        >>> r = lanczos(lambda V: H @ V, 100, k=3, tol=1e-10)
+        >>> r = lanczos(H, k=3, tol=1e-10)
         >>> [round(x, 9) for x in r.eigenvalues.tolist()], r.all_converged
         ([100.0, 99.0, 98.0], True)
     """
-    _check_args(matvec, num_params, k, which, tol, block_size, dtype, seed, callback)
+    op = as_operator(operator)
+    num_params = op.num_params
+    _check_args(num_params, k, which, tol, block_size, dtype, seed, callback)
     need = min(2 * k, num_params) if which == "both" else k
     if max_matvecs is None:
         max_matvecs = block_size * math.ceil(max(200, 20 * need) / block_size)
@@ -196,8 +181,8 @@ def lanczos(matvec: Matvec, num_params: int, *, k: int = 10, which: str = "top",
     elif not _is_int(max_basis) or (max_basis < num_params and max_basis < need + 2 * block_size):
         raise InputError(f"max_basis={max_basis!r} is too small for {need} wanted pairs and "
                          f"block_size={block_size}; use max_basis >= {need + 2 * block_size}")
-    solver = _Solver(matvec, num_params, k, which, float(tol), int(max_matvecs), block_size,
-                     min(int(max_basis), num_params), dtype, torch.device(device), seed, callback)
+    solver = _Solver(op, num_params, k, which, float(tol), int(max_matvecs), block_size,
+                     min(int(max_basis), num_params), dtype, op.device if device is None else torch.device(device), seed, callback)
     return solver.run(return_eigenvectors)
 
 
@@ -205,12 +190,8 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _check_args(matvec: object, num_params: object, k: object, which: object, tol: object,
+def _check_args(num_params: int, k: object, which: object, tol: object,
                 block_size: object, dtype: object, seed: object, callback: object) -> None:
-    if not callable(matvec):
-        raise InputError(f"matvec must be callable, got {type(matvec).__name__}")
-    if not _is_int(num_params) or num_params < 1:  # type: ignore[operator]
-        raise InputError(f"num_params={num_params!r} must be a positive integer")
     if not _is_int(k) or not 1 <= k <= num_params:  # type: ignore[operator]
         raise InputError(f"k={k!r} must be an integer in [1, num_params={num_params}]")
     if which not in ("top", "bottom", "both"):
@@ -258,10 +239,10 @@ class _Solver:
     ``H V[:m]^T = V[:m]^T T[:m, :m] + Q^T R E^T`` with ``T`` block-Hessenberg (float64).
     """
 
-    def __init__(self, matvec: Matvec, P: int, k: int, which: str, tol: float, max_matvecs: int,
+    def __init__(self, op: Operator, P: int, k: int, which: str, tol: float, max_matvecs: int,
                  b: int, max_basis: int, dtype: torch.dtype, device: torch.device, seed: int,
-                 callback: Callable[[LanczosProgress], None] | None) -> None:
-        self.matvec, self.P, self.k, self.which, self.tol = matvec, P, k, which, tol
+                 callback: ProgressCallback | None) -> None:
+        self.op, self.P, self.k, self.which, self.tol = op, P, k, which, tol
         self.max_matvecs, self.b, self.max_basis, self.callback = max_matvecs, b, max_basis, callback
         self.need = min(2 * k, P) if which == "both" else k
         self.dtype, self.device = dtype, device
@@ -357,9 +338,12 @@ class _Solver:
             ok = res[wanted] <= self.tol * scale
             if self.callback is not None:
                 rel = res[wanted] / scale if scale > 0 else torch.where(res[wanted] > 0, math.inf, 0.0)
-                self.callback(LanczosProgress(self.num_matvecs, self.max_matvecs,
-                                              float(rel.max()) if enough else math.nan,
-                                              int(ok.sum()) if enough else 0))
+                worst = float(rel.max()) if enough else math.nan
+                nconv = int(ok.sum()) if enough else 0
+                rtext = "-" if math.isnan(worst) else f"{worst:.1e}"
+                self.callback(Progress("lanczos", self.num_matvecs, self.max_matvecs, "matvecs",
+                                       info=f"max residual/‖H‖ {rtext}, {nconv} converged",
+                                       max_residual=worst, num_converged=nconv))
             exhausted = not kept
             converged = enough and bool(ok.all())
             # an invariant basis (to tolerance: every Ritz pair converged); the next block probes
@@ -390,19 +374,11 @@ class _Solver:
     def _apply(self, block: torch.Tensor) -> torch.Tensor:
         """``H @ block.T`` as a fresh writable (P, c) tensor in the basis dtype; counts matvecs."""
         X = block.T
-        W = self.matvec(X)
-        if not isinstance(W, torch.Tensor) or tuple(W.shape) != tuple(X.shape):
-            shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
-            raise InputError(f"matvec returned {shape} for an input of shape {tuple(X.shape)}; "
-                             "it must map a (P, b) block to H @ V of the same shape")
+        W = self.op.apply(X)  # checked: shape (InputError), finite (ComputeError); dtype of X
         self.num_matvecs += X.shape[1]
-        W = W.detach().to(device=self.device, dtype=self.dtype)
         if W.untyped_storage().data_ptr() == self.V.untyped_storage().data_ptr():
             W = W.clone()
         W = W.contiguous()
-        if not bool(torch.isfinite(W).all()):
-            raise ComputeError(f"matvec returned non-finite values after {self.num_matvecs} "
-                               "products; check that the loss and model are finite here")
         self.hnorm = max(self.hnorm, float(torch.linalg.vector_norm(W, dim=0).max()))
         return W
 

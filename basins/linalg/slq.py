@@ -19,12 +19,15 @@ vectors, so no "ghost" copies of converged eigenvalues distort the weights; coef
 the tridiagonal eigenproblem in float64; the probes of a block advance together, one block
 matvec (``n_probes`` vectors, one data pass) per step. Raw nodes and weights are kept so a
 density can be re-smoothed with no new matvecs (:func:`spectral_density`).
+
+Length: about 460 lines: the Gauss rules and the density they define are one job (README,
+"Architecture"); the Student-t quantile at the end serves the density's band.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -32,13 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from basins.errors import ComputeError, InputError
+from basins.errors import InputError
+from basins.linalg.operator import Operator, as_operator
+from basins.progress import Progress, ProgressCallback
 
 __all__ = [
     "DEFAULT_PROBES",
     "DEFAULT_STEPS",
     "PROBES",
-    "SLQProgress",
     "SLQResult",
     "SpectralDensity",
     "slq",
@@ -54,18 +58,6 @@ DEFAULT_STEPS = 80
 #: Probe distributions: Rademacher (±1/√P, lower variance for quadratic forms) or Gaussian
 #: normalised (uniform on the unit sphere; used automatically after deflation).
 PROBES = ("rademacher", "gaussian")
-
-Matvec = Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class SLQProgress:
-    """Progress of :func:`slq`, passed to its callback after every block step."""
-
-    num_matvecs: int
-    max_matvecs: int
-    step: int
-    num_steps: int
 
 
 @dataclass
@@ -169,9 +161,9 @@ class SpectralDensity:
 
 def _check_budget(num_probes: int, num_steps: int, probe: str) -> None:
     if not isinstance(num_probes, int) or num_probes < 1:
-        raise InputError(f"--probes must be a positive integer, got {num_probes!r}")
+        raise InputError(f"num_probes must be a positive integer, got {num_probes!r}")
     if not isinstance(num_steps, int) or num_steps < 1:
-        raise InputError(f"--steps must be a positive integer, got {num_steps!r}")
+        raise InputError(f"num_steps must be a positive integer, got {num_steps!r}")
     if probe not in PROBES:
         raise InputError(f"unknown probe distribution {probe!r}: use one of {', '.join(PROBES)}")
 
@@ -190,8 +182,7 @@ def _project_out(W: torch.Tensor, D: torch.Tensor | None) -> torch.Tensor:
 
 
 def slq(
-    matvec: Matvec,
-    num_params: int,
+    operator: Operator | torch.Tensor,
     *,
     num_probes: int = DEFAULT_PROBES,
     num_steps: int = DEFAULT_STEPS,
@@ -200,16 +191,16 @@ def slq(
     deflate: torch.Tensor | None = None,
     block_size: int | None = None,
     dtype: torch.dtype = torch.float64,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     breakdown_tol: float | None = None,
-    callback: Callable[[SLQProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
 ) -> SLQResult:
     """Gauss quadrature rules of the spectral measures of random probes (SLQ).
 
     Args:
-        matvec: the symmetric operator on blocks: ``(P, b)`` → ``(P, b)``; it receives
-            vectors of ``dtype`` and may return another float dtype (converted back).
-        num_params: ``P``.
+        operator: the symmetric operator (:class:`~basins.linalg.operator.Operator`, or a dense
+            tensor); its matvec receives blocks ``(P, b)`` of ``dtype`` and may return another
+            float dtype (converted back).
         num_probes: probe vectors ``n_v``.
         num_steps: Lanczos steps ``m`` per probe (capped at the probes' dimension).
         seed: seeds the probes (drawn on the CPU in float64).
@@ -222,22 +213,24 @@ def slq(
         block_size: probes advanced together (default all): one block matvec per step.
         dtype: dtype of the stored Lanczos vectors (float64 by default; memory
             ``block_size·(m+1)·P`` elements). Coefficients are always float64.
-        device: where the Lanczos vectors live.
+        device: where the Lanczos vectors live (default the operator's).
         breakdown_tol: a probe stops when ``β_j ≤ breakdown_tol·max(|α|, |β|)`` (its Krylov
             space is invariant; the quadrature is then exact). Default ``100·eps(dtype)``.
-        callback: called with :class:`SLQProgress` after every step.
+        callback: called with a :class:`~basins.progress.Progress` after every step (phase
+            ``"slq"``, unit ``"matvecs"``, ``info`` "step j/m").
 
     Returns:
         An :class:`SLQResult`. Cost: at most ``num_probes·num_steps`` matvecs (fewer when
         probes stop early), in ``ceil(num_probes / block_size)·num_steps`` block calls.
 
     Raises:
-        InputError: bad budget, probe name, or ``deflate`` shape.
+        InputError: bad budget, probe name, or ``deflate`` shape; a matvec of the wrong shape.
         ComputeError: the operator returned non-finite values.
     """
+    op = as_operator(operator)
     _check_budget(num_probes, num_steps, probe)
-    P = int(num_params)
-    device = torch.device(device)
+    P = op.num_params
+    device = op.device if device is None else torch.device(device)
     D: torch.Tensor | None = None
     k = 0
     if deflate is not None:
@@ -263,7 +256,7 @@ def slq(
     max_matvecs = num_probes * m
     for start in range(0, num_probes, bs):
         alphas, betas, lengths = _lanczos_block(
-            matvec, R[start : start + bs], m, D, tol, done, max_matvecs, callback
+            op, R[start : start + bs], m, D, tol, done, max_matvecs, callback
         )
         for a, b, n in zip(alphas, betas, lengths):
             theta, w, r = _gauss_rule(a[:n], b[:n])
@@ -280,14 +273,14 @@ def slq(
 
 
 def _lanczos_block(
-    matvec: Matvec,
+    op: Operator,
     V0: torch.Tensor,
     m: int,
     D: torch.Tensor | None,
     tol: float,
     done: list[int],
     max_matvecs: int,
-    callback: Callable[[SLQProgress], None] | None,
+    callback: ProgressCallback | None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """m Lanczos steps for each row of ``V0`` (unit, orthogonal to D), all probes together.
 
@@ -307,12 +300,7 @@ def _lanczos_block(
         full = bool(active.all())
         Qa = Q[:, : j + 1] if full else Q[idx, : j + 1]  # (a, j+1, P)
         V = Qa[:, j]
-        W = matvec(V.T.contiguous())
-        if W.shape != (P, V.shape[0]):
-            raise ComputeError(f"the operator returned shape {tuple(W.shape)} for a block of shape {(P, V.shape[0])}")
-        W = W.T.to(V.dtype)
-        if not bool(torch.isfinite(W).all()):
-            raise ComputeError("the operator returned non-finite values (NaN/inf) during SLQ")
+        W = op.apply(V.T.contiguous()).T  # checked: shape, finite; V's dtype
         done[0] += V.shape[0]
         W = _project_out(W, D)
         alpha = (W * V).sum(dim=1)
@@ -335,7 +323,7 @@ def _lanczos_block(
             if bool(keep.any()):
                 Q[idx[keep], j + 1] = W[keep.to(W.device)] / beta[keep.to(beta.device)][:, None]
         if callback is not None:
-            callback(SLQProgress(done[0], max_matvecs, j + 1, m))
+            callback(Progress("slq", done[0], max_matvecs, "matvecs", info=f"step {j + 1}/{m}"))
         if not bool(active.any()):
             break
     return alphas, betas, lengths

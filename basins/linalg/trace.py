@@ -18,16 +18,14 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from basins.errors import ComputeError, InputError
+from basins.errors import InputError
+from basins.linalg.operator import Operator, as_operator
 
 __all__ = ["TraceEstimate", "hutchinson", "hutchpp"]
-
-Matvec = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -49,18 +47,18 @@ class TraceEstimate:
     seed: int
 
 
-def hutchinson(matvec: Matvec, num_params: int, *, num_matvecs: int = 100, block_size: int = 16,
-               dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu",
+def hutchinson(operator: Operator | torch.Tensor, *, num_matvecs: int = 100, block_size: int = 16,
+               dtype: torch.dtype = torch.float64, device: str | torch.device | None = None,
                seed: int = 0) -> TraceEstimate:
     r"""Hutchinson's estimate :math:`\frac1m\sum_i z_i^\top H z_i`, Rademacher :math:`z_i`.
 
     Args:
-        matvec: maps a block ``(P, c)``, ``c <= block_size``, to ``H @ V``.
-        num_params: ``P``.
+        operator: ``H``, an :class:`~basins.linalg.operator.Operator` (its matvec gets blocks
+            ``(P, c)``, ``c <= block_size``) or a dense symmetric tensor.
         num_matvecs: ``m``, the number of probes and products, ``>= 2`` (for a stderr).
         block_size: probes per ``matvec`` call; memory ``3 * block_size`` vectors.
         dtype: dtype of the probes, ``torch.float32`` or ``torch.float64``.
-        device: device of the probes.
+        device: device of the probes (default the operator's).
         seed: seed of the probe generator.
 
     Returns:
@@ -68,18 +66,20 @@ def hutchinson(matvec: Matvec, num_params: int, *, num_matvecs: int = 100, block
         products.
 
     Raises:
-        InputError: a bad argument or a ``matvec`` that returns the wrong shape.
-        ComputeError: ``matvec`` returned non-finite values.
+        InputError: a bad argument or a matvec that returns the wrong shape.
+        ComputeError: the matvec returned non-finite values.
     """
-    _check(matvec, num_params, num_matvecs, 2, block_size, dtype, seed)
+    op = as_operator(operator)
+    num_params, device = op.num_params, op.device if device is None else device
+    _check(num_matvecs, 2, block_size, dtype, seed)
     gen = torch.Generator().manual_seed(seed)
-    terms = _quadratic_forms(matvec, num_params, num_matvecs, block_size, dtype, device, gen, None)
+    terms = _quadratic_forms(op, num_params, num_matvecs, block_size, dtype, device, gen, None)
     mean, stderr = _mean_stderr(terms)
     return TraceEstimate(mean, stderr, num_matvecs, "hutchinson", seed)
 
 
-def hutchpp(matvec: Matvec, num_params: int, *, num_matvecs: int = 102, block_size: int = 16,
-            dtype: torch.dtype = torch.float64, device: str | torch.device = "cpu",
+def hutchpp(operator: Operator | torch.Tensor, *, num_matvecs: int = 102, block_size: int = 16,
+            dtype: torch.dtype = torch.float64, device: str | torch.device | None = None,
             seed: int = 0) -> TraceEstimate:
     r"""Hutch++ (Meyer et al. 2021): exact trace on a sketched subspace, Hutchinson on the rest.
 
@@ -89,13 +89,13 @@ def hutchpp(matvec: Matvec, num_params: int, *, num_matvecs: int = 102, block_si
     sum (the first term is exact given ``Q``).
 
     Args:
-        matvec: maps a block ``(P, c)``, ``c <= block_size``, to ``H @ V``.
-        num_params: ``P``.
+        operator: ``H``, an :class:`~basins.linalg.operator.Operator` (its matvec gets blocks
+            ``(P, c)``, ``c <= block_size``) or a dense symmetric tensor.
         num_matvecs: ``m``, total products, ``>= 4`` (``s >= 1``, ``g >= 2``); default 102
             (34 per third).
         block_size: vectors per ``matvec`` call.
         dtype: dtype of the probes and of ``Q``, ``torch.float32`` or ``torch.float64``.
-        device: device of the probes.
+        device: device of the probes (default the operator's).
         seed: seed of the probe generator (``S`` first, then the ``g`` probes).
 
     Returns:
@@ -103,34 +103,31 @@ def hutchpp(matvec: Matvec, num_params: int, *, num_matvecs: int = 102, block_si
         spans ``R^P`` and the estimate is exact); memory ``s + 3 * block_size`` vectors.
 
     Raises:
-        InputError: a bad argument or a ``matvec`` that returns the wrong shape.
-        ComputeError: ``matvec`` returned non-finite values.
+        InputError: a bad argument or a matvec that returns the wrong shape.
+        ComputeError: the matvec returned non-finite values.
     """
-    _check(matvec, num_params, num_matvecs, 4, block_size, dtype, seed)
+    op = as_operator(operator)
+    num_params, device = op.num_params, op.device if device is None else device
+    _check(num_matvecs, 4, block_size, dtype, seed)
     gen = torch.Generator().manual_seed(seed)
     s = num_matvecs // 3
     HS = torch.empty(num_params, s, dtype=dtype, device=device)
     for a in range(0, s, block_size):
         c = min(block_size, s - a)
-        HS[:, a : a + c] = _apply(matvec, _rademacher(gen, c, num_params, dtype, device))
+        HS[:, a : a + c] = op.apply(_rademacher(gen, c, num_params, dtype, device))
     Q = torch.linalg.qr(HS).Q  # orthonormal (P, min(s, P)) even when H S is rank deficient
     del HS
     exact = 0.0
     for a in range(0, Q.shape[1], block_size):
         V = Q[:, a : a + block_size]
-        exact += float(torch.sum(V * _apply(matvec, V), dtype=torch.float64))
+        exact += float(torch.sum(V * op.apply(V), dtype=torch.float64))
     g = num_matvecs - 2 * s
-    terms = _quadratic_forms(matvec, num_params, g, block_size, dtype, device, gen, Q)
+    terms = _quadratic_forms(op, num_params, g, block_size, dtype, device, gen, Q)
     mean, stderr = _mean_stderr(terms)
     return TraceEstimate(exact + mean, stderr, s + Q.shape[1] + g, "hutch++", seed)
 
 
-def _check(matvec: object, num_params: object, num_matvecs: object, least: int,
-           block_size: object, dtype: object, seed: object) -> None:
-    if not callable(matvec):
-        raise InputError(f"matvec must be callable, got {type(matvec).__name__}")
-    if not _is_int(num_params) or num_params < 1:  # type: ignore[operator]
-        raise InputError(f"num_params={num_params!r} must be a positive integer")
+def _check(num_matvecs: object, least: int, block_size: object, dtype: object, seed: object) -> None:
     if not _is_int(num_matvecs) or num_matvecs < least:  # type: ignore[operator]
         raise InputError(f"num_matvecs={num_matvecs!r} must be an integer >= {least}")
     if not _is_int(block_size) or block_size < 1:  # type: ignore[operator]
@@ -152,20 +149,7 @@ def _rademacher(gen: torch.Generator, c: int, P: int, dtype: torch.dtype,
     return (2 * z - 1).to(device=device, dtype=dtype).T
 
 
-def _apply(matvec: Matvec, V: torch.Tensor) -> torch.Tensor:
-    W = matvec(V)
-    if not isinstance(W, torch.Tensor) or tuple(W.shape) != tuple(V.shape):
-        shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
-        raise InputError(f"matvec returned {shape} for an input of shape {tuple(V.shape)}; "
-                         "it must map a (P, b) block to H @ V of the same shape")
-    W = W.detach().to(device=V.device, dtype=V.dtype)
-    if not bool(torch.isfinite(W).all()):
-        raise ComputeError("matvec returned non-finite values; check that the loss and model "
-                           "are finite here")
-    return W
-
-
-def _quadratic_forms(matvec: Matvec, P: int, m: int, block_size: int, dtype: torch.dtype,
+def _quadratic_forms(op: Operator, P: int, m: int, block_size: int, dtype: torch.dtype,
                      device: str | torch.device, gen: torch.Generator,
                      Q: torch.Tensor | None) -> torch.Tensor:
     """``z_i^T H z_i`` (float64) for ``m`` Rademacher probes, deflated by ``I - QQ^T`` if given."""
@@ -175,7 +159,7 @@ def _quadratic_forms(matvec: Matvec, P: int, m: int, block_size: int, dtype: tor
         Z = _rademacher(gen, c, P, dtype, device)
         if Q is not None:
             Z = Z - Q @ (Q.T @ Z)
-        out[a : a + c] = torch.sum(Z * _apply(matvec, Z), dim=0, dtype=torch.float64).cpu()
+        out[a : a + c] = torch.sum(Z * op.apply(Z), dim=0, dtype=torch.float64).cpu()
     return out
 
 

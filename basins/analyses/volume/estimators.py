@@ -31,6 +31,9 @@ import numpy as np
 from basins.errors import InputError
 
 __all__ = [
+    "wall_exponent",
+    "floor_ratio",
+    "volume_slopes",
     "DEFAULT_QUANTILES",
     "VolumeEstimate",
     "QuadraticBaseline",
@@ -344,3 +347,57 @@ def quantile_summary(values: np.ndarray, levels: Sequence[float] = DEFAULT_QUANT
         out[f"q{round(100 * q):02d}"] = float(np.quantile(v, q)) if v.size else None
     out["max"] = float(v.max()) if v.size else None
     return out
+
+
+# ---------------------------------------------------------------------- wall statistics and slopes
+def wall_exponent(t: np.ndarray, profile: np.ndarray) -> np.ndarray:
+    """Per ray the local exponent ``dlog C/dlog t`` at ``t = 1`` from the grid's neighbours of 1
+    (2: a quadratic wall; > 2 degenerate; → 0 a plateau); NaN where ``C ≤ 0`` there or 1 is not
+    inside the grid. ``t``: ``(T,)``; ``profile``: ``(N, T)`` values of ``C``. Returns ``(N,)``."""
+    below, above = np.nonzero(t < 1.0)[0], np.nonzero(t > 1.0)[0]
+    if not below.size or not above.size:
+        return np.full(profile.shape[0], np.nan)
+    a, b = below[np.argmax(t[below])], above[np.argmin(t[above])]
+    ca, cb = profile[:, a], profile[:, b]
+    ok = (ca > 0) & (cb > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = (np.log(np.where(ok, cb, 1.0)) - np.log(np.where(ok, ca, 1.0))) / (math.log(t[b]) - math.log(t[a]))
+    return np.where(ok, p, np.nan)
+
+
+def floor_ratio(t: np.ndarray, profile: np.ndarray, level: float) -> np.ndarray:
+    """Per ray ``r_floor / r``: going inwards from ``t = 1``, where ``C`` first falls to ``level``
+    (log-log interpolation between grid points; linear where ``C ≤ 0``); NaN when it never does
+    above ``t.min()``. Shapes as :func:`wall_exponent`."""
+    inner = np.nonzero(t <= 1.0)[0]
+    inner = inner[np.argsort(-t[inner])]  # descending t, starting at 1
+    tt, cc = t[inner], profile[:, inner]
+    hit = cc <= level
+    hit[:, 0] = False
+    first = np.argmax(hit, axis=1)
+    has = hit.any(axis=1)
+    out = np.full(profile.shape[0], np.nan)
+    k = np.nonzero(has)[0]
+    if k.size:
+        j = first[k]
+        t1, t0 = tt[j - 1], tt[j]
+        c1, c0 = cc[k, j - 1], cc[k, j]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            loglog = np.exp(np.log(t0) + (math.log(level) - np.log(c0)) * (np.log(t1) - np.log(t0)) / (np.log(c1) - np.log(c0)))
+            lin = t0 + (level - c0) * (t1 - t0) / (c1 - c0)
+        out[k] = np.where(c0 > 0, loglog, lin)
+    return out
+
+
+def volume_slopes(values: Sequence[float | None], ok: Sequence[bool], epsilons: Sequence[float]) -> list[float | None]:
+    """Slopes ``d log V / d log ε`` between neighbouring rungs of the ε ladder.
+
+    ``(values[j+1] − values[j]) / log(ε[j+1]/ε[j])`` where both rungs are usable (``ok`` and
+    not None), else None; ``len(epsilons) − 1`` entries. For a quadratic basin in ``d``
+    dimensions ``log V = (d/2) log ε + const``, so the slope estimates ``d/2`` (the basin's
+    effective dimension over 2; README, "Architecture", and the paper's volume section).
+    """
+    E = len(epsilons)
+    return [(values[j + 1] - values[j]) / math.log(epsilons[j + 1] / epsilons[j])  # type: ignore[operator]
+            if ok[j] and ok[j + 1] and values[j] is not None and values[j + 1] is not None else None
+            for j in range(E - 1)]

@@ -1,4 +1,4 @@
-"""Basin volume and wall shape by random probing (DESIGN.md section 3): the entry points.
+"""Basin volume and wall shape by random probing (README, "Architecture"; the paper's volume section): the entry points.
 
 :func:`probe_basin` runs the whole analysis on any batched criterion
 ``C: (K, P) points → (K,)`` (closed-form losses in tests); :func:`probe_problem` connects it to a
@@ -29,14 +29,13 @@ basin); Dowling & Sheikh (Illinois method, 1971).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
+from basins.analyses.eigen import hessian_eigenpairs
+from basins.analyses.volume.criterion import ProblemCriterion
 from basins.analyses.volume.directions import (
     FAMILIES,
     NORMALISATIONS,
@@ -44,13 +43,12 @@ from basins.analyses.volume.directions import (
     filter_groups,
 )
 from basins.analyses.volume.estimators import (
-    QuadraticBaseline,
-    VolumeEstimate,
     estimate_log_mean,
+    floor_ratio,
     log_ball_volume,
     log_ray_prior_mass,
     quadratic_log_volume,
-    quantile_summary,
+    wall_exponent,
 )
 from basins.analyses.volume.radii import (
     CENSORED,
@@ -62,220 +60,36 @@ from basins.analyses.volume.radii import (
     flag_reentries,
     wall_profiles,
 )
-from basins.errors import ComputeError, InputError
+from basins.analyses.volume.results import (
+    FLOOR_FRACTION,
+    FamilyResult,
+    ProbeResult,
+    WallsResult,
+    walls_summary,
+)
+from basins.engine.problem import Problem
+from basins.errors import InputError
+from basins.progress import Progress, ProgressCallback
 
 __all__ = [
     "DEFAULT_EPSILONS",
-    "FLOOR_FRACTION",
-    "ProbeProgress",
-    "WallsResult",
-    "FamilyResult",
-    "ProbeResult",
+    "ray_progress",
     "probe_basin",
     "probe_problem",
-    "ProblemCriterion",
-    "hessian_eigenpairs",
 ]
 
 #: Default ε ladder, in loss units (the same units as ``L``).
 DEFAULT_EPSILONS = (1e-3, 1e-2, 1e-1)
-#: The floor radius is where ``C`` falls to this fraction of ε along a ray.
-FLOOR_FRACTION = 0.01
 _PILOT_PAIRS = 16
 _BATCH_PAIRS = 128
 
 
-@dataclass
-class ProbeProgress:
-    """Passed to the callback after every batched evaluation."""
-
-    rays_done: int
-    num_rays: int
-    num_loss_evals: int
-    num_hvps: int
-    stage: str
-
-
-@dataclass
-class WallsResult:
-    """Wall shape along every ray of one family (rays ordered as in :class:`FamilyResult`).
-
-    Attributes:
-        epsilon: the ε whose radius ``r(u)`` scales the grid.
-        t: ``(T,)`` grid of ``t`` (radius / ``r(u)``); includes 1.
-        profile: ``(N, T)`` ``C(t·r(u))`` in loss units (``ε`` at ``t = 1``; NaN for rays that
-            did not cross).
-        exponent: ``(N,)`` local exponent ``dlog C/dlog t`` at ``t = 1`` (central difference
-            over the grid's neighbours of 1): 2 for a quadratic wall, > 2 degenerate, → 0 plateau.
-        floor_ratio: ``(N,)`` ``r_floor/r``, where ``C`` first falls to ``FLOOR_FRACTION·ε``
-            going inwards (log-log interpolation); NaN when it never does above ``t.min()``.
-        anharmonicity: ``(N, E)`` ``log(r/r_quad)``, ``r_quad = sqrt(2ε/uᵀHu)``; None without HVPs.
-        asymmetry: ``(M, E)`` ``log(r₊/r₋)`` per pair (NaN unless both rays crossed).
-        profile_quantiles: ``(5, T)`` quantiles (levels 0.05, 0.25, 0.5, 0.75, 0.95) of ``C/ε``.
-        summary: JSON-ready quantiles (see :func:`probe_basin`).
-    """
-
-    epsilon: float
-    t: np.ndarray
-    profile: np.ndarray
-    exponent: np.ndarray
-    floor_ratio: np.ndarray
-    anharmonicity: np.ndarray | None
-    asymmetry: np.ndarray
-    profile_quantiles: np.ndarray
-    summary: dict[str, Any]
-
-
-@dataclass
-class FamilyResult:
-    """Rays of one family. Ray ``2j`` is ``+u_j``, ray ``2j + 1`` is ``−u_j``.
-
-    Attributes:
-        family, normalisation: as sampled. dimension: ``d`` of the subspace the rays fill.
-        pair_seeds: ``(M,)`` int64 seed of each pair (regenerate ``u_j`` with
-            :meth:`DirectionSampler.direction`).
-        radii, log_error, status, reentered, num_evals: ``(N, E)``, see :class:`basins.analyses.volume.directions.RaySearch`.
-        dots: ``(N,)`` ``u·θ*``. curvature: ``(M,)`` ``uᵀHu`` or None.
-        volume: per ε the :class:`~basins.analyses.volume.estimators.VolumeEstimate` of ``log V`` (of the d-dim
-            section), None for non-uniform directions. prior_mass: per ε, ``log`` prior mass
-            (isotropic family only, else None).
-        walls: :class:`WallsResult` or None.
-        num_loss_evals: criterion evaluations spent on this family (search + walls).
-    """
-
-    family: str
-    normalisation: str
-    dimension: int
-    pair_seeds: np.ndarray
-    radii: np.ndarray
-    log_error: np.ndarray
-    status: np.ndarray
-    reentered: np.ndarray
-    num_evals: np.ndarray
-    dots: np.ndarray
-    curvature: np.ndarray | None
-    volume: list[VolumeEstimate | None]
-    prior_mass: list[VolumeEstimate | None]
-    walls: WallsResult | None
-    num_loss_evals: int
-    num_walls_evals: int
-
-    @property
-    def num_rays(self) -> int:
-        return int(self.radii.shape[0])
-
-
-@dataclass
-class ProbeResult:
-    """Everything :func:`probe_basin` found, per family, with the settings used.
-
-    Attributes:
-        num_params: ``P``. epsilons: the ladder (loss units). radius_rtol, max_radius,
-        min_radius: search settings (parameter units). sigma: the prior's σ (None: no prior
-        mass). seed. families: ``{name: FamilyResult}`` in the order asked.
-        num_loss_evals: every criterion evaluation (for a Problem: every loss evaluation,
-        timing of the batched routes included). num_hvps. wall_t, walls_epsilon: the wall grid.
-        quadratic: the quadratic baseline or None. eigenvalues: the top Hessian eigenvalues used
-        (float64) or None. notes: what was left out and why. loss_route: the batched-loss route.
-    """
-
-    num_params: int
-    epsilons: list[float]
-    radius_rtol: float
-    max_radius: float
-    min_radius: float
-    sigma: float | None
-    seed: int
-    families: dict[str, FamilyResult]
-    num_loss_evals: int
-    num_hvps: int
-    wall_t: list[float] | None
-    walls_epsilon: float | None
-    quadratic: QuadraticBaseline | None = None
-    eigenvalues: np.ndarray | None = None
-    notes: list[str] = field(default_factory=list)
-    loss_route: dict[str, Any] | None = None
-
-    @property
-    def primary(self) -> FamilyResult:
-        """The isotropic family if probed, else the first."""
-        return self.families.get("isotropic") or next(iter(self.families.values()))
-
-
-class ProblemCriterion:
-    """``C(θ) = L(θ) − L(θ*)`` of a :class:`basins.Problem`, batched through ``loss_many``.
-
-    The route (``vmap`` chunk size, or a ``loop``) is chosen by timing each candidate on a few
-    points near θ* (DESIGN.md section 1: on a CPU vmap measured 0.7–1.4× a loop), so the batched
-    search is never slower than a loop. ``L(θ*)`` is re-evaluated through the chosen route so
-    that ``C(θ*) = 0`` exactly in its arithmetic.
-
-    Args:
-        problem: the problem.
-        route: ``auto``, ``vmap`` or ``loop``.
-        chunk: points per ``vmap`` call (memory ∝ chunk × the model's activations on one data
-            chunk); with ``auto``, the candidates are 4, 16 and 64 capped at ``chunk``.
-        seed: seed of the timing points.
-
-    Attributes:
-        route, chunk: as chosen. timings: seconds per point of each candidate.
-        num_evals: evaluations through this object (timing included).
-    """
-
-    def __init__(self, problem: object, *, route: str = "auto", chunk: int | None = None, seed: int = 0) -> None:
-        if route not in ("auto", "vmap", "loop"):
-            raise InputError(f"unknown batched-loss route {route!r}: use auto, vmap or loop")
-        if chunk is not None and chunk < 1:
-            raise InputError(f"the chunk size must be ≥ 1, got {chunk}")
-        self.problem = problem
-        self.theta0: torch.Tensor = problem.theta0  # type: ignore[attr-defined]
-        self.num_evals = 0
-        self.timings: dict[str, float] = {}
-        self.route, self.chunk = ("loop", None) if route == "auto" else (route, chunk)
-        if route == "auto":
-            # every process must use rank 0's choice: routes differ in rounding, and ranks that
-            # saw different numbers would take different search steps (and different collectives)
-            route, chunk = problem.agree(self._measure(chunk, seed))  # type: ignore[attr-defined]
-        self.route, self.chunk = route, (chunk if route == "vmap" else None)
-        self.reference = float(self._loss(self.theta0.unsqueeze(0))[0])
-        if not math.isfinite(self.reference):
-            raise ComputeError("the batched loss at θ* is not finite")
-
-    def _loss(self, points: torch.Tensor, route: str | None = None, chunk: int | None = None) -> torch.Tensor:
-        self.num_evals += points.shape[0]
-        r = route or self.route
-        out: torch.Tensor = self.problem.loss_many(points, chunk=chunk or self.chunk, route=r)  # type: ignore[attr-defined]
-        return out
-
-    def _measure(self, cap: int | None, seed: int) -> tuple[str, int | None]:
-        gen = torch.Generator().manual_seed(seed)
-        P = self.theta0.numel()
-        cands: list[tuple[str, int | None]] = [("loop", None)]
-        sizes = sorted({min(c, cap) if cap else c for c in (4, 16, 64)})
-        cands += [("vmap", c) for c in sizes]
-        m = max(32, max(sizes))
-        noise = torch.randn(m, P, generator=gen, dtype=torch.float64) * 1e-3
-        pts = self.theta0.unsqueeze(0) + noise.to(self.theta0.device, self.theta0.dtype)
-        best: tuple[float, str, int | None] = (math.inf, "loop", None)
-        for route, c in cands:
-            k = max(c or 1, 32)  # the same work per candidate (32 points; 64 for vmap ×64)
-            try:
-                per = math.inf
-                for _ in range(3):  # best of 3: timings on a shared CPU are noisy
-                    t0 = time.perf_counter()
-                    self._loss(pts[:k], route, c)
-                    per = min(per, (time.perf_counter() - t0) / k)
-            except Exception as exc:  # noqa: BLE001 - a model vmap cannot batch falls back to the loop
-                if route == "loop":
-                    raise ComputeError(f"the loss fails at points near θ*: {type(exc).__name__}: {exc}") from exc
-                continue
-            self.timings[route if c is None else f"vmap{c}"] = per
-            if per < best[0]:
-                best = (per, route, c)
-        return best[1], best[2]
-
-    def __call__(self, points: torch.Tensor) -> torch.Tensor:
-        return self._loss(points) - self.reference
+def ray_progress(rays_done: int, num_rays: int, num_loss_evals: int, num_hvps: int, stage: str) -> Progress:
+    """The :class:`~basins.progress.Progress` of probing: rays done (unit ``"rays"``), with the
+    loss evaluations and HVPs so far in ``info``; ``phase`` is the stage (an ε, ``walls``,
+    ``Hessian``)."""
+    return Progress(stage, rays_done, num_rays, "rays",
+                    info=f"{stage}: {num_loss_evals:,} loss evals, {num_hvps:,} HVPs")
 
 
 def _median_or(values: np.ndarray, default: float) -> float:
@@ -285,54 +99,6 @@ def _median_or(values: np.ndarray, default: float) -> float:
 
 def _pair_rows(num_pairs: int) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(np.arange(num_pairs), 2), np.tile(np.array([1.0, -1.0]), num_pairs)
-
-
-def _exponent_at_one(t: np.ndarray, profile: np.ndarray) -> np.ndarray:
-    below, above = np.nonzero(t < 1.0)[0], np.nonzero(t > 1.0)[0]
-    if not below.size or not above.size:
-        return np.full(profile.shape[0], np.nan)
-    a, b = below[np.argmax(t[below])], above[np.argmin(t[above])]
-    ca, cb = profile[:, a], profile[:, b]
-    ok = (ca > 0) & (cb > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = (np.log(np.where(ok, cb, 1.0)) - np.log(np.where(ok, ca, 1.0))) / (math.log(t[b]) - math.log(t[a]))
-    return np.where(ok, p, np.nan)
-
-
-def _floor_ratio(t: np.ndarray, profile: np.ndarray, level: float) -> np.ndarray:
-    """Going inwards from t = 1: where C first falls to ``level`` (log-log interpolation)."""
-    inner = np.nonzero(t <= 1.0)[0]
-    inner = inner[np.argsort(-t[inner])]  # descending t, starting at 1
-    tt, cc = t[inner], profile[:, inner]
-    hit = cc <= level
-    hit[:, 0] = False
-    first = np.argmax(hit, axis=1)
-    has = hit.any(axis=1)
-    out = np.full(profile.shape[0], np.nan)
-    k = np.nonzero(has)[0]
-    if k.size:
-        j = first[k]
-        t1, t0 = tt[j - 1], tt[j]
-        c1, c0 = cc[k, j - 1], cc[k, j]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            loglog = np.exp(np.log(t0) + (math.log(level) - np.log(c0)) * (np.log(t1) - np.log(t0)) / (np.log(c1) - np.log(c0)))
-            lin = t0 + (level - c0) * (t1 - t0) / (c1 - c0)
-        out[k] = np.where(c0 > 0, loglog, lin)
-    return out
-
-
-def _walls_summary(w: WallsResult, epsilons: Sequence[float], status: np.ndarray, reentered: np.ndarray) -> dict[str, Any]:
-    jw = list(epsilons).index(w.epsilon)
-    return {
-        "epsilon": w.epsilon, "epsilon_index": jw, "t_min": float(w.t.min()), "t_max": float(w.t.max()), "num_t": int(w.t.size),
-        "exponent": quantile_summary(w.exponent),
-        "floor_fraction": FLOOR_FRACTION,
-        "floor_ratio": quantile_summary(w.floor_ratio),
-        "floor_not_reached": int(np.sum(np.isnan(w.floor_ratio) & (status[:, jw] == CROSSED))),
-        "anharmonicity": None if w.anharmonicity is None else [quantile_summary(w.anharmonicity[:, j]) for j in range(len(epsilons))],
-        "asymmetry": [quantile_summary(w.asymmetry[:, j]) for j in range(len(epsilons))],
-        "reentered": int(reentered[:, jw].sum()),
-    }
 
 
 def probe_basin(
@@ -357,7 +123,7 @@ def probe_basin(
     memory_bytes: int = 256 << 20,
     num_bootstrap: int = 1000,
     min_ess: float = 30.0,
-    callback: Callable[[ProbeProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
 ) -> ProbeResult:
     """Probe the basin of ``criterion`` around θ* along ``2·num_pairs`` random rays per family.
 
@@ -382,7 +148,8 @@ def probe_basin(
         hvp_block: vectors per ``hvp`` call.
         memory_bytes: budget for the ``(K, P)`` direction and point batches.
         num_bootstrap, min_ess: see :func:`basins.analyses.volume.estimators.estimate_log_mean`.
-        callback: called with a :class:`ProbeProgress` after every batched evaluation.
+        callback: called with a :class:`~basins.progress.Progress` (:func:`ray_progress`) after
+            every batched evaluation.
 
     Returns:
         :class:`ProbeResult`. Cost: about 3–8 criterion evaluations per ray and ε from a good
@@ -434,7 +201,7 @@ def probe_basin(
 
     def report(stage: str) -> None:
         if callback is not None:
-            callback(ProbeProgress(int(counts["done"]), total_rays, int(counts["evals"]), int(counts["hvps"]), stage))
+            callback(ray_progress(int(counts["done"]), total_rays, int(counts["evals"]), int(counts["hvps"]), stage))
 
     def counted(points: torch.Tensor) -> torch.Tensor:
         counts["evals"] += int(points.shape[0])
@@ -459,6 +226,8 @@ def probe_basin(
         num_params=P, epsilons=eps, radius_rtol=rtol, max_radius=rmax, min_radius=rmin, sigma=sig, seed=seed,
         families=out, num_loss_evals=int(counts["evals"]), num_hvps=int(counts["hvps"]),
         wall_t=[float(x) for x in tgrid] if walls else None, walls_epsilon=eps[jw] if walls else None, notes=notes,
+        settings={"samples": 2 * num_pairs, "ray_families": list(families), "directions": normalisation,
+                  "walls_enabled": bool(walls)},
     )
 
 
@@ -539,11 +308,11 @@ def _probe_family(criterion: Criterion, theta0: torch.Tensor, theta64: torch.Ten
             pq = np.nanquantile(rel, [0.05, 0.25, 0.5, 0.75, 0.95], axis=0) if np.isfinite(rel).any() \
                 else np.full((5, tgrid.size), np.nan)
         wres = WallsResult(
-            epsilon=eps[jw], t=tgrid, profile=profile, exponent=_exponent_at_one(tgrid, profile),
-            floor_ratio=_floor_ratio(tgrid, profile, FLOOR_FRACTION * eps[jw]), anharmonicity=anh, asymmetry=asym,
+            epsilon=eps[jw], t=tgrid, profile=profile, exponent=wall_exponent(tgrid, profile),
+            floor_ratio=floor_ratio(tgrid, profile, FLOOR_FRACTION * eps[jw]), anharmonicity=anh, asymmetry=asym,
             profile_quantiles=pq, summary={},
         )
-        wres.summary = _walls_summary(wres, eps, status, reent)
+        wres.summary = walls_summary(wres, eps, status, reent)
     return FamilyResult(
         family=fam, normalisation=sampler.normalisation, dimension=sampler.dimension, pair_seeds=seeds,
         radii=radii, log_error=lerr, status=status, reentered=reent, num_evals=nev, dots=dots, curvature=curv,
@@ -579,57 +348,8 @@ def _estimate(fr: FamilyResult, sampler: DirectionSampler, eps: list[float], the
             fr.prior_mass.append(None)
 
 
-def hessian_eigenpairs(
-    problem: Any,
-    k: int,
-    *,
-    exact_max_params: int = 2000,
-    seed: int = 0,
-    tol: float = 1e-4,
-    hvp_block: int = 32,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[np.ndarray, torch.Tensor, bool, str]:
-    """Hessian eigenvalues and the top-k eigenvectors at θ*.
-
-    With ``P ≤ exact_max_params`` the dense Hessian (``P`` HVPs in blocks) and ``eigvalsh`` in
-    float64 give the whole spectrum; otherwise Lanczos (:func:`basins.linalg.lanczos.lanczos`, full
-    reorthogonalisation) gives the top ``k`` pairs to relative residual ``tol``.
-
-    Args:
-        problem: a :class:`basins.Problem`.
-        k: eigenvectors wanted (``1 ≤ k < P``; 0 allowed on the exact route).
-        exact_max_params: largest P for the dense route.
-        seed, tol: Lanczos settings.
-        hvp_block: HVPs per block (dense route).
-        progress: called with the number of HVPs done so far.
-
-    Returns:
-        ``(eigenvalues descending float64 — all P (exact) or k (Lanczos), eigenvectors (P, k)
-        float64 CPU, complete, method)``. Cost: P HVPs (exact) or the Lanczos count.
-    """
-    P = int(problem.num_params)
-    exact = P <= exact_max_params
-    if not (0 if exact else 1) <= k < P:
-        raise InputError(f"the number of top eigenvectors must be in [1, P) = [1, {P}), got {k}")
-    if exact:
-        H = problem.dense_hessian(block=hvp_block, progress=(lambda done, _t: progress(done)) if progress else None)
-        vals, vecs = torch.linalg.eigh(H.detach().to("cpu", torch.float64))
-        vals, vecs = vals.flip(0), vecs.flip(1)
-        return vals.numpy(), vecs[:, :k].contiguous(), True, "exact"
-    from basins.linalg.lanczos import lanczos
-
-    res = lanczos(problem.hvp, P, k=k, which="top", tol=tol, dtype=problem.dtype, device=problem.device,
-                  seed=seed, return_eigenvectors=True,
-                  callback=(lambda info: progress(int(info.num_matvecs))) if progress else None)
-    if res.eigenvectors is None:
-        raise ComputeError("Lanczos returned no eigenvectors")
-    vals_t = res.eigenvalues.to("cpu", torch.float64)
-    order = torch.argsort(vals_t, descending=True)
-    return vals_t[order].numpy(), res.eigenvectors.to("cpu", torch.float64)[:, order], False, "lanczos"
-
-
 def probe_problem(
-    problem: Any,
+    problem: Problem,
     num_pairs: int,
     epsilons: Sequence[float] = DEFAULT_EPSILONS,
     *,
@@ -652,7 +372,7 @@ def probe_problem(
     memory_bytes: int = 256 << 20,
     num_bootstrap: int = 1000,
     min_ess: float = 30.0,
-    callback: Callable[[ProbeProgress], None] | None = None,
+    callback: ProgressCallback | None = None,
 ) -> ProbeResult:
     """:func:`probe_basin` on a :class:`basins.Problem`: ``C = L − L(θ*)`` over the full data.
 
@@ -673,24 +393,24 @@ def probe_problem(
     evals0, hvps0 = c0.num_loss_evals, c0.num_hvps
     crit = ProblemCriterion(problem, route=loss_route, chunk=chunk, seed=seed)
 
-    def eig_progress(done: int) -> None:
+    def eig_progress(_: Progress) -> None:
         if callback is not None:
-            callback(ProbeProgress(0, 2 * num_pairs * len(families), problem.counters.num_loss_evals - evals0,
-                                   problem.counters.num_hvps - hvps0, "Hessian"))
+            callback(ray_progress(0, 2 * num_pairs * len(families), problem.counters.num_loss_evals - evals0,
+                                  problem.counters.num_hvps - hvps0, "Hessian"))
 
     vals = basis = None
     complete, method = False, ""
     need_basis = any(f in ("top", "floor") for f in families)
     if compare_quadratic or need_basis:
         k = top_k if need_basis else min(top_k, problem.num_params - 1)
-        vals, basis, complete, method = hessian_eigenpairs(problem, k, exact_max_params=exact_max_params,
-                                                           seed=seed, hvp_block=hvp_block, progress=eig_progress)
+        pairs = hessian_eigenpairs(problem, k, exact_max_params=exact_max_params, seed=seed, hvp_block=hvp_block,
+                                   callback=eig_progress)
+        vals, basis, complete, method = pairs.eigenvalues.numpy(), pairs.eigenvectors, pairs.complete, pairs.method
 
-    def relay(info: ProbeProgress) -> None:
-        if callback is not None:
-            info.num_loss_evals = problem.counters.num_loss_evals - evals0
-            info.num_hvps = problem.counters.num_hvps - hvps0
-            callback(info)
+    def relay(info: Progress) -> None:
+        if callback is not None:  # the problem's counters: every evaluation, timing and uᵀHu included
+            callback(ray_progress(info.done, info.total or 0, problem.counters.num_loss_evals - evals0,
+                                  problem.counters.num_hvps - hvps0, info.phase))
 
     groups = filter_groups(problem.space.shapes) if normalisation == "filter" else None
     res = probe_basin(
@@ -712,4 +432,6 @@ def probe_problem(
     res.num_loss_evals = problem.counters.num_loss_evals - evals0
     res.num_hvps = problem.counters.num_hvps - hvps0
     res.loss_route = {"route": crit.route, "chunk": crit.chunk, "timings": dict(crit.timings)}
+    res.settings.update(top_k=top_k, compare_quadratic=compare_quadratic, null_rtol=null_rtol,
+                        exact_max_params=exact_max_params)
     return res

@@ -1,7 +1,7 @@
 """Where the loss crosses ε along rays from θ*: the batched radius search and wall profiles.
 
 Radius search (:func:`find_radii`). Along a unit direction ``u`` the criterion is
-``C(r) = L(θ* + r u) − L(θ*)``; the ray's radius at level ε is the first ``r`` with ``C(r) ≥ ε`` (DESIGN.md section 3). The search works in
+``C(r) = L(θ* + r u) − L(θ*)``; the ray's radius at level ε is the first ``r`` with ``C(r) ≥ ε`` (the paper's volume section). The search works in
 ``x = log r`` on ``f(x) = log C − log ε``, which is linear in ``x`` for a power-law wall
 ``C ≈ a rᵖ``: a slope-``p`` Newton step from a good guess (the quadratic radius, the running
 median, or the ray's radius at the previous ε) brackets the crossing, then a safeguarded

@@ -1,0 +1,120 @@
+"""Hessian eigenpairs at θ*: dense when small, else Lanczos; the one place this is decided.
+
+:func:`dense_fits` is the rule (``P ≤ max_params`` and the dense float64 Hessian with its
+eigensolver workspace, ``24·P²`` bytes, fits the memory budget); :func:`hessian_eigenpairs`
+applies it, and ``basins nullity`` (``--method auto``) and ``basins volume`` (the eigenbasis of
+the ``eigen`` direction family and of the quadratic comparison) both ask it. The dense route
+assembles ``H`` once (:meth:`basins.linalg.operator.Operator.materialise`, ``P`` HVPs) and
+diagonalises it in float64 (all ``P`` pairs, exact to rounding); the Lanczos route
+(:func:`basins.linalg.lanczos.lanczos`, full reorthogonalisation) gives the top ``k`` pairs to
+relative residual ``tol``. See README, "Architecture".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from basins.engine.memory import memory_budget
+from basins.engine.problem import Problem
+from basins.errors import ComputeError, InputError
+from basins.linalg.lanczos import lanczos
+from basins.linalg.operator import Operator
+from basins.progress import ProgressCallback, relay
+
+__all__ = ["Eigenpairs", "hessian_operator", "dense_memory_bytes", "dense_fits", "dense_hessian",
+           "top_eigenpairs", "hessian_eigenpairs"]
+
+
+@dataclass
+class Eigenpairs:
+    """Hessian eigenpairs, eigenvalues descending.
+
+    Attributes:
+        eigenvalues: ``(n,)`` float64 CPU, descending: all ``P`` (dense) or the top ``k`` (Lanczos).
+        eigenvectors: ``(P, k)`` unit eigen/Ritz vectors, float64 CPU (``k`` columns on both routes).
+        residuals: ``(n,)`` float64 residual bounds (Lanczos), zeros on the dense route.
+        complete: the whole spectrum is known (dense route).
+        method: ``"exact"`` (dense) or ``"lanczos"``.
+        num_hvps: HVPs spent (``P`` dense, the Lanczos count otherwise).
+    """
+
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor
+    residuals: torch.Tensor
+    complete: bool
+    method: str
+    num_hvps: int
+
+
+def hessian_operator(problem: Problem) -> Operator:
+    """The Hessian at θ* as an :class:`Operator`: ``problem.hvp`` (one column = one HVP)."""
+    return Operator(problem.hvp, int(problem.num_params), problem.dtype, problem.device)
+
+
+def dense_memory_bytes(num_params: int) -> int:
+    """Peak bytes of the dense route: the float64 Hessian, its symmetrised copy, the eigensolver's workspace."""
+    return 24 * num_params**2
+
+
+def dense_fits(num_params: int, *, max_params: int, memory_bytes: int | None = None) -> bool:
+    """Whether the dense route is taken: ``P ≤ max_params`` and :func:`dense_memory_bytes` fits
+    ``memory_bytes`` (default a quarter of physical memory)."""
+    return num_params <= max_params and dense_memory_bytes(num_params) <= memory_budget(memory_bytes)
+
+
+def dense_hessian(operator: Operator, *, block: int = 64, callback: ProgressCallback | None = None,
+                  symmetrise: bool = True) -> torch.Tensor:
+    """The dense float64 ``(P, P)`` Hessian (:meth:`Operator.materialise`); progress in HVPs (phase
+    ``"hessian"``). Cost: ``P`` HVPs in blocks of ``block``."""
+    return operator.materialise(dtype=torch.float64, block=block, symmetrise=symmetrise,
+                                callback=relay(callback, phase="hessian", unit="HVPs"))
+
+
+def top_eigenpairs(operator: Operator, k: int, *, tol: float = 1e-4, seed: int = 0, vectors: bool = True,
+                   callback: ProgressCallback | None = None) -> Eigenpairs:
+    """The top ``k`` pairs by Lanczos (basis in the operator's dtype). Cost: the Lanczos count (≥ k HVPs)."""
+    res = lanczos(operator, k=k, which="top", tol=tol, dtype=operator.dtype, device=operator.device, seed=seed,
+                  return_eigenvectors=vectors, callback=relay(callback, unit="HVPs"))
+    if vectors and res.eigenvectors is None:
+        raise ComputeError("Lanczos returned no eigenvectors")
+    vals = res.eigenvalues.to("cpu", torch.float64)
+    order = torch.argsort(vals, descending=True)
+    vecs = (res.eigenvectors.to("cpu", torch.float64)[:, order] if res.eigenvectors is not None
+            else torch.zeros(operator.num_params, 0, dtype=torch.float64))
+    return Eigenpairs(vals[order], vecs, res.residuals.to("cpu", torch.float64)[order], False, "lanczos",
+                      int(res.num_matvecs))
+
+
+def hessian_eigenpairs(problem: Problem | Operator, k: int, *, exact_max_params: int = 2000,
+                       memory_bytes: int | None = None, seed: int = 0, tol: float = 1e-4, hvp_block: int = 32,
+                       callback: ProgressCallback | None = None) -> Eigenpairs:
+    """All eigenvalues and the top ``k`` eigenvectors (dense route), or the top ``k`` pairs (Lanczos).
+
+    Args:
+        problem: a :class:`~basins.engine.problem.Problem` (its Hessian at θ*) or an :class:`Operator`.
+        k: eigenvectors wanted: ``0 ≤ k < P`` on the dense route, ``1 ≤ k < P`` on Lanczos.
+        exact_max_params, memory_bytes: the rule of :func:`dense_fits`.
+        seed, tol: Lanczos settings.
+        hvp_block: HVPs per product on the dense route.
+        callback: :class:`~basins.progress.Progress` in HVPs.
+
+    Returns:
+        :class:`Eigenpairs`. Cost: ``P`` HVPs (dense) or the Lanczos count.
+
+    Raises:
+        InputError: ``k`` out of range.
+    """
+    op = problem if isinstance(problem, Operator) else hessian_operator(problem)
+    P = op.num_params
+    exact = dense_fits(P, max_params=exact_max_params, memory_bytes=memory_bytes)
+    if not (0 if exact else 1) <= k < P:
+        raise InputError(f"k (the number of top eigenvectors) must be in [1, P) = [1, {P}), got {k}")
+    if not exact:
+        return top_eigenpairs(op, k, tol=tol, seed=seed, callback=callback)
+    H = dense_hessian(op, block=hvp_block, callback=callback).cpu()
+    vals, vecs = torch.linalg.eigh(H)
+    del H
+    vals, vecs = vals.flip(0), vecs.flip(1)
+    return Eigenpairs(vals, vecs[:, :k].contiguous(), torch.zeros_like(vals), True, "exact", P)
