@@ -11,9 +11,9 @@ Three routes compute the same ``H V`` (up to rounding) over the full data:
 
 ``auto`` costs at most about two HVPs at start-up:
 
-* when the data are held in memory, ``graph`` is built chunk by chunk while the bytes its
-  saved tensors take are counted; if it fits the budget it is taken after one check product
-  (timed). It cannot lose: each of its HVPs is the double backward that the functional routes
+* when the data are held in memory and the gradient graph fits the budget (its bytes
+  estimated from a ``create_graph`` gradient on a small piece of the data), ``graph`` is built
+  and taken after one check product (timed). It cannot lose: each of its HVPs is the double backward that the functional routes
   also do, without their repeated forward and first backward;
 * otherwise ``fwd-rev`` and ``rev-rev`` are each timed once on a small piece of the data (at most
   64 examples of the first chunk, or the first chunk of a model exported for a fixed batch), and
@@ -29,6 +29,7 @@ See README "Architecture".
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -47,10 +48,6 @@ __all__ = ["HVP_ROUTES", "Routes"]
 HVP_ROUTES = ("auto", "graph", "fwd-rev", "rev-rev")
 
 _Params = dict[str, torch.Tensor]
-
-
-class _TooBig(Exception):
-    """The gradient graph outgrew its memory budget while it was being built."""
 
 
 #: rev-rev is taken over fwd-rev only when it is faster by more than this factor's margin.
@@ -77,7 +74,10 @@ class Routes:
     def __init__(self, problem: Problem, requested: str, graph_memory_bytes: int | None) -> None:
         if requested not in HVP_ROUTES:
             raise InputError(f"unknown HVP route {requested!r}: use one of {', '.join(HVP_ROUTES)}")
-        self.problem = problem
+        # a weak reference: no Problem ↔ Routes cycle, so that a Problem (and its gradient graph)
+        # is freed as soon as it is dropped, not by a garbage collection at interpreter exit (after
+        # the process group is torn down, which made gloo abort)
+        self.problem: Problem = weakref.proxy(problem)
         self.requested = requested
         self.timings: dict[str, float] = {}
         self.errors: dict[str, str] = {}
@@ -129,30 +129,41 @@ class Routes:
             return vmap(one)(Vd)
         return {k: t.unsqueeze(0) for k, t in one({k: t[0] for k, t in Vd.items()}).items()}
 
-    def _build_graph(self, budget: int | None = None) -> None:
-        """The full-data gradient with ``create_graph=True``, chunk by chunk; with ``budget``,
-        abandoned (:class:`_TooBig`) as soon as its saved tensors take more bytes."""
+    def _build_graph(self) -> None:
+        """The full-data gradient with ``create_graph=True``, chunk by chunk (kept for :meth:`_graph_hvp`)."""
         p = self.problem
         leaves = [t.detach().clone().requires_grad_(True) for t in p.params.values()]
         params = dict(zip(p.space.names, leaves))
         g_total: torch.Tensor | None = None
-        saved = 2 * p.num_params * p.dtype.itemsize
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal saved
-            saved += t.numel() * t.element_size()
-            if budget is not None and saved > budget:
-                raise _TooBig
-            return t
-
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.enable_grad():
             for x, y, m, w in p.chunks():
                 loss = p._chunk_loss(params, x, y, m) * w
                 gs = torch.autograd.grad(loss, leaves, create_graph=True)
                 flat = torch.cat([g.reshape(-1) for g in gs])
                 g_total = flat if g_total is None else g_total + flat
         self._graph, self._graph_leaves = g_total, leaves
-        self.graph_bytes = saved
+
+    def graph_bytes(self) -> int:
+        """Estimated bytes of the full-data gradient graph: the tensors saved for a
+        ``create_graph`` gradient on :meth:`_piece` (counted by a saved-tensors hook, on a graph
+        thrown away at once: hooks must not stay on the kept graph), scaled to this process'
+        examples, plus two parameter vectors."""
+        p = self.problem
+        saved = 0
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += t.numel() * t.element_size()
+            return t
+
+        (x, y, m, _), = self._piece()
+        leaves = [t.detach().clone().requires_grad_(True) for t in p.params.values()]
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = p._chunk_loss(dict(zip(p.space.names, leaves)), x, y, m)
+            torch.autograd.grad(loss, leaves, create_graph=True)
+        per_example = saved / m
+        rows = p.num_chunks * p.fixed_batch_size if p.fixed_batch_size is not None else p.num_local_examples
+        return int(per_example * rows) + 2 * p.num_params * p.dtype.itemsize
 
     def _graph_hvp(self, V: torch.Tensor) -> torch.Tensor:
         if self._graph is None:
@@ -202,13 +213,15 @@ class Routes:
         return min(common, key=lambda r: max(v[r] for v in views) * (1.0 if r == "fwd-rev" else REV_REV_MARGIN))
 
     def _try_graph(self, budget: int) -> None:
-        """Build the gradient graph within ``budget`` bytes and time one product through it."""
+        """Build the gradient graph if it fits ``budget`` bytes, and time one product through it."""
         try:
-            self._build_graph(budget)
+            need = self.graph_bytes()
+            if need > budget:
+                self.errors["graph"] = (f"the gradient graph needs about {need / 2**20:.0f} MiB, more than its "
+                                        f"budget of {budget / 2**20:.0f} MiB")
+                return
+            self._build_graph()
             self._time("graph", strict=False)
-        except _TooBig:
-            self.free_graph()
-            self.errors["graph"] = f"the gradient graph needs more than its budget of {budget / 2**20:.0f} MiB"
         except InputError:  # the data changed under us: not a route failure
             raise
         except Exception as exc:  # noqa: BLE001 - a model that cannot double-backward
