@@ -286,6 +286,7 @@ def whole_process(repeats: int) -> None:
     import json
     import os
 
+    from basins.analyses.eigen import hessian_operator
     from basins.files.loading import resolve_inputs
     from basins.linalg.lanczos import lanczos
 
@@ -300,7 +301,7 @@ def whole_process(repeats: int) -> None:
     for name, label in (("mlp", "MLP 32-256-64-10, P=25,546, n=2,048"), ("cnn", "CNN+BatchNorm, P=21,930, n=1,024")):
         model, data, loss = resolve_inputs(f"{directory}/{name}.pt2", data=f"{directory}/{name}_data.pt")
         p64 = Problem(model.module, data, None, loss, fixed_batch_size=model.fixed_batch_size, dtype="float64")
-        ref = lanczos(p64.hvp, p64.num_params, k=10, tol=1e-10, dtype=torch.float64).eigenvalues.tolist()
+        ref = lanczos(hessian_operator(p64), k=10, tol=1e-10, dtype=torch.float64).eigenvalues.tolist()
         del p64
         tools: dict[str, list[str]] = {
             "basins": [*basins_cmd, "hessian", f"{directory}/{name}.pt2", "--data", f"{directory}/{name}_data.pt",
