@@ -38,7 +38,10 @@ _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
               help="Largest, smallest (negative ones mean a saddle) or both ends of the spectrum.")
 @click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="Converged when residual ≤ tol·max|λ| (≈ tol·‖H‖).")
-@click.option("--max-hvps", type=click.IntRange(min=1), help="Lanczos budget in Hessian-vector products (default max(200, 20·K), with 2K for --which both).")
+@click.option("--max-hvps", type=click.IntRange(min=1), help="Lanczos budget in Hessian-vector products (default max(200, 20·K), with 2K for --which both). "
+                   "A budget reached before convergence gives a result flagged unconverged (exit 1 only with "
+                   "--strict); a budget below the K HVPs (rounded up to whole blocks) that K Ritz values need at "
+                   "all is bad usage (exit 2).")
 @click.option("--block-size", type=click.IntRange(min=1), default=1, show_default=True,
               help="Vectors per Lanczos step (one data pass per block).")
 @click.option("--eigenvectors", is_flag=True, help="Store the Ritz vectors (float32) in the report (-o).")
@@ -95,7 +98,7 @@ def hessian(**kw: Any) -> None:
     k = kw["top_k"]
 
     with Timer() as t, progress_bar(log, f"Lanczos ({kw['which']} {k})", total=kw["max_hvps"]) as on_progress:
-        with flag_names(k="--top-k", which="--which", tol="--tol", max_hvps="--max-hvps",
+        with flag_names(k="--top-k", which="--which", tol="--tol", max_hvps="--max-hvps", max_matvecs="--max-hvps",
                         block_size="--block-size", trace_method="--trace-method", trace_hvps="--trace-hvps"):
             result = hessian_eigenvalues(
                 problem, k=k, which=kw["which"], tol=kw["tol"], max_hvps=kw["max_hvps"], block_size=kw["block_size"],

@@ -2,7 +2,8 @@
 
 Exit codes: 0 success; 2 bad usage or input (missing file, wrong format, shape
 mismatch, non-finite data); 1 failure at run time (non-finite loss, no convergence under
-``--strict``, internal errors); 130 interrupted (a report being written is left as it was).
+``--strict``, internal errors); 130 interrupted by SIGINT, 143 by SIGTERM, 129 by SIGHUP (a report
+being written is left as it was; see :mod:`basins.cli.signals`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import click
 
 from basins import __version__
 from basins.errors import BasinsError, InputError
+
+from .signals import Interrupted
 
 #: name -> (module within basins.cli, attribute, one-line help shown by ``basins --help``)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -55,9 +58,10 @@ class LazyGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted) as exc:
+            code = exc.code if isinstance(exc, Interrupted) else 130
             click.echo("interrupted; any report being written was left as it was", err=True)
-            sys.exit(130)
+            sys.exit(code)
         except BasinsError as exc:
             if _debug(ctx):
                 raise

@@ -32,7 +32,7 @@ from basins.errors import InputError
 
 __all__ = [
     "LossFn", "NamedLoss", "BUILTIN_LOSSES", "infer_loss_name", "get_loss", "loss_name", "check_targets",
-    "num_terms_per_example",
+    "check_loss_on_chunk", "num_terms_per_example",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -171,6 +171,61 @@ def check_targets(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> to
             raise InputError("loss 'bce' needs targets in [0, 1]")
         return targets
     return targets
+
+
+def check_loss_on_chunk(loss: LossFn, name: str, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+    """Evaluate ``loss`` once, eagerly, on the first chunk's outputs and (fitted) targets, and check it.
+
+    This is the one check every loss passes before any transformed (``grad``/``jvp``/``vmap``)
+    code sees it, so a misbehaving user loss is bad input (:class:`InputError`, exit 2) with
+    the function named, not an internal error later. Checked:
+
+    * the value is a 0-dim floating tensor (the mean over the chunk's averaged terms), finite
+      when the outputs are;
+    * for ``nll``, that the outputs are log-probabilities: ``logsumexp`` over the class
+      dimension 1 is 0 within ``max(1e-6, 1000·eps)`` for every example, else the outputs are
+      logits and ``cross-entropy`` is meant.
+
+    Raises:
+        InputError: the loss raised (its message kept; the original is chained for ``--debug``),
+            returned something else than a finite scalar tensor, or ``nll`` got logits.
+    """
+    if name == "nll" and outputs.is_floating_point() and outputs.dim() >= 2:
+        with torch.no_grad():
+            lse = torch.logsumexp(outputs.detach(), dim=1)
+        tol = max(1e-6, 1000 * torch.finfo(outputs.dtype).eps)
+        worst = float(lse.abs().max()) if lse.numel() else 0.0
+        if not worst <= tol:
+            raise InputError(
+                f"loss 'nll' needs log-probabilities (log_softmax outputs, logsumexp 0 over dimension 1), "
+                f"but the model's outputs have |logsumexp| up to {worst:.3g}: they look like logits; "
+                "use loss 'cross-entropy' (--loss cross-entropy), which applies log_softmax itself"
+            )
+    try:
+        with torch.no_grad():
+            value = loss(outputs.detach(), targets)
+    except InputError:
+        raise
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise InputError(f"loss {name!r} raised {type(err).__name__}: {first}") from err
+    if not isinstance(value, torch.Tensor):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise InputError(
+            f"loss {name!r} returned {type(value).__name__} {shown}, not a tensor: return a 0-dim torch "
+            "tensor computed from the outputs (the mean over the batch), so it can be differentiated"
+        )
+    if value.dim() != 0 or not value.is_floating_point():
+        raise InputError(
+            f"loss {name!r} returned a {value.dtype} tensor of shape {tuple(value.shape)}, not a floating "
+            "scalar: reduce it to the mean over the batch's averaged terms (e.g. .mean())"
+        )
+    if not bool(torch.isfinite(value)) and bool(torch.isfinite(outputs).all()):  # non-finite outputs: a ComputeError later
+        raise InputError(
+            f"loss {name!r} is {float(value)} on the first chunk at the saved parameters: check the loss "
+            "and that the outputs and targets are what it expects"
+        )
 
 
 def num_terms_per_example(name: str, outputs: torch.Tensor) -> int:

@@ -34,6 +34,7 @@ from torch.func import functional_call, grad, vmap
 from basins.engine.data import DataSource, TensorData
 from basins.engine.losses import (
     LossFn,
+    check_loss_on_chunk,
     check_targets,
     get_loss,
     infer_loss_name,
@@ -235,6 +236,8 @@ class Problem:
         self._target_spec: tuple[tuple[int, ...], torch.dtype] | None = None
         self._fit_targets(outputs, head_y.to(self.device))
         self.loss_fn: LossFn = get_loss(loss if loss is not None else self.loss_name)
+        check_loss_on_chunk(self.loss_fn, self.loss_name, outputs,
+                            self._chunk_targets(head_y[: outputs.shape[0]], check=False))
         self.terms_per_example = num_terms_per_example(self.loss_name, outputs)
         #: chunks held in memory (None: read from the stream on every pass, see :meth:`chunks`)
         self._cached: list[_Chunk] | None = None

@@ -24,17 +24,22 @@ Attribute values are numbers, strings, booleans, numeric arrays, ``None`` (store
 HDF5 empty attribute) or JSON text (lists/dicts of mixed types, prefixed ``json:``).
 Nothing is pickled.
 
-Writes are atomic: the new file is built beside the target, flushed and moved over it
-with :func:`os.replace`, so an interrupted run leaves the old report as it was.
+Writes are atomic: the new file is built beside the target (``.basins-<pid>-*.h5.tmp``),
+flushed and moved over it with :func:`os.replace`, so an interrupted run leaves the old report
+as it was; temporaries of writers that were killed (``kill -9``) are removed by the next write
+into that directory. Writers to one report take turns (:func:`report_lock`): two analyses
+written at once both land.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import h5py
@@ -156,6 +161,15 @@ def write_analysis(
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ReportError(f"cannot write report {path!r}: directory {directory!r} does not exist")
+    with report_lock(path):
+        remove_stale_temporaries(directory)
+        _write_locked(path, directory, problem, group, attrs, arrays, subgroup_attrs, force)
+
+
+def _write_locked(path: str, directory: str, problem: Mapping[str, Any], group: str, attrs: Mapping[str, Any],
+                  arrays: Mapping[str, Array] | None, subgroup_attrs: Mapping[str, Mapping[str, Any]] | None,
+                  force: bool) -> None:
+    """The read-modify-replace of :func:`write_analysis`, run while holding the report's lock."""
     old: h5py.File | None = None
     replaced = 0
     if os.path.exists(path):
@@ -173,7 +187,7 @@ def write_analysis(
             old = None
         elif group in old:
             replaced = int(_from_attr(old[group].attrs.get("replaced", 0)) or 0) + 1
-    fd, tmp = tempfile.mkstemp(prefix=".basins-", suffix=".h5.tmp", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", suffix=_TMP_SUFFIX, dir=directory)
     os.close(fd)
     os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; keep the old file's mode, else the umask's
     try:
@@ -213,6 +227,104 @@ def write_analysis(
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+_TMP_PREFIX = ".basins-"
+_TMP_SUFFIX = ".h5.tmp"
+#: Seconds a writer waits for another process's write to the same report before giving up.
+LOCK_TIMEOUT_S = 600.0
+
+
+@contextlib.contextmanager
+def report_lock(path: str, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` for a read-modify-replace of the report.
+
+    The lock is ``fcntl.flock`` on a sidecar file ``.<name>.lock`` beside the report (the
+    report itself is replaced, so it cannot carry the lock); it holds the writer's pid and is
+    removed on release (a waiter that locked the removed file notices and locks anew). A
+    second writer waits for the first (both analyses land), up to ``timeout_s`` (default
+    :data:`LOCK_TIMEOUT_S`), then fails naming the pid that holds it. The kernel drops the
+    lock when a writer dies, even by ``kill -9``. Where ``fcntl`` does not exist (Windows) no
+    lock is taken.
+
+    Raises:
+        ReportError: the lock was not free within ``timeout_s``.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.lock")
+    deadline = time.monotonic() + (LOCK_TIMEOUT_S if timeout_s is None else timeout_s)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise ReportError(
+                    f"report {path!r} is being written by pid {holder}; wait for it to finish, or write "
+                    "to another file"
+                ) from None
+            time.sleep(0.05)
+            continue
+        try:  # the holder before us may have removed the file we locked: then lock the new one
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)  # while still held: a waiter that locked this inode retries
+        os.close(fd)
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Remove ``.basins-<pid>-*.h5.tmp`` files in ``directory`` whose writer ``pid`` is no longer running.
+
+    They are what a writer killed by ``kill -9`` leaves behind (any other interruption removes
+    its own). Temporaries of running processes, and files not named so, are left alone.
+    Returns the paths removed.
+    """
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(_TMP_PREFIX) and name.endswith(_TMP_SUFFIX)):
+            continue
+        pid_text = name[len(_TMP_PREFIX):].split("-", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        full = os.path.join(directory, name)
+        try:
+            os.unlink(full)
+            removed.append(full)
+        except OSError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _file_mode(path: str) -> int:

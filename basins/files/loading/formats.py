@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import re
+import stat
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,12 +67,29 @@ _KIND_WORDS = {
 
 
 def _check_file(path: str, what: str) -> None:
-    if not os.path.exists(path):
-        raise InputError(f"{what} file not found: {path}")
-    if os.path.isdir(path):
-        raise InputError(f"{path} is a directory, not a {what} file: pass the file itself")
+    """Refuse anything but an existing, readable regular file (a FIFO or device would block or never end).
+
+    A directory is refused by :func:`_refuse_directory`, the one check a loader of model
+    directories would relax.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{what} file not found: {path}") from None
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the {what} file ({err.strerror})") from None
+    if stat.S_ISDIR(st.st_mode):
+        _refuse_directory(path, what)
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise InputError(f"{path} is {kind}, not a regular {what} file: write it to a file and pass that")
     if not os.access(path, os.R_OK):
         raise InputError(f"{path}: permission denied, cannot read the {what} file")
+
+
+def _refuse_directory(path: str, what: str) -> None:
+    raise InputError(f"{path} is a directory, not a {what} file: pass the file itself")
 
 
 

@@ -18,6 +18,7 @@ import torch
 
 from basins.errors import InputError
 
+from .archive_safety import check_export_archive
 from .formats import (
     _EXPORT_HINT,
     _KIND_WORDS,
@@ -87,6 +88,8 @@ def _load_model_file(
     sniffed = _sniff(path)
     kind = sniffed.kind
     if kind == "pt2":
+        if not trust_pickle:
+            check_export_archive(path, path)
         try:
             program = torch.export.load(path)
         except Exception as err:
@@ -131,7 +134,7 @@ def _load_torch_save_model(
             ) from err
         return _load_trusted_pickle(path), None
     if isinstance(obj, Mapping) and obj.get("format") == BUNDLE_FORMAT:
-        return _bundle_model(obj, path), dict(obj)
+        return _bundle_model(obj, path, trust_pickle=trust_pickle), dict(obj)
     if isinstance(obj, Mapping) and "inputs" in obj and "targets" in obj:
         raise InputError(
             f"{path} is a data file (a dict with inputs and targets), not a model: "
@@ -312,9 +315,11 @@ def _to_inference_mode(module: torch.fx.GraphModule, source: str) -> None:
 
 
 
-def _bundle_model(obj: Mapping[str, Any], source: str) -> LoadedModel:
+def _bundle_model(obj: Mapping[str, Any], source: str, *, trust_pickle: bool = False) -> LoadedModel:
     _check_bundle(obj, source)
     raw = obj["model"].contiguous().numpy().tobytes()
+    if not trust_pickle:
+        check_export_archive(raw, f"{source} (the bundle's model)")
     try:
         program = torch.export.load(io.BytesIO(raw))
     except Exception as err:

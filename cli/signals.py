@@ -1,0 +1,44 @@
+"""Interrupts end a run cleanly: SIGINT, SIGTERM and SIGHUP all unwind the stack, so a report
+being written is left as it was and its temporary file is removed, and the exit code is
+``128 + signal number`` (130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP).
+
+The handlers are installed when ``basins.cli`` is imported, before click, rich or torch, so
+an interrupt during start-up also exits with its code (not with a KeyboardInterrupt traceback
+or a death by signal). The handler raises :class:`Interrupted`, a :class:`SystemExit`, so
+``finally`` blocks and ``except BaseException`` clean-ups run. A second signal while the
+first unwinds is ignored, so clean-up cannot itself be interrupted.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+__all__ = ["Interrupted", "install", "HANDLED"]
+
+#: The signals that end a run cleanly.
+HANDLED = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None),
+                            getattr(signal, "SIGHUP", None)) if s is not None)
+
+
+class Interrupted(SystemExit):
+    """Raised by the signal handler: ``code`` is ``128 + signum``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def _handler(signum: int, _frame: FrameType | None) -> None:
+    for s in HANDLED:  # unwinding has begun: later signals must not interrupt the clean-up
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def install() -> None:
+    """Route SIGINT, SIGTERM and SIGHUP to :class:`Interrupted` (main thread only; no-op elsewhere)."""
+    try:
+        for s in HANDLED:
+            signal.signal(s, _handler)
+    except ValueError:  # not the main thread (e.g. imported by a test runner's worker thread)
+        pass
