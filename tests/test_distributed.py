@@ -569,6 +569,8 @@ def test_streamed_loader_under_torchrun_reads_each_shard_on_its_own_rank(
     one = _one_process([a if a != files["stream"] else files["data"] for a in args if a != "--stream"])
     assert two.pop("hvp_route") != "graph"  # the gradient graph would hold every chunk: not for --stream
     one.pop("hvp_route")
+    # the route choices cost differently (graph: one check product; streamed: two timed ones); the rest is equal
+    assert two.pop("num_hvps") - two.pop("num_setup_hvps") == one.pop("num_hvps") - one.pop("num_setup_hvps")
     _compare(two, one, RTOL)
     root = Path(files["root"])
     reads = [[int(v) for v in (root / f"reads_rank{r}.txt").read_text().split()] for r in range(2)]

@@ -44,6 +44,10 @@ from basins.errors import InputError
 __all__ = [
     "DataSource",
     "TensorData",
+    "as_tensor",
+    "as_pair",
+    "check_finite",
+    "check_pair",
     "DatasetStream",
     "IterableStream",
     "HDF5Stream",
@@ -104,13 +108,65 @@ def _describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def _as_batch_tensor(value: Any, source: str, name: str) -> torch.Tensor:
+def as_tensor(value: Any, source: str, name: str) -> torch.Tensor:
+    """``value`` (a tensor, NumPy array or nested numbers) as a tensor, without a copy where possible.
+
+    Raises:
+        InputError: values that are not real numbers (strings, objects, complex), or a dtype torch lacks.
+    """
     if isinstance(value, torch.Tensor):
         return value.detach() if value.requires_grad else value
     array = np.asarray(value)
     if array.dtype.kind not in "biuf":
-        raise InputError(f"{source}: the {name} are {array.dtype}, not numbers")
-    return torch.from_numpy(np.ascontiguousarray(array))
+        raise InputError(f"{source}: the {name} have NumPy dtype {array.dtype}, not numbers; store numeric arrays")
+    try:
+        return torch.from_numpy(np.require(array, requirements="C"))  # keeps 0-d arrays 0-d
+    except TypeError as err:  # dtypes torch lacks, e.g. uint32 on older torch
+        raise InputError(f"{source}: the {name} have unsupported dtype {array.dtype}") from err
+
+
+def check_finite(x: torch.Tensor, y: torch.Tensor, source: str, first_index: int = 0) -> None:
+    """Refuse NaN or inf in floating-point ``x`` (inputs) or ``y`` (targets), examples ``first_index..``.
+
+    Raises:
+        InputError: naming the first bad example and how many values are bad in each tensor.
+    """
+    counts, first = [], None
+    for name, t in (("inputs", x), ("targets", y)):
+        if t.is_floating_point() and t.numel():
+            bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+            if bool(bad.any()):
+                counts.append(f"{int((~torch.isfinite(t)).sum())} in {name}")
+                row = first_index + int(torch.nonzero(bad)[0, 0])
+                if first is None or row < first[1]:
+                    first = (name, row)
+    if first is not None:
+        where = f"examples {first_index}..{first_index + x.shape[0] - 1}"
+        raise InputError(
+            f"{source}: non-finite values (NaN or inf) in the {first[0]} of example {first[1]}: "
+            f"{' and '.join(counts)} among {where}; clean them"
+        )
+
+
+def _check_examples(n: int, source: str) -> None:
+    if n == 0:
+        raise InputError(f"{source}: the data has no examples (n = 0)")
+
+
+def check_pair(x: torch.Tensor, y: torch.Tensor, source: str) -> None:
+    """Refuse scalars and unequal first dimensions (the number of examples).
+
+    Raises:
+        InputError: naming which one is a scalar, or both sizes.
+    """
+    for name, t in (("inputs", x), ("targets", y)):
+        if t.dim() == 0:
+            raise InputError(f"{source}: {name} is a scalar; it needs a first dimension of n examples")
+    if x.shape[0] != y.shape[0]:
+        raise InputError(
+            f"{source}: inputs have {x.shape[0]} examples but targets have {y.shape[0]}; "
+            "both need the same first dimension n"
+        )
 
 
 class DataSource(ABC):
@@ -164,8 +220,8 @@ class DataSource(ABC):
         seen = 0
         digest = 0 if (check and self.streamed) else None
         for raw_x, raw_y in self._guarded(self._raw_batches(batch_size)):
-            x = _as_batch_tensor(raw_x, self.source, "inputs")
-            y = _as_batch_tensor(raw_y, self.source, "targets")
+            x = as_tensor(raw_x, self.source, "inputs")
+            y = as_tensor(raw_y, self.source, "targets")
             if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
                 raise InputError(
                     f"{self.source}: a batch holds inputs {tuple(x.shape)} and targets {tuple(y.shape)}; "
@@ -176,8 +232,8 @@ class DataSource(ABC):
                     f"{self.source}: a pass yielded more than the {self.num_examples} examples "
                     "promised; the data changed between passes"
                 )
-            if check:
-                self._check_finite(x, y, seen)
+            if check and self.streamed:  # data in memory were checked once, when they were given
+                check_finite(x, y, self.source, self.first_index + seen)
                 if digest is not None:
                     digest += _example_digests(x, y, self.first_index + seen)
             seen += x.shape[0]
@@ -210,19 +266,6 @@ class DataSource(ABC):
                 raise InputError(f"{self.source}: reading the data failed with {_describe_error(err)}") from err
             yield item
 
-    def _check_finite(self, x: torch.Tensor, y: torch.Tensor, seen: int) -> None:
-        for name, t in (("inputs", x), ("targets", y)):
-            if t.is_floating_point():
-                bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
-                if bool(bad.any()):
-                    rows = torch.nonzero(bad).flatten()
-                    first = self.first_index + seen + int(rows[0])
-                    more = f" (and {len(rows) - 1} more examples in this chunk)" if len(rows) > 1 else ""
-                    raise InputError(
-                        f"{self.source}: non-finite values (NaN or inf) in the {name} of example {first}{more}; "
-                        "clean them"
-                    )
-
     @property
     def digest(self) -> int | None:
         """This stream's partial fingerprint (see module docstring); None before a complete checked
@@ -231,24 +274,45 @@ class DataSource(ABC):
 
 
 class TensorData(DataSource):
-    """Examples held in memory: ``inputs (n, ...)`` and ``targets (n, ...)`` tensors (or arrays)."""
+    """Examples held in memory: ``inputs (n, ...)`` and ``targets (n, ...)`` tensors (or arrays),
+    validated once, here: numbers, equal first dimensions, ``n ≥ 1``, finite floating-point values.
+
+    Args:
+        inputs, targets: ``(n, ...)`` tensors or NumPy arrays (shared, not copied, when possible).
+        source: what they came from, for messages.
+        first_index: global index of the first example (a shard's offset).
+        max_samples: keep the first ``max_samples`` examples (copied, so the rest can be freed).
+
+    Raises:
+        InputError: as :func:`as_tensor`, :func:`check_pair` and :func:`check_finite`, or ``n = 0``.
+    """
 
     streamed = False
     default_batch_size = None
 
-    def __init__(self, inputs: Any, targets: Any, *, source: str = "data", first_index: int = 0) -> None:
+    def __init__(self, inputs: Any, targets: Any, *, source: str = "data", first_index: int = 0,
+                 max_samples: int | None = None) -> None:
         super().__init__()
-        self.inputs = _as_batch_tensor(inputs, source, "inputs")
-        self.targets = _as_batch_tensor(targets, source, "targets")
-        if self.inputs.dim() == 0 or self.targets.dim() == 0:
-            raise InputError(f"{source}: inputs and targets need a first dimension of n examples")
-        if self.inputs.shape[0] != self.targets.shape[0]:
-            raise InputError(
-                f"inputs hold {self.inputs.shape[0]} examples but targets hold {self.targets.shape[0]}"
-            )
-        self.num_examples = int(self.inputs.shape[0])
+        x, y = as_tensor(inputs, source, "inputs"), as_tensor(targets, source, "targets")
+        check_pair(x, y, source)
+        _check_examples(x.shape[0], source)
+        if max_samples is not None and max_samples < x.shape[0]:
+            x, y = x[:max_samples].clone(), y[:max_samples].clone()
+        check_finite(x, y, source, first_index)
+        self.inputs, self.targets = x, y
+        self.num_examples = int(x.shape[0])
         self.first_index = first_index
         self.source = source
+
+    def shard(self, start: int, stop: int, *, copy: bool = True) -> TensorData:
+        """Examples ``[start, stop)`` as a :class:`TensorData` of their own (already validated:
+        not checked again); ``copy`` so that the whole data can be freed."""
+        out = TensorData.__new__(TensorData)
+        DataSource.__init__(out)
+        x, y = self.inputs[start:stop], self.targets[start:stop]
+        out.inputs, out.targets = (x.clone(), y.clone()) if copy else (x, y)
+        out.num_examples, out.first_index, out.source = stop - start, self.first_index + start, self.source
+        return out
 
     def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
         for a in range(0, self.num_examples, batch_size):
@@ -305,8 +369,8 @@ class DatasetStream(DataSource):
             batch = next(iter(DataLoader(self.dataset, batch_size=k, sampler=keys, **options)))
         else:
             batch = (self.loader_options.get("collate_fn") or default_collate)([self.dataset[i] for i in keys])
-        x, y = _pair(batch, self.source, "the batch of the first examples")
-        return _as_batch_tensor(x, self.source, "inputs"), _as_batch_tensor(y, self.source, "targets")
+        x, y = as_pair(batch, self.source, "the batch of the first examples")
+        return as_tensor(x, self.source, "inputs"), as_tensor(y, self.source, "targets")
 
     def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
         from torch.utils.data import DataLoader
@@ -319,7 +383,7 @@ class DatasetStream(DataSource):
                                 **self.loader_options)
             self._loaders[batch_size] = loader
         for number, batch in enumerate(loader):
-            yield _pair(batch, self.source, f"batch {number}")
+            yield as_pair(batch, self.source, f"batch {number}")
 
 
 class IterableStream(DataSource):
@@ -386,8 +450,8 @@ def loader_batch(loader: Any, item: Any, source: str, number: int) -> Batch:
     With automatic batching off (``batch_size=None``) an item is a batch when
     :func:`_looks_batched` says so, else one example.
     """
-    x, y = _pair(item, source, f"batch {number}")
-    x, y = _as_batch_tensor(x, source, "inputs"), _as_batch_tensor(y, source, "targets")
+    x, y = as_pair(item, source, f"batch {number}")
+    x, y = as_tensor(x, source, "inputs"), as_tensor(y, source, "targets")
     if not _auto_batching(loader) and not _looks_batched(x, y):
         x, y = x.unsqueeze(0), y.unsqueeze(0)  # automatic batching off, and this item is one example
     return x, y
@@ -420,7 +484,12 @@ class HDF5Stream(DataSource):
                 yield xs[a:b], ys[a:b]
 
 
-def _pair(item: Any, source: str, where: str) -> tuple[Any, Any]:
+def as_pair(item: Any, source: str, where: str) -> tuple[Any, Any]:
+    """``(x, y)`` from a pair (tuple or list of two) or a mapping with keys ``inputs`` and ``targets``.
+
+    Raises:
+        InputError: anything else, naming ``where`` it was found and what it is.
+    """
     if isinstance(item, tuple | list) and len(item) == 2:
         return item[0], item[1]
     if isinstance(item, Mapping) and "inputs" in item and "targets" in item:
@@ -641,19 +710,12 @@ def hdf5_stream(path: str, max_samples: int | None = None) -> StreamSpec:
     import h5py
 
     with h5py.File(path, "r") as handle:
-        sizes = []
+        shapes = []  # stand-ins of the datasets' shapes, for the checks every source shares
         for key, item in zip(("inputs", "targets"), hdf5_datasets(handle, path)):
-            if item.ndim == 0:
-                raise InputError(f"{path}: {key} is a scalar; it needs a first dimension of n examples")
             if item.dtype.kind not in "biuf":
-                raise InputError(f"{path}: {key} has dtype {item.dtype}, not numbers; store numeric arrays")
-            sizes.append(int(item.shape[0]))
-    if sizes[0] != sizes[1]:
-        raise InputError(
-            f"{path}: inputs have {sizes[0]} examples but targets have {sizes[1]}; "
-            "both need the same first dimension n"
-        )
-    n = sizes[0] if max_samples is None else min(sizes[0], max_samples)
-    if n == 0:
-        raise InputError(f"{path}: the data has no examples (n = 0)")
+                raise InputError(f"{path}: the {key} have dtype {item.dtype}, not numbers; store numeric arrays")
+            shapes.append(torch.empty(()) if item.ndim == 0 else torch.empty(int(item.shape[0]), 0))
+    check_pair(shapes[0], shapes[1], path)
+    n = shapes[0].shape[0] if max_samples is None else min(shapes[0].shape[0], max_samples)
+    _check_examples(n, path)
     return StreamSpec(n, path, lambda a, b: HDF5Stream(path, a, b))
