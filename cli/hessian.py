@@ -50,6 +50,11 @@ _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
               help="Trace estimator.")
 @click.option("--trace-hvps", type=click.IntRange(min=2), default=100, show_default=True,
               help="Hessian-vector products for the trace estimate.")
+@click.option("--bounds", type=click.Choice(["rescaled", "float64"]), default="rescaled", show_default=True,
+              help="How a float32 run measures the HVPs' rounding in error_bounds: rescaled (k more HVPs; a "
+                   "measured estimate) or float64 (k float64 check products, about 10x a float32 one on CPU; "
+                   "eigenvalues become float64 Rayleigh quotients and the bounds provably contain an exact "
+                   "eigenvalue). No effect in float64.")
 @click.option("--strict", is_flag=True, help="Exit 1 unless every eigenvalue converged (output is still written).")
 @output_options
 def hessian(**kw: Any) -> None:
@@ -60,7 +65,8 @@ def hessian(**kw: Any) -> None:
     residuals) is that of the HVP as computed; in float32 its rounding can exceed r by orders of
     magnitude, so it is measured at run time: one more HVP per eigenvalue, at the rescaled Ritz
     vector c·y (c = 1.375), and b = r + 4·‖H(c·y)/c − λy‖ (an estimate; it held on every
-    benchmark and test problem). In float64, b = r + 64·eps·max|λ|. A negative bottom
+    benchmark and test problem). --bounds float64 instead checks each pair with a float64
+    product, a bound that provably holds. In float64, b = r + 64·eps·max|λ|. A negative bottom
     eigenvalue beyond its residual means the point is a saddle.
 
     Memory is dominated by the cached gradient graph of the `graph` HVP route (activations of
@@ -104,6 +110,7 @@ def hessian(**kw: Any) -> None:
                 problem, k=k, which=kw["which"], tol=kw["tol"], max_hvps=kw["max_hvps"], block_size=kw["block_size"],
                 eigenvectors=kw["eigenvectors"] and bool(kw["output"]), trace=kw["trace"],
                 trace_method=kw["trace_method"], trace_hvps=kw["trace_hvps"], seed=loaded.seed, callback=on_progress,
+                bounds=kw["bounds"],
             )
 
     warnings = list(loaded.warnings)

@@ -319,3 +319,13 @@ def test_block_size_and_interrupt(bundles, tmp_path, monkeypatch):
     r = run(bundles["mlp"], "-k", "1", "-o", report)
     assert r.exit_code == 130 and "interrupted" in r.stderr
     assert open(report, "rb").read() == before
+
+
+@pytest.mark.parametrize("bounds", ["rescaled", "float64"])
+def test_float32_error_bounds_contain_the_dense_float64_eigenvalues(bundles, bounds):
+    """Every float32 eigenvalue lies within its error bound of an eigenvalue of the float64 dense Hessian."""
+    out = run_json(bundles["mlp"], "--dtype", "float32", "--bounds", bounds, "-k", "5", "--tol", "1e-6", "-q")
+    eig = bundles["eig"].numpy()
+    for lam, b in zip(out["eigenvalues"], out["error_bounds"]):
+        assert np.abs(eig - lam).min() <= b, (lam, b)
+    assert all(b >= r for b, r in zip(out["error_bounds"], out["residuals"]))
