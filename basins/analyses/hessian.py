@@ -186,35 +186,28 @@ class HessianResult:
             "num_restarts": self.num_restarts,
             "num_loss_evals": 0, "hvp_route": self.hvp_route,
         }
-        conv = "residual ≤ tol·max|λ| (max over all Ritz values)"
         main = self.bottom if self.which == "bottom" else self.top
         assert main is not None
-        end = "bottom (ascending)" if self.which == "bottom" else "top (descending)"
-        arrays = {
-            "eigenvalues": Array(main.eigenvalues, f"Ritz values, {end}", EIGEN_UNITS),
-            "residuals": Array(main.residuals, "Lanczos residual norms ‖Hy − λy‖ of the HVP as computed", EIGEN_UNITS),
-            "converged": Array(main.converged.numpy(), conv, None),
-        }
-        if main.error_bounds is not None:
-            arrays["error_bounds"] = Array(main.error_bounds, "an eigenvalue of the exact Hessian lies within "
-                                           "λ ± bound (HVP rounding included)", EIGEN_UNITS)
-        if main.eigenvectors is not None:
-            arrays["eigenvectors"] = Array(main.eigenvectors.float(), "unit Ritz vectors (P, k), columns as "
-                                           "eigenvalues, float32", None, in_json=False)
+        arrays = _end_arrays(main, "", "bottom (ascending)" if self.which == "bottom" else "top (descending)")
         if self.which == "both" and self.bottom is not None:
-            b = self.bottom
-            arrays.update({
-                "bottom_eigenvalues": Array(b.eigenvalues, "Ritz values, bottom (ascending)", EIGEN_UNITS),
-                "bottom_residuals": Array(b.residuals, "residual norms of the bottom Ritz values", EIGEN_UNITS),
-                "bottom_converged": Array(b.converged.numpy(), conv, None),
-            })
-            if b.error_bounds is not None:
-                arrays["bottom_error_bounds"] = Array(b.error_bounds, "error bounds of the bottom eigenvalues "
-                                                      "(HVP rounding included)", EIGEN_UNITS)
-            if b.eigenvectors is not None:
-                arrays["bottom_eigenvectors"] = Array(b.eigenvectors.float(), "unit Ritz vectors of the bottom "
-                                                      "end (P, k), float32", None, in_json=False)
+            arrays.update(_end_arrays(self.bottom, "bottom_", "bottom (ascending)"))
         return Record(attrs, arrays)
+
+
+def _end_arrays(end: HessianEnd, prefix: str, order: str) -> dict[str, Array]:
+    """The datasets of one end of the spectrum, names prefixed (``""`` or ``"bottom_"``)."""
+    arrays = {
+        "eigenvalues": Array(end.eigenvalues, f"Ritz values, {order}", EIGEN_UNITS),
+        "residuals": Array(end.residuals, "Lanczos residual norms ‖Hy − λy‖ of the HVP as computed", EIGEN_UNITS),
+        "converged": Array(end.converged.numpy(), "residual ≤ tol·max|λ| (max over all Ritz values)", None),
+    }
+    if end.error_bounds is not None:
+        arrays["error_bounds"] = Array(end.error_bounds, "an eigenvalue of the exact Hessian lies within "
+                                       "λ ± bound (HVP rounding included)", EIGEN_UNITS)
+    if end.eigenvectors is not None:
+        arrays["eigenvectors"] = Array(end.eigenvectors.float(), f"unit Ritz vectors (P, k), {order}, columns as "
+                                       "eigenvalues, float32", None, in_json=False)
+    return {prefix + name: a for name, a in arrays.items()}
 
 
 def hessian_eigenvalues(
