@@ -127,8 +127,9 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
     so that a wrong ``-o`` fails before the analysis rather than after it.
     """
     from basins.engine import distributed as dist
-    from basins.engine.data import StreamSpec, combine_digests
+    from basins.engine.data import combine_digests
     from basins.engine.problem import Problem, resolve_device
+    from basins.engine.streams import StreamSpec
     from basins.files.loading import resolve_inputs, shard_for_process
 
     # Under torchrun: join the process group first (backend from this rank's device).

@@ -19,14 +19,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, TensorDataset
 
 from basins import InputError, Problem
-from basins.engine.data import (
-    HDF5Stream,
-    IterableStream,
-    TensorData,
-    combine_digests,
-    hdf5_stream,
-    stream_from_object,
-)
+from basins.engine.data import TensorData, combine_digests
+from basins.engine.streams import HDF5Stream, IterableStream, hdf5_stream, stream_from_object
 from basins.files.loading import load_data, open_data
 
 RTOL = 1e-12

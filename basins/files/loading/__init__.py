@@ -78,8 +78,9 @@ Example:
 from __future__ import annotations
 
 from basins.engine import distributed as dist
-from basins.engine.data import DataSource, StreamSpec
+from basins.engine.data import DataSource
 from basins.engine.losses import NamedLoss
+from basins.engine.streams import StreamSpec
 from basins.errors import InputError
 
 from .bundle import Bundle, load_bundle, save_bundle

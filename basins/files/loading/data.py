@@ -17,15 +17,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from basins.engine.data import (
-    StreamSpec,
-    TensorData,
-    as_pair,
-    as_tensor,
-    data_fingerprint,
-    hdf5_stream,
-    stream_from_object,
-)
+from basins.engine.data import TensorData, as_tensor, data_fingerprint
+from basins.engine.streams import StreamSpec, as_pair, hdf5_stream, stream_from_object
 from basins.errors import InputError
 
 from .formats import (
@@ -101,7 +94,7 @@ def open_data(spec: str, *, max_samples: int | None = None, seed: int = 0) -> Lo
     """Like :func:`load_data`, but data that can be read a part at a time are not read yet.
 
     A ``module:factory`` giving a map-style ``Dataset`` or an ordered ``DataLoader``, and an
-    HDF5 file, come back as a :class:`~basins.engine.data.StreamSpec`: their size, and how to
+    HDF5 file, come back as a :class:`~basins.engine.streams.StreamSpec`: their size, and how to
     open any contiguous part of them as a stream (:mod:`basins.engine.data`). Everything else
     is loaded, as by :func:`load_data`.
 
