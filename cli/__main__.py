@@ -30,10 +30,13 @@ def run() -> None:
             print(exc.code, file=sys.stderr)
     else:  # pragma: no cover - click's standalone mode always exits
         code = 0
-    if "torch.distributed" in sys.modules:
-        from basins.engine import distributed
-
-        if distributed.is_initialized():
+    distributed = sys.modules.get("basins.engine.distributed")  # never import here: an interrupt may
+    if distributed is not None:  # have left torch half-imported
+        try:
+            launched = distributed.is_initialized()
+        except Exception:  # noqa: BLE001 - a half-imported module: no process group to end
+            launched = False
+        if launched:
             sys.stdout.flush()
             sys.stderr.flush()
             distributed.teardown()

@@ -460,13 +460,18 @@ def _needs_cli(*commands: str) -> None:
 
 
 def _cli_commands(files: dict[str, str]) -> list[list[str]]:
-    """The commands the shared launch runs after the engine checks (and the test reruns in one process)."""
+    """The commands the shared launch runs after the engine checks (and the test reruns in one process).
+
+    The HVP route is pinned: ``auto`` chooses between fwd-rev and rev-rev by timing, which two
+    launches on a loaded machine need not agree on (the ranks of one launch do agree: tested above).
+    """
+    pinned = [*COMMON, "--hvp", "fwd-rev"]
     return [
-        ["nullity", files["model"], "--data", files["data"], "--method", "exact", *COMMON],
+        ["nullity", files["model"], "--data", files["data"], "--method", "exact", *pinned],
         ["spectrum", files["model"], "--data", files["data"], "--probes", "3", "--steps", "12", "--points", "50",
-         *COMMON],
+         *pinned],
         ["volume", files["model"], "--data", files["data"], "--samples", "12", "--epsilon", "1e-3",
-         "--epsilon", "1e-2", "--seed", "3", *COMMON],
+         "--epsilon", "1e-2", "--seed", "3", *pinned],
         # under torchrun G = JᵀH_ℓJ is summed per process and all-reduced: the 'outer' route
         ["features", files["model"], "--data", files["data"], "--route", "outer", *COMMON],
         # a DataLoader read on every pass, each rank reading only its shard
