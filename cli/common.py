@@ -127,10 +127,10 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
     so that a wrong ``-o`` fails before the analysis rather than after it.
     """
     from basins.engine import distributed as dist
-    from basins.engine.data import StreamSpec, combine_digests
+    from basins.engine.data import combine_digests
     from basins.engine.problem import Problem, resolve_device
-    from basins.errors import InputError
-    from basins.files.loading import resolve_inputs
+    from basins.engine.streams import StreamSpec
+    from basins.files.loading import resolve_inputs, shard_for_process
 
     # Under torchrun: join the process group first (backend from this rank's device).
     device = dist.local_device(opts.get("device") or "auto")
@@ -142,29 +142,11 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
             trust_pickle=opts.get("trust_pickle", False), max_samples=opts.get("max_samples"), seed=opts.get("seed", 0),
             stream=True,
         )
-    inputs: Any  # this rank's examples: a DataSource (targets None), or in-memory tensors
-    targets: Any
-    if world > 1:  # every process must have opened the same data before taking its shard of it
-        seen = dist.all_gather_object(data.identity() if isinstance(data, StreamSpec) else data.sha256)
-        if len(set(seen)) > 1:
-            raise InputError(
-                f"{data.source}: the processes opened different data (sizes/fingerprints {sorted(set(seen))}); "
-                "return the whole dataset (no DistributedSampler, no splitting by RANK): basins gives each "
-                "process its shard"
-            )
-    if isinstance(data, StreamSpec):  # a Dataset, DataLoader or HDF5 file: this rank reads only its shard
-        n = data.num_examples
-        inputs, targets = data.shard(world, rank), None
-    else:
-        n = int(data.inputs.shape[0])
-        start, stop = dist.shard_range(n, world, rank)  # chunk weights use the global n
-        # copies under torchrun, so that the full data can be freed
-        inputs, targets = data.inputs, data.targets
-        if world > 1:
-            inputs, targets = inputs[start:stop].clone(), targets[start:stop].clone()
+    n = data.num_examples  # chunk weights use the global n
+    source = shard_for_process(data, world_size=world, rank=rank)
     with log.status("evaluating L(θ*) and ∇L(θ*)", spinner="dots"):
         problem = Problem(
-            model.module, inputs, targets, loss, batch_size=opts.get("batch_size"),
+            model.module, source, None, loss, batch_size=opts.get("batch_size"),
             fixed_batch_size=model.fixed_batch_size, dtype=opts.get("dtype"), device=device,
             hvp_route=opts.get("hvp_route", "auto"), total_examples=n,
             data_memory_bytes=0 if opts.get("stream") else None,

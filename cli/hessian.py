@@ -50,22 +50,40 @@ _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
               help="Trace estimator.")
 @click.option("--trace-hvps", type=click.IntRange(min=2), default=100, show_default=True,
               help="Hessian-vector products for the trace estimate.")
+@click.option("--bounds", type=click.Choice(["rescaled", "float64"]), default="rescaled", show_default=True,
+              help="How a float32 run measures the HVPs' rounding in error_bounds: rescaled (k more HVPs; a "
+                   "measured estimate) or float64 (k float64 check products, about 10x a float32 one on CPU; "
+                   "eigenvalues become float64 Rayleigh quotients and the bounds provably contain an exact "
+                   "eigenvalue). No effect in float64.")
 @click.option("--strict", is_flag=True, help="Exit 1 unless every eigenvalue converged (output is still written).")
 @output_options
 def hessian(**kw: Any) -> None:
     """Largest (and/or smallest) Hessian eigenvalues at the saved parameters, by Lanczos.
 
-    Every eigenvalue comes with a residual norm r: an eigenvalue of H lies within λ ± r.
-    A negative bottom eigenvalue beyond its residual means the point is a saddle.
+    Every eigenvalue comes with an error bound b (JSON error_bounds): an eigenvalue of the exact
+    Hessian lies within λ ± b, rounding of the HVPs included. The Lanczos residual r (JSON
+    residuals) is that of the HVP as computed; in float32 its rounding can exceed r by orders of
+    magnitude, so it is measured at run time: one more HVP per eigenvalue, at the rescaled Ritz
+    vector c·y (c = 1.375), and b = r + 4·‖H(c·y)/c − λy‖ (an estimate; it held on every
+    benchmark and test problem). --bounds float64 instead checks each pair with a float64
+    product, a bound that provably holds. In float64, b = r + 64·eps·max|λ|. A negative bottom
+    eigenvalue beyond its residual means the point is a saddle.
+
+    Memory is dominated by the cached gradient graph of the `graph` HVP route (activations of
+    every example, kept only when they fit a quarter of this process' share of RAM; --hvp
+    fwd-rev recomputes one chunk at a time instead, --batch-size sets the chunk), then by the
+    Lanczos basis (P × basis-size numbers).
 
     \b
     --json keys: eigenvalues (descending for top, ascending for bottom),
-    residuals, converged, all_converged, is_saddle (null if only the top was
-    computed), lambda_max, lambda_min, trace, trace_stderr, trace_method (null
-    without --trace), num_hvps (= num_lanczos_hvps + num_trace_hvps), num_restarts,
+    residuals, error_bounds, converged, all_converged, is_saddle (null if only the
+    top was computed), lambda_max, lambda_min, trace, trace_stderr, trace_method
+    (null without --trace), num_hvps (every HVP computed: num_setup_hvps for the
+    route choice + num_lanczos_hvps + num_trace_hvps + num_check_hvps), num_grads,
+    num_loss_evals (set-up included), num_restarts,
     wall_seconds, setup_seconds, report (path or null), the problem's keys
     (num_params, num_examples, loss, loss_at_optimum, grad_norm, dtype, device,
-    seed, warnings); with --which both also bottom_eigenvalues, bottom_residuals,
+    seed, warnings); with --which both also bottom_eigenvalues, bottom_residuals, bottom_error_bounds,
     bottom_converged (eigenvalues stays the top end).
 
     \b
@@ -80,6 +98,7 @@ def hessian(**kw: Any) -> None:
     with Timer() as setup:
         loaded = load_problem(kw, log)
     problem = loaded.problem
+    num_setup_hvps = problem.counters.num_hvps  # the HVP route choice's products
     if kw["eigenvectors"] and not kw["output"]:
         log.print("[yellow]note:[/] eigenvectors are stored only in a report: add -o report.h5")
     k = kw["top_k"]
@@ -91,6 +110,7 @@ def hessian(**kw: Any) -> None:
                 problem, k=k, which=kw["which"], tol=kw["tol"], max_hvps=kw["max_hvps"], block_size=kw["block_size"],
                 eigenvectors=kw["eigenvectors"] and bool(kw["output"]), trace=kw["trace"],
                 trace_method=kw["trace_method"], trace_hvps=kw["trace_hvps"], seed=loaded.seed, callback=on_progress,
+                bounds=kw["bounds"],
             )
 
     warnings = list(loaded.warnings)
@@ -106,10 +126,12 @@ def hessian(**kw: Any) -> None:
                "raise --max-hvps or loosen --tol")
         warnings.append(msg)
         log.print(f"[yellow]warning:[/] {msg}")
-    log.print(f"{result.num_hvps} HVPs in {t.seconds:.2f} s")
+    log.print(f"{result.num_hvps} HVPs in {t.seconds:.2f} s ({problem.counters.num_hvps} in all, set-up included)")
 
     record = result.record()
-    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
+    # every count is the work the run did: set-up (loss, gradient, determinism check, route choice) and checks included
+    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds, num_setup_hvps=num_setup_hvps,
+                        **problem.counters.as_dict())
     emit(kw, log, loaded, "hessian", record, warnings=warnings, tables=summary_tables)
 
     if kw["strict"] and not result.all_converged:

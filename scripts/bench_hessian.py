@@ -4,6 +4,18 @@ Usage::
 
     python scripts/bench_hessian.py            # example bundle + 26k-parameter MLP, median of 5 runs
     python scripts/bench_hessian.py --quick    # smaller MLP, 2 runs, for a smoke run
+    python scripts/bench_hessian.py --whole-process [--repeats 3]   # whole processes, as a new user
+
+``--whole-process`` runs each tool as its own process (one thread), ``--repeats`` times, on the
+26k-parameter MLP (n = 2,048) and the 22k-parameter CNN with BatchNorm (n = 1,024) of
+``scripts/_bench_problems.py``, top-10, and reports per tool: whole-process wall time (median),
+peak RSS (max), HVPs, worst error against float64 eigenvalues, and for basins its set-up share
+(model and data loading and Problem construction, over the whole) and whether every error bound
+contains the float64 eigenvalue. basins runs ``basins hessian MODEL.pt2 --data D --top-k 10
+--json``; hessian-eigenthings 1.0 ``lanczos``, PyHessian 0.1 and scipy ``eigsh`` over a
+curvlinops ``HessianLinearOperator`` run on the same weights as plain modules, at their
+defaults (tol 1e-4 where they have one). The float64 reference is basins' Lanczos at tol 1e-10
+in float64. It also times ``basins --version``.
 
 Every method sees the same problem: the same model, the full data in one batch, the same dtype
 and thread count. For top-1 and top-10 it prints HVPs spent, wall time (median of ``--repeats``
@@ -249,6 +261,109 @@ def hvp_ratios(case: Case, dtype: torch.dtype, repeats: int) -> list[tuple[str, 
     return out
 
 
+# ---------------------------------------------------------------------- whole processes
+def _child_rss(cmd: list[str]) -> tuple[float, float, str]:
+    """Like :func:`_child`, with the peak RSS of this child alone (GNU time when present)."""
+    import json
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    probe = ("import json,resource,subprocess,sys,time;t=time.perf_counter();"
+             "p=subprocess.run(sys.argv[1:],capture_output=True,text=True);w=time.perf_counter()-t;"
+             "sys.stderr.write(p.stderr);sys.stdout.write(p.stdout);"
+             "print(json.dumps({'rc':p.returncode,'wall':w,"
+             "'rss':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss/1024}),file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", probe, *cmd], capture_output=True, text=True, env=env)
+    stats = json.loads(proc.stderr.strip().splitlines()[-1])
+    if stats["rc"] != 0:
+        tail = proc.stderr.strip().splitlines()
+        raise RuntimeError(f"{' '.join(cmd)} failed: {tail[-2] if len(tail) > 1 else stats['rc']}")
+    return float(stats["wall"]), float(stats["rss"]), proc.stdout
+
+
+def whole_process(repeats: int) -> None:
+    import json
+    import os
+
+    from basins.analyses.eigen import hessian_operator
+    from basins.files.loading import resolve_inputs
+    from basins.linalg.lanczos import lanczos
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    problems_py = os.path.join(here, "_bench_problems.py")
+    directory = tempfile.mkdtemp(prefix="basins-bench-whole-")
+    subprocess_env_python = sys.executable
+    _child_rss([subprocess_env_python, problems_py, "write", directory])
+    basins_cmd = [subprocess_env_python, "-m", "basins.cli"]
+    version = sorted(_child_rss([*basins_cmd, "--version"])[0] for _ in range(max(3, repeats)))
+    rows, verdicts = [], []
+    for name, label in (("mlp", "MLP 32-256-64-10, P=25,546, n=2,048"), ("cnn", "CNN+BatchNorm, P=21,930, n=1,024")):
+        model, data, loss = resolve_inputs(f"{directory}/{name}.pt2", data=f"{directory}/{name}_data.pt")
+        p64 = Problem(model.module, data, None, loss, fixed_batch_size=model.fixed_batch_size, dtype="float64")
+        ref = lanczos(hessian_operator(p64), k=10, tol=1e-10, dtype=torch.float64).eigenvalues.tolist()
+        del p64
+        tools: dict[str, list[str]] = {
+            "basins": [*basins_cmd, "hessian", f"{directory}/{name}.pt2", "--data", f"{directory}/{name}_data.pt",
+                       "--top-k", "10", "--json", "--quiet"],
+            **{peer: [subprocess_env_python, problems_py, "run", peer, name, directory, "10", "float32"]
+               for peer in ("eigenthings", "pyhessian", "eigsh")},
+        }
+        walls: dict[str, float] = {}
+        errors: dict[str, float] = {}
+        for tool, cmd in tools.items():
+            runs = []
+            for _ in range(repeats):
+                try:
+                    runs.append(_child_rss(cmd))
+                except RuntimeError as exc:
+                    rows.append(f"| {label} | {tool} | failed: {exc} | | | | |")
+                    break
+            if not runs:
+                continue
+            wall = statistics.median(r[0] for r in runs)
+            rss = max(r[1] for r in runs)
+            out = json.loads(runs[0][2])
+            values = out.get("eigenvalues") or out["values"]
+            err = max(abs(a - b) for a, b in zip(values, ref))
+            extra = ""
+            if tool == "basins":
+                bounds = out["error_bounds"]
+                held = all(abs(a - b) <= e for a, b, e in zip(values, ref, bounds))
+                setup = out["setup_seconds"] / wall
+                extra = f"set-up {setup:.0%} of the whole; bounds contain float64: {'yes' if held else '**no**'}"
+                verdicts.append((f"{label}: every error bound contains the float64 eigenvalue", held,
+                                 f"worst error / bound {max(abs(a - b) / e for a, b, e in zip(values, ref, bounds)):.2f}"))
+                verdicts.append((f"{label}: set-up ≤ 20% of the whole", setup <= 0.2, f"{setup:.0%}"))
+            walls[tool] = wall
+            errors[tool] = err
+            rows.append(f"| {label} | {tool} | {wall:.2f} | {rss:.0f} | {out['num_hvps']} | {err:.1e} | {extra} |")
+        peers = {t: w for t, w in walls.items() if t != "basins"}
+        if "basins" in walls and peers:
+            fastest = min(peers, key=peers.__getitem__)
+            ratio = walls["basins"] / peers[fastest]
+            verdicts.append((f"{label}: basins whole process ≤ 0.7× the fastest peer's ({fastest}, any accuracy)",
+                             ratio <= 0.7, f"{ratio:.2f}×"))
+            # peers at least as accurate as basins (their worst error ≤ 10× basins', or ≤ 1e-6·λ_max)
+            as_good = {t: w for t, w in peers.items() if errors[t] <= max(10 * errors["basins"], 1e-6 * abs(ref[0]))}
+            if as_good:
+                best = min(as_good, key=as_good.__getitem__)
+                r = walls["basins"] / as_good[best]
+                verdicts.append((f"{label}: basins ≤ 0.7× the fastest peer as accurate ({best})", r <= 0.7, f"{r:.2f}×"))
+            else:
+                verdicts.append((f"{label}: basins more accurate than every peer", True,
+                                 ", ".join(f"{t} {errors[t]:.1e}" for t in peers)))
+    print(f"torch {torch.__version__}, 1 thread per process, top-10 float32, median of {repeats} whole processes\n")
+    print("| problem | tool | wall s | peak RSS MiB | HVPs | worst abs. error vs float64 | notes |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    verdicts.append(("basins --version < 0.5 s", version[len(version) // 2] < 0.5, f"{version[len(version) // 2]:.2f} s"))
+    print("\n| target | met | measured |")
+    print("|---|---|---|")
+    for what, ok, measured in verdicts:
+        print(f"| {what} | {'yes' if ok else '**no**'} | {measured} |")
+
+
 # ---------------------------------------------------------------------- main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -259,7 +374,12 @@ def main() -> None:
                         help="torch intra-op threads for every method (default 1: on a shared 2-core machine, "
                              "2 threads under load ran 10-100x slower and made timings meaningless)")
     parser.add_argument("--no-example", action="store_true", help="skip the example bundle")
+    parser.add_argument("--whole-process", action="store_true",
+                        help="whole processes of basins and its peers on the MLP and CNN problems (see above)")
     args = parser.parse_args()
+    if args.whole_process:
+        whole_process(args.repeats if args.repeats != 5 else 3)
+        return
     torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else args.repeats
     dtype = torch.float64 if args.dtype == "float64" else torch.float32

@@ -76,7 +76,7 @@ def worker(args: argparse.Namespace) -> None:
     if args.source == "stream":  # a DataLoader (chunks of 512) read on every pass, this rank's shard only
         from torch.utils.data import DataLoader, TensorDataset
 
-        from basins.engine.data import stream_from_object
+        from basins.engine.streams import stream_from_object
 
         spec = stream_from_object(DataLoader(TensorDataset(x, y), batch_size=512), "bench")
         assert spec is not None

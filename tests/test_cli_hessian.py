@@ -146,7 +146,8 @@ def test_trace(bundles, method):
     exact = float(bundles["H"].trace())
     assert out["trace_method"] == method and out["trace_stderr"] > 0
     assert abs(out["trace"] - exact) <= 5 * out["trace_stderr"] + 1e-9 * abs(exact)
-    assert out["num_hvps"] == out["num_lanczos_hvps"] + out["num_trace_hvps"]
+    parts = ("num_setup_hvps", "num_lanczos_hvps", "num_trace_hvps", "num_check_hvps")
+    assert out["num_hvps"] == sum(out[k] for k in parts)  # every HVP computed (the count itself: test_counts.py)
     assert 0 < out["num_trace_hvps"] <= 60
 
 
@@ -231,7 +232,8 @@ def test_strict_and_unconverged(bundles):
     r = run(*args)
     assert r.exit_code == 0 and "did not converge" in r.stderr
     out = json.loads(r.stdout)
-    assert out["all_converged"] is False and out["num_hvps"] <= 10
+    assert out["all_converged"] is False and out["num_lanczos_hvps"] <= 10  # --max-hvps is the Lanczos budget
+    assert out["num_hvps"] == out["num_setup_hvps"] + out["num_lanczos_hvps"] + out["num_check_hvps"]
     r = run(*args, "--strict")
     assert r.exit_code == 1
     assert json.loads(r.stdout)["all_converged"] is False  # the result is still printed
@@ -317,3 +319,13 @@ def test_block_size_and_interrupt(bundles, tmp_path, monkeypatch):
     r = run(bundles["mlp"], "-k", "1", "-o", report)
     assert r.exit_code == 130 and "interrupted" in r.stderr
     assert open(report, "rb").read() == before
+
+
+@pytest.mark.parametrize("bounds", ["rescaled", "float64"])
+def test_float32_error_bounds_contain_the_dense_float64_eigenvalues(bundles, bounds):
+    """Every float32 eigenvalue lies within its error bound of an eigenvalue of the float64 dense Hessian."""
+    out = run_json(bundles["mlp"], "--dtype", "float32", "--bounds", bounds, "-k", "5", "--tol", "1e-6", "-q")
+    eig = bundles["eig"].numpy()
+    for lam, b in zip(out["eigenvalues"], out["error_bounds"]):
+        assert np.abs(eig - lam).min() <= b, (lam, b)
+    assert all(b >= r for b, r in zip(out["error_bounds"], out["residuals"]))

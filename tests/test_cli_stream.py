@@ -111,5 +111,5 @@ def test_a_bad_example_deep_in_a_stream_exits_2_naming_it(model_files: Any, tmp_
     code, out, err = run("hessian", model_files.pt2, "--data", f"{tmp_path / 'nan_data.py'}:make", "--batch-size", "5",
                          "-k", "1", "--json")
     assert code == 2 and out == ""
-    assert "non-finite values (NaN or inf) in the inputs of example 17;" in err
+    assert "non-finite values (NaN or inf) in the inputs of example 17:" in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -310,7 +310,7 @@ def test_non_finite_data(write_data, tmp_path, suffix):
     x[1, 0] = float("nan")
     x[4, 1] = float("inf")
     y = torch.zeros(6, dtype=torch.long)
-    with pytest.raises(InputError, match=r"data contains non-finite values \(NaN or inf\): 2 in inputs; clean them"):
+    with pytest.raises(InputError, match=r"non-finite values \(NaN or inf\) in the inputs of example 1: 2 in inputs among examples 0\.\.5; clean them"):
         load_data(write_data(tmp_path / f"nan{suffix}", x, y))
     yf = torch.zeros(6)
     yf[0] = float("-inf")

@@ -175,15 +175,14 @@ def test_float32_problem_matches_float64_roughly() -> None:
     torch.testing.assert_close(p32.hvp(v).double(), p64.hvp(v), rtol=1e-4, atol=1e-5)
 
 
-def test_counters_and_info() -> None:
+def test_counters_and_sizes() -> None:
     model, x, y, loss = tanh_regression()
     problem = Problem(model, x, y, loss, dtype="float64", hvp_route="fwd-rev")
     problem.counters.num_hvps = 0
     problem.hvp(_vectors(problem.num_params, 4))
     assert problem.counters.num_hvps == 4
-    info = problem.info()
-    assert info.num_params == problem.num_params == 7 * 4 + 7 + 2 * 7 + 2
-    assert info.num_examples == 23 and info.hvp_route == "fwd-rev"
+    assert problem.num_params == 7 * 4 + 7 + 2 * 7 + 2
+    assert problem.num_examples == 23 and problem.hvp_route == "fwd-rev"
     assert problem.num_terms == 23 * 2
 
 
@@ -243,7 +242,7 @@ def test_input_errors_name_the_problem() -> None:
         Problem(model, x, y, "cross-entropy")  # float targets of the outputs' shape, not probabilities
     with pytest.raises(InputError, match="targets of the outputs' shape"):
         Problem(model, x, torch.randn(23, 3, dtype=torch.float64), "mse")
-    with pytest.raises(InputError, match="23 examples but targets hold 22"):
+    with pytest.raises(InputError, match="23 examples but targets have 22"):
         Problem(model, x, y[:22], "mse")
     with pytest.raises(InputError, match="unknown loss"):
         Problem(model, x, y, "hinge")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from basins.analyses.features import memory_budget
+from basins.engine.memory import memory_budget
 from basins.engine.problem import Problem
 from basins.errors import ComputeError, InputError
 from basins.linalg.lanczos import lanczos

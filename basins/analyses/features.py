@@ -40,7 +40,6 @@ Sagun et al. 2017 and Papyan 2020 (the Gauss–Newton part and the bulk near zer
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -54,6 +53,7 @@ from basins.analyses.jacobian import (
     factored_rows,
     outputs_per_example,
 )
+from basins.engine.memory import memory_budget
 from basins.engine.problem import Problem
 from basins.errors import InputError
 from basins.progress import Progress, ProgressCallback
@@ -68,7 +68,6 @@ __all__ = [
     "FeatureGram",
     "feature_gram",
     "features_memory_bytes",
-    "memory_budget",
     "outputs_per_example",
 ]
 
@@ -78,16 +77,6 @@ __all__ = [
 FEATURE_ROUTES = ("auto", "gram", "outer")
 #: Safety factor of the Jacobian's rounding-error estimate (see the module docstring).
 _NOISE_FACTOR = 10.0
-
-
-def memory_budget(memory_bytes: int | None = None) -> int:
-    """``memory_bytes``, or a quarter of the physical memory (2 GiB if unknown)."""
-    if memory_bytes is not None:
-        return int(memory_bytes)
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (ValueError, OSError, AttributeError):
-        return 2 << 30
 
 
 @dataclass
@@ -236,7 +225,7 @@ def feature_gram(
     k = outputs_per_example(problem)
     M = n * k
     route, need = features_memory_bytes(M, P, route)
-    budget = memory_budget(memory_bytes)
+    budget = memory_budget(memory_bytes, problem.device)
     if need > budget:
         raise InputError(
             f"the feature Gram matrix needs {need / 2**30:.1f} GiB ({'(n·k)² with n·k' if route == 'gram' else 'P² with P'} "
@@ -267,8 +256,8 @@ def feature_gram(
         num_vjps += rows.shape[0]
 
     if G is not None and sharded:
-        G = problem._reduce(G)  # sum of the processes' parts: identical on every rank
-        num_vjps = int(problem._reduce(torch.tensor(float(num_vjps), dtype=torch.float64, device=G.device)).item())
+        G = problem.reduce(G)  # sum of the processes' parts: identical on every rank
+        num_vjps = int(problem.reduce(torch.tensor(float(num_vjps), dtype=torch.float64, device=G.device)).item())
     report("eigh", 0, None, "")
     eigenvectors = None
     if Jh is not None:

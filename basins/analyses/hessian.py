@@ -11,6 +11,27 @@ Error bars: each Ritz value θⱼ comes with the residual norm ``rⱼ = ‖H y�
 (or a maximum), not a minimum. ``floor = 100·eps(dtype)·max|θ|`` absorbs the rounding of
 the HVPs themselves.
 
+Error bounds that include rounding (``error_bounds``): the residual above is that of the
+operator Lanczos saw, the HVP *as computed*; in float32 its rounding error ``E`` can exceed
+the residual by orders of magnitude, and ``|θ − λ| ≤ r + ‖E y‖``. ``bounds`` chooses how
+``‖E y‖`` is measured, at run time, for a problem in a dtype other than float64:
+
+* ``"rescaled"`` (default; k HVPs in the problem's dtype): ``d = ‖H(c·y)/c − θy‖`` with
+  ``c = 1.375`` (:meth:`basins.Problem.rescaled_residuals`) holds the pair's true residual plus
+  the rounding of one product; the bound is ``r + ROUNDING_FACTOR·d``. This is a measured
+  estimate, not a proof: rounding shared by both products (the saved activations) is not seen;
+  on the benchmark problems ``d`` was 0.4–1.4× ``‖E y‖`` and ``ROUNDING_FACTOR = 4`` kept every
+  float64 eigenvalue inside, with a margin of ≥ 2.7×.
+* ``"float64"`` (k float64 HVPs: 10–12× a float32 one on CPU): each Ritz vector gets a float64
+  check product (:meth:`basins.Problem.check_eigenpairs`); the eigenvalue becomes the float64
+  Rayleigh quotient ``ρ = yᵀHy`` and its bound ``‖Hy − ρy‖``, which provably contains an
+  eigenvalue of the exact Hessian (ρ's own error is second order, ``‖Hy − ρy‖²/gap``).
+
+In float64, the bound is the residual plus ``BOUND_EPS·eps₆₄·max|θ|`` for the rounding. The
+systematic float32 low bias of the top eigenvalues came mostly from the loss evaluated in
+float32; :class:`~basins.engine.problem.Problem` now evaluates the loss (on the model's
+outputs) in float64.
+
 Known limitation: the residual bound locates *an* eigenvalue near each Ritz value, not the
 k-th one; a cluster that Lanczos has not yet split can hide eigenvalues (tighten ``tol``
 or raise the budget; full reorthogonalisation keeps ghosts out).
@@ -31,10 +52,17 @@ from basins.linalg.operator import Operator
 from basins.progress import Progress, ProgressCallback
 from basins.record import EIGEN_UNITS, Array, Record
 
-__all__ = ["HessianEnd", "HessianResult", "hessian_eigenvalues", "WHICH", "TRACE_METHODS", "SADDLE_FLOOR_EPS"]
+__all__ = ["HessianEnd", "HessianResult", "hessian_eigenvalues", "WHICH", "TRACE_METHODS", "SADDLE_FLOOR_EPS",
+           "BOUNDS", "ROUNDING_FACTOR", "BOUND_EPS"]
 
 WHICH = ("top", "bottom", "both")
 TRACE_METHODS = ("hutch++", "hutchinson")
+#: How float32 error bounds are measured (module docstring).
+BOUNDS = ("rescaled", "float64")
+#: Safety factor on the measured rounding of ``bounds="rescaled"`` (module docstring).
+ROUNDING_FACTOR = 4.0
+#: Rounding allowance of error bounds, in units of ``eps₆₄·max|θ|``.
+BOUND_EPS = 64.0
 #: A bottom Ritz value counts as negative only below ``-SADDLE_FLOOR_EPS·eps(dtype)·max|θ|``.
 SADDLE_FLOOR_EPS = 100.0
 
@@ -48,12 +76,15 @@ class HessianEnd:
         residuals: ``(k,)`` float64 residual norms: an eigenvalue of H lies within each.
         converged: ``(k,)`` bool, ``residual ≤ tol·max|θ|`` (max over all Ritz values, ≈ ‖H‖).
         eigenvectors: ``(P, k)`` unit Ritz vectors (problem dtype) when asked, else None.
+        error_bounds: ``(k,)`` float64: an eigenvalue of the exact Hessian lies within each
+            eigenvalue ± its bound, rounding of the HVPs included (module docstring).
     """
 
     eigenvalues: torch.Tensor
     residuals: torch.Tensor
     converged: torch.Tensor
     eigenvectors: torch.Tensor | None = None
+    error_bounds: torch.Tensor | None = None
 
 
 @dataclass
@@ -65,7 +96,7 @@ class HessianResult:
         top: the top end (:class:`HessianEnd`) for ``top``/``both``, else None.
         bottom: the bottom end for ``bottom``/``both``, else None.
         trace, trace_stderr, trace_method: the trace estimate and its standard error, when asked.
-        num_hvps: all HVPs spent (Lanczos + trace).
+        num_hvps: all HVPs spent by this call (Lanczos + trace + error-bound checks).
         num_lanczos_hvps, num_trace_hvps, num_restarts: the split and Lanczos restarts.
         is_saddle: True if some Ritz value θ has ``θ + r < −saddle_floor``; False if the
             bottom end was computed and none has; None if only the top end was (unknown).
@@ -74,6 +105,7 @@ class HessianResult:
         top_k, max_hvps, block_size, seed, trace_hvps: the settings of the run
             (``trace_hvps`` None without a trace).
         hvp_route: the problem's HVP route.
+        num_check_hvps: products spent on the error bounds (one per Ritz vector; none in float64).
     """
 
     which: str
@@ -95,6 +127,7 @@ class HessianResult:
     seed: int = 0
     trace_hvps: int | None = None
     hvp_route: str | None = None
+    num_check_hvps: int = 0
 
     @property
     def ends(self) -> list[HessianEnd]:
@@ -149,32 +182,32 @@ class HessianResult:
             "all_converged": self.all_converged, "num_converged": self.num_converged, "num_wanted": self.num_wanted,
             "trace": self.trace, "trace_stderr": self.trace_stderr,
             "num_hvps": self.num_hvps, "num_lanczos_hvps": self.num_lanczos_hvps,
-            "num_trace_hvps": self.num_trace_hvps, "num_restarts": self.num_restarts,
+            "num_trace_hvps": self.num_trace_hvps, "num_check_hvps": self.num_check_hvps,
+            "num_restarts": self.num_restarts,
             "num_loss_evals": 0, "hvp_route": self.hvp_route,
         }
-        conv = "residual ≤ tol·max|λ| (max over all Ritz values)"
         main = self.bottom if self.which == "bottom" else self.top
         assert main is not None
-        end = "bottom (ascending)" if self.which == "bottom" else "top (descending)"
-        arrays = {
-            "eigenvalues": Array(main.eigenvalues, f"Ritz values, {end}", EIGEN_UNITS),
-            "residuals": Array(main.residuals, "residual norms ‖Hy − λy‖: an eigenvalue lies within λ ± r", EIGEN_UNITS),
-            "converged": Array(main.converged.numpy(), conv, None),
-        }
-        if main.eigenvectors is not None:
-            arrays["eigenvectors"] = Array(main.eigenvectors.float(), "unit Ritz vectors (P, k), columns as "
-                                           "eigenvalues, float32", None, in_json=False)
+        arrays = _end_arrays(main, "", "bottom (ascending)" if self.which == "bottom" else "top (descending)")
         if self.which == "both" and self.bottom is not None:
-            b = self.bottom
-            arrays.update({
-                "bottom_eigenvalues": Array(b.eigenvalues, "Ritz values, bottom (ascending)", EIGEN_UNITS),
-                "bottom_residuals": Array(b.residuals, "residual norms of the bottom Ritz values", EIGEN_UNITS),
-                "bottom_converged": Array(b.converged.numpy(), conv, None),
-            })
-            if b.eigenvectors is not None:
-                arrays["bottom_eigenvectors"] = Array(b.eigenvectors.float(), "unit Ritz vectors of the bottom "
-                                                      "end (P, k), float32", None, in_json=False)
+            arrays.update(_end_arrays(self.bottom, "bottom_", "bottom (ascending)"))
         return Record(attrs, arrays)
+
+
+def _end_arrays(end: HessianEnd, prefix: str, order: str) -> dict[str, Array]:
+    """The datasets of one end of the spectrum, names prefixed (``""`` or ``"bottom_"``)."""
+    arrays = {
+        "eigenvalues": Array(end.eigenvalues, f"Ritz values, {order}", EIGEN_UNITS),
+        "residuals": Array(end.residuals, "Lanczos residual norms ‖Hy − λy‖ of the HVP as computed", EIGEN_UNITS),
+        "converged": Array(end.converged.numpy(), "residual ≤ tol·max|λ| (max over all Ritz values)", None),
+    }
+    if end.error_bounds is not None:
+        arrays["error_bounds"] = Array(end.error_bounds, "an eigenvalue of the exact Hessian lies within "
+                                       "λ ± bound (HVP rounding included)", EIGEN_UNITS)
+    if end.eigenvectors is not None:
+        arrays["eigenvectors"] = Array(end.eigenvectors.float(), f"unit Ritz vectors (P, k), {order}, columns as "
+                                       "eigenvalues, float32", None, in_json=False)
+    return {prefix + name: a for name, a in arrays.items()}
 
 
 def hessian_eigenvalues(
@@ -191,6 +224,7 @@ def hessian_eigenvalues(
     trace_hvps: int = 100,
     seed: int = 0,
     callback: ProgressCallback | None = None,
+    bounds: str = "rescaled",
 ) -> HessianResult:
     """Top/bottom Hessian eigenvalues of ``problem`` at θ* by Lanczos, and optionally the trace.
 
@@ -209,9 +243,11 @@ def hessian_eigenvalues(
         callback: called with a :class:`~basins.progress.Progress` (unit ``"HVPs"``, phase
             ``"lanczos"`` then ``"trace"``; ``done`` counts both phases, ``total`` is the Lanczos
             budget plus ``trace_hvps``) as the work proceeds.
+        bounds: how float32 error bounds measure rounding: ``rescaled`` or ``float64`` (module docstring).
 
     Returns:
-        A :class:`HessianResult`. Cost: ≤ ``max_hvps`` HVPs (+ ``trace_hvps`` with ``trace``).
+        A :class:`HessianResult`. Cost: ≤ ``max_hvps`` HVPs (+ ``trace_hvps`` with ``trace``),
+        + k per end for the error bounds below float64.
 
     Raises:
         InputError: a bad ``k``, ``which``, ``tol``, ``block_size``, ``trace_method`` or budget.
@@ -229,6 +265,8 @@ def hessian_eigenvalues(
         raise InputError(f"block_size must be ≥ 1, got {block_size}")
     if max_hvps is not None and max_hvps < 1:
         raise InputError(f"max_hvps must be ≥ 1, got {max_hvps}")
+    if bounds not in BOUNDS:
+        raise InputError(f"unknown bounds={bounds!r}: use rescaled or float64")
     if trace and trace_method not in TRACE_METHODS:
         raise InputError(f"unknown trace_method={trace_method!r}: use hutch++ or hutchinson")
     least = 4 if trace_method == "hutch++" else 2
@@ -250,7 +288,7 @@ def hessian_eigenvalues(
 
     options: dict[str, Any] = {"k": k, "which": which, "tol": tol, "max_matvecs": max_hvps, "block_size": block_size,
                                "dtype": problem.dtype, "device": problem.device, "seed": seed,
-                               "return_eigenvectors": eigenvectors, "callback": lanczos_progress}
+                               "return_eigenvectors": True, "callback": lanczos_progress}
     lres: Any = lanczos(hessian_operator(problem), **options)  # LanczosResult, or LanczosBothEnds for "both"
     num_lanczos = int(lres.num_matvecs)
     if state["lanczos_total"] is None:
@@ -276,19 +314,38 @@ def hessian_eigenvalues(
                         dtype=problem.dtype, device=problem.device, seed=seed)
         tr, tr_se, num_trace = float(est.estimate), float(est.stderr), int(est.num_matvecs)
 
-    ends = [e for e in (top, bottom) if e is not None]
     scale = float((lres.top if which == "both" else lres).scale)  # max |Ritz value| of the run
+    # after the trace: float64 checks free the gradient graph
+    top, bottom = (_bounded(problem, e, scale, eigenvectors, bounds) if e is not None else None for e in (top, bottom))
+    num_check = 0 if problem.dtype == torch.float64 else k * (2 if which == "both" else 1)
+    ends = [e for e in (top, bottom) if e is not None]
     floor = SADDLE_FLOOR_EPS * torch.finfo(problem.dtype).eps * scale
     certified_negative = any(bool(((e.eigenvalues + e.residuals) < -floor).any()) for e in ends)
     is_saddle: bool | None = True if certified_negative else (False if which != "top" else None)
     return HessianResult(
         which=which, top=top, bottom=bottom,
         trace=tr, trace_stderr=tr_se, trace_method=trace_method if trace else None,
-        num_hvps=num_lanczos + num_trace, num_lanczos_hvps=num_lanczos, num_trace_hvps=num_trace,
+        num_hvps=num_lanczos + num_trace + num_check, num_lanczos_hvps=num_lanczos, num_trace_hvps=num_trace,
         num_restarts=int((lres.top if which == "both" else lres).num_restarts), is_saddle=is_saddle,
         saddle_floor=floor, tol=tol, top_k=k, max_hvps=max_hvps, block_size=block_size, seed=seed,
         trace_hvps=trace_hvps if trace else None, hvp_route=getattr(problem, "hvp_route", None),
+        num_check_hvps=num_check,
     )
+
+
+def _bounded(problem: Problem, end: HessianEnd, scale: float, keep_vectors: bool, how: str) -> HessianEnd:
+    """``end`` with its error bounds (module docstring); with ``how="float64"`` (below float64)
+    the eigenvalues become float64 Rayleigh quotients."""
+    vals, res, vecs = end.eigenvalues, end.residuals, end.eigenvectors
+    allowance = BOUND_EPS * torch.finfo(torch.float64).eps * scale
+    if problem.dtype == torch.float64 or vecs is None:
+        bound = res + allowance
+    elif how == "float64":
+        vals, r64 = problem.check_eigenpairs(vecs)
+        bound = r64 + allowance
+    else:
+        bound = res + ROUNDING_FACTOR * problem.rescaled_residuals(vecs, vals) + allowance
+    return HessianEnd(vals, res, end.converged, vecs if keep_vectors else None, bound)
 
 
 def _split_ends(lres: Any, which: str) -> tuple[HessianEnd | None, HessianEnd | None]:

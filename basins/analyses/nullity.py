@@ -53,9 +53,9 @@ from basins.analyses.features import (
     FeatureGram,
     feature_gram,
     features_memory_bytes,
-    memory_budget,
     outputs_per_example,
 )
+from basins.engine.memory import memory_budget
 from basins.engine.problem import Problem
 from basins.errors import InputError
 from basins.linalg.operator import Operator, as_operator
@@ -262,7 +262,7 @@ def nullity_exact(
     """
     op = as_operator(operator)
     P = op.num_params
-    need, budget = exact_memory_bytes(P), memory_budget(memory_bytes)
+    need, budget = exact_memory_bytes(P), memory_budget(memory_bytes, op.device)
     if need > budget:
         raise InputError(
             f"method 'exact' needs the dense {P:,}×{P:,} Hessian: {need / 2**30:.1f} GiB, more than the "
@@ -490,7 +490,7 @@ def nullity(
         raise InputError(f"unknown method={method!r}: use one of {', '.join(NULLITY_METHODS)}")
     _thresholds(0.0, rtols, atol)
     P = int(problem.num_params)
-    budget = memory_budget(memory_bytes)
+    budget = memory_budget(memory_bytes, problem.device)
     why = ""
     if method == "auto":
         if dense_fits(P, max_params=exact_max_params, memory_bytes=budget):

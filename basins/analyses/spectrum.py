@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from basins.analyses.eigen import hessian_operator
+from basins.engine.memory import memory_budget
 from basins.engine.problem import Problem
 from basins.linalg.slq import (
     DEFAULT_PROBES,
@@ -86,7 +87,7 @@ def hessian_spectrum(
     scale: str = "linear",
     sigma: float | None = None,
     num_points: int = 1000,
-    memory_bytes: int = 1 << 30,
+    memory_bytes: int | None = None,
     callback: ProgressCallback | None = None,
 ) -> SpectrumResult:
     """:func:`hessian_slq` and its :func:`~basins.linalg.slq.spectral_density` (``scale``,
@@ -105,16 +106,19 @@ def hessian_slq(
     seed: int = 0,
     probe: str = "rademacher",
     deflate: torch.Tensor | None = None,
-    memory_bytes: int = 1 << 30,
+    memory_bytes: int | None = None,
     callback: ProgressCallback | None = None,
 ) -> SLQResult:
     """:func:`slq` on the Hessian of a :class:`basins.Problem` at θ*.
 
     The Lanczos vectors are float64 when ``num_probes·(num_steps+1)·P`` doubles fit in
-    ``memory_bytes``, else the problem's dtype (and fewer probes per block if needed).
+    ``memory_bytes`` (default: :func:`basins.engine.memory.memory_budget`, at most 1 GiB), else
+    the problem's dtype (and fewer probes per block if needed).
     Cost: ≤ ``num_probes·num_steps`` HVPs, in blocks of all probes.
     """
     P = int(problem.num_params)
+    if memory_bytes is None:
+        memory_bytes = min(1 << 30, memory_budget(None, problem.device))
     _check_budget(num_probes, num_steps, probe)
     per_probe = (min(num_steps, P) + 1) * P
     dtype = torch.float64 if num_probes * per_probe * 8 <= memory_bytes else problem.dtype

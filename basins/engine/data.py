@@ -4,8 +4,8 @@ A *data source* hands out its examples as consecutive ``(inputs, targets)`` batc
 same order on every pass. Two kinds:
 
 * :class:`TensorData` — tensors already in memory (sliced, never copied);
-* streams, which read the examples from somewhere else on every pass, so the data need not fit
-  in one process: :class:`DatasetStream` (a map-style ``Dataset``, or an ordered ``DataLoader``
+* streams (:mod:`basins.engine.streams`), which read the examples from somewhere else on every
+  pass, so the data need not fit in one process: :class:`DatasetStream` (a map-style ``Dataset``, or an ordered ``DataLoader``
   over one, read through a ``DataLoader`` over this process' indices),
   :class:`IterableStream` (a ``DataLoader`` over an ``IterableDataset``: every pass reads the
   whole stream and keeps this process' examples) and :class:`HDF5Stream` (``inputs``/``targets``
@@ -30,10 +30,8 @@ passes at load) reports one that does not.
 from __future__ import annotations
 
 import hashlib
-import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,13 +42,9 @@ from basins.errors import InputError
 __all__ = [
     "DataSource",
     "TensorData",
-    "DatasetStream",
-    "IterableStream",
-    "HDF5Stream",
-    "StreamSpec",
-    "stream_from_object",
-    "check_ordered_loader",
-    "hdf5_stream",
+    "as_tensor",
+    "check_finite",
+    "check_pair",
     "combine_digests",
     "data_fingerprint",
     "DEFAULT_STREAM_BATCH",
@@ -104,13 +98,65 @@ def _describe_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def _as_batch_tensor(value: Any, source: str, name: str) -> torch.Tensor:
+def as_tensor(value: Any, source: str, name: str) -> torch.Tensor:
+    """``value`` (a tensor, NumPy array or nested numbers) as a tensor, without a copy where possible.
+
+    Raises:
+        InputError: values that are not real numbers (strings, objects, complex), or a dtype torch lacks.
+    """
     if isinstance(value, torch.Tensor):
         return value.detach() if value.requires_grad else value
     array = np.asarray(value)
     if array.dtype.kind not in "biuf":
-        raise InputError(f"{source}: the {name} are {array.dtype}, not numbers")
-    return torch.from_numpy(np.ascontiguousarray(array))
+        raise InputError(f"{source}: the {name} have NumPy dtype {array.dtype}, not numbers; store numeric arrays")
+    try:
+        return torch.from_numpy(np.require(array, requirements="C"))  # keeps 0-d arrays 0-d
+    except TypeError as err:  # dtypes torch lacks, e.g. uint32 on older torch
+        raise InputError(f"{source}: the {name} have unsupported dtype {array.dtype}") from err
+
+
+def check_finite(x: torch.Tensor, y: torch.Tensor, source: str, first_index: int = 0) -> None:
+    """Refuse NaN or inf in floating-point ``x`` (inputs) or ``y`` (targets), examples ``first_index..``.
+
+    Raises:
+        InputError: naming the first bad example and how many values are bad in each tensor.
+    """
+    counts, first = [], None
+    for name, t in (("inputs", x), ("targets", y)):
+        if t.is_floating_point() and t.numel():
+            bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+            if bool(bad.any()):
+                counts.append(f"{int((~torch.isfinite(t)).sum())} in {name}")
+                row = first_index + int(torch.nonzero(bad)[0, 0])
+                if first is None or row < first[1]:
+                    first = (name, row)
+    if first is not None:
+        where = f"examples {first_index}..{first_index + x.shape[0] - 1}"
+        raise InputError(
+            f"{source}: non-finite values (NaN or inf) in the {first[0]} of example {first[1]}: "
+            f"{' and '.join(counts)} among {where}; clean them"
+        )
+
+
+def _check_examples(n: int, source: str) -> None:
+    if n == 0:
+        raise InputError(f"{source}: the data has no examples (n = 0)")
+
+
+def check_pair(x: torch.Tensor, y: torch.Tensor, source: str) -> None:
+    """Refuse scalars and unequal first dimensions (the number of examples).
+
+    Raises:
+        InputError: naming which one is a scalar, or both sizes.
+    """
+    for name, t in (("inputs", x), ("targets", y)):
+        if t.dim() == 0:
+            raise InputError(f"{source}: {name} is a scalar; it needs a first dimension of n examples")
+    if x.shape[0] != y.shape[0]:
+        raise InputError(
+            f"{source}: inputs have {x.shape[0]} examples but targets have {y.shape[0]}; "
+            "both need the same first dimension n"
+        )
 
 
 class DataSource(ABC):
@@ -164,8 +210,8 @@ class DataSource(ABC):
         seen = 0
         digest = 0 if (check and self.streamed) else None
         for raw_x, raw_y in self._guarded(self._raw_batches(batch_size)):
-            x = _as_batch_tensor(raw_x, self.source, "inputs")
-            y = _as_batch_tensor(raw_y, self.source, "targets")
+            x = as_tensor(raw_x, self.source, "inputs")
+            y = as_tensor(raw_y, self.source, "targets")
             if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
                 raise InputError(
                     f"{self.source}: a batch holds inputs {tuple(x.shape)} and targets {tuple(y.shape)}; "
@@ -176,8 +222,8 @@ class DataSource(ABC):
                     f"{self.source}: a pass yielded more than the {self.num_examples} examples "
                     "promised; the data changed between passes"
                 )
-            if check:
-                self._check_finite(x, y, seen)
+            if check and self.streamed:  # data in memory were checked once, when they were given
+                check_finite(x, y, self.source, self.first_index + seen)
                 if digest is not None:
                     digest += _example_digests(x, y, self.first_index + seen)
             seen += x.shape[0]
@@ -210,19 +256,6 @@ class DataSource(ABC):
                 raise InputError(f"{self.source}: reading the data failed with {_describe_error(err)}") from err
             yield item
 
-    def _check_finite(self, x: torch.Tensor, y: torch.Tensor, seen: int) -> None:
-        for name, t in (("inputs", x), ("targets", y)):
-            if t.is_floating_point():
-                bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
-                if bool(bad.any()):
-                    rows = torch.nonzero(bad).flatten()
-                    first = self.first_index + seen + int(rows[0])
-                    more = f" (and {len(rows) - 1} more examples in this chunk)" if len(rows) > 1 else ""
-                    raise InputError(
-                        f"{self.source}: non-finite values (NaN or inf) in the {name} of example {first}{more}; "
-                        "clean them"
-                    )
-
     @property
     def digest(self) -> int | None:
         """This stream's partial fingerprint (see module docstring); None before a complete checked
@@ -231,429 +264,46 @@ class DataSource(ABC):
 
 
 class TensorData(DataSource):
-    """Examples held in memory: ``inputs (n, ...)`` and ``targets (n, ...)`` tensors (or arrays)."""
+    """Examples held in memory: ``inputs (n, ...)`` and ``targets (n, ...)`` tensors (or arrays),
+    validated once, here: numbers, equal first dimensions, ``n ≥ 1``, finite floating-point values.
+
+    Args:
+        inputs, targets: ``(n, ...)`` tensors or NumPy arrays (shared, not copied, when possible).
+        source: what they came from, for messages.
+        first_index: global index of the first example (a shard's offset).
+        max_samples: keep the first ``max_samples`` examples (copied, so the rest can be freed).
+
+    Raises:
+        InputError: as :func:`as_tensor`, :func:`check_pair` and :func:`check_finite`, or ``n = 0``.
+    """
 
     streamed = False
     default_batch_size = None
 
-    def __init__(self, inputs: Any, targets: Any, *, source: str = "data", first_index: int = 0) -> None:
+    def __init__(self, inputs: Any, targets: Any, *, source: str = "data", first_index: int = 0,
+                 max_samples: int | None = None) -> None:
         super().__init__()
-        self.inputs = _as_batch_tensor(inputs, source, "inputs")
-        self.targets = _as_batch_tensor(targets, source, "targets")
-        if self.inputs.dim() == 0 or self.targets.dim() == 0:
-            raise InputError(f"{source}: inputs and targets need a first dimension of n examples")
-        if self.inputs.shape[0] != self.targets.shape[0]:
-            raise InputError(
-                f"inputs hold {self.inputs.shape[0]} examples but targets hold {self.targets.shape[0]}"
-            )
-        self.num_examples = int(self.inputs.shape[0])
+        x, y = as_tensor(inputs, source, "inputs"), as_tensor(targets, source, "targets")
+        check_pair(x, y, source)
+        _check_examples(x.shape[0], source)
+        if max_samples is not None and max_samples < x.shape[0]:
+            x, y = x[:max_samples].clone(), y[:max_samples].clone()
+        check_finite(x, y, source, first_index)
+        self.inputs, self.targets = x, y
+        self.num_examples = int(x.shape[0])
         self.first_index = first_index
         self.source = source
+
+    def shard(self, start: int, stop: int, *, copy: bool = True) -> TensorData:
+        """Examples ``[start, stop)`` as a :class:`TensorData` of their own (already validated:
+        not checked again); ``copy`` so that the whole data can be freed."""
+        out = TensorData.__new__(TensorData)
+        DataSource.__init__(out)
+        x, y = self.inputs[start:stop], self.targets[start:stop]
+        out.inputs, out.targets = (x.clone(), y.clone()) if copy else (x, y)
+        out.num_examples, out.first_index, out.source = stop - start, self.first_index + start, self.source
+        return out
 
     def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
         for a in range(0, self.num_examples, batch_size):
             yield self.inputs[a : a + batch_size], self.targets[a : a + batch_size]
-
-
-class DatasetStream(DataSource):
-    """A map-style ``Dataset``'s examples ``indices[start:stop]``, read through a ``DataLoader``.
-
-    Args:
-        dataset: indexable, ``dataset[i]`` is an ``(x, y)`` pair.
-        indices: the global example order (e.g. ``range(len(dataset))`` or a loader's sampler order).
-        start, stop: this source's part of that order.
-        loader_options: ``DataLoader`` keywords kept from the user's loader (``collate_fn``,
-            ``num_workers``, ``pin_memory``, ``worker_init_fn``, ...).
-        default_batch_size: the user's loader's batch size; chunks are at least 256 examples
-            unless a batch size is asked for.
-    """
-
-    def __init__(
-        self,
-        dataset: Any,
-        indices: Sequence[int],
-        start: int = 0,
-        stop: int | None = None,
-        *,
-        loader_options: dict[str, Any] | None = None,
-        default_batch_size: int | None = None,
-        source: str = "dataset",
-    ) -> None:
-        super().__init__()
-        stop = len(indices) if stop is None else stop
-        if not 0 <= start <= stop <= len(indices):
-            raise ValueError(f"bad range [{start}, {stop}) of {len(indices)} examples")
-        self.dataset = dataset
-        self.indices = indices
-        self.first_index, self.num_examples = start, stop - start
-        self._stop = stop
-        self.loader_options = dict(loader_options or {})
-        self._loaders: dict[int, Any] = {}
-        self.default_batch_size = max(default_batch_size or 1, DEFAULT_STREAM_BATCH)
-        self.source = source
-
-    def head(self, k: int) -> Batch:
-        """The first examples: read in this process, or by a short-lived loader with the user's
-        worker settings (``worker_init_fn`` runs) when there are workers."""
-        from torch.utils.data import DataLoader, default_collate
-
-        k = min(k, self.num_examples)
-        keys = _as_int_list(self.indices[self.first_index : self.first_index + k])
-        if self.loader_options.get("num_workers"):
-            options = {**self.loader_options, "persistent_workers": False}
-            options.pop("prefetch_factor", None)
-            batch = next(iter(DataLoader(self.dataset, batch_size=k, sampler=keys, **options)))
-        else:
-            batch = (self.loader_options.get("collate_fn") or default_collate)([self.dataset[i] for i in keys])
-        x, y = _pair(batch, self.source, "the batch of the first examples")
-        return _as_batch_tensor(x, self.source, "inputs"), _as_batch_tensor(y, self.source, "targets")
-
-    def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
-        from torch.utils.data import DataLoader
-
-        loader = self._loaders.get(batch_size)
-        if loader is None:  # one per batch size, reused: persistent workers stay up between passes
-            # the user's dataset itself (workers' get_worker_info().dataset), read in this shard's order
-            keys = _as_int_list(self.indices[self.first_index : self._stop])
-            loader = DataLoader(self.dataset, batch_size=batch_size, sampler=keys, drop_last=False,
-                                **self.loader_options)
-            self._loaders[batch_size] = loader
-        for number, batch in enumerate(loader):
-            yield _pair(batch, self.source, f"batch {number}")
-
-
-class IterableStream(DataSource):
-    """Examples ``[start, stop)`` of anything iterable that yields ``(x, y)`` batches, e.g. a
-    ``DataLoader`` over an ``IterableDataset`` or one with its own ``__iter__``.
-
-    Every pass iterates the whole loader and keeps this process' examples, re-batched to the
-    asked size: memory is one batch, reading time is the whole stream's on every process.
-    A loader with ``batch_size=None`` may yield single examples or whole batches
-    (:func:`_looks_batched` tells them apart).
-    """
-
-    def __init__(self, loader: Any, start: int, stop: int, *, source: str = "loader", total: int | None = None) -> None:
-        super().__init__()
-        self.loader = loader
-        self.first_index, self.num_examples, self._stop = start, stop - start, stop
-        #: the stream's length at load; the last shard reads to the end and refuses a longer stream
-        self.total = total
-        self.default_batch_size = max(_loader_batch_size(loader) or 1, DEFAULT_STREAM_BATCH)
-        self.source = source
-
-    def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
-        xs: list[torch.Tensor] = []
-        ys: list[torch.Tensor] = []
-        have = position = 0
-        for number, item in enumerate(self.loader):
-            x, y = loader_batch(self.loader, item, self.source, number)
-            m = x.shape[0]
-            a, b = max(self.first_index - position, 0), min(self._stop - position, m)
-            position += m
-            if a < b:
-                xs.append(x[a:b])
-                ys.append(y[a:b])
-                have += b - a
-            while have >= batch_size:
-                X, Y = torch.cat(xs), torch.cat(ys)
-                yield X[:batch_size], Y[:batch_size]
-                xs, ys, have = [X[batch_size:]], [Y[batch_size:]], have - batch_size
-            if position >= self._stop and self._stop != self.total:
-                break
-        if have:
-            yield torch.cat(xs), torch.cat(ys)
-        if self.total is not None and self._stop == self.total and position > self.total:
-            raise InputError(
-                f"{self.source}: a pass yielded {position} examples instead of {self.total}; "
-                "the data changed between passes"
-            )
-
-
-def _auto_batching(loader: Any) -> bool:
-    """Whether a loader collates examples into batches itself (it has a batch sampler)."""
-    return getattr(loader, "batch_sampler", True) is not None
-
-
-def _loader_batch_size(loader: Any) -> int | None:
-    """The examples per batch a loader makes (its own, or its batch sampler's), if it says."""
-    size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
-    return size if isinstance(size, int) else None
-
-
-def loader_batch(loader: Any, item: Any, source: str, number: int) -> Batch:
-    """Item ``number`` that ``loader`` yielded, as ``(x, y)`` tensors with a leading example dimension.
-
-    With automatic batching off (``batch_size=None``) an item is a batch when
-    :func:`_looks_batched` says so, else one example.
-    """
-    x, y = _pair(item, source, f"batch {number}")
-    x, y = _as_batch_tensor(x, source, "inputs"), _as_batch_tensor(y, source, "targets")
-    if not _auto_batching(loader) and not _looks_batched(x, y):
-        x, y = x.unsqueeze(0), y.unsqueeze(0)  # automatic batching off, and this item is one example
-    return x, y
-
-
-def _looks_batched(x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Whether an item a loader yields with automatic batching off is a batch: inputs of at least
-    2 dimensions whose first matches the targets' (``(B, ...)`` and ``(B, ...)``); anything else
-    (``(T,)`` tokens with ``(T,)`` labels, an image with a scalar label) is one example."""
-    return x.dim() >= 2 and y.dim() >= 1 and x.shape[0] == y.shape[0]
-
-
-class HDF5Stream(DataSource):
-    """Rows ``[start, stop)`` of the ``inputs`` and ``targets`` datasets of an HDF5 file, a slice per batch."""
-
-    def __init__(self, path: str, start: int, stop: int, *, default_batch_size: int | None = None) -> None:
-        super().__init__()
-        self.path = path
-        self.first_index, self.num_examples, self._stop = start, stop - start, stop
-        self.default_batch_size = default_batch_size or DEFAULT_STREAM_BATCH
-        self.source = path
-
-    def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
-        import h5py  # type: ignore[import-untyped]
-
-        with h5py.File(self.path, "r") as handle:
-            xs, ys = handle["inputs"], handle["targets"]
-            for a in range(self.first_index, self._stop, batch_size):
-                b = min(a + batch_size, self._stop)
-                yield xs[a:b], ys[a:b]
-
-
-def _pair(item: Any, source: str, where: str) -> tuple[Any, Any]:
-    if isinstance(item, tuple | list) and len(item) == 2:
-        return item[0], item[1]
-    if isinstance(item, Mapping) and "inputs" in item and "targets" in item:
-        return item["inputs"], item["targets"]
-    if isinstance(item, tuple | list):
-        found = f"a {type(item).__name__} of {len(item)} items"
-    elif isinstance(item, Mapping):
-        found = f"a dict with keys {', '.join(map(str, list(item)[:6]))} (expected keys inputs and targets)"
-    else:
-        found = f"a {type(item).__name__}"
-    raise InputError(f"{source}: {where} is {found}, not an (x, y) pair")
-
-
-@dataclass
-class StreamSpec:
-    """A dataset too big to load at once: its size and how to open any contiguous part of it.
-
-    Attributes:
-        num_examples: n, the global number of examples (after ``max_samples``).
-        source: the spec it came from.
-        open: ``open(start, stop)`` → a :class:`DataSource` over examples ``[start, stop)``.
-    """
-
-    num_examples: int
-    source: str
-    open: Callable[[int, int], DataSource]
-
-    def identity(self) -> str:
-        """``n`` and the fingerprint of the first (up to 8) examples: processes that opened the same
-        data agree on it (a loader that splits the data by rank makes them disagree)."""
-        k = min(8, self.num_examples)
-        x, y = self.open(0, k).head(k)
-        return f"{self.num_examples}:{data_fingerprint(x, y)}"
-
-    def shard(self, world_size: int = 1, rank: int = 0) -> DataSource:
-        """This process' contiguous shard (:func:`basins.engine.distributed.shard_range`; all of it for one process)."""
-        from basins.engine.distributed import shard_range
-
-        return self.open(*shard_range(self.num_examples, world_size, rank))
-
-
-# ---------------------------------------------------------------------- opening user objects
-#: ``DataLoader`` settings carried over to the loader a :class:`DatasetStream` builds.
-_LOADER_OPTIONS = ("num_workers", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
-                   "generator", "prefetch_factor", "persistent_workers", "in_order")
-
-
-def stream_from_object(obj: Any, source: str, max_samples: int | None = None) -> StreamSpec | None:
-    """A :class:`StreamSpec` for a map-style ``Dataset`` or an ordered ``DataLoader``; None for anything else.
-
-    A plain ``DataLoader`` over a map-style dataset is read by index: its sampler's (or batch
-    sampler's) order, counted once here, its batch size (chunks are at least 256 examples
-    unless ``--batch-size`` says otherwise), collate function and worker settings are kept,
-    and each process reads only its indices. Any other loader (over an ``IterableDataset``, a
-    ``DataLoader`` subclass, a sampler of non-integer keys) is iterated as it is, once here to
-    count its examples and once per pass. ``max_samples`` keeps the first examples in that order.
-
-    Raises:
-        InputError: a loader that shuffles (a random sampler, or an order that changes from
-            one iteration to the next) or drops its last batch, an empty dataset or loader.
-    """
-    from torch.utils.data import DataLoader, Dataset, IterableDataset
-
-    cap = (lambda n: n) if max_samples is None else (lambda n: min(n, max_samples))
-    if isinstance(obj, DataLoader):
-        check_ordered_loader(obj, source)
-        indices = None if (type(obj) is not DataLoader or isinstance(obj.dataset, IterableDataset)) \
-            else _loader_indices(obj, source)
-        if indices is not None and len(indices) and not _auto_batching(obj):
-            first = loader_batch(obj, obj.collate_fn(obj.dataset[int(indices[0])]), source, 0)
-            if first[0].shape[0] > 1:  # the dataset's items are batches themselves: iterate the loader
-                indices = None
-        if indices is None:  # iterate the loader itself
-            total = _count_examples(obj, source, None if max_samples is None else max_samples + 1)
-            n = cap(total)
-            return StreamSpec(n, source, lambda a, b: IterableStream(
-                obj, a, b, source=source, total=total if n == total else None))
-        options = {k: getattr(obj, k) for k in _LOADER_OPTIONS if hasattr(obj, k)}
-        if not options.get("num_workers"):
-            for k in ("prefetch_factor", "persistent_workers", "timeout", "worker_init_fn", "multiprocessing_context"):
-                options.pop(k, None)
-        # with automatic batching off the loader's collate_fn converts one example: apply it to each
-        options["collate_fn"] = obj.collate_fn if _auto_batching(obj) else _PerExample(obj.collate_fn)
-        indices = indices[: cap(len(indices))]
-        if len(indices) == 0:
-            raise InputError(f"{source}: the DataLoader yields no examples")
-        dataset, batch, chosen = obj.dataset, _loader_batch_size(obj), indices
-        return StreamSpec(len(chosen), source, lambda a, b: DatasetStream(
-            dataset, chosen, a, b, loader_options=options, default_batch_size=batch, source=source))
-    if isinstance(obj, Dataset) and not isinstance(obj, IterableDataset) and hasattr(obj, "__len__"):
-        size = cap(len(obj))
-        if size == 0:
-            raise InputError(f"{source}: the dataset is empty (n = 0)")
-        return StreamSpec(size, source, lambda a, b: DatasetStream(obj, range(size), a, b, source=source))
-    return None
-
-
-def check_ordered_loader(loader: Any, source: str) -> None:
-    """Refuse a ``DataLoader`` whose examples would change from run to run (random sampling, ``drop_last``).
-
-    Raises:
-        InputError: naming what the loader does and what to return instead.
-    """
-    from torch.utils.data import RandomSampler, SubsetRandomSampler, WeightedRandomSampler
-
-    samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
-    if any(isinstance(s, RandomSampler | SubsetRandomSampler | WeightedRandomSampler) for s in samplers):
-        raise InputError(
-            f"{source}: the DataLoader shuffles (a random sampler), so the data would change between runs; "
-            "return it with shuffle=False, or return the Dataset"
-        )
-    if loader.drop_last or getattr(loader.batch_sampler, "drop_last", False):
-        raise InputError(
-            f"{source}: the DataLoader drops its last batch, so examples would be left out of the "
-            "full-data loss; return it with drop_last=False, or return the Dataset"
-        )
-    if type(loader.sampler).__name__ == "DistributedSampler" or \
-            type(getattr(loader.batch_sampler, "sampler", None)).__name__ == "DistributedSampler":
-        raise InputError(
-            f"{source}: the DataLoader has a DistributedSampler, so each process would see another part "
-            "of the data; return the whole dataset's loader: under torchrun basins gives each process its shard"
-        )
-
-
-def _loader_indices(loader: Any, source: str) -> Sequence[int] | None:
-    """The dataset indices a plain ``DataLoader`` reads, in order (None: keys that are not integers).
-
-    The order is enumerated twice and must agree (a sampler that draws at random is refused).
-    """
-    from torch.utils.data import BatchSampler, SequentialSampler
-
-    bs = loader.batch_sampler
-    if (type(bs) is BatchSampler and not bs.drop_last
-            and type(bs.sampler) is SequentialSampler and bs.sampler.data_source is loader.dataset):
-        return range(len(loader.dataset))  # the default: 0, 1, ..., n-1
-
-    def enumerate_once() -> np.ndarray | None:
-        keys = (i for batch in bs for i in batch) if _auto_batching(loader) else iter(loader.sampler)
-        out = []
-        for key in keys:
-            if isinstance(key, bool) or not isinstance(key, numbers.Integral | np.integer | torch.Tensor) \
-                    or (isinstance(key, torch.Tensor) and (key.dim() or key.is_floating_point())):
-                return None
-            out.append(int(key))
-        return np.asarray(out, dtype=np.int64)
-
-    first = enumerate_once()
-    if first is None:
-        return None
-    again = enumerate_once()
-    if again is None or not np.array_equal(first, again):
-        raise InputError(f"{source}: the DataLoader's sampler gives a different order each time; use a fixed order")
-    return first  # type: ignore[return-value]
-
-
-def _as_int_list(indices: Sequence[int]) -> Sequence[int]:
-    """Indices a ``Dataset`` accepts: a ``range`` as is, anything else as Python ints."""
-    if isinstance(indices, range):
-        return indices
-    return [int(i) for i in indices]
-
-
-class _PerExample:
-    """``default_collate`` of ``fn`` applied to each example (a loader's collate_fn with batching off).
-
-    A class, not a closure, so that it pickles for worker processes.
-    """
-
-    def __init__(self, fn: Callable[[Any], Any]) -> None:
-        self.fn = fn
-
-    def __call__(self, items: list[Any]) -> Any:
-        from torch.utils.data import default_collate
-
-        return default_collate([self.fn(item) for item in items])
-
-
-def _count_examples(loader: Any, source: str, max_samples: int | None) -> int:
-    total = 0
-    for number, item in enumerate(loader):
-        x, _ = loader_batch(loader, item, source, number)
-        total += x.shape[0]
-        if max_samples is not None and total >= max_samples:
-            break
-    if total == 0:
-        raise InputError(f"{source}: the DataLoader yielded no batches")
-    return total
-
-
-def hdf5_datasets(handle: Any, path: str) -> tuple[Any, Any]:
-    """The root datasets ``inputs`` and ``targets`` of an open ``h5py.File``.
-
-    Raises:
-        InputError: one of them is missing (or not a dataset), naming what the file holds.
-    """
-    import h5py
-
-    found = []
-    for key in ("inputs", "targets"):
-        item = handle.get(key)
-        if not isinstance(item, h5py.Dataset):
-            names = ", ".join(sorted(handle.keys())[:8]) or "nothing"
-            raise InputError(
-                f"{path} is an HDF5 file without a dataset named {key} at its root "
-                f"(found: {names}); store datasets inputs and targets"
-            )
-        found.append(item)
-    return found[0], found[1]
-
-
-def hdf5_stream(path: str, max_samples: int | None = None) -> StreamSpec:
-    """A :class:`StreamSpec` over the root datasets ``inputs`` and ``targets`` of an HDF5 file.
-
-    Raises:
-        InputError: a missing or scalar dataset, unequal first dimensions, no examples, or
-            values that are not numbers.
-    """
-    import h5py
-
-    with h5py.File(path, "r") as handle:
-        sizes = []
-        for key, item in zip(("inputs", "targets"), hdf5_datasets(handle, path)):
-            if item.ndim == 0:
-                raise InputError(f"{path}: {key} is a scalar; it needs a first dimension of n examples")
-            if item.dtype.kind not in "biuf":
-                raise InputError(f"{path}: {key} has dtype {item.dtype}, not numbers; store numeric arrays")
-            sizes.append(int(item.shape[0]))
-    if sizes[0] != sizes[1]:
-        raise InputError(
-            f"{path}: inputs have {sizes[0]} examples but targets have {sizes[1]}; "
-            "both need the same first dimension n"
-        )
-    n = sizes[0] if max_samples is None else min(sizes[0], max_samples)
-    if n == 0:
-        raise InputError(f"{path}: the data has no examples (n = 0)")
-    return StreamSpec(n, path, lambda a, b: HDF5Stream(path, a, b))

@@ -9,7 +9,7 @@ an exact size-weighted sum over chunks ``c`` of at most ``batch_size`` examples,
 ``ℓ_c`` is the loss function's mean over chunk ``c``. Memory is bounded by one chunk,
 except for the optional cached gradient graph (see :meth:`Problem.hvp`).
 
-Data come from a :mod:`basins.engine.data`: tensors held in memory, or a stream (a ``Dataset``,
+Data come from a data source (:mod:`basins.engine.data`, :mod:`basins.engine.streams`): tensors held in memory, or a stream (a ``Dataset``,
 ``DataLoader`` or HDF5 file) read a chunk at a time, so the data need not fit in memory. A
 stream's chunks are kept on the device after the first pass when they fit in
 ``data_memory_bytes``; otherwise every pass reads them again.
@@ -19,19 +19,22 @@ construction), and so must a stream's examples.
 
 Built on :mod:`torch.func`: ``functional_call`` with ``(params, buffers)``, ``grad``,
 ``jvp``, ``vjp`` and ``vmap``. Nothing is kept in ``.grad``.
+
+Size: about 600 lines, over the house's ~450, because the data loop, the chunk cache, the
+set-up checks and the public products share one state (chunks, counters, collectives) that
+splitting would only pass around; the HVP routes live in :mod:`basins.engine.routes`, memory
+in :mod:`basins.engine.memory`, validation in :mod:`basins.engine.data`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, vmap
 
 from basins.engine.data import DataSource, TensorData
 from basins.engine.losses import (
@@ -43,38 +46,18 @@ from basins.engine.losses import (
     loss_name,
     num_terms_per_example,
 )
+from basins.engine.memory import memory_budget
 from basins.engine.params import ParamSpace
+from basins.engine.routes import HVP_ROUTES, Routes, float64_products
 from basins.errors import ComputeError, InputError
 from basins.progress import ProgressCallback, relay
 
-__all__ = ["Problem", "HVP_ROUTES", "resolve_device", "resolve_dtype"]
-
-#: Exact HVP routes. ``graph``: a gradient graph built once with ``create_graph=True``,
-#: then one backward per HVP (fastest on CPU, memory ∝ n). ``fwd-rev``: ``jvp`` of
-#: ``grad``. ``rev-rev``: ``vjp`` of ``grad``. ``auto`` measures the viable ones.
-HVP_ROUTES = ("auto", "graph", "fwd-rev", "rev-rev")
+__all__ = ["Problem", "HVP_ROUTES", "Counters", "resolve_device", "resolve_dtype"]
 
 _Params = dict[str, torch.Tensor]
 
-
-def _memory_share(device: torch.device | None = None) -> int:
-    """Bytes of memory this process may count on where its tensors live: the GPU's total for a
-    CUDA device, else the machine's RAM split between the ``LOCAL_WORLD_SIZE`` processes
-    ``torchrun`` started on it (2 GiB in all when the OS does not say)."""
-    if device is not None and device.type == "cuda":
-        try:
-            return int(torch.cuda.mem_get_info(device)[1])
-        except Exception:  # noqa: BLE001 - no CUDA runtime information: fall back to RAM
-            pass
-    try:
-        total = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        total = 2 << 30
-    try:
-        local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        local = 1
-    return total // local
+#: The factor of :meth:`Problem.rescaled_residuals` (1 + 3/8: not a power of two).
+RESCALE = 1.375
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -100,9 +83,25 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return table[dtype]
 
 
+def _as_source(inputs: torch.Tensor | DataSource, targets: torch.Tensor | None) -> DataSource:
+    if isinstance(inputs, DataSource):
+        if targets is not None:
+            raise InputError("pass either a DataSource or (inputs, targets) tensors, not both")
+        source = inputs
+    else:
+        if targets is None:
+            raise InputError("targets are missing: Problem(module, inputs, targets, loss)")
+        source = TensorData(inputs, targets)
+    if source.num_examples == 0:
+        raise InputError("the dataset is empty")
+    return source
+
+
 @dataclass
 class Counters:
-    """Work done so far, in units users can compare across runs."""
+    """Work done so far, in units users can compare across runs: everything computed, the
+    construction's checks and the HVP route choice included (a product over a piece of the data,
+    as when routes are timed, counts as one)."""
 
     num_hvps: int = 0  # single Hessian-vector products (a block of K counts K)
     num_loss_evals: int = 0  # full-data loss evaluations (a batch of K points counts K)
@@ -120,22 +119,6 @@ class _Chunk:
     weight: float  # num_real / n
 
 
-@dataclass
-class ProblemInfo:
-    """What a report records about the problem (no tensors)."""
-
-    num_params: int
-    num_examples: int
-    loss_name: str
-    loss_at_optimum: float
-    grad_norm: float
-    dtype: str
-    device: str
-    batch_size: int
-    hvp_route: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 class Problem:
     """A model at a point θ*, a dataset and a loss, with exact full-data derivatives.
 
@@ -143,7 +126,7 @@ class Problem:
         module: the model; called as ``functional_call(module, (params, buffers), (x,))``.
             It is put in ``eval()`` mode (BatchNorm statistics fixed, dropout off).
         inputs: ``(n, ...)`` inputs, or a :class:`~basins.engine.data.DataSource` (then
-            ``targets`` is None), e.g. a :class:`~basins.engine.data.DatasetStream`.
+            ``targets`` is None), e.g. a :class:`~basins.engine.streams.DatasetStream`.
         targets: ``(n, ...)`` targets.
         loss: a built-in loss name (:mod:`basins.engine.losses`), ``module:function``, a callable,
             or None to infer it from the targets (integer → cross-entropy, float → mse).
@@ -198,20 +181,22 @@ class Problem:
     ) -> None:
         if hvp_route not in HVP_ROUTES:
             raise InputError(f"unknown HVP route {hvp_route!r}: use one of {', '.join(HVP_ROUTES)}")
-        if isinstance(inputs, DataSource):
-            if targets is not None:
-                raise InputError("pass either a DataSource or (inputs, targets) tensors, not both")
-            source = inputs
-        else:
-            if targets is None:
-                raise InputError("targets are missing: Problem(module, inputs, targets, loss)")
-            source = TensorData(inputs, targets)
-        if source.num_examples == 0:
-            raise InputError("the dataset is empty")
         if batch_size is not None and batch_size < 1:
             raise InputError(f"batch size must be a positive integer, got {batch_size}")
-        self.device = resolve_device(device)
-        wanted = resolve_dtype(dtype)
+        self.counters = Counters()
+        self._reduce_fn, self._gather_fn = reduce, gather
+        self._data_memory_bytes = data_memory_bytes
+        self._setup_parameters(module, resolve_device(device), resolve_dtype(dtype))
+        self._setup_data(_as_source(inputs, targets), total_examples, fixed_batch_size, batch_size)
+        self._setup_loss(loss)
+        self._check_at_optimum(check_determinism)
+        #: the HVP routes (:mod:`basins.engine.routes`): chosen now, for single vectors
+        self.routes = Routes(self, hvp_route, graph_memory_bytes)
+
+    # ------------------------------------------------------------------ setup steps
+    def _setup_parameters(self, module: torch.nn.Module, device: torch.device, wanted: torch.dtype | None) -> None:
+        """The model in eval mode, its parameters θ* and buffers on ``device`` in the chosen dtype."""
+        self.device = device
         try:
             module.eval()
         except NotImplementedError:  # torch.export modules: the mode was fixed at export
@@ -220,40 +205,37 @@ class Problem:
         params = {n: p.detach() for n, p in module.named_parameters()}
         if not params:
             raise InputError("the model has no parameters")
-        dtype_ = wanted or next(iter(params.values())).dtype
-        if not dtype_.is_floating_point:
-            raise InputError(f"parameters must be floating point, got {dtype_}")
-        self.dtype = dtype_
-        self.params: _Params = {n: p.to(self.device, dtype_).clone() for n, p in params.items()}
+        dtype = wanted or next(iter(params.values())).dtype
+        if not dtype.is_floating_point:
+            raise InputError(f"parameters must be floating point, got {dtype}")
+        self.dtype = dtype
+        self.params: _Params = {n: p.to(device, dtype).clone() for n, p in params.items()}
         self.buffers: _Params = {
-            n: (b.to(self.device, dtype_) if b.is_floating_point() else b.to(self.device))
-            for n, b in module.named_buffers()
+            n: (b.to(device, dtype) if b.is_floating_point() else b.to(device)) for n, b in module.named_buffers()
         }
         self.space = ParamSpace(self.params)
         self.theta0 = self.space.flatten(self.params).detach()
         self.num_params = self.space.num_params
+
+    def _setup_data(self, source: DataSource, total: int | None, fixed: int | None, batch_size: int | None) -> None:
+        """This process' examples, the global n (checked against the other processes) and the chunk size."""
         #: where the examples come from (:mod:`basins.engine.data`)
         self.data = source
         self.num_local_examples = int(source.num_examples)
-        self.num_examples = int(total_examples) if total_examples is not None else self.num_local_examples
+        self.num_examples = int(total) if total is not None else self.num_local_examples
         if self.num_examples < self.num_local_examples:
             raise InputError(f"total_examples = {self.num_examples} is less than the {self.num_local_examples} examples given")
-        self._reduce_fn = reduce
-        self._gather_fn = gather
-        if gather is not None and sum(gather(self.num_local_examples)) != self.num_examples:
+        if self._gather_fn is not None and sum(self.gather(self.num_local_examples)) != self.num_examples:
             raise InputError(f"the processes' shards do not add up to total_examples = {self.num_examples}")
-        self.fixed_batch_size = fixed_batch_size
+        self.fixed_batch_size = fixed
         self.batch_size = self._choose_batch_size(batch_size)
-        self.counters = Counters()
-        self._data_memory_bytes = data_memory_bytes
 
-        head_x, head_y = source.head(self.fixed_batch_size or min(2, self.num_local_examples))
-        head_x = self._to_device_inputs(head_x)
-        outputs = self._check_forward(head_x)
-        if loss is None:
-            self.loss_name = infer_loss_name(head_y)
-        else:
-            self.loss_name = loss_name(loss)
+    def _setup_loss(self, loss: str | LossFn | None) -> None:
+        """Run the model on the first examples, fix the loss and the targets' shape and dtype, and
+        (data in memory) read and check every chunk once."""
+        head_x, head_y = self.data.head(self.fixed_batch_size or min(2, self.num_local_examples))
+        outputs = self._check_forward(self._to_device_inputs(head_x))
+        self.loss_name = infer_loss_name(head_y) if loss is None else loss_name(loss)
         #: the targets' dtype as the data hold them (before conversion to the loss' needs)
         self.data_target_dtype = head_y.dtype
         self._target_spec: tuple[tuple[int, ...], torch.dtype] | None = None
@@ -265,10 +247,12 @@ class Problem:
         #: chunks held in memory (None: read from the stream on every pass, see :meth:`chunks`)
         self._cached: list[_Chunk] | None = None
         self._checked_pass = False  # a complete pass with every chunk checked (streams: the first)
-        if not source.streamed:
+        if not self.data.streamed:
             self._cached = list(self._read_chunks(check=True))
             self._checked_pass = True
 
+    def _check_at_optimum(self, check_determinism: bool) -> None:
+        """``L(θ*)`` and ``‖∇L(θ*)‖``, finite; optionally the same again (determinism). Cost: 1–2 loss evals and gradients."""
         self.loss_at_optimum = float(self.loss())
         if not math.isfinite(self.loss_at_optimum):
             raise ComputeError(
@@ -276,23 +260,11 @@ class Problem:
                 "check the model's outputs (overflow in float32? try --dtype float64) and the loss"
             )
         g = self.grad()
-        self.grad_at_optimum = g
         self.grad_norm = float(g.norm())
         if not math.isfinite(self.grad_norm):
             raise ComputeError("the gradient at the saved parameters is not finite")
         if check_determinism:
             self._check_determinism(g)
-
-        self._graph: torch.Tensor | None = None
-        self._graph_leaves: list[torch.Tensor] | None = None
-        self._route_timings: dict[str, float] = {}
-        self._route_errors: dict[str, str] = {}
-        self._graph_memory_bytes = graph_memory_bytes
-        self._requested_route = hvp_route
-        self._block_timings: dict[str, float] = {}
-        self.hvp_route = self._choose_route(hvp_route)
-        #: route used for blocks of vectors (chosen on the first block when ``auto``)
-        self.block_route: str | None = None if hvp_route == "auto" else hvp_route
 
     # ------------------------------------------------------------------ setup helpers
     def _choose_batch_size(self, batch_size: int | None) -> int:
@@ -422,9 +394,7 @@ class Problem:
 
     def _keep_budget(self) -> int:
         """Bytes of streamed chunks a Problem may keep in memory (``data_memory_bytes``; default ¼ of RAM)."""
-        if self._data_memory_bytes is not None:
-            return self._data_memory_bytes
-        return _memory_share(self.device) // 4
+        return memory_budget(self._data_memory_bytes, self.device)
 
     @property
     def inputs(self) -> torch.Tensor:
@@ -452,14 +422,34 @@ class Problem:
         return self._cached is None
 
     def _chunk_loss(self, params: _Params, x: torch.Tensor, y: torch.Tensor, num_real: int) -> torch.Tensor:
+        """One chunk's mean loss. Below float64 the loss itself is evaluated in float64 on the
+        model's outputs (cheap: ``(m, k)`` numbers): in float32 the loss head's own rounding (the
+        softmax's ``diag(p) − ppᵀ`` cancels) biased the Hessian's top eigenvalues low by up to
+        ~25 eps·‖H‖ on the benchmark MLP; with it, the error is that of the model's own float32 layers."""
         out = self.forward(params, x)
         if out.shape[0] != num_real:
             out = out[:num_real]
-        return self.loss_fn(out, y)
+        if out.dtype == torch.float64 or not out.is_floating_point():
+            return self.loss_fn(out, y)
+        y64 = y.to(torch.float64) if y.is_floating_point() else y
+        return self.loss_fn(out.to(torch.float64), y64).to(out.dtype)
 
-    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+    # ------------------------------------------------------------------ processes
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a per-process partial result over processes (identity in one process)."""
         return t if self._reduce_fn is None else self._reduce_fn(t)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process' ``obj`` (a small picklable object), in rank order; ``[obj]`` in one process."""
+        return [obj] if self._gather_fn is None else list(self._gather_fn(obj))
+
+    def agree(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every process (``obj`` itself in one process).
+
+        For a decision taken from local measurements (timings, memory): processes that
+        decided differently would run different collectives and hang.
+        """
+        return obj if self._gather_fn is None else self._gather_fn(obj)[0]
 
     def _as_params(self, theta: torch.Tensor | None) -> _Params:
         if theta is None:
@@ -475,7 +465,7 @@ class Problem:
             for x, y, m, w in self.chunks():
                 total = total + w * self._chunk_loss(params, x, y, m).to(torch.float64)
         self.counters.num_loss_evals += 1
-        return self._reduce(total)
+        return self.reduce(total)
 
     def grad(self, theta: torch.Tensor | None = None) -> torch.Tensor:
         """Full-data gradient ``∇L(θ)``, shape ``(P,)``. Cost: 1 gradient."""
@@ -485,7 +475,7 @@ class Problem:
         for x, y, m, w in self.chunks():
             total += w * self.space.flatten(g_fn(params, x, y, m))
         self.counters.num_grads += 1
-        return self._reduce(total)
+        return self.reduce(total)
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """Hessian-vector product ``H v`` at θ*, over the full data.
@@ -500,51 +490,56 @@ class Problem:
         return self._counted_hvp(v, None)
 
     def _counted_hvp(self, v: torch.Tensor, route: str | None) -> torch.Tensor:
-        """``H v`` for ``(P,)`` or ``(P, K)`` by ``route`` (None: the chosen one), counted."""
+        """``H v`` for ``(P,)`` or ``(P, K)`` by ``route`` (None: the chosen one), counted (by the route)."""
         single = v.dim() == 1
         V = v.to(self.device, self.dtype).reshape(self.num_params, -1)
-        if route is None:
-            route = self.hvp_route if V.shape[1] == 1 else self._block_route_for(V)
-        out = self._hvp_block(V, route)
-        self.counters.num_hvps += V.shape[1]
+        out = self.routes.compute(V, route or self.hvp_route)
         return out[:, 0] if single else out
-
-    def _block_route_for(self, V: torch.Tensor) -> str:
-        """The route for blocks: with ``auto``, measured once on the first block (vmapped
-        ``fwd-rev`` often costs less per vector than a loop of cached-graph backwards, but
-        not for convolutions on CPU, DESIGN.md section 8)."""
-        if self._requested_route != "auto":
-            return self.hvp_route
-        if self.block_route is None:
-            probe = V[:, : min(V.shape[1], 8)]
-            timings: dict[str, float] = {}
-            reduce_fn, self._reduce_fn = self._reduce_fn, None  # measure this shard alone: no collective
-            try:
-                for route in dict.fromkeys([self.hvp_route, "fwd-rev", "rev-rev"]):
-                    if route not in self._route_timings:
-                        continue  # failed or not viable for single vectors either
-                    try:
-                        t0 = time.perf_counter()
-                        self._hvp_block(probe, route)
-                        timings[route] = (time.perf_counter() - t0) / probe.shape[1]
-                    except InputError:  # the data changed under us: not a route failure
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - vmap may fail where a loop works
-                        self._route_errors[f"{route} (block)"] = f"{type(exc).__name__}: {exc}"
-            finally:
-                self._reduce_fn = reduce_fn
-            if self._gather_fn is not None:  # agree across processes: works everywhere, fastest on the slowest
-                views: list[dict[str, float]] = self._gather_fn(timings)
-                timings = {r: max(v[r] for v in views) for r in timings if all(r in v for v in views)}
-            self.block_route = min(timings, key=timings.__getitem__) if timings else self.hvp_route
-            self._block_timings = timings
-        return self.block_route
 
     def hvp_with_route(self, v: torch.Tensor, route: str) -> torch.Tensor:
         """:meth:`hvp` by a named route (for tests and benchmarks)."""
         if route not in HVP_ROUTES[1:]:
             raise InputError(f"unknown HVP route {route!r}")
         return self._counted_hvp(v, route)
+
+    def rescaled_residuals(self, vectors: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Residual norms ``‖H(c·y)/c − θ y‖`` of approximate eigenpairs, through the problem's own
+        HVP at a rescaled vector (``c = RESCALE``, not a power of two, so that its rounding differs
+        from that of the ``H y`` Lanczos saw): it measures the true residual of ``(θ, y)`` plus the
+        rounding error of one product. Used by :func:`basins.analyses.hessian.hessian_eigenvalues`
+        for float32 error bounds.
+
+        Args:
+            vectors: ``(P, k)`` (normalised here, in float64); values: ``(k,)``.
+
+        Returns:
+            ``(k,)`` float64 on the CPU. Cost: k HVPs in the problem's dtype.
+        """
+        Y = vectors.to(self.device, torch.float64)
+        Y = Y / Y.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        HY = self.hvp((Y * RESCALE).to(self.dtype)).to(torch.float64) / RESCALE
+        return (HY - Y * values.to(Y.device, torch.float64)).norm(dim=0).cpu()
+
+    def check_eigenpairs(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float64 Rayleigh quotients and residual norms of approximate eigenvectors.
+
+        For each column ``y`` (normalised here), ``ρ = yᵀHy`` and ``r = ‖Hy − ρy‖`` with ``H y``
+        the float64 check product (:func:`basins.engine.routes.float64_products`), so that an
+        eigenvalue of the exact Hessian lies within ``ρ ± r`` whatever the problem's dtype (up to
+        float64 rounding): the rounding error of lower-precision HVPs is measured, not assumed.
+
+        Args:
+            vectors: ``(P, k)``.
+
+        Returns:
+            ``(ρ (k,), r (k,))`` float64 on the CPU. Cost: k float64 HVPs.
+        """
+        Y = vectors.to(self.device, torch.float64)
+        Y = Y / Y.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+        HY = float64_products(self, Y)
+        rho = (Y * HY).sum(0)
+        res = (HY - Y * rho).norm(dim=0)
+        return rho.cpu(), res.cpu()
 
     def loss_many(self, thetas: torch.Tensor, *, chunk: int | None = None, route: str = "vmap") -> torch.Tensor:
         """Full-data loss at K parameter vectors at once.
@@ -577,21 +572,7 @@ class Problem:
                     )
                 out += w * vals.to(torch.float64)
         self.counters.num_loss_evals += K
-        return self._reduce(out)
-
-    def info(self) -> ProblemInfo:
-        """Scalars describing the problem, for reports and ``--json`` output."""
-        return ProblemInfo(
-            num_params=self.num_params,
-            num_examples=self.num_examples,
-            loss_name=self.loss_name,
-            loss_at_optimum=self.loss_at_optimum,
-            grad_norm=self.grad_norm,
-            dtype=str(self.dtype).replace("torch.", ""),
-            device=str(self.device),
-            batch_size=self.batch_size,
-            hvp_route=self.hvp_route,
-        )
+        return self.reduce(out)
 
     @property
     def num_terms(self) -> int:
@@ -599,148 +580,21 @@ class Problem:
         return self.num_examples * self.terms_per_example
 
     # ------------------------------------------------------------------ HVP routes
-    def _hvp_block(self, V: torch.Tensor, route: str) -> torch.Tensor:
-        if route == "graph":
-            return self._hvp_graph(V)
-        total = torch.zeros_like(V)
-        Vd = self.space.unflatten(V.T)  # {name: (K, *shape)}
-        for x, y, m, w in self.chunks():
-            total += w * self.space.flatten(self._chunk_hvp(x, y, m, Vd, route)).T
-        return self._reduce(total)
+    @property
+    def hvp_route(self) -> str:
+        """The route for single vectors (:mod:`basins.engine.routes`)."""
+        return self.routes.single
 
-    def _chunk_hvp(self, x: torch.Tensor, y: torch.Tensor, m: int, Vd: _Params, route: str) -> _Params:
-        """``H_c V`` for one chunk by a functional route; ``Vd`` holds K vectors as ``{name: (K, *shape)}``."""
-        g_fn = grad(self._chunk_loss)
-
-        def chunk_grad(p: _Params) -> _Params:
-            return g_fn(p, x, y, m)
-
-        if route == "fwd-rev":
-
-            def one(vd: _Params) -> _Params:
-                return jvp(chunk_grad, (self.params,), (vd,))[1]
-
-        else:
-            pullback = vjp(chunk_grad, self.params)[1]
-
-            def one(vd: _Params) -> _Params:
-                return pullback(vd)[0]
-
-        if next(iter(Vd.values())).shape[0] > 1:
-            return vmap(one)(Vd)
-        return {k: t.unsqueeze(0) for k, t in one({k: t[0] for k, t in Vd.items()}).items()}
-
-    def _build_graph(self) -> None:
-        leaves = [p.detach().clone().requires_grad_(True) for p in self.params.values()]
-        params = dict(zip(self.space.names, leaves))
-        g_total: torch.Tensor | None = None
-        with torch.enable_grad():
-            for x, y, m, w in self.chunks():
-                loss = self._chunk_loss(params, x, y, m) * w
-                gs = torch.autograd.grad(loss, leaves, create_graph=True)
-                flat = torch.cat([g.reshape(-1) for g in gs])
-                g_total = flat if g_total is None else g_total + flat
-        self._graph, self._graph_leaves = g_total, leaves
-
-    def _hvp_graph(self, V: torch.Tensor) -> torch.Tensor:
-        if self._graph is None:
-            self._build_graph()
-        assert self._graph is not None and self._graph_leaves is not None
-        cols = []
-        for j in range(V.shape[1]):
-            hs = torch.autograd.grad(self._graph, self._graph_leaves, V[:, j], retain_graph=True, allow_unused=True)
-            cols.append(torch.cat([
-                (h if h is not None else torch.zeros_like(p)).reshape(-1) for h, p in zip(hs, self._graph_leaves)
-            ]))
-        return self._reduce(torch.stack(cols, dim=1))
-
-    def _graph_bytes_per_chunk(self) -> int:
-        """Bytes the autograd graph of one chunk's ``create_graph`` gradient keeps alive."""
-        saved = 0
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            nonlocal saved
-            saved += t.numel() * t.element_size()
-            return t
-
-        x, y, m, _ = next(self.chunks())
-        leaves = [p.detach().clone().requires_grad_(True) for p in self.params.values()]
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self._chunk_loss(dict(zip(self.space.names, leaves)), x, y, m)
-            torch.autograd.grad(loss, leaves, create_graph=True)
-        return saved + 2 * self.num_params * self.dtype.itemsize
-
-    def _choose_route(self, route: str) -> str:
-        # Probe on this process' shard alone (no collective: processes may try different
-        # routes), then agree: the route that works everywhere and is fastest on the slowest.
-        reduce_fn, self._reduce_fn = self._reduce_fn, None
-        try:
-            best = self._choose_local_route(route)
-        finally:
-            self._reduce_fn = reduce_fn
-        if route != "auto" or self._gather_fn is None:
-            return best
-        views: list[dict[str, float]] = self._gather_fn(dict(self._route_timings))
-        common = [r for r in HVP_ROUTES[1:] if all(r in v for v in views)]
-        if not common:
-            raise ComputeError("no Hessian-vector product route works on every process: " + repr(views))
-        agreed = min(common, key=lambda r: max(v[r] for v in views))
-        if agreed != "graph":
-            self._graph = self._graph_leaves = None
-        return agreed
-
-    def _choose_local_route(self, route: str) -> str:
-        if route != "auto":
-            self._probe_route(route, strict=True)
-            return route
-        budget = self._graph_memory_bytes
-        if budget is None:
-            budget = _memory_share(self.device) // 4
-        candidates = ["fwd-rev", "rev-rev"]
-        try:
-            # the gradient graph holds every chunk: not for data read again on every pass
-            if not self.streaming and self._graph_bytes_per_chunk() * self.num_chunks <= budget:
-                candidates.insert(0, "graph")
-        except InputError:  # the data changed under us: not a route failure
-            raise
-        except Exception as exc:  # noqa: BLE001 - a model that cannot double-backward
-            self._route_errors["graph"] = f"{type(exc).__name__}: {exc}"
-        for r in candidates:
-            self._probe_route(r, strict=False)
-        if not self._route_timings:
-            raise ComputeError(
-                "no Hessian-vector product route works for this model and loss: "
-                + "; ".join(f"{k}: {v}" for k, v in self._route_errors.items())
-            )
-        best = min(self._route_timings, key=self._route_timings.__getitem__)
-        if best != "graph":
-            self._graph = self._graph_leaves = None  # free the graph's memory
-        return best
-
-    def _probe_route(self, route: str, *, strict: bool) -> None:
-        """Time one HVP by ``route`` (min of two runs; one for streamed data); record failures."""
-        gen = torch.Generator().manual_seed(12345)
-        v = torch.randn(self.num_params, 1, generator=gen, dtype=torch.float64).to(self.device, self.dtype)
-        try:
-            if route == "graph" and self._graph is None:
-                self._build_graph()
-            best = math.inf
-            for _ in range(1 if self.streaming else 2):  # a streamed pass is dominated by reading
-                t0 = time.perf_counter()
-                self._hvp_block(v, route)
-                best = min(best, time.perf_counter() - t0)
-            self._route_timings[route] = best
-        except InputError:  # the data changed under us: not a route failure
-            raise
-        except Exception as exc:
-            self._route_errors[route] = f"{type(exc).__name__}: {exc}"
-            if strict:
-                raise ComputeError(f"HVP route {route!r} fails for this model/loss: {type(exc).__name__}: {exc}") from exc
+    @property
+    def block_route(self) -> str:
+        """The route for blocks of vectors: the same as :attr:`hvp_route`."""
+        return self.routes.block
 
     @property
     def route_timings(self) -> dict[str, float]:
-        """Seconds per HVP measured for each route tried by ``auto`` (and the failures)."""
-        return dict(self._route_timings)
+        """Seconds per HVP measured for each route tried by ``auto``."""
+        return dict(self.routes.timings)
+
 
     def dense_hessian(self, *, block: int = 64, callback: ProgressCallback | None = None) -> torch.Tensor:
         """The dense ``(P, P)`` Hessian in the problem's dtype, symmetrised

@@ -49,11 +49,9 @@ class ProblemCriterion:
         self.timings: dict[str, float] = {}
         self.route, self.chunk = ("loop", None) if route == "auto" else (route, chunk)
         if route == "auto":
-            from basins.engine.distributed import broadcast_object
-
             # every process must use rank 0's choice: routes differ in rounding, and ranks that
             # saw different numbers would take different search steps (and different collectives)
-            route, chunk = broadcast_object(self._measure(chunk, seed))
+            route, chunk = problem.agree(self._measure(chunk, seed))
         self.route, self.chunk = route, (chunk if route == "vmap" else None)
         self.reference = float(self._loss(self.theta0.unsqueeze(0))[0])
         if not math.isfinite(self.reference):

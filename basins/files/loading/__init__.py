@@ -77,8 +77,10 @@ Example:
 
 from __future__ import annotations
 
-from basins.engine.data import StreamSpec
+from basins.engine import distributed as dist
+from basins.engine.data import DataSource
 from basins.engine.losses import NamedLoss
+from basins.engine.streams import StreamSpec
 from basins.errors import InputError
 
 from .bundle import Bundle, load_bundle, save_bundle
@@ -102,6 +104,7 @@ __all__ = [
     "open_data",
     "resolve_inputs",
     "save_bundle",
+    "shard_for_process",
 ]
 
 
@@ -152,3 +155,45 @@ def resolve_inputs(
         )
     return loaded, (open_data if stream else load_data)(data, max_samples=max_samples, seed=seed), load_loss(loss)
 
+
+
+def shard_for_process(
+    data: LoadedData | StreamSpec, *, world_size: int | None = None, rank: int | None = None
+) -> DataSource:
+    """This process' contiguous shard of the data every process opened (all of it in one process).
+
+    Under ``torchrun`` every process opens the whole data (a file, a ``Dataset``, a loader) and
+    keeps its shard (:func:`basins.engine.distributed.shard_range`). First the processes check
+    that they opened the same data: the same fingerprint for data in memory, the same size and
+    fingerprint of the first examples for a stream. Pass the shard to
+    :class:`~basins.Problem` with ``total_examples=data.num_examples``.
+
+    Args:
+        data: what :func:`load_data` or :func:`open_data` returned.
+        world_size, rank: default: those of the initialised :mod:`torch.distributed` process
+            group (1 and 0 without one).
+
+    Returns:
+        A :class:`~basins.engine.data.DataSource`: ``data`` itself in one process; a copy of
+        this rank's rows of tensors (so that the whole data can be freed); a stream over this
+        rank's examples (it reads only those).
+
+    Raises:
+        InputError: the processes opened different data (a factory that splits by rank, a
+            ``DistributedSampler``), or fewer examples than processes.
+    """
+    world = dist.world_size() if world_size is None else int(world_size)
+    rank_ = dist.rank() if rank is None else int(rank)
+    if world > 1:  # every process must have opened the same data before taking its shard of it
+        seen = dist.all_gather_object(data.identity() if isinstance(data, StreamSpec) else data.sha256)
+        if len(set(seen)) > 1:
+            raise InputError(
+                f"{data.source}: the processes opened different data (sizes/fingerprints {sorted(set(seen))}); "
+                "return the whole dataset (no DistributedSampler, no splitting by RANK): basins gives each "
+                "process its shard"
+            )
+    if isinstance(data, StreamSpec):  # a Dataset, DataLoader or HDF5 file: this rank reads only its shard
+        return data.shard(world, rank_)
+    if world == 1:
+        return data
+    return data.shard(*dist.shard_range(data.num_examples, world, rank_))

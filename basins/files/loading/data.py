@@ -1,6 +1,8 @@
 """Load data (``inputs``, ``targets``) from a file or a ``module:factory``, or open it as a stream.
 
-See :mod:`basins.files.loading` for the formats and :mod:`basins.engine.data` for streams.
+This module opens files and objects; it validates nothing itself: tensors are checked once, by
+:class:`basins.engine.data.TensorData` (which :class:`LoadedData` is), and streams batch by batch
+by :mod:`basins.engine.data`. See :mod:`basins.files.loading` for the formats.
 """
 
 from __future__ import annotations
@@ -10,21 +12,13 @@ import os
 import pickle
 import random
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
-from basins.engine.data import (
-    StreamSpec,
-    check_ordered_loader,
-    data_fingerprint,
-    hdf5_datasets,
-    hdf5_stream,
-    loader_batch,
-    stream_from_object,
-)
+from basins.engine.data import TensorData, as_tensor, data_fingerprint
+from basins.engine.streams import StreamSpec, as_pair, hdf5_stream, stream_from_object
 from basins.errors import InputError
 
 from .formats import (
@@ -45,9 +39,9 @@ _T = TypeVar("_T")
 
 
 
-@dataclass
-class LoadedData:
-    """A whole dataset in memory, on the CPU.
+class LoadedData(TensorData):
+    """A whole dataset in memory, on the CPU: a :class:`~basins.engine.data.TensorData` (validated
+    there) with its fingerprint; pass it to :class:`~basins.Problem` as the data source.
 
     Attributes:
         inputs: Tensor ``(n, ...)``, dtype as stored.
@@ -59,11 +53,10 @@ class LoadedData:
             equal to that of the same examples streamed.
     """
 
-    inputs: torch.Tensor
-    targets: torch.Tensor
-    source: str
-    sha256: str
-
+    def __init__(self, inputs: Any, targets: Any, source: str, *, max_samples: int | None = None) -> None:
+        super().__init__(inputs, targets, source=source, max_samples=max_samples)
+        self.inputs, self.targets = self.inputs.cpu().contiguous(), self.targets.cpu().contiguous()
+        self.sha256 = data_fingerprint(self.inputs, self.targets)
 
 
 def load_data(spec: str, *, max_samples: int | None = None, seed: int = 0) -> LoadedData:
@@ -101,7 +94,7 @@ def open_data(spec: str, *, max_samples: int | None = None, seed: int = 0) -> Lo
     """Like :func:`load_data`, but data that can be read a part at a time are not read yet.
 
     A ``module:factory`` giving a map-style ``Dataset`` or an ordered ``DataLoader``, and an
-    HDF5 file, come back as a :class:`~basins.engine.data.StreamSpec`: their size, and how to
+    HDF5 file, come back as a :class:`~basins.engine.streams.StreamSpec`: their size, and how to
     open any contiguous part of them as a stream (:mod:`basins.engine.data`). Everything else
     is loaded, as by :func:`load_data`.
 
@@ -187,17 +180,10 @@ def _pair_from_mapping(obj: Any, source: str, found: str) -> tuple[Any, Any]:
 
 
 def _load_hdf5(path: str, max_samples: int | None) -> tuple[Any, Any]:
-    import h5py  # type: ignore[import-untyped]
-
+    """The whole (first ``max_samples``) rows, read as one stream batch (:func:`hdf5_stream`)."""
     try:
-        with h5py.File(path, "r") as handle:
-            arrays = []
-            for item in hdf5_datasets(handle, path):
-                if item.ndim == 0:
-                    arrays.append(item[()])
-                else:
-                    arrays.append(item[:max_samples] if max_samples is not None else item[()])
-            return arrays[0], arrays[1]
+        spec = hdf5_stream(path, max_samples)
+        return spec.open(0, spec.num_examples).head(spec.num_examples)
     except InputError:
         raise
     except Exception as err:
@@ -271,21 +257,10 @@ def _materialise(obj: Any, spec: str, max_samples: int | None) -> tuple[Any, Any
         return obj[0], obj[1]
     if isinstance(obj, Mapping):
         return _pair_from_mapping(obj, spec, "a factory result")
-    if isinstance(obj, DataLoader):
-        check_ordered_loader(obj, spec)
-        xs: list[torch.Tensor] = []
-        ys: list[torch.Tensor] = []
-        count = 0
-        for index, batch in enumerate(obj):
-            x, y = loader_batch(obj, batch, spec, index)
-            xs.append(x)
-            ys.append(y)
-            count += x.shape[0]
-            if max_samples is not None and count >= max_samples:
-                break
-        if not xs:
-            raise InputError(f"{spec}: the DataLoader yielded no batches")
-        return _cat(xs, spec, "inputs"), _cat(ys, spec, "targets")
+    if isinstance(obj, DataLoader):  # read as the stream it would be, start to end
+        spec_ = stream_from_object(obj, spec, max_samples)
+        assert spec_ is not None
+        return spec_.open(0, spec_.num_examples).head(spec_.num_examples)
     duck_dataset = hasattr(obj, "__len__") and hasattr(obj, "__getitem__")
     if isinstance(obj, Dataset) or (
         duck_dataset and not isinstance(obj, str | bytes | torch.Tensor | np.ndarray)
@@ -299,7 +274,7 @@ def _materialise(obj: Any, spec: str, max_samples: int | None) -> tuple[Any, Any
         if size == 0:
             raise InputError(f"{spec}: the dataset is empty (n = 0)")
         count = size if max_samples is None else min(size, max_samples)
-        pairs = [_pair(obj[i], spec, f"item {i}") for i in range(count)]
+        pairs = [as_pair(obj[i], spec, f"item {i}") for i in range(count)]
         return (
             _stack([p[0] for p in pairs], spec, "inputs"),
             _stack([p[1] for p in pairs], spec, "targets"),
@@ -311,84 +286,14 @@ def _materialise(obj: Any, spec: str, max_samples: int | None) -> tuple[Any, Any
 
 
 
-def _pair(item: Any, spec: str, where: str) -> tuple[Any, Any]:
-    if isinstance(item, tuple | list) and len(item) == 2:
-        return item[0], item[1]
-    raise InputError(f"{spec}: {where} is {_describe(item)}, not an (x, y) pair")
-
-
-
 def _stack(values: list[Any], spec: str, name: str) -> torch.Tensor:
     try:
-        return torch.stack([torch.as_tensor(v) for v in values])
+        return torch.stack([as_tensor(v, spec, name) for v in values])
     except Exception as err:
         raise InputError(f"{spec}: cannot stack the {name} ({_one_line(err)})") from err
 
 
 
-def _cat(values: list[torch.Tensor], spec: str, name: str) -> torch.Tensor:
-    try:
-        return torch.cat([v if v.ndim else v.reshape(1) for v in values])
-    except Exception as err:
-        raise InputError(
-            f"{spec}: cannot concatenate the {name} batches ({_one_line(err)})"
-        ) from err
-
-
-
-def _as_tensor(value: Any, source: str, name: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().contiguous()
-    array = np.asarray(value)
-    if array.dtype.kind not in "biufc":
-        raise InputError(
-            f"{source}: {name} has NumPy dtype {array.dtype}, not numbers; store numeric arrays"
-        )
-    try:
-        return torch.from_numpy(np.array(array, copy=True, order="C"))
-    except TypeError as err:  # dtypes torch lacks, e.g. uint32 on older torch
-        raise InputError(f"{source}: {name} has unsupported dtype {array.dtype}") from err
-
-
-
 def _finish_data(inputs: Any, targets: Any, source: str, max_samples: int | None) -> LoadedData:
-    x = _as_tensor(inputs, source, "inputs")
-    y = _as_tensor(targets, source, "targets")
-    for name, tensor in (("inputs", x), ("targets", y)):
-        if tensor.ndim == 0:
-            raise InputError(
-                f"{source}: {name} is a scalar; it needs a first dimension of n examples"
-            )
-    if x.shape[0] != y.shape[0]:
-        raise InputError(
-            f"{source}: inputs have {x.shape[0]} examples but targets have {y.shape[0]}; "
-            "both need the same first dimension n"
-        )
-    if x.shape[0] == 0:
-        raise InputError(f"{source}: the data has no examples (n = 0)")
-    if max_samples is not None and max_samples < x.shape[0]:
-        x, y = x[:max_samples].clone(), y[:max_samples].clone()
-    _check_finite(x, y, source)
-    return LoadedData(x, y, source, _data_sha256(x, y))
-
-
-
-def _check_finite(inputs: torch.Tensor, targets: torch.Tensor, source: str) -> None:
-    problems = []
-    for name, tensor in (("inputs", inputs), ("targets", targets)):
-        if tensor.is_floating_point() or tensor.is_complex():
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                problems.append(f"{bad} in {name}")
-    if problems:
-        raise InputError(
-            f"{source}: data contains non-finite values (NaN or inf): {' and '.join(problems)}; "
-            "clean them"
-        )
-
-
-
-def _data_sha256(inputs: torch.Tensor, targets: torch.Tensor) -> str:
-    """The data fingerprint of :mod:`basins.engine.data` (Σᵢ sha256(i, xᵢ, yᵢ) mod 2²⁵⁶), so that the
-    same examples give the same hash from a file, a factory or a stream, on any number of processes."""
-    return data_fingerprint(inputs, targets)
+    """The :class:`LoadedData` of what a file or factory gave (validated by :class:`TensorData`)."""
+    return LoadedData(inputs, targets, source, max_samples=max_samples)
