@@ -12,7 +12,17 @@ import click
 from rich.console import RenderableType
 from rich.table import Table
 
-from .common import Timer, emit, flag_names, fmt, load_problem, output_options, problem_options, progress_bar, stderr_console
+from .common import (
+    Timer,
+    emit,
+    flag_names,
+    fmt,
+    load_problem,
+    output_options,
+    problem_options,
+    progress_bar,
+    stderr_console,
+)
 
 
 @click.command()

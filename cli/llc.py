@@ -13,7 +13,17 @@ import click
 from rich.console import RenderableType
 from rich.table import Table
 
-from .common import Timer, emit, flag_names, fmt, load_problem, output_options, problem_options, progress_bar, stderr_console
+from .common import (
+    Timer,
+    emit,
+    flag_names,
+    fmt,
+    load_problem,
+    output_options,
+    problem_options,
+    progress_bar,
+    stderr_console,
+)
 
 
 def _positive_or_auto(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:

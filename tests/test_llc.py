@@ -3,8 +3,6 @@ Watanabe (2005) for reduced-rank regression, the γ-pull formula on a quadratic 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch import nn

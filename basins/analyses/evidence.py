@@ -187,13 +187,16 @@ def _ggn_matvec(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
     def one(v: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(v)
         for x, y, m, w in problem.chunks():
-            def f(theta: torch.Tensor) -> torch.Tensor:
+            def f(theta: torch.Tensor, x: torch.Tensor = x, m: int = m) -> torch.Tensor:
                 return functional_call(module, (space.unflatten(theta), buffers), (x,))[:m]
 
+            def lo(o: torch.Tensor, y: torch.Tensor = y) -> torch.Tensor:
+                return loss_fn(o, y)
+
             theta0 = space.flatten(problem.params).detach()
-            out, Jv = jvp(f, (theta0,), (v,))
-            _, Hout = jvp(grad(lambda o: loss_fn(o, y)), (out,), (Jv,))
-            _, pull = vjp(f, theta0)
+            out, Jv = jvp(f, (theta0,), (v,))  # type: ignore[misc]
+            _, Hout = jvp(grad(lo), (out,), (Jv,))  # type: ignore[misc]
+            _, pull = vjp(f, theta0)  # type: ignore[misc]
             total = total + w * pull(Hout)[0]
         return total
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,9 +236,9 @@ def llc(
         raise InputError(f"num_burnin must be ≥ 0, got {num_burnin}")
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
-    for name, x in (("nbeta", nbeta), ("gamma", gamma), ("step_size", step_size)):
-        if x is not None and not (math.isfinite(x) and x > 0):
-            raise InputError(f"{name} must be a positive number, got {x}")
+    for name, val in (("nbeta", nbeta), ("gamma", gamma), ("step_size", step_size)):
+        if val is not None and not (math.isfinite(val) and val > 0):
+            raise InputError(f"{name} must be a positive number, got {val}")
     n = problem.num_examples
     if n < 2:
         raise InputError("llc needs at least 2 examples (β = 1/log n)")
@@ -269,6 +270,8 @@ def llc(
         return loss_fn(out, y)
 
     gv = grad_and_value(loss_of)
+    gv_all: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    lo_all: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     if batched:
         try:
             gv_all = vmap(gv)
@@ -277,12 +280,14 @@ def llc(
         except Exception:  # noqa: BLE001 - models vmap cannot trace: loop over chains
             batched = False
     if not batched:
-        def gv_all(th: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def gv_loop(th: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             outs = [gv(th[c], x[c], y[c]) for c in range(th.shape[0])]
             return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs])
 
-        def lo_all(th: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def lo_loop(th: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return torch.stack([loss_of(th[c], x[c], y[c]) for c in range(th.shape[0])])
+
+        gv_all, lo_all = gv_loop, lo_loop
 
     def batch() -> tuple[torch.Tensor, torch.Tensor]:
         if b >= n:
