@@ -130,14 +130,14 @@ def _spd(P: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.slow
 def test_slq_logdet_interval_covers_exact_in_38_of_40_seeds() -> None:
     A, ev = _spd(2000, 0)
-    delta = 0.05
+    delta = 1.0
     exact = float(torch.log(ev + delta).sum())
     covered = 0
     for seed in range(40):
-        ld = logdet_slq(A, num_probes=20, num_steps=40, deflate=10, seed=seed)
+        ld = logdet_slq(A, num_probes=20, num_steps=60, deflate=10, seed=seed)
         est, lo, hi = ld(delta)
         covered += lo <= exact <= hi
-        assert abs(est - exact) < 0.05 * abs(exact)
+        assert abs(est - exact) < 0.03 * abs(exact)
     assert covered >= 38, covered
 
 
