@@ -301,6 +301,21 @@ def test_two_concurrent_writers_both_land(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- interrupts
+def _wait_for_handler(pid: int, sig: int, timeout: float = 30.0) -> None:
+    """Wait until process ``pid`` catches ``sig`` (Linux: the SigCgt mask in /proc/pid/status)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            return
+        caught = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("SigCgt:")), 16)
+        if caught >> (sig - 1) & 1:
+            return
+        time.sleep(0.002)
+    raise AssertionError(f"process {pid} never installed a handler for signal {sig}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_interrupts_leave_the_old_report_or_a_complete_new_one(sig: int, code: int, model_files, data_files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -313,7 +328,8 @@ def test_interrupts_leave_the_old_report_or_a_complete_new_one(sig: int, code: i
         before = report.read_bytes()
         proc = subprocess.Popen([sys.executable, "-m", "basins.cli", *args, "--trace"], cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        time.sleep(rng.uniform(0.05, 3.0))  # not before the interpreter runs basins code (README)
+        _wait_for_handler(proc.pid, sig)  # not before the interpreter runs basins code (README)
+        time.sleep(rng.uniform(0.0, 3.0))
         proc.send_signal(sig)
         proc.communicate(timeout=120)
         assert proc.returncode in (0, code), proc.returncode
