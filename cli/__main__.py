@@ -4,16 +4,18 @@ Signal handlers go in before anything heavy is imported (:mod:`basins.cli.signal
 interrupt at any moment exits with 128 + its number. Importing :mod:`basins.cli.main` (as
 tests do) installs none.
 
-Under ``torchrun``, a process ends with ``os._exit`` once its output is flushed and its process
-group destroyed: the C++ destructors of gloo's threads at interpreter exit otherwise abort a
-rank now and then ("terminate called without an active exception", exit −6) after its work
-is done and its report written.
+A run ends with ``os._exit`` once its output is flushed (and, under ``torchrun``, its process
+group destroyed), with the handled signals ignored from the moment the command returned: the
+interpreter's own teardown (with torch loaded, hundreds of milliseconds) restores the default
+signal actions, so a signal arriving then killed a finished run (exit −15), and the C++
+destructors of gloo's threads aborted a torchrun rank now and then ("terminate called without
+an active exception", exit −6) after its work was done and its report written.
 """
 
 import os
 import sys
 
-from .signals import install
+from .signals import ignore_signals, install
 
 install()
 
@@ -30,18 +32,20 @@ def run() -> None:
             print(exc.code, file=sys.stderr)
     else:  # pragma: no cover - click's standalone mode always exits
         code = 0
+    ignore_signals()  # the work is done and the report written: a late signal changes nothing
     distributed = sys.modules.get("basins.engine.distributed")  # never import here: an interrupt may
     if distributed is not None:  # have left torch half-imported
         try:
-            launched = distributed.is_initialized()
+            if distributed.is_initialized():
+                distributed.teardown()
         except Exception:  # noqa: BLE001 - a half-imported module: no process group to end
-            launched = False
-        if launched:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            distributed.teardown()
-            os._exit(code)
-    sys.exit(code)
+            pass
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001 - a closed pipe: nothing more to say
+        pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

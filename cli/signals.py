@@ -14,7 +14,7 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-__all__ = ["Interrupted", "install", "HANDLED"]
+__all__ = ["Interrupted", "install", "ignore_signals", "HANDLED"]
 
 #: The signals that end a run cleanly.
 HANDLED = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None),
@@ -29,9 +29,17 @@ class Interrupted(SystemExit):
         self.signum = signum
 
 
+def ignore_signals() -> None:
+    """Ignore SIGINT, SIGTERM and SIGHUP from now on (clean-up or a finished run must not be cut short)."""
+    try:
+        for s in HANDLED:
+            signal.signal(s, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+
+
 def _handler(signum: int, _frame: FrameType | None) -> None:
-    for s in HANDLED:  # unwinding has begun: later signals must not interrupt the clean-up
-        signal.signal(s, signal.SIG_IGN)
+    ignore_signals()  # unwinding has begun: later signals must not interrupt the clean-up
     raise Interrupted(signum)
 
 

@@ -302,10 +302,14 @@ def test_two_concurrent_writers_both_land(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------- interrupts
 def _wait_for_handler(pid: int, sig: int, timeout: float = 30.0) -> None:
-    """Wait until process ``pid`` catches ``sig`` (Linux: the SigCgt mask in /proc/pid/status)."""
+    """Wait until process ``pid`` runs basins and catches ``sig`` (Linux: /proc/pid/cmdline and the SigCgt
+    mask in /proc/pid/status; before ``exec`` the child still shows the test runner's handlers)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
+            if b"basins.cli" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                time.sleep(0.002)
+                continue
             status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             return
@@ -329,10 +333,11 @@ def test_interrupts_leave_the_old_report_or_a_complete_new_one(sig: int, code: i
         proc = subprocess.Popen([sys.executable, "-m", "basins.cli", *args, "--trace"], cwd=REPO,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _wait_for_handler(proc.pid, signal.SIGTERM)  # basins installs all three at once; Python itself catches SIGINT
-        time.sleep(rng.uniform(0.0, 3.0))
+        delay = rng.uniform(0.0, 3.0)
+        time.sleep(delay)
         proc.send_signal(sig)
-        proc.communicate(timeout=120)
-        assert proc.returncode in (0, code), proc.returncode
+        _, err_text = proc.communicate(timeout=120)
+        assert proc.returncode in (0, code), (proc.returncode, delay, err_text.decode()[-2000:])
         after = report.read_bytes()
         if proc.returncode == code:
             assert after == before
