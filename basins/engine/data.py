@@ -31,18 +31,20 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from basins.engine.batch import Inputs, cat, example_bytes, rows, take
 from basins.errors import InputError
 
 __all__ = [
     "DataSource",
     "TensorData",
     "as_tensor",
+    "as_inputs",
     "check_finite",
     "check_pair",
     "combine_digests",
@@ -54,14 +56,14 @@ __all__ = [
 DEFAULT_STREAM_BATCH = 256
 _MOD = 1 << 256
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+Batch = tuple[Inputs, torch.Tensor]
 
 
-def data_fingerprint(inputs: torch.Tensor, targets: torch.Tensor, *, chunk: int = 4096) -> str:
+def data_fingerprint(inputs: Inputs, targets: torch.Tensor, *, chunk: int = 4096) -> str:
     """Hex fingerprint of examples held in memory, equal to a stream's over the same examples."""
     total = 0
-    for a in range(0, inputs.shape[0], chunk):
-        total += _example_digests(inputs[a : a + chunk], targets[a : a + chunk], a)
+    for a in range(0, rows(inputs), chunk):
+        total += _example_digests(take(inputs, a, a + chunk), targets[a : a + chunk], a)
     return combine_digests([total])
 
 
@@ -70,16 +72,22 @@ def combine_digests(parts: Sequence[int]) -> str:
     return f"{sum(parts) % _MOD:064x}"
 
 
-def _example_digests(x: torch.Tensor, y: torch.Tensor, first_index: int) -> int:
-    """``Σᵢ sha256(i, dtype/shape, xᵢ, yᵢ)`` (as an integer mod 2²⁵⁶) for one batch."""
-    header = f"{x.dtype}:{tuple(x.shape[1:])};{y.dtype}:{tuple(y.shape[1:])};".encode()
-    xb = x.detach().cpu().contiguous().reshape(x.shape[0], -1).view(torch.uint8).numpy()
+def _example_digests(x: Inputs, y: torch.Tensor, first_index: int) -> int:
+    """``Σᵢ sha256(i, dtype/shape, xᵢ, yᵢ)`` (as an integer mod 2²⁵⁶) for one batch (named inputs:
+    names, dtypes and shapes in the header, each input's bytes in name order)."""
+    if isinstance(x, dict):
+        head = "".join(f"{k}={v.dtype}:{tuple(v.shape[1:])};" for k, v in sorted(x.items()))
+    else:
+        head = f"{x.dtype}:{tuple(x.shape[1:])};"
+    header = f"{head}{y.dtype}:{tuple(y.shape[1:])};".encode()
+    xbs = [t.numpy() for t in example_bytes(x)]
     yb = y.detach().cpu().contiguous().reshape(y.shape[0], -1).view(torch.uint8).numpy()
     total = 0
-    for i in range(x.shape[0]):
+    for i in range(rows(x)):
         h = hashlib.sha256(header)
         h.update((first_index + i).to_bytes(8, "little"))
-        h.update(xb[i].data)
+        for xb in xbs:
+            h.update(xb[i].data)
         h.update(yb[i].data)
         total += int.from_bytes(h.digest(), "little")
     return total % _MOD
@@ -115,14 +123,44 @@ def as_tensor(value: Any, source: str, name: str) -> torch.Tensor:
         raise InputError(f"{source}: the {name} have unsupported dtype {array.dtype}") from err
 
 
-def check_finite(x: torch.Tensor, y: torch.Tensor, source: str, first_index: int = 0) -> None:
+def as_inputs(value: Any, source: str) -> Inputs:
+    """Inputs as a tensor (:func:`as_tensor`), or a dict of named inputs as a dict of tensors that
+    share their first dimension (the examples).
+
+    Raises:
+        InputError: as :func:`as_tensor`, an empty dict, non-string names, a scalar input, or
+            named inputs with different numbers of examples.
+    """
+    if not isinstance(value, Mapping):
+        return as_tensor(value, source, "inputs")
+    if not value:
+        raise InputError(f"{source}: the named inputs are an empty dict")
+    out: dict[str, torch.Tensor] = {}
+    for key, item in value.items():
+        if not isinstance(key, str):
+            raise InputError(f"{source}: named inputs need string names, got {key!r}")
+        t = as_tensor(item, source, f"input {key!r}")
+        if t.dim() == 0:
+            raise InputError(f"{source}: input {key!r} is a scalar; it needs a first dimension of n examples")
+        out[key] = t
+    sizes = {k: int(t.shape[0]) for k, t in out.items()}
+    if len(set(sizes.values())) > 1:
+        raise InputError(
+            f"{source}: the named inputs hold different numbers of examples "
+            f"({', '.join(f'{k}: {v}' for k, v in sizes.items())}); they need the same first dimension"
+        )
+    return out
+
+
+def check_finite(x: Inputs, y: torch.Tensor, source: str, first_index: int = 0) -> None:
     """Refuse NaN or inf in floating-point ``x`` (inputs) or ``y`` (targets), examples ``first_index..``.
 
     Raises:
         InputError: naming the first bad example and how many values are bad in each tensor.
     """
     counts, first = [], None
-    for name, t in (("inputs", x), ("targets", y)):
+    named = [(f"input {k!r}", v) for k, v in x.items()] if isinstance(x, Mapping) else [("inputs", x)]
+    for name, t in (*named, ("targets", y)):
         if t.is_floating_point() and t.numel():
             bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
             if bool(bad.any()):
@@ -131,7 +169,7 @@ def check_finite(x: torch.Tensor, y: torch.Tensor, source: str, first_index: int
                 if first is None or row < first[1]:
                     first = (name, row)
     if first is not None:
-        where = f"examples {first_index}..{first_index + x.shape[0] - 1}"
+        where = f"examples {first_index}..{first_index + rows(x) - 1}"
         raise InputError(
             f"{source}: non-finite values (NaN or inf) in the {first[0]} of example {first[1]}: "
             f"{' and '.join(counts)} among {where}; clean them"
@@ -143,18 +181,18 @@ def _check_examples(n: int, source: str) -> None:
         raise InputError(f"{source}: the data has no examples (n = 0)")
 
 
-def check_pair(x: torch.Tensor, y: torch.Tensor, source: str) -> None:
+def check_pair(x: Inputs, y: torch.Tensor, source: str) -> None:
     """Refuse scalars and unequal first dimensions (the number of examples).
 
     Raises:
         InputError: naming which one is a scalar, or both sizes.
     """
-    for name, t in (("inputs", x), ("targets", y)):
+    for name, t in ((("inputs", x),) if isinstance(x, torch.Tensor) else ()) + (("targets", y),):
         if t.dim() == 0:
             raise InputError(f"{source}: {name} is a scalar; it needs a first dimension of n examples")
-    if x.shape[0] != y.shape[0]:
+    if rows(x) != y.shape[0]:
         raise InputError(
-            f"{source}: inputs have {x.shape[0]} examples but targets have {y.shape[0]}; "
+            f"{source}: inputs have {rows(x)} examples but targets have {y.shape[0]}; "
             "both need the same first dimension n"
         )
 
@@ -190,10 +228,10 @@ class DataSource(ABC):
         for x, y in self.batches(k, check=False):
             xs.append(x)
             ys.append(y)
-            have += x.shape[0]
+            have += rows(x)
             if have >= k:
                 break
-        return torch.cat(xs)[:k], torch.cat(ys)[:k]
+        return take(cat(xs), 0, k), torch.cat(ys)[:k]
 
     def batches(self, batch_size: int, *, check: bool = True) -> Iterator[Batch]:
         """Yield ``(inputs (m, ...), targets (m, ...))`` tensors covering the source once, in order.
@@ -210,14 +248,15 @@ class DataSource(ABC):
         seen = 0
         digest = 0 if (check and self.streamed) else None
         for raw_x, raw_y in self._guarded(self._raw_batches(batch_size)):
-            x = as_tensor(raw_x, self.source, "inputs")
+            x = as_inputs(raw_x, self.source)
             y = as_tensor(raw_y, self.source, "targets")
-            if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+            if (isinstance(x, torch.Tensor) and x.dim() == 0) or y.dim() == 0 or rows(x) != y.shape[0]:
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else f"{rows(x)} named"
                 raise InputError(
-                    f"{self.source}: a batch holds inputs {tuple(x.shape)} and targets {tuple(y.shape)}; "
+                    f"{self.source}: a batch holds inputs {shape} and targets {tuple(y.shape)}; "
                     "both need the same first dimension (examples)"
                 )
-            if seen + x.shape[0] > self.num_examples:
+            if seen + rows(x) > self.num_examples:
                 raise InputError(
                     f"{self.source}: a pass yielded more than the {self.num_examples} examples "
                     "promised; the data changed between passes"
@@ -226,7 +265,7 @@ class DataSource(ABC):
                 check_finite(x, y, self.source, self.first_index + seen)
                 if digest is not None:
                     digest += _example_digests(x, y, self.first_index + seen)
-            seen += x.shape[0]
+            seen += rows(x)
             yield x, y
         if seen != self.num_examples:
             raise InputError(
@@ -264,7 +303,8 @@ class DataSource(ABC):
 
 
 class TensorData(DataSource):
-    """Examples held in memory: ``inputs (n, ...)`` and ``targets (n, ...)`` tensors (or arrays),
+    """Examples held in memory: ``inputs (n, ...)`` (or a dict of named inputs, each ``(n, ...)``)
+    and ``targets (n, ...)`` tensors (or arrays),
     validated once, here: numbers, equal first dimensions, ``n ≥ 1``, finite floating-point values.
 
     Args:
@@ -283,14 +323,14 @@ class TensorData(DataSource):
     def __init__(self, inputs: Any, targets: Any, *, source: str = "data", first_index: int = 0,
                  max_samples: int | None = None) -> None:
         super().__init__()
-        x, y = as_tensor(inputs, source, "inputs"), as_tensor(targets, source, "targets")
+        x, y = as_inputs(inputs, source), as_tensor(targets, source, "targets")
         check_pair(x, y, source)
-        _check_examples(x.shape[0], source)
-        if max_samples is not None and max_samples < x.shape[0]:
-            x, y = x[:max_samples].clone(), y[:max_samples].clone()
+        _check_examples(rows(x), source)
+        if max_samples is not None and max_samples < rows(x):
+            x, y = _clone(take(x, 0, max_samples)), y[:max_samples].clone()
         check_finite(x, y, source, first_index)
         self.inputs, self.targets = x, y
-        self.num_examples = int(x.shape[0])
+        self.num_examples = rows(x)
         self.first_index = first_index
         self.source = source
 
@@ -299,11 +339,15 @@ class TensorData(DataSource):
         not checked again); ``copy`` so that the whole data can be freed."""
         out = TensorData.__new__(TensorData)
         DataSource.__init__(out)
-        x, y = self.inputs[start:stop], self.targets[start:stop]
-        out.inputs, out.targets = (x.clone(), y.clone()) if copy else (x, y)
+        x, y = take(self.inputs, start, stop), self.targets[start:stop]
+        out.inputs, out.targets = (_clone(x), y.clone()) if copy else (x, y)
         out.num_examples, out.first_index, out.source = stop - start, self.first_index + start, self.source
         return out
 
     def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
         for a in range(0, self.num_examples, batch_size):
-            yield self.inputs[a : a + batch_size], self.targets[a : a + batch_size]
+            yield take(self.inputs, a, a + batch_size), self.targets[a : a + batch_size]
+
+
+def _clone(x: Inputs) -> Inputs:
+    return {k: v.clone() for k, v in x.items()} if isinstance(x, dict) else x.clone()

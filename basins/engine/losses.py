@@ -15,15 +15,36 @@ name                outputs / targets            averaged terms N (n examples)
                     or probabilities (n, C, ...)
 ``nll``             log-probs / indices          as cross-entropy
 ``bce``             logits / targets in [0, 1]   n·k; binary cross-entropy **on logits**
+``causal-lm``       logits (n, T, V) / token     valid tokens after the shift: positions
+                    ids (n, T), −100 ignored     t ≥ 1 with ``targets[:, t] != −100``
+``token-cross-      logits (n, T, V) / token     positions with ``targets != −100``
+entropy``           ids (n, T), −100 ignored
 ==================  ===========================  ====================================
 
+``causal-lm`` is next-token cross-entropy as Hugging Face's ``*ForCausalLM`` models compute
+it: the logits at position t predict ``targets[:, t + 1]`` (shift by one), positions whose
+label is −100 (``IGNORE_INDEX``; padding) are left out, and the mean is over the valid
+tokens. Since chunks hold different numbers of valid tokens, a :class:`~basins.Problem`
+weights every chunk by its number of averaged terms (:func:`count_terms`), not by its number
+of examples, so that ``L`` is the mean over all valid tokens of the data set.
+
 A user loss ``module:function`` must follow the same contract: ``function(outputs,
-targets) -> scalar mean over the batch``.
+targets) -> scalar mean over the batch``, or return ``(sum, count)``: the sum of its terms
+over the batch and how many terms there are (an int or an integer/float scalar tensor, not
+depending on the parameters). With the pair form, chunks are weighted by ``count`` and ``L``
+is ``Σ sum / Σ count`` over the whole data set; with a scalar, chunks are weighted by their
+number of examples.
+
+Memory: the LM losses keep a few ``(n, T, V)`` buffers per chunk (log-softmax and, in a double
+backward, its derivative), so the logits-sized memory is bounded by the chunk size
+(``--batch-size``), not by the data set.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +53,14 @@ from basins.errors import InputError
 
 __all__ = [
     "LossFn", "NamedLoss", "BUILTIN_LOSSES", "infer_loss_name", "get_loss", "loss_name", "check_targets",
-    "check_loss_on_chunk", "num_terms_per_example",
+    "check_loss_on_chunk", "num_terms_per_example", "IGNORE_INDEX", "TOKEN_LOSSES", "count_terms",
+    "split_loss_value", "causal_lm", "token_cross_entropy",
 ]
+
+#: The label of positions left out of the token losses (padding), as in PyTorch and Hugging Face.
+IGNORE_INDEX = -100
+#: Losses whose averaged terms are the valid tokens of each chunk (their count varies by chunk).
+TOKEN_LOSSES = ("causal-lm", "token-cross-entropy")
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -50,7 +77,7 @@ class NamedLoss:
         self.name = name
         self.__name__ = name
 
-    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def __call__(self, outputs: torch.Tensor, targets: torch.Tensor) -> Any:
         return self.fn(outputs, targets)
 
     def __repr__(self) -> str:
@@ -87,11 +114,37 @@ def bce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (F.softplus(outputs) - outputs * targets).mean()
 
 
+def _token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits (n, T, V)`` at ``labels (n, T)`` over positions whose label is
+    not :data:`IGNORE_INDEX` (0 when there are none: such a chunk has weight 0). Elementary ops
+    only, so that ``jvp`` of ``grad`` works."""
+    valid = labels != IGNORE_INDEX
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    picked = logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    terms = (torch.logsumexp(logits, dim=-1) - picked) * valid.to(logits.dtype)
+    return terms.sum() / valid.sum().clamp_min(1).to(logits.dtype)
+
+
+def causal_lm(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: logits ``(n, T, V)`` at position t against ``targets[:, t+1]``
+    (token ids ``(n, T)``), positions labelled −100 ignored, mean over the valid tokens. Equals
+    ``model(input_ids, labels=targets).loss`` of a Hugging Face causal LM on the same chunk."""
+    return _token_nll(outputs[:, :-1], targets[:, 1:])
+
+
+def token_cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy without a shift: logits ``(n, T, V)`` against ``targets (n, T)``,
+    positions labelled −100 ignored, mean over the valid tokens (token classification, masked LM)."""
+    return _token_nll(outputs, targets)
+
+
 BUILTIN_LOSSES: dict[str, LossFn] = {
     "mse": mse,
     "cross-entropy": cross_entropy,
     "nll": nll,
     "bce": bce,
+    "causal-lm": causal_lm,
+    "token-cross-entropy": token_cross_entropy,
 }
 
 
@@ -130,6 +183,22 @@ def check_targets(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> to
     Returns the targets, reshaped where unambiguous (``(n,)`` targets for ``(n, 1)``
     outputs under ``mse``/``bce``). Raises :class:`InputError` naming the mismatch.
     """
+    if name in TOKEN_LOSSES:
+        if targets.is_floating_point() or targets.dtype == torch.bool:
+            raise InputError(f"loss {name!r} needs integer token ids as targets, got {targets.dtype}")
+        if outputs.dim() != 3 or tuple(targets.shape) != tuple(outputs.shape[:2]):
+            raise InputError(
+                f"loss {name!r} needs logits (n, T, V) and token ids (n, T); got outputs "
+                f"{tuple(outputs.shape)} and targets {tuple(targets.shape)}"
+            )
+        valid = targets[targets != IGNORE_INDEX]
+        vocab = outputs.shape[2]
+        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab):
+            raise InputError(
+                f"targets hold token ids in [{int(valid.min())}, {int(valid.max())}] but the model has {vocab} "
+                f"logits per position (only ids in [0, {vocab}) and {IGNORE_INDEX} for ignored positions are allowed)"
+            )
+        return targets.long()
     if name in ("cross-entropy", "nll"):
         if targets.is_floating_point() and targets.shape == outputs.shape and outputs.dim() >= 2:
             total = targets.sum(1)
@@ -146,9 +215,12 @@ def check_targets(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> to
                 "use --loss mse for real-valued targets, or convert class indices with .long()"
             )
         if outputs.dim() < 2 or tuple(outputs.shape[2:]) != tuple(targets.shape[1:]):
+            lm = (outputs.dim() == 3 and tuple(targets.shape) == tuple(outputs.shape[:2]))
             raise InputError(
-                f"loss {name!r} needs outputs (n, C, ...) and targets (n, ...); got outputs "
+                f"loss {name!r} needs outputs (n, C, ...) and targets (n, ...) (classes in dimension 1); got outputs "
                 f"{tuple(outputs.shape)} and targets {tuple(targets.shape)}"
+                + ("; for (n, tokens, vocabulary) logits use --loss causal-lm (next-token) or "
+                   "token-cross-entropy" if lm else "")
             )
         num_classes = outputs.shape[1]
         lo, hi = int(targets.min()), int(targets.max())
@@ -209,6 +281,19 @@ def check_loss_on_chunk(loss: LossFn, name: str, outputs: torch.Tensor, targets:
     except Exception as err:
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise InputError(f"loss {name!r} raised {type(err).__name__}: {first}") from err
+    if isinstance(value, tuple):
+        if len(value) != 2:
+            raise InputError(f"loss {name!r} returned a tuple of {len(value)} items: return a scalar mean, or (sum, count)")
+        value, count = value
+        try:
+            counted = float(count)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise InputError(
+                f"loss {name!r} returned (sum, count) with count {type(count).__name__}, not a number: "
+                "count is how many terms the sum adds (an int or a scalar tensor)"
+            ) from err
+        if not (counted >= 0 and counted == counted and counted != float("inf")):
+            raise InputError(f"loss {name!r} returned count {counted}; it must be a finite number ≥ 0")
     if not isinstance(value, torch.Tensor):
         shown = repr(value)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
@@ -226,6 +311,32 @@ def check_loss_on_chunk(loss: LossFn, name: str, outputs: torch.Tensor, targets:
             f"loss {name!r} is {float(value)} on the first chunk at the saved parameters: check the loss "
             "and that the outputs and targets are what it expects"
         )
+
+
+def split_loss_value(value: Any) -> tuple[torch.Tensor, float | None]:
+    """A loss' return value as ``(mean, count)``: a scalar is ``(value, None)``; a user's
+    ``(sum, count)`` pair is ``(sum / max(count, 1), count)`` (a chunk with no terms has mean 0)."""
+    if isinstance(value, tuple):
+        total, count = value
+        c = float(count)
+        return total / max(c, 1.0), c
+    return value, None
+
+
+def count_terms(name: str, outputs_shape: tuple[int, ...], targets: torch.Tensor, num_real: int) -> float:
+    """Averaged terms in one chunk of ``num_real`` examples, for a built-in loss (or a user loss
+    returning a scalar, counted as ``num_real`` × the per-example size of mse).
+
+    Token losses count valid tokens (``causal-lm``: labels at positions ≥ 1 that are not −100;
+    ``token-cross-entropy``: labels that are not −100); the others ``num_real`` times a constant
+    (:func:`num_terms_per_example`). ``outputs_shape`` is the shape of one example's outputs.
+    """
+    if name == "causal-lm":
+        return float((targets[:num_real, 1:] != IGNORE_INDEX).sum())
+    if name == "token-cross-entropy":
+        return float((targets[:num_real] != IGNORE_INDEX).sum())
+    per = math.prod(outputs_shape[1:]) if name in ("cross-entropy", "nll") and outputs_shape else math.prod(outputs_shape)
+    return float(num_real * max(1, per))
 
 
 def num_terms_per_example(name: str, outputs: torch.Tensor) -> int:

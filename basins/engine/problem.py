@@ -28,26 +28,31 @@ in :mod:`basins.engine.memory`, validation in :mod:`basins.engine.data`.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
+from basins.engine.batch import Inputs, call_model, describe, nbytes, pad_rows, rows, take, to_device
 from basins.engine.data import DataSource, TensorData
 from basins.engine.losses import (
+    TOKEN_LOSSES,
     LossFn,
     check_loss_on_chunk,
     check_targets,
+    count_terms,
     get_loss,
     infer_loss_name,
     loss_name,
     num_terms_per_example,
+    split_loss_value,
 )
 from basins.engine.memory import memory_budget
-from basins.engine.params import ParamSpace
+from basins.engine.params import ParamSpace, Selection, select_parameters
 from basins.engine.routes import HVP_ROUTES, Routes, float64_products
 from basins.errors import ComputeError, InputError
 from basins.progress import ProgressCallback, relay
@@ -83,7 +88,37 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return table[dtype]
 
 
-def _as_source(inputs: torch.Tensor | DataSource, targets: torch.Tensor | None) -> DataSource:
+def force_differentiable_attention(module: torch.nn.Module) -> str:
+    """Put attention on a path that has a double backward and forward-mode AD, and say which.
+
+    PyTorch's fused scaled-dot-product-attention kernels (flash, memory-efficient, the CPU
+    flash kernel) have neither, so Hessian-vector products fail through them. A Hugging Face
+    model (it has ``config._attn_implementation``) that uses ``sdpa`` or a flash kernel is switched
+    to ``eager`` attention (``set_attn_implementation``): returns ``"eager"``. Any other model's
+    ``F.scaled_dot_product_attention`` calls run under the ``MATH`` SDPA backend while a
+    :class:`Problem` evaluates it (:meth:`Problem.forward`): returns ``"sdpa-math"``.
+    """
+    config = getattr(module, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if isinstance(impl, str) and impl != "eager" and hasattr(module, "set_attn_implementation"):
+        try:
+            module.set_attn_implementation("eager")
+        except Exception:  # noqa: BLE001 - a model without an eager path: the math backend still applies
+            return f"sdpa-math ({impl} kept: no eager attention)"
+        return f"eager (switched from {impl})"
+    if isinstance(impl, str) and impl == "eager":
+        return "eager"
+    return "sdpa-math"
+
+
+def _math_attention() -> contextlib.AbstractContextManager[Any]:
+    """Scaled-dot-product attention on the ``MATH`` backend (differentiable twice and forward-mode)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _as_source(inputs: Inputs | DataSource, targets: torch.Tensor | None) -> DataSource:
     if isinstance(inputs, DataSource):
         if targets is not None:
             raise InputError("pass either a DataSource or (inputs, targets) tensors, not both")
@@ -113,20 +148,24 @@ class Counters:
 
 @dataclass
 class _Chunk:
-    inputs: torch.Tensor  # padded to the fixed batch size when there is one
+    inputs: Inputs  # padded to the fixed batch size when there is one
     targets: torch.Tensor  # never padded
     num_real: int  # examples that count
-    weight: float  # num_real / n
+    terms: float  # averaged terms it holds (valid tokens for the token losses)
 
 
 class Problem:
     """A model at a point θ*, a dataset and a loss, with exact full-data derivatives.
 
     Args:
-        module: the model; called as ``functional_call(module, (params, buffers), (x,))``.
-            It is put in ``eval()`` mode (BatchNorm statistics fixed, dropout off).
-        inputs: ``(n, ...)`` inputs, or a :class:`~basins.engine.data.DataSource` (then
-            ``targets`` is None), e.g. a :class:`~basins.engine.streams.DatasetStream`.
+        module: the model; called as ``functional_call(module, (params, buffers), (x,))``, or with
+            named inputs as keyword arguments (``model(**x)``); a ``ModelOutput``, dict or tuple
+            it returns is reduced to one tensor by :func:`basins.engine.batch.pick_output`.
+            It is put in ``eval()`` mode (BatchNorm statistics fixed, dropout off), and its
+            attention onto a twice-differentiable path (:func:`force_differentiable_attention`).
+        inputs: ``(n, ...)`` inputs, a dict of named inputs (each ``(n, ...)``), or a
+            :class:`~basins.engine.data.DataSource` (then ``targets`` is None), e.g. a
+            :class:`~basins.engine.streams.DatasetStream`.
         targets: ``(n, ...)`` targets.
         loss: a built-in loss name (:mod:`basins.engine.losses`), ``module:function``, a callable,
             or None to infer it from the targets (integer → cross-entropy, float → mse).
@@ -153,6 +192,16 @@ class Problem:
             :func:`basins.engine.distributed.all_gather_object`); with it the ``auto`` HVP route is
             chosen identically on every process (the fastest on the slowest process among
             the routes that work everywhere) and the shard sizes are checked to sum to n.
+        params: globs choosing θ among the model's parameters (:func:`basins.engine.params.select_parameters`;
+            a leading ``!`` excludes); the others are held fixed, so every quantity is that of
+            the sub-block. None: every trainable parameter.
+        include_frozen: keep parameters with ``requires_grad=False`` in θ (default: held fixed).
+        output: the field (or tuple index) of the model's output to use (default: ``logits``,
+            the only tensor, or the first element).
+
+    The full-data mean weights every chunk by its number of averaged terms (valid tokens for
+    ``causal-lm``/``token-cross-entropy``, the user's count for a loss returning ``(sum,
+    count)``); :attr:`num_terms` is their total N over all processes.
 
     Raises:
         InputError: the model rejects the inputs, the targets do not fit the loss, or
@@ -178,6 +227,9 @@ class Problem:
         total_examples: int | None = None,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
         gather: Callable[[Any], list[Any]] | None = None,
+        params: Sequence[str] | None = None,
+        include_frozen: bool = False,
+        output: str | None = None,
     ) -> None:
         if hvp_route not in HVP_ROUTES:
             raise InputError(f"unknown HVP route {hvp_route!r}: use one of {', '.join(HVP_ROUTES)}")
@@ -186,7 +238,8 @@ class Problem:
         self.counters = Counters()
         self._reduce_fn, self._gather_fn = reduce, gather
         self._data_memory_bytes = data_memory_bytes
-        self._setup_parameters(module, resolve_device(device), resolve_dtype(dtype))
+        self.output = output
+        self._setup_parameters(module, resolve_device(device), resolve_dtype(dtype), params, include_frozen)
         self._setup_data(_as_source(inputs, targets), total_examples, fixed_batch_size, batch_size)
         self._setup_loss(loss)
         self._check_at_optimum(check_determinism)
@@ -194,30 +247,39 @@ class Problem:
         self.routes = Routes(self, hvp_route, graph_memory_bytes)
 
     # ------------------------------------------------------------------ setup steps
-    def _setup_parameters(self, module: torch.nn.Module, device: torch.device, wanted: torch.dtype | None) -> None:
-        """The model in eval mode, its parameters θ* and buffers on ``device`` in the chosen dtype."""
+    def _setup_parameters(self, module: torch.nn.Module, device: torch.device, wanted: torch.dtype | None,
+                          patterns: Sequence[str] | None, include_frozen: bool) -> None:
+        """The model in eval mode, θ* (the selected parameters) and the fixed state (buffers and
+        parameters left out) on ``device`` in the chosen dtype."""
         self.device = device
         try:
             module.eval()
         except NotImplementedError:  # torch.export modules: the mode was fixed at export
             pass
         self.module = module
-        params = {n: p.detach() for n, p in module.named_parameters()}
-        if not params:
+        #: the attention path derivatives go through (:func:`force_differentiable_attention`)
+        self.attention = force_differentiable_attention(module)
+        named = list(module.named_parameters())
+        if not named:
             raise InputError("the model has no parameters")
+        #: which parameters are θ (:class:`basins.engine.params.Selection`)
+        self.selection: Selection = select_parameters(named, patterns, include_frozen=include_frozen)
+        every = {n: p.detach() for n, p in named}
+        params = {n: every[n] for n in self.selection.selected}
         dtype = wanted or next(iter(params.values())).dtype
         if not dtype.is_floating_point:
             raise InputError(f"parameters must be floating point, got {dtype}")
         self.dtype = dtype
         self.params: _Params = {n: p.to(device, dtype).clone() for n, p in params.items()}
+        state = [*module.named_buffers(), *((n, every[n]) for n in self.selection.fixed)]
         self.buffers: _Params = {
-            n: (b.to(device, dtype) if b.is_floating_point() else b.to(device)) for n, b in module.named_buffers()
+            n: (b.to(device, dtype) if b.is_floating_point() else b.to(device)) for n, b in state
         }
         self.space = ParamSpace(self.params)
         self.theta0 = self.space.flatten(self.params).detach()
         self.num_params = self.space.num_params
 
-    def _setup_data(self, source: DataSource, total: int | None, fixed: int | None, batch_size: int | None) -> None:
+    def _setup_data(self, source: DataSource, total: int | None, fixed: int | None, batch_size: int | None) -> None:  # noqa: E501
         """This process' examples, the global n (checked against the other processes) and the chunk size."""
         #: where the examples come from (:mod:`basins.engine.data`)
         self.data = source
@@ -235,21 +297,48 @@ class Problem:
         (data in memory) read and check every chunk once."""
         head_x, head_y = self.data.head(self.fixed_batch_size or min(2, self.num_local_examples))
         outputs = self._check_forward(self._to_device_inputs(head_x))
-        self.loss_name = infer_loss_name(head_y) if loss is None else loss_name(loss)
+        self.loss_name = self._infer_loss(head_x, head_y, outputs) if loss is None else loss_name(loss)
         #: the targets' dtype as the data hold them (before conversion to the loss' needs)
         self.data_target_dtype = head_y.dtype
         self._target_spec: tuple[tuple[int, ...], torch.dtype] | None = None
         self._fit_targets(outputs, head_y.to(self.device))
         self.loss_fn: LossFn = get_loss(loss if loss is not None else self.loss_name)
-        check_loss_on_chunk(self.loss_fn, self.loss_name, outputs,
-                            self._chunk_targets(head_y[: outputs.shape[0]], check=False))
+        head_targets = self._chunk_targets(head_y[: outputs.shape[0]], check=False)
+        check_loss_on_chunk(self.loss_fn, self.loss_name, outputs, head_targets)
+        with torch.no_grad():
+            #: the loss returns ``(sum, count)``: chunks are weighted by its counts
+            self.pair_loss = isinstance(self.loss_fn(outputs.detach(), head_targets), tuple)
         self.terms_per_example = num_terms_per_example(self.loss_name, outputs)
+        #: True when chunks hold different numbers of terms per example (token losses, pair losses)
+        self.variable_terms = self.pair_loss or self.loss_name in TOKEN_LOSSES
         #: chunks held in memory (None: read from the stream on every pass, see :meth:`chunks`)
         self._cached: list[_Chunk] | None = None
         self._checked_pass = False  # a complete pass with every chunk checked (streams: the first)
+        self._total_terms = float(self.num_examples * self.terms_per_example)
         if not self.data.streamed:
             self._cached = list(self._read_chunks(check=True))
             self._checked_pass = True
+        if self.variable_terms:  # N = Σ terms over every chunk of every process: one counting pass
+            local = sum(c.terms for c in self._iter_chunks())
+            self._total_terms = float(self.reduce(torch.tensor(local, dtype=torch.float64, device=self.device)))
+            if self._total_terms <= 0:
+                raise InputError(
+                    f"{self.data.source}: no terms to average: every target is ignored (−100) for loss "
+                    f"{self.loss_name!r}; check the labels and attention_mask"
+                )
+
+    def _infer_loss(self, x: Inputs, y: torch.Tensor, outputs: torch.Tensor) -> str:
+        """The default loss: token-level for ``(n, T, V)`` logits with ``(n, T)`` integer targets
+        (``causal-lm`` for a causal LM, i.e. a model class named ``*CausalLM*``/``*LMHead*``, or
+        labels taken from ``input_ids``), else :func:`infer_loss_name`."""
+        tokens = (outputs.dim() == 3 and not y.is_floating_point() and y.dtype != torch.bool
+                  and tuple(y.shape) == tuple(outputs.shape[:2]))
+        if tokens:
+            name = type(self.module).__name__
+            from_ids = isinstance(x, dict) and "input_ids" in x and bool(
+                ((y == x["input_ids"]) | (y == -100)).all())
+            return "causal-lm" if ("CausalLM" in name or "LMHead" in name or from_ids) else "token-cross-entropy"
+        return infer_loss_name(y)
 
     def _check_at_optimum(self, check_determinism: bool) -> None:
         """``L(θ*)`` and ``‖∇L(θ*)‖``, finite; optionally the same again (determinism). Cost: 1–2 loss evals and gradients."""
@@ -273,8 +362,8 @@ class Problem:
         default = self.data.default_batch_size or self.num_local_examples
         return min(batch_size or default, self.num_local_examples)
 
-    def _to_device_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device)
+    def _to_device_inputs(self, x: Inputs) -> Inputs:
+        return to_device(x, self.device, self.dtype)
 
     def _fit_targets(self, outputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Check the first targets against the model's outputs, and fix what every chunk's targets
@@ -308,39 +397,56 @@ class Problem:
             y = y.reshape(y.shape[0], *tail)
         return y.to(dtype)
 
-    def _check_forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = self.fixed_batch_size or x.shape[0]
+    def _check_forward(self, x: Inputs) -> torch.Tensor:
+        size = self.fixed_batch_size or rows(x)
         try:
             with torch.no_grad():
                 out = self.forward(self.params, self._pad(x, size))
+        except InputError:  # the output could not be picked (names the fields)
+            raise
         except Exception as exc:  # the model's own error, re-raised as bad input
-            shape = tuple(x.shape[1:])
+            what = (f"of shape (batch, {', '.join(map(str, x.shape[1:]))}) and dtype {x.dtype}"
+                    if isinstance(x, torch.Tensor) else describe(x))
             raise InputError(
-                f"the model rejected inputs of shape (batch, {', '.join(map(str, shape))}) and dtype "
-                f"{x.dtype}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                f"the model rejected inputs {what}: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}"
             ) from exc
-        if not isinstance(out, torch.Tensor):
-            raise InputError(f"the model must return one tensor, it returned {type(out).__name__}")
-        return out[: x.shape[0]]
+        if out.dim() == 0 or out.shape[0] < rows(x):
+            raise InputError(
+                f"the model's output has shape {tuple(out.shape)}, without a first dimension of the batch's "
+                f"{rows(x)} examples (is it a loss? basins computes the loss itself from the outputs)"
+            )
+        return out[: rows(x)]
 
-    def _pad(self, x: torch.Tensor, size: int) -> torch.Tensor:
-        if x.shape[0] >= size:
-            return x
-        filler = x[:1].expand(size - x.shape[0], *x.shape[1:])
-        return torch.cat([x, filler], dim=0)
+    def _pad(self, x: Inputs, size: int) -> Inputs:
+        return pad_rows(x, size)
 
     def _read_chunks(self, *, check: bool) -> Iterator[_Chunk]:
         """Chunks read from the data source: on the device, targets fitted to the loss, padded
         to the fixed batch size. ``check``: values finite, targets valid, count as promised."""
-        n = self.num_examples
         start = self.data.first_index
         for x, y in self.data.batches(self.batch_size, check=check):
-            m = int(x.shape[0])
+            m = rows(x)
             x = self._to_device_inputs(x)
             if self.fixed_batch_size is not None:
                 x = self._pad(x, self.fixed_batch_size)
-            yield _Chunk(x, self._chunk_targets(y, check=check, first=start), m, m / n)
+            targets = self._chunk_targets(y, check=check, first=start)
+            yield _Chunk(x, targets, m, self.chunk_terms(x, targets, m))
             start += m
+
+    def chunk_terms(self, x: Inputs, y: torch.Tensor, m: int) -> float:
+        """Averaged terms in a chunk (or any piece of one) of ``m`` real examples: its weight in
+        the full-data mean is ``terms / num_terms``. For a loss returning ``(sum, count)`` the
+        count, from one forward pass (no gradient)."""
+        if self.pair_loss:
+            with torch.no_grad():
+                out = self.forward(self.params, x)
+                return float(self.loss_fn(out[:m], y)[1])
+        return count_terms(self.loss_name, self._output_spec[0], y, m)
+
+    def piece_weight(self, x: Inputs, y: torch.Tensor, m: int) -> float:
+        """Weight in the full-data mean of a piece of a chunk: its :meth:`chunk_terms` over N."""
+        return self.chunk_terms(x, y, m) / self._total_terms
 
     def _check_determinism(self, g: torch.Tensor) -> None:
         if self.data.streamed:  # read the data again: same examples (fingerprints compared), same order
@@ -360,19 +466,31 @@ class Problem:
             )
 
     # ------------------------------------------------------------------ functional pieces
-    def forward(self, params: _Params, x: torch.Tensor) -> torch.Tensor:
-        """Model outputs ``f(x; params)`` for a batch ``x`` (buffers fixed at θ*)."""
-        return functional_call(self.module, (params, self.buffers), (x,))
+    def forward(self, params: _Params, x: Inputs, buffers: _Params | None = None) -> torch.Tensor:
+        """Model outputs ``f(x; params)`` for a batch ``x`` (a tensor, or named inputs passed as
+        keyword arguments; the state not in ``params`` fixed at θ*, or ``buffers``), picked from
+        the model's return value (:attr:`output`), attention on its differentiable path."""
+        with _math_attention():
+            return call_model(self.module, (params, self.buffers if buffers is None else buffers), x, self.output)
 
-    def chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int, float]]:
+    def loss_value(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss' mean over a chunk's averaged terms (a ``(sum, count)`` loss: ``sum / count``)."""
+        return split_loss_value(self.loss_fn(outputs, targets))[0]
+
+    def chunks(self) -> Iterator[tuple[Inputs, torch.Tensor, int, float]]:
         """Yield ``(inputs, targets, num_real, weight)`` per chunk.
 
         ``inputs`` may be padded to the fixed batch size; only the first ``num_real``
-        outputs count. ``weight = num_real / n``; weights sum to 1.
+        outputs count. ``weight = terms / N`` (:meth:`chunk_terms`, :attr:`num_terms`: ``num_real / n``
+        when every example holds the same number of terms); weights sum to 1 over all processes.
         """
+        total = self._total_terms
+        for c in self._iter_chunks():
+            yield c.inputs, c.targets, c.num_real, c.terms / total
+
+    def _iter_chunks(self) -> Iterator[_Chunk]:
         if self._cached is not None:
-            for c in self._cached:
-                yield c.inputs, c.targets, c.num_real, c.weight
+            yield from self._cached
             return
         # A stream: read it again. The first complete pass is checked and, when the chunks fit
         # in the data budget, kept in memory for the later passes.
@@ -382,12 +500,12 @@ class Problem:
         held = 0
         for c in self._read_chunks(check=first):
             if keep is not None:
-                held += c.inputs.numel() * c.inputs.element_size() + c.targets.numel() * c.targets.element_size()
+                held += nbytes(c.inputs) + c.targets.numel() * c.targets.element_size()
                 if held <= budget:
                     keep.append(c)
                 else:
                     keep = None  # too big to hold: stream on every pass
-            yield c.inputs, c.targets, c.num_real, c.weight
+            yield c
         self._checked_pass = True
         if keep is not None:
             self._cached = keep
@@ -397,8 +515,8 @@ class Problem:
         return memory_budget(self._data_memory_bytes, self.device)
 
     @property
-    def inputs(self) -> torch.Tensor:
-        """All of this process' inputs ``(n, ...)`` on the device (data in memory only)."""
+    def inputs(self) -> Inputs:
+        """All of this process' inputs ``(n, ...)`` (or named inputs) on the device (data in memory only)."""
         return self._to_device_inputs(self._memory_data().inputs)
 
     @property
@@ -421,7 +539,7 @@ class Problem:
         """True while every pass reads the data source again (False once the chunks are held in memory)."""
         return self._cached is None
 
-    def _chunk_loss(self, params: _Params, x: torch.Tensor, y: torch.Tensor, num_real: int) -> torch.Tensor:
+    def _chunk_loss(self, params: _Params, x: Inputs, y: torch.Tensor, num_real: int) -> torch.Tensor:
         """One chunk's mean loss. Below float64 the loss itself is evaluated in float64 on the
         model's outputs (cheap: ``(m, k)`` numbers): in float32 the loss head's own rounding (the
         softmax's ``diag(p) − ppᵀ`` cancels) biased the Hessian's top eigenvalues low by up to
@@ -430,9 +548,9 @@ class Problem:
         if out.shape[0] != num_real:
             out = out[:num_real]
         if out.dtype == torch.float64 or not out.is_floating_point():
-            return self.loss_fn(out, y)
+            return self.loss_value(out, y)
         y64 = y.to(torch.float64) if y.is_floating_point() else y
-        return self.loss_fn(out.to(torch.float64), y64).to(out.dtype)
+        return self.loss_value(out.to(torch.float64), y64).to(out.dtype)
 
     # ------------------------------------------------------------------ processes
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
@@ -576,8 +694,9 @@ class Problem:
 
     @property
     def num_terms(self) -> int:
-        """``N``, the number of averaged terms in L (n·k for mse): ``H = (2/N) JᵀJ`` at a zero-residual mse optimum."""
-        return self.num_examples * self.terms_per_example
+        """``N``, the number of averaged terms in L over all processes (n·k for mse, the valid tokens
+        for the token losses): ``H = (2/N) JᵀJ`` at a zero-residual mse optimum."""
+        return int(round(self._total_terms))
 
     # ------------------------------------------------------------------ HVP routes
     @property

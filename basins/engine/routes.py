@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.func import grad, jvp, vjp, vmap
 
+from basins.engine.batch import floating, take
 from basins.engine.memory import memory_budget
 from basins.errors import ComputeError, InputError
 
@@ -234,8 +235,9 @@ class Routes:
         x, y, m, w = next(p.chunks())
         if p.fixed_batch_size is None and m > TIMING_EXAMPLES:
             k = TIMING_EXAMPLES
-            return [(x[:k], y[:k], k, w * k / m)]
-        return [(x, y, m, w)]
+            xk, yk = take(x, 0, k), y[:k]
+            return [(xk, yk, k, p.piece_weight(xk, yk, k))]  # type: ignore[list-item]
+        return [(x, y, m, w)]  # type: ignore[list-item]
 
     def _time(self, route: str, *, strict: bool, piece: bool = False) -> None:
         """Time one HVP by ``route`` on this shard (or on :meth:`_piece`); record failures."""
@@ -284,9 +286,9 @@ def float64_products(problem: Problem, V: torch.Tensor) -> torch.Tensor:
     buffers = {k: (t.to(f64) if t.is_floating_point() else t) for k, t in p.buffers.items()}
     V = V.to(p.device, f64)
 
-    def chunk_loss(prm: _Params, x: torch.Tensor, y: torch.Tensor, m: int) -> torch.Tensor:
-        out = torch.func.functional_call(p.module, (prm, buffers), (x,))
-        return p.loss_fn(out[:m] if out.shape[0] != m else out, y)
+    def chunk_loss(prm: _Params, x: Any, y: torch.Tensor, m: int) -> torch.Tensor:
+        out = p.forward(prm, x, buffers)
+        return p.loss_value(out[:m] if out.shape[0] != m else out, y)
 
     g_fn = grad(chunk_loss)
 
@@ -301,14 +303,15 @@ def float64_products(problem: Problem, V: torch.Tensor) -> torch.Tensor:
 
     def pieces() -> Iterable[tuple[torch.Tensor, torch.Tensor, int, float]]:
         for x, y, m, w in p.chunks():
-            x = x.to(f64) if x.is_floating_point() else x
+            x = floating(x, f64)
             y = y.to(f64) if y.is_floating_point() else y
-            if p.fixed_batch_size is not None:
-                yield x, y, m, w
+            if p.fixed_batch_size is not None or m <= CHECK_EXAMPLES:
+                yield x, y, m, w  # type: ignore[misc]
                 continue
             for a in range(0, m, CHECK_EXAMPLES):
                 b = min(a + CHECK_EXAMPLES, m)
-                yield x[a:b], y[a:b], b - a, w * (b - a) / m
+                xa, ya = take(x, a, b), y[a:b]
+                yield xa, ya, b - a, p.piece_weight(xa, ya, b - a)  # type: ignore[misc]
 
     block = 1 if p.fixed_batch_size is not None else V.shape[1]
 

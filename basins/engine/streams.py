@@ -16,11 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from basins.engine.batch import Inputs, NAMED_INPUTS, TARGET_KEYS, cat, has_named_inputs, rows, split_named, take
 from basins.engine.data import (
     DEFAULT_STREAM_BATCH,
     Batch,
     DataSource,
     _check_examples,
+    as_inputs,
     as_tensor,
     check_pair,
     data_fingerprint,
@@ -90,7 +92,7 @@ class DatasetStream(DataSource):
         else:
             batch = (self.loader_options.get("collate_fn") or default_collate)([self.dataset[i] for i in keys])
         x, y = as_pair(batch, self.source, "the batch of the first examples")
-        return as_tensor(x, self.source, "inputs"), as_tensor(y, self.source, "targets")
+        return as_inputs(x, self.source), as_tensor(y, self.source, "targets")
 
     def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
         from torch.utils.data import DataLoader
@@ -126,26 +128,26 @@ class IterableStream(DataSource):
         self.source = source
 
     def _raw_batches(self, batch_size: int) -> Iterator[tuple[Any, Any]]:
-        xs: list[torch.Tensor] = []
+        xs: list[Inputs] = []
         ys: list[torch.Tensor] = []
         have = position = 0
         for number, item in enumerate(self.loader):
             x, y = loader_batch(self.loader, item, self.source, number)
-            m = x.shape[0]
+            m = rows(x)
             a, b = max(self.first_index - position, 0), min(self._stop - position, m)
             position += m
             if a < b:
-                xs.append(x[a:b])
+                xs.append(take(x, a, b))
                 ys.append(y[a:b])
                 have += b - a
             while have >= batch_size:
-                X, Y = torch.cat(xs), torch.cat(ys)
-                yield X[:batch_size], Y[:batch_size]
-                xs, ys, have = [X[batch_size:]], [Y[batch_size:]], have - batch_size
+                X, Y = cat(xs), torch.cat(ys)
+                yield take(X, 0, batch_size), Y[:batch_size]
+                xs, ys, have = [take(X, batch_size, rows(X))], [Y[batch_size:]], have - batch_size
             if position >= self._stop and self._stop != self.total:
                 break
         if have:
-            yield torch.cat(xs), torch.cat(ys)
+            yield cat(xs), torch.cat(ys)
         if self.total is not None and self._stop == self.total and position > self.total:
             raise InputError(
                 f"{self.source}: a pass yielded {position} examples instead of {self.total}; "
@@ -171,17 +173,21 @@ def loader_batch(loader: Any, item: Any, source: str, number: int) -> Batch:
     :func:`_looks_batched` says so, else one example.
     """
     x, y = as_pair(item, source, f"batch {number}")
-    x, y = as_tensor(x, source, "inputs"), as_tensor(y, source, "targets")
+    x, y = as_inputs(x, source), as_tensor(y, source, "targets")
     if not _auto_batching(loader) and not _looks_batched(x, y):
-        x, y = x.unsqueeze(0), y.unsqueeze(0)  # automatic batching off, and this item is one example
+        # automatic batching off, and this item is one example
+        x = {k: v.unsqueeze(0) for k, v in x.items()} if isinstance(x, dict) else x.unsqueeze(0)
+        y = y.unsqueeze(0)
     return x, y
 
 
-def _looks_batched(x: torch.Tensor, y: torch.Tensor) -> bool:
+def _looks_batched(x: Inputs, y: torch.Tensor) -> bool:
     """Whether an item a loader yields with automatic batching off is a batch: inputs of at least
     2 dimensions whose first matches the targets' (``(B, ...)`` and ``(B, ...)``); anything else
-    (``(T,)`` tokens with ``(T,)`` labels, an image with a scalar label) is one example."""
-    return x.dim() >= 2 and y.dim() >= 1 and x.shape[0] == y.shape[0]
+    (``(T,)`` tokens with ``(T,)`` labels, an image with a scalar label) is one example. Named
+    inputs count as a batch when ``input_ids`` (or the first input) has 2 dimensions or more."""
+    first = (x.get("input_ids", next(iter(x.values()))) if isinstance(x, dict) else x)
+    return first.dim() >= 2 and y.dim() >= 1 and first.shape[0] == y.shape[0]
 
 
 class HDF5Stream(DataSource):
@@ -198,10 +204,16 @@ class HDF5Stream(DataSource):
         import h5py  # type: ignore[import-untyped]
 
         with h5py.File(self.path, "r") as handle:
-            xs, ys = handle["inputs"], handle["targets"]
+            if "inputs" in handle:
+                xs, ys = handle["inputs"], handle["targets"]
+                for a in range(self.first_index, self._stop, batch_size):
+                    b = min(a + batch_size, self._stop)
+                    yield xs[a:b], ys[a:b]
+                return
+            names = [k for k in handle.keys() if isinstance(handle[k], h5py.Dataset)]  # named inputs
             for a in range(self.first_index, self._stop, batch_size):
                 b = min(a + batch_size, self._stop)
-                yield xs[a:b], ys[a:b]
+                yield split_named({k: handle[k][a:b] for k in names}, self.path)
 
 
 def as_pair(item: Any, source: str, where: str) -> tuple[Any, Any]:
@@ -214,10 +226,13 @@ def as_pair(item: Any, source: str, where: str) -> tuple[Any, Any]:
         return item[0], item[1]
     if isinstance(item, Mapping) and "inputs" in item and "targets" in item:
         return item["inputs"], item["targets"]
+    if has_named_inputs(item):  # {"input_ids": ..., "attention_mask": ..., "labels": ...}
+        return split_named(item, source)
     if isinstance(item, tuple | list):
         found = f"a {type(item).__name__} of {len(item)} items"
     elif isinstance(item, Mapping):
-        found = f"a dict with keys {', '.join(map(str, list(item)[:6]))} (expected keys inputs and targets)"
+        found = (f"a dict with keys {', '.join(map(str, list(item)[:6]))} (expected keys inputs and targets, "
+                 f"or named inputs such as {', '.join(NAMED_INPUTS[:2])} with {' or '.join(TARGET_KEYS)})")
     else:
         found = f"a {type(item).__name__}"
     raise InputError(f"{source}: {where} is {found}, not an (x, y) pair")
@@ -280,7 +295,7 @@ def stream_from_object(obj: Any, source: str, max_samples: int | None = None) ->
             else _loader_indices(obj, source)
         if indices is not None and len(indices) and not _auto_batching(obj):
             first = loader_batch(obj, obj.collate_fn(obj.dataset[int(indices[0])]), source, 0)
-            if first[0].shape[0] > 1:  # the dataset's items are batches themselves: iterate the loader
+            if rows(first[0]) > 1:  # the dataset's items are batches themselves: iterate the loader
                 indices = None
         if indices is None:  # iterate the loader itself
             total = _count_examples(obj, source, None if max_samples is None else max_samples + 1)
@@ -391,7 +406,7 @@ def _count_examples(loader: Any, source: str, max_samples: int | None) -> int:
     total = 0
     for number, item in enumerate(loader):
         x, _ = loader_batch(loader, item, source, number)
-        total += x.shape[0]
+        total += rows(x)
         if max_samples is not None and total >= max_samples:
             break
     if total == 0:
@@ -407,6 +422,10 @@ def hdf5_datasets(handle: Any, path: str) -> tuple[Any, Any]:
     """
     import h5py
 
+    if "inputs" not in handle and any(isinstance(handle.get(k), h5py.Dataset) for k in NAMED_INPUTS):
+        named = [handle[k] for k in handle.keys() if isinstance(handle[k], h5py.Dataset)]
+        target = next((handle[k] for k in TARGET_KEYS if k in handle), None)
+        return named[0], target if target is not None else named[0]
     found = []
     for key in ("inputs", "targets"):
         item = handle.get(key)
@@ -414,7 +433,8 @@ def hdf5_datasets(handle: Any, path: str) -> tuple[Any, Any]:
             names = ", ".join(sorted(handle.keys())[:8]) or "nothing"
             raise InputError(
                 f"{path} is an HDF5 file without a dataset named {key} at its root "
-                f"(found: {names}); store datasets inputs and targets"
+                f"(found: {names}); store datasets inputs and targets (or named inputs such as input_ids "
+                "and attention_mask, with labels)"
             )
         found.append(item)
     return found[0], found[1]

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from basins.engine.batch import has_named_inputs, split_named
 from basins.engine.data import TensorData, as_tensor, data_fingerprint
 from basins.engine.streams import StreamSpec, as_pair, hdf5_stream, stream_from_object
 from basins.errors import InputError
@@ -44,7 +45,9 @@ class LoadedData(TensorData):
     there) with its fingerprint; pass it to :class:`~basins.Problem` as the data source.
 
     Attributes:
-        inputs: Tensor ``(n, ...)``, dtype as stored.
+        inputs: Tensor ``(n, ...)``, dtype as stored; or a dict of named inputs (``input_ids``,
+            ``attention_mask``, ``token_type_ids``, ``pixel_values``, ...), each ``(n, ...)``,
+            passed to the model as keyword arguments.
         targets: Tensor ``(n, ...)``, dtype as stored (class labels integer, values float).
         source: The path or ``module:factory`` spec as given.
         sha256: Hex fingerprint of the content (after ``max_samples``): the sum over examples of
@@ -55,7 +58,9 @@ class LoadedData(TensorData):
 
     def __init__(self, inputs: Any, targets: Any, source: str, *, max_samples: int | None = None) -> None:
         super().__init__(inputs, targets, source=source, max_samples=max_samples)
-        self.inputs, self.targets = self.inputs.cpu().contiguous(), self.targets.cpu().contiguous()
+        x = self.inputs
+        self.inputs = {k: v.cpu().contiguous() for k, v in x.items()} if isinstance(x, dict) else x.cpu().contiguous()
+        self.targets = self.targets.cpu().contiguous()
         self.sha256 = data_fingerprint(self.inputs, self.targets)
 
 
@@ -143,6 +148,8 @@ def _load_data_file(path: str, max_samples: int | None) -> tuple[Any, Any]:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 keys = list(archive.files)
+                if has_named_inputs(dict.fromkeys(keys)):
+                    return split_named({k: archive[k] for k in keys}, path)
                 if "inputs" not in keys or "targets" not in keys:
                     raise InputError(
                         f"{path} is an .npz with arrays {keys}; it needs arrays named inputs "
@@ -172,9 +179,12 @@ def _load_data_file(path: str, max_samples: int | None) -> tuple[Any, Any]:
 def _pair_from_mapping(obj: Any, source: str, found: str) -> tuple[Any, Any]:
     if isinstance(obj, Mapping) and "inputs" in obj and "targets" in obj:
         return obj["inputs"], obj["targets"]
+    if has_named_inputs(obj):
+        return split_named(obj, source)
     raise InputError(
         f"{source} is {found} holding {_describe(obj)}; data needs keys inputs and targets: "
-        'torch.save({"inputs": X, "targets": Y}, path)'
+        'torch.save({"inputs": X, "targets": Y}, path), or named inputs (input_ids, attention_mask, '
+        "..., labels)"
     )
 
 
@@ -286,7 +296,9 @@ def _materialise(obj: Any, spec: str, max_samples: int | None) -> tuple[Any, Any
 
 
 
-def _stack(values: list[Any], spec: str, name: str) -> torch.Tensor:
+def _stack(values: list[Any], spec: str, name: str) -> Any:
+    if values and isinstance(values[0], Mapping):  # named inputs: one stacked tensor per name
+        return {k: _stack([v[k] for v in values], spec, f"{name} {k!r}") for k in values[0]}
     try:
         return torch.stack([as_tensor(v, spec, name) for v in values])
     except Exception as err:
