@@ -72,10 +72,21 @@ def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool
 def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The model argument and the options that define the problem."""
     decorators = [
-        click.argument("model", type=click.Path(dir_okay=False)),
-        click.option("--data", help="Data: .pt/.npz/.h5 with inputs and targets, or module:factory. Default: the bundle's."),
-        click.option("--loss", help="mse, cross-entropy, nll, bce or module:function. Default: the bundle's, else inferred from the targets."),
-        click.option("--arch", help="module:factory building the model, for a state-dict file."),
+        click.argument("model", type=click.Path()),
+        click.option("--data", help="Data: .pt/.npz/.h5 with inputs and targets (or named inputs: input_ids, "
+                                    "attention_mask, ..., labels), or module:factory. Default: the bundle's."),
+        click.option("--loss", help="mse, cross-entropy, nll, bce, causal-lm, token-cross-entropy or module:function "
+                                    "(returning a mean, or (sum, count)). Default: the bundle's, else inferred from "
+                                    "the targets and outputs."),
+        click.option("--arch", help="module:factory building the model, for a state-dict or .safetensors file."),
+        click.option("--params", "param_patterns", multiple=True, metavar="GLOB",
+                     help="Restrict θ to the parameters matching GLOB (repeatable, in order; a leading ! excludes), "
+                          "e.g. --params 'transformer.h.0.*' --params '!*.bias'. The others are held fixed."),
+        click.option("--include-frozen", is_flag=True,
+                     help="Keep parameters with requires_grad=False in θ (default: held fixed, and reported)."),
+        click.option("--model-output", "model_output", metavar="NAME",
+                     help="The field (or tuple index) of the model's output to use (default: logits, the only "
+                          "tensor, or the first element)."),
         click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (runs code from the file)."),
         click.option("--batch-size", type=click.IntRange(min=1),
                      help="Examples per chunk (default: all at once for data in memory; for a streamed source its "
@@ -152,6 +163,8 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
             data_memory_bytes=0 if opts.get("stream") else None,
             reduce=dist.all_reduce_sum if ctx is not None else None,
             gather=dist.all_gather_object if ctx is not None else None,
+            params=list(opts.get("param_patterns") or []) or None,
+            include_frozen=bool(opts.get("include_frozen")), output=opts.get("model_output"),
         )
     streamed = isinstance(data, StreamSpec)
     if isinstance(data, StreamSpec):
@@ -173,6 +186,11 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
                   f"{' + '.join(map(str, rank_examples))} = {sum(rank_examples):,}")
     if loss is None:
         log.print(f"loss: {problem.loss_name} (inferred from {problem.data_target_dtype} targets; set --loss to change)")
+    selection = problem.selection
+    if selection.patterns or selection.frozen:
+        log.print(f"parameters: {selection.describe()}")
+    if problem.attention != "sdpa-math" or model.kind == "hf":
+        log.print(f"attention: {problem.attention}")
     log.print(
         f"P = {problem.num_params:,} parameters, n = {problem.num_examples:,} examples, "
         f"L(θ*) = {problem.loss_at_optimum:.6g}, ‖∇L(θ*)‖ = {problem.grad_norm:.3g}, "
@@ -195,6 +213,12 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
         "max_samples": opts.get("max_samples"),
         "world_size": len(rank_examples), "rank_examples": rank_examples,
         "dist_backend": ctx.backend if ctx is not None else None,
+        # None for the default θ (every trainable parameter, none frozen), so older reports still match
+        "params": (" ".join(selection.patterns) or "all trainable") if (selection.patterns or selection.frozen)
+        else None,
+        "params_frozen": ", ".join(selection.frozen) if selection.frozen else None,
+        "num_params_fixed": sum(int(p.numel()) for n, p in model.module.named_parameters() if n in set(selection.fixed)),
+        "num_terms": problem.num_terms, "attention": problem.attention,
     }
     if opts.get("output"):  # fail before the work, not after it
         check_report_writable(opts["output"], record, force=bool(opts.get("force")))

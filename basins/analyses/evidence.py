@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from basins.engine.problem import Problem
 from basins.errors import ComputeError, InputError
@@ -182,16 +182,16 @@ class EvidenceResult:
 
 def _ggn_matvec(problem: Problem) -> Callable[[torch.Tensor], torch.Tensor]:
     """V ↦ G V, G = Σ_chunks w·Jᵀ H_out J (Hessian of the loss in the outputs), for ``(P, K)`` blocks."""
-    space, buffers, module, loss_fn = problem.space, problem.buffers, problem.module, problem.loss_fn
+    space, buffers = problem.space, problem.buffers
 
     def one(v: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(v)
         for x, y, m, w in problem.chunks():
-            def f(theta: torch.Tensor, x: torch.Tensor = x, m: int = m) -> torch.Tensor:
-                return functional_call(module, (space.unflatten(theta), buffers), (x,))[:m]
+            def f(theta: torch.Tensor, x: Any = x, m: int = m) -> torch.Tensor:
+                return problem.forward(space.unflatten(theta), x, buffers)[:m]
 
             def lo(o: torch.Tensor, y: torch.Tensor = y) -> torch.Tensor:
-                return loss_fn(o, y)
+                return problem.loss_value(o, y)
 
             theta0 = space.flatten(problem.params).detach()
             out, Jv = jvp(f, (theta0,), (v,))  # type: ignore[misc]

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.func import hessian, jacfwd, jacrev, vmap
 
+from basins.engine.batch import require_tensor
 from basins.engine.problem import Problem
 from basins.errors import ComputeError, InputError
 
@@ -85,6 +86,7 @@ def choose_mode(problem: Problem, mode: str, notes: list[str]) -> str:
     if mode == "batch":
         return mode
     x, _, m, _ = next(problem.chunks())
+    x = require_tensor(x, "the Jacobian of the outputs")
     try:
         jacobian_block(problem, x, 0, min(m, 2), m, "per-example")
         return "per-example"
@@ -106,7 +108,7 @@ def factored_rows(
     for x, y, m, _ in problem.chunks():
         pieces = [(s, min(s + sub, m)) for s in range(0, m, sub)] if mode == "per-example" else [(0, m)]
         for a, b in pieces:
-            J, out = jacobian_block(problem, x, a, b, m, mode)  # (c, k, P), outputs (c, ...)
+            J, out = jacobian_block(problem, require_tensor(x, "the Jacobian of the outputs"), a, b, m, mode)
             S = loss_factor(problem, out, y[a:b], notes)
             J = J.to(torch.float64)
             rows = J * S if isinstance(S, float) else torch.bmm(S.to(J.device), J)

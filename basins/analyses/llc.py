@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch.func import functional_call, grad_and_value, vmap
 
+from basins.engine.batch import require_tensor
 from basins.engine.problem import Problem
 from basins.errors import ComputeError, InputError
 from basins.progress import Progress, ProgressCallback
@@ -242,7 +243,7 @@ def llc(
     n = problem.num_examples
     if n < 2:
         raise InputError("llc needs at least 2 examples (β = 1/log n)")
-    X, Y = problem.inputs, problem.targets
+    X, Y = require_tensor(problem.inputs, "llc"), problem.targets
     b = min(n, batch_size or 256)
     if b < 1:
         raise InputError(f"batch_size must be ≥ 1, got {batch_size}")

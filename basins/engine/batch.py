@@ -15,7 +15,7 @@ tuple or list its first element; or the field named by ``output`` (``--model-out
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 #: A batch of inputs: one tensor, or named tensors passed as keyword arguments.
-Inputs = Union[torch.Tensor, dict[str, torch.Tensor]]
+Inputs = torch.Tensor | dict[str, torch.Tensor]
 
 #: Input names recognised in data files (any other name is passed on as well).
 NAMED_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "pixel_values")
@@ -211,3 +211,15 @@ def split_named(obj: Mapping[str, Any], source: str) -> tuple[dict[str, Any], An
     if mask is not None:
         labels = labels.masked_fill(torch.as_tensor(mask) == 0, -100)
     return inputs, labels
+
+
+def require_tensor(x: Inputs, what: str) -> torch.Tensor:
+    """``x`` when it is one tensor; named inputs are refused by ``what`` (an analysis that needs them
+    as one tensor).
+
+    Raises:
+        InputError: naming the inputs and ``what``.
+    """
+    if isinstance(x, torch.Tensor):
+        return x
+    raise InputError(f"{what} needs the inputs as one tensor; named inputs ({', '.join(x)}) are not supported there")

@@ -37,7 +37,15 @@ from typing import Any
 import torch
 from torch.func import grad, vmap
 
-from basins.engine.batch import Inputs, call_model, describe, nbytes, pad_rows, rows, take, to_device
+from basins.engine.batch import (
+    Inputs,
+    call_model,
+    describe,
+    nbytes,
+    pad_rows,
+    rows,
+    to_device,
+)
 from basins.engine.data import DataSource, TensorData
 from basins.engine.losses import (
     TOKEN_LOSSES,
@@ -102,7 +110,7 @@ def force_differentiable_attention(module: torch.nn.Module) -> str:
     impl = getattr(config, "_attn_implementation", None)
     if isinstance(impl, str) and impl != "eager" and hasattr(module, "set_attn_implementation"):
         try:
-            module.set_attn_implementation("eager")
+            module.set_attn_implementation("eager")  # type: ignore[operator]
         except Exception:  # noqa: BLE001 - a model without an eager path: the math backend still applies
             return f"sdpa-math ({impl} kept: no eager attention)"
         return f"eager (switched from {impl})"

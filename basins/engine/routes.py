@@ -90,7 +90,7 @@ class Routes:
 
     # ------------------------------------------------------------------ computing
     def compute(self, V: torch.Tensor, route: str, *, reduce: bool = True,
-                chunks: Iterable[tuple[torch.Tensor, torch.Tensor, int, float]] | None = None) -> torch.Tensor:
+                chunks: Iterable[tuple[Any, torch.Tensor, int, float]] | None = None) -> torch.Tensor:
         """``H V`` for a ``(P, K)`` block by ``route``; summed over processes when ``reduce``.
 
         ``chunks``: the ``(x, y, num_real, weight)`` chunks to sum over (default: all of this
@@ -107,7 +107,7 @@ class Routes:
         p.counters.num_hvps += V.shape[1]
         return p.reduce(out) if reduce else out
 
-    def _chunk_hvp(self, x: torch.Tensor, y: torch.Tensor, m: int, Vd: _Params, route: str) -> _Params:
+    def _chunk_hvp(self, x: Any, y: torch.Tensor, m: int, Vd: _Params, route: str) -> _Params:
         """``H_c V`` for one chunk by a functional route; ``Vd`` holds K vectors as ``{name: (K, *shape)}``."""
         p = self.problem
         g_fn = grad(p._chunk_loss)

@@ -16,7 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from basins.engine.batch import Inputs, NAMED_INPUTS, TARGET_KEYS, cat, has_named_inputs, rows, split_named, take
+from basins.engine.batch import (
+    NAMED_INPUTS,
+    TARGET_KEYS,
+    Inputs,
+    cat,
+    has_named_inputs,
+    rows,
+    split_named,
+    take,
+)
 from basins.engine.data import (
     DEFAULT_STREAM_BATCH,
     Batch,

@@ -53,7 +53,7 @@ __all__ = ["SCHEMA_VERSION", "FORMAT", "Array", "write_analysis", "read_report",
 
 FORMAT = "basins-report"
 SCHEMA_VERSION = 1
-_IDENTITY_KEYS = ("model_sha256", "data_sha256")
+_IDENTITY_KEYS = ("model_sha256", "data_sha256", "params")  # params: the --params selection (None: all)
 _JSON_PREFIX = "json:"
 
 

@@ -19,6 +19,10 @@ Models (:func:`load_model`)
       loaded with ``strict=True``.
     * a pickled ``nn.Module`` (``torch.save(model, path)``): loading it runs code from the file,
       so it is refused unless ``trust_pickle=True`` (``--trust-pickle``).
+    * a Hugging Face model directory (``config.json`` + ``model.safetensors``), local files only,
+      with ``transformers`` (extra ``basins[hf]``): :mod:`~basins.files.loading.hf`; a
+      ``pytorch_model.bin`` is a pickle (``trust_pickle``);
+    * a ``.safetensors`` file of weights plus ``arch="module:factory"``, like a state dict;
     * TorchScript (``torch.jit.save``) is always refused: ``torch.func`` cannot differentiate it.
       The error gives the ``torch.export`` one-liner to use instead.
 
@@ -26,6 +30,11 @@ Data (:func:`load_data`)
     ``spec`` is a file or ``module:factory``:
 
     * ``.pt``: ``torch.save({"inputs": X, "targets": Y}, path)``, read with ``weights_only=True``;
+      ``inputs`` may be a dict of named inputs, or the file (like an ``.npz``, the root of an
+      ``.h5``, a factory's dict or a Dataset's items) may hold named inputs directly:
+      ``{"input_ids": ..., "attention_mask": ..., "labels": ...}`` (passed to the model as keyword
+      arguments; targets from ``labels`` or ``targets``, else ``input_ids`` with padding
+      (``attention_mask == 0``) set to −100, as a causal LM's labels);
     * ``.npz``: ``numpy.savez(path, inputs=X, targets=Y)`` (read with ``allow_pickle=False``);
     * ``.h5``/``.hdf5``: datasets named ``inputs`` and ``targets`` at the root;
     * a bundle (its data);
@@ -147,10 +156,11 @@ def resolve_inputs(
             "export": "a .pt2 export",
             "state_dict": "a state dict",
             "pickle": "a pickled module",
+            "hf": "a Hugging Face model directory",
         }.get(loaded.kind, loaded.kind)
         raise InputError(
             f"{model} is {found}, which holds no data: pass the data with --data (a .pt, .npz "
-            "or .h5 file with inputs and targets, or module:function); only a bundle written by "
+            "or .h5 file with inputs and targets or named inputs such as input_ids, or module:function); only a bundle written by "
             "basins example or save_bundle carries its own"
         )
     return loaded, (open_data if stream else load_data)(data, max_samples=max_samples, seed=seed), load_loss(loss)

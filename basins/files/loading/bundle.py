@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from basins.engine.batch import require_tensor
 from basins.errors import InputError
 
 from .data import LoadedData, _finish_data
@@ -122,14 +123,14 @@ def save_bundle(
         if not isinstance(key, str):
             raise InputError(f"bundle meta keys must be strings, got {key!r}")
         plain_meta[str(key)] = _plain_meta(key, value)
-    program = _export(module_or_exported, data.inputs)
+    program = _export(module_or_exported, require_tensor(data.inputs, "a bundle"))
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     payload = {
         "format": BUNDLE_FORMAT,
         "version": BUNDLE_VERSION,
         "model": torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8),
-        "inputs": data.inputs.clone(),
+        "inputs": require_tensor(data.inputs, "a bundle").clone(),
         "targets": data.targets.clone(),
         "loss": loss,
         "meta": plain_meta,

@@ -167,7 +167,7 @@ def _load_data_file(path: str, max_samples: int | None) -> tuple[Any, Any]:
             f"{path} is a single .npy array; data needs inputs and targets: "
             "numpy.savez(path, inputs=X, targets=Y)"
         )
-    if kind in ("pt2", "torchscript", "aoti"):
+    if kind in ("pt2", "torchscript", "aoti", "safetensors"):
         raise InputError(
             f"{path} is {_KIND_WORDS[kind]}, a model, not data: pass it as MODEL and the data "
             "with --data"

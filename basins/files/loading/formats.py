@@ -58,6 +58,7 @@ _KIND_WORDS = {
     "npz": "a NumPy .npz archive",
     "npy": "a single NumPy .npy array",
     "hdf5": "an HDF5 file",
+    "safetensors": "a .safetensors file of weights",
     "zip": "a zip archive of unknown content",
     "corrupt-zip": "a corrupt zip archive",
     "empty": "an empty file",
@@ -69,8 +70,8 @@ _KIND_WORDS = {
 def _check_file(path: str, what: str) -> None:
     """Refuse anything but an existing, readable regular file (a FIFO or device would block or never end).
 
-    A directory is refused by :func:`_refuse_directory`, the one check a loader of model
-    directories would relax.
+    A directory is refused by :func:`_refuse_directory`; a Hugging Face model directory is
+    recognised before this check (:func:`basins.files.loading.hf.is_hf_directory`).
     """
     try:
         st = os.stat(path)
@@ -89,7 +90,8 @@ def _check_file(path: str, what: str) -> None:
 
 
 def _refuse_directory(path: str, what: str) -> None:
-    raise InputError(f"{path} is a directory, not a {what} file: pass the file itself")
+    hint = " (a Hugging Face model directory needs its config.json)" if what == "model" else ""
+    raise InputError(f"{path} is a directory, not a {what} file: pass the file itself{hint}")
 
 
 
@@ -112,6 +114,8 @@ def _sniff(path: str) -> _Sniffed:
         return _Sniffed("npy")
     if head[0] == 0x80 and 2 <= head[1] <= 5:
         return _Sniffed("legacy-pickle")
+    if _is_safetensors(path, head):
+        return _Sniffed("safetensors")
     try:
         import h5py  # type: ignore[import-untyped]  # (a user block may precede the signature)
 
@@ -121,6 +125,14 @@ def _sniff(path: str) -> _Sniffed:
         pass
     return _Sniffed("unknown", f"starts with {head[:8]!r}")
 
+
+
+def _is_safetensors(path: str, head: bytes) -> bool:
+    """A safetensors file: an 8-byte little-endian header length, then a JSON object of that length."""
+    if len(head) < 10 or head[8:9] != b"{":
+        return False
+    size = int.from_bytes(head[:8], "little")
+    return 2 <= size <= min(os.path.getsize(path) - 8, 100 << 20)
 
 
 def _sniff_zip(names: list[str]) -> _Sniffed:
@@ -186,8 +198,8 @@ def _not_readable(path: str, sniffed: _Sniffed, what: str) -> str:
     detail = f" ({sniffed.detail})" if sniffed.detail else ""
     if what == "model":
         expected = (
-            "a .pt2 (torch.export.save), a state dict with --arch, or a bundle written by "
-            "basins example"
+            "a .pt2 (torch.export.save), a state dict (.pt or .safetensors) with --arch, a Hugging Face "
+            "model directory, or a bundle written by basins example"
         )
     else:
         expected = (

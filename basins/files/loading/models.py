@@ -33,6 +33,7 @@ from .formats import (
     _torch_load_safe,
     _unpickling_global,
 )
+from .hf import is_hf_directory, load_hf_directory, load_safetensors_state, load_state_tied
 from .imports import import_object
 
 
@@ -43,11 +44,15 @@ class LoadedModel:
     Attributes:
         module: The ``nn.Module``, in eval mode; for a ``.pt2`` the ``ExportedProgram``'s
             ``.module()`` rewritten to inference mode (its ``eval()`` is a no-op).
-        kind: ``"export"``, ``"state_dict"``, ``"pickle"`` or ``"bundle"``.
+        kind: ``"export"``, ``"state_dict"``, ``"pickle"``, ``"bundle"`` or ``"hf"`` (a Hugging
+            Face model directory, :mod:`basins.files.loading.hf`).
         fixed_batch_size: For an export whose batch dimension is static, that size (the module
             only accepts batches of exactly this many examples); otherwise ``None``.
         source: The path as given.
-        sha256: Hex SHA-256 of the model file's bytes (of a bundle: of the embedded ``.pt2``).
+        sha256: Hex SHA-256 of the model file's bytes (of a bundle: of the embedded ``.pt2``; of
+            a model directory: of config.json and the weight files).
+        attention: for a Hugging Face directory, the attention implementation it was loaded with
+            (``eager``); None otherwise.
     """
 
     module: torch.nn.Module
@@ -55,6 +60,7 @@ class LoadedModel:
     fixed_batch_size: int | None
     source: str
     sha256: str
+    attention: str | None = None
 
 
 
@@ -84,6 +90,9 @@ def _load_model_file(
     path: str, *, arch: str | None, trust_pickle: bool
 ) -> tuple[LoadedModel, dict[str, Any] | None]:
     """The model, and the raw bundle dict when the file is a bundle."""
+    if is_hf_directory(path):
+        module, digest, attention = load_hf_directory(path, trust_pickle=trust_pickle)
+        return LoadedModel(module, "hf", None, path, digest, attention), None
     _check_file(path, "model")
     sniffed = _sniff(path)
     kind = sniffed.kind
@@ -111,6 +120,18 @@ def _load_model_file(
         )
     if kind in ("torch-save", "legacy-pickle"):
         return _load_torch_save_model(path, arch=arch, trust_pickle=trust_pickle)
+    if kind == "safetensors":
+        state = load_safetensors_state(path)
+        if arch is None:
+            raise InputError(
+                f"{path} is a .safetensors file ({len(state)} tensors): it holds weights but not the "
+                "architecture; pass --arch module:factory naming a function that builds the nn.Module, "
+                "or pass the Hugging Face model directory it came from"
+            )
+        module = _build_module(arch)
+        load_state_tied(module, state, path, arch)
+        module.eval()
+        return LoadedModel(module, "state_dict", None, path, _file_sha256(path)), None
     if kind in ("npz", "npy", "hdf5"):
         raise InputError(
             f"{path} is {_KIND_WORDS[kind]}, which is data, not a model: pass it with --data"
