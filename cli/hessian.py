@@ -56,6 +56,12 @@ _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
                    "eigenvalues become float64 Rayleigh quotients and the bounds provably contain an exact "
                    "eigenvalue). No effect in float64.")
 @click.option("--strict", is_flag=True, help="Exit 1 unless every eigenvalue converged (output is still written).")
+@click.option("--per-block", "per_block", multiple=True, metavar="DEPTH|GLOB",
+              help="Instead of the whole Hessian: one row per block of parameters (block, P, λ_max ± residual, "
+                   "trace ± s.e. by Hutch++ with --trace-hvps products), each the Hessian in that block with the "
+                   "others fixed (as --params BLOCK). An integer groups parameters by module prefix at that depth "
+                   "(2: transformer.h, transformer.wte, ...); globs (repeatable) are one block each. Report group "
+                   "/hessian_blocks.")
 @output_options
 def hessian(**kw: Any) -> None:
     """Largest (and/or smallest) Hessian eigenvalues at the saved parameters, by Lanczos.
@@ -102,6 +108,9 @@ def hessian(**kw: Any) -> None:
     if kw["eigenvectors"] and not kw["output"]:
         log.print("[yellow]note:[/] eigenvectors are stored only in a report: add -o report.h5")
     k = kw["top_k"]
+    if kw["per_block"]:
+        _per_block(kw, log, loaded)
+        return
 
     with Timer() as t, progress_bar(log, f"Lanczos ({kw['which']} {k})", total=kw["max_hvps"]) as on_progress:
         with flag_names(k="--top-k", which="--which", tol="--tol", max_hvps="--max-hvps", max_matvecs="--max-hvps",
@@ -141,6 +150,25 @@ def hessian(**kw: Any) -> None:
             f"--strict: {result.num_wanted - result.num_converged} of {result.num_wanted} eigenvalues did not "
             f"converge within {result.num_lanczos_hvps} HVPs (raise --max-hvps or loosen --tol)"
         )
+
+
+def _per_block(kw: dict[str, Any], log: Any, loaded: Any) -> None:
+    """``--per-block``: the per-block table (:mod:`basins.analyses.blocks`), group ``/hessian_blocks``."""
+    from basins.analyses.blocks import parse_blocks, per_block_hessian
+
+    from .hessian_blocks import summary_tables as block_tables
+
+    problem = loaded.problem
+    with flag_names(per_block="--per-block", trace_hvps="--trace-hvps", max_matvecs="--max-hvps"):
+        blocks = parse_blocks(problem.space.names, list(kw["per_block"]))
+        with Timer() as t, progress_bar(log, f"Hessian of {len(blocks)} blocks", total=len(blocks)) as on_progress:
+            result = per_block_hessian(problem, blocks, tol=kw["tol"], max_hvps=kw["max_hvps"],
+                                       trace_hvps=kw["trace_hvps"], seed=loaded.seed,
+                                       spec=" ".join(kw["per_block"]), callback=on_progress)
+    log.print(f"{result.num_hvps} HVPs in {t.seconds:.2f} s over {len(blocks)} blocks")
+    record = result.record()
+    record.attrs.update(wall_seconds=t.seconds, **problem.counters.as_dict())
+    emit(kw, log, loaded, "hessian_blocks", record, warnings=list(loaded.warnings), tables=block_tables)
 
 
 # ---------------------------------------------------------------------- summary renderers

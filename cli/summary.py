@@ -132,6 +132,7 @@ def _json_report(d: dict[str, Any]) -> dict[str, Any]:
 #: a group not listed here is drawn generically.
 RENDERERS: dict[str, str] = {
     "hessian": "hessian",
+    "hessian_blocks": "hessian_blocks",  # written by ``basins hessian --per-block``
     "spectrum": "spectrum",
     "nullity": "nullity",
     "features": "features",
