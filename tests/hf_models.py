@@ -1,0 +1,88 @@
+"""Tiny language models for the transformer tests (built locally: nothing is downloaded).
+
+``tiny_gpt2()`` is a GPT-2 from ``transformers.GPT2Config`` (vocabulary 23, 12 positions, width 8,
+2 layers, 2 heads: P = 2,040 with the tied output layer), float64, eager attention, no cache.
+``TinyLM`` is a one-layer causal self-attention LM written with ``F.scaled_dot_product_attention``
+(so that on CPU it takes the fused kernel unless basins forces the math backend); its twin
+``manual=True`` computes the same attention with explicit softmax, as an independent reference.
+``Wrapped`` returns its inner model's logits as a tensor, a tuple, a dict, or a dict without
+``logits``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+VOCAB, POSITIONS = 23, 12
+
+
+def gpt2_config(attn: str = "eager") -> object:
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=VOCAB, n_positions=POSITIONS, n_embd=8, n_layer=2, n_head=2, use_cache=False,
+                      bos_token_id=None, eos_token_id=None, attn_implementation=attn)
+
+
+def tiny_gpt2(attn: str = "eager", seed: int = 0) -> nn.Module:
+    """A randomly initialised tiny GPT-2 in float64 (``--arch tests.hf_models:tiny_gpt2``)."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(gpt2_config(attn)).double().eval()
+
+
+class TinyLM(nn.Module):
+    """Embedding, one causal self-attention layer (1 head, width 6), output layer: ``(n, T) → (n, T, V)``."""
+
+    def __init__(self, vocab: int = 11, width: int = 6, manual: bool = False) -> None:
+        super().__init__()
+        self.manual = manual
+        self.emb = nn.Embedding(vocab, width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, vocab)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(input_ids)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        if self.manual:
+            T = h.shape[1]
+            scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+            causal = torch.ones(T, T, dtype=torch.bool).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+            a = torch.softmax(scores, dim=-1) @ v
+        else:
+            # (n, heads = 1, T, width): the layout for which CPU takes the fused flash kernel
+            a = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), is_causal=True)[:, 0]
+        return self.out(torch.tanh(h + a))
+
+
+class Wrapped(nn.Module):
+    """``inner``'s logits returned as ``kind``: ``tensor``, ``tuple`` (logits, hidden), ``dict``
+    ({"hidden", "logits"}) or ``scores`` ({"scores": logits, "aux": None})."""
+
+    def __init__(self, inner: nn.Module, kind: str) -> None:
+        super().__init__()
+        self.inner, self.kind = inner, kind
+
+    def forward(self, input_ids: torch.Tensor) -> object:
+        logits = self.inner(input_ids)
+        if self.kind == "tuple":
+            return logits, logits.sum(-1)
+        if self.kind == "dict":
+            return {"hidden": logits.sum(-1), "logits": logits}
+        if self.kind == "scores":
+            return {"scores": logits, "aux": None}
+        return logits
+
+
+def sum_count_causal_lm(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A user loss in the ``(sum, count)`` form: next-token cross-entropy summed over valid tokens."""
+    logits, labels = outputs[:, :-1], targets[:, 1:]
+    valid = labels != -100
+    per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
+                          ignore_index=-100)
+    return per.sum(), valid.sum()
