@@ -226,7 +226,7 @@ def test_per_block_table_equals_separate_params_runs(gpt2: dict[str, object], gp
     assert [b for b, _ in blocks] == ["transformer.wte", "transformer.wpe", "transformer.h.0", "transformer.h.1",
                                       "transformer.ln_f"]
     table = per_block_hessian(problem, blocks, tol=1e-10, trace_hvps=30, seed=3)
-    for row, (name, names) in zip(table.rows, blocks):
+    for row, (_, names) in zip(table.rows, blocks):
         alone = Problem(gpt2["model"], _named(gpt2), gpt2["labels"], "causal-lm", params=list(names),
                         check_determinism=False)
         res = hessian_eigenvalues(alone, k=1, tol=1e-10, trace=row.num_params > 30, trace_hvps=30, seed=3)
