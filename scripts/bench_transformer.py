@@ -16,7 +16,9 @@ peak RSS (``ru_maxrss``) and whole-process time is its own:
 * ``basins``: ``Problem`` set-up (loss, gradient, determinism check, route choice), seconds per
   gradient and per HVP for each route (median of ``--repeats``), and ``hessian_eigenvalues(k=10)``;
 * ``eigenthings``: hessian-eigenthings 1.0 (``HessianOperator`` with its HF helper
-  ``hf_lm_loss``, i.e. ``model(**batch).loss``, over the same batches, and its ``lanczos(k=10)``);
+  ``hf_lm_loss``, i.e. ``model(**batch).loss``, over the same batches, and its ``lanczos(k=10,
+  reorthogonalize=True)``: without full reorthogonalisation, its default past 50 steps, the list
+  holds ghost copies of λ_1);
 * ``pyhessian``: PyHessian 0.1 (``hessian(model, criterion, data=...)`` with a wrapper returning
   ``logits`` and the shifted cross-entropy as criterion; ``eigenvalues(top_n=10)``, power
   iteration with deflation).
@@ -24,7 +26,8 @@ peak RSS (``ru_maxrss``) and whole-process time is its own:
 Notes on what each computes: basins and the next-token mean are over the *valid tokens* of the
 whole data; hessian-eigenthings averages the per-batch losses with equal weights (with padding
 and batches of unequal valid-token counts, another function: its λ differ by that), PyHessian
-takes one batch. Its tolerances differ too (each tool's own convergence rule at tol 1e-3); the
+takes one batch and finds the eigenvalues of largest magnitude (negative ones at a point that is
+not a minimum, as this random initialisation is). Its tolerances differ too (each tool's own convergence rule at tol 1e-3); the
 table lists HVPs actually spent. Then, for basins alone, the peak RSS of one ``fwd-rev`` HVP
 against the sequence length T and the vocabulary V (one chunk of 16 sequences): the
 logits-sized buffers grow as 16·T·V.
@@ -125,7 +128,8 @@ def run_eigenthings(args: argparse.Namespace) -> dict[str, Any]:
     v = torch.randn(op.size, generator=g)
     out: dict[str, Any] = {"P": op.size, "hvp_s": median_seconds(lambda: matvec(v), args.repeats)}
     t0 = time.perf_counter()
-    res = he.lanczos(op, k=10, tol=1e-3, max_iter=min(200, op.size - 1), which="LA", seed=0)
+    # full reorthogonalisation: without it (its default above 50 steps) the top-10 list holds ghost copies of λ_1
+    res = he.lanczos(op, k=10, tol=1e-3, max_iter=min(200, op.size - 1), which="LA", seed=0, reorthogonalize=True)
     out["top10_s"] = time.perf_counter() - t0
     out["top10_hvps"] = counter["n"]
     out["top10"] = sorted((float(x) for x in res.eigenvalues), reverse=True)

@@ -86,3 +86,24 @@ def sum_count_causal_lm(outputs: torch.Tensor, targets: torch.Tensor) -> tuple[t
     per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none",
                           ignore_index=-100)
     return per.sum(), valid.sum()
+
+
+class TokenDataset(torch.utils.data.Dataset):  # type: ignore[type-arg]
+    """Map-style dataset of dict items ``{"input_ids": (T,), "attention_mask": (T,)}`` (no labels)."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        self.ids, self.mask = ids, mask
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i]}
+
+
+def token_dataset() -> TokenDataset:
+    """The padded tokens of ``tests/test_transformers.py`` as a Dataset of dicts."""
+    from tests.test_transformers import _tokens
+
+    ids, mask, _ = _tokens()
+    return TokenDataset(ids, mask)

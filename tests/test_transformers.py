@@ -158,6 +158,12 @@ def test_labels_default_to_input_ids_with_padding_ignored(gpt2: dict[str, object
     assert problem.streaming
     assert problem.loss_at_optimum == pytest.approx(gpt2["loss"], rel=1e-12)
     assert f"{problem.data.digest:064x}" == loaded[0].sha256
+    spec = open_data("tests.hf_models:token_dataset")  # a Dataset of dict items, streamed
+    assert not isinstance(spec, TensorData)
+    problem = Problem(gpt2["model"], spec.open(0, N), None, "causal-lm", batch_size=4, data_memory_bytes=0,
+                      check_determinism=False)
+    assert problem.loss_at_optimum == pytest.approx(gpt2["loss"], rel=1e-12)
+    assert f"{problem.data.digest:064x}" == loaded[0].sha256
 
 
 def test_user_loss_returning_sum_and_count_is_weighted_by_its_counts(gpt2: dict[str, object]) -> None:

@@ -40,7 +40,14 @@ def outputs_per_example(problem: Problem) -> int:
 
 
 def check_separable(problem: Problem) -> None:
-    """Require L = mean over examples of the loss of each example alone (true for built-ins)."""
+    """Require L = mean over examples of the loss of each example alone (true for built-ins, not for
+    the token losses and ``(sum, count)`` losses, whose chunks are weighted by their terms)."""
+    if problem.variable_terms:
+        raise InputError(
+            f"the loss {problem.loss_name!r} averages over a varying number of terms per example (valid tokens), "
+            "not over examples; the feature Gram matrix needs a mean over examples: use the nullity method "
+            "'exact' or 'slq'"
+        )
     x, y, m, _ = next(problem.chunks())
     c = min(m, 8)
     with torch.no_grad():

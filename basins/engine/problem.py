@@ -20,15 +20,15 @@ construction), and so must a stream's examples.
 Built on :mod:`torch.func`: ``functional_call`` with ``(params, buffers)``, ``grad``,
 ``jvp``, ``vjp`` and ``vmap``. Nothing is kept in ``.grad``.
 
-Size: about 600 lines, over the house's ~450, because the data loop, the chunk cache, the
+Size: about 700 lines, over the house's ~450, because the data loop, the chunk cache, the
 set-up checks and the public products share one state (chunks, counters, collectives) that
 splitting would only pass around; the HVP routes live in :mod:`basins.engine.routes`, memory
-in :mod:`basins.engine.memory`, validation in :mod:`basins.engine.data`.
+in :mod:`basins.engine.memory`, validation in :mod:`basins.engine.data`, named inputs and output
+picking in :mod:`basins.engine.batch`, the attention path in :mod:`basins.engine.attention`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch.func import grad, vmap
 
+from basins.engine.attention import force_differentiable_attention, math_attention
 from basins.engine.batch import (
     Inputs,
     call_model,
@@ -94,36 +95,6 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype not in table:
         raise InputError(f"unknown dtype {dtype!r}: use float32 or float64")
     return table[dtype]
-
-
-def force_differentiable_attention(module: torch.nn.Module) -> str:
-    """Put attention on a path that has a double backward and forward-mode AD, and say which.
-
-    PyTorch's fused scaled-dot-product-attention kernels (flash, memory-efficient, the CPU
-    flash kernel) have neither, so Hessian-vector products fail through them. A Hugging Face
-    model (it has ``config._attn_implementation``) that uses ``sdpa`` or a flash kernel is switched
-    to ``eager`` attention (``set_attn_implementation``): returns ``"eager"``. Any other model's
-    ``F.scaled_dot_product_attention`` calls run under the ``MATH`` SDPA backend while a
-    :class:`Problem` evaluates it (:meth:`Problem.forward`): returns ``"sdpa-math"``.
-    """
-    config = getattr(module, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    if isinstance(impl, str) and impl != "eager" and hasattr(module, "set_attn_implementation"):
-        try:
-            module.set_attn_implementation("eager")  # type: ignore[operator]
-        except Exception:  # noqa: BLE001 - a model without an eager path: the math backend still applies
-            return f"sdpa-math ({impl} kept: no eager attention)"
-        return f"eager (switched from {impl})"
-    if isinstance(impl, str) and impl == "eager":
-        return "eager"
-    return "sdpa-math"
-
-
-def _math_attention() -> contextlib.AbstractContextManager[Any]:
-    """Scaled-dot-product attention on the ``MATH`` backend (differentiable twice and forward-mode)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _as_source(inputs: Inputs | DataSource, targets: torch.Tensor | None) -> DataSource:
@@ -478,7 +449,7 @@ class Problem:
         """Model outputs ``f(x; params)`` for a batch ``x`` (a tensor, or named inputs passed as
         keyword arguments; the state not in ``params`` fixed at θ*, or ``buffers``), picked from
         the model's return value (:attr:`output`), attention on its differentiable path."""
-        with _math_attention():
+        with math_attention():
             return call_model(self.module, (params, self.buffers if buffers is None else buffers), x, self.output)
 
     def loss_value(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
