@@ -188,7 +188,9 @@ def _pm(x: Any, err: Any, digits: int = 6) -> str:
     return f"{fmt(float(x), digits)} ± {float(err):.1e}"
 
 
-def _ends(analysis: dict[str, Any]) -> list[tuple[str, list[Any], list[Any], list[Any]]]:
+def _ends(analysis: dict[str, Any]) -> list[tuple[str, list[Any], list[Any], list[Any], list[Any]]]:
+    """Per end: label, eigenvalues, residuals, converged flags, and error bounds (the residuals for
+    reports written before error bounds existed)."""
     which = analysis.get("attrs", {}).get("which", "top")
     out = []
     for name, prefix in _ENDS.items():
@@ -198,8 +200,13 @@ def _ends(analysis: dict[str, Any]) -> list[tuple[str, list[Any], list[Any], lis
         label = "bottom" if (prefix or which == "bottom") else "top"
         res = _values(analysis, prefix + "residuals") or [None] * len(vals)
         conv = _values(analysis, prefix + "converged") or [None] * len(vals)
-        out.append((label, vals, res, conv))
+        bounds = _values(analysis, prefix + "error_bounds") or res
+        out.append((label, vals, res, conv, bounds))
     return out
+
+
+def _sci(x: Any) -> str:
+    return "-" if x is None or not isinstance(x, (int, float)) or not math.isfinite(x) else f"{x:.1e}"
 
 
 def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
@@ -209,10 +216,10 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     key.add_column("quantity", style="bold")
     key.add_column("value")
     ends = _ends(analysis)
-    for label, vals, res, _ in ends:
+    for label, vals, _, _, bounds in ends:
         if vals:
             name = "λ_max" if label == "top" else "λ_min"
-            key.add_row(f"{name} ± residual", _pm(vals[0], res[0]))
+            key.add_row(f"{name} ± error bound", _pm(vals[0], bounds[0]))
     if a.get("trace") is not None:
         key.add_row(f"trace ± s.e. ({a.get('trace_method')}, {a.get('num_trace_hvps')} HVPs)",
                     _pm(a.get("trace"), a.get("trace_stderr")))
@@ -232,15 +239,15 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     if a.get("argv"):
         key.add_row("argv", str(a["argv"]))
     tables: list[RenderableType] = [key]
-    for label, vals, res, conv in ends:
+    for label, vals, res, conv, bounds in ends:
         t = Table(title=f"{label} eigenvalues ({EIGEN_UNITS})", title_justify="left")
         t.add_column("#", justify="right")
         t.add_column("λ", justify="right")
+        t.add_column("± error bound", justify="right")
         t.add_column("± residual", justify="right")
         t.add_column("converged", justify="center")
-        for i, (v, r, c) in enumerate(zip(vals, res, conv), 1):
-            t.add_row(str(i), fmt(v, 10), "-" if r is None or not math.isfinite(r) else f"{r:.1e}",
-                      "✓" if c else ("✗" if c is not None else "-"))
+        for i, (v, r, c, b) in enumerate(zip(vals, res, conv, bounds), 1):
+            t.add_row(str(i), fmt(v, 10), _sci(b), _sci(r), "✓" if c else ("✗" if c is not None else "-"))
         tables.append(t)
     return tables
 
@@ -249,9 +256,9 @@ def summary_row(analysis: dict[str, Any]) -> dict[str, str]:
     """One-row view of a ``/hessian`` group for ``basins summary`` of several reports."""
     a = analysis.get("attrs", {})
     row: dict[str, str] = {}
-    for label, vals, res, _ in _ends(analysis):
+    for label, vals, _, _, bounds in _ends(analysis):
         if vals:
-            row["λ_max" if label == "top" else "λ_min"] = _pm(vals[0], res[0], 5)
+            row["λ_max" if label == "top" else "λ_min"] = _pm(vals[0], bounds[0], 5)
     if a.get("trace") is not None:
         row["trace"] = _pm(a.get("trace"), a.get("trace_stderr"), 5)
     if a.get("is_saddle") is not None:
@@ -262,9 +269,10 @@ def summary_row(analysis: dict[str, Any]) -> dict[str, str]:
 
 
 def csv_rows(analysis: dict[str, Any]) -> list[dict[str, Any]]:
-    """The eigenvalue table as rows ``{end, index, eigenvalue, residual, converged}`` (index 1 = most extreme)."""
+    """The eigenvalue table as rows ``{end, index, eigenvalue, residual, error_bound, converged}`` (index 1 = most
+    extreme)."""
     rows = []
-    for label, vals, res, conv in _ends(analysis):
-        for i, (v, r, c) in enumerate(zip(vals, res, conv), 1):
-            rows.append({"end": label, "index": i, "eigenvalue": v, "residual": r, "converged": c})
+    for label, vals, res, conv, bounds in _ends(analysis):
+        for i, (v, r, c, b) in enumerate(zip(vals, res, conv, bounds), 1):
+            rows.append({"end": label, "index": i, "eigenvalue": v, "residual": r, "error_bound": b, "converged": c})
     return rows
