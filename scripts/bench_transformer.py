@@ -39,13 +39,13 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from typing import Any
 
 import torch
+from _bench import median_seconds  # scripts/ is on sys.path when run as a script
 
 N_SEQ = 16
 
@@ -64,16 +64,6 @@ def build(vocab: int, positions: int, width: int, layers: int, seq: int, seed: i
     mask = torch.ones_like(ids)
     mask[::2, seq - seq // 4:] = 0
     return model, {"input_ids": ids, "attention_mask": mask}, ids.masked_fill(mask == 0, -100)
-
-
-def median_seconds(fn: Any, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def peak_mib() -> float:

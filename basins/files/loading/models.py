@@ -97,15 +97,11 @@ def _load_model_file(
     sniffed = _sniff(path)
     kind = sniffed.kind
     if kind == "pt2":
-        if not trust_pickle:
-            check_export_archive(path, path)
-        try:
-            program = torch.export.load(path)
-        except Exception as err:
-            raise InputError(
-                f"{path} looks like a torch.export archive (.pt2) but torch.export.load failed "
-                f"({_one_line(err)}); re-export it with this torch version ({torch.__version__})"
-            ) from err
+        program = _load_export(
+            path, path, trust_pickle,
+            f"{path} looks like a torch.export archive (.pt2) but torch.export.load failed",
+            f"re-export it with this torch version ({torch.__version__})",
+        )
         module, fixed = _prepare_exported(program, path)
         return LoadedModel(module, "export", fixed, path, _file_sha256(path)), None
     if kind == "torchscript":
@@ -336,18 +332,25 @@ def _to_inference_mode(module: torch.fx.GraphModule, source: str) -> None:
 
 
 
+def _load_export(archive: str | bytes, source: str, trust_pickle: bool, failed: str, fix: str) -> Any:
+    """``torch.export.load`` of a path or of archive bytes, after :func:`check_export_archive`
+    (skipped with ``trust_pickle``); a failure is an :class:`InputError` ``"{failed} (why); {fix}"``."""
+    if not trust_pickle:
+        check_export_archive(archive, source)
+    try:
+        return torch.export.load(io.BytesIO(archive) if isinstance(archive, bytes) else archive)
+    except Exception as err:
+        raise InputError(f"{failed} ({_one_line(err)}); {fix}") from err
+
+
 def _bundle_model(obj: Mapping[str, Any], source: str, *, trust_pickle: bool = False) -> LoadedModel:
     _check_bundle(obj, source)
     raw = obj["model"].contiguous().numpy().tobytes()
-    if not trust_pickle:
-        check_export_archive(raw, f"{source} (the bundle's model)")
-    try:
-        program = torch.export.load(io.BytesIO(raw))
-    except Exception as err:
-        raise InputError(
-            f"{source}: the model inside the bundle could not be loaded by torch.export.load "
-            f"({_one_line(err)}); rewrite the bundle with this torch version"
-        ) from err
+    program = _load_export(
+        raw, f"{source} (the bundle's model)", trust_pickle,
+        f"{source}: the model inside the bundle could not be loaded by torch.export.load",
+        "rewrite the bundle with this torch version",
+    )
     module, fixed = _prepare_exported(program, source)
     return LoadedModel(module, "bundle", fixed, source, hashlib.sha256(raw).hexdigest())
 
