@@ -70,9 +70,20 @@ def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool
 
 
 def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The model argument and the options that define the problem."""
+    """The MODEL arguments and the options that define the problem; the command's body runs once
+    per checkpoint (:func:`basins.cli.checkpoints.over_checkpoints`) with ``kw["model"]`` one path
+    and ``kw["step"]`` its step."""
+    from .checkpoints import over_checkpoints
+
+    # --steps is the training steps, except where the command's --steps is its Lanczos steps
+    own_steps = any("--steps" in getattr(p, "opts", ()) for p in getattr(f, "__click_params__", []))
+    f = over_checkpoints(f)
     decorators = [
-        click.argument("model", type=click.Path()),
+        click.argument("model", nargs=-1, required=True, type=click.Path()),
+        click.option("--train-steps", *([] if own_steps else ["--steps"]), "train_steps", metavar="N,N,...",
+                     help="The training step of each MODEL, comma-separated (default: the last number in each "
+                          "file name, if any; checkpoints then run in order of step). Recorded in the report "
+                          "and the JSON."),
         click.option("--data", help="Data: .pt/.npz/.h5 with inputs and targets (or named inputs: input_ids, "
                                     "attention_mask, ..., labels), or module:factory. Default: the bundle's."),
         click.option("--loss", help="mse, cross-entropy, nll, bce, causal-lm, token-cross-entropy or module:function "
@@ -129,6 +140,8 @@ class Loaded:
     record: dict[str, Any]
     seed: int
     warnings: list[str] = field(default_factory=list)
+    #: the work of loading (loss, gradient, determinism check, HVP route choice): ``Counters.as_dict()``
+    setup_counts: dict[str, int] = field(default_factory=dict)
 
 
 def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
@@ -147,25 +160,39 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
     device = dist.local_device(opts.get("device") or "auto")
     ctx = dist.init_from_env(resolve_device(device)) if dist.launched() and dist.env_world_size() > 1 else None
     world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
-    with log.status("loading model and data", spinner="dots"):
+    run = opts.get("_run")  # several checkpoints (basins.cli.checkpoints): the data are loaded once
+    data_key = (opts.get("data"), opts.get("max_samples"), opts.get("seed", 0), world, rank)
+    cached = run.data.get(data_key) if run is not None and opts.get("data") is not None else None
+    with log.status("loading model and data" if cached is None else "loading model", spinner="dots"):
         model, data, loss = resolve_inputs(
             opts["model"], data=opts.get("data"), loss=opts.get("loss"), arch=opts.get("arch"),
             trust_pickle=opts.get("trust_pickle", False), max_samples=opts.get("max_samples"), seed=opts.get("seed", 0),
-            stream=True,
+            stream=True, loaded_data=cached[0] if cached is not None else None,
         )
     n = data.num_examples  # chunk weights use the global n
-    source = shard_for_process(data, world_size=world, rank=rank)
+    source = cached[1] if cached is not None else shard_for_process(data, world_size=world, rank=rank)
+    if run is not None and opts.get("data") is not None:
+        run.data[data_key] = (data, source)
+    route = opts.get("hvp_route", "auto")
+    shapes = tuple((name, tuple(p.shape), str(p.dtype)) for name, p in model.module.named_parameters())
+    route_key = (shapes, route, opts.get("dtype"), opts.get("batch_size"), tuple(opts.get("param_patterns") or ()))
+    if run is not None and route == "auto" and route_key in run.routes:
+        route = run.routes[route_key]  # timed on the first checkpoint of the same shapes
+        log.print(f"HVP route {route} (chosen for the first checkpoint)")
     with log.status("evaluating L(θ*) and ∇L(θ*)", spinner="dots"):
         problem = Problem(
             model.module, source, None, loss, batch_size=opts.get("batch_size"),
             fixed_batch_size=model.fixed_batch_size, dtype=opts.get("dtype"), device=device,
-            hvp_route=opts.get("hvp_route", "auto"), total_examples=n,
+            hvp_route=route, total_examples=n,
             data_memory_bytes=0 if opts.get("stream") else None,
             reduce=dist.all_reduce_sum if ctx is not None else None,
             gather=dist.all_gather_object if ctx is not None else None,
             params=list(opts.get("param_patterns") or []) or None,
             include_frozen=bool(opts.get("include_frozen")), output=opts.get("model_output"),
         )
+    setup_counts = problem.counters.as_dict()
+    if run is not None:
+        run.routes[route_key] = problem.hvp_route
     streamed = isinstance(data, StreamSpec)
     if isinstance(data, StreamSpec):
         data_sha256 = combine_digests(dist.all_gather_object(problem.data.digest))
@@ -204,6 +231,7 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
         log.print(f"[yellow]warning:[/] {msg}")
     record = {
         "model": str(opts["model"]), "model_sha256": model.sha256, "model_kind": model.kind,
+        "step": opts.get("step"),
         "data": data.source, "data_sha256": data_sha256, "data_streamed": streamed,
         "data_read_every_pass": problem.streaming, "num_params": problem.num_params,
         "num_examples": problem.num_examples, "loss": problem.loss_name,
@@ -222,7 +250,7 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
     }
     if opts.get("output"):  # fail before the work, not after it
         check_report_writable(opts["output"], record, force=bool(opts.get("force")))
-    return Loaded(problem, record, int(opts.get("seed", 0)), warnings)
+    return Loaded(problem, record, int(opts.get("seed", 0)), warnings, setup_counts=setup_counts)
 
 
 def problem_json(loaded: Loaded) -> dict[str, Any]:
@@ -233,6 +261,7 @@ def problem_json(loaded: Loaded) -> dict[str, Any]:
         "loss_at_optimum": r["loss_at_optimum"], "grad_norm": r["grad_norm"], "dtype": r["dtype"],
         "device": r["device"], "seed": r["seed"], "warnings": loaded.warnings,
         "world_size": r.get("world_size", 1), "rank_examples": r.get("rank_examples", [r["num_examples"]]),
+        "step": r.get("step"),
     }
 
 
@@ -296,7 +325,17 @@ def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: R
          also: dict[str, Record] | None = None) -> None:
     """The one way a command hands its result on: ``record`` to the report (``-o``, group
     ``group``, then the groups in ``also``) and to stdout, as one JSON object with ``--json``
-    (:func:`record_json`) or as the group's ``summary_tables`` (``tables``) otherwise."""
+    (:func:`record_json`) or as the group's ``summary_tables`` (``tables``) otherwise.
+
+    Counts are the work the run did: where the record's ``num_hvps`` is the analysis' own, it
+    becomes ``num_<group>_hvps`` and ``num_hvps`` adds the set-up's products
+    (``num_setup_hvps``: the HVP route choice at loading)."""
+    attrs = record.attrs
+    if isinstance(attrs.get("num_hvps"), int) and "num_setup_hvps" not in attrs:
+        setup = int(loaded.setup_counts.get("num_hvps", 0))
+        attrs[f"num_{group}_hvps"] = attrs["num_hvps"]
+        attrs["num_setup_hvps"] = setup
+        attrs["num_hvps"] = attrs["num_hvps"] + setup
     if kw.get("output"):  # a report group also records the command line (not --json: it is the caller's)
         write_report(kw["output"], loaded.record, group, {**record.attrs, "argv": argv()}, record.arrays,
                      subgroup_attrs=subgroup_attrs, force=kw.get("force", False))
@@ -304,7 +343,11 @@ def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: R
             write_report(kw["output"], loaded.record, name, {**extra.attrs, "argv": argv()}, extra.arrays,
                          force=kw.get("force", False))
         log.print(f"wrote {' and '.join('/' + g for g in [group, *(also or {})])} to {kw['output']}")
-    if kw.get("as_json"):
+    run = kw.get("_run")
+    if run is not None:  # one of several checkpoints: a JSON list or a table row at the end
+        obj = record_json(loaded, record, warnings=warnings, report=kw.get("output"), **(extra_json or {}))
+        run.collect(group, record.as_analysis(), loaded.record, obj if kw.get("as_json") else None)
+    elif kw.get("as_json"):
         print_json(record_json(loaded, record, warnings=warnings, report=kw.get("output"), **(extra_json or {})))
     elif tables is not None:
         console = stdout_console()

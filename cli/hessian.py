@@ -56,6 +56,9 @@ _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
                    "eigenvalues become float64 Rayleigh quotients and the bounds provably contain an exact "
                    "eigenvalue). No effect in float64.")
 @click.option("--strict", is_flag=True, help="Exit 1 unless every eigenvalue converged (output is still written).")
+@click.option("--cold", is_flag=True,
+              help="With several checkpoints: start each Lanczos run from random vectors, not warm from the previous "
+                   "checkpoint's Ritz vectors (the results agree within --tol either way; warm needs fewer HVPs).")
 @click.option("--per-block", "per_block", multiple=True, metavar="DEPTH|GLOB",
               help="Instead of the whole Hessian: one row per block of parameters (block, P, λ_max ± residual, "
                    "trace ± s.e. by Hutch++ with --trace-hvps products), each the Hessian in that block with the "
@@ -86,8 +89,9 @@ def hessian(**kw: Any) -> None:
     top was computed), lambda_max, lambda_min, trace, trace_stderr, trace_method
     (null without --trace), num_hvps (every HVP computed: num_setup_hvps for the
     route choice + num_lanczos_hvps + num_trace_hvps + num_check_hvps), num_grads,
-    num_loss_evals (set-up included), num_restarts,
-    wall_seconds, setup_seconds, report (path or null), the problem's keys
+    num_loss_evals (set-up included), num_restarts, start (random, or warm
+    from the previous checkpoint), wall_seconds, setup_seconds, report (path
+    or null), step (the checkpoint's training step or null), the problem's keys
     (num_params, num_examples, loss, loss_at_optimum, grad_norm, dtype, device,
     seed, warnings); with --which both also bottom_eigenvalues, bottom_residuals, bottom_error_bounds,
     bottom_converged (eigenvalues stays the top end).
@@ -97,6 +101,7 @@ def hessian(**kw: Any) -> None:
       basins hessian model.pt                       # top 10, rich table
       basins hessian model.pt --which both --trace -o report.h5
       basins hessian model.pt --json --dtype float64 --tol 1e-10 | jq .eigenvalues
+      basins hessian ckpts/ --data d.pt -o runs/    # every checkpoint: runs/<name>.h5
     """
     from basins.analyses.hessian import hessian_eigenvalues
 
@@ -112,6 +117,11 @@ def hessian(**kw: Any) -> None:
         _per_block(kw, log, loaded)
         return
 
+    run = kw.get("_run")  # several checkpoints: warm-start from the previous one's Ritz vectors
+    warm_key = f"hessian:{kw['which']}"
+    start = run.warm.get(warm_key) if run is not None and not kw["cold"] else None
+    if start is not None and start.shape[0] != problem.num_params:
+        start = None  # another architecture: a cold start
     with Timer() as t, progress_bar(log, f"Lanczos ({kw['which']} {k})", total=kw["max_hvps"]) as on_progress:
         with flag_names(k="--top-k", which="--which", tol="--tol", max_hvps="--max-hvps", max_matvecs="--max-hvps",
                         block_size="--block-size", trace_method="--trace-method", trace_hvps="--trace-hvps"):
@@ -119,8 +129,10 @@ def hessian(**kw: Any) -> None:
                 problem, k=k, which=kw["which"], tol=kw["tol"], max_hvps=kw["max_hvps"], block_size=kw["block_size"],
                 eigenvectors=kw["eigenvectors"] and bool(kw["output"]), trace=kw["trace"],
                 trace_method=kw["trace_method"], trace_hvps=kw["trace_hvps"], seed=loaded.seed, callback=on_progress,
-                bounds=kw["bounds"],
+                bounds=kw["bounds"], start=start, keep_start=run is not None and not kw["cold"],
             )
+    if run is not None and result.next_start is not None:
+        run.warm[warm_key] = result.next_start
 
     warnings = list(loaded.warnings)
     if result.is_saddle:
@@ -135,7 +147,8 @@ def hessian(**kw: Any) -> None:
                "raise --max-hvps or loosen --tol")
         warnings.append(msg)
         log.print(f"[yellow]warning:[/] {msg}")
-    log.print(f"{result.num_hvps} HVPs in {t.seconds:.2f} s ({problem.counters.num_hvps} in all, set-up included)")
+    log.print(f"{result.num_hvps} HVPs in {t.seconds:.2f} s ({problem.counters.num_hvps} in all, set-up included"
+              + ("; warm start from the previous checkpoint)" if result.warm_start else ")"))
 
     record = result.record()
     # every count is the work the run did: set-up (loss, gradient, determinism check, route choice) and checks included

@@ -64,6 +64,8 @@ def summary(reports: tuple[str, ...], as_json: bool, as_csv: bool, quiet: bool) 
         raise click.UsageError("--json and --csv are exclusive: pick one")
     log = stderr_console(quiet)
     data = [read_report(path) for path in reports]
+    if len(data) > 1 and all(d["problem"].get("step") is not None for d in data):  # checkpoints: training order
+        data.sort(key=lambda d: d["problem"]["step"])
     if as_json:
         docs = [_json_report(d) for d in data]
         print_json(docs[0] if len(docs) == 1 else docs)
@@ -316,13 +318,22 @@ def _generic_row(name: str, g: dict[str, Any]) -> dict[str, str]:
     return {"": "✓"}
 
 
+def row_cells(group: str, analysis: dict[str, Any], log: Console | None = None) -> dict[str, str]:
+    """The one-row view of a group (its module's ``summary_row``, else generic), as text cells."""
+    log = log or Console(stderr=True)
+    row = _call(_renderer(group, "summary_row", log), group, log, analysis)
+    return {str(k): str(v) for k, v in (row if isinstance(row, dict) else _generic_row(group, analysis)).items()}
+
+
 def _rows_table(data: list[dict[str, Any]], log: Console) -> Table:
+    steps = any(d["problem"].get("step") is not None for d in data)  # reports of checkpoints: a step column
     base = []
     analysis_cells: list[dict[tuple[str, str], str]] = []
     for d in data:
         p = d["problem"]
         base.append({
-            "report": d["path"], "model": str(p.get("model", "-")),
+            "report": d["path"], **({"step": str(p["step"]) if p.get("step") is not None else "-"} if steps else {}),
+            "model": str(p.get("model", "-")),
             "P": f"{p['num_params']:,}" if isinstance(p.get("num_params"), int) else "-",
             "n": f"{p['num_examples']:,}" if isinstance(p.get("num_examples"), int) else "-",
             "loss": str(p.get("loss", "-")), "L(θ*)": _value(p.get("loss_at_optimum")),
@@ -330,9 +341,8 @@ def _rows_table(data: list[dict[str, Any]], log: Console) -> Table:
         })
         cells: dict[tuple[str, str], str] = {}
         for name, g in d["analyses"].items():
-            row = _call(_renderer(name, "summary_row", log), name, log, g)
-            for k, v in (row if isinstance(row, dict) else _generic_row(name, g)).items():
-                cells[(name, str(k))] = str(v)
+            for key, v in row_cells(name, g, log).items():
+                cells[(name, key)] = v
         analysis_cells.append(cells)
     keys: list[tuple[str, str]] = []
     for cells in analysis_cells:
@@ -343,11 +353,11 @@ def _rows_table(data: list[dict[str, Any]], log: Console) -> Table:
     label = {(g, k): (k if k and len(owners[k]) == 1 else f"{g} {k}".strip()) for g, k in keys}
     t = Table(title="reports", title_justify="left")
     for col in base[0]:
-        t.add_column(col, justify="right" if col in ("P", "n", "L(θ*)", "‖∇L‖") else "left")
-    for k in keys:
-        t.add_column(label[k], justify="right")
+        t.add_column(col, justify="right" if col in ("step", "P", "n", "L(θ*)", "‖∇L‖") else "left")
+    for column in keys:
+        t.add_column(label[column], justify="right")
     for b, cells in zip(base, analysis_cells):
-        t.add_row(*b.values(), *(cells.get(k, "-") for k in keys))
+        t.add_row(*b.values(), *(cells.get(column, "-") for column in keys))
     return t
 
 

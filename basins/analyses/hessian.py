@@ -40,7 +40,7 @@ or raise the budget; full reorthogonalisation keeps ghosts out).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -106,6 +106,9 @@ class HessianResult:
             (``trace_hvps`` None without a trace).
         hvp_route: the problem's HVP route.
         num_check_hvps: products spent on the error bounds (one per Ritz vector; none in float64).
+        warm_start: whether Lanczos started from ``start`` (e.g. the previous checkpoint's Ritz vectors).
+        next_start: with ``keep_start``, the ``(P, k)`` (``(P, 2k)`` for both ends) Ritz vectors to
+            warm-start the next, nearby problem with (not part of the record).
     """
 
     which: str
@@ -128,6 +131,8 @@ class HessianResult:
     trace_hvps: int | None = None
     hvp_route: str | None = None
     num_check_hvps: int = 0
+    warm_start: bool = False
+    next_start: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def ends(self) -> list[HessianEnd]:
@@ -185,6 +190,8 @@ class HessianResult:
             "num_trace_hvps": self.num_trace_hvps, "num_check_hvps": self.num_check_hvps,
             "num_restarts": self.num_restarts,
             "num_loss_evals": 0, "hvp_route": self.hvp_route,
+            "start": "warm: the previous checkpoint's Ritz vectors plus a random vector" if self.warm_start
+            else "random",
         }
         main = self.bottom if self.which == "bottom" else self.top
         assert main is not None
@@ -225,6 +232,8 @@ def hessian_eigenvalues(
     seed: int = 0,
     callback: ProgressCallback | None = None,
     bounds: str = "rescaled",
+    start: torch.Tensor | None = None,
+    keep_start: bool = False,
 ) -> HessianResult:
     """Top/bottom Hessian eigenvalues of ``problem`` at θ* by Lanczos, and optionally the trace.
 
@@ -244,6 +253,10 @@ def hessian_eigenvalues(
             ``"lanczos"`` then ``"trace"``; ``done`` counts both phases, ``total`` is the Lanczos
             budget plus ``trace_hvps``) as the work proceeds.
         bounds: how float32 error bounds measure rounding: ``rescaled`` or ``float64`` (module docstring).
+        start: warm start ``(P, m)`` for Lanczos, e.g. the previous checkpoint's ``next_start``
+            (:func:`basins.linalg.lanczos.lanczos`): the same stopping rule and accuracy as a
+            cold start, usually fewer HVPs on a nearby Hessian.
+        keep_start: keep the wanted Ritz vectors as ``result.next_start`` for the next checkpoint.
 
     Returns:
         A :class:`HessianResult`. Cost: ≤ ``max_hvps`` HVPs (+ ``trace_hvps`` with ``trace``),
@@ -288,12 +301,14 @@ def hessian_eigenvalues(
 
     options: dict[str, Any] = {"k": k, "which": which, "tol": tol, "max_matvecs": max_hvps, "block_size": block_size,
                                "dtype": problem.dtype, "device": problem.device, "seed": seed,
-                               "return_eigenvectors": True, "callback": lanczos_progress}
+                               "return_eigenvectors": True, "callback": lanczos_progress, "start": start}
     lres: Any = lanczos(hessian_operator(problem), **options)  # LanczosResult, or LanczosBothEnds for "both"
     num_lanczos = int(lres.num_matvecs)
     if state["lanczos_total"] is None:
         state["lanczos_total"] = num_lanczos
     top, bottom = _split_ends(lres, which)
+    next_start = torch.cat([e.eigenvectors for e in (top, bottom) if e is not None and e.eigenvectors is not None],
+                           dim=1) if keep_start else None
 
     tr = tr_se = None
     num_trace = 0
@@ -329,7 +344,7 @@ def hessian_eigenvalues(
         num_restarts=int((lres.top if which == "both" else lres).num_restarts), is_saddle=is_saddle,
         saddle_floor=floor, tol=tol, top_k=k, max_hvps=max_hvps, block_size=block_size, seed=seed,
         trace_hvps=trace_hvps if trace else None, hvp_route=getattr(problem, "hvp_route", None),
-        num_check_hvps=num_check,
+        num_check_hvps=num_check, warm_start=start is not None, next_start=next_start,
     )
 
 

@@ -98,18 +98,18 @@ def lanczos(operator: Operator | torch.Tensor, *, k: int = ..., which: Literal["
             tol: float = ..., max_matvecs: int | None = ..., block_size: int = ...,
             max_basis: int | None = ..., dtype: torch.dtype = ..., device: str | torch.device | None = ...,
             seed: int = ..., return_eigenvectors: bool = ...,
-            callback: ProgressCallback | None = ...) -> LanczosResult: ...
+            callback: ProgressCallback | None = ..., start: torch.Tensor | None = ...) -> LanczosResult: ...
 @overload
 def lanczos(operator: Operator | torch.Tensor, *, k: int = ..., which: Literal["both"],
             tol: float = ..., max_matvecs: int | None = ..., block_size: int = ...,
             max_basis: int | None = ..., dtype: torch.dtype = ..., device: str | torch.device | None = ...,
             seed: int = ..., return_eigenvectors: bool = ...,
-            callback: ProgressCallback | None = ...) -> LanczosBothEnds: ...
+            callback: ProgressCallback | None = ..., start: torch.Tensor | None = ...) -> LanczosBothEnds: ...
 def lanczos(operator: Operator | torch.Tensor, *, k: int = 10, which: str = "top",
             tol: float = 1e-4, max_matvecs: int | None = None, block_size: int = 1,
             max_basis: int | None = None, dtype: torch.dtype = _F64,
             device: str | torch.device | None = None, seed: int = 0, return_eigenvectors: bool = False,
-            callback: ProgressCallback | None = None,
+            callback: ProgressCallback | None = None, start: torch.Tensor | None = None,
             ) -> LanczosResult | LanczosBothEnds:
     r"""The ``k`` largest and/or smallest eigenpairs of a symmetric operator.
 
@@ -169,6 +169,12 @@ def lanczos(operator: Operator | torch.Tensor, *, k: int = 10, which: str = "top
     op = as_operator(operator)
     num_params = op.num_params
     _check_args(num_params, k, which, tol, block_size, dtype, seed, callback)
+    if start is not None:
+        if not isinstance(start, torch.Tensor) or start.dim() not in (1, 2) or start.shape[0] != num_params:
+            shape = tuple(start.shape) if isinstance(start, torch.Tensor) else type(start).__name__
+            raise InputError(f"start must be a tensor of shape (P,) or (P, m) with P = {num_params}, not {shape}")
+        if not bool(torch.isfinite(start).all()):
+            raise InputError("start has non-finite entries")
     need = min(2 * k, num_params) if which == "both" else k
     if max_matvecs is None:
         max_matvecs = block_size * math.ceil(max(200, 20 * need) / block_size)
@@ -183,7 +189,7 @@ def lanczos(operator: Operator | torch.Tensor, *, k: int = 10, which: str = "top
                          f"block_size={block_size}; use max_basis >= {need + 2 * block_size}")
     solver = _Solver(op, num_params, k, which, float(tol), int(max_matvecs), block_size,
                      min(int(max_basis), num_params), dtype, op.device if device is None else torch.device(device), seed, callback)
-    return solver.run(return_eigenvectors)
+    return solver.run(return_eigenvectors, start)
 
 
 def _is_int(x: object) -> bool:
@@ -315,8 +321,23 @@ class _Solver:
                 kept.append(i)
         return h, R, kept, deficient
 
-    def run(self, return_eigenvectors: bool) -> LanczosResult | LanczosBothEnds:
-        W = self._random(self.b)
+    def _start_block(self, start: torch.Tensor | None) -> torch.Tensor:
+        """The first block ``(P, b)``: random (cold), or random plus the warm ``start`` (see :func:`lanczos`)."""
+        W = self._random(self.b)  # drawn either way: the same random stream as a cold start
+        if start is None:
+            return W
+        S = start.reshape(self.P, -1).to(device=self.device, dtype=_F64)
+        S = S / torch.linalg.vector_norm(S, dim=0).clamp_min(torch.finfo(_F64).tiny)
+        for j in range(self.b):
+            s = S[:, j :: self.b].sum(1)
+            ns = float(s.norm())
+            if ns > 0:
+                g = W[:, j].to(_F64)
+                W[:, j] = (g / g.norm() + s / ns).to(self.dtype)
+        return W
+
+    def run(self, return_eigenvectors: bool, start: torch.Tensor | None = None) -> LanczosResult | LanczosBothEnds:
+        W = self._start_block(start)
         _, _, kept, _ = self._orthonormalise(W, 0, 100 * self.eps * math.sqrt(self.P))
         self._place(W, kept)
         while True:

@@ -128,6 +128,7 @@ def resolve_inputs(
     max_samples: int | None = None,
     seed: int = 0,
     stream: bool = False,
+    loaded_data: LoadedData | StreamSpec | None = None,
 ) -> tuple[LoadedModel, LoadedData | StreamSpec, str | NamedLoss | None]:
     """The model, data and loss a command runs on.
 
@@ -136,30 +137,34 @@ def resolve_inputs(
     :class:`~basins.engine.losses.NamedLoss` for a ``module:function`` spec (:func:`load_loss`),
     or ``None`` (none given: the caller infers it from the targets). With ``stream``, ``data`` is opened by
     :func:`open_data` (a Dataset, DataLoader or HDF5 file is not read yet); otherwise the
-    data come back loaded (:class:`LoadedData`).
+    data come back loaded (:class:`LoadedData`). ``loaded_data``: what an earlier call returned for
+    the same ``data`` (several checkpoints on one data set), used instead of loading it again.
 
     Raises:
         InputError: as :func:`load_model` and :func:`load_data`, or ``data`` missing for a
             model that is not a bundle.
     """
     loaded, raw = _load_model_file(model, arch=arch, trust_pickle=trust_pickle)
+    if data is not None and loaded_data is not None:
+        bundle_loss = raw.get("loss") if raw is not None else None
+        return loaded, loaded_data, load_loss(loss if loss is not None else bundle_loss)
     if raw is not None:
         bundle_loss = raw.get("loss")
-        loaded_data: LoadedData | StreamSpec
+        found: LoadedData | StreamSpec
         if data is not None:
-            loaded_data = (open_data if stream else load_data)(data, max_samples=max_samples, seed=seed)
+            found = (open_data if stream else load_data)(data, max_samples=max_samples, seed=seed)
         else:
-            loaded_data = _finish_data(raw["inputs"], raw["targets"], model, max_samples)
-        return loaded, loaded_data, load_loss(loss if loss is not None else bundle_loss)
+            found = _finish_data(raw["inputs"], raw["targets"], model, max_samples)
+        return loaded, found, load_loss(loss if loss is not None else bundle_loss)
     if data is None:
-        found = {
+        kind = {
             "export": "a .pt2 export",
             "state_dict": "a state dict",
             "pickle": "a pickled module",
             "hf": "a Hugging Face model directory",
         }.get(loaded.kind, loaded.kind)
         raise InputError(
-            f"{model} is {found}, which holds no data: pass the data with --data (a .pt, .npz "
+            f"{model} is {kind}, which holds no data: pass the data with --data (a .pt, .npz "
             "or .h5 file with inputs and targets or named inputs such as input_ids, or module:function); only a bundle written by "
             "basins example or save_bundle carries its own"
         )
