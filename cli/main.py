@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "volume": ("volume", "volume", "Basin volume and wall shape by random probing."),
     "llc": ("llc", "llc", "Local learning coefficient by SGLD (singular learning theory)."),
     "evidence": ("evidence", "evidence", "Laplace log evidence (Occam factor) around the minimum."),
+    "landscape": ("landscape", "landscape", "Loss along 1-D/2-D slices, or between two checkpoints."),
     "summary": ("summary", "summary", "Show one or more reports as tables, JSON or CSV."),
 }
 

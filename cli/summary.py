@@ -142,6 +142,7 @@ RENDERERS: dict[str, str] = {
     "walls": "volume",  # written by ``basins volume --walls``
     "llc": "llc",
     "evidence": "evidence",
+    "landscape": "landscape",
 }
 
 

@@ -20,7 +20,7 @@ from basins.analyses.llc import llc
 from basins.engine.problem import Problem
 
 
-def llc_case() -> None:
+def llc_case(chains: int = 4, draws: int = 400) -> None:
     torch.manual_seed(0)
     n, d = 2048, 8
     X = torch.randn(n, d)
@@ -29,7 +29,7 @@ def llc_case() -> None:
         Y = teacher(X) + 0.05 * torch.randn(n, 1)
     model = nn.Sequential(nn.Linear(d, 16), nn.Tanh(), nn.Linear(16, 1))
     model.load_state_dict(teacher.state_dict())
-    eps, gamma, nbeta, chains, draws, burnin, b = 1e-4, 100.0, n / math.log(n), 4, 400, 100, 64
+    eps, gamma, nbeta, burnin, b = 1e-4, 100.0, n / math.log(n), 100, 64
     problem = Problem(model, X, Y, loss="mse")
     rows = []
     for batched in (True, False):
@@ -61,6 +61,8 @@ def devinterp_row(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, eps: fl
     the loss looks the example up, so its SGLD sees the same minibatches of (x, y) as basins'.
     Its own estimate averages every step, burn-in included (``compute_llc``); the row reports
     ``nβ·(mean over the draws after burn-in − init_loss)``, as basins does, from its loss trace.
+    Its chains get independent minibatch orders (``match_sampling_input_ids_across_chains=False``),
+    as basins' do, so that the spread across chains is an honest standard error.
     Wall time is devinterp's whole call (its zarr writing included).
     """
     import tempfile
@@ -78,7 +80,7 @@ def devinterp_row(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, eps: fl
     t0 = time.perf_counter()
     out = devinterp_llc(model, rows, {}, lr=eps, n_beta=nbeta, localization=gamma, num_chains=chains,
                         num_draws=draws, num_burnin_steps=burnin, batch_size=batch_size, loss_fn=per_example_loss,
-                        device="cpu", init_seed=0, output_path=tempfile.mkdtemp(prefix="devinterp-") + "/s.zarr")
+                        device="cpu", init_seed=0, match_sampling_input_ids_across_chains=False, output_path=tempfile.mkdtemp(prefix="devinterp-") + "/s.zarr")
     wall = time.perf_counter() - t0
     trace = torch.as_tensor(out.loss_trace.values, dtype=torch.float64)[:, burnin:]
     per_chain = nbeta * (trace.mean(1) - float(out.init_loss.values))
@@ -121,7 +123,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description="LLC vs devinterp 2.x; evidence exact vs SLQ")
     ap.add_argument("--large", action="store_true", help="the evidence on the 26k MLP of bench_hessian (minutes)")
     ap.add_argument("--skip-llc", action="store_true")
+    ap.add_argument("--chains", type=int, default=4)
+    ap.add_argument("--draws", type=int, default=400)
     args = ap.parse_args()
     if not args.skip_llc:
-        llc_case()
+        llc_case(args.chains, args.draws)
     evidence_case(args.large)

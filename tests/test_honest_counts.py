@@ -119,3 +119,27 @@ def test_bounds_option_is_checked() -> None:
     p = Problem(mlp(), x, y, "cross-entropy")
     with pytest.raises(Exception, match="unknown bounds"):
         hessian_eigenvalues(p, k=1, bounds="guess")
+
+
+@pytest.mark.parametrize("command", [["hessian", "-k", "3", "--trace", "--trace-hvps", "8"],
+                                     ["spectrum", "--probes", "2", "--steps", "12"],
+                                     ["nullity", "--method", "slq", "--probes", "2", "--steps", "12", "--deflate", "3"]])
+def test_every_command_counts_every_product(hvp_calls: list[int], tmp_path, command: list[str]) -> None:
+    """Through the CLI: JSON ``num_hvps`` equals the products counted at the route functions, set-up
+    (route choice) included, and splits into ``num_setup_hvps`` plus the analysis' own."""
+    import json
+
+    from click.testing import CliRunner
+
+    from basins.cli.main import main
+    from basins.files.loading import save_bundle
+
+    x, y = classification_data(40)
+    save_bundle(str(tmp_path / "m.pt"), mlp().eval(), x, y, "cross-entropy")
+    res = CliRunner().invoke(main, [command[0], str(tmp_path / "m.pt"), *command[1:], "--json", "-q"])
+    assert res.exit_code == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["num_hvps"] == sum(hvp_calls)
+    own = out.get(f"num_{command[0]}_hvps", out.get("num_lanczos_hvps", 0) + out.get("num_trace_hvps", 0)
+                  + out.get("num_check_hvps", 0))
+    assert out["num_setup_hvps"] + own == out["num_hvps"] and out["num_setup_hvps"] >= 1

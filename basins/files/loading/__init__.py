@@ -96,7 +96,7 @@ from .bundle import Bundle, load_bundle, save_bundle
 from .data import LoadedData, _finish_data, load_data, open_data
 from .formats import BUNDLE_FORMAT, BUNDLE_VERSION
 from .imports import import_object, load_loss
-from .models import LoadedModel, _load_model_file, load_model
+from .models import LoadedModel, _load_model_file, load_model, load_parameters_like
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -110,6 +110,7 @@ __all__ = [
     "load_data",
     "load_loss",
     "load_model",
+    "load_parameters_like",
     "open_data",
     "resolve_inputs",
     "save_bundle",

@@ -1,0 +1,170 @@
+"""``basins landscape MODEL``: the loss along 1-D/2-D slices through θ*, or between two checkpoints.
+
+Also the renderers ``basins summary`` uses for a report's ``/landscape`` group:
+:func:`summary_tables` and :func:`summary_row`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import click
+from rich.console import RenderableType
+from rich.table import Table
+
+from .common import (
+    Timer,
+    emit,
+    flag_names,
+    fmt,
+    load_problem,
+    output_options,
+    problem_options,
+    progress_bar,
+    stderr_console,
+)
+
+
+@click.command()
+@problem_options
+@click.option("--dims", type=click.Choice(["1", "2"]), default="1", show_default=True,
+              help="A 1-D curve or a 2-D grid through θ*.")
+@click.option("--directions", type=click.Choice(["random", "top"]), default="random", show_default=True,
+              help="random: Gaussian, filter-normalised (Li et al. 2018; biases and norm parameters held fixed), "
+                   "seeded by --seed; top: the unit Hessian eigenvectors of the largest eigenvalues (Lanczos).")
+@click.option("--points", type=click.IntRange(min=2), help="Grid points per axis (default 51 for 1-D, 21 for 2-D, "
+                                                           "25 along --to).")
+@click.option("--extent", type=click.FloatRange(min=0, min_open=True),
+              help="The grid spans [−extent, extent] (default 1 for random: each filter moved by its own norm; for "
+                   "top twice the distance where the quadratic model doubles the loss).")
+@click.option("--to", "other", type=click.Path(), metavar="OTHER_MODEL",
+              help="Instead of a slice: the loss on the straight line from MODEL (t = 0) to OTHER_MODEL (t = 1), a "
+                   "checkpoint of the same architecture, its barrier and whether the two share a basin.")
+@click.option("--epsilon", type=click.FloatRange(min=0),
+              help="With --to: one basin when the barrier ≤ epsilon (loss units; default 1e-3·max(L(θa), L(θb))).")
+@click.option("--chunk", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Points per batched loss evaluation (memory ∝ chunk × a data chunk's activations).")
+@output_options
+def landscape(**kw: Any) -> None:
+    """Loss along 1-D/2-D slices through θ*, or on the line to another checkpoint.
+
+    Every value is the exact full-data mean loss, evaluated in batches of points (vmap). With
+    --to, the barrier is max_t L((1−t)θa + tθb) − max(L(θa), L(θb)): the largest loss on the grid,
+    refined by 24 golden-section steps around it, so it is the largest loss found (a lower bound
+    on the line's true maximum). Buffers (BatchNorm running statistics) and parameters outside
+    --params stay those of MODEL all along the line; a warning says when OTHER's differ.
+
+    \b
+    --json keys: 1-D: t, loss; 2-D: x, y, loss (loss[i][j] at x[i], y[j]);
+    --to: t, loss, barrier, barrier_t, loss_a, loss_b, epsilon, same_basin,
+    other_model; and kind, directions, normalisation, extent, num_points, seed,
+    direction_eigenvalues (top), num_loss_evals, num_hvps, wall_seconds, the
+    problem's keys. Report group /landscape.
+
+    \b
+    Examples:
+      basins landscape model.pt                          # 1-D random slice
+      basins landscape model.pt --dims 2 --directions top -o r.h5
+      basins landscape run/ckpt_100.pt --to run/ckpt_900.pt --data d.pt --json | jq .barrier
+    """
+    from basins.analyses.landscape import landscape_slice, linear_path
+
+    log = stderr_console(kw["quiet"])
+    if kw["other"] is not None and kw["dims"] == "2":
+        raise click.UsageError("--to draws the line between two checkpoints: it takes no --dims 2")
+    with Timer() as setup:
+        loaded = load_problem(kw, log)
+    problem = loaded.problem
+    warnings = list(loaded.warnings)
+    if kw["other"] is not None:
+        from basins.files.loading import load_parameters_like
+
+        with log.status(f"loading {kw['other']}", spinner="dots"):
+            params, other, differ = load_parameters_like(
+                kw["other"], problem.space.names, problem.space.shapes, dict(problem.module.named_buffers()),
+                arch=kw.get("arch"), trust_pickle=kw.get("trust_pickle", False))
+        if differ:
+            msg = (f"{kw['other']} has other values of {len(differ)} buffer(s) ({', '.join(differ[:3])}"
+                   f"{', ...' if len(differ) > 3 else ''}): the line uses MODEL's all along, so L at t = 1 is "
+                   "not OTHER's own loss")
+            warnings.append(msg)
+            log.print(f"[yellow]warning:[/] {msg}")
+        theta_b = problem.space.flatten({n: p.to(problem.device, problem.dtype) for n, p in params.items()})
+        points = kw["points"] or 25
+        with Timer() as t, progress_bar(log, "loss along the line", total=points) as update:
+            with flag_names(num_points="--points", epsilon="--epsilon"):
+                result = linear_path(problem, theta_b, num_points=points, epsilon=kw["epsilon"],
+                                     other_model=kw["other"], other_model_sha256=other.sha256, chunk=kw["chunk"],
+                                     callback=update)
+        log.print(f"barrier {result.barrier:.4g} at t = {result.barrier_t:.3f}: "
+                  f"{'one basin' if result.same_basin else 'separate basins'} at ε = {result.epsilon:.3g}")
+    else:
+        dims = int(kw["dims"])
+        with Timer() as t, progress_bar(log, f"{dims}-D slice ({kw['directions']})") as update:
+            with flag_names(num_points="--points", extent="--extent", directions="--directions"):
+                result = landscape_slice(problem, dims=dims, directions=kw["directions"], num_points=kw["points"],
+                                         extent=kw["extent"], seed=loaded.seed, chunk=kw["chunk"], callback=update)
+    log.print(f"{result.num_loss_evals:,} loss evaluations in {t.seconds:.2f} s")
+    record = result.record()
+    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
+    emit(kw, log, loaded, "landscape", record, warnings=warnings, tables=summary_tables)
+
+
+# ---------------------------------------------------------------------- summary renderers
+def _values(analysis: dict[str, Any], name: str) -> list[Any]:
+    ds = analysis.get("datasets", {}).get(name)
+    if ds is None:
+        return []
+    v = ds["values"]
+    return list(v.tolist() if hasattr(v, "tolist") else v)
+
+
+def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
+    """The key numbers of a ``/landscape`` group, and the curve (1-D, line) as a table."""
+    a = analysis.get("attrs", {})
+    key = Table(title=f"landscape ({a.get('kind')}, {a.get('directions')})", show_header=False, title_justify="left")
+    key.add_column("quantity", style="bold")
+    key.add_column("value")
+    loss = _values(analysis, "loss")
+    flat = [v for row in loss for v in (row if isinstance(row, list) else [row])]
+    finite = [v for v in flat if isinstance(v, (int, float)) and math.isfinite(v)]
+    key.add_row("L(θ*)", fmt(a.get("loss_at_optimum")))
+    if finite:
+        key.add_row("loss on the grid", f"{fmt(min(finite))} … {fmt(max(finite))}")
+    if a.get("kind") == "line":
+        key.add_row("to", str(a.get("other_model")))
+        key.add_row("L(θa), L(θb)", f"{fmt(a.get('loss_a'))}, {fmt(a.get('loss_b'))}")
+        key.add_row("barrier (largest loss found − max end)", f"{fmt(a.get('barrier'))} at t = {fmt(a.get('barrier_t'), 4)}")
+        key.add_row("one basin", f"{'yes' if a.get('same_basin') else 'no'} at ε = {fmt(a.get('epsilon'), 3)}")
+    else:
+        key.add_row("extent", fmt(a.get("extent"), 4) + f" ({a.get('axis_units')})")
+        if a.get("normalisation"):
+            key.add_row("normalisation", str(a.get("normalisation")))
+        eig = _values(analysis, "direction_eigenvalues")
+        if eig:
+            key.add_row("direction eigenvalues", ", ".join(fmt(v, 5) for v in eig))
+    key.add_row("cost", f"{a.get('num_loss_evals')} loss evaluations, {a.get('num_hvps', 0)} HVPs, "
+                        f"{fmt(a.get('wall_seconds'), 3)} s")
+    tables: list[RenderableType] = [key]
+    t = _values(analysis, "t")
+    if t and loss and a.get("kind") != "2d":
+        curve = Table(title="loss along t", title_justify="left")
+        curve.add_column("t", justify="right")
+        curve.add_column("L", justify="right")
+        step = max(1, len(t) // 25)  # at most ~25 rows; the report has every point
+        for tv, lv in list(zip(t, loss))[::step]:
+            curve.add_row(fmt(tv, 4), fmt(lv, 8))
+        tables.append(curve)
+    return tables
+
+
+def summary_row(analysis: dict[str, Any]) -> dict[str, str]:
+    """One-row view of a ``/landscape`` group for ``basins summary`` of several reports."""
+    a = analysis.get("attrs", {})
+    if a.get("kind") == "line":
+        return {"barrier": fmt(a.get("barrier"), 4), "barrier t": fmt(a.get("barrier_t"), 3),
+                "one basin": "yes" if a.get("same_basin") else "no"}
+    loss = [v for row in _values(analysis, "loss") for v in (row if isinstance(row, list) else [row])]
+    finite = [v for v in loss if isinstance(v, (int, float)) and math.isfinite(v)]
+    return {"slice": f"{a.get('kind')} {a.get('directions')}", "max L on slice": fmt(max(finite), 5) if finite else "-"}
