@@ -69,10 +69,16 @@ class Record:
 
     def as_analysis(self) -> dict[str, Any]:
         """The record in the shape :func:`basins.files.report.read_report` gives an analysis group
-        (``{"attrs": ..., "datasets": {name: {"values", "description", "units"}}}``), for renderers."""
-        return {"attrs": dict(self.attrs),
-                "datasets": {n: {"values": a.values, "description": a.description, "units": a.units}
-                             for n, a in self.arrays.items()}}
+        (``{"attrs": ..., "datasets": {name: {"values", "description", "units"}}, "groups": ...}``; a
+        dataset named ``"sub/name"`` also appears as ``name`` in group ``sub``), for renderers."""
+        datasets = {n: {"values": a.values, "description": a.description, "units": a.units}
+                    for n, a in self.arrays.items()}
+        groups: dict[str, Any] = {}
+        for n, d in datasets.items():  # "family/profile" is dataset profile of subgroup family in a report
+            if "/" in n:
+                head, tail = n.split("/", 1)
+                groups.setdefault(head, {"attrs": {}, "datasets": {}, "groups": {}})["datasets"][tail] = d
+        return {"attrs": dict(self.attrs), "datasets": datasets, "groups": groups}
 
 
 def plain(obj: Any) -> Any:

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "evidence": ("evidence", "evidence", "Laplace log evidence (Occam factor) around the minimum."),
     "landscape": ("landscape", "landscape", "Loss along 1-D/2-D slices, or between two checkpoints."),
     "summary": ("summary", "summary", "Show one or more reports as tables, JSON or CSV."),
+    "plot": ("plot", "plot", "Draw a report's analyses, or several reports against training step."),
 }
 
 

@@ -66,7 +66,10 @@ def spectrum(**kw: Any) -> None:
     from basins.analyses.spectrum import hessian_spectrum
 
     if kw["plot_path"]:
-        _require_matplotlib()
+        from .figures.style import figure_format, require_matplotlib
+
+        figure_format(kw["plot_path"], "--plot")
+        require_matplotlib("--plot")
     log = stderr_console(kw["quiet"])
     with Timer() as setup:
         loaded = load_problem(kw, log)
@@ -78,47 +81,16 @@ def spectrum(**kw: Any) -> None:
             result = hessian_spectrum(problem, num_probes=kw["probes"], num_steps=kw["steps"], seed=loaded.seed,
                                       scale=kw["scale"], sigma=kw["sigma"], num_points=kw["points"], callback=update)
     log.print(f"{result.slq.num_matvecs} HVPs in {t.seconds:.2f} s")
-    if kw["plot_path"] and is_main_process():
-        plot_density(result.density, kw["plot_path"],
-                     title=f"Hessian spectral density ({result.slq.num_probes} probes × {result.slq.num_steps} steps)")
-        log.print(f"wrote {kw['plot_path']}")
     record = result.record()
     record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
+    if kw["plot_path"] and is_main_process():
+        from .figures.layout import group_figure
+        from .figures.style import save
+
+        save(group_figure("spectrum", record.as_analysis(), loaded.record), kw["plot_path"], "--plot")
+        log.print(f"wrote {kw['plot_path']}")
     emit(kw, log, loaded, "spectrum", record, warnings=list(loaded.warnings), tables=summary_tables,
          extra_json={"plot": kw["plot_path"]})
-
-
-def _require_matplotlib() -> None:
-    from basins.errors import InputError
-
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError as exc:
-        raise InputError("--plot needs matplotlib, which is not installed: pip install 'basins[plot]'") from exc
-
-
-def plot_density(dens: Any, path: str, title: str = "") -> None:
-    """Draw a :class:`basins.linalg.slq.SpectralDensity` (mean and band) to an image file."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    x = dens.grid.numpy()
-    ax.fill_between(x, dens.density_lower.numpy(), dens.density_upper.numpy(), alpha=0.3,
-                    label=f"{dens.coverage:.0%} band across probes")
-    ax.plot(x, dens.density.numpy(), lw=1.5, label="density")
-    ax.set_yscale("log")
-    top = float(dens.density_upper.max())
-    ax.set_ylim(max(top * 1e-8, 1e-300), top * 2)
-    ax.set_xlabel("log10 |λ|" if dens.scale == "log" else "λ")
-    ax.set_ylabel("density per decade" if dens.scale == "log" else "density")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def sparkline(values: Any, width: int = 48) -> str:

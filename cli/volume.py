@@ -6,7 +6,6 @@ Also the renderers ``basins summary`` uses for a report's ``/volume`` and ``/wal
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import click
@@ -77,10 +76,10 @@ def volume(**kw: Any) -> None:
 
     log = stderr_console(kw["quiet"])
     if kw["plot"]:
-        if importlib.util.find_spec("matplotlib") is None:
-            from basins.errors import InputError
+        from .figures.style import figure_format, require_matplotlib
 
-            raise InputError("--plot needs matplotlib, which is not installed: pip install 'basins[plot]'")
+        figure_format(kw["plot"], "--plot")
+        require_matplotlib("--plot")
         kw["walls"] = True
     with Timer() as setup:
         loaded = load_problem(kw, log)
@@ -124,43 +123,14 @@ def volume(**kw: Any) -> None:
         out = summary_tables(analysis, problem)
         return out + summary_tables(walls.as_analysis(), problem) if walls is not None else out
 
-    if kw["plot"] and is_main_process():
-        plot_walls(kw["plot"], result)
+    if kw["plot"] and is_main_process() and walls is not None:
+        from .figures.layout import group_figure
+        from .figures.style import save
+
+        save(group_figure("walls", walls.as_analysis(), loaded.record), kw["plot"], "--plot")
         log.print(f"wrote {kw['plot']}")
     emit(kw, log, loaded, "volume", record, warnings=warnings, tables=tables,
          also={"walls": walls} if walls is not None else None)
-
-
-# ---------------------------------------------------------------------- plot
-def plot_walls(path: str, result: Any) -> None:
-    """Median wall profile C/ε against t with 5–95% and 25–75% bands, one line per family (log-log)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for name, fr in result.families.items():
-        w = fr.walls
-        if w is None:
-            continue
-        q = w.profile_quantiles
-        line = ax.plot(w.t, q[2], label=f"{name} (median)")[0]
-        ax.fill_between(w.t, q[0], q[4], alpha=0.15, color=line.get_color(), linewidth=0)
-        ax.fill_between(w.t, q[1], q[3], alpha=0.3, color=line.get_color(), linewidth=0)
-    tt = result.families[result.primary.family].walls.t
-    for p, style in ((2, ":"), (4, "--")):
-        ax.plot(tt, tt**p, style, color="gray", linewidth=0.8, label=f"t^{p}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.axhline(1.0, color="black", linewidth=0.5)
-    ax.set_xlabel("t = radius / r(u)")
-    ax.set_ylabel(f"C / ε   (ε = {result.walls_epsilon:g})")
-    ax.set_title("basin walls: L(θ* + t·r(u)·u) − L(θ*)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------- summary renderers

@@ -1,4 +1,4 @@
-"""``basins --help``, ``--version`` and every command's ``--help`` import no torch (it takes seconds)."""
+"""``basins --help``, ``--version`` and every command's ``--help`` import neither torch (it takes seconds) nor matplotlib."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ _PROBE = (
     "    main(sys.argv[1:])\n"
     "except SystemExit:\n"
     "    pass\n"
-    "print('torch' in sys.modules, file=sys.stderr)\n"
+    "print('torch' in sys.modules or 'matplotlib' in sys.modules, file=sys.stderr)\n"
 )
 
 
@@ -25,4 +25,4 @@ def test_help_and_version_import_no_torch(args: list[str]) -> None:
     r = subprocess.run([sys.executable, "-c", _PROBE, *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip(), "nothing printed"
-    assert r.stderr.strip().splitlines()[-1] == "False", f"basins {' '.join(args)} imported torch"
+    assert r.stderr.strip().splitlines()[-1] == "False", f"basins {' '.join(args)} imported torch or matplotlib"
