@@ -8,7 +8,9 @@ checkpoints share:
 * the data, loaded and checked once (:meth:`Run.data_for`);
 * the HVP route chosen for the first checkpoint, reused while the parameter shapes are the same
   (``--hvp auto`` times the routes once, not once per checkpoint);
-* the previous checkpoint's Ritz vectors, to warm-start Lanczos (:attr:`Run.warm`);
+* the previous checkpoint's Ritz vectors, to warm-start Lanczos (:attr:`Run.warm` for
+  ``hessian``; :func:`basins.analyses.eigen.warm_starts` for the top eigenpairs of ``volume``,
+  ``nullity`` and ``evidence``);
 * the outputs: a JSON list (one object per checkpoint, with ``model`` and ``step``), or one
   table row per checkpoint (the group's ``summary_row``, as ``basins summary`` shows several
   reports).
@@ -188,6 +190,7 @@ def over_checkpoints(body: Callable[..., None]) -> Callable[..., None]:
                    if opt in kw}
         log = stderr_console(kw.get("quiet", False))
         run = Run()
+        store: Any = None  # basins.analyses.eigen.WarmStarts, made once torch is imported
         failures: list[tuple[str, BaseException]] = []
         for i, (model, step) in enumerate(zip(models, steps)):
             log.rule(f"checkpoint {i + 1}/{len(models)}: {model}" + (f" (step {step})" if step is not None else ""),
@@ -196,7 +199,16 @@ def over_checkpoints(body: Callable[..., None]) -> Callable[..., None]:
             one = {**kw, "model": model, "step": step, "_run": run}
             one.update({opt: paths[i] for opt, paths in outputs.items()})
             try:
-                body(**one)
+                if store is None:
+                    from basins.analyses.eigen import WarmStarts
+
+                    store = WarmStarts()
+                from basins.analyses.eigen import warm_starts
+
+                with warm_starts(store):  # Lanczos runs of the next checkpoint start from this one's
+                    body(**one)
+                if store.warm:
+                    log.print(f"{store.warm} Lanczos run(s) warm-started from the previous checkpoint")
             except click.exceptions.Exit as exc:  # rank 0 failed writing: its message is shown already
                 if exc.exit_code == 0:
                     continue

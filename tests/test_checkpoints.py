@@ -230,3 +230,33 @@ def test_table_has_one_row_per_checkpoint(run_dir):
     assert "hessian over 2 checkpoints" in res.stdout
     rows = [line for line in res.stdout.splitlines() if "ckpt_" in line]
     assert len(rows) == 2 and "100" in rows[0] and "200" in rows[1]
+
+
+def test_top_eigenpairs_warm_start_inside_warm_starts():
+    """The deflation/top-family eigenpairs: the second checkpoint's call starts warm, and both
+    contain the dense truth within their residuals."""
+    from basins.analyses.eigen import WarmStarts, top_eigenpairs, warm_starts
+    from basins.linalg.operator import as_operator
+
+    g = torch.Generator().manual_seed(5)
+    P = 150
+    Q = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=torch.float64))[0]
+    A = Q @ torch.diag(torch.linspace(0, 4, P, dtype=torch.float64) ** 2) @ Q.T
+    E = torch.randn(P, P, generator=g, dtype=torch.float64)
+    store = WarmStarts()
+    for M in (A, A + 1e-3 * (E + E.T)):
+        with warm_starts(store):
+            pairs = top_eigenpairs(as_operator(M), 4, tol=1e-10, vectors=False)
+        truth = torch.linalg.eigvalsh(M).flip(0)[:4]
+        assert bool(((pairs.eigenvalues - truth).abs() <= pairs.residuals + 1e-9).all())
+        assert pairs.eigenvectors.shape[1] == 0  # vectors=False: none returned, though kept for the next
+    assert store.warm == 1 and store.calls == 1 and len(store.vectors) == 1
+
+
+def test_nullity_over_checkpoints_warm_starts_its_deflation(run_dir):
+    res = CliRunner().invoke(main, ["nullity", *run_dir["models"][:2], "--data", run_dir["data"], "--method", "slq",
+                                    "--probes", "2", "--steps", "20", "--deflate", "3", "--json"])
+    assert res.exit_code == 0, res.stderr
+    assert "Lanczos run(s) warm-started from the previous checkpoint" in res.stderr
+    many = json.loads(res.stdout)
+    assert [d["step"] for d in many] == [100, 200] and all("counts" in d for d in many)

@@ -12,7 +12,10 @@ relative residual ``tol``. See README, "Architecture".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,8 +26,43 @@ from basins.linalg.lanczos import lanczos
 from basins.linalg.operator import Operator
 from basins.progress import ProgressCallback, relay
 
-__all__ = ["Eigenpairs", "hessian_operator", "dense_memory_bytes", "dense_fits", "dense_hessian",
-           "top_eigenpairs", "hessian_eigenpairs"]
+__all__ = ["Eigenpairs", "WarmStarts", "warm_starts", "hessian_operator", "dense_memory_bytes", "dense_fits",
+           "dense_hessian", "top_eigenpairs", "hessian_eigenpairs"]
+
+
+@dataclass
+class WarmStarts:
+    """Ritz vectors carried from one checkpoint's Lanczos runs to the next checkpoint's.
+
+    Inside :func:`warm_starts`, the ``j``-th call of :func:`top_eigenpairs` (the top and floor
+    families of ``basins volume``, the deflation of ``basins nullity``/``evidence``) starts from
+    the vectors the ``j``-th call of the previous checkpoint found for the same ``k`` and ``P``
+    (:func:`basins.linalg.lanczos.lanczos`, ``start=``): the same stopping rule, so the same
+    accuracy, in fewer HVPs on a nearby Hessian.
+
+    Attributes:
+        vectors: ``(call index, k, P)`` → ``(P, k)`` float64 CPU Ritz vectors.
+        calls: calls of :func:`top_eigenpairs` in the current checkpoint.
+        warm: how many of them started warm.
+    """
+
+    vectors: dict[tuple[int, int, int], torch.Tensor] = field(default_factory=dict)
+    calls: int = 0
+    warm: int = 0
+
+
+_WARM: ContextVar[WarmStarts | None] = ContextVar("basins_warm_starts", default=None)
+
+
+@contextmanager
+def warm_starts(store: WarmStarts) -> Iterator[WarmStarts]:
+    """Within this block, :func:`top_eigenpairs` warm-starts from (and updates) ``store`` (one checkpoint)."""
+    store.calls = store.warm = 0
+    token = _WARM.set(store)
+    try:
+        yield store
+    finally:
+        _WARM.reset(token)
 
 
 @dataclass
@@ -74,9 +112,22 @@ def dense_hessian(operator: Operator, *, block: int = 64, callback: ProgressCall
 
 def top_eigenpairs(operator: Operator, k: int, *, tol: float = 1e-4, seed: int = 0, vectors: bool = True,
                    callback: ProgressCallback | None = None) -> Eigenpairs:
-    """The top ``k`` pairs by Lanczos (basis in the operator's dtype). Cost: the Lanczos count (≥ k HVPs)."""
+    """The top ``k`` pairs by Lanczos (basis in the operator's dtype), warm-started inside
+    :func:`warm_starts`. Cost: the Lanczos count (≥ k HVPs)."""
+    store = _WARM.get()
+    key, start = None, None
+    if store is not None:  # several checkpoints (warm_starts)
+        key = (store.calls, k, operator.num_params)
+        store.calls += 1
+        start = store.vectors.get(key)
+        store.warm += start is not None
     res = lanczos(operator, k=k, which="top", tol=tol, dtype=operator.dtype, device=operator.device, seed=seed,
-                  return_eigenvectors=vectors, callback=relay(callback, unit="HVPs"))
+                  return_eigenvectors=vectors or store is not None, callback=relay(callback, unit="HVPs"),
+                  start=start)
+    if store is not None and key is not None and res.eigenvectors is not None:
+        store.vectors[key] = res.eigenvectors.to("cpu", torch.float64)
+        if not vectors:
+            res.eigenvectors = None
     if vectors and res.eigenvectors is None:
         raise ComputeError("Lanczos returned no eigenvectors")
     vals = res.eigenvalues.to("cpu", torch.float64)
