@@ -1,4 +1,9 @@
-"""``basins plot REPORT... -o FIG``: one report's analyses as panels, or several reports against step."""
+"""``basins plot REPORT... -o FIG.png|pdf|svg``: draw a report's analyses, or several reports
+against training step.
+
+The panels live in :mod:`basins.cli.figures`; this module checks the options, reads the reports,
+and writes the figure atomically. matplotlib is imported only when a figure is drawn.
+"""
 
 from __future__ import annotations
 
@@ -10,44 +15,55 @@ from .common import _set_debug, stderr_console
 
 
 @click.command()
-@click.argument("reports", nargs=-1, required=True, type=click.Path())
+@click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="The figure: .png, .pdf or .svg (written atomically).")
-@click.option("-q", "--quiet", is_flag=True, help="No logs on stderr.")
-@click.option("--debug", is_flag=True, expose_value=False, is_eager=True,
-              callback=_set_debug,
+              help="The figure; its extension picks the format: .png, .pdf or .svg. Written atomically.")
+@click.option("--dpi", type=click.IntRange(min=30, max=1200), default=None,
+              help="Resolution of a .png. [default: 110]")
+@click.option("-q", "--quiet", is_flag=True, help="No notes on stderr.")
+@click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
               help="Show a traceback on errors.")
-def plot(reports: tuple[str, ...], output: str, quiet: bool) -> None:
-    """Draw a report's analyses, or several reports against training step.
+def plot(reports: tuple[str, ...], output: str, dpi: int | None, quiet: bool) -> None:
+    """Draw REPORT(s) to a figure (needs matplotlib: pip install 'basins[plot]').
 
-    One REPORT: a panel per analysis group present: the Hessian eigenvalues with their error
-    bounds, the spectral density with its band, the nullity ladder, the feature spectrum, the
-    volume ladder with its intervals, the wall profile, the LLC chains, the landscape curve or
-    contours. Several REPORTs (checkpoints): λ_max, the trace, the nullity at each rtol, log
-    volume at each ε, the LLC and the log evidence against the step recorded in each report (or
-    the number in the model's file name), with error bars.
+    One report: a panel per analysis (spectral density with its band, extreme eigenvalues
+    with error bounds, the nullity ladder, the feature spectrum, the volume ladder with CIs,
+    wall profiles, LLC chains, landscape curves or contours, per-block λ_max, evidence terms),
+    titled with the model and short model/data hashes. Groups without a panel are noted on
+    stderr and skipped.
+
+    Several reports (checkpoints): λ_max, trace, nullity at each rtol, log-volume, LLC and
+    log evidence against training step, each with the error bar its report stores. The step
+    is /problem's `step` when every report has one, else the digits in the model file name,
+    else the report's position.
 
     \b
     Examples:
       basins plot report.h5 -o report.png
-      basins hessian ckpts/ --data d.pt -o runs/ && basins plot runs/*.h5 -o trajectory.pdf
+      basins plot runs/ckpt_*.h5 -o trajectory.pdf
     """
-    from basins.errors import InputError
     from basins.files.report import read_report
 
-    from .figures.layout import report_figure
-    from .figures.style import figure_format, require_matplotlib, save
-    from .figures.trajectory import trajectory_figure
+    from .figures.style import DPI, figure_format, figure_style, require_matplotlib, save_figure
 
     figure_format(output)
     require_matplotlib()
     log = stderr_console(quiet)
-    data: list[dict[str, Any]] = [read_report(path) for path in reports]
-    fig = report_figure(data[0]) if len(data) == 1 else trajectory_figure(data)
-    if fig is None:
-        groups = sorted({g for d in data for g in d.get("analyses", {})})
-        raise InputError(f"nothing to draw: {'the report holds' if len(data) == 1 else 'the reports hold'} "
-                         f"{', '.join('/' + g for g in groups) or 'no analysis'}; run hessian, spectrum, nullity, "
-                         "features, volume, llc, evidence or landscape with -o first")
-    save(fig, output)
+    data = [read_report(path) for path in reports]
+    debug = bool(click.get_current_context().meta.get("basins.debug"))
+    notes: list[str] = []
+    with figure_style():
+        fig = _figure(data, notes, debug)
+        save_figure(fig, output, dpi=dpi or DPI)
+    for line in notes:
+        log.print(f"note: {line}")
     log.print(f"wrote {output}")
+
+
+def _figure(data: list[dict[str, Any]], notes: list[str], debug: bool) -> Any:
+    from .figures.layout import report_figure
+    from .figures.trajectory import trajectory_figure
+
+    if len(data) == 1:
+        return report_figure(data[0], notes, debug=debug)
+    return trajectory_figure(data)

@@ -46,7 +46,7 @@ _BLOCKS = "▁▂▃▄▅▆▇█"
               help="Gaussian broadening in grid units [default: 1% of the node range; 0.1 decade for log].")
 @click.option("--points", type=click.IntRange(min=10), default=500, show_default=True, help="Grid points.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
-              help="Also draw the density with its band to this image (needs matplotlib: pip install 'basins[plot]').")
+              help="Also draw the density with its band to this .png/.pdf/.svg (needs matplotlib: pip install 'basins[plot]').")
 @output_options
 def spectrum(**kw: Any) -> None:
     """Spectral density of the Hessian at the saved parameters (stochastic Lanczos quadrature).
@@ -82,15 +82,22 @@ def spectrum(**kw: Any) -> None:
                                       scale=kw["scale"], sigma=kw["sigma"], num_points=kw["points"], callback=update)
     log.print(f"{result.slq.num_matvecs} HVPs in {t.seconds:.2f} s")
     record = result.record()
-    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
     if kw["plot_path"] and is_main_process():
-        from .figures.layout import group_figure
-        from .figures.style import save
-
-        save(group_figure("spectrum", record.as_analysis(), loaded.record), kw["plot_path"], "--plot")
+        plot_density(record.as_analysis(), kw["plot_path"])
         log.print(f"wrote {kw['plot_path']}")
+    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
     emit(kw, log, loaded, "spectrum", record, warnings=list(loaded.warnings), tables=summary_tables,
          extra_json={"plot": kw["plot_path"]})
+
+
+def plot_density(analysis: dict[str, Any], path: str, title: str = "") -> None:
+    """Draw a ``/spectrum`` analysis (``record().as_analysis()`` or a report group: density and
+    band) to an image file, with the panel ``basins plot`` uses (:mod:`basins.cli.figures.spectrum`)."""
+    from .figures.layout import single_panel
+    from .figures.style import figure_style, save_figure
+
+    with figure_style():
+        save_figure(single_panel("spectrum", analysis, {}, title or None), path)
 
 
 def sparkline(values: Any, width: int = 48) -> str:

@@ -46,7 +46,7 @@ from .common import (
               help="Eigenvectors spanning the top family / deflated by floor.")
 @click.option("--walls", is_flag=True, help="Measure wall profiles, exponents, anharmonicity and asymmetry.")
 @click.option("--plot", type=click.Path(dir_okay=False),
-              help="Draw the median wall profile with quantile bands to this PNG (needs matplotlib; implies --walls).")
+              help="Draw the median wall profile with quantile bands to this .png/.pdf/.svg (needs matplotlib; implies --walls).")
 @click.option("--compare-quadratic", is_flag=True,
               help="Add the quadratic (Hessian) baseline volume: exact spectrum for small P, else Lanczos top-k.")
 @click.option("--null-rtol", type=click.FloatRange(min=0), default=1e-6, show_default=True,
@@ -124,13 +124,22 @@ def volume(**kw: Any) -> None:
         return out + summary_tables(walls.as_analysis(), problem) if walls is not None else out
 
     if kw["plot"] and is_main_process() and walls is not None:
-        from .figures.layout import group_figure
-        from .figures.style import save
-
-        save(group_figure("walls", walls.as_analysis(), loaded.record), kw["plot"], "--plot")
+        plot_walls(kw["plot"], walls.as_analysis())
         log.print(f"wrote {kw['plot']}")
     emit(kw, log, loaded, "volume", record, warnings=warnings, tables=tables,
          also={"walls": walls} if walls is not None else None)
+
+
+# ---------------------------------------------------------------------- plot
+def plot_walls(path: str, walls: dict[str, Any]) -> None:
+    """Draw a ``/walls`` analysis (``walls_record().as_analysis()`` or a report group): median wall
+    profile C/ε against t with 5–95% and 25–75% bands per family, log-log, with the panel
+    ``basins plot`` uses (:mod:`basins.cli.figures.walls`)."""
+    from .figures.layout import single_panel
+    from .figures.style import figure_style, save_figure
+
+    with figure_style():
+        save_figure(single_panel("walls", walls, {}), path)
 
 
 # ---------------------------------------------------------------------- summary renderers

@@ -1,11 +1,18 @@
-"""Figures of reports: ``basins plot`` and the ``--plot`` options draw with this package.
+"""Figures of reports (``basins plot``, and the ``--plot`` options of ``spectrum`` and ``volume``).
 
-Plotting is presentation, like the tables: it reads the same analysis dicts
-(:func:`basins.files.report.read_report`, or ``Record.as_analysis()`` of a fresh result) and does
-no math beyond choosing scales. matplotlib is an optional extra (``basins[plot]``); nothing here
-imports it until a figure is drawn (:func:`basins.cli.figures.style.pyplot`).
+Presentation only, like the summary tables: every panel draws the "analysis dict" that
+:func:`basins.files.report.read_report` returns for a report group (the same shape
+:meth:`basins.record.Record.as_analysis` gives a fresh result), and never computes a quantity
+the report does not hold.
 
-Modules: :mod:`.style` (matplotlib set-up, deterministic output, atomic saving),
-:mod:`.panels` (one function per analysis group), :mod:`.layout` (one report's figure, one
-group's figure) and :mod:`.trajectory` (several reports against training step).
+| module | job |
+|---|---|
+| ``style`` | the one style, axis scales from the data, titles, atomic deterministic writes |
+| ``data`` | reading analysis dicts in both shapes (subgroups vs ``family/name`` keys, JSON attrs) |
+| ``layout`` | one report: :data:`~.layout.PANELS` (group → panel) laid out on a grid |
+| ``trajectory`` | several reports: each quantity against training step |
+| ``hessian``, ``spectrum``, ``nullity``, ``features``, ``volume``, ``walls``, ``llc``, ``landscape``, ``extra`` | one panel kind each: ``draw(ax, analysis, problem)`` |
+
+No module here imports matplotlib (or torch) at import time: matplotlib is the optional extra
+``basins[plot]``, checked by :func:`~.style.require_matplotlib` before anything is drawn.
 """

@@ -1,64 +1,89 @@
-"""One report as one figure (a panel per analysis group), or one group alone (the ``--plot`` options)."""
+"""The figure of one report: a panel per analysis group that has one, in a fixed order, under a
+title naming the model and the short model and data hashes.
+
+:data:`PANELS` maps a report group to the function that draws it on one axes,
+``draw(ax, analysis, problem)``; a group not listed (or whose panel fails) gets no panel and a
+note, so a report with groups this version does not know still draws.
+"""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from typing import Any
 
-from .panels import PANELS
-from .style import pyplot, short
+from basins.errors import InputError
+
+from . import extra, features, hessian, landscape, llc, nullity, spectrum, volume, walls
+from .style import figure_style, new_figure, report_title
+
+Panel = Callable[[Any, dict[str, Any], dict[str, Any]], None]
+
+#: report group → panel, in the order panels are laid out
+PANELS: dict[str, Panel] = {
+    "hessian": hessian.draw,
+    "spectrum": spectrum.draw,
+    "nullity": nullity.draw,
+    "features": features.draw,
+    "volume": volume.draw,
+    "walls": walls.draw,
+    "llc": llc.draw,
+    "landscape": landscape.draw,
+    "hessian_blocks": extra.draw_blocks,
+    "evidence": extra.draw_evidence,
+}
 
 
-def title(problem: dict[str, Any]) -> str:
-    """The figure title: the model and the short model and data hashes, and the problem's size."""
-    model = str(problem.get("model", "model"))
-    parts = [f"{model}  (model {short(problem.get('model_sha256'))}, data {short(problem.get('data_sha256'))})"]
-    if problem.get("num_params") is not None:
-        parts.append(f"P = {problem['num_params']:,}, n = {problem.get('num_examples', 0):,}, loss {problem.get('loss')}")
-    if problem.get("step") is not None:
-        parts.append(f"step {problem['step']}")
-    return "\n".join([parts[0], ", ".join(parts[1:])]) if len(parts) > 1 else parts[0]
+def report_figure(report: dict[str, Any], notes: list[str] | None = None, *, debug: bool = False,
+                  groups: list[str] | None = None) -> Any:
+    """The figure of one report (a :func:`basins.files.report.read_report` dict, or
+    ``{"problem": ..., "analyses": {group: record.as_analysis()}}``).
 
+    Args:
+        report: the report dict.
+        notes: collects one line per group drawn without a panel (unknown group, or its panel
+            raised); the caller prints them.
+        debug: let a panel's exception propagate instead of noting it.
+        groups: only these groups (default: every group that has a panel).
 
-def _draw(group: str, ax: Any, analysis: dict[str, Any], fig: Any) -> None:
-    if group == "landscape":
-        PANELS[group](ax, analysis, fig)
-    else:
-        PANELS[group](ax, analysis)
+    Returns:
+        a :class:`matplotlib.figure.Figure` (made under :func:`figure_style`; save it with
+        :func:`~.style.save_figure` inside the same style).
 
-
-def report_figure(report: dict[str, Any]) -> Any:
-    """A figure with one panel per analysis group of ``report`` that has a panel
-    (:data:`basins.cli.figures.panels.PANELS`); the others are named in a caption.
-
-    Returns the matplotlib figure, or None when no group has a panel.
+    Raises:
+        InputError: no group of the report has a panel.
     """
-    plt = pyplot()
-    groups = [g for g in PANELS if g in report.get("analyses", {})]
-    if not groups:
-        return None
-    cols = 1 if len(groups) == 1 else 2
-    rows = math.ceil(len(groups) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 3.9 * rows + 0.6), squeeze=False)
-    for ax, group in zip(axes.ravel(), groups):
-        _draw(group, ax, report["analyses"][group], fig)
-    for ax in axes.ravel()[len(groups):]:
-        ax.set_visible(False)
-    others = [g for g in report.get("analyses", {}) if g not in PANELS]
-    fig.suptitle(title(report.get("problem", {})), fontsize=9.5)
-    if others:
-        fig.text(0.01, 0.005, "not drawn: " + ", ".join("/" + g for g in others) + " (see basins summary)",
-                 fontsize=7, color="dimgray")
-    fig.tight_layout(rect=(0, 0.02, 1, 0.97))
+    notes = notes if notes is not None else []
+    analyses = report.get("analyses", {})
+    wanted = [g for g in PANELS if g in analyses and (groups is None or g in groups)]
+    for g in analyses:
+        if g not in PANELS:
+            notes.append(f"/{g}: no panel for this group; not drawn")
+    if not wanted:
+        have = ", ".join("/" + g for g in analyses) or "no analysis group"
+        raise InputError(f"{report.get('path', 'the report')}: nothing to draw ({have}); panels exist for "
+                         + ", ".join("/" + g for g in PANELS))
+    fig, axes = new_figure(len(wanted))
+    for ax, group in zip(axes, wanted):
+        try:
+            PANELS[group](ax, analyses[group], report.get("problem", {}))
+        except Exception as exc:
+            if debug:
+                raise
+            notes.append(f"/{group}: its panel failed ({type(exc).__name__}: {exc}); left empty")
+            ax.clear()
+            ax.set_axis_off()
+            ax.set_title(f"/{group}: not drawn")
+    fig.suptitle(report_title(report.get("problem", {}), narrow=len(wanted) == 1), fontsize=10)
     return fig
 
 
-def group_figure(group: str, analysis: dict[str, Any], problem: dict[str, Any] | None = None) -> Any:
-    """One group's panel as a figure (``basins spectrum --plot``, ``basins volume --plot``)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    _draw(group, ax, analysis, fig)
-    if problem:
-        fig.suptitle(title(problem), fontsize=8.5)
-    fig.tight_layout()
+def single_panel(group: str, analysis: dict[str, Any], problem: dict[str, Any], title: str | None = None) -> Any:
+    """A figure of one panel (the ``--plot`` options of ``spectrum`` and ``volume``)."""
+    fig, axes = new_figure(1)
+    PANELS[group](axes[0], analysis, problem)
+    if title:
+        axes[0].set_title(title)
     return fig
+
+
+__all__ = ["PANELS", "report_figure", "single_panel", "figure_style"]

@@ -1,173 +1,199 @@
-"""Several reports (checkpoints of a training run) as quantities against training step."""
+"""The figure of several reports (checkpoints of one training run): each quantity against
+training step, with the error bar its report stores.
+
+Quantities (a panel each, when at least one report has it): λ_max ± error bound (``/hessian``),
+trace ± s.e. (``/hessian``, else the SLQ trace of ``/spectrum``), nullity at each rtol with its
+interval (``/nullity``), log-volume at each ε with its CI, lower bounds as ▲ (``/volume``),
+LLC ± s.e. (``/llc``) and log evidence with its interval (``/evidence``).
+
+The x axis is the ``step`` attribute of each report's ``/problem`` group when every report has
+one, else the last run of digits in each problem's ``model`` file name when every name has one,
+else the report's position in the list; the axis label says which.
+"""
 
 from __future__ import annotations
 
-import math
 import os
-import re
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from basins.errors import InputError
 from basins.record import EIGEN_UNITS
 
-from .panels import spans_decades
-from .style import pyplot, short
+from ..checkpoints import step_from_name
+from . import nullity as nullity_panel
+from . import volume as volume_panel
+from .data import attr, number, values
+from .style import new_figure, set_scale, shared, short_hash
+
+NAN = float("nan")
 
 
-def steps(reports: list[dict[str, Any]]) -> tuple[list[float], str]:
-    """The x values and their label: each report's ``step`` when all have one, else the last number
-    in each model's file name when all have one, else the report's index."""
-    recorded = [r.get("problem", {}).get("step") for r in reports]
-    if all(isinstance(s, (int, float)) for s in recorded):
-        return [float(s) for s in recorded], "training step"
-    parsed = []
-    for r in reports:
-        name = os.path.basename(os.path.normpath(str(r.get("problem", {}).get("model", ""))))
-        found = re.findall(r"\d+", name.split(".", 1)[0])
-        parsed.append(float(found[-1]) if found else None)
-    if all(p is not None for p in parsed):
-        return [float(p) for p in parsed if p is not None], "training step (from the model file names)"
-    return [float(i) for i in range(len(reports))], "report (in the order given)"
+@dataclass
+class Series:
+    """One line: y with its interval [lo, hi] (NaN: none) per report; ``lower`` marks lower bounds."""
+
+    label: str
+    y: list[float] = field(default_factory=list)
+    lo: list[float] = field(default_factory=list)
+    hi: list[float] = field(default_factory=list)
+    lower: list[bool] = field(default_factory=list)
+
+    def add(self, y: float | None, lo: float | None = None, hi: float | None = None, lower: bool = False) -> None:
+        self.y.append(NAN if y is None else y)
+        self.lo.append(NAN if lo is None else lo)
+        self.hi.append(NAN if hi is None else hi)
+        self.lower.append(lower)
 
 
-def _num(x: Any) -> float:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else math.nan
+@dataclass
+class Quantity:
+    """A panel: title, y label, its series (label → Series, padded to one entry per report)."""
+
+    title: str
+    ylabel: str
+    series: dict[str, Series] = field(default_factory=dict)
+
+    def at(self, label: str, index: int) -> Series:
+        s = self.series.setdefault(label, Series(label))
+        while len(s.y) < index:
+            s.add(None)
+        return s
 
 
-def _ds0(g: dict[str, Any], name: str) -> float:
-    ds = g.get("datasets", {}).get(name)
-    if ds is None:
-        return math.nan
-    v = np.asarray(ds["values"], dtype=float).ravel()
-    return float(v[0]) if v.size else math.nan
+def steps(reports: list[dict[str, Any]]) -> tuple[np.ndarray, str]:
+    """The x value of each report and the axis label (see the module docstring)."""
+    problems = [r.get("problem", {}) for r in reports]
+    given = [p.get("step") for p in problems]
+    if all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in given):
+        return np.asarray(given, dtype=float), "training step"
+    named = [step_from_name(str(p.get("model"))) if p.get("model") else None for p in problems]
+    if all(s is not None for s in named):
+        return np.asarray(named, dtype=float), "step (digits in the model file name)"
+    return np.arange(len(reports), dtype=float), "report (position in the list)"
 
 
-# each: (title, y label, function report -> {series label: (value, lower error, upper error)})
-Series = dict[str, tuple[float, float, float]]
+def _pm(y: float | None, err: float | None) -> tuple[float | None, float | None, float | None]:
+    if y is None or err is None:
+        return y, None, None
+    return y, y - abs(err), y + abs(err)
 
 
-def _lambda_max(r: dict[str, Any]) -> Series:
-    g = r["analyses"].get("hessian")
-    if g is None or g.get("attrs", {}).get("which") == "bottom":
-        return {}
-    err = _ds0(g, "error_bounds")
-    err = _ds0(g, "residuals") if math.isnan(err) else err
-    return {"λ_max ± error bound": (_ds0(g, "eigenvalues"), err, err)}
+def collect(reports: list[dict[str, Any]]) -> list[Quantity]:
+    """The quantities of every report, one entry per report in every series (NaN where absent)."""
+    q = {k: Quantity(*v) for k, v in {
+        "lambda_max": ("λ_max ± error bound", f"λ_max [{EIGEN_UNITS}]"),
+        "trace": ("Hessian trace ± s.e.", f"trace [{EIGEN_UNITS}]"),
+        "nullity": ("near-zero eigenvalues [interval]", "count of |λ| ≤ rtol·λ_max [eigenvalues]"),
+        "volume": ("probed log-volume [95% CI], ▲ lower bound", "log V [nats]"),
+        "llc": ("local learning coefficient ± s.e.", "LLC λ̂ [dimensionless]"),
+        "evidence": ("Laplace log evidence [interval]", "log p(D) [nats]"),
+    }.items()}
+    for i, r in enumerate(reports):
+        an = r.get("analyses", {})
+        h = an.get("hessian")
+        if h is not None:
+            lam = values(h, "eigenvalues")
+            if lam is not None and lam.size and attr(h, "which") != "bottom":
+                b = values(h, "error_bounds")
+                if b is None:
+                    b = values(h, "residuals")
+                q["lambda_max"].at("Lanczos", i).add(*_pm(number(lam[0]), None if b is None else number(b[0])))
+            if number(attr(h, "trace")) is not None:
+                q["trace"].at(f"{attr(h, 'trace_method') or 'Hutchinson'} (/hessian)", i).add(
+                    *_pm(number(attr(h, "trace")), number(attr(h, "trace_stderr"))))
+        s = an.get("spectrum")
+        if s is not None and number(attr(s, "trace")) is not None and (h is None or number(attr(h, "trace")) is None):
+            q["trace"].at("SLQ (/spectrum)", i).add(*_pm(number(attr(s, "trace")), number(attr(s, "trace_stderr"))))
+        n = an.get("nullity")
+        rows = None if n is None else nullity_panel.ladder(n)
+        if rows is not None:
+            for rtol, c, lo, hi in zip(*rows):
+                q["nullity"].at(f"rtol = {rtol:g}", i).add(float(c), float(lo), float(hi))
+        v = an.get("volume")
+        if v is not None:
+            eps = attr(v, "epsilon") or []
+            fams = volume_panel.families(v)
+            fam = fams.get(str(attr(v, "family"))) or next(iter(fams.values()), {})
+            for j, e in enumerate(eps):
+                def col(key: str, j: int = j, fam: dict[str, Any] = fam) -> float | None:
+                    x = fam.get(key)
+                    return number(x[j]) if isinstance(x, list) and j < len(x) else None
+
+                lb = fam.get("is_lower_bound")
+                q["volume"].at(f"ε = {e:g}", i).add(col("log_volume"), col("ci_lower"), col("ci_upper"),
+                                                    bool(lb[j]) if isinstance(lb, list) and j < len(lb) else False)
+        ll = an.get("llc")
+        if ll is not None and number(attr(ll, "llc")) is not None:
+            q["llc"].at("SGLD", i).add(*_pm(number(attr(ll, "llc")), number(attr(ll, "llc_stderr"))))
+        ev = an.get("evidence")
+        if ev is not None and number(attr(ev, "log_evidence")) is not None:
+            ci = attr(ev, "log_evidence_ci")
+            lo, hi = (number(ci[0]), number(ci[1])) if isinstance(ci, list) and len(ci) == 2 else (None, None)
+            q["evidence"].at(str(attr(ev, "method") or "Laplace"), i).add(number(attr(ev, "log_evidence")), lo, hi)
+    for quantity in q.values():
+        for s in quantity.series.values():
+            while len(s.y) < len(reports):
+                s.add(None)
+    return [x for x in q.values() if any(np.isfinite(s.y).any() for s in x.series.values())]
 
 
-def _trace(r: dict[str, Any]) -> Series:
-    out: Series = {}
-    for name in ("hessian", "spectrum"):
-        a = r["analyses"].get(name, {}).get("attrs", {})
-        tr, se = _num(a.get("trace")), _num(a.get("trace_stderr"))
-        if not math.isnan(tr):
-            out[f"trace ± s.e. ({name})"] = (tr, se, se)
-    return out
+def _draw(ax: Any, x: np.ndarray, quantity: Quantity, xlabel: str) -> None:
+    order = np.argsort(x, kind="stable")
+    shown: list[np.ndarray] = []
+    for k, s in enumerate(quantity.series.values()):
+        y, lo, hi = (np.asarray(a, dtype=float)[order] for a in (s.y, s.lo, s.hi))
+        lower = np.asarray(s.lower, dtype=bool)[order]
+        xs = x[order]
+        ok = np.isfinite(y)
+        color = f"C{k % 10}"
+        ax.plot(xs[ok], y[ok], "-", color=color, lw=0.9, alpha=0.7)
+        point = ok & ~lower
+        err = np.vstack([np.where(np.isfinite(lo), y - lo, 0), np.where(np.isfinite(hi), hi - y, 0)])
+        ax.errorbar(xs[point], y[point], yerr=np.clip(err[:, point], 0, None), fmt="o", color=color, label=s.label)
+        if (ok & lower).any():
+            ax.plot(xs[ok & lower], y[ok & lower], "^", color=color,
+                    label=None if point.any() else f"{s.label} (lower bound)")
+        shown += [y, lo, hi]
+    set_scale(ax, "y", np.concatenate(shown))
+    set_scale(ax, "x", x, decades=2.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(quantity.ylabel)
+    ax.set_title(quantity.title)
+    if len(quantity.series) > 1 or next(iter(quantity.series)) not in ("Lanczos", "SGLD"):
+        ax.legend(loc="best")
 
 
-def _nullity(r: dict[str, Any]) -> Series:
-    g = r["analyses"].get("nullity", {})
-    out: Series = {}
-    for c in g.get("attrs", {}).get("counts") or []:
-        if isinstance(c, dict):
-            v = _num(c.get("count"))
-            out[f"rtol {c.get('rtol'):g}"] = (v, v - _num(c.get("count_lower")), _num(c.get("count_upper")) - v)
-    if not out and "count" in g.get("datasets", {}):  # the ladder's datasets
-        cols = [np.asarray(g["datasets"][k]["values"], dtype=float).ravel() if k in g["datasets"] else None
-                for k in ("rtol", "count", "count_lower", "count_upper")]
-        rtol, count, lo, hi = cols
-        assert count is not None
-        for i, v in enumerate(count):
-            label = f"rtol {rtol[i]:g}" if rtol is not None else f"threshold {i + 1}"
-            out[label] = (float(v), float(v - lo[i]) if lo is not None else 0.0, float(hi[i] - v) if hi is not None else 0.0)
-    return out
-
-
-def _volume(r: dict[str, Any]) -> Series:
-    a = r["analyses"].get("volume", {}).get("attrs", {})
-    out: Series = {}
-    for e, v, s in zip(a.get("epsilon") or [], a.get("log_volume") or [], a.get("log_volume_se") or []):
-        out[f"ε = {e:g}"] = (_num(v), 1.96 * _num(s), 1.96 * _num(s))
-    return out
-
-
-def _llc(r: dict[str, Any]) -> Series:
-    a = r["analyses"].get("llc", {}).get("attrs", {})
-    v, ci, se = _num(a.get("llc")), a.get("llc_ci"), _num(a.get("llc_stderr"))
-    if math.isnan(v):
-        return {}
-    if ci:
-        return {"λ̂ (95% CI)": (v, v - _num(ci[0]), _num(ci[1]) - v)}
-    return {"λ̂ ± 1.96 s.e.": (v, 1.96 * se, 1.96 * se)}
-
-
-def _evidence(r: dict[str, Any]) -> Series:
-    a = r["analyses"].get("evidence", {}).get("attrs", {})
-    v, ci = _num(a.get("log_evidence")), a.get("log_evidence_ci") or [math.nan, math.nan]
-    if math.isnan(v):
-        return {}
-    lo, hi = _num(ci[0]) if ci else math.nan, _num(ci[1]) if ci else math.nan
-    return {"log evidence": (v, 0.0 if math.isnan(lo) else v - lo, 0.0 if math.isnan(hi) else hi - v)}
-
-
-QUANTITIES: list[tuple[str, str, Callable[[dict[str, Any]], Series]]] = [
-    ("sharpness", f"λ_max ({EIGEN_UNITS})", _lambda_max),
-    ("trace of the Hessian", f"trace ({EIGEN_UNITS})", _trace),
-    ("flat directions", "count of |λ| ≤ rtol·λ_max", _nullity),
-    ("basin volume", "log V (nats)", _volume),
-    ("local learning coefficient", "λ̂ (LLC)", _llc),
-    ("Laplace evidence", "log p(D) (nats)", _evidence),
-]
+def trajectory_title(reports: list[dict[str, Any]]) -> str:
+    """``N reports · models a.pt … c.pt · model sha256 1234abcd … · data sha256 …``."""
+    problems = [r.get("problem", {}) for r in reports]
+    names = [os.path.basename(str(p.get("model") or "?")) for p in problems]
+    models = names[0] if shared(names) is not None else f"{names[0]} … {names[-1]}"
+    mh = [short_hash(p.get("model_sha256")) for p in problems]
+    dh = [short_hash(p.get("data_sha256")) for p in problems]
+    model_hash = mh[0] if shared(mh) is not None else f"{mh[0]} … {mh[-1]}"
+    data_hash = dh[0] if shared(dh) is not None else "differs between reports"
+    return f"{len(reports)} reports: {models}  ·  model sha256 {model_hash}  ·  data sha256 {data_hash}"
 
 
 def trajectory_figure(reports: list[dict[str, Any]]) -> Any:
-    """One panel per quantity present in any report, against training step, with error bars.
+    """The figure of several reports, ordered by the x value of :func:`steps` (the title names the
+    first and last in that order).
 
-    Returns the figure, or None when no report has any of the quantities.
+    Raises:
+        InputError: no report holds a quantity drawn against step.
     """
-    plt = pyplot()
     x, xlabel = steps(reports)
-    order = np.argsort(np.asarray(x), kind="stable")
-    xs = np.asarray(x)[order]
-    panels = []
-    for name, ylabel, fn in QUANTITIES:
-        per = [fn(reports[i]) for i in order]
-        labels = [k for s in per for k in s]
-        labels = list(dict.fromkeys(labels))
-        if labels:
-            panels.append((name, ylabel, labels, per))
-    if not panels:
-        return None
-    cols = 1 if len(panels) == 1 else 2
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 3.6 * rows + 0.6), squeeze=False)
-    for ax, (name, ylabel, labels, per) in zip(axes.ravel(), panels):
-        all_y = []
-        for label in labels:
-            y = np.asarray([s.get(label, (math.nan, 0, 0))[0] for s in per], dtype=float)
-            lo = np.asarray([s.get(label, (0, 0, 0))[1] for s in per], dtype=float)
-            hi = np.asarray([s.get(label, (0, 0, 0))[2] for s in per], dtype=float)
-            err = np.clip(np.vstack([np.nan_to_num(lo), np.nan_to_num(hi)]), 0, None)
-            ax.errorbar(xs, y, yerr=err, fmt="o-", ms=3.5, capsize=2.5, label=label)
-            all_y.append(y)
-        ys = np.concatenate(all_y)
-        if spans_decades(ys) and (ys[np.isfinite(ys)] > 0).all():
-            ax.set_yscale("log")
-        if spans_decades(xs, 1.5) and (xs > 0).all():
-            ax.set_xscale("log")
-        ax.set_title(name)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.legend(loc="best")
-    for ax in axes.ravel()[len(panels):]:
-        ax.set_visible(False)
-    first = reports[0].get("problem", {})
-    models = {str(r.get("problem", {}).get("model_sha256")) for r in reports}
-    data = {short(r.get("problem", {}).get("data_sha256")) for r in reports}
-    fig.suptitle(f"{len(reports)} checkpoints ({len(models)} distinct model{'s' if len(models) != 1 else ''}), "
-                 f"data {', '.join(sorted(data))}\nP = {first.get('num_params', 0):,}, "
-                 f"n = {first.get('num_examples', 0):,}, loss {first.get('loss')}", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.94 if len(panels) > 2 else 0.9))
+    order = np.argsort(x, kind="stable")
+    reports, x = [reports[i] for i in order], x[order]
+    quantities = collect(reports)
+    if not quantities:
+        raise InputError("no report holds a quantity to draw against step (λ_max or trace from /hessian, "
+                         "/nullity, /volume, /llc or /evidence)")
+    fig, axes = new_figure(len(quantities))
+    for ax, quantity in zip(axes, quantities):
+        _draw(ax, x, quantity, xlabel)
+    fig.suptitle(trajectory_title(reports), fontsize=10)
     return fig
