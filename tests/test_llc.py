@@ -88,6 +88,15 @@ def test_minibatch_sgld_regular() -> None:
     assert abs(r.llc - p.num_params / 2) <= 0.15 * p.num_params / 2, (r.llc, r.llc_stderr)
 
 
+def test_rmsprop_sgld_regular() -> None:
+    """RMSProp-preconditioned SGLD with its step size set for the frozen preconditioner gives P/2
+    on regular linear regression, as plain SGLD does (within the minibatch test's 15%)."""
+    p = _linreg(seed=1)
+    r = llc(p, num_chains=4, num_draws=1000, num_burnin=500, gamma=1e-3, batch_size=200, seed=3, sampler="rmsprop")
+    assert abs(r.llc - p.num_params / 2) <= 0.15 * p.num_params / 2, (r.llc, r.llc_stderr)
+    assert r.step_size_rule.startswith("auto, rmsprop") and r.sampler == "rmsprop"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("cfg", [(4, 2, 3, 1), (5, 5, 4, 2), (5, 3, 3, 1)])
 @pytest.mark.parametrize("seed", [0, 1])

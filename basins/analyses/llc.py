@@ -17,8 +17,11 @@ difference. The same pair decides ``frac_below_init`` (steps with L_B(w) < L_B(w
 
 Sampler: SGLD, ``w ← w − (ε/2)·∇U(w) + √ε·ξ`` with ``U = nβ·L_B + (γ/2)‖w − w*‖²``, or
 RMSProp-preconditioned SGLD (Li et al. 2016) with ``G = 1/(1e-8 + √V)`` scaling drift and noise;
-G adapts during burn-in and is frozen for the draws (a fixed G leaves the stationary
+G adapts during the first half of burn-in and is then frozen (a fixed G leaves the stationary
 distribution exact up to discretisation; an adapting one, without Li et al.'s Γ term, does not).
+With ``auto`` ε, the frozen G sets ε again: 0.05·2/λ_max(G½(nβH + γ)G½) (20 more HVPs), so that
+the preconditioned step is as stable as plain SGLD's; without this, G's large entries in flat
+directions made the discretisation inflate λ̂.
 All chains advance together: one ``vmap`` over a stacked ``(C, P)`` parameter axis
 (``torch.func.functional_call``), with a per-chain loop as the fallback (``batched=False``).
 
@@ -174,6 +177,26 @@ def _lambda_max(problem: Problem, seed: int, iters: int = 20) -> float:
     return abs(lam)
 
 
+def _lambda_max_preconditioned(problem: Problem, G: torch.Tensor, nbeta: float, gamma: float, seed: int,
+                               iters: int = 20) -> float:
+    """λ_max of ``G½ (nβ·H + γI) G½`` (the drift's curvature under RMSProp preconditioning ``G``,
+    shape ``(P,)``), by power iterations. Cost: ``iters`` HVPs."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    root = G.to(torch.float64).sqrt().cpu()
+    v = torch.randn(problem.num_params, generator=gen, dtype=torch.float64)
+    lam = 0.0
+    with torch.enable_grad():
+        for _ in range(iters):
+            v = v / v.norm()
+            u = root * v
+            w = root * (nbeta * problem.hvp(u.to(problem.dtype)).to("cpu", torch.float64) + gamma * u)
+            lam = float(v @ w)
+            if not math.isfinite(lam) or float(w.norm()) == 0.0:
+                break
+            v = w
+    return abs(lam)
+
+
 def _gamma_bias(problem: Problem, nbeta: float, gamma: float, seed: int, eps: float) -> tuple[float, float, str]:
     P = problem.num_params
     if P <= DENSE_MAX:
@@ -309,6 +332,7 @@ def llc(
         return nb * lv.to(torch.float64) + 0.5 * g_val * ((th - w0).to(torch.float64) ** 2).sum(-1)
 
     total = num_burnin + num_draws
+    adapt_until = max(1, num_burnin // 2)  # rmsprop: G adapts, then stays fixed for the rest
     w = w0.expand(C, P).clone()
     V = torch.zeros_like(w)
     G = torch.ones_like(w)
@@ -334,9 +358,15 @@ def llc(
                 d = (lv - l0).to(torch.float64)
                 traces[:, t - num_burnin] = nb * d
                 below += int((d < 0).sum())
-            if sampler == "rmsprop" and (t < num_burnin or t == 0):  # adapt in burn-in, then frozen
+            if sampler == "rmsprop" and (t < adapt_until or t == 0):  # adapt in the first half of burn-in
                 V = 0.99 * V + 0.01 * gU**2 if t else gU**2
                 G = 1.0 / (1e-8 + V.sqrt())
+                if t == adapt_until - 1 and step_size is None:  # G frozen: ε for the preconditioned drift
+                    lam_g = _lambda_max_preconditioned(problem, G.amax(0), nb, g_val, seed)
+                    eps = 0.1 / lam_g
+                    eps_rule = (f"auto, rmsprop: 0.05·2/λ_max(G½(nβH + γ)G½) = 0.1/{lam_g:.6g} with G frozen after "
+                                f"{adapt_until} burn-in steps (largest G over chains; 20 power iterations); "
+                                f"the first {adapt_until} steps used 0.1/(nβ·λ_max + γ)")
             elif sampler == "sgld" and t == 0:
                 G = torch.ones_like(w)
             w_new = w - 0.5 * eps * G * gU + (eps * G).sqrt() * noise()
