@@ -39,6 +39,8 @@ import click
 
 from basins.errors import BasinsError, InputError
 
+from .signals import received
+
 #: file names a directory of checkpoints contributes (and subdirectories with a config.json)
 MODEL_SUFFIXES = (".pt", ".pt2", ".pth", ".ckpt", ".bin", ".safetensors")
 #: per-checkpoint output options: with several checkpoints each needs a directory or a template
@@ -215,7 +217,7 @@ def over_checkpoints(body: Callable[..., None]) -> Callable[..., None]:
                 failures.append((model, exc))
                 run.json.append({"model": model, "step": step, "error": f"exit {exc.exit_code}"})
             except (BasinsError, Exception) as exc:  # noqa: BLE001 - one checkpoint's failure is reported
-                if _debug():
+                if _debug() or received() is not None:  # an interrupt ends the whole run
                     raise
                 failures.append((model, exc))
                 kind = "error" if isinstance(exc, InputError) else "failed"

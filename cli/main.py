@@ -18,7 +18,7 @@ import click
 from basins import __version__
 from basins.errors import BasinsError, InputError
 
-from .signals import Interrupted
+from .signals import Interrupted, received
 
 #: name -> (module within basins.cli, attribute, one-line help shown by ``basins --help``)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -66,18 +66,23 @@ class LazyGroup(click.Group):
             code = exc.code if isinstance(exc, Interrupted) else 130
             click.echo("interrupted; any report being written was left as it was", err=True)
             sys.exit(code)
-        except BasinsError as exc:
+        except (BasinsError, Exception) as exc:
+            signum = received()
+            if signum is not None:  # the interrupt's unwinding surfaced as another error: still an interrupt
+                click.echo("interrupted; any report being written was left as it was", err=True)
+                sys.exit(128 + signum)
+            if not isinstance(exc, BasinsError):
+                if _debug(ctx):
+                    raise
+                first = str(exc).splitlines()[0] if str(exc) else ""
+                click.echo(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for a traceback)",
+                           err=True)
+                sys.exit(1)
             if _debug(ctx):
                 raise
             kind = "error" if isinstance(exc, InputError) else "failed"
             click.echo(f"{kind}: {exc}", err=True)
             sys.exit(2 if isinstance(exc, InputError) else 1)
-        except Exception as exc:
-            if _debug(ctx):
-                raise
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            click.echo(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for a traceback)", err=True)
-            sys.exit(1)
 
 
 def _module_exists(module: str) -> bool:

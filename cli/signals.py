@@ -14,7 +14,10 @@ from __future__ import annotations
 import signal
 from types import FrameType
 
-__all__ = ["Interrupted", "install", "ignore_signals", "HANDLED"]
+__all__ = ["Interrupted", "install", "ignore_signals", "received", "HANDLED"]
+
+#: the signal that began unwinding the run, if any (:func:`received`)
+_RECEIVED: list[int] = []
 
 #: The signals that end a run cleanly.
 HANDLED = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None),
@@ -38,8 +41,19 @@ def ignore_signals() -> None:
         pass
 
 
+def received() -> int | None:
+    """The signal number that interrupted this run, or None.
+
+    Code that the interrupt unwinds can turn :class:`Interrupted` into another error (a library's
+    clean-up that fails half-way, e.g. a half-imported module during ``torch.export.load``); the
+    command line checks this before it reports an error, so that the run still ends as interrupted.
+    """
+    return _RECEIVED[0] if _RECEIVED else None
+
+
 def _handler(signum: int, _frame: FrameType | None) -> None:
     ignore_signals()  # unwinding has begun: later signals must not interrupt the clean-up
+    _RECEIVED.append(signum)
     raise Interrupted(signum)
 
 

@@ -473,10 +473,10 @@ def _cli_commands(files: dict[str, str]) -> list[list[str]]:
         ["volume", files["model"], "--data", files["data"], "--samples", "12", "--epsilon", "1e-3",
          "--epsilon", "1e-2", "--seed", "3", *pinned],
         # under torchrun G = JᵀH_ℓJ is summed per process and all-reduced: the 'outer' route
-        ["features", files["model"], "--data", files["data"], "--route", "outer", *COMMON],
+        ["features", files["model"], "--data", files["data"], "--route", "outer", *pinned],
         # a DataLoader read on every pass, each rank reading only its shard
         ["hessian", files["model"], "--data", files["stream"], "--stream", "-k", "3", "--which", "both",
-         "--tol", "1e-10", *COMMON],
+         "--tol", "1e-10", *pinned],
         # data already split by rank: refused (exit 2) on every rank, no hang
         ["hessian", files["model"], "--data", files["stream"].replace(":loader", ":rank_split"), *COMMON],
     ]

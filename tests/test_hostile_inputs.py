@@ -344,3 +344,21 @@ def test_interrupts_leave_the_old_report_or_a_complete_new_one(sig: int, code: i
         with h5py.File(report, "r") as f:  # complete either way
             assert "hessian" in f and "problem" in f
         assert [p.name for p in tmp_path.iterdir() if p.name != "r.h5"] == []
+
+
+def test_an_error_raised_while_an_interrupt_unwinds_still_exits_as_interrupted(monkeypatch, tmp_path) -> None:
+    """A library's clean-up can turn the interrupt into another error (seen: a RecursionError from a
+    half-imported module inside torch.export.load, reported as a bad .pt2): the exit code stays 128 + signum."""
+    import signal as _signal
+
+    from click.testing import CliRunner
+
+    from basins.cli import signals
+    from basins.cli.main import main
+
+    monkeypatch.setattr(signals, "_RECEIVED", [int(_signal.SIGHUP)])
+    res = CliRunner().invoke(main, ["hessian", str(tmp_path / "missing.pt2"), "-q"])
+    assert res.exit_code == 129 and "interrupted" in res.stderr
+    monkeypatch.setattr(signals, "_RECEIVED", [])
+    res = CliRunner().invoke(main, ["hessian", str(tmp_path / "missing.pt2"), "-q"])
+    assert res.exit_code == 2 and "not found" in res.stderr
