@@ -66,3 +66,24 @@ class CountingMatvec:
         self.vectors += v.shape[1]
         self.widths.append(v.shape[1])
         return self.h.to(v.dtype) @ v
+
+
+def loss_hessian(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> torch.Tensor:  # noqa: ANN001
+    """The dense Hessian of ``loss_fn(model(x), y)`` in the model's parameters (named-parameter
+    order, flattened), by ``torch.func.hessian`` of the explicit full-data loss; symmetrised."""
+    from torch.func import functional_call
+
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def full_loss(th: torch.Tensor) -> torch.Tensor:
+        params, i = {}, 0
+        for name, shape in zip(names, shapes):
+            k = shape.numel()
+            params[name] = th[i : i + k].reshape(shape)
+            i += k
+        return loss_fn(functional_call(model, params, (x,)), y)
+
+    H = torch.func.hessian(full_loss)(theta)
+    return (H + H.T) / 2

@@ -13,30 +13,17 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
-from torch.func import functional_call
 
 from basins.cli.checkpoints import expand_models, output_paths, parse_steps, step_from_name
 from basins.cli.main import main
 from basins.errors import InputError
 from basins.files.report import read_report
 from basins.linalg.lanczos import lanczos
+from tests.dense import loss_hessian
 
 
 def _dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def full_loss(th: torch.Tensor) -> torch.Tensor:
-        params, i = {}, 0
-        for name, shape in zip(names, shapes):
-            k = int(np.prod(shape))
-            params[name] = th[i : i + k].reshape(shape)
-            i += k
-        return ((functional_call(model, params, (x,)) - y) ** 2).mean()
-
-    H = torch.func.hessian(full_loss)(theta)
-    return (H + H.T) / 2
+    return loss_hessian(model, x, y, lambda out, t: ((out - t) ** 2).mean())
 
 
 @pytest.fixture(scope="module")

@@ -189,7 +189,7 @@ def _write_locked(path: str, directory: str, problem: Mapping[str, Any], group: 
             replaced = int(_from_attr(old[group].attrs.get("replaced", 0)) or 0) + 1
     fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", suffix=_TMP_SUFFIX, dir=directory)
     os.close(fd)
-    os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600; keep the old file's mode, else the umask's
+    os.chmod(tmp, file_mode(path))  # mkstemp makes 0600; keep the old file's mode, else the umask's
     try:
         with h5py.File(tmp, "w") as new:
             _set_attrs(new, {
@@ -327,7 +327,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _file_mode(path: str) -> int:
+def file_mode(path: str) -> int:
+    """The mode a file written to ``path`` should get: the existing file's, else the umask's
+    (``mkstemp``, used for atomic writes, makes 0600)."""
     if os.path.exists(path):
         return os.stat(path).st_mode & 0o777
     umask = os.umask(0)

@@ -114,7 +114,9 @@ def save_figure(fig: Any, path: str, dpi: int = DPI) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=f".{fmt}.tmp", dir=folder)
     try:
-        os.chmod(tmp, _file_mode(path))  # mkstemp makes 0600: keep the old figure's mode, else the umask's
+        from basins.files.report import file_mode
+
+        os.chmod(tmp, file_mode(path))  # mkstemp makes 0600: keep the old figure's mode, else the umask's
         with os.fdopen(fd, "wb") as handle:
             fig.savefig(handle, format=fmt, dpi=dpi, metadata=metadata)
             handle.flush()
@@ -124,14 +126,6 @@ def save_figure(fig: Any, path: str, dpi: int = DPI) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-def _file_mode(path: str) -> int:
-    if os.path.exists(path):
-        return os.stat(path).st_mode & 0o777
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 # ---------------------------------------------------------------------- scales and labels
