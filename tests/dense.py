@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["random_orthogonal", "symmetric_with_spectrum", "CountingMatvec", "top", "bottom"]
+__all__ = ["random_orthogonal", "symmetric_with_spectrum", "CountingMatvec", "top", "bottom", "loss_hessian"]
 
 F64 = torch.float64
 
