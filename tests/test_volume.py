@@ -137,3 +137,15 @@ def test_quantile_summary_ignores_nan() -> None:
     assert s["count"] == 3 and s["min"] == 1.0 and s["q50"] == 2.0 and s["max"] == 3.0
     empty = quantile_summary(np.array([np.nan]))
     assert empty["count"] == 0 and empty["q50"] is None
+
+
+def test_a_lower_bound_has_no_standard_error() -> None:
+    """One ray carrying the mean (ESS ≈ 1): the delta method's s.e. would read 1.0 whatever the data;
+    the estimate is a lower bound, with neither s.e. nor CI."""
+    w = np.full(64, -50.0)
+    w[0] = 0.0
+    est = estimate_log_mean(w, min_ess=30.0)
+    assert est.ess < 2 and est.is_lower_bound
+    assert est.se is None and est.ci_lower is None and est.ci_upper is None
+    ok = estimate_log_mean(np.random.default_rng(0).normal(size=64) * 0.1, min_ess=30.0)
+    assert not ok.is_lower_bound and ok.se is not None and 0 < ok.se < 0.1

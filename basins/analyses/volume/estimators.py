@@ -76,7 +76,8 @@ class VolumeEstimate:
     Attributes:
         log_value: the estimate. When ``is_lower_bound``, read it as a lower bound: in
             expectation it underestimates (Jensen), and censored rays only add to that.
-        se: delta-method standard error of ``log_value`` over pairs (sampling only).
+        se: delta-method standard error of ``log_value`` over pairs (sampling only); None below
+            ``min_ess``, where the estimate is only a lower bound.
         ess: effective sample size of the pair weights, ``exp(2·LSE(w) − LSE(2w))``.
         max_weight_share: the largest pair weight's share of the sum.
         is_lower_bound: ``ess < min_ess`` or some ray was censored.
@@ -160,6 +161,8 @@ def estimate_log_mean(
     jensen = log_prefactor + float(np.mean(raw)) if finite.size == raw.size else -math.inf
     jensen_se = float(np.std(raw, ddof=1) / math.sqrt(M)) if M > 1 and finite.size == raw.size else None
     is_lower = ess < min_ess or num_censored > 0
+    if ess < min_ess:  # a few rays carry the mean: the delta method's s.e. (→ 1 as ESS → 1) means nothing
+        se = None
     ci_lo = ci_hi = None
     if not is_lower:
         rng = np.random.default_rng(seed)
