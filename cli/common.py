@@ -261,7 +261,9 @@ def problem_json(loaded: Loaded) -> dict[str, Any]:
         "loss_at_optimum": r["loss_at_optimum"], "grad_norm": r["grad_norm"], "dtype": r["dtype"],
         "device": r["device"], "seed": r["seed"], "warnings": loaded.warnings,
         "world_size": r.get("world_size", 1), "rank_examples": r.get("rank_examples", [r["num_examples"]]),
-        "step": r.get("step"),
+        "step": r.get("step"), "model_sha256": r.get("model_sha256"), "data_sha256": r.get("data_sha256"),
+        "params": r.get("params"), "params_frozen": r.get("params_frozen"),
+        "num_params_fixed": r.get("num_params_fixed"), "attention": r.get("attention"),
     }
 
 

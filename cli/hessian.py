@@ -93,7 +93,8 @@ def hessian(**kw: Any) -> None:
     from the previous checkpoint), wall_seconds, setup_seconds, report (path
     or null), step (the checkpoint's training step or null), the problem's keys
     (num_params, num_examples, loss, loss_at_optimum, grad_norm, dtype, device,
-    seed, warnings); with --which both also bottom_eigenvalues, bottom_residuals, bottom_error_bounds,
+    seed, warnings, model_sha256, data_sha256, params, attention, ...: README,
+    "Output"); with --which both also bottom_eigenvalues, bottom_residuals, bottom_error_bounds,
     bottom_converged (eigenvalues stays the top end).
 
     \b

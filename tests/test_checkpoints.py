@@ -147,7 +147,8 @@ def test_several_checkpoints_equal_separate_runs(run_dir, tmp_path):
         truth = run_dir["eig"][obj["step"]].flip(0)[:4].numpy()
         assert np.all(np.abs(np.array(obj["eigenvalues"]) - truth) <= np.array(obj["error_bounds"]))
         a, b = read_report(str(tmp_path / f"{obj['step']}.h5")), read_report(str(tmp_path / "one.h5"))
-        assert a["problem"]["model_sha256"] == b["problem"]["model_sha256"]
+        assert a["problem"]["model_sha256"] == b["problem"]["model_sha256"] == one["model_sha256"] == obj["model_sha256"]
+        assert one["data_sha256"] == a["problem"]["data_sha256"] and one["params"] is None
         assert a["problem"]["loss_at_optimum"] == b["problem"]["loss_at_optimum"]
         assert a["problem"]["step"] == obj["step"]
         np.testing.assert_array_equal(a["analyses"]["hessian"]["datasets"]["eigenvalues"]["values"],
