@@ -181,6 +181,9 @@ def over_checkpoints(body: Callable[..., None]) -> Callable[..., None]:
         from .common import is_main_process, print_json, stderr_console
 
         models, several = expand_models(kw["model"])
+        data = kw.get("data")
+        if data and os.path.isfile(data) and len(models) > 1:  # a run's folder often holds its data file too
+            models = [m for m in models if not (os.path.isfile(m) and os.path.samefile(m, data))]
         steps = parse_steps(kw.get("train_steps"), models)
         if kw.get("train_steps") is None and all(s is not None for s in steps):  # training order, not the shell's
             order = sorted(range(len(models)), key=lambda i: (steps[i], i))

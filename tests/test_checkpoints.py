@@ -115,7 +115,7 @@ def test_steps_from_names_and_flags(tmp_path):
         (tmp_path / n).write_bytes(b"x")
     (tmp_path / "checkpoint-5").mkdir()
     (tmp_path / "checkpoint-5" / "config.json").write_text("{}")
-    models, several = expand_models([str(tmp_path)])
+    models, several = expand_models([str(tmp_path)])  # (the --data file is dropped by the command, below)
     assert several and [m.rsplit("/", 1)[1] for m in models] == ["s2.pt", "checkpoint-5", "s10.pt"]
     with pytest.raises(InputError, match="no file matches"):
         expand_models([str(tmp_path / "nothing*.pt")])
@@ -248,3 +248,15 @@ def test_nullity_over_checkpoints_warm_starts_its_deflation(run_dir):
     assert "Lanczos run(s) warm-started from the previous checkpoint" in res.stderr
     many = json.loads(res.stdout)
     assert [d["step"] for d in many] == [100, 200] and all("counts" in d for d in many)
+
+
+def test_a_directory_holding_its_data_file(run_dir, tmp_path):
+    """``basins hessian run/ --data run/data.pt``: the data file in the folder is not a checkpoint."""
+    import shutil
+
+    for m in run_dir["models"][:2]:
+        shutil.copy(m, tmp_path)
+    shutil.copy(run_dir["data"], tmp_path / "data.pt")
+    code, many, err = _json(["hessian", str(tmp_path), "--data", str(tmp_path / "data.pt"), "-k", "2", "--json", "-q"])
+    assert code == 0, err
+    assert [d["step"] for d in many] == [100, 200]
