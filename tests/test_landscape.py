@@ -169,10 +169,32 @@ def test_line_analytic_barrier() -> None:
     assert res.line_length == pytest.approx(math.sqrt(1.5 ** 2 + 2 ** 2 + 1), rel=1e-12)
 
 
+def test_line_ends_are_the_two_models_exactly() -> None:
+    """θ(1) is θb itself, not θa + 1·(θb − θa), which rounds (here 0.1 − 2.8e-17 in the first
+    coordinate) off the minimum abc = 1 of :class:`_Product`."""
+    x = torch.linspace(-1, 1, 8, dtype=torch.float64)[:, None]
+    p = Problem(_Product(1.0, 1.0, 1.0), x, x.clone(), "mse")
+    b = torch.tensor([0.1, 3.0, 1 / (0.1 * 3.0)], dtype=torch.float64)
+    assert float(_Product(*b.tolist())(x).detach().sub(x).abs().max()) == 0.0  # θb is an exact minimum
+    assert not torch.equal(p.theta0 + 1.0 * (b - p.theta0), b)
+    res = linear_path(p, b, num_points=6)
+    assert res.loss_a == 0.0 and res.loss_b == 0.0
+
+
+def test_blocks_never_hold_a_single_point() -> None:
+    from basins.analyses.landscape import _blocks
+
+    for num in range(2, 40):
+        for chunk in (2, 3, 5, 16):
+            sizes = _blocks(num, chunk)
+            assert sum(sizes) == num and 1 not in sizes and max(sizes) <= (chunk if chunk > 2 else 3)
+        assert _blocks(num, 1) == [1] * num
+
+
 def test_line_to_itself_and_between_two_minima(problem: Problem, other: nn.Module) -> None:
-    same = linear_path(problem, problem.theta0.clone(), num_points=5)
+    same = linear_path(problem, problem.theta0.clone(), num_points=17)  # blocks of 15 + 2 points
     assert same.barrier == 0.0 and same.same_basin is True and same.line_length == 0.0
-    assert same.loss_a == same.loss_b == float(same.loss[2])
+    assert same.loss_a == same.loss_b == float(same.loss[2]) and len(set(same.loss.tolist())) == 1
     theta_b = problem.space.flatten({n: p.detach() for n, p in other.named_parameters()})
     res = linear_path(problem, theta_b, num_points=21, epsilon=1e-3, chunk=5)
     a = problem.theta0
