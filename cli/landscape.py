@@ -28,39 +28,51 @@ from .common import (
 
 @click.command()
 @problem_options
-@click.option("--dims", type=click.Choice(["1", "2"]), default="1", show_default=True,
-              help="A 1-D curve or a 2-D grid through θ*.")
-@click.option("--directions", type=click.Choice(["random", "top"]), default="random", show_default=True,
-              help="random: Gaussian, filter-normalised (Li et al. 2018; biases and norm parameters held fixed), "
-                   "seeded by --seed; top: the unit Hessian eigenvectors of the largest eigenvalues (Lanczos).")
-@click.option("--points", type=click.IntRange(min=2), help="Grid points per axis (default 51 for 1-D, 21 for 2-D, "
-                                                           "25 along --to).")
+@click.option("--dims", type=click.Choice(["1", "2"]),
+              help="A 1-D curve or a 2-D grid through θ*.  [default: 1]")
+@click.option("--directions", type=click.Choice(["random", "top"]),
+              help="random: Gaussian, filter-normalised (Li et al. 2018: each filter, the first dimension of each "
+                   "weight tensor, scaled to the norm of θ*'s filter; biases and norm parameters held fixed), "
+                   "seeded by --seed; top: the unit Hessian eigenvectors of the largest eigenvalues (Lanczos), "
+                   "their eigenvalues recorded.  [default: random]")
+@click.option("--points", type=click.IntRange(min=2),
+              help="Grid points per axis, θ* (t = 0) always among them (default 51 for 1-D, 21 for 2-D, 25 "
+                   "along --to).")
 @click.option("--extent", type=click.FloatRange(min=0, min_open=True),
-              help="The grid spans [−extent, extent] (default 1 for random: each filter moved by its own norm; for "
-                   "top twice the distance where the quadratic model doubles the loss).")
+              help="The grid spans [−extent, extent] (odd --points; even: one step short at the top). Units: "
+                   "filter-normalised for random (default 1: each filter moved by its own norm); Euclidean "
+                   "parameter distance for top (default 2·sqrt(2·max(L(θ*), 0.01)/λ), λ the smallest eigenvalue of "
+                   "the slice: twice the distance where the quadratic model doubles the loss).")
 @click.option("--to", "other", type=click.Path(), metavar="OTHER_MODEL",
-              help="Instead of a slice: the loss on the straight line from MODEL (t = 0) to OTHER_MODEL (t = 1), a "
-                   "checkpoint of the same architecture, its barrier and whether the two share a basin.")
+              help="Instead of a slice: the loss on the straight line from MODEL (t = 0) to OTHER_MODEL (t = 1), "
+                   "a checkpoint of the same architecture (opened like MODEL: --arch, --trust-pickle), its "
+                   "barrier and whether the two share a basin.")
 @click.option("--epsilon", type=click.FloatRange(min=0),
-              help="With --to: one basin when the barrier ≤ epsilon (loss units; default 1e-3·max(L(θa), L(θb))).")
+              help="With --to: one basin when the barrier ≤ epsilon (loss units; default "
+                   "max(1e-3·max(L(θa), L(θb)), 1e-6)).")
 @click.option("--chunk", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Points per batched loss evaluation (memory ∝ chunk × a data chunk's activations).")
+              help="Points per batched loss evaluation (memory ∝ chunk × (P + a data chunk's activations)).")
 @output_options
 def landscape(**kw: Any) -> None:
     """Loss along 1-D/2-D slices through θ*, or on the line to another checkpoint.
 
-    Every value is the exact full-data mean loss, evaluated in batches of points (vmap). With
-    --to, the barrier is max_t L((1−t)θa + tθb) − max(L(θa), L(θb)): the largest loss on the grid,
-    refined by 24 golden-section steps around it, so it is the largest loss found (a lower bound
-    on the line's true maximum). Buffers (BatchNorm running statistics) and parameters outside
-    --params stay those of MODEL all along the line; a warning says when OTHER's differ.
+    Every value is the exact full-data mean loss, evaluated for batches of points at once
+    (vmap). Only the parameters selected by --params move; buffers (BatchNorm statistics) and
+    the other parameters stay MODEL's, on a slice and along the line alike.
+
+    With --to, the barrier is max_t L((1−t)θa + tθb) − max(L(θa), L(θb)) with θa = MODEL,
+    θb = OTHER_MODEL: the largest loss on the grid, refined by dichotomous search (12 steps of two
+    points, 24 loss evaluations) on the grid interval(s) around it. It is the largest loss found, so a lower bound on the true
+    barrier (a bump narrower than the grid step elsewhere can be missed: raise --points).
+    L(θa) and L(θb) are the full-data losses at the ends.
 
     \b
-    --json keys: 1-D: t, loss; 2-D: x, y, loss (loss[i][j] at x[i], y[j]);
-    --to: t, loss, barrier, barrier_t, loss_a, loss_b, epsilon, same_basin,
-    other_model; and kind, directions, normalisation, extent, num_points, seed,
-    direction_eigenvalues (top), num_loss_evals, num_hvps, wall_seconds, the
-    problem's keys. Report group /landscape.
+    --json keys: 1-D: t, loss; 2-D: x, y, loss (loss[i][j] at x[i], y[j]:
+    rows follow the first direction); --to: t, loss, barrier, barrier_t, loss_a,
+    loss_b, epsilon, same_basin, line_length, other_model; and kind, directions,
+    normalisation, extent, num_points, seed, direction_norms, direction_eigenvalues
+    (top), num_loss_evals, num_hvps, wall_seconds, the problem's keys.
+    Report group /landscape.
 
     \b
     Examples:
@@ -68,47 +80,60 @@ def landscape(**kw: Any) -> None:
       basins landscape model.pt --dims 2 --directions top -o r.h5
       basins landscape run/ckpt_100.pt --to run/ckpt_900.pt --data d.pt --json | jq .barrier
     """
-    from basins.analyses.landscape import landscape_slice, linear_path
+    from basins.errors import InputError
 
     log = stderr_console(kw["quiet"])
-    if kw["other"] is not None and kw["dims"] == "2":
-        raise click.UsageError("--to draws the line between two checkpoints: it takes no --dims 2")
+    if kw["other"] is not None:
+        given = [flag for key, flag in (("dims", "--dims"), ("directions", "--directions"), ("extent", "--extent"))
+                 if kw[key] is not None]
+        if given:
+            raise InputError(f"--to draws the line between two checkpoints: it takes no {', '.join(given)}")
+    elif kw["epsilon"] is not None:
+        raise InputError("--epsilon is the one-basin tolerance of --to OTHER_MODEL; give --to or drop it")
     with Timer() as setup:
         loaded = load_problem(kw, log)
     problem = loaded.problem
     warnings = list(loaded.warnings)
     if kw["other"] is not None:
-        from basins.files.loading import load_parameters_like
-
-        with log.status(f"loading {kw['other']}", spinner="dots"):
-            params, other, differ = load_parameters_like(
-                kw["other"], problem.space.names, problem.space.shapes, dict(problem.module.named_buffers()),
-                arch=kw.get("arch"), trust_pickle=kw.get("trust_pickle", False))
-        if differ:
-            msg = (f"{kw['other']} has other values of {len(differ)} buffer(s) ({', '.join(differ[:3])}"
-                   f"{', ...' if len(differ) > 3 else ''}): the line uses MODEL's all along, so L at t = 1 is "
-                   "not OTHER's own loss")
-            warnings.append(msg)
-            log.print(f"[yellow]warning:[/] {msg}")
-        theta_b = problem.space.flatten({n: p.to(problem.device, problem.dtype) for n, p in params.items()})
-        points = kw["points"] or 25
-        with Timer() as t, progress_bar(log, "loss along the line", total=points) as update:
-            with flag_names(num_points="--points", epsilon="--epsilon"):
-                result = linear_path(problem, theta_b, num_points=points, epsilon=kw["epsilon"],
-                                     other_model=kw["other"], other_model_sha256=other.sha256, chunk=kw["chunk"],
-                                     callback=update)
-        log.print(f"barrier {result.barrier:.4g} at t = {result.barrier_t:.3f}: "
+        result, t = _line(kw, log, problem, warnings)
+        log.print(f"barrier {result.barrier:.4g} at t = {result.barrier_t:.4f}: "
                   f"{'one basin' if result.same_basin else 'separate basins'} at ε = {result.epsilon:.3g}")
     else:
-        dims = int(kw["dims"])
-        with Timer() as t, progress_bar(log, f"{dims}-D slice ({kw['directions']})") as update:
-            with flag_names(num_points="--points", extent="--extent", directions="--directions"):
-                result = landscape_slice(problem, dims=dims, directions=kw["directions"], num_points=kw["points"],
+        from basins.analyses.landscape import landscape_slice
+
+        dims, directions = int(kw["dims"] or 1), kw["directions"] or "random"
+        with Timer() as t, progress_bar(log, f"{dims}-D slice ({directions})") as update:
+            with flag_names(num_points="--points", extent="--extent", directions="--directions", chunk="--chunk"):
+                result = landscape_slice(problem, dims=dims, directions=directions, num_points=kw["points"],
                                          extent=kw["extent"], seed=loaded.seed, chunk=kw["chunk"], callback=update)
-    log.print(f"{result.num_loss_evals:,} loss evaluations in {t.seconds:.2f} s")
+    log.print(f"{result.num_loss_evals:,} loss evaluations"
+              f"{f', {result.num_hvps:,} HVPs' if result.num_hvps else ''} in {t.seconds:.2f} s")
     record = result.record()
     record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
     emit(kw, log, loaded, "landscape", record, warnings=warnings, tables=summary_tables)
+
+
+def _line(kw: dict[str, Any], log: Any, problem: Any, warnings: list[str]) -> tuple[Any, Timer]:
+    """``--to``: load OTHER_MODEL matched against MODEL, then the line and its barrier."""
+    from basins.analyses.landscape import REFINE_STEPS, linear_path
+    from basins.files.loading import load_parameters_like
+
+    with log.status(f"loading {kw['other']}", spinner="dots"):
+        other = load_parameters_like(kw["other"], problem.module, problem.space.names, arch=kw.get("arch"),
+                                     trust_pickle=kw.get("trust_pickle", False))
+    if other.differ:
+        names = ", ".join(other.differ[:3]) + (", ..." if len(other.differ) > 3 else "")
+        msg = (f"{kw['other']} has other values of {len(other.differ)} buffer(s) or parameter(s) outside --params "
+               f"({names}): the line holds MODEL's all along, so L at t = 1 is not OTHER_MODEL's own loss")
+        warnings.append(msg)
+        log.print(f"[yellow]warning:[/] {msg}")
+    points = kw["points"] or 25
+    with Timer() as t, progress_bar(log, "loss along the line", total=points + REFINE_STEPS) as update:
+        with flag_names(num_points="--points", epsilon="--epsilon", chunk="--chunk"):
+            result = linear_path(problem, other.theta, num_points=points, epsilon=kw["epsilon"],
+                                 other_model=str(kw["other"]), other_model_sha256=other.model.sha256,
+                                 chunk=kw["chunk"], callback=update)
+    return result, t
 
 
 # ---------------------------------------------------------------------- summary renderers
@@ -131,20 +156,30 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     finite = [v for v in flat if isinstance(v, (int, float)) and math.isfinite(v)]
     key.add_row("L(θ*)", fmt(a.get("loss_at_optimum")))
     if finite:
-        key.add_row("loss on the grid", f"{fmt(min(finite))} … {fmt(max(finite))}")
+        key.add_row("loss on the grid", f"{fmt(min(finite))} … {fmt(max(finite))}"
+                                        + (f" ({len(flat) - len(finite)} not finite)" if len(finite) < len(flat) else ""))
     if a.get("kind") == "line":
         key.add_row("to", str(a.get("other_model")))
         key.add_row("L(θa), L(θb)", f"{fmt(a.get('loss_a'))}, {fmt(a.get('loss_b'))}")
-        key.add_row("barrier (largest loss found − max end)", f"{fmt(a.get('barrier'))} at t = {fmt(a.get('barrier_t'), 4)}")
+        key.add_row("‖θb − θa‖", fmt(a.get("line_length"), 5))
+        key.add_row("barrier (largest loss found − max end; a lower bound)",
+                    f"{fmt(a.get('barrier'))} at t = {fmt(a.get('barrier_t'), 4)}")
         key.add_row("one basin", f"{'yes' if a.get('same_basin') else 'no'} at ε = {fmt(a.get('epsilon'), 3)}")
     else:
-        key.add_row("extent", fmt(a.get("extent"), 4) + f" ({a.get('axis_units')})")
+        key.add_row("grid", f"{a.get('num_points')} points per axis, extent {fmt(a.get('extent'), 4)} "
+                            f"({a.get('axis_units')})")
         if a.get("normalisation"):
-            key.add_row("normalisation", str(a.get("normalisation")))
-        eig = _values(analysis, "direction_eigenvalues")
-        if eig:
-            key.add_row("direction eigenvalues", ", ".join(fmt(v, 5) for v in eig))
-    key.add_row("cost", f"{a.get('num_loss_evals')} loss evaluations, {a.get('num_hvps', 0)} HVPs, "
+            key.add_row("normalisation", str(a.get("normalisation_rule") or a.get("normalisation")))
+        norms = a.get("direction_norms")
+        if norms is not None and len(norms):
+            key.add_row("‖direction‖ (Euclidean)", ", ".join(fmt(float(v), 5) for v in norms))
+        if a.get("direction_cosine") is not None:
+            key.add_row("cos(direction 1, direction 2)", fmt(a.get("direction_cosine"), 3))
+        eig = a.get("direction_eigenvalues")
+        if eig is not None and len(eig):
+            key.add_row("direction eigenvalues", ", ".join(fmt(float(v), 5) for v in eig))
+    hvps = a.get("num_hvps") or 0
+    key.add_row("cost", f"{a.get('num_loss_evals')} loss evaluations{f', {hvps} HVPs' if hvps else ''}, "
                         f"{fmt(a.get('wall_seconds'), 3)} s")
     tables: list[RenderableType] = [key]
     t = _values(analysis, "t")

@@ -96,7 +96,8 @@ from .bundle import Bundle, load_bundle, save_bundle
 from .data import LoadedData, _finish_data, load_data, open_data
 from .formats import BUNDLE_FORMAT, BUNDLE_VERSION
 from .imports import import_object, load_loss
-from .models import LoadedModel, _load_model_file, load_model, load_parameters_like
+from .matching import OtherCheckpoint, load_parameters_like
+from .models import LoadedModel, _load_model_file, load_model
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -104,6 +105,7 @@ __all__ = [
     "Bundle",
     "LoadedData",
     "LoadedModel",
+    "OtherCheckpoint",
     "StreamSpec",
     "import_object",
     "load_bundle",

@@ -353,38 +353,3 @@ def _bundle_model(obj: Mapping[str, Any], source: str, *, trust_pickle: bool = F
     )
     module, fixed = _prepare_exported(program, source)
     return LoadedModel(module, "bundle", fixed, source, hashlib.sha256(raw).hexdigest())
-
-
-
-def load_parameters_like(
-    path: str, names: list[str], shapes: list[torch.Size], buffers: dict[str, torch.Tensor], *,
-    arch: str | None = None, trust_pickle: bool = False,
-) -> tuple[dict[str, torch.Tensor], LoadedModel, list[str]]:
-    """The parameters ``names`` of another checkpoint of the same architecture (``basins landscape --to``).
-
-    Args:
-        path: the other model file, loaded as :func:`load_model` does (``arch``, ``trust_pickle``).
-        names, shapes: the parameters wanted (a problem's ``space.names`` and ``space.shapes``).
-        buffers: the first model's buffers (e.g. BatchNorm running statistics), to report which
-            of the other's differ.
-
-    Returns:
-        ``({name: tensor}, the LoadedModel, names of buffers whose values differ)``.
-
-    Raises:
-        InputError: as :func:`load_model`, or a parameter missing or of another shape (another
-            architecture), naming the first one.
-    """
-    model = load_model(path, arch=arch, trust_pickle=trust_pickle)
-    params = dict(model.module.named_parameters())
-    for name, shape in zip(names, shapes):
-        if name not in params:
-            raise InputError(f"{path} has no parameter {name!r}, which the first model has: the two must be "
-                             "checkpoints of the same architecture")
-        if tuple(params[name].shape) != tuple(shape):
-            raise InputError(f"{path}: parameter {name!r} has shape {tuple(params[name].shape)}, the first "
-                             f"model's has {tuple(shape)}: the two must be checkpoints of the same architecture")
-    theirs = dict(model.module.named_buffers())
-    differ = [n for n, b in buffers.items()
-              if n in theirs and (theirs[n].shape != b.shape or not torch.equal(theirs[n].to(b.device, b.dtype), b))]
-    return {n: params[n].detach() for n in names}, model, differ
