@@ -678,3 +678,13 @@ if __name__ == "__main__":
         _worker_cli(_out, *sys.argv[3:])
     else:
         raise SystemExit(f"unknown worker mode {_mode!r}")
+    # end as the basins console script does (basins.cli.__main__.run): the process group torn down,
+    # output flushed, then os._exit, so that the C++ destructors of gloo's threads at interpreter
+    # teardown cannot abort a finished rank ("terminate called without an active exception", -6)
+    from basins.engine import distributed as _dist
+
+    if _dist.is_initialized():
+        _dist.teardown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
