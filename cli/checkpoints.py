@@ -244,12 +244,10 @@ def over_checkpoints(body: Callable[..., None]) -> Callable[..., None]:
 
 
 def _debug() -> bool:
-    ctx = click.get_current_context(silent=True)
-    while ctx is not None:
-        if ctx.meta.get("basins.debug"):
-            return True
-        ctx = ctx.parent
-    return os.environ.get("BASINS_DEBUG", "") not in ("", "0")
+    """``--debug`` or ``BASINS_DEBUG`` (the command group's rule; click shares ``meta`` along the context chain)."""
+    from .main import _debug as debug
+
+    return debug(click.get_current_context())
 
 
 def checkpoint_table(rows: list[dict[str, Any]]) -> Any:

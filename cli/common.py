@@ -422,6 +422,27 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
+def attr_value(attrs: dict[str, Any], key: str) -> Any:
+    """``attrs[key]`` (None if absent), with a list or dict stored as JSON text decoded (text that
+    is not valid JSON is returned as it is). For renderers of report groups."""
+    v = attrs.get(key)
+    if isinstance(v, str) and v[:1] in "[{":
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    return v
+
+
+def column(analysis: dict[str, Any], name: str) -> list[Any]:
+    """Dataset ``name`` of a report group as a list (``[]`` if absent). For renderers."""
+    ds = analysis.get("datasets", {}).get(name)
+    if ds is None:
+        return []
+    v = ds["values"]
+    return list(v.tolist() if hasattr(v, "tolist") else v)
+
+
 def fmt(x: float | None, digits: int = 6) -> str:
     """A number for a table: ``-`` for None/non-finite."""
     if x is None or (isinstance(x, float) and not math.isfinite(x)):

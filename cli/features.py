@@ -6,7 +6,6 @@ Also the renderers ``basins summary`` uses for a report's ``/features`` group:
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
@@ -17,6 +16,7 @@ from basins.record import EIGEN_UNITS
 
 from .common import (
     Timer,
+    attr_value,
     emit,
     flag_names,
     fmt,
@@ -102,11 +102,6 @@ def _loadings_table(loadings: list[dict[str, Any]]) -> Table:
 
 
 # ---------------------------------------------------------------------- summary renderers
-def _json_attr(a: dict[str, Any], name: str) -> Any:
-    v = a.get(name)
-    return json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v
-
-
 def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
     """Rich tables for a ``/features`` group: rank, participation ratio, H vs G, the rank ladder, top eigenvalues."""
     import numpy as np
@@ -138,7 +133,7 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     head.add_row("cost", f"{a.get('num_vjps')} Jacobian rows ({a.get('jacobian_mode')}), {a.get('num_hvps')} HVPs, "
                          f"{fmt(a.get('wall_seconds'), 3)} s")
     tables: list[RenderableType] = [head]
-    ranks = _json_attr(a, "ranks")
+    ranks = attr_value(a, "ranks")
     if ranks:
         t = Table(title="rank of the feature Gram matrix at μ > rtol·μ_max + atol", title_justify="left")
         for col in ("rtol", "threshold", "rank [interval]", "flat = P − rank"):

@@ -10,15 +10,7 @@ from rich.table import Table
 
 from basins.record import EIGEN_UNITS
 
-from .common import fmt
-
-
-def _col(analysis: dict[str, Any], name: str) -> list[Any]:
-    ds = analysis.get("datasets", {}).get(name)
-    if ds is None:
-        return []
-    v = ds["values"]
-    return list(v.tolist() if hasattr(v, "tolist") else v)
+from .common import column, fmt
 
 
 def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
@@ -29,7 +21,7 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     for col, just in (("block", "left"), ("P", "right"), ("λ_max ± residual", "right"), ("trace ± s.e.", "right"),
                       ("HVPs", "right")):
         t.add_column(col, justify=just)  # type: ignore[arg-type]
-    cols = [_col(analysis, n) for n in ("block_num_params", "lambda_max", "lambda_max_residual", "trace",
+    cols = [column(analysis, n) for n in ("block_num_params", "lambda_max", "lambda_max_residual", "trace",
                                          "trace_stderr", "block_num_hvps")]
     for name, p, lam, r, tr, se, h in zip(names, *cols):
         t.add_row(str(name), f"{int(p):,}", f"{fmt(lam)} ± {float(r):.1e}", f"{fmt(tr)} ± {float(se):.1e}", str(h))
@@ -40,7 +32,7 @@ def summary_row(analysis: dict[str, Any]) -> dict[str, str]:
     """One-row view for ``basins summary`` of several reports: the block with the largest λ_max."""
     a = analysis.get("attrs", {})
     names = list(a.get("block_names") or [])
-    lams = _col(analysis, "lambda_max")
+    lams = column(analysis, "lambda_max")
     if not names or not lams:
         return {}
     i = max(range(len(lams)), key=lambda j: lams[j])

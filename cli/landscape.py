@@ -15,6 +15,7 @@ from rich.table import Table
 
 from .common import (
     Timer,
+    column,
     emit,
     flag_names,
     fmt,
@@ -137,21 +138,13 @@ def _line(kw: dict[str, Any], log: Any, problem: Any, warnings: list[str]) -> tu
 
 
 # ---------------------------------------------------------------------- summary renderers
-def _values(analysis: dict[str, Any], name: str) -> list[Any]:
-    ds = analysis.get("datasets", {}).get(name)
-    if ds is None:
-        return []
-    v = ds["values"]
-    return list(v.tolist() if hasattr(v, "tolist") else v)
-
-
 def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
     """The key numbers of a ``/landscape`` group, and the curve (1-D, line) as a table."""
     a = analysis.get("attrs", {})
     key = Table(title=f"landscape ({a.get('kind')}, {a.get('directions')})", show_header=False, title_justify="left")
     key.add_column("quantity", style="bold")
     key.add_column("value")
-    loss = _values(analysis, "loss")
+    loss = column(analysis, "loss")
     flat = [v for row in loss for v in (row if isinstance(row, list) else [row])]
     finite = [v for v in flat if isinstance(v, (int, float)) and math.isfinite(v)]
     key.add_row("L(θ*)", fmt(a.get("loss_at_optimum")))
@@ -182,7 +175,7 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     key.add_row("cost", f"{a.get('num_loss_evals')} loss evaluations{f', {hvps} HVPs' if hvps else ''}, "
                         f"{fmt(a.get('wall_seconds'), 3)} s")
     tables: list[RenderableType] = [key]
-    t = _values(analysis, "t")
+    t = column(analysis, "t")
     if t and loss and a.get("kind") != "2d":
         curve = Table(title="loss along t", title_justify="left")
         curve.add_column("t", justify="right")
@@ -200,6 +193,6 @@ def summary_row(analysis: dict[str, Any]) -> dict[str, str]:
     if a.get("kind") == "line":
         return {"barrier": fmt(a.get("barrier"), 4), "barrier t": fmt(a.get("barrier_t"), 3),
                 "one basin": "yes" if a.get("same_basin") else "no"}
-    loss = [v for row in _values(analysis, "loss") for v in (row if isinstance(row, list) else [row])]
+    loss = [v for row in column(analysis, "loss") for v in (row if isinstance(row, list) else [row])]
     finite = [v for v in loss if isinstance(v, (int, float)) and math.isfinite(v)]
     return {"slice": f"{a.get('kind')} {a.get('directions')}", "max L on slice": fmt(max(finite), 5) if finite else "-"}

@@ -6,7 +6,6 @@ Also the renderers ``basins summary`` uses for a report's ``/llc`` group:
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
@@ -15,6 +14,7 @@ from rich.table import Table
 
 from .common import (
     Timer,
+    attr_value,
     emit,
     flag_names,
     fmt,
@@ -92,16 +92,6 @@ def llc(**kw: Any) -> None:
     emit(kw, log, loaded, "llc", record, warnings=[*loaded.warnings, *result.warnings], tables=tables)
 
 
-def _attr(a: dict[str, Any], key: str) -> Any:
-    v = a.get(key)
-    if isinstance(v, str) and v[:1] in "[{":
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    return v
-
-
 def llc_text(a: dict[str, Any]) -> str:
     """``λ̂ ± se``."""
     v, se = a.get("llc"), a.get("llc_stderr")
@@ -118,10 +108,10 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     t.add_column("quantity", style="bold")
     t.add_column("value")
     t.add_row("λ̂ ± se", llc_text(a) + (f"   (P/2 = {P / 2:g})" if isinstance(P, int) else ""))
-    ci = _attr(a, "llc_ci")
+    ci = attr_value(a, "llc_ci")
     if isinstance(ci, list) and len(ci) == 2:
         t.add_row("95% interval", f"[{fmt(ci[0], 4)}, {fmt(ci[1], 4)}]")
-    per = _attr(a, "llc_per_chain")
+    per = attr_value(a, "llc_per_chain")
     if isinstance(per, list):
         t.add_row("per chain", ", ".join(fmt(x, 4) for x in per))
     if a.get("llc_quadratic") is not None:
@@ -130,7 +120,7 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     t.add_row("step size rule", str(a.get("step_size_rule", "-")))
     t.add_row("chains × draws (+burn-in)", f"{a.get('num_chains')} × {a.get('num_draws')} (+{a.get('num_burnin')}), "
               f"batch {a.get('batch_size')}, {a.get('sampler')}")
-    d = _attr(a, "diagnostics")
+    d = attr_value(a, "diagnostics")
     if isinstance(d, dict):
         t.add_row("diagnostics", f"below L(w*) {fmt(d.get('frac_below_init'), 3)}, MALA acceptance "
                   f"{fmt(d.get('acceptance'), 3)}, R-hat {fmt(d.get('rhat'), 4)}")

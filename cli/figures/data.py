@@ -9,22 +9,17 @@ in a record, and nested attributes (lists, dicts) may be JSON text in older repo
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import numpy as np
 
+from ..common import attr_value
+
 
 def attr(analysis: dict[str, Any], key: str) -> Any:
     """The attribute ``key`` (JSON text of a list/dict decoded), or None."""
-    v = analysis.get("attrs", {}).get(key)
-    if isinstance(v, str) and v[:1] in "[{":
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    return v
+    return attr_value(analysis.get("attrs", {}), key)
 
 
 def number(value: Any) -> float | None:
