@@ -163,38 +163,39 @@ def quadratic_llc(eigenvalues: torch.Tensor, nbeta: float, gamma: float, step_si
     return float((0.5 * h / (a * (1 - step_size * a / 4))).sum())
 
 
-def _lambda_max(problem: Problem, seed: int, iters: int = 20) -> float:
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn(problem.num_params, generator=g, dtype=torch.float64)
+def _power_lambda_max(apply: Callable[[torch.Tensor], torch.Tensor], num_params: int, seed: int,
+                      iters: int = 20) -> float:
+    """|λ| of the largest-magnitude eigenvalue of the symmetric map ``apply`` (float64 CPU ``(P,)`` in
+    and out) by ``iters`` power iterations from a seeded Gaussian start."""
+    v = torch.randn(num_params, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     lam = 0.0
-    for _ in range(iters):
-        v = v / v.norm()
-        w = problem.hvp(v.to(problem.dtype)).to(torch.float64)
-        lam = float(v @ w)
-        if not math.isfinite(lam) or float(w.norm()) == 0.0:
-            break
-        v = w
+    with torch.enable_grad():  # HVPs, also when called inside the sampler's no_grad block
+        for _ in range(iters):
+            v = v / v.norm()
+            w = apply(v)
+            lam = float(v @ w)
+            if not math.isfinite(lam) or float(w.norm()) == 0.0:
+                break
+            v = w
     return abs(lam)
+
+
+def _hvp64(problem: Problem, v: torch.Tensor) -> torch.Tensor:
+    return problem.hvp(v.to(problem.dtype)).to("cpu", torch.float64)
+
+
+def _lambda_max(problem: Problem, seed: int, iters: int = 20) -> float:
+    """λ_max of H by power iterations. Cost: ``iters`` HVPs."""
+    return _power_lambda_max(lambda v: _hvp64(problem, v), problem.num_params, seed, iters)
 
 
 def _lambda_max_preconditioned(problem: Problem, G: torch.Tensor, nbeta: float, gamma: float, seed: int,
                                iters: int = 20) -> float:
     """λ_max of ``G½ (nβ·H + γI) G½`` (the drift's curvature under RMSProp preconditioning ``G``,
     shape ``(P,)``), by power iterations. Cost: ``iters`` HVPs."""
-    gen = torch.Generator().manual_seed(seed + 7)
     root = G.to(torch.float64).sqrt().cpu()
-    v = torch.randn(problem.num_params, generator=gen, dtype=torch.float64)
-    lam = 0.0
-    with torch.enable_grad():
-        for _ in range(iters):
-            v = v / v.norm()
-            u = root * v
-            w = root * (nbeta * problem.hvp(u.to(problem.dtype)).to("cpu", torch.float64) + gamma * u)
-            lam = float(v @ w)
-            if not math.isfinite(lam) or float(w.norm()) == 0.0:
-                break
-            v = w
-    return abs(lam)
+    return _power_lambda_max(lambda v: root * (nbeta * _hvp64(problem, root * v) + gamma * root * v),
+                             problem.num_params, seed + 7, iters)
 
 
 def _gamma_bias(problem: Problem, nbeta: float, gamma: float, seed: int, eps: float) -> tuple[float, float, str]:
