@@ -31,7 +31,7 @@ from basins.errors import InputError
 
 from .formats import _unpickling_global
 
-__all__ = ["check_export_archive", "SAFE_EXPORT_HINT"]
+__all__ = ["check_export_archive", "check_member_size", "SAFE_EXPORT_HINT"]
 
 #: How to write an archive that loads with no pickle at all.
 SAFE_EXPORT_HINT = (
@@ -60,15 +60,20 @@ def check_export_archive(archive: str | bytes, source: str) -> None:
         with zipfile.ZipFile(handle) as zf:
             infos = zf.infolist()
             for info in infos:
-                if info.file_size > _MAX_RATIO * max(info.compress_size, 1) + _SLACK:
-                    raise InputError(
-                        f"{source}: archive member {info.filename!r} declares {info.file_size:,} bytes from "
-                        f"{info.compress_size:,} compressed (a zip bomb?); refusing to read it"
-                    )
+                check_member_size(info, source)
             for info in infos:
                 _check_member(zf, info, source)
     except zipfile.BadZipFile:
         return  # not a zip: torch's own reader fails on it before any unpickling, with its message
+
+
+def check_member_size(info: zipfile.ZipInfo, source: str) -> None:
+    """Raise unless the member's inflated size is plausible for its compressed size (no zip bomb)."""
+    if info.file_size > _MAX_RATIO * max(info.compress_size, 1) + _SLACK:
+        raise InputError(
+            f"{source}: archive member {info.filename!r} declares {info.file_size:,} bytes from "
+            f"{info.compress_size:,} compressed (a zip bomb?); refusing to read it"
+        )
 
 
 def _relative(name: str) -> str:

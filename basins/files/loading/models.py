@@ -19,6 +19,7 @@ import torch
 from basins.errors import InputError
 
 from .archive_safety import check_export_archive
+from .export_reader import read_export_archive
 from .formats import (
     _EXPORT_HINT,
     _KIND_WORDS,
@@ -97,12 +98,11 @@ def _load_model_file(
     sniffed = _sniff(path)
     kind = sniffed.kind
     if kind == "pt2":
-        program = _load_export(
+        module, fixed = _exported_module(
             path, path, trust_pickle,
             f"{path} looks like a torch.export archive (.pt2) but torch.export.load failed",
             f"re-export it with this torch version ({torch.__version__})",
         )
-        module, fixed = _prepare_exported(program, path)
         return LoadedModel(module, "export", fixed, path, _file_sha256(path)), None
     if kind == "torchscript":
         raise InputError(
@@ -237,6 +237,24 @@ _TRAINING_FLAG_ARG = {  # op -> (position, name) of its "training" flag
 
 
 
+def _exported_module(
+    archive: str | bytes, source: str, trust_pickle: bool, failed: str, fix: str, *, name: str | None = None
+) -> tuple[torch.nn.Module, int | None]:
+    """The module of a ``.pt2`` (path or bytes) in inference mode, and its static batch size.
+
+    Read by :mod:`~basins.files.loading.export_reader` (no ``torch.export`` import: about 1.3 s
+    and 75 MiB less per process) when the archive is within what it reads, else by
+    ``torch.export.load`` (:func:`_load_export`). ``name`` is the source used in messages about the
+    program (default ``source``).
+    """
+    read = read_export_archive(archive, source)
+    if read is None or len(read[1]) == 0:
+        return _prepare_exported(_load_export(archive, source, trust_pickle, failed, fix), name or source)
+    module, shape = read
+    _to_inference_mode(module, name or source)
+    return module, shape[0]
+
+
 def _prepare_exported(
     program: torch.export.ExportedProgram, source: str
 ) -> tuple[torch.nn.Module, int | None]:
@@ -346,10 +364,9 @@ def _load_export(archive: str | bytes, source: str, trust_pickle: bool, failed: 
 def _bundle_model(obj: Mapping[str, Any], source: str, *, trust_pickle: bool = False) -> LoadedModel:
     _check_bundle(obj, source)
     raw = obj["model"].contiguous().numpy().tobytes()
-    program = _load_export(
+    module, fixed = _exported_module(
         raw, f"{source} (the bundle's model)", trust_pickle,
         f"{source}: the model inside the bundle could not be loaded by torch.export.load",
-        "rewrite the bundle with this torch version",
+        "rewrite the bundle with this torch version", name=source,
     )
-    module, fixed = _prepare_exported(program, source)
     return LoadedModel(module, "bundle", fixed, source, hashlib.sha256(raw).hexdigest())

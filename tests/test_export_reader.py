@@ -1,0 +1,244 @@
+"""The lean ``.pt2`` reader (``basins.files.loading.export_reader``) against ``torch.export.load``.
+
+For every model of a zoo, the module read here and ``ExportedProgram.module()`` must have the
+same parameter, buffer and state-dict names in the same order, and give bit-identical outputs
+and gradients; archives outside the subset read here must be left to ``torch.export.load``
+(``read_export_archive`` returns None), and ``load_model`` must then give the same module as before.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+from basins.files.loading import load_model
+from basins.files.loading.export_reader import read_export_archive
+
+
+class ConvBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+class Attention(nn.Module):
+    """Embedding (integer input), LayerNorm, SDPA, GELU, dropout; dict output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.pos = nn.Embedding(11, 8), nn.Parameter(torch.randn(5, 8) * 0.1)
+        self.norm, self.qkv, self.out = nn.LayerNorm(8), nn.Linear(8, 24), nn.Linear(8, 11)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.norm(self.emb(ids) + self.pos)
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        a = nn.functional.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], is_causal=True)[:, 0]
+        return {"logits": self.out(self.drop(nn.functional.gelu(a + h))), "hidden": h}
+
+
+class Constants(nn.Module):
+    """A tensor constant (lifted), a non-persistent buffer, tied weights, keyword-heavy ops,
+    multi-output operators and a tuple output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight  # tied
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 6), persistent=False)
+        self.offset = torch.tensor([0.25, -0.5, 1.0, 0.0, 0.1, 0.2])  # a plain tensor attribute: a constant
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.tanh(self.a(x) * self.scale + self.offset)
+        top, _ = torch.max(h, dim=1, keepdim=True)
+        var, mean = torch.var_mean(h, dim=1, keepdim=True, correction=0)
+        parts = torch.split(self.b(h), 2, dim=1)
+        idx = torch.arange(x.shape[1], dtype=torch.float32, device=x.device)
+        z = torch.cat([p.sum(dim=1, keepdim=True) for p in parts], dim=1).to(dtype=torch.float32)
+        return z + top + mean / (var + 1.0), h.sum(dim=-1) + idx.mean()
+
+
+def _cases() -> list[tuple[str, nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    conv = ConvBN()
+    with torch.no_grad():  # running statistics that are not the initial ones
+        conv.bn.running_mean.uniform_(-0.2, 0.2)
+        conv.bn.running_var.uniform_(0.5, 1.5)
+    return [
+        ("mlp", nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)), torch.randn(9, 5)),
+        ("conv-bn", conv, torch.randn(4, 3, 6, 6)),
+        ("attention", Attention(), torch.randint(0, 11, (3, 5))),
+        ("constants", Constants(), torch.randn(4, 6)),
+        ("float64", nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 1)).double(),
+         torch.randn(6, 3, dtype=torch.float64)),
+    ]
+
+
+CASES = _cases()
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("pt2")
+    out = {}
+    for name, model, x in CASES:
+        path = str(folder / f"{name}.pt2")
+        torch.export.save(torch.export.export(model.eval(), (x,)), path)
+        out[name] = path
+    return out
+
+
+def _leaves(output: object) -> list[torch.Tensor]:
+    return list(torch.utils._pytree.tree_leaves(output))
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_reader_equals_torch_export_load(case: str, archives: dict[str, str]) -> None:
+    _, _, x = next(c for c in CASES if c[0] == case)
+    read = read_export_archive(archives[case], archives[case])
+    assert read is not None, f"{case} should be within the subset the reader handles"
+    ours, shape = read
+    theirs = torch.export.load(archives[case]).module()
+    assert shape == tuple(x.shape)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in theirs.named_buffers()]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for (_, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+        assert a.requires_grad == b.requires_grad
+    out_ours, out_theirs = ours(x), theirs(x)
+    assert torch.utils._pytree.tree_structure(out_ours) == torch.utils._pytree.tree_structure(out_theirs)
+    for a, b in zip(_leaves(out_ours), _leaves(out_theirs)):
+        assert torch.equal(a, b)
+    # gradients through both, bit for bit
+    loss_o = sum(t.float().square().sum() for t in _leaves(out_ours) if t.is_floating_point())
+    loss_t = sum(t.float().square().sum() for t in _leaves(out_theirs) if t.is_floating_point())
+    g_o = torch.autograd.grad(loss_o, list(ours.parameters()), allow_unused=True)  # (a tied weight is unused)
+    g_t = torch.autograd.grad(loss_t, list(theirs.parameters()), allow_unused=True)
+    for a, b in zip(g_o, g_t):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_reader_refuses_other_input_shapes(archives: dict[str, str]) -> None:
+    read = read_export_archive(archives["mlp"], "mlp")
+    assert read is not None
+    with pytest.raises(RuntimeError, match=r"shape \[9, 5\], got \[4, 5\]"):
+        read[0](torch.randn(4, 5))
+
+
+def test_load_model_uses_the_reader_and_matches(archives: dict[str, str]) -> None:
+    """load_model's module (reader path) gives what the torch.export path gave: same inference-mode
+    outputs, the static batch size, and num_batches_tracked dropped from the graph."""
+    loaded = load_model(archives["conv-bn"])
+    assert loaded.kind == "export" and loaded.fixed_batch_size == 4
+    assert not any(n.op == "call_function" and "add_" in str(n.target) for n in loaded.module.graph.nodes)
+    x = CASES[1][2]
+    assert torch.equal(loaded.module(x), torch.export.load(archives["conv-bn"]).module()(x))
+
+
+def test_outside_the_subset_falls_back(tmp_path: pytest.TempPathFactory) -> None:
+    """A dynamic batch (symbolic sizes) is left to torch.export.load, and loads as before."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(8, 3)
+    dynamic = str(tmp_path / "dynamic.pt2")
+    batch = torch.export.Dim("batch", min=2)
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), dynamic)
+    assert read_export_archive(dynamic, dynamic) is None
+    loaded = load_model(dynamic)
+    assert loaded.fixed_batch_size is None
+    assert torch.equal(loaded.module(x[:5]), model(x[:5]))
+
+
+
+def test_training_mode_export_reads_the_same_way(tmp_path: pytest.TempPathFactory) -> None:
+    """A batch-norm exported in training mode (in-place running-statistics updates in the graph)
+    is read here, and load_model's inference rewrite gives what it gives on torch.export.load's module."""
+    from basins.files.loading.models import _prepare_exported
+
+    torch.manual_seed(1)
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+    x = torch.randn(8, 3)
+    training = str(tmp_path / "training.pt2")
+    torch.export.save(torch.export.export(bn, (x,)), training)
+    assert read_export_archive(training, training) is not None
+    ours = load_model(training).module
+    theirs, fixed = _prepare_exported(torch.export.load(training), training)
+    assert fixed == 8
+    assert torch.equal(ours(x), theirs(x))
+    assert torch.equal(ours(x), bn.eval()(x))
+
+
+def test_malformed_archives_are_left_to_torch(tmp_path: pytest.TempPathFactory, archives: dict[str, str]) -> None:
+    """Missing members, a schema from another major version, a pickled payload or a non-aten
+    operator make the reader step aside (None), never guess."""
+    source = archives["mlp"]
+    with zipfile.ZipFile(source) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist()}
+    model_json = next(n for n in members if n.endswith("models/model.json"))
+
+    def rewrite(name: str, edit: dict[str, bytes | None]) -> str:
+        path = str(tmp_path / name)
+        with zipfile.ZipFile(path, "w") as zf:
+            for member, data in members.items():
+                data = edit.get(member, data)
+                if data is not None:
+                    zf.writestr(member, data)
+        return path
+
+    text = members[model_json].decode()
+    assert read_export_archive(rewrite("no-json.pt2", {model_json: None}), "x") is None
+    assert read_export_archive(rewrite("schema.pt2", {model_json: text.replace('"major": 8', '"major": 99').encode()}), "x") is None
+    assert read_export_archive(rewrite("op.pt2", {model_json: text.replace("torch.ops.aten.tanh.default", "torch.ops.mylib.tanh.default").encode()}), "x") is None
+    config = next(n for n in members if n.endswith("model_weights_config.json"))
+    assert read_export_archive(rewrite("pickle.pt2", {config: members[config].replace(b'"use_pickle": false', b'"use_pickle": true', 1)}), "x") is None
+    assert read_export_archive(b"not a zip", "x") is None
+
+
+def test_reading_a_pt2_does_not_import_dynamo(archives: dict[str, str]) -> None:
+    """The point of the reader: loading a .pt2 and taking a gradient leave torch._dynamo and the
+    export serialiser unimported (each costs about a second and tens of MiB per process)."""
+    code = (
+        "import sys, torch\n"
+        "from basins.files.loading import load_model\n"
+        f"m = load_model({archives['conv-bn']!r}).module\n"
+        "x = torch.randn(4, 3, 6, 6)\n"
+        "torch.autograd.grad(m(x).sum(), list(m.parameters()))\n"
+        "print(sorted(k for k in ('torch._dynamo', 'torch._export.serde.serialize') if k in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_reader_reads_an_exported_gpt2(attn: str, tmp_path: pytest.TempPathFactory) -> None:
+    """A Hugging Face GPT-2 (tiny, local config, float64) exported whole: read here, and equal to
+    torch.export.load's module bit for bit."""
+    pytest.importorskip("transformers")
+    from tests.hf_models import tiny_gpt2
+
+    class Logits(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.inner(input_ids=ids).logits
+
+    ids = torch.randint(0, 23, (3, 12), generator=torch.Generator().manual_seed(0))
+    path = str(tmp_path / "gpt2.pt2")
+    torch.export.save(torch.export.export(Logits(tiny_gpt2(attn)).eval(), (ids,)), path)
+    read = read_export_archive(path, path)
+    assert read is not None
+    theirs = torch.export.load(path).module()
+    assert [n for n, _ in read[0].named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert torch.equal(read[0](ids), theirs(ids))
