@@ -109,11 +109,13 @@ ATTACKS = {
 }
 
 
+@pytest.mark.parametrize("export", ["pt2", "pt2_fixed"])  # torch.export.load's path, and basins' own reader
 @pytest.mark.parametrize("attack", list(ATTACKS))
-def test_crafted_pt2_is_refused_and_runs_no_code(attack: str, model_files, data_files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_crafted_pt2_is_refused_and_runs_no_code(attack: str, export: str, model_files, data_files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     make, member = ATTACKS[attack]
+    source = getattr(model_files, export)
     proof = tmp_path / "proof"
-    crafted = _rewrite(model_files.pt2, tmp_path / "proof.pt2", make(str(proof)))
+    crafted = _rewrite(source, tmp_path / "proof.pt2", make(str(proof)))
     try:  # plain torch runs the payload: the archive really is hostile
         torch.export.load(crafted)
     except Exception:
@@ -121,12 +123,50 @@ def test_crafted_pt2_is_refused_and_runs_no_code(attack: str, model_files, data_
     assert proof.exists(), f"{attack}: the crafted archive did not run its payload under torch.export.load"
 
     target = tmp_path / "pwned"
-    crafted = _rewrite(model_files.pt2, tmp_path / "crafted.pt2", make(str(target)))
+    crafted = _rewrite(source, tmp_path / "crafted.pt2", make(str(target)))
     code, out, err = run("hessian", crafted, "--data", data_files.pt, *FAST)
     assert code == 2 and out == ""
     line = one_line_error(err)
     assert member in line and "--trust-pickle" in line
     assert not target.exists()
+
+
+def _reads_a_file(path: str) -> Callable[[dict[str, bytes], str], None]:
+    """Add a node ``aten::from_file(path)`` (its result unused) to the archive's graph."""
+
+    def edit(files: dict[str, bytes], root: str) -> None:
+        name = f"{root}/models/model.json"
+        program = json.loads(files[name])
+        graph = program["graph_module"]["graph"]
+        graph["nodes"].insert(0, {
+            "target": "torch.ops.aten.from_file.default", "name": "secret", "metadata": {},
+            "is_hop_single_tensor_return": None, "outputs": [{"as_tensor": {"name": "secret"}}],
+            "inputs": [{"name": "filename", "arg": {"as_string": path}, "kind": 1},
+                       {"name": "shared", "arg": {"as_bool": False}, "kind": 1},
+                       {"name": "size", "arg": {"as_int": 4}, "kind": 1},
+                       {"name": "dtype", "arg": {"as_scalar_type": 1}, "kind": 2}],
+        })
+        graph["tensor_values"]["secret"] = {
+            "dtype": 1, "sizes": [{"as_int": 4}], "requires_grad": False, "device": {"type": "cpu", "index": None},
+            "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0}, "layout": 7}
+        files[name] = json.dumps(program).encode()
+
+    return edit
+
+
+@pytest.mark.parametrize("export", ["pt2", "pt2_fixed"])
+def test_a_graph_that_reads_files_is_refused(export: str, model_files, data_files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A graph calling ``aten::from_file`` runs it under plain torch (shown with a missing file,
+    so the test can fail); basins refuses the archive before running it, on both loading paths."""
+    missing = str(tmp_path / "no-such-file")
+    crafted = _rewrite(getattr(model_files, export), tmp_path / "reads.pt2", _reads_a_file(missing))
+    module = torch.export.load(crafted).module()
+    x = torch.load(data_files.pt, weights_only=True)["inputs"][: model_files.fixed_batch_size]
+    with pytest.raises(RuntimeError, match="no-such-file"):
+        module(x)
+    code, out, err = run("hessian", crafted, "--data", data_files.pt, *FAST)
+    assert code == 2 and out == ""
+    assert "aten::from_file" in one_line_error(err)
 
 
 def test_bundle_embedding_a_crafted_pt2_is_refused(model_files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

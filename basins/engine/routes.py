@@ -172,7 +172,11 @@ class Routes:
         assert self._graph is not None and self._graph_leaves is not None
         cols = []
         for j in range(V.shape[1]):
-            hs = torch.autograd.grad(self._graph, self._graph_leaves, V[:, j], retain_graph=True, allow_unused=True)
+            # the gradient of the scalar gᵀv, not of g with grad_outputs=v: the same products (the dot's
+            # backward hands v on exactly), and torch.autograd.grad imports sympy (~0.3 s, 34 MiB) to
+            # check grad_outputs' shapes
+            dot = torch.dot(self._graph, V[:, j].to(self._graph.dtype))
+            hs = torch.autograd.grad(dot, self._graph_leaves, retain_graph=True, allow_unused=True)
             cols.append(torch.cat([
                 (h if h is not None else torch.zeros_like(t)).reshape(-1) for h, t in zip(hs, self._graph_leaves)
             ]))

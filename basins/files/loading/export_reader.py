@@ -82,8 +82,8 @@ def read_export_archive(archive: str | bytes, source: str) -> tuple[torch.fx.Gra
     except InputError:
         raise
     except (_Outside, zipfile.BadZipFile, KeyError, ValueError, TypeError, AttributeError, IndexError,
-            RuntimeError, UnicodeDecodeError):
-        return None
+            RuntimeError, UnicodeDecodeError, OverflowError, RecursionError):
+        return None  # torch.export.load reads it, or says what is wrong with it
 
 
 def _read(zf: zipfile.ZipFile, source: str) -> tuple[torch.fx.GraphModule, tuple[int, ...]]:

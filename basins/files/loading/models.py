@@ -227,6 +227,10 @@ def _build_module(arch: str) -> torch.nn.Module:
 
 
 
+#: operators with effects outside the graph (files, stdout): a crafted .pt2 could read this
+#: machine's files into its outputs. Any operator with a ``filename``/``path``/``file`` argument too.
+_FILE_OPS = frozenset({"aten::from_file", "aten::save", "aten::_print"})
+
 _TRAINING_FLAG_ARG = {  # op -> (position, name) of its "training" flag
     "aten::batch_norm": (5, "training"),
     "aten::dropout": (2, "train"),
@@ -247,9 +251,11 @@ def _exported_module(
     ``torch.export.load`` (:func:`_load_export`). ``name`` is the source used in messages about the
     program (default ``source``).
     """
+    if not trust_pickle:  # on both paths: a file that would run code under torch.export.load is refused
+        check_export_archive(archive, source)
     read = read_export_archive(archive, source)
     if read is None or len(read[1]) == 0:
-        return _prepare_exported(_load_export(archive, source, trust_pickle, failed, fix), name or source)
+        return _prepare_exported(_load_export(archive, failed, fix), name or source)
     module, shape = read
     _to_inference_mode(module, name or source)
     return module, shape[0]
@@ -303,6 +309,11 @@ def _to_inference_mode(module: torch.fx.GraphModule, source: str) -> None:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         schema = node.target._schema
+        if schema.name in _FILE_OPS or any(a.name in ("filename", "path", "file") for a in schema.arguments):
+            raise InputError(
+                f"{source}: the exported model calls {schema.name}, which reads, writes or prints outside "
+                "the model; basins does not run such a graph: export the model's computation alone"
+            )
         flag = _TRAINING_FLAG_ARG.get(schema.name)
         if flag is not None:
             position, keyword = flag
@@ -350,11 +361,10 @@ def _to_inference_mode(module: torch.fx.GraphModule, source: str) -> None:
 
 
 
-def _load_export(archive: str | bytes, source: str, trust_pickle: bool, failed: str, fix: str) -> Any:
-    """``torch.export.load`` of a path or of archive bytes, after :func:`check_export_archive`
-    (skipped with ``trust_pickle``); a failure is an :class:`InputError` ``"{failed} (why); {fix}"``."""
-    if not trust_pickle:
-        check_export_archive(archive, source)
+def _load_export(archive: str | bytes, failed: str, fix: str) -> Any:
+    """``torch.export.load`` of a path or of archive bytes (already checked by
+    :func:`check_export_archive` unless pickles are trusted); a failure is an
+    :class:`InputError` ``"{failed} (why); {fix}"``."""
     try:
         return torch.export.load(io.BytesIO(archive) if isinstance(archive, bytes) else archive)
     except Exception as err:
