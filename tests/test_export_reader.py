@@ -68,6 +68,42 @@ class Constants(nn.Module):
         return z + top + mean / (var + 1.0), h.sum(dim=-1) + idx.mean()
 
 
+class Recurrent(nn.Module):
+    """A two-layer LSTM and a multi-head attention (list arguments, several outputs, a weights output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 8, batch_first=True, num_layers=2)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(x)
+        a, w = self.attn(h, h, h)
+        return self.head(a[:, -1]) + w.mean()
+
+
+class Signal(nn.Module):
+    """Conv1d, transposed conv, group/instance norm, interpolation, reflect padding, top-k, sort,
+    unbind, where, einsum, integer division: operators with string, float-list and None arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.up = nn.Conv1d(3, 4, 3, padding=1), nn.ConvTranspose1d(4, 2, 3, stride=2)
+        self.group, self.inst = nn.GroupNorm(2, 4), nn.InstanceNorm1d(2, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inst(self.up(self.group(self.conv(nn.functional.pad(x, (1, 1), mode="reflect")))))
+        h = nn.functional.interpolate(h, scale_factor=1.5, mode="linear")
+        top, _ = torch.topk(h, 2, dim=-1)
+        ordered, _ = torch.sort(h, dim=-1, descending=True)
+        a, b = h.unbind(1)
+        w = torch.where(h > 0, h, 0.1 * h)
+        gram = torch.einsum("bij,bkj->bik", w, w).flatten(1)
+        return gram + top.sum((1, 2))[:, None] + ordered[..., 0].mean(-1, keepdim=True) + a.mean() \
+            + torch.div(b, 3, rounding_mode="floor").mean()
+
+
 def _cases() -> list[tuple[str, nn.Module, torch.Tensor]]:
     torch.manual_seed(0)
     conv = ConvBN()
@@ -79,6 +115,8 @@ def _cases() -> list[tuple[str, nn.Module, torch.Tensor]]:
         ("conv-bn", conv, torch.randn(4, 3, 6, 6)),
         ("attention", Attention(), torch.randint(0, 11, (3, 5))),
         ("constants", Constants(), torch.randn(4, 6)),
+        ("recurrent", Recurrent(), torch.randn(3, 5, 4)),
+        ("signal", Signal(), torch.randn(2, 3, 8)),
         ("float64", nn.Sequential(nn.Linear(3, 4), nn.Softplus(), nn.Linear(4, 1)).double(),
          torch.randn(6, 3, dtype=torch.float64)),
     ]
