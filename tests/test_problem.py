@@ -202,6 +202,38 @@ def test_user_loss_with_mse_mean_falls_back_to_a_working_route() -> None:
     torch.testing.assert_close(problem.hvp(v), reference.hvp(v), rtol=1e-10, atol=1e-12)
 
 
+def test_saved_bytes_counts_each_saved_storage_once() -> None:
+    """``saved_bytes`` against a count by hand: mul saves both factors, tanh its result; a tensor
+    saved twice (x * x) counts once."""
+    from basins.engine.routes import saved_bytes
+
+    x = torch.randn(100, requires_grad=True)
+    w = torch.randn(100, dtype=torch.float64).float().requires_grad_(True)
+    assert saved_bytes(torch.tanh(x * w).sum()) == 3 * 100 * 4
+    assert saved_bytes((x * x).sum()) == 100 * 4
+    assert saved_bytes((x + w).sum()) == 0  # an addition saves nothing
+
+
+def test_one_fixed_batch_chunk_builds_its_graph_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the timing piece would be all the data (one chunk of a fixed-batch model), the graph is
+    built once and measured, not estimated on a throwaway copy; over a tiny budget it is dropped."""
+    from basins.engine import routes
+
+    def no_estimate(self: object) -> int:
+        raise AssertionError("the throwaway estimate pass ran")
+
+    monkeypatch.setattr(routes.Routes, "graph_bytes", no_estimate)
+    model, x, y, loss = tanh_regression()
+    n = x.shape[0]
+    problem = Problem(model, x, y, loss, dtype="float64", fixed_batch_size=n)
+    assert problem.hvp_route == "graph"
+    reference = Problem(model, x, y, loss, dtype="float64", hvp_route="fwd-rev")
+    v = _vectors(problem.num_params, 1)[:, 0]
+    torch.testing.assert_close(problem.hvp(v), reference.hvp(v), rtol=1e-10, atol=1e-12)
+    small = Problem(model, x, y, loss, dtype="float64", fixed_batch_size=n, graph_memory_bytes=1)
+    assert small.hvp_route != "graph" and "budget" in small.routes.errors["graph"]
+
+
 class AlwaysDropout(nn.Module):
     def __init__(self) -> None:
         super().__init__()
