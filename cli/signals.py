@@ -6,12 +6,15 @@ The handlers are installed when ``basins.cli`` is imported, before click, rich o
 an interrupt during start-up also exits with its code (not with a KeyboardInterrupt traceback
 or a death by signal). The handler raises :class:`Interrupted`, a :class:`SystemExit`, so
 ``finally`` blocks and ``except BaseException`` clean-ups run. A second signal while the
-first unwinds is ignored, so clean-up cannot itself be interrupted.
+first unwinds is ignored, so clean-up cannot itself be interrupted. A signal that arrives while a
+module is being imported is delivered again every :data:`IMPORT_RETRY_SECONDS` until the import
+is over: unwinding a half-imported torch module could abort the process.
 """
 
 from __future__ import annotations
 
 import signal
+import threading
 from types import FrameType
 
 __all__ = ["Interrupted", "install", "ignore_signals", "received", "HANDLED"]
@@ -51,7 +54,30 @@ def received() -> int | None:
     return _RECEIVED[0] if _RECEIVED else None
 
 
-def _handler(signum: int, _frame: FrameType | None) -> None:
+#: seconds between re-deliveries of a signal that arrived during an import
+IMPORT_RETRY_SECONDS = 0.05
+
+
+def _importing(frame: FrameType | None) -> bool:
+    """Whether the interrupted code is inside an ``import`` (an importlib frame on the stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    if _importing(frame):
+        # unwinding a half-run module body (torch registers kernels and C++ callbacks while its
+        # modules import) has aborted the process (SIGABRT) instead of exiting: deliver the signal
+        # again shortly, until the import is over
+        main = threading.main_thread().ident
+        if main is not None:
+            timer = threading.Timer(IMPORT_RETRY_SECONDS, signal.pthread_kill, (main, signum))
+            timer.daemon = True
+            timer.start()
+            return
     ignore_signals()  # unwinding has begun: later signals must not interrupt the clean-up
     _RECEIVED.append(signum)
     raise Interrupted(signum)

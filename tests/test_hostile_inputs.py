@@ -360,6 +360,32 @@ def _wait_for_handler(pid: int, sig: int, timeout: float = 30.0) -> None:
     raise AssertionError(f"process {pid} never installed a handler for signal {sig}")
 
 
+def test_a_signal_during_an_import_waits_for_the_import(tmp_path: Path) -> None:
+    """A signal that arrives while a module body runs is delivered again once the import is over:
+    the module finishes (its marker is written), then the run exits 128 + signum."""
+    (tmp_path / "slow_module.py").write_text(
+        "import pathlib, time\n"
+        "pathlib.Path(__file__).with_name('started').write_text('')\n"
+        "for _ in range(60):\n"
+        "    time.sleep(0.01)\n"
+        "pathlib.Path(__file__).with_name('imported').write_text('')\n"
+    )
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
+            "from basins.cli.signals import install, received\n"
+            "install()\n"
+            "import slow_module\n"
+            "import time\n"
+            "time.sleep(5)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err.decode()
+    assert (tmp_path / "imported").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_interrupts_leave_the_old_report_or_a_complete_new_one(sig: int, code: int, model_files, data_files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

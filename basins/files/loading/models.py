@@ -43,8 +43,9 @@ class LoadedModel:
     """A model ready for ``torch.func.functional_call(module, (params, buffers), x)``.
 
     Attributes:
-        module: The ``nn.Module``, in eval mode; for a ``.pt2`` the ``ExportedProgram``'s
-            ``.module()`` rewritten to inference mode (its ``eval()`` is a no-op).
+        module: The ``nn.Module``, in eval mode; for a ``.pt2`` a ``GraphModule`` equal to the
+            ``ExportedProgram``'s ``.module()`` (:mod:`.export_reader`), rewritten to inference
+            mode (its ``eval()`` is a no-op).
         kind: ``"export"``, ``"state_dict"``, ``"pickle"``, ``"bundle"`` or ``"hf"`` (a Hugging
             Face model directory, :mod:`basins.files.loading.hf`).
         fixed_batch_size: For an export whose batch dimension is static, that size (the module
