@@ -240,6 +240,13 @@ def test_malformed_archives_are_left_to_torch(tmp_path: pytest.TempPathFactory, 
     config = next(n for n in members if n.endswith("model_weights_config.json"))
     assert read_export_archive(rewrite("pickle.pt2", {config: members[config].replace(b'"use_pickle": false', b'"use_pickle": true', 1)}), "x") is None
     assert read_export_archive(b"not a zip", "x") is None
+    weights = next(n for n in members if n.endswith("data/weights/weight_0"))
+    stored = rewrite("stored.pt2", {})
+    data = bytearray(open(stored, "rb").read())
+    at = data.find(members[weights][:64])
+    assert at > 0
+    data[at + 5] ^= 0xFF  # one flipped byte in a weight: the member's CRC no longer matches
+    assert read_export_archive(bytes(data), "x") is None
 
 
 def test_reading_a_pt2_does_not_import_dynamo(archives: dict[str, str]) -> None:

@@ -89,10 +89,21 @@ def read_export_archive(archive: str | bytes, source: str) -> tuple[torch.fx.Gra
 def _read(zf: zipfile.ZipFile, source: str) -> tuple[torch.fx.GraphModule, tuple[int, ...]]:
     infos = {info.filename: info for info in zf.infolist()}
 
-    def member(name: str) -> bytes:
+    def member(name: str) -> bytearray:
+        """A member's bytes, inflated straight into one writable buffer (the tensors share it)."""
         info = infos[name]
         check_member_size(info, source)
-        return zf.read(info)
+        buf = bytearray(info.file_size)
+        view, got = memoryview(buf), 0
+        with zf.open(info) as f:
+            while got < len(buf):
+                n = f.readinto(view[got:])  # type: ignore[attr-defined]
+                if not n:
+                    break
+                got += n
+            if got != len(buf) or f.read(1):  # (reading to the end also checks the CRC)
+                raise _Outside("member size")
+        return buf
 
     models = [n for n in infos if n.count("/") == 2 and n.split("/")[1] == "models" and n.endswith(".json")]
     if len(models) != 1:
@@ -127,7 +138,7 @@ def _payload(member: Any, folder: str, config_name: str, infos: dict[str, Any]) 
         size, stride = _ints(tm["sizes"]), _ints(tm["strides"])
         offset = _ints([tm["storage_offset"]])[0]
         if path not in storages:
-            raw = bytearray(member(f"{folder}/{path}"))
+            raw = member(f"{folder}/{path}")
             item = torch.empty((), dtype=dtype).element_size()
             if len(raw) % item:
                 raise _Outside("payload size")
