@@ -287,3 +287,17 @@ def test_reader_reads_an_exported_gpt2(attn: str, tmp_path: pytest.TempPathFacto
     theirs = torch.export.load(path).module()
     assert [n for n, _ in read[0].named_parameters()] == [n for n, _ in theirs.named_parameters()]
     assert torch.equal(read[0](ids), theirs(ids))
+
+
+def test_reader_reads_a_core_aten_export(tmp_path: pytest.TempPathFactory) -> None:
+    """After ``run_decompositions()`` (core ATen: convolution, ``_native_batch_norm_legit_no_training``
+    with three outputs, ``max_pool2d_with_indices``, addmm): read here, equal to torch's module."""
+    model, x = ConvBN().eval(), torch.randn(4, 3, 6, 6)
+    path = str(tmp_path / "core.pt2")
+    torch.export.save(torch.export.export(model, (x,)).run_decompositions(), path)
+    read = read_export_archive(path, path)
+    assert read is not None
+    ops = {str(n.target) for n in read[0].graph.nodes if n.op == "call_function"}
+    assert "aten._native_batch_norm_legit_no_training.default" in ops
+    assert torch.equal(read[0](x), torch.export.load(path).module()(x))
+    assert torch.equal(load_model(path).module(x), model(x))
