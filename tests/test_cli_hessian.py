@@ -18,32 +18,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 from torch import nn
-from torch.func import functional_call
 
 from basins.cli.main import main
 from basins.files.report import read_report
+from tests.dense import loss_hessian
 
 TOP_RTOL = 1e-6  # top-k: relative error against eigvalsh
 BOTTOM_ATOL = 1e-6  # bottom-k: absolute error, in units of λ_max
-
-
-
-
-def _dense_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) -> torch.Tensor:
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def full_loss(th: torch.Tensor) -> torch.Tensor:
-        params, i = {}, 0
-        for name, shape in zip(names, shapes):
-            k = int(np.prod(shape))
-            params[name] = th[i : i + k].reshape(shape)
-            i += k
-        return loss_fn(functional_call(model, params, (x,)), y)
-
-    H = torch.func.hessian(full_loss)(theta)
-    return (H + H.T) / 2
 
 
 def _mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -62,7 +43,7 @@ def bundles(tmp_path_factory):
     x = torch.randn(40, 4, generator=g, dtype=torch.float64)
     y = torch.randn(40, 2, generator=g, dtype=torch.float64)
     save_bundle(str(root / "mlp.pt"), mlp, x, y, "mse")
-    H = _dense_hessian(mlp, x, y, _mse)
+    H = loss_hessian(mlp, x, y, _mse)
 
     saddle = nn.Sequential(nn.Linear(3, 4, bias=False), nn.Linear(4, 1)).double().eval()
     xs = torch.randn(30, 3, generator=g, dtype=torch.float64)
@@ -72,7 +53,7 @@ def bundles(tmp_path_factory):
         saddle[1].weight.zero_()
         saddle[1].bias.fill_(float(ys.mean()))  # ∇L = 0 exactly: a critical point, not a minimum
     save_bundle(str(root / "saddle.pt"), saddle, xs, ys, "mse")
-    Hs = _dense_hessian(saddle, xs, ys, _mse)
+    Hs = loss_hessian(saddle, xs, ys, _mse)
 
     # another problem (other data) for the "report of another problem" checks
     save_bundle(str(root / "other.pt"), mlp, x[:30], y[:30], "mse")
