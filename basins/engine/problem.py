@@ -571,11 +571,11 @@ class Problem:
         names = list(self.space.names)
         params = self._as_params(theta)
         leaves = [params[k].detach().requires_grad_(True) for k in names]
+        at = dict(zip(names, leaves))
         total = torch.zeros(self.num_params, dtype=self.dtype, device=self.device)
         with torch.enable_grad():
             for x, y, m, w in self.chunks():
-                gs = torch.autograd.grad(self._chunk_loss(dict(zip(names, leaves)), x, y, m), leaves,
-                                         allow_unused=True)
+                gs = torch.autograd.grad(self._chunk_loss(at, x, y, m), leaves, allow_unused=True)
                 total += w * self.space.flatten({k: g if g is not None else torch.zeros_like(t)
                                                  for k, g, t in zip(names, gs, leaves)})
         self.counters.num_grads += 1

@@ -146,11 +146,11 @@ class Routes:
                 g_total = flat if g_total is None else g_total + flat
         self._graph, self._graph_leaves = g_total, leaves
 
-    def graph_bytes(self) -> int:
+    def graph_bytes(self, piece: list[tuple[Any, torch.Tensor, int, float]] | None = None) -> int:
         """Estimated bytes of the full-data gradient graph: the tensors saved for a
-        ``create_graph`` gradient on :meth:`_piece` (counted by a saved-tensors hook, on a graph
-        thrown away at once: hooks must not stay on the kept graph), scaled to this process'
-        examples, plus two parameter vectors."""
+        ``create_graph`` gradient on ``piece`` (default :meth:`_piece`; counted by a saved-tensors
+        hook, on a graph thrown away at once: hooks must not stay on the kept graph), scaled to this
+        process' examples, plus two parameter vectors."""
         p = self.problem
         saved = 0
 
@@ -159,7 +159,7 @@ class Routes:
             saved += t.numel() * t.element_size()
             return t
 
-        (x, y, m, _), = self._piece()
+        (x, y, m, _), = piece if piece is not None else self._piece()
         leaves = [t.detach().clone().requires_grad_(True) for t in p.params.values()]
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = p._chunk_loss(dict(zip(p.space.names, leaves)), x, y, m)
@@ -223,7 +223,8 @@ class Routes:
         """Build the gradient graph if it fits ``budget`` bytes, and time one product through it."""
         p = self.problem
         try:
-            whole = p.num_chunks == 1 and (p.fixed_batch_size is not None or p.num_local_examples <= TIMING_EXAMPLES)
+            piece = self._piece()
+            whole = p.num_chunks == 1 and piece[0][2] == p.num_local_examples  # the piece would be all the data
             if whole:
                 # the estimate would build this very graph on the piece and throw it away: one more
                 # gradient pass, and the freed memory's fragments raised the peak RSS by ~100 MiB on the
@@ -232,7 +233,7 @@ class Routes:
                 assert self._graph is not None
                 need = saved_bytes(self._graph) + 2 * p.num_params * p.dtype.itemsize
             else:
-                need = self.graph_bytes()
+                need = self.graph_bytes(piece)
             if need > budget:
                 self.free_graph()
                 self.errors["graph"] = (f"the gradient graph needs about {need / 2**20:.0f} MiB, more than its "

@@ -117,12 +117,12 @@ def _read(zf: zipfile.ZipFile, source: str) -> tuple[torch.fx.GraphModule, tuple
     program = json.loads(member(models[0]))
     if int(program["schema_version"]["major"]) != SCHEMA_MAJOR:
         raise _Outside("schema version")
-    state = _payload(member, f"{root}/data/weights", f"{name}_weights_config.json", infos)
-    constants = _payload(member, f"{root}/data/constants", f"{name}_constants_config.json", infos)
+    state = _payload(member, f"{root}/data/weights", f"{name}_weights_config.json")
+    constants = _payload(member, f"{root}/data/constants", f"{name}_constants_config.json")
     return _build(program["graph_module"], state, constants)
 
 
-def _payload(member: Any, folder: str, config_name: str, infos: dict[str, Any]) -> dict[str, tuple[torch.Tensor, bool]]:
+def _payload(member: Any, folder: str, config_name: str) -> dict[str, tuple[torch.Tensor, bool]]:
     """``{fqn: (tensor, is_param)}`` from a payload config and its raw files (storage shared as saved)."""
     config = json.loads(member(f"{folder}/{config_name}"))["config"]
     storages: dict[str, torch.Tensor] = {}
@@ -144,6 +144,8 @@ def _payload(member: Any, folder: str, config_name: str, infos: dict[str, Any]) 
                 raise _Outside("payload size")
             storages[path] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         flat = storages[path]
+        if flat.dtype != dtype:  # two dtypes over one storage: not what torch.export.save writes
+            raise _Outside("payload dtypes")
         need = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1 if all(size) else 0
         if need > flat.numel():
             raise _Outside("payload shorter than its tensor")
