@@ -1,9 +1,11 @@
-"""The lean ``.pt2`` reader (``basins.files.loading.export_reader``) against ``torch.export.load``.
+"""The ``.pt2`` reader (``basins.files.loading.export_reader``, the only loader of untrusted archives)
+against ``torch.export.load``.
 
-For every model of a zoo, the module read here and ``ExportedProgram.module()`` must have the
-same parameter, buffer and state-dict names in the same order, and give bit-identical outputs
-and gradients; archives outside the subset read here must be left to ``torch.export.load``
-(``read_export_archive`` returns None), and ``load_model`` must then give the same module as before.
+For every model of a zoo, fixed and dynamic batch, the module read here and
+``ExportedProgram.module()`` must have the same parameter, buffer and state-dict names in the same
+order, and give bit-identical outputs and gradients (dynamic exports: at two batch sizes);
+archives outside what the reader reads are refused with an ``InputError`` naming the item and
+``--trust-pickle`` (crafted archives: ``tests/test_hostile_inputs.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 import torch
 from torch import nn
 
+from basins.errors import InputError
 from basins.files.loading import load_model
 from basins.files.loading.export_reader import read_export_archive
 
@@ -123,6 +126,13 @@ def _cases() -> list[tuple[str, nn.Module, torch.Tensor]]:
 
 
 CASES = _cases()
+#: exported with a dynamic batch (torch.export.Dim), compared at the exported batch and at another one
+DYNAMIC = {"mlp": 4, "conv-bn": 7, "attention": 1, "constants": 2, "signal": 5, "float64": 3}
+
+
+def _read(path: str | bytes, source: str = "x") -> tuple[torch.fx.GraphModule, tuple[int | None, ...]]:
+    read = read_export_archive(path, source)
+    return read.module, read.input_shape
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +143,11 @@ def archives(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         path = str(folder / f"{name}.pt2")
         torch.export.save(torch.export.export(model.eval(), (x,)), path)
         out[name] = path
+        if name in DYNAMIC:
+            path = str(folder / f"{name}-dynamic.pt2")
+            batch = torch.export.Dim("batch", min=1, max=64)
+            torch.export.save(torch.export.export(model.eval(), (x,), dynamic_shapes=({0: batch},)), path)
+            out[f"{name}-dynamic"] = path
     return out
 
 
@@ -140,20 +155,7 @@ def _leaves(output: object) -> list[torch.Tensor]:
     return list(torch.utils._pytree.tree_leaves(output))
 
 
-@pytest.mark.parametrize("case", [c[0] for c in CASES])
-def test_reader_equals_torch_export_load(case: str, archives: dict[str, str]) -> None:
-    _, _, x = next(c for c in CASES if c[0] == case)
-    read = read_export_archive(archives[case], archives[case])
-    assert read is not None, f"{case} should be within the subset the reader handles"
-    ours, shape = read
-    theirs = torch.export.load(archives[case]).module()
-    assert shape == tuple(x.shape)
-    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
-    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in theirs.named_buffers()]
-    assert list(ours.state_dict()) == list(theirs.state_dict())
-    for (_, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
-        assert a.requires_grad == b.requires_grad
+def _same_outputs_and_gradients(ours: torch.nn.Module, theirs: torch.nn.Module, x: torch.Tensor) -> None:
     out_ours, out_theirs = ours(x), theirs(x)
     assert torch.utils._pytree.tree_structure(out_ours) == torch.utils._pytree.tree_structure(out_theirs)
     for a, b in zip(_leaves(out_ours), _leaves(out_theirs)):
@@ -163,15 +165,41 @@ def test_reader_equals_torch_export_load(case: str, archives: dict[str, str]) ->
     loss_t = sum(t.float().square().sum() for t in _leaves(out_theirs) if t.is_floating_point())
     g_o = torch.autograd.grad(loss_o, list(ours.parameters()), allow_unused=True)  # (a tied weight is unused)
     g_t = torch.autograd.grad(loss_t, list(theirs.parameters()), allow_unused=True)
+    assert len(g_o) == len(g_t)
     for a, b in zip(g_o, g_t):
         assert (a is None and b is None) or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("case", [c[0] for c in CASES] + [f"{c}-dynamic" for c in DYNAMIC])
+def test_reader_equals_torch_export_load(case: str, archives: dict[str, str]) -> None:
+    base = case.removesuffix("-dynamic")
+    _, _, x = next(c for c in CASES if c[0] == base)
+    ours, shape = _read(archives[case], archives[case])
+    theirs = torch.export.load(archives[case]).module()
+    if case.endswith("-dynamic"):
+        assert shape == (None, *x.shape[1:])
+        other = torch.cat([x] * 8)[: DYNAMIC[base]]  # another batch size, same kind of values
+        _same_outputs_and_gradients(ours, theirs, other)
+    else:
+        assert shape == tuple(x.shape)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    assert [n for n, _ in ours.named_buffers()] == [n for n, _ in theirs.named_buffers()]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for (_, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+        assert a.requires_grad == b.requires_grad
+    _same_outputs_and_gradients(ours, theirs, x)
+
+
 def test_reader_refuses_other_input_shapes(archives: dict[str, str]) -> None:
-    read = read_export_archive(archives["mlp"], "mlp")
-    assert read is not None
+    module, _ = _read(archives["mlp"], "mlp")
     with pytest.raises(RuntimeError, match=r"shape \[9, 5\], got \[4, 5\]"):
-        read[0](torch.randn(4, 5))
+        module(torch.randn(4, 5))
+    dynamic, _ = _read(archives["mlp-dynamic"], "mlp")
+    with pytest.raises(RuntimeError, match=r"shape \[\*, 5\], got \[4, 6\]"):
+        dynamic(torch.randn(4, 6))
+    with pytest.raises(RuntimeError, match=r"size 0 in \[1, 64\]"):
+        dynamic(torch.randn(65, 5))
 
 
 def test_load_model_uses_the_reader_and_matches(archives: dict[str, str]) -> None:
@@ -184,15 +212,33 @@ def test_load_model_uses_the_reader_and_matches(archives: dict[str, str]) -> Non
     assert torch.equal(loaded.module(x), torch.export.load(archives["conv-bn"]).module()(x))
 
 
-def test_outside_the_subset_falls_back(tmp_path: pytest.TempPathFactory) -> None:
-    """A dynamic batch (symbolic sizes) is left to torch.export.load, and loads as before."""
-    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
-    x = torch.randn(8, 3)
-    dynamic = str(tmp_path / "dynamic.pt2")
-    batch = torch.export.Dim("batch", min=2)
-    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), dynamic)
-    assert read_export_archive(dynamic, dynamic) is None
-    loaded = load_model(dynamic)
+class SizeArithmetic(nn.Module):
+    """Python arithmetic on the batch size (floordiv, add, mul nodes in the exported graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        return self.lin(x).reshape(n * 2, -1).sum(1) * (n // 2 + 1)
+
+
+def test_dynamic_batch_with_size_arithmetic(tmp_path: pytest.TempPathFactory) -> None:
+    """A dynamic batch with size arithmetic is read here (checked integer functions), equal to
+    torch's module at two batch sizes; load_model gives no fixed batch size."""
+    model, x = SizeArithmetic(), torch.randn(6, 4)
+    path = str(tmp_path / "dynamic.pt2")
+    batch = torch.export.Dim("batch", min=2, max=64)
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), path)
+    ours, shape = _read(path)
+    assert shape == (None, 4)
+    assert {n.target.__name__ for n in ours.graph.nodes if n.op == "call_function" and callable(n.target)
+            and not isinstance(n.target, torch._ops.OpOverload)} >= {"size_floordiv", "size_add", "size_mul"}
+    theirs = torch.export.load(path).module()
+    for n in (6, 11):
+        _same_outputs_and_gradients(ours, theirs, torch.randn(n, 4))
+    loaded = load_model(path)
     assert loaded.fixed_batch_size is None
     assert torch.equal(loaded.module(x[:5]), model(x[:5]))
 
@@ -208,7 +254,6 @@ def test_training_mode_export_reads_the_same_way(tmp_path: pytest.TempPathFactor
     x = torch.randn(8, 3)
     training = str(tmp_path / "training.pt2")
     torch.export.save(torch.export.export(bn, (x,)), training)
-    assert read_export_archive(training, training) is not None
     ours = load_model(training).module
     theirs, fixed = _prepare_exported(torch.export.load(training), training)
     assert fixed == 8
@@ -216,9 +261,9 @@ def test_training_mode_export_reads_the_same_way(tmp_path: pytest.TempPathFactor
     assert torch.equal(ours(x), bn.eval()(x))
 
 
-def test_malformed_archives_are_left_to_torch(tmp_path: pytest.TempPathFactory, archives: dict[str, str]) -> None:
-    """Missing members, a schema from another major version, a pickled payload or a non-aten
-    operator make the reader step aside (None), never guess."""
+def test_malformed_archives_are_refused(tmp_path: pytest.TempPathFactory, archives: dict[str, str]) -> None:
+    """Missing members, a schema from another major version, a pickled payload, a non-aten
+    operator or a bad CRC: refused, naming the item and --trust-pickle, never guessed."""
     source = archives["mlp"]
     with zipfile.ZipFile(source) as zf:
         members = {i.filename: zf.read(i) for i in zf.infolist()}
@@ -233,32 +278,38 @@ def test_malformed_archives_are_left_to_torch(tmp_path: pytest.TempPathFactory, 
                     zf.writestr(member, data)
         return path
 
+    def refused(archive: str | bytes, words: str, hint: bool = True) -> None:
+        with pytest.raises(InputError, match=words) as info:
+            read_export_archive(archive, "x")
+        assert ("--trust-pickle" in str(info.value)) == hint and "\n" not in str(info.value)
+
     text = members[model_json].decode()
-    assert read_export_archive(rewrite("no-json.pt2", {model_json: None}), "x") is None
-    assert read_export_archive(rewrite("schema.pt2", {model_json: text.replace('"major": 8', '"major": 99').encode()}), "x") is None
-    assert read_export_archive(rewrite("op.pt2", {model_json: text.replace("torch.ops.aten.tanh.default", "torch.ops.mylib.tanh.default").encode()}), "x") is None
+    refused(rewrite("no-json.pt2", {model_json: None}), "0 models")
+    refused(rewrite("schema.pt2", {model_json: text.replace('"major": 8', '"major": 99').encode()}), "schema version 99")
+    refused(rewrite("op.pt2", {model_json: text.replace("torch.ops.aten.tanh.default", "torch.ops.mylib.tanh.default").encode()}),
+            "mylib.tanh.default.* not an aten or prims operator")
     config = next(n for n in members if n.endswith("model_weights_config.json"))
-    assert read_export_archive(rewrite("pickle.pt2", {config: members[config].replace(b'"use_pickle": false', b'"use_pickle": true', 1)}), "x") is None
-    assert read_export_archive(b"not a zip", "x") is None
+    refused(rewrite("pickle.pt2", {config: members[config].replace(b'"use_pickle": false', b'"use_pickle": true', 1)}), "pickled")
+    refused(b"not a zip", "not a readable zip", hint=False)
     weights = next(n for n in members if n.endswith("data/weights/weight_0"))
     stored = rewrite("stored.pt2", {})
     data = bytearray(open(stored, "rb").read())
     at = data.find(members[weights][:64])
     assert at > 0
     data[at + 5] ^= 0xFF  # one flipped byte in a weight: the member's CRC no longer matches
-    assert read_export_archive(bytes(data), "x") is None
+    refused(bytes(data), "weight_0.* damaged .*CRC", hint=False)  # (a damaged file: trusting it would not help)
 
 
 def test_reading_a_pt2_does_not_import_dynamo(archives: dict[str, str]) -> None:
-    """The point of the reader: loading a .pt2 and taking a gradient leave torch._dynamo and the
+    """Loading a dynamic-batch .pt2 and taking a gradient leave torch._dynamo, sympy and the
     export serialiser unimported (each costs about a second and tens of MiB per process)."""
     code = (
         "import sys, torch\n"
         "from basins.files.loading import load_model\n"
-        f"m = load_model({archives['conv-bn']!r}).module\n"
-        "x = torch.randn(4, 3, 6, 6)\n"
+        f"m = load_model({archives['conv-bn-dynamic']!r}).module\n"
+        "x = torch.randn(3, 3, 6, 6)\n"
         "torch.autograd.grad(m(x).sum(), list(m.parameters()))\n"
-        "print(sorted(k for k in ('torch._dynamo', 'torch._export.serde.serialize') if k in sys.modules))\n"
+        "print(sorted(k for k in ('torch._dynamo', 'torch._export.serde.serialize', 'sympy') if k in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -266,8 +317,8 @@ def test_reading_a_pt2_does_not_import_dynamo(archives: dict[str, str]) -> None:
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_reader_reads_an_exported_gpt2(attn: str, tmp_path: pytest.TempPathFactory) -> None:
-    """A Hugging Face GPT-2 (tiny, local config, float64) exported whole: read here, and equal to
-    torch.export.load's module bit for bit."""
+    """A Hugging Face GPT-2 (tiny, local config, float64) exported whole with a dynamic batch: read
+    here, and equal to torch.export.load's module bit for bit, outputs and gradients, at two batch sizes."""
     pytest.importorskip("transformers")
     from tests.hf_models import tiny_gpt2
 
@@ -281,12 +332,14 @@ def test_reader_reads_an_exported_gpt2(attn: str, tmp_path: pytest.TempPathFacto
 
     ids = torch.randint(0, 23, (3, 12), generator=torch.Generator().manual_seed(0))
     path = str(tmp_path / "gpt2.pt2")
-    torch.export.save(torch.export.export(Logits(tiny_gpt2(attn)).eval(), (ids,)), path)
-    read = read_export_archive(path, path)
-    assert read is not None
+    batch = torch.export.Dim("batch", min=1, max=32)
+    torch.export.save(torch.export.export(Logits(tiny_gpt2(attn)).eval(), (ids,), dynamic_shapes=({0: batch},)), path)
+    ours, shape = _read(path, path)
+    assert shape == (None, 12)
     theirs = torch.export.load(path).module()
-    assert [n for n, _ in read[0].named_parameters()] == [n for n, _ in theirs.named_parameters()]
-    assert torch.equal(read[0](ids), theirs(ids))
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    for n in (3, 5):
+        _same_outputs_and_gradients(ours, theirs, torch.randint(0, 23, (n, 12), generator=torch.Generator().manual_seed(n)))
 
 
 def test_reader_reads_a_core_aten_export(tmp_path: pytest.TempPathFactory) -> None:
@@ -295,9 +348,8 @@ def test_reader_reads_a_core_aten_export(tmp_path: pytest.TempPathFactory) -> No
     model, x = ConvBN().eval(), torch.randn(4, 3, 6, 6)
     path = str(tmp_path / "core.pt2")
     torch.export.save(torch.export.export(model, (x,)).run_decompositions(), path)
-    read = read_export_archive(path, path)
-    assert read is not None
-    ops = {str(n.target) for n in read[0].graph.nodes if n.op == "call_function"}
+    ours, _ = _read(path, path)
+    ops = {str(n.target) for n in ours.graph.nodes if n.op == "call_function"}
     assert "aten._native_batch_norm_legit_no_training.default" in ops
-    assert torch.equal(read[0](x), torch.export.load(path).module()(x))
+    assert torch.equal(ours(x), torch.export.load(path).module()(x))
     assert torch.equal(load_model(path).module(x), model(x))

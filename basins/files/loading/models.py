@@ -7,9 +7,7 @@ See :mod:`basins.files.loading` for the formats. Exported programs are turned in
 from __future__ import annotations
 
 import hashlib
-import io
 import pickle
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,8 +16,7 @@ import torch
 
 from basins.errors import InputError
 
-from .archive_safety import check_export_archive
-from .export_reader import read_export_archive
+from .exports import _exported_module, _prepare_exported  # noqa: F401 (_prepare_exported: re-exported)
 from .formats import (
     _EXPORT_HINT,
     _KIND_WORDS,
@@ -226,150 +223,6 @@ def _build_module(arch: str) -> torch.nn.Module:
         raise InputError(f"--arch {arch} returned {_describe(module)}, not an nn.Module")
     return module
 
-
-
-#: operators with effects outside the graph (files, stdout): a crafted .pt2 could read this
-#: machine's files into its outputs. Any operator with a ``filename``/``path``/``file`` argument too.
-_FILE_OPS = frozenset({"aten::from_file", "aten::save", "aten::_print"})
-
-_TRAINING_FLAG_ARG = {  # op -> (position, name) of its "training" flag
-    "aten::batch_norm": (5, "training"),
-    "aten::dropout": (2, "train"),
-    "aten::feature_dropout": (2, "train"),
-    "aten::alpha_dropout": (2, "train"),
-    "aten::feature_alpha_dropout": (2, "train"),
-}
-
-
-
-def _exported_module(
-    archive: str | bytes, source: str, trust_pickle: bool, failed: str, fix: str, *, name: str | None = None
-) -> tuple[torch.nn.Module, int | None]:
-    """The module of a ``.pt2`` (path or bytes) in inference mode, and its static batch size.
-
-    Read by :mod:`~basins.files.loading.export_reader` (no ``torch.export`` import: about 1.3 s
-    and 75 MiB less per process) when the archive is within what it reads, else by
-    ``torch.export.load`` (:func:`_load_export`). ``name`` is the source used in messages about the
-    program (default ``source``).
-    """
-    if not trust_pickle:  # on both paths: a file that would run code under torch.export.load is refused
-        check_export_archive(archive, source)
-    read = read_export_archive(archive, source)
-    if read is None or len(read[1]) == 0:
-        return _prepare_exported(_load_export(archive, failed, fix), name or source)
-    module, shape = read
-    _to_inference_mode(module, name or source)
-    return module, shape[0]
-
-
-def _prepare_exported(
-    program: torch.export.ExportedProgram, source: str
-) -> tuple[torch.nn.Module, int | None]:
-    """``program.module()`` in inference mode, and its static batch size (or None)."""
-    from torch.export.graph_signature import InputKind, TensorArgument
-
-    user_inputs = [
-        spec for spec in program.graph_signature.input_specs if spec.kind == InputKind.USER_INPUT
-    ]
-    tensors = [spec for spec in user_inputs if isinstance(spec.arg, TensorArgument)]
-    if len(user_inputs) != 1 or len(tensors) != 1:
-        names = ", ".join(getattr(spec.arg, "name", "?") for spec in user_inputs) or "none"
-        raise InputError(
-            f"{source}: the exported model takes {len(user_inputs)} inputs ({names}); basins "
-            "calls model(x) with one batch tensor x: export a wrapper whose forward takes one "
-            "tensor"
-        )
-    name = tensors[0].arg.name
-    node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == name)
-    value = node.meta.get("val")
-    shape = getattr(value, "shape", None)
-    if shape is None or len(shape) == 0:
-        raise InputError(
-            f"{source}: the exported model's input is a scalar, it has no batch dimension: "
-            f"export it with a batch of examples: {_EXPORT_HINT}"
-        )
-    first = shape[0]
-    fixed = int(first) if isinstance(first, int) else None
-    module = program.module()
-    _to_inference_mode(module, source)
-    return module, fixed
-
-
-
-def _to_inference_mode(module: torch.fx.GraphModule, source: str) -> None:
-    """Rewrite training-mode ops of an unlifted exported graph to eval behaviour, in place.
-
-    ``torch.export`` bakes train/eval into the graph, and the module it returns refuses
-    ``eval()``. Batch norm and dropout carry a ``training`` flag that is set to ``False``, and
-    the ``num_batches_tracked += 1`` of batch norm is dropped. Any other op that mutates state
-    means the model is not a function of its parameters: refused.
-    """
-    graph = module.graph
-    changed = False
-    for node in list(graph.nodes):
-        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-            continue
-        schema = node.target._schema
-        if schema.name in _FILE_OPS or any(a.name in ("filename", "path", "file") for a in schema.arguments):
-            raise InputError(
-                f"{source}: the exported model calls {schema.name}, which reads, writes or prints outside "
-                "the model; basins does not run such a graph: export the model's computation alone"
-            )
-        flag = _TRAINING_FLAG_ARG.get(schema.name)
-        if flag is not None:
-            position, keyword = flag
-            if len(node.args) > position and node.args[position] is True:
-                args = list(node.args)
-                args[position] = False
-                node.args = tuple(args)
-                changed = True
-            elif node.kwargs.get(keyword) is True:
-                node.kwargs = {**node.kwargs, keyword: False}
-                changed = True
-            continue
-        if schema.is_mutable:
-            target = node.args[0] if node.args else None
-            if (
-                isinstance(target, torch.fx.Node)
-                and target.op == "get_attr"
-                and str(target.target).endswith("num_batches_tracked")
-                and not node.users
-            ):
-                graph.erase_node(node)
-                changed = True
-                continue
-            raise InputError(
-                f"{source}: the exported model updates its own state when called "
-                f"({schema.name}); export it in eval mode, after model.eval(): {_EXPORT_HINT}"
-            )
-    if changed:  # (no dead-code elimination: it could drop the input-guard call)
-        module.recompile()
-    for submodule in module.modules():
-        submodule.training = False
-
-    def _eval(self: torch.nn.Module) -> torch.nn.Module:
-        return self
-
-    def _train(self: torch.nn.Module, mode: bool = True) -> torch.nn.Module:
-        if mode:
-            raise NotImplementedError(
-                "basins loaded this exported program in inference mode; it cannot be trained"
-            )
-        return self
-
-    module.eval = types.MethodType(_eval, module)  # type: ignore[method-assign]
-    module.train = types.MethodType(_train, module)  # type: ignore[method-assign]
-
-
-
-def _load_export(archive: str | bytes, failed: str, fix: str) -> Any:
-    """``torch.export.load`` of a path or of archive bytes (already checked by
-    :func:`check_export_archive` unless pickles are trusted); a failure is an
-    :class:`InputError` ``"{failed} (why); {fix}"``."""
-    try:
-        return torch.export.load(io.BytesIO(archive) if isinstance(archive, bytes) else archive)
-    except Exception as err:
-        raise InputError(f"{failed} ({_one_line(err)}); {fix}") from err
 
 
 def _bundle_model(obj: Mapping[str, Any], source: str, *, trust_pickle: bool = False) -> LoadedModel:
