@@ -40,6 +40,7 @@ import click
 from basins.errors import BasinsError, InputError
 
 from .signals import received
+from .terminal import echo_error
 
 #: file names a directory of checkpoints contributes (and subdirectories with a config.json)
 MODEL_SUFFIXES = (".pt", ".pt2", ".pth", ".ckpt", ".bin", ".safetensors")
@@ -225,7 +226,7 @@ def over_checkpoints(body: Callable[..., None]) -> Callable[..., None]:
                 failures.append((model, exc))
                 kind = "error" if isinstance(exc, InputError) else "failed"
                 text = str(exc) if isinstance(exc, BasinsError) else f"internal error: {type(exc).__name__}: {exc}"
-                click.echo(f"{kind}: {model}: {text}", err=True)
+                echo_error(f"{kind}: {model}: {text}")
                 run.json.append({"model": model, "step": step, "error": text,
                                  "exit_code": 2 if isinstance(exc, InputError) else 1})
         if kw.get("as_json"):
@@ -236,7 +237,7 @@ def over_checkpoints(body: Callable[..., None]) -> Callable[..., None]:
             stdout_console().print(checkpoint_table(run.rows))
         if failures:
             names = ", ".join(m for m, _ in failures[:5]) + (", ..." if len(failures) > 5 else "")
-            click.echo(f"failed: {len(failures)} of {len(models)} checkpoints ({names})", err=True)
+            echo_error(f"failed: {len(failures)} of {len(models)} checkpoints ({names})")
             all_input = len(failures) == len(models) and all(isinstance(e, InputError) for _, e in failures)
             raise click.exceptions.Exit(2 if all_input else 1)
 

@@ -36,6 +36,8 @@ from rich.progress import (
 from basins.progress import Progress, ProgressCallback
 from basins.record import Record, plain
 
+from .terminal import SafeConsole
+
 #: A point whose gradient norm exceeds this (loss units per unit of θ) gets a warning.
 CRITICAL_GRAD_TOL = 1e-3
 
@@ -53,14 +55,14 @@ def is_main_process() -> bool:
 
 def stderr_console(quiet: bool = False) -> Console:
     """The one console for logs and progress (stderr; silent with ``--quiet`` and on ranks other than 0)."""
-    return Console(stderr=True, quiet=quiet or not is_main_process(), highlight=False)
+    return SafeConsole(stderr=True, quiet=quiet or not is_main_process())
 
 
 def stdout_console() -> Console:
     """The console for data tables (stdout). Width is fixed when stdout is not a terminal. Silent on ranks other than 0."""
     if not is_main_process():
-        return Console(file=io.StringIO(), quiet=True)
-    return Console(file=sys.stdout, highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+        return SafeConsole(file=io.StringIO(), quiet=True)
+    return SafeConsole(file=sys.stdout, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
 
 
 def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:

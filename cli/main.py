@@ -19,6 +19,7 @@ from basins import __version__
 from basins.errors import BasinsError, InputError
 
 from .signals import Interrupted, received
+from .terminal import echo_error
 
 #: name -> (module within basins.cli, attribute, one-line help shown by ``basins --help``)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -64,24 +65,23 @@ class LazyGroup(click.Group):
             raise
         except (KeyboardInterrupt, Interrupted) as exc:
             code = exc.code if isinstance(exc, Interrupted) else 130
-            click.echo("interrupted; any report being written was left as it was", err=True)
+            echo_error("interrupted; any report being written was left as it was")
             sys.exit(code)
         except (BasinsError, Exception) as exc:
             signum = received()
             if signum is not None:  # the interrupt's unwinding surfaced as another error: still an interrupt
-                click.echo("interrupted; any report being written was left as it was", err=True)
+                echo_error("interrupted; any report being written was left as it was")
                 sys.exit(128 + signum)
             if not isinstance(exc, BasinsError):
                 if _debug(ctx):
                     raise
                 first = str(exc).splitlines()[0] if str(exc) else ""
-                click.echo(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for a traceback)",
-                           err=True)
+                echo_error(f"internal error: {type(exc).__name__}: {first} (rerun with --debug for a traceback)")
                 sys.exit(1)
             if _debug(ctx):
                 raise
             kind = "error" if isinstance(exc, InputError) else "failed"
-            click.echo(f"{kind}: {exc}", err=True)
+            echo_error(f"{kind}: {exc}")
             sys.exit(2 if isinstance(exc, InputError) else 1)
 
 

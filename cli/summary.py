@@ -21,6 +21,7 @@ from rich.console import Console, RenderableType
 from rich.table import Table
 
 from .common import _set_debug, fmt, print_json, stderr_console, stdout_console
+from .terminal import SafeConsole, safe
 
 _CSV_COLUMNS = ("report", "end", "index", "eigenvalue", "residual", "converged")
 
@@ -80,7 +81,7 @@ def summary(reports: tuple[str, ...], as_json: bool, as_csv: bool, quiet: bool) 
         writer = csv.DictWriter(buf, fieldnames=list(_CSV_COLUMNS), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        click.echo(buf.getvalue(), nl=False)
+        click.echo(safe(buf.getvalue(), newlines=True), nl=False)
     else:
         _print(_report_tables(data[0], log) if len(data) == 1 else [_rows_table(data, log)])
 
@@ -91,7 +92,7 @@ def _print(items: list[RenderableType]) -> None:
     if not console.is_terminal:
         wide = console.options.update_width(1000)
         widest = max((console.measure(item, options=wide).maximum for item in items), default=0)
-        console = Console(file=console.file, highlight=False, soft_wrap=False, width=min(max(120, widest), 1000))
+        console = SafeConsole(file=console.file, soft_wrap=False, width=min(max(120, widest), 1000))
     for item in items:
         console.print(item)
 
@@ -321,7 +322,7 @@ def _generic_row(name: str, g: dict[str, Any]) -> dict[str, str]:
 
 def row_cells(group: str, analysis: dict[str, Any], log: Console | None = None) -> dict[str, str]:
     """The one-row view of a group (its module's ``summary_row``, else generic), as text cells."""
-    log = log or Console(stderr=True)
+    log = log or SafeConsole(stderr=True)
     row = _call(_renderer(group, "summary_row", log), group, log, analysis)
     return {str(k): str(v) for k, v in (row if isinstance(row, dict) else _generic_row(group, analysis)).items()}
 
