@@ -189,8 +189,10 @@ def over_checkpoints(body: Callable[..., None]) -> Callable[..., None]:
         if kw.get("train_steps") is None and all(s is not None for s in steps):  # training order, not the shell's
             order = sorted(range(len(models)), key=lambda i: (steps[i], i))
             models, steps = [models[i] for i in order], [steps[i] for i in order]
-        if not several:
-            body(**{**kw, "model": models[0], "step": steps[0]})
+        if not several:  # (-o DIR and --plot DIR name the file after the model, as with several)
+            paths = {opt: output_paths(flag, kw.get(opt), models, steps)[0] for opt, flag in _PATH_OPTIONS.items()
+                     if opt in kw}
+            body(**{**kw, **paths, "model": models[0], "step": steps[0]})
             return
         outputs = {opt: output_paths(flag, kw.get(opt), models, steps) for opt, flag in _PATH_OPTIONS.items()
                    if opt in kw}

@@ -122,7 +122,7 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """``-o``, ``--force``, ``--json``, ``--quiet``, ``--debug``."""
     decorators = [
-        click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write/update this HDF5 report."),
+        click.option("-o", "--output", type=click.Path(), help="Write/update this HDF5 report (a directory: DIR/{name}.h5)."),
         click.option("--force", is_flag=True, help="Overwrite a report of another problem."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table."),
         click.option("-q", "--quiet", is_flag=True, help="No progress or logs on stderr."),

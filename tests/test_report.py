@@ -113,9 +113,9 @@ def test_exception_mid_write_leaves_previous_report_byte_identical(tmp_path, mon
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(h5py.Group, "create_dataset", boom)
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    with pytest.raises(ReportError, match=r"disk on fire\); the old report, if any, is unchanged"):
         _write(path, group="spectrum")
-    with pytest.raises(RuntimeError, match="disk on fire"):
+    with pytest.raises(ReportError, match="disk on fire"):
         _write(path, group="hessian")  # replacing the group that exists
     assert _bytes(path) == before
     assert os.listdir(tmp_path) == ["r.h5"]  # no temporary file left behind

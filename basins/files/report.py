@@ -25,16 +25,23 @@ HDF5 empty attribute) or JSON text (lists/dicts of mixed types, prefixed ``json:
 Nothing is pickled.
 
 Writes are atomic: the new file is built beside the target (``.basins-<pid>-*.h5.tmp``),
-flushed and moved over it with :func:`os.replace`, so an interrupted run leaves the old report
-as it was; temporaries of writers that were killed (``kill -9``) are removed by the next write
-into that directory. Writers to one report take turns (:func:`report_lock`): two analyses
-written at once both land.
+flushed and moved over it with :func:`os.replace`, so an interrupted run (or a full disk) leaves
+the old report as it was; temporaries of writers that were killed (``kill -9``) are removed by
+the next write into that directory. Writers to one report take turns (:func:`report_lock`): two
+analyses written at once both land. The temporary and the lock file are created with
+``O_EXCL``/``O_NOFOLLOW`` and written through their descriptors: a symlink placed at either name
+is an error, never followed.
+
+Reading (:func:`read_report`, ``summary``, ``plot``) opens a report without following external or
+soft links, virtual datasets or external storage, and bounds declared sizes against the memory
+before reading (:mod:`basins.files.hdf5`); JSON attributes are parsed with bounded depth.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import tempfile
@@ -46,8 +53,11 @@ import h5py
 import numpy as np
 
 from basins._version import __version__
-from basins.errors import ReportError
+from basins.errors import InputError, ReportError
 from basins.record import Array
+
+from .bounds import load_json
+from .hdf5 import open_contained
 
 __all__ = ["SCHEMA_VERSION", "FORMAT", "Array", "write_analysis", "read_report", "check_report", "check_writable"]
 
@@ -85,7 +95,12 @@ def _from_attr(value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode()
     if isinstance(value, str):
-        return json.loads(value[len(_JSON_PREFIX):]) if value.startswith(_JSON_PREFIX) else value
+        if not value.startswith(_JSON_PREFIX):
+            return value
+        try:
+            return load_json(value[len(_JSON_PREFIX):], "a report attribute")
+        except InputError as err:
+            raise ReportError(str(err)) from None
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, np.bool_):
@@ -106,10 +121,7 @@ def _open_checked(path: str) -> h5py.File:
         raise ReportError(f"report {path!r} does not exist")
     if os.path.isdir(path):
         raise ReportError(f"{path!r} is a directory, not a report")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as exc:
-        raise ReportError(f"{path!r} is not an HDF5 file (or it is corrupt): {exc}") from exc
+    f = open_contained(path, repr(path), whole=True, error=ReportError)
     try:
         fmt = _from_attr(f.attrs.get("format"))
         if fmt != FORMAT:
@@ -161,9 +173,26 @@ def write_analysis(
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ReportError(f"cannot write report {path!r}: directory {directory!r} does not exist")
-    with report_lock(path):
-        remove_stale_temporaries(directory)
-        _write_locked(path, directory, problem, group, attrs, arrays, subgroup_attrs, force)
+    try:
+        with report_lock(path):
+            remove_stale_temporaries(directory)
+            _write_locked(path, directory, problem, group, attrs, arrays, subgroup_attrs, force)
+    except (OSError, RuntimeError) as err:  # a full disk, a name too long, a symlinked lock: one line
+        raise ReportError(f"cannot write report {path!r} ({_os_reason(err)}); the old report, if any, "
+                          "is unchanged") from None
+
+
+def _os_reason(err: BaseException) -> str:
+    """What went wrong, in a few words (HDF5's own text is several lines of stack)."""
+    code = getattr(err, "errno", None)
+    if code is None:
+        for candidate in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.ENAMETOOLONG):
+            if f"errno = {candidate}," in str(err) or f"[Errno {candidate}]" in str(err):
+                code = candidate
+                break
+    if code is not None:
+        return os.strerror(code)
+    return " ".join(str(err).split())[:160] or type(err).__name__
 
 
 def _write_locked(path: str, directory: str, problem: Mapping[str, Any], group: str, attrs: Mapping[str, Any],
@@ -187,11 +216,12 @@ def _write_locked(path: str, directory: str, problem: Mapping[str, Any], group: 
             old = None
         elif group in old:
             replaced = int(_from_attr(old[group].attrs.get("replaced", 0)) or 0) + 1
+    # mkstemp: O_CREAT | O_EXCL (| O_NOFOLLOW): a name that exists, a symlink included, is never opened;
+    # HDF5 then writes through this descriptor, never reopening the name
     fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", suffix=_TMP_SUFFIX, dir=directory)
-    os.close(fd)
-    os.chmod(tmp, file_mode(path))  # mkstemp makes 0600; keep the old file's mode, else the umask's
     try:
-        with h5py.File(tmp, "w") as new:
+        os.fchmod(fd, file_mode(path))  # mkstemp makes 0600; keep the old file's mode, else the umask's
+        with open(fd, "w+b", closefd=False) as stream, h5py.File(stream, "w") as new:
             _set_attrs(new, {
                 "format": FORMAT,
                 "schema_version": SCHEMA_VERSION,
@@ -217,16 +247,23 @@ def _write_locked(path: str, directory: str, problem: Mapping[str, Any], group: 
             for sub, sattrs in (subgroup_attrs or {}).items():
                 _set_attrs(g.require_group(sub), sattrs)
             new.flush()
+            stream.flush()
+            os.fsync(fd)
         if old is not None:
             old.close()
             old = None
+        if not os.path.samestat(os.fstat(fd), os.lstat(tmp)):
+            raise ReportError(f"cannot write report {path!r}: its temporary {tmp!r} was replaced while writing")
         os.replace(tmp, path)
     except BaseException:
         if old is not None:
             old.close()
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with contextlib.suppress(OSError):
+            if os.path.samestat(os.fstat(fd), os.lstat(tmp)):
+                os.unlink(tmp)
         raise
+    finally:
+        os.close(fd)
 
 
 _TMP_PREFIX = ".basins-"
@@ -258,7 +295,7 @@ def report_lock(path: str, timeout_s: float | None = None) -> Iterator[None]:
     lock_path = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.lock")
     deadline = time.monotonic() + (LOCK_TIMEOUT_S if timeout_s is None else timeout_s)
     while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(lock_path, path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -286,6 +323,35 @@ def report_lock(path: str, timeout_s: float | None = None) -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.unlink(lock_path)  # while still held: a waiter that locked this inode retries
         os.close(fd)
+
+
+def _open_lock(lock_path: str, path: str) -> int:
+    """Create the lock file (``O_CREAT | O_EXCL | O_NOFOLLOW``), or open the one another writer
+    made (``O_NOFOLLOW``): a symlink or anything but a regular file there is an error."""
+    nofollow = getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow, 0o644)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(lock_path, os.O_RDWR | nofollow | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:  # removed in between by its holder: create it
+        return os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | nofollow, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ReportError(f"cannot write report {path!r}: its lock file {lock_path!r} is a symbolic link; "
+                              "remove it (basins never follows it)") from None
+        raise
+    if not stat_is_regular(fd):
+        os.close(fd)
+        raise ReportError(f"cannot write report {path!r}: its lock file {lock_path!r} is not a regular file")
+    return fd
+
+
+def stat_is_regular(fd: int) -> bool:
+    import stat
+
+    return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
 def remove_stale_temporaries(directory: str) -> list[str]:
@@ -346,6 +412,13 @@ def check_writable(path: str, problem: Mapping[str, Any], *, force: bool = False
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ReportError(f"cannot write report {path!r}: directory {directory!r} does not exist")
+    try:
+        name_max = os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max = 255
+    if len(os.fsencode(os.path.basename(path))) + len(".lock") + 1 > name_max:
+        raise ReportError(f"cannot write report {path!r}: its name is longer than the {name_max - 6} bytes "
+                          "this file system allows for a report (its lock file adds 6)")
     if not os.path.exists(path):
         return
     with _open_checked(path) as f:
