@@ -19,7 +19,8 @@ from typing import Any
 
 from basins.errors import InputError
 
-__all__ = ["memory_budget", "check_allocation", "load_json", "read_zip_members", "MAX_JSON_DEPTH"]
+__all__ = ["memory_budget", "check_allocation", "load_json", "read_zip_members", "check_zip_declared",
+           "MAX_JSON_DEPTH"]
 
 #: deepest JSON nesting accepted from a file (torch's export schema needs about 12)
 MAX_JSON_DEPTH = 64
@@ -117,6 +118,32 @@ def read_zip_members(zf: zipfile.ZipFile, size: int, source: str) -> dict[str, b
     bytes in all than :func:`memory_budget`, a member whose bytes are not its declared size, and
     a CRC mismatch.
     """
+    infos = check_zip_declared(zf, size, source)
+    out: dict[str, bytearray] = {}
+    for info in infos:
+        buf = bytearray(info.file_size)
+        view, got = memoryview(buf), 0
+        try:
+            with zf.open(info) as f:
+                while got < len(buf):
+                    n = f.readinto(view[got:])  # type: ignore[attr-defined]
+                    if not n:
+                        break
+                    got += n
+                extra = f.read(1)  # reading to the end checks the CRC
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+            raise InputError(f"{source}: archive member {info.filename!r} is damaged ({str(err)[:120]})") from None
+        if got != len(buf) or extra:
+            raise InputError(f"{source}: archive member {info.filename!r} does not hold the "
+                             f"{info.file_size:,} bytes it declares")
+        out[info.filename] = buf
+    return out
+
+
+def check_zip_declared(zf: zipfile.ZipFile, size: int, source: str) -> list[zipfile.ZipInfo]:
+    """The members of an open zip, after refusing what :func:`read_zip_members` refuses from the
+    directory alone (no member is read): duplicates, encryption, unknown compression, declared
+    sizes that do not fit the file or inflate too much, more bytes than the memory."""
     infos = zf.infolist()
     names = [info.filename for info in infos]
     if len(set(names)) != len(names):
@@ -142,22 +169,4 @@ def read_zip_members(zf: zipfile.ZipFile, size: int, source: str) -> dict[str, b
         raise InputError(f"{source}: the archive's members declare more compressed bytes ({compressed:,}) "
                          f"than the file holds ({size:,}); refusing to read it")
     check_allocation(total, "the archive's members", source)
-    out: dict[str, bytearray] = {}
-    for info in infos:
-        buf = bytearray(info.file_size)
-        view, got = memoryview(buf), 0
-        try:
-            with zf.open(info) as f:
-                while got < len(buf):
-                    n = f.readinto(view[got:])  # type: ignore[attr-defined]
-                    if not n:
-                        break
-                    got += n
-                extra = f.read(1)  # reading to the end checks the CRC
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
-            raise InputError(f"{source}: archive member {info.filename!r} is damaged ({str(err)[:120]})") from None
-        if got != len(buf) or extra:
-            raise InputError(f"{source}: archive member {info.filename!r} does not hold the "
-                             f"{info.file_size:,} bytes it declares")
-        out[info.filename] = buf
-    return out
+    return infos

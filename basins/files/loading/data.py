@@ -11,6 +11,7 @@ import contextlib
 import os
 import pickle
 import random
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -21,6 +22,8 @@ from basins.engine.batch import has_named_inputs, split_named
 from basins.engine.data import TensorData, as_tensor, data_fingerprint
 from basins.engine.streams import StreamSpec, as_pair, hdf5_stream, stream_from_object
 from basins.errors import InputError
+from basins.files.bounds import check_allocation, check_zip_declared
+from basins.files.hdf5 import open_contained
 
 from .formats import (
     _KIND_WORDS,
@@ -110,6 +113,7 @@ def open_data(spec: str, *, max_samples: int | None = None, seed: int = 0) -> Lo
     if os.path.exists(spec):
         _check_file(spec, "data")
         if _sniff(spec).kind == "hdf5":
+            _check_hdf5(spec)
             return _reading(spec, lambda: hdf5_stream(spec, max_samples), seed)
     elif ":" in spec and not spec.lower().endswith((".pt", ".pth", ".npz", ".h5", ".hdf5")):
         obj = _call_factory(spec, seed)
@@ -145,6 +149,7 @@ def _load_data_file(path: str, max_samples: int | None) -> tuple[Any, Any]:
             _check_bundle(obj, path)
         return _pair_from_mapping(obj, path, "a torch.save file")
     if kind == "npz":
+        _check_npz(path)
         try:
             with np.load(path, allow_pickle=False) as archive:
                 keys = list(archive.files)
@@ -191,6 +196,7 @@ def _pair_from_mapping(obj: Any, source: str, found: str) -> tuple[Any, Any]:
 
 def _load_hdf5(path: str, max_samples: int | None) -> tuple[Any, Any]:
     """The whole (first ``max_samples``) rows, read as one stream batch (:func:`hdf5_stream`)."""
+    _check_hdf5(path)
     try:
         spec = hdf5_stream(path, max_samples)
         return spec.open(0, spec.num_examples).head(spec.num_examples)
@@ -307,5 +313,58 @@ def _stack(values: list[Any], spec: str, name: str) -> Any:
 
 
 def _finish_data(inputs: Any, targets: Any, source: str, max_samples: int | None) -> LoadedData:
-    """The :class:`LoadedData` of what a file or factory gave (validated by :class:`TensorData`)."""
-    return LoadedData(inputs, targets, source, max_samples=max_samples)
+    """The :class:`LoadedData` of what a file or factory gave (validated by :class:`TensorData`).
+
+    Arrays in a non-native byte order (a big-endian ``.npz``) are converted; sparse, quantised,
+    nested or ``meta`` tensors are refused (a dense CPU or GPU tensor is what basins computes on)."""
+    if isinstance(inputs, Mapping):
+        inputs = {k: _dense(v, source, f"inputs {k!r}") for k, v in inputs.items()}
+    else:
+        inputs = _dense(inputs, source, "inputs")
+    return LoadedData(inputs, _dense(targets, source, "targets"), source, max_samples=max_samples)
+
+
+def _dense(value: Any, source: str, name: str) -> Any:
+    if isinstance(value, np.ndarray) and value.dtype.byteorder not in ("=", "|", _NATIVE):
+        return value.astype(value.dtype.newbyteorder("="))
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided or value.is_quantized or value.is_nested:
+            raise InputError(f"{source}: the {name} are a {value.layout} tensor; store a dense tensor "
+                             "(tensor.to_dense())")
+        if value.device.type == "meta":
+            raise InputError(f"{source}: the {name} are on the meta device, which holds no values; "
+                             "save the tensor with its values")
+    return value
+
+
+_NATIVE = "<" if np.little_endian else ">"
+
+
+def _check_hdf5(path: str) -> None:
+    """Refuse an HDF5 data file that reads other files (links, virtual datasets, external storage)
+    or declares far more than it stores (:func:`basins.files.hdf5.check_contained`)."""
+    open_contained(path, path, whole=False).close()
+
+
+def _check_npz(path: str) -> None:
+    """Refuse an ``.npz`` whose members, or the arrays their headers declare, are bigger than the
+    file can hold (a zip bomb, a fake size) or than the memory, before numpy allocates them."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            total = 0
+            for info in check_zip_declared(zf, os.path.getsize(path), path):
+                with zf.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(member)
+                nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                if nbytes > info.file_size:
+                    raise InputError(f"{path}: array {info.filename[:-4]!r} declares shape {shape} "
+                                     f"({nbytes:,} bytes) but its member holds {info.file_size:,} bytes")
+                total += nbytes
+            check_allocation(total, "its arrays", path)
+    except InputError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        raise InputError(f"{path}: cannot read the .npz ({_one_line(err)})") from None
