@@ -15,7 +15,7 @@ an active exception", exit −6) after its work was done and its report written.
 import os
 import sys
 
-from .signals import ignore_signals, install
+from .signals import ignore_signals, install, received
 
 install()
 
@@ -33,6 +33,8 @@ def run() -> None:
     else:  # pragma: no cover - click's standalone mode always exits
         code = 0
     ignore_signals()  # the work is done and the report written: a late signal changes nothing
+    if received() is not None:  # an interrupt whose exception something swallowed still ends the run as interrupted
+        code = 128 + received()  # type: ignore[operator]
     distributed = sys.modules.get("basins.engine.distributed")  # never import here: an interrupt may
     if distributed is not None:  # have left torch half-imported
         try:

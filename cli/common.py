@@ -36,6 +36,7 @@ from rich.progress import (
 from basins.progress import Progress, ProgressCallback
 from basins.record import Record, plain
 
+from .signals import check_interrupted
 from .terminal import SafeConsole
 
 #: A point whose gradient norm exceeds this (loss units per unit of θ) gets a warning.
@@ -334,6 +335,7 @@ def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: R
     Counts are the work the run did: where the record's ``num_hvps`` is the analysis' own, it
     becomes ``num_<group>_hvps`` and ``num_hvps`` adds the set-up's products
     (``num_setup_hvps``: the HVP route choice at loading)."""
+    check_interrupted()  # an interrupt whose exception was swallowed ends the run here, not after
     attrs = record.attrs
     if isinstance(attrs.get("num_hvps"), int) and "num_setup_hvps" not in attrs:
         setup = int(loaded.setup_counts.get("num_hvps", 0))
@@ -376,6 +378,7 @@ def write_report(path: str, record: dict[str, Any], group: str, attrs: dict[str,
     """
     from basins.files.report import write_analysis
 
+    check_interrupted()  # an interrupt whose exception was swallowed must not rewrite the report
     _on_main_process(lambda: write_analysis(path, record, group, attrs, arrays, **kwargs))
 
 

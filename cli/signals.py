@@ -9,15 +9,25 @@ or a death by signal). The handler raises :class:`Interrupted`, a :class:`System
 first unwinds is ignored, so clean-up cannot itself be interrupted. A signal that arrives while a
 module is being imported is delivered again every :data:`IMPORT_RETRY_SECONDS` until the import
 is over: unwinding a half-imported torch module could abort the process.
+
+An interrupt is never swallowed. Python cannot propagate an exception out of a destructor, a
+weakref or garbage-collection callback, or a callback from C++: it prints "Exception ignored" and
+carries on, and the run used to go on, rewrite its report and exit 0. Here such an
+:class:`Interrupted` is raised again in the main thread (:func:`_unraisable`, silently), every
+report write and result print first calls :func:`check_interrupted`, and the exit code of a run
+that received a signal is ``128 + signal`` whatever happened after (``basins.cli.__main__``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import signal
+import sys
 import threading
 from types import FrameType
+from typing import Any
 
-__all__ = ["Interrupted", "install", "ignore_signals", "received", "HANDLED"]
+__all__ = ["Interrupted", "install", "ignore_signals", "received", "check_interrupted", "HANDLED"]
 
 #: the signal that began unwinding the run, if any (:func:`received`)
 _RECEIVED: list[int] = []
@@ -52,6 +62,36 @@ def received() -> int | None:
     command line checks this before it reports an error, so that the run still ends as interrupted.
     """
     return _RECEIVED[0] if _RECEIVED else None
+
+
+def check_interrupted() -> None:
+    """Raise :class:`Interrupted` if a signal was received (its exception may have been swallowed)."""
+    signum = received()
+    if signum is not None:
+        raise Interrupted(signum)
+
+
+def _raise_in_main(signum: int) -> None:
+    """Raise :class:`Interrupted` asynchronously in the main thread (at its next bytecode)."""
+    main = threading.main_thread().ident
+    if main is None:
+        return
+    cls = type(f"Interrupted{signum}", (Interrupted,), {"__init__": lambda self: Interrupted.__init__(self, signum)})
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(main), ctypes.py_object(cls))
+
+
+_previous_unraisable = sys.unraisablehook
+
+
+def _unraisable(info: Any) -> None:
+    """An :class:`Interrupted` that Python could not propagate (raised in a destructor or a callback
+    from C): raise it again in the main thread, shortly, instead of printing it and carrying on."""
+    if isinstance(info.exc_value, Interrupted):
+        timer = threading.Timer(0.01, _raise_in_main, (info.exc_value.signum,))
+        timer.daemon = True
+        timer.start()
+        return
+    _previous_unraisable(info)
 
 
 #: seconds between re-deliveries of a signal that arrived during an import
@@ -89,4 +129,5 @@ def install() -> None:
         for s in HANDLED:
             signal.signal(s, _handler)
     except ValueError:  # not the main thread (e.g. imported by a test runner's worker thread)
-        pass
+        return
+    sys.unraisablehook = _unraisable

@@ -431,3 +431,27 @@ def test_an_error_raised_while_an_interrupt_unwinds_still_exits_as_interrupted(m
     monkeypatch.setattr(signals, "_RECEIVED", [])
     res = CliRunner().invoke(main, ["hessian", str(tmp_path / "missing.pt2"), "-q"])
     assert res.exit_code == 2 and "not found" in res.stderr
+
+
+def test_an_interrupt_swallowed_by_a_destructor_still_ends_the_run(tmp_path: Path) -> None:
+    """Python prints and swallows an exception raised in a destructor (or a callback from C): the
+    Interrupted raised there by the signal handler is raised again in the main thread, silently."""
+    script = (
+        "import time\n"
+        "from basins.cli.signals import install, Interrupted, _RECEIVED\n"
+        "install()\n"
+        "class Dies:\n"
+        "    def __del__(self):\n"
+        "        _RECEIVED.append(15)\n"
+        "        raise Interrupted(15)\n"
+        "try:\n"
+        "    Dies()\n"
+        "    for _ in range(500):\n"
+        "        time.sleep(0.01)\n"
+        "    print('the run went on')\n"
+        "except Interrupted as exc:\n"
+        "    print('interrupted', exc.code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.stdout.strip() == "interrupted 143", (done.stdout, done.stderr)
+    assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr
