@@ -8,12 +8,12 @@ dict, a pickled module or TorchScript; errors say which one was found. Every fai
 what to do. Nothing here prints.
 
 Models (:func:`load_model`)
-    * ``.pt2`` written by ``torch.export.save``: first checked for members that
-      ``torch.export.load`` would unpickle (:mod:`.archive_safety`), then read by basins' own
-      archive reader (:mod:`.export_reader`: static shapes, ``aten``/``prims`` operators, raw
-      tensors; the same module as ``ExportedProgram.module()``, without importing
-      ``torch._dynamo``), or by ``torch.export.load`` when it is outside that subset. A graph
-      calling an operator that reads or writes files is refused. The exported program is turned into inference mode: batch-norm layers use their
+    * ``.pt2`` written by ``torch.export.save``: read by basins' own archive reader
+      (:mod:`.export_reader`), the only loader of untrusted archives: it validates every field it
+      reads (names, symbolic sizes, an operator allowlist, members, CRCs, declared sizes) and
+      refuses the rest; the module equals ``ExportedProgram.module()``, fixed or dynamic batch,
+      without importing ``torch._dynamo``. ``torch.export.load`` runs only with ``trust_pickle``
+      (:mod:`.exports`). The exported program is turned into inference mode: batch-norm layers use their
       running statistics and dropout is off, even if the model was exported in training mode,
       and the module's ``eval()`` is a no-op rather than the error exported modules raise. If
       the batch dimension of the input was exported as static, ``fixed_batch_size`` is that
