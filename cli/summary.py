@@ -282,8 +282,11 @@ def basin_views(d: dict[str, Any], log: Console) -> Table | None:
         cells = [f"{k} {v}" for k, v in row.items() if k.startswith("flat@")]
         counts = an["nullity"].get("attrs", {}).get("counts")
         if isinstance(counts, str):
-            counts = json.loads(counts)
-        if isinstance(counts, list) and counts and isinstance(counts[-1].get("count"), (int, float)):
+            from basins.files.bounds import load_json
+
+            counts = load_json(counts, f"{d['path']}: /nullity counts")
+        if (isinstance(counts, list) and counts and isinstance(counts[-1], dict)
+                and isinstance(counts[-1].get("count"), (int, float))):
             flat = float(counts[-1]["count"])
         t.add_row("nullity", "; ".join(cells) or "-", "flat directions (Hessian)")
     if "volume" in an:

@@ -373,9 +373,10 @@ def _input_shape(meta: Any, ranges: dict[str, tuple[int, int | None]], name: str
         symbols.append((dim, symbol, *ranges[symbol]))
     if len(shape) > 64:
         raise _Refused(f"input {name!r} has {len(shape)} dimensions")
-    static = math.prod(s for s in shape if s is not None)
-    check_allocation(static * torch.empty((), dtype=dtype).element_size(), f"the input {name!r} of shape "
-                     f"{[s if s is not None else '*' for s in shape]}", source)
+    static = math.prod(s for s in shape if s is not None)  # (a fixed batch is padded to: the engine needs
+    # several times the input's bytes, so an eighth of the memory is the most a fixed input may take)
+    check_allocation(8 * static * torch.empty((), dtype=dtype).element_size(), f"the input {name!r} of shape "
+                     f"{[s if s is not None else '*' for s in shape]} (8 x its bytes)", source)
     return tuple(shape), symbols
 
 
