@@ -32,14 +32,13 @@ What is accepted (everything else is refused, never guessed):
 * **payloads**: raw little-endian tensor bytes on the CPU, strided layout, no pickles; a
   tensor may not promise more elements than its bytes hold (no empty or stride-0 payload
   inflated to gigabytes); a static input may not ask for more memory than there is;
-* **operators** (:func:`_allowed`): overloads in ``torch.ops.aten`` and ``torch.ops.prims``
+* **operators** (:mod:`.export_ops`, the allowlist and its rationale): overloads in ``torch.ops.aten`` and ``torch.ops.prims``
   only (so no higher-order operator: no ``cond``, ``while_loop``, ``print``, no subgraph at all,
   no custom namespace), whose arguments are tensors, numbers, booleans, strings, dtypes,
   layouts, memory formats and devices (no generator, storage or stream), that return values
-  (or are one of the shape assertions :data:`_ASSERTIONS`), that draw no random numbers except
-  dropout (turned off in inference mode), and none of :data:`_DENIED` (file and print
-  operators); plus the Python size arithmetic ``torch.export`` emits for dynamic shapes
-  (:data:`_SYM_OPS`). Devices: ``cpu`` and ``cuda`` only;
+  (or are shape assertions), that draw no random numbers except dropout (turned off in inference
+  mode), and no file or print operator; plus the Python size arithmetic ``torch.export`` emits
+  for dynamic shapes. Devices: ``cpu`` and ``cuda`` only;
 * **calling convention**: one tensor user input, tensor outputs nested in tuples, lists and
   dicts; no default values, no custom objects, no namedtuples, no guard code.
 
@@ -56,7 +55,6 @@ Reference: the archive layout and schema are torch's ``torch/export/pt2_archive/
 
 from __future__ import annotations
 
-import builtins
 import io
 import keyword
 import math
@@ -64,7 +62,6 @@ import operator
 import os
 import re
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -72,6 +69,8 @@ import torch
 
 from basins.errors import InputError
 from basins.files.bounds import check_allocation, load_json, read_zip_members
+
+from .export_ops import MAYBE_DROPOUT, Refused, check_no_dropout, resolve
 
 __all__ = ["read_export_archive", "ExportRead", "SCHEMA_MAJOR", "SCHEMA_MINOR_MAX", "TRUST_HINT"]
 
@@ -96,7 +95,6 @@ _LAYOUTS = {7: torch.strided}
 _MEMORY_FORMATS = {1: torch.contiguous_format, 2: torch.channels_last, 3: torch.channels_last_3d,
                    4: torch.preserve_format}
 _DEVICES = ("cpu", "cuda")
-_NAMESPACES = ("aten", "prims")
 _POSITIONAL, _KEYWORD = 1, 2
 _INT64 = 1 << 63
 
@@ -106,19 +104,6 @@ _SYMBOL_NAME = re.compile(r"[su][0-9]{1,9}\Z")
 #: the one grammar for a symbolic size: a bare symbol with sympy's integer assumptions
 _SYMBOL = re.compile(r"Symbol\('([su][0-9]{1,9})'(?:, (?:positive|integer|nonnegative)=True){0,3}\)\Z")
 
-#: operators with effects outside the graph, whatever their schema says
-_DENIED = frozenset({"from_file", "_print", "save", "manual_seed", "seed", "set_rng_state", "_set_rng_state",
-                     "_assert_async", "record_stream", "_nested_tensor_from_mask"})
-#: operators that return nothing and are allowed: checks of sizes and metadata
-_ASSERTIONS = frozenset({"_assert_scalar", "_assert_tensor_metadata", "sym_constrain_range",
-                         "sym_constrain_range_for_size"})
-#: random operators allowed: dropout, which inference mode turns off, and attention and recurrent
-#: layers whose dropout probability is 0 or whose ``train`` flag is off (:func:`_check_no_dropout`)
-_DROPOUTS = frozenset({"dropout", "feature_dropout", "alpha_dropout", "feature_alpha_dropout"})
-_MAYBE_DROPOUT = frozenset({"scaled_dot_product_attention", "lstm", "gru", "rnn_tanh", "rnn_relu"})
-_ARG_TYPES = frozenset({"Tensor", "int", "float", "bool", "number", "str", "Device", "complex", "SymInt",
-                        "ScalarType", "Layout", "MemoryFormat"})
-_WRAPPER = re.compile(r"(?:Optional|List)\[(.*)\]\Z")
 _RESERVED = frozenset(dir(torch.fx.GraphModule)) | frozenset(vars(torch.nn.Module()))
 _SPEC_TYPES = (None, "builtins.tuple", "builtins.list", "builtins.dict")
 
@@ -138,10 +123,6 @@ class ExportRead:
     input_shape: tuple[int | None, ...]
 
 
-class _Refused(Exception):
-    """The archive says something outside what is read here (the message names it)."""
-
-
 def read_export_archive(archive: str | bytes, source: str) -> ExportRead:
     """Read and validate a ``.pt2`` (path or bytes) without running anything from it.
 
@@ -157,7 +138,7 @@ def read_export_archive(archive: str | bytes, source: str) -> ExportRead:
         module, shape = _read(members, source)
     except InputError:
         raise
-    except _Refused as why:
+    except Refused as why:
         raise InputError(f"{source}: {why}; {TRUST_HINT}") from None
     except zipfile.BadZipFile as err:
         raise InputError(f"{source}: not a readable zip archive ({str(err)[:100]}); the file is damaged "
@@ -185,37 +166,37 @@ def _member_kinds(root: str, model: str) -> list[tuple[re.Pattern[str], str]]:
 def _read(members: dict[str, bytearray], source: str) -> tuple[torch.fx.GraphModule, tuple[int | None, ...]]:
     for name in members:
         if "aotinductor" in name or name.endswith((".so", ".dll", ".dylib")):
-            raise _Refused(f"archive member {name!r} is a native library (AOTInductor), which loading would run")
+            raise Refused(f"archive member {name!r} is a native library (AOTInductor), which loading would run")
     models = [n for n in members if re.fullmatch(r"[^/]+/models/[^/]+\.json", n)]
     if len(models) != 1:
-        raise _Refused(f"the archive holds {len(models)} models (one is read)")
+        raise Refused(f"the archive holds {len(models)} models (one is read)")
     root, _, file = models[0].split("/")
     model = file[: -len(".json")]
     if not _IDENT.match(model):  # (the folder, named after the file, is only compared, never used)
-        raise _Refused(f"model name {model[:60]!r} is not a plain identifier")
+        raise Refused(f"model name {model[:60]!r} is not a plain identifier")
     kinds = _member_kinds(root, model)
     for name in members:
         if not any(p.match(name) for p, _ in kinds):
-            raise _Refused(f"archive member {name!r} is not one torch.export.save writes")
+            raise Refused(f"archive member {name!r} is not one torch.export.save writes")
     if bytes(members.get(f"{root}/archive_format", b"")).strip() != b"pt2":
-        raise _Refused("archive_format is not 'pt2'")
+        raise Refused("archive_format is not 'pt2'")
     if bytes(members.get(f"{root}/byteorder", b"little")).strip() != b"little":
-        raise _Refused("the archive's byte order is not little-endian")
+        raise Refused("the archive's byte order is not little-endian")
     program = load_json(members[models[0]], f"{source} ({models[0]})")
     _keys(program, {"graph_module", "opset_version", "range_constraints", "schema_version", "verifiers",
                     "torch_version", "guards_code"}, "the program")
     version = program["schema_version"]
     major, minor = version.get("major"), version.get("minor")
     if type(major) is not int or type(minor) is not int or major != SCHEMA_MAJOR or not 0 <= minor <= SCHEMA_MINOR_MAX:
-        raise _Refused(f"schema version {major}.{minor} (read: {SCHEMA_MAJOR}.0 to {SCHEMA_MAJOR}.{SCHEMA_MINOR_MAX})")
+        raise Refused(f"schema version {major}.{minor} (read: {SCHEMA_MAJOR}.0 to {SCHEMA_MAJOR}.{SCHEMA_MINOR_MAX})")
     if program.get("guards_code"):
-        raise _Refused("the program carries guard code")
+        raise Refused("the program carries guard code")
     ranges = _ranges(program.get("range_constraints") or {})
 
     def payload(folder: str, config_name: str) -> dict[str, tuple[torch.Tensor, bool]]:
         name = f"{root}/data/{folder}/{config_name}"
         if name not in members:
-            raise _Refused(f"archive member {name!r} is missing")
+            raise Refused(f"archive member {name!r} is missing")
         return _payload(members, f"{root}/data/{folder}", load_json(members[name], f"{source} ({name})"))
 
     state = payload("weights", f"{model}_weights_config.json")
@@ -225,21 +206,21 @@ def _read(members: dict[str, bytearray], source: str) -> tuple[torch.fx.GraphMod
 
 def _keys(obj: Any, allowed: set[str], what: str) -> None:
     if not isinstance(obj, dict):
-        raise _Refused(f"{what} is not a JSON object")
+        raise Refused(f"{what} is not a JSON object")
     unknown = set(obj) - allowed
     if unknown:
-        raise _Refused(f"{what} has unknown field {sorted(unknown)[0]!r}")
+        raise Refused(f"{what} has unknown field {sorted(unknown)[0]!r}")
 
 
 def _int(value: Any, what: str, low: int = -_INT64, high: int = _INT64 - 1) -> int:
     if type(value) is not int or not low <= value <= high:
-        raise _Refused(f"{what} is {str(value)[:40]!r}, not an integer in [{low}, {high}]")
+        raise Refused(f"{what} is {str(value)[:40]!r}, not an integer in [{low}, {high}]")
     return value
 
 
 def _ident(name: Any, what: str) -> str:
     if not isinstance(name, str) or not _IDENT.match(name) or keyword.iskeyword(name) or name.startswith("__"):
-        raise _Refused(f"{what} {str(name)[:60]!r} is not a plain identifier")
+        raise Refused(f"{what} {str(name)[:60]!r} is not a plain identifier")
     return name
 
 
@@ -248,18 +229,18 @@ def _fqn(name: Any, what: str) -> str:
     for part in parts:
         if (not isinstance(part, str) or not _FQN_PART.match(part) or keyword.iskeyword(part)
                 or part.startswith("__") or part in _RESERVED):
-            raise _Refused(f"{what} name {str(name)[:60]!r} is not a dotted identifier free for a module attribute")
+            raise Refused(f"{what} name {str(name)[:60]!r} is not a dotted identifier free for a module attribute")
     return name  # type: ignore[no-any-return]
 
 
 def _ranges(raw: Any) -> dict[str, tuple[int, int | None]]:
     """``{symbol: (min, max or None)}`` from ``range_constraints``: bare symbols with integer bounds."""
     if not isinstance(raw, dict):
-        raise _Refused("range_constraints is not an object")
+        raise Refused("range_constraints is not an object")
     out: dict[str, tuple[int, int | None]] = {}
     for name, bounds in raw.items():
         if not _SYMBOL_NAME.match(name):
-            raise _Refused(f"range constraint on {name[:60]!r}, not a bare symbol")
+            raise Refused(f"range constraint on {name[:60]!r}, not a bare symbol")
         _keys(bounds, {"min_val", "max_val"}, f"range of {name}")
         low = _int(bounds.get("min_val") or 0, f"lower bound of {name}", 0)
         high = bounds.get("max_val")
@@ -272,7 +253,7 @@ def _payload(members: dict[str, bytearray], folder: str, config: Any) -> dict[st
     _keys(config, {"config"}, "payload config")
     entries = config["config"]
     if not isinstance(entries, dict):
-        raise _Refused("payload config is not an object")
+        raise Refused("payload config is not an object")
     storages: dict[str, torch.Tensor] = {}
     out: dict[str, tuple[torch.Tensor, bool]] = {}
     for fqn, meta in entries.items():
@@ -280,40 +261,40 @@ def _payload(members: dict[str, bytearray], folder: str, config: Any) -> dict[st
         _keys(meta, {"path_name", "is_param", "use_pickle", "tensor_meta"}, f"payload entry {fqn}")
         path = meta["path_name"]
         if meta.get("use_pickle") or not isinstance(path, str) or not re.fullmatch(r"(?:weight|tensor)_[0-9]{1,9}", path):
-            raise _Refused(f"payload {folder.rsplit('/', 1)[-1]}/{str(path)[:40]} ({fqn!r}) is a pickled object, "
+            raise Refused(f"payload {folder.rsplit('/', 1)[-1]}/{str(path)[:40]} ({fqn!r}) is a pickled object, "
                            "which torch.export.load would unpickle")
         tm = meta["tensor_meta"]
         _keys(tm, {"dtype", "sizes", "requires_grad", "device", "strides", "storage_offset", "layout"}, f"tensor {fqn}")
         dtype = _DTYPES.get(tm["dtype"]) if type(tm["dtype"]) is int else None
         if dtype is None:
-            raise _Refused(f"tensor {fqn!r} has unknown dtype {str(tm['dtype'])[:20]}")
+            raise Refused(f"tensor {fqn!r} has unknown dtype {str(tm['dtype'])[:20]}")
         device = tm["device"]
         if not isinstance(device, dict) or device.get("type") != "cpu" or tm["layout"] != 7:
-            raise _Refused(f"tensor {fqn!r} is not a strided CPU tensor")
+            raise Refused(f"tensor {fqn!r} is not a strided CPU tensor")
         size, stride = _static(tm["sizes"], f"size of {fqn}"), _static(tm["strides"], f"stride of {fqn}")
         offset = _static([tm["storage_offset"]], f"offset of {fqn}")[0]
         if len(size) != len(stride) or len(size) > 64:
-            raise _Refused(f"tensor {fqn!r} has {len(size)} sizes and {len(stride)} strides")
+            raise Refused(f"tensor {fqn!r} has {len(size)} sizes and {len(stride)} strides")
         item = torch.empty((), dtype=dtype).element_size()
         if path not in storages:
             raw = members.get(f"{folder}/{path}")
             if raw is None:
-                raise _Refused(f"payload {path!r} of {fqn!r} is missing")
+                raise Refused(f"payload {path!r} of {fqn!r} is missing")
             if len(raw) % item:
-                raise _Refused(f"payload {path!r} is not a whole number of {dtype} elements")
+                raise Refused(f"payload {path!r} is not a whole number of {dtype} elements")
             storages[path] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         flat = storages[path]
         if flat.dtype != dtype:  # two dtypes over one storage: not what torch.export.save writes
-            raise _Refused(f"payload {path!r} is read under two dtypes")
+            raise Refused(f"payload {path!r} is read under two dtypes")
         numel = math.prod(size)
         need = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1 if numel else 0
         if need > flat.numel() or numel > flat.numel() or any(st == 0 and s > 1 for s, st in zip(size, stride)):
-            raise _Refused(f"tensor {fqn!r} of shape {list(size)} promises more elements than payload "
+            raise Refused(f"tensor {fqn!r} of shape {list(size)} promises more elements than payload "
                            f"{path!r} holds ({flat.numel()})")
         tensor = torch.as_strided(flat, size, stride, offset)
         is_param = meta.get("is_param")
         if type(is_param) is not bool or type(tm["requires_grad"]) is not bool:
-            raise _Refused(f"payload entry {fqn!r} has non-boolean flags")
+            raise Refused(f"payload entry {fqn!r} has non-boolean flags")
         if is_param:
             tensor = torch.nn.Parameter(tensor, requires_grad=tm["requires_grad"])
         out[fqn] = (tensor, is_param)
@@ -323,11 +304,11 @@ def _payload(members: dict[str, bytearray], folder: str, config: Any) -> dict[st
 def _static(values: Any, what: str) -> tuple[int, ...]:
     """Static sizes/strides (``[{"as_int": n}, ...]``), each in [0, 2**63)."""
     if not isinstance(values, list):
-        raise _Refused(f"{what} is not a list")
+        raise Refused(f"{what} is not a list")
     out = []
     for v in values:
         if not isinstance(v, dict) or set(v) != {"as_int"}:
-            raise _Refused(f"{what} is symbolic")
+            raise Refused(f"{what} is symbolic")
         out.append(_int(v["as_int"], what, 0))
     return tuple(out)
 
@@ -335,7 +316,7 @@ def _static(values: Any, what: str) -> tuple[int, ...]:
 def _one_key(union: Any, what: str = "a value") -> tuple[str, Any]:
     """The (type, value) of a serialised union (a dict with one key)."""
     if not isinstance(union, dict) or len(union) != 1:
-        raise _Refused(f"{what} is not a tagged value")
+        raise Refused(f"{what} is not a tagged value")
     return next(iter(union.items()))
 
 
@@ -349,10 +330,10 @@ def _input_shape(meta: Any, ranges: dict[str, tuple[int, int | None]], name: str
     """The user input's shape (None for a symbolic dimension), and the symbolic dimensions'
     ``(dim, symbol, min, max)``. A static input larger than the memory is refused."""
     if not isinstance(meta, dict) or not isinstance(meta.get("sizes"), list):
-        raise _Refused(f"input {name!r} has no sizes")
+        raise Refused(f"input {name!r} has no sizes")
     dtype = _DTYPES.get(meta.get("dtype")) if type(meta.get("dtype")) is int else None
     if dtype is None:
-        raise _Refused(f"input {name!r} has an unknown dtype")
+        raise Refused(f"input {name!r} has an unknown dtype")
     shape: list[int | None] = []
     symbols: list[tuple[int, str, int, int | None]] = []
     for dim, item in enumerate(meta["sizes"]):
@@ -361,18 +342,18 @@ def _input_shape(meta: Any, ranges: dict[str, tuple[int, int | None]], name: str
             shape.append(_int(value, f"size of input {name}", 0))
             continue
         if kind != "as_expr" or not isinstance(value, dict) or not isinstance(value.get("expr_str"), str):
-            raise _Refused(f"size {dim} of input {name!r} is neither an integer nor a symbol")
+            raise Refused(f"size {dim} of input {name!r} is neither an integer nor a symbol")
         match = _SYMBOL.match(value["expr_str"])
         if match is None:
-            raise _Refused(f"size {dim} of input {name!r} is {value['expr_str'][:80]!r}, not a bare "
+            raise Refused(f"size {dim} of input {name!r} is {value['expr_str'][:80]!r}, not a bare "
                            "symbol such as Symbol('s0', positive=True, integer=True)")
         symbol = match.group(1)
         if symbol not in ranges:
-            raise _Refused(f"symbol {symbol} of input {name!r} has no range constraint")
+            raise Refused(f"symbol {symbol} of input {name!r} has no range constraint")
         shape.append(None)
         symbols.append((dim, symbol, *ranges[symbol]))
     if len(shape) > 64:
-        raise _Refused(f"input {name!r} has {len(shape)} dimensions")
+        raise Refused(f"input {name!r} has {len(shape)} dimensions")
     static = math.prod(s for s in shape if s is not None)  # (a fixed batch is padded to: the engine needs
     # several times the input's bytes, so an eighth of the memory is the most a fixed input may take)
     check_allocation(8 * static * torch.empty((), dtype=dtype).element_size(), f"the input {name!r} of shape "
@@ -386,7 +367,7 @@ def _spec(text: Any, what: str) -> Any:
 
     spec = load_json(text if isinstance(text, str) else "", what, max_depth=40)
     if not isinstance(spec, list) or len(spec) != 2 or spec[0] != 1:
-        raise _Refused(f"{what} is not a protocol-1 pytree spec")
+        raise Refused(f"{what} is not a protocol-1 pytree spec")
     count = 0
 
     def walk(node: Any) -> None:
@@ -394,14 +375,14 @@ def _spec(text: Any, what: str) -> Any:
         count += 1
         _keys(node, {"type", "context", "children_spec"}, what)
         if node.get("type") not in _SPEC_TYPES or not isinstance(node.get("children_spec"), list) or count > 100_000:
-            raise _Refused(f"{what} holds {str(node.get('type'))[:60]!r}, not a tuple, list, dict or tensor")
+            raise Refused(f"{what} holds {str(node.get('type'))[:60]!r}, not a tuple, list, dict or tensor")
         context = node.get("context")
         if node["type"] == "builtins.dict":
             keys = load_json(context if isinstance(context, str) else "", what, max_depth=2)
             if not isinstance(keys, list) or not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in keys):
-                raise _Refused(f"{what} has dict keys that are not strings")
+                raise Refused(f"{what} has dict keys that are not strings")
         elif context not in (None, "null"):
-            raise _Refused(f"{what} has a context on a {node['type']}")
+            raise Refused(f"{what} has a context on a {node['type']}")
         for child in node["children_spec"]:
             walk(child)
 
@@ -416,20 +397,20 @@ def _build(gm: Any, state: dict[str, tuple[torch.Tensor, bool]], constants: dict
 
     _keys(gm, {"graph", "signature", "module_call_graph", "metadata", "treespec_namedtuple_fields"}, "graph_module")
     if gm.get("treespec_namedtuple_fields"):
-        raise _Refused("the program declares namedtuple types")
+        raise Refused("the program declares namedtuple types")
     serial, signature, calls = gm["graph"], gm["signature"], gm["module_call_graph"]
     _keys(serial, {"inputs", "outputs", "nodes", "tensor_values", "sym_int_values", "sym_bool_values",
                    "is_single_tensor_return", "custom_obj_values", "sym_float_values"}, "the graph")
     if serial.get("custom_obj_values"):
-        raise _Refused("the graph holds custom objects")
+        raise Refused("the graph holds custom objects")
     _keys(signature, {"input_specs", "output_specs"}, "the signature")
     if not isinstance(calls, list) or not calls or not isinstance(calls[0], dict) or calls[0].get("fqn") != "":
-        raise _Refused("the module call graph has no top-level entry")
+        raise Refused("the module call graph has no top-level entry")
     top = calls[0].get("signature")
     _keys(top, {"inputs", "outputs", "in_spec", "out_spec", "forward_arg_names"}, "the call signature")
     arg_names = top.get("forward_arg_names")
     if not isinstance(arg_names, list) or not arg_names:
-        raise _Refused("the model's forward arguments are not listed")
+        raise Refused("the model's forward arguments are not listed")
     for arg_name in arg_names:
         _ident(arg_name, "forward argument")
     if len(arg_names) != 1:
@@ -437,7 +418,7 @@ def _build(gm: Any, state: dict[str, tuple[torch.Tensor, bool]], constants: dict
                          "basins calls model(x) with one batch tensor x: export a wrapper whose forward takes one tensor")
     in_spec, out_spec = _spec(top["in_spec"], "in_spec"), _spec(top["out_spec"], "out_spec")
     if in_spec.num_leaves != 1 or in_spec.num_children != 2 or in_spec.child(1).num_children != 0:
-        raise _Refused("the model takes other inputs than one tensor (keyword arguments, defaults)")
+        raise Refused("the model takes other inputs than one tensor (keyword arguments, defaults)")
 
     graph = torch.fx.Graph()
     root = torch.nn.Module()
@@ -452,7 +433,7 @@ def _build(gm: Any, state: dict[str, tuple[torch.Tensor, bool]], constants: dict
             _keys(body, {"arg"}, "user input")
             arg_kind, arg = _one_key(body["arg"], "user input")
             if arg_kind != "as_tensor":
-                raise _Refused(f"a user input is {arg_kind}, not a tensor")
+                raise Refused(f"a user input is {arg_kind}, not a tensor")
             user.append(_tensor_name(arg, "user input"))
             continue
         if kind == "parameter":
@@ -460,7 +441,7 @@ def _build(gm: Any, state: dict[str, tuple[torch.Tensor, bool]], constants: dict
             target = _fqn(body["parameter_name"], "parameter")
             value, is_param = state[target]
             if not is_param:
-                raise _Refused(f"parameter {target!r} is stored as a plain tensor")
+                raise Refused(f"parameter {target!r} is stored as a plain tensor")
             _assign(root, target, value, "parameter")
         elif kind == "buffer":
             _keys(body, {"arg", "buffer_name", "persistent"}, "buffer")
@@ -476,38 +457,38 @@ def _build(gm: Any, state: dict[str, tuple[torch.Tensor, bool]], constants: dict
             _assign(root, target, value, "constant")
             constant_names.append(target)
         else:
-            raise _Refused(f"an input of kind {str(kind)[:40]!r} (read: parameters, buffers, constants, one tensor)")
+            raise Refused(f"an input of kind {str(kind)[:40]!r} (read: parameters, buffers, constants, one tensor)")
         attrs.append((_tensor_name(body["arg"], kind), target))
     graph_inputs = [_one_key(a, "a graph input") for a in serial["inputs"]]
     if len(user) != 1 or ("as_tensor", {"name": user[0]}) not in graph_inputs:
-        raise _Refused(f"the exported model takes {len(user)} inputs; basins calls model(x) with one batch "
+        raise Refused(f"the exported model takes {len(user)} inputs; basins calls model(x) with one batch "
                        "tensor x: export a wrapper whose forward takes one tensor")
     if len(graph_inputs) != len(attrs) + 1:
-        raise _Refused("the graph's inputs differ from its signature")
+        raise Refused("the graph's inputs differ from its signature")
     for spec in signature["output_specs"]:
         if _one_key(spec, "an output spec")[0] != "user_output":
-            raise _Refused("the program mutates its inputs or buffers (an output that is not a user output)")
+            raise Refused("the program mutates its inputs or buffers (an output that is not a user output)")
     input_shape, symbols = _input_shape(serial["tensor_values"].get(user[0]), ranges, user[0], source)
     if not input_shape:
-        raise _Refused(f"the input {user[0]!r} is a scalar, it has no batch dimension")
+        raise Refused(f"the input {user[0]!r} is a scalar, it has no batch dimension")
 
     for graph_name, target in attrs:
         if graph_name in nodes:
-            raise _Refused(f"name {graph_name!r} is defined twice")
+            raise Refused(f"name {graph_name!r} is defined twice")
         nodes[graph_name] = graph.get_attr(target)
     nodes[user[0]] = graph.placeholder(user[0])
     if not isinstance(serial["nodes"], list):
-        raise _Refused("the graph's nodes are not a list")
+        raise Refused("the graph's nodes are not a list")
     for node in serial["nodes"]:
         _add_node(graph, nodes, node)
     outputs = []
     for out in serial["outputs"]:
         kind, value = _one_key(out, "a graph output")
         if kind != "as_tensor":
-            raise _Refused(f"a graph output is {kind}, not a tensor")
+            raise Refused(f"a graph output is {kind}, not a tensor")
         outputs.append(nodes[_tensor_name(value, "graph output")])
     if len(outputs) != out_spec.num_leaves:
-        raise _Refused("the graph's outputs differ from its output spec")
+        raise Refused("the graph's outputs differ from its output spec")
     graph.output(tuple(outputs))
     graph._codegen = _PyTreeCodeGen(_PyTreeInfo([arg_names[0]], in_spec, out_spec))
     module = torch.fx.GraphModule(root, graph)
@@ -529,11 +510,11 @@ def _assign(root: torch.nn.Module, target: str, value: torch.Tensor, kind: str) 
     for part in path:
         if part not in owner._modules:
             if hasattr(owner, part):
-                raise _Refused(f"{kind} {target!r} sits under a tensor")
+                raise Refused(f"{kind} {target!r} sits under a tensor")
             owner.add_module(part, torch.nn.Module())
         owner = owner._modules[part]  # type: ignore[assignment]
     if hasattr(owner, leaf):
-        raise _Refused(f"{kind} {target!r} is defined twice")
+        raise Refused(f"{kind} {target!r} is defined twice")
     if kind == "parameter":
         owner.register_parameter(leaf, value)  # type: ignore[arg-type]
     elif kind == "buffer":
@@ -542,82 +523,6 @@ def _assign(root: torch.nn.Module, target: str, value: torch.Tensor, kind: str) 
         setattr(owner, leaf, value)
 
 
-def _base_type(text: str) -> str:
-    while (m := _WRAPPER.match(text)) is not None:
-        text = m.group(1)
-    return text
-
-
-def _allowed(op: torch._ops.OpOverload) -> str | None:
-    """Why ``op`` may not run from a file, or None when it may (module docstring)."""
-    schema = op._schema
-    name = schema.name.split("::", 1)[1]
-    if name in _DENIED or any(
-            a.name in ("filename", "path", "file") and _base_type(str(a.type)) == "str" for a in schema.arguments):
-        return "reads, writes or prints outside the model"
-    if not schema.returns and name not in _ASSERTIONS:
-        return "returns nothing (an operator run for its effects)"
-    if torch.Tag.nondeterministic_seeded in op.tags and name not in _DROPOUTS | _MAYBE_DROPOUT:
-        return "draws random numbers"
-    for a in list(schema.arguments) + list(schema.returns):
-        base = _base_type(str(a.type))
-        if base not in _ARG_TYPES:
-            return f"takes or returns a {base}"
-    return None
-
-
-def _operator(target: Any) -> Callable[..., Any]:
-    if not isinstance(target, str):
-        raise _Refused("an operator is not named")
-    if target in _SYM_OPS:
-        return _SYM_OPS[target]
-    parts = target.split(".")
-    if len(parts) != 5 or parts[:2] != ["torch", "ops"] or parts[2] not in _NAMESPACES or not all(
-            _IDENT.match(p) for p in parts[3:]):
-        raise _Refused(f"operator {target[:80]!r} is not an aten or prims operator (higher-order operators, "
-                       "custom namespaces and subgraphs are not read)")
-    packet = getattr(getattr(torch.ops, parts[2]), parts[3], None)
-    op = getattr(packet, parts[4], None) if isinstance(packet, torch._ops.OpOverloadPacket) else None
-    if not isinstance(op, torch._ops.OpOverload):
-        raise _Refused(f"operator {target[:80]!r} does not exist in this torch")
-    why = _allowed(op)
-    if why is not None:
-        raise _Refused(f"operator {op._schema.name} {why}")
-    return op
-
-
-def _checked(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Size arithmetic that refuses results outside int64 (a crafted graph cannot grow integers forever)."""
-
-    def checked(*args: Any) -> Any:
-        out = fn(*args)
-        if isinstance(out, int) and not -_INT64 <= out < _INT64:
-            raise OverflowError(f"size arithmetic {fn.__name__} overflows int64")
-        return out
-
-    checked.__name__ = checked.__qualname__ = f"size_{fn.__name__.strip('_')}"
-    checked.__module__ = __name__
-    return checked
-
-
-def _ite(cond: Any, a: Any, b: Any) -> Any:
-    return a if cond else b
-
-
-#: the Python size arithmetic torch.export emits for dynamic shapes (no pow, no shifts)
-_SYM_OPS: dict[str, Callable[..., Any]] = {
-    f"_operator.{f.__name__}": _checked(f) for f in (
-        operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod, operator.truediv,
-        operator.neg, operator.pos, operator.eq, operator.ne, operator.le, operator.ge, operator.lt, operator.gt,
-        operator.and_, operator.or_)
-}
-_SYM_OPS.update({"torch.sym_max": _checked(builtins.max), "torch.sym_min": _checked(builtins.min),
-                 "torch.sym_not": _checked(operator.not_), "torch.sym_int": _checked(int),
-                 "torch.sym_float": _checked(float), "torch.sym_ite": _checked(_ite),
-                 "math.trunc": _checked(math.trunc)})
-for _name, _fn in _SYM_OPS.items():  # fx refers to them by their module's global name
-    globals()[_fn.__name__] = _fn
-
 
 def _sym(value: Any, nodes: dict[str, torch.fx.Node], what: str, plain: type) -> Any:
     kind, inner = _one_key(value, what)
@@ -625,7 +530,7 @@ def _sym(value: Any, nodes: dict[str, torch.fx.Node], what: str, plain: type) ->
         return nodes[_ident(inner, what)]
     if kind in ("as_int", "as_float", "as_bool") and type(inner) in (plain, int):
         return _int(inner, what) if isinstance(inner, int) and not isinstance(inner, bool) else inner
-    raise _Refused(f"{what} is {kind}")
+    raise Refused(f"{what} is {kind}")
 
 
 def _argument(arg: Any, nodes: dict[str, torch.fx.Node]) -> Any:
@@ -641,7 +546,7 @@ def _argument(arg: Any, nodes: dict[str, torch.fx.Node]) -> Any:
         for v in value:
             k, inner = _one_key(v, "an optional tensor")
             if k not in ("as_none", "as_tensor"):
-                raise _Refused(f"an optional tensor is {k}")
+                raise Refused(f"an optional tensor is {k}")
             out.append(None if k == "as_none" else nodes[_tensor_name(inner, "tensor argument")])
         return out
     if kind in ("as_sym_int", "as_sym_bool", "as_sym_float"):
@@ -652,16 +557,16 @@ def _argument(arg: Any, nodes: dict[str, torch.fx.Node]) -> Any:
         return _int(value, "an int argument")
     if kind == "as_float":
         if type(value) not in (int, float):
-            raise _Refused("a float argument is not a number")
+            raise Refused("a float argument is not a number")
         return value
     if kind in ("as_bool", "as_string"):
         if type(value) is not (bool if kind == "as_bool" else str) or len(str(value)) > 1000:
-            raise _Refused(f"{kind} argument is not one")
+            raise Refused(f"{kind} argument is not one")
         return value
     if kind in ("as_ints", "as_floats", "as_bools", "as_strings"):
         plain = {"as_ints": (int,), "as_floats": (int, float), "as_bools": (bool,), "as_strings": (str,)}[kind]
         if not isinstance(value, list) or not all(type(v) in plain for v in value):
-            raise _Refused(f"{kind} argument is not one")
+            raise Refused(f"{kind} argument is not one")
         return list(value)
     if kind == "as_scalar_type":
         return _DTYPES[value]
@@ -672,67 +577,67 @@ def _argument(arg: Any, nodes: dict[str, torch.fx.Node]) -> Any:
     if kind == "as_device":
         _keys(value, {"type", "index"}, "a device")
         if value.get("type") not in _DEVICES:
-            raise _Refused(f"device {str(value.get('type'))[:20]!r} (read: {', '.join(_DEVICES)})")
+            raise Refused(f"device {str(value.get('type'))[:20]!r} (read: {', '.join(_DEVICES)})")
         index = value.get("index")
         return torch.device(value["type"]) if index is None else torch.device(value["type"], _int(index, "device index", 0, 1024))
     if kind == "as_complex":
         _keys(value, {"real", "imag"}, "a complex")
         return complex(float(value["real"]), float(value["imag"]))
-    raise _Refused(f"an argument of kind {str(kind)[:40]!r} (graphs, operators and custom objects are not read)")
+    raise Refused(f"an argument of kind {str(kind)[:40]!r} (graphs, operators and custom objects are not read)")
 
 
 def _add_node(graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], node: Any) -> None:
     """One serialised call: its arguments placed by the operator's schema, its outputs named."""
     _keys(node, {"target", "inputs", "outputs", "metadata", "is_hop_single_tensor_return", "name"}, "a node")
-    op = _operator(node["target"])
+    op = resolve(node["target"])
     given: dict[str, Any] = {}
     for inp in node["inputs"]:
         _keys(inp, {"name", "arg", "kind"}, "a node input")
         if inp["name"] in given:
-            raise _Refused(f"argument {str(inp['name'])[:40]!r} given twice")
+            raise Refused(f"argument {str(inp['name'])[:40]!r} given twice")
         given[_ident(inp["name"], "argument name")] = inp
     name = _ident(node.get("name"), "node name") if node.get("name") else None
     if not isinstance(op, torch._ops.OpOverload):  # size arithmetic: positional, as torch writes it
         args = tuple(_argument(inp["arg"], nodes) for inp in node["inputs"])
         if len(args) > 3:
-            raise _Refused("size arithmetic with more than three arguments")
+            raise Refused("size arithmetic with more than three arguments")
         kind, value = _one_key(node["outputs"][0] if len(node["outputs"]) == 1 else None, "a size output")
         if kind not in ("as_sym_int", "as_sym_bool", "as_sym_float"):
-            raise _Refused(f"size arithmetic returns {kind}")
+            raise Refused(f"size arithmetic returns {kind}")
         out_kind, out_name = _one_key(value, "a size output")
         if out_kind != "as_name":
-            raise _Refused("size arithmetic output has no name")
+            raise Refused("size arithmetic output has no name")
         _define(nodes, _ident(out_name, "node name"), graph.create_node("call_function", op, args, {}, name or out_name))
         return
     schema_args = op._schema.arguments
     if set(given) - {a.name for a in schema_args}:
-        raise _Refused(f"an argument of {op._schema.name} is not in its schema")
+        raise Refused(f"an argument of {op._schema.name} is not in its schema")
     args: list[Any] = []
     kwargs: dict[str, Any] = {}
     skipped = False  # an optional argument left out: a later positional one would land in its place
     for a in schema_args:
         if a.name not in given:
             if not a.has_default_value() and not a.kwarg_only:
-                raise _Refused(f"argument {a.name} of {op._schema.name} is missing")
+                raise Refused(f"argument {a.name} of {op._schema.name} is missing")
             skipped = True
             continue
         value = _argument(given[a.name]["arg"], nodes)
         kind = given[a.name].get("kind")
         if kind == _POSITIONAL or (kind != _KEYWORD and not a.has_default_value() and not a.kwarg_only):
             if skipped:
-                raise _Refused("a positional argument after a left-out one")
+                raise Refused("a positional argument after a left-out one")
             args.append(value)
         else:
             kwargs[a.name] = value
-    if op._schema.name.split("::")[1] in _MAYBE_DROPOUT:
-        _check_no_dropout(op, args, kwargs)
+    if op._schema.name.split("::")[1] in MAYBE_DROPOUT:
+        check_no_dropout(op, args, kwargs)
     outputs = node["outputs"]
     if not isinstance(outputs, list):
-        raise _Refused("a node's outputs are not a list")
+        raise Refused("a node's outputs are not a list")
     if len(outputs) == 1 and set(outputs[0]) == {"as_sym_int"}:  # sym_size
         out_kind, out_name = _one_key(outputs[0]["as_sym_int"], "a size output")
         if out_kind != "as_name":
-            raise _Refused("a size output has no name")
+            raise Refused("a size output has no name")
         _define(nodes, _ident(out_name, "node name"), graph.create_node("call_function", op, tuple(args), kwargs, name or out_name))
         return
     single = len(outputs) == 1 and set(outputs[0]) == {"as_tensor"}
@@ -755,22 +660,14 @@ def _add_node(graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], node: Any)
             if kind == "as_none":
                 continue
             if kind != "as_tensor":
-                raise _Refused(f"a node output is {kind}")
+                raise Refused(f"a node output is {kind}")
             out_name = _tensor_name(value, "node output")
         _define(nodes, out_name, graph.create_node("call_function", operator.getitem, (fx_node, index), {}, out_name))
 
 
-def _check_no_dropout(op: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any]) -> None:
-    """Refuse an attention or recurrent call that would draw random numbers (dropout on, in training)."""
-    bound = dict(zip((a.name for a in op._schema.arguments), args)) | kwargs
-    p, train = bound.get("dropout_p", bound.get("dropout", 0.0)), bound.get("train", True)
-    if p and train:
-        raise _Refused(f"operator {op._schema.name} applies dropout (p={p}), which draws random numbers")
-
-
 def _define(nodes: dict[str, torch.fx.Node], name: str, node: torch.fx.Node) -> None:
     if name in nodes:
-        raise _Refused(f"name {name!r} is defined twice")
+        raise Refused(f"name {name!r} is defined twice")
     nodes[name] = node
 
 
