@@ -353,3 +353,20 @@ def test_reader_reads_a_core_aten_export(tmp_path: pytest.TempPathFactory) -> No
     assert "aten._native_batch_norm_legit_no_training.default" in ops
     assert torch.equal(ours(x), torch.export.load(path).module()(x))
     assert torch.equal(load_model(path).module(x), model(x))
+
+
+def test_weights_saved_from_a_gpu_are_read_onto_the_cpu(tmp_path: pytest.TempPathFactory, archives: dict[str, str]) -> None:
+    """An archive whose payloads say ``cuda`` (exported on a GPU) is read, its weights on the CPU."""
+    with zipfile.ZipFile(archives["mlp-dynamic"]) as zf:
+        members = {i.filename: zf.read(i) for i in zf.infolist()}
+    config = next(n for n in members if n.endswith("model_weights_config.json"))
+    members[config] = members[config].replace(b'"type": "cpu"', b'"type": "cuda"')
+    path = str(tmp_path / "gpu.pt2")
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    ours, _ = _read(path)
+    theirs, _ = _read(archives["mlp-dynamic"])
+    assert all(p.device.type == "cpu" for p in ours.parameters())
+    x = CASES[0][2]
+    assert torch.equal(ours(x), theirs(x))

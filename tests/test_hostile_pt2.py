@@ -210,7 +210,7 @@ CASES: dict[str, tuple[Edit, str]] = {
                        [{"name": "size", "arg": {"as_ints": [2]}, "kind": 1}]), "draws random numbers"),
     "custom-namespace": (_aten("torch.ops.mylib.evil.default", []), "mylib.evil"),
     "size-power-tower": (_sym_pow, "_operator.pow"),
-    "meta-device-weight": (_weight_meta(device={"type": "meta", "index": None}), "not a strided CPU tensor"),
+    "meta-device-weight": (_weight_meta(device={"type": "meta", "index": None}), "not a strided CPU or CUDA tensor"),
     "guard-code": (_guards, "guard code"),
     "namedtuple-types": (_namedtuple, "namedtuple"),
     "pytree-type": (_spec_type, "collections.namedtuple"),

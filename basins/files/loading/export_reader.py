@@ -29,7 +29,8 @@ What is accepted (everything else is refused, never guessed):
   model's call checks them, as the exported program's guards do. Other size annotations in the
   file are never read. Size arithmetic in the graph runs through checked functions that refuse
   results beyond int64 (no exponent towers);
-* **payloads**: raw little-endian tensor bytes on the CPU, strided layout, no pickles; a
+* **payloads**: raw little-endian tensor bytes (saved from the CPU or a GPU, read onto the
+  CPU), strided layout, no pickles; a
   tensor may not promise more elements than its bytes hold (no empty or stride-0 payload
   inflated to gigabytes); a static input may not ask for more memory than there is;
 * **operators** (:mod:`.export_ops`, the allowlist and its rationale): overloads in ``torch.ops.aten`` and ``torch.ops.prims``
@@ -268,9 +269,9 @@ def _payload(members: dict[str, bytearray], folder: str, config: Any) -> dict[st
         dtype = _DTYPES.get(tm["dtype"]) if type(tm["dtype"]) is int else None
         if dtype is None:
             raise Refused(f"tensor {fqn!r} has unknown dtype {str(tm['dtype'])[:20]}")
-        device = tm["device"]
-        if not isinstance(device, dict) or device.get("type") != "cpu" or tm["layout"] != 7:
-            raise Refused(f"tensor {fqn!r} is not a strided CPU tensor")
+        device = tm["device"]  # (a GPU export's weights are read onto the CPU; basins moves the model)
+        if not isinstance(device, dict) or device.get("type") not in _DEVICES or tm["layout"] != 7:
+            raise Refused(f"tensor {fqn!r} is not a strided CPU or CUDA tensor")
         size, stride = _static(tm["sizes"], f"size of {fqn}"), _static(tm["strides"], f"stride of {fqn}")
         offset = _static([tm["storage_offset"]], f"offset of {fqn}")[0]
         if len(size) != len(stride) or len(size) > 64:
