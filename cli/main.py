@@ -19,7 +19,7 @@ from basins import __version__
 from basins.errors import BasinsError, InputError
 
 from .signals import Interrupted, received
-from .terminal import echo_error
+from .terminal import echo_error, escape_warnings
 
 #: name -> (module within basins.cli, attribute, one-line help shown by ``basins --help``)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -112,3 +112,4 @@ def main() -> None:
       basins hessian basins-example/model.pt -o r.h5
       basins summary r.h5
     """
+    escape_warnings()

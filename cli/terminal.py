@@ -11,19 +11,21 @@ markup (``[link=...]``). Everything the command line prints goes through here:
   it honours is the fixed set written in this package's code (:data:`_CODE_MARKUP`), matched
   as whole prefixes or cells, never parsed out of a string;
 * :func:`echo` / :func:`echo_error` print one line with click, escaped (an error message is
-  always one line: its newlines are escaped too).
+  always one line: its newlines are escaped too);
+* :func:`escape_warnings` makes Python's warnings (a library's, torch's) print escaped too.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.text import Text
 
-__all__ = ["safe", "SafeConsole", "echo", "echo_error"]
+__all__ = ["safe", "SafeConsole", "echo", "echo_error", "escape_warnings"]
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _CONTROL_KEEP_NL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
@@ -71,3 +73,17 @@ def echo(line: object, *, err: bool = False) -> None:
 def echo_error(line: object) -> None:
     """Print one line to stderr, every control character (newlines too) escaped."""
     click.echo(safe(line), err=True)
+
+
+def escape_warnings() -> None:
+    """Route Python's warning display through :func:`safe` (a warning can quote a file's content)."""
+    if getattr(warnings.showwarning, "_basins_safe", False):
+        return
+    shown = warnings.showwarning
+
+    def showwarning(message: Any, category: Any, filename: str, lineno: int, file: Any = None,
+                    line: str | None = None) -> None:
+        shown(safe(message, newlines=True), category, safe(filename), lineno, file, safe(line or "", newlines=True))
+
+    showwarning._basins_safe = True  # type: ignore[attr-defined]
+    warnings.showwarning = showwarning

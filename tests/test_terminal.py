@@ -42,3 +42,19 @@ def test_error_line_with_a_hostile_path_is_escaped(tmp_path: Path) -> None:
     assert r.exit_code == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "\x1b" not in r.stderr and "\x07" not in r.stderr and "\\x1b]0;pwned" in r.stderr
+
+
+def test_warnings_are_printed_escaped() -> None:
+    import warnings
+
+    from basins.cli.terminal import escape_warnings
+
+    saved = warnings.showwarning
+    try:
+        escape_warnings()
+        out = io.StringIO()
+        warnings.showwarning(UserWarning(f"from a file: {HOSTILE}"), UserWarning, f"model{HOSTILE}.py", 3, out)
+    finally:
+        warnings.showwarning = saved
+    text = out.getvalue()
+    assert "from a file" in text and "\x1b" not in text and "\\x1b]0;pwned" in text
