@@ -234,3 +234,19 @@ def test_full_disk_keeps_the_old_report(tmp_path: Path) -> None:
     assert "File too large" in done.stdout and "unchanged" in done.stdout and len(done.stdout.strip().splitlines()) == 1
     assert report.read_bytes() == before
     assert sorted(os.listdir(tmp_path)) == ["r.h5"]
+
+
+def test_torch_save_record_with_a_fake_size_is_refused(model_files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A .pt data file whose zip directory declares a record far bigger than the file: refused
+    before torch allocates it."""
+    path = tmp_path / "d.pt"
+    torch.save({"inputs": torch.randn(20, 4), "targets": torch.zeros(20, dtype=torch.int64)}, path)
+    raw = bytearray(path.read_bytes())
+    at = raw.find(b"PK\x01\x02")
+    while at >= 0 and not raw[at + 46: at + 46 + 64].split(b"PK")[0].endswith(b"/data/0"):
+        at = raw.find(b"PK\x01\x02", at + 4)
+    assert at >= 0
+    raw[at + 24: at + 28] = (0xFFFFFFF0).to_bytes(4, "little")  # uncompressed size: about 4 GB
+    path.write_bytes(bytes(raw))
+    line = one_line(*run("hessian", model_files.pt2, "--data", str(path), *FAST))
+    assert "data/0" in line and "zip bomb" in line

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from basins.errors import InputError
+from basins.files.bounds import check_zip_declared
 
 BUNDLE_FORMAT = "basins-bundle"
 
@@ -174,7 +175,12 @@ def _one_line(err: BaseException, limit: int = 400) -> str:
 
 
 def _torch_load_safe(path: str | io.BytesIO, source: str) -> Any:
-    """``torch.load(weights_only=True)``; an UnpicklingError means the file holds code."""
+    """``torch.load(weights_only=True)``; an UnpicklingError means the file holds code. A zip file's
+    declared member sizes are checked first (:func:`basins.files.bounds.check_zip_declared`): torch
+    allocates a record by the size its directory declares."""
+    if isinstance(path, str) and zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as zf:
+            check_zip_declared(zf, os.path.getsize(path), source)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
