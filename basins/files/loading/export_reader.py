@@ -332,7 +332,8 @@ def _input_shape(meta: Any, ranges: dict[str, tuple[int, int | None]], name: str
     ``(dim, symbol, min, max)``. A static input larger than the memory is refused."""
     if not isinstance(meta, dict) or not isinstance(meta.get("sizes"), list):
         raise Refused(f"input {name!r} has no sizes")
-    dtype = _DTYPES.get(meta.get("dtype")) if type(meta.get("dtype")) is int else None
+    code = meta.get("dtype")
+    dtype = _DTYPES.get(code) if isinstance(code, int) else None
     if dtype is None:
         raise Refused(f"input {name!r} has an unknown dtype")
     shape: list[int | None] = []
@@ -407,7 +408,7 @@ def _build(gm: Any, state: dict[str, tuple[torch.Tensor, bool]], constants: dict
     _keys(signature, {"input_specs", "output_specs"}, "the signature")
     if not isinstance(calls, list) or not calls or not isinstance(calls[0], dict) or calls[0].get("fqn") != "":
         raise Refused("the module call graph has no top-level entry")
-    top = calls[0].get("signature")
+    top: dict[str, Any] = calls[0].get("signature") or {}  # (its keys checked by _keys)
     _keys(top, {"inputs", "outputs", "in_spec", "out_spec", "forward_arg_names"}, "the call signature")
     arg_names = top.get("forward_arg_names")
     if not isinstance(arg_names, list) or not arg_names:
@@ -599,8 +600,8 @@ def _add_node(graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], node: Any)
         given[_ident(inp["name"], "argument name")] = inp
     name = _ident(node.get("name"), "node name") if node.get("name") else None
     if not isinstance(op, torch._ops.OpOverload):  # size arithmetic: positional, as torch writes it
-        args = tuple(_argument(inp["arg"], nodes) for inp in node["inputs"])
-        if len(args) > 3:
+        operands = tuple(_argument(inp["arg"], nodes) for inp in node["inputs"])
+        if len(operands) > 3:
             raise Refused("size arithmetic with more than three arguments")
         kind, value = _one_key(node["outputs"][0] if len(node["outputs"]) == 1 else None, "a size output")
         if kind not in ("as_sym_int", "as_sym_bool", "as_sym_float"):
@@ -608,7 +609,7 @@ def _add_node(graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], node: Any)
         out_kind, out_name = _one_key(value, "a size output")
         if out_kind != "as_name":
             raise Refused("size arithmetic output has no name")
-        _define(nodes, _ident(out_name, "node name"), graph.create_node("call_function", op, args, {}, name or out_name))
+        _define(nodes, _ident(out_name, "node name"), graph.create_node("call_function", op, operands, {}, name or out_name))
         return
     schema_args = op._schema.arguments
     if set(given) - {a.name for a in schema_args}:
