@@ -144,6 +144,21 @@ def _sym_pow(p: dict[str, Any], m: dict[str, bytes], root: str, canary: str) -> 
                                   "outputs": [{"as_sym_int": {"as_name": "tower"}}]})
 
 
+def _size_overflow(p: dict[str, Any], m: dict[str, bytes], root: str, canary: str) -> None:
+    user = next(s["user_input"]["arg"]["as_tensor"]["name"] for s in p["graph_module"]["signature"]["input_specs"]
+                if "user_input" in s)
+    _graph(p)["nodes"][:0] = [
+        {"target": "torch.ops.aten.sym_size.int", "name": "n", "metadata": {}, "is_hop_single_tensor_return": None,
+         "inputs": [{"name": "self", "arg": {"as_tensor": {"name": user}}, "kind": 1},
+                    {"name": "dim", "arg": {"as_int": 0}, "kind": 1}],
+         "outputs": [{"as_sym_int": {"as_name": "n"}}]},
+        {"target": "_operator.mul", "name": "big", "metadata": {}, "is_hop_single_tensor_return": None,
+         "inputs": [{"name": "a", "arg": {"as_sym_int": {"as_name": "n"}}, "kind": 1},
+                    {"name": "b", "arg": {"as_sym_int": {"as_int": 2 ** 62}}, "kind": 1}],
+         "outputs": [{"as_sym_int": {"as_name": "big"}}]},
+    ]
+
+
 def _weight_meta(**change: Any) -> Edit:
     def edit(p: dict[str, Any], m: dict[str, bytes], root: str, canary: str) -> None:
         cfg_name = f"{root}/data/weights/model_weights_config.json"
@@ -215,6 +230,7 @@ CASES: dict[str, tuple[Edit, str]] = {
                              "device 'meta'"),
     "manual-seed": (_aten("torch.ops.aten.manual_seed.default", []), "manual_seed"),
     "size-power-tower": (_sym_pow, "_operator.pow"),
+    "size-overflow-at-run-time": (_size_overflow, "overflows int64"),
     "meta-device-weight": (_weight_meta(device={"type": "meta", "index": None}), "not a strided CPU or CUDA tensor"),
     "guard-code": (_guards, "guard code"),
     "namedtuple-types": (_namedtuple, "namedtuple"),
@@ -242,7 +258,7 @@ def test_crafted_pt2_class_is_refused(case: str, model_files, data_files, tmp_pa
     assert re.search(words, lines[0]), lines[0]
     assert not canary.exists()
     if "not a readable zip" not in lines[0]:
-        assert "--trust-pickle" in lines[0] or "nested" in lines[0]
+        assert "--trust-pickle" in lines[0] or "nested" in lines[0] or "overflows" in lines[0]
 
 
 def test_duplicate_members_and_bad_crc_are_refused(model_files, data_files, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

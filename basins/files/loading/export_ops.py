@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from basins.errors import InputError
+
 __all__ = ["Refused", "resolve", "allowed", "check_no_dropout", "SYM_OPS", "MAYBE_DROPOUT"]
 
 _NAMESPACES = ("aten", "prims")
@@ -108,7 +110,8 @@ def _checked(fn: Callable[..., Any]) -> Callable[..., Any]:
     def checked(*args: Any) -> Any:
         out = fn(*args)
         if isinstance(out, int) and not -_INT64 <= out < _INT64:
-            raise OverflowError(f"size arithmetic {fn.__name__} overflows int64")
+            raise InputError(f"the exported program's size arithmetic ({fn.__name__}) overflows int64: "
+                             "a damaged or crafted program")
         return out
 
     checked.__name__ = checked.__qualname__ = f"size_{fn.__name__.strip('_')}"
