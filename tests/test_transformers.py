@@ -33,7 +33,15 @@ from basins.engine.data import TensorData  # noqa: E402
 from basins.engine.problem import Problem  # noqa: E402
 from basins.errors import InputError  # noqa: E402
 from basins.files.loading import NamedLoss, load_data, load_model, open_data  # noqa: E402
-from tests.hf_models import VOCAB, TinyLM, Wrapped, sum_count_causal_lm, tiny_gpt2  # noqa: E402
+from tests.hf_models import (  # noqa: E402
+    VOCAB,
+    TinyLM,
+    Wrapped,
+    causal_lm_hessian,
+    sum_count_causal_lm,
+    tiny_gpt2,
+    train_tiny_gpt2,
+)
 
 N, T = 6, 10
 
@@ -52,39 +60,17 @@ def _tokens(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def gpt2() -> dict[str, object]:
     """A tiny GPT-2 trained briefly (40 Adam steps) on the padded tokens, saved as an HF directory,
     with the dense float64 Hessian of its own loss (``model(..., labels=labels).loss``)."""
-    model = tiny_gpt2()
     ids, mask, labels = _tokens()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    model.train()
-    for _ in range(40):
-        opt.zero_grad()
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        opt.step()
-    model.eval()
+    model = train_tiny_gpt2(ids, mask, labels)
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
     theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
-
-    def ref_loss(flat: torch.Tensor) -> torch.Tensor:
-        params, a = {}, 0
-        for n, s in zip(names, shapes):
-            params[n] = flat[a : a + s.numel()].reshape(s)
-            a += s.numel()
-        logits = torch.func.functional_call(model, params, (), {"input_ids": ids, "attention_mask": mask}).logits
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
-                                                 ignore_index=-100)
-
-    leaf = theta.clone().requires_grad_(True)
-    g = torch.autograd.grad(ref_loss(leaf), leaf, create_graph=True)[0]
-    eye = torch.eye(theta.numel(), dtype=theta.dtype)
-    dense = torch.stack([torch.autograd.grad(g, leaf, eye[i], retain_graph=True)[0] for i in range(theta.numel())])
-    assert float((dense - dense.T).abs().max()) < 1e-12 * float(dense.abs().max())
-    dense = (dense + dense.T) / 2
+    dense, loss = causal_lm_hessian(model, ids, mask, labels)
     offsets = np.cumsum([0] + [s.numel() for s in shapes])
     with torch.no_grad():
         hf = float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
     return {"model": model, "ids": ids, "mask": mask, "labels": labels, "dense": dense, "names": names,
-            "offsets": offsets, "theta": theta, "loss": float(ref_loss(theta)), "hf_loss": hf}
+            "offsets": offsets, "theta": theta, "loss": loss, "hf_loss": hf}
 
 
 def _index(g: dict[str, object], selected: list[str]) -> torch.Tensor:
