@@ -108,6 +108,56 @@ def _adapter_weights(path: str) -> tuple[str, dict[str, torch.Tensor], str | Non
     raise InputError(f"{path} has an {CONFIG} but no adapter weights ({' or '.join(_WEIGHTS)})")
 
 
+def _check_sizes(config: dict[str, Any], state: dict[str, torch.Tensor], config_path: str) -> None:
+    """Refuse ranks larger than every dimension of the adapter's tensors (peft would allocate
+    layers of that rank before the weights are loaded) and layer replication (copies of the
+    base model's layers, sized by the config alone)."""
+    if config.get("layer_replication"):
+        raise InputError(f"{config_path}: layer_replication copies the base model's layers; basins does not "
+                         "build such adapters (save the replicated model itself)")
+    largest = max((d for t in state.values() for d in t.shape), default=0)
+    _check_patterns(config, config_path)
+    ranks = [config.get("r")]
+    if isinstance(config.get("rank_pattern"), dict):
+        ranks += list(config["rank_pattern"].values())
+    for rank in ranks:
+        if rank is not None and (type(rank) is not int or not 0 < rank <= max(largest, 1)):
+            raise InputError(f"{config_path}: rank r={rank!r} is not a positive integer within the adapter's "
+                             f"tensor sizes (at most {largest}): the config does not match the weights")
+
+
+def _backtracks(pattern: str) -> bool:
+    """A quantified group holding a quantifier or an alternation (``(a+)+``, ``(.*)*x``, ``(a|ab)*``):
+    the shapes whose matching by ``re`` can take exponential time."""
+    opens: list[int] = []
+    for i, char in enumerate(pattern):
+        if char == "\\":
+            continue
+        if char == "(" and (i == 0 or pattern[i - 1] != "\\"):
+            opens.append(i)
+        elif char == ")" and opens and pattern[i - 1] != "\\":
+            start = opens.pop()
+            quantified = pattern[i + 1 : i + 2] in ("*", "+", "{", "?")
+            if quantified and any(c in pattern[start + 1 : i] for c in "*+{|"):
+                return True
+    return False
+
+
+_PATTERN_KEYS = ("target_modules", "exclude_modules", "layers_pattern", "rank_pattern", "alpha_pattern")
+
+
+def _check_patterns(config: dict[str, Any], config_path: str) -> None:
+    """peft matches module names against regular expressions from the config (``target_modules``
+    as a string, pattern keys); one with nested quantifiers could backtrack for hours: refused."""
+    for key in _PATTERN_KEYS:
+        value = config.get(key)
+        texts = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, dict)) else []
+        for text in texts:
+            if isinstance(text, str) and (len(text) > 1000 or _backtracks(text)):
+                raise InputError(f"{config_path}: {key} pattern {text[:60]!r} nests quantifiers (or is over 1000 "
+                                 "characters); basins does not match such regular expressions")
+
+
 def load_adapter_directory(path: str, *, base_model: str | None = None, trust_pickle: bool = False) -> AdapterModel:
     """Load a peft adapter directory on its local base model (module docstring).
 
@@ -132,6 +182,7 @@ def load_adapter_directory(path: str, *, base_model: str | None = None, trust_pi
     except ImportError as err:
         raise InputError(f"{path} is a peft adapter directory: {PEFT_EXTRA_HINT}") from err
     base: HFModel = load_hf_directory(base_dir, trust_pickle=trust_pickle)
+    _check_sizes(config, state, config_path)
     kwargs = {k: v for k, v in config.items() if k not in ("runtime_config", "auto_mapping")}
     kwargs["inference_mode"] = False  # the adapter's parameters trainable: θ by default
     if "init_lora_weights" in kwargs:

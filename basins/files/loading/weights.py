@@ -45,7 +45,7 @@ HF_EXTRA_HINT = "install the Hugging Face extra: pip install 'basins[hf]' (trans
 _PART = r"(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)"
 _DOTTED = re.compile(rf"{_PART}(?:\.{_PART})*")
 _MAX_NAME = 1000
-_MODULE_ATTRIBUTES = frozenset(dir(torch.nn.Module))
+_MODULE_ATTRIBUTES = frozenset(dir(torch.nn.Module()))  # (an instance: training, _parameters, ...)
 
 #: safetensors dtype codes -> bytes per element
 _ST_BYTES = {
