@@ -152,3 +152,31 @@ def token_dataset() -> TokenDataset:
 
     ids, mask, _ = _tokens()
     return TokenDataset(ids, mask)
+
+
+def tiny_family(family: str, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A tiny randomly initialised float32 model of a Hugging Face family (``gpt2``, ``llama``,
+    ``bert`` classifier, ``vit`` classifier) with eager attention, and a batch of its inputs."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    small = {"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16}
+    ids = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(seed))
+    if family == "gpt2":
+        return tf.GPT2LMHeadModel(gpt2_config()).eval(), {"input_ids": ids}
+    if family == "llama":
+        config = tf.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=POSITIONS, num_key_value_heads=1,
+                                attn_implementation="eager", **small)
+        return tf.LlamaForCausalLM(config).eval(), {"input_ids": ids}
+    if family == "bert":
+        config = tf.BertConfig(vocab_size=VOCAB, max_position_embeddings=POSITIONS, num_labels=3,
+                               attn_implementation="eager", **small)
+        mask = torch.ones_like(ids)
+        mask[1, 4:] = 0
+        return tf.BertForSequenceClassification(config).eval(), {"input_ids": ids, "attention_mask": mask}
+    if family == "vit":
+        config = tf.ViTConfig(image_size=8, patch_size=4, num_channels=3, num_labels=3,
+                              attn_implementation="eager", **small)
+        pixels = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+        return tf.ViTForImageClassification(config).eval(), {"pixel_values": pixels}
+    raise ValueError(family)

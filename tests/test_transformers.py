@@ -368,3 +368,24 @@ def test_named_inputs_with_different_sizes_are_refused() -> None:
     with pytest.raises(InputError, match="different numbers of examples"):
         TensorData({"input_ids": torch.zeros(3, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4)},
                    torch.zeros(3, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "vit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hf_families_load_from_their_directories(family: str, dtype: torch.dtype, tmp_path: Path) -> None:
+    """GPT-2, Llama, a BERT classifier and a ViT classifier saved with save_pretrained (float32 or
+    bfloat16) load as their own class with eager attention and compute the saved model's outputs;
+    bfloat16 weights come back upcast to float32, exactly."""
+    from tests.hf_models import tiny_family
+
+    model, inputs = tiny_family(family)
+    stored = model.to(dtype)
+    stored.save_pretrained(str(tmp_path / family))
+    loaded = load_model(str(tmp_path / family))
+    assert loaded.kind == "hf" and type(loaded.module) is type(model)
+    assert loaded.source_dtype == (None if dtype == torch.float32 else "bfloat16")
+    assert {p.dtype for p in loaded.module.parameters()} == {torch.float32}
+    reference = stored.float()  # the stored weights, exactly, in float32
+    with torch.no_grad():
+        expected, got = reference(**inputs).logits, loaded.module(**inputs).logits
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (got - expected).abs().max()
