@@ -109,7 +109,7 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--stream", is_flag=True,
                      help="Read a Dataset/DataLoader/HDF5 data source again on every pass instead of holding it in memory "
                           "(automatic when it would take more than a quarter of RAM)."),
-        click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Compute dtype (default: the model's)."),
+        click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Compute dtype (default: the model's; bfloat16/float16 weights are upcast to float32)."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice (recorded)."),
         click.option("--hvp", "hvp_route", type=click.Choice(["auto", "graph", "fwd-rev", "rev-rev"]), default="auto",

@@ -55,36 +55,36 @@ def half(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     return out
 
 
-def _block(model: torch.nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if n.startswith(BLOCK[:-1])]
+def _hessian_of_block(half: dict[str, object], key: str, *args: str) -> tuple[torch.Tensor, float, dict, str]:
+    """The dense float64 Hessian of the block and the loss of the stored weights ``half[key]``, and
+    ``basins hessian DIR --params BLOCK *args --json``'s output and stderr (exit 0 checked)."""
+    root, up = half["root"], half[key]
+    names = [n for n, _ in up.named_parameters() if n.startswith(BLOCK[:-1])]
+    dense, loss = causal_lm_hessian(up, half["ids"], half["mask"], half["labels"], names)
+    code, out, err = _cli("hessian", str(root / key), "--data", str(root / "tokens.pt"), "--params", BLOCK,
+                          "--json", *args)
+    assert code == 0, err
+    return dense, loss, out, err
 
 
 @pytest.mark.slow
 def test_bf16_directory_float64_eigenvalues_equal_dense_reference(half: dict[str, object]) -> None:
-    root = half["root"]
-    up = half["bf"]
-    dense, loss = causal_lm_hessian(up, half["ids"], half["mask"], half["labels"], _block(up))
-    code, out, err = _cli("hessian", str(root / "bf"), "--data", str(root / "tokens.pt"), "--params", BLOCK,
-                          "-k", "3", "--tol", "1e-11", "--dtype", "float64", "--json", "-o", str(root / "bf.h5"))
-    assert code == 0, err
+    report = str(half["root"] / "bf.h5")
+    dense, loss, out, err = _hessian_of_block(half, "bf", "-k", "3", "--tol", "1e-11", "--dtype", "float64",
+                                              "-o", report)
     assert out["dtype"] == "float64" and out["source_dtype"] == "bfloat16"
     assert [ln for ln in err.splitlines() if "bfloat16" in ln] == ["weights stored as bfloat16: upcast to float64"]
     assert out["loss_at_optimum"] == pytest.approx(loss, rel=1e-12)
     reference = torch.linalg.eigvalsh(dense).flip(0)[:3].numpy()
     assert np.allclose(out["eigenvalues"], reference, rtol=1e-8, atol=0), (out["eigenvalues"], reference)
-    problem = read_report(str(root / "bf.h5"))["problem"]
+    problem = read_report(report)["problem"]
     assert problem["source_dtype"] == "bfloat16" and problem["dtype"] == "float64"
 
 
 @pytest.mark.slow
 def test_fp16_directory_float32_default_bounds_hold(half: dict[str, object]) -> None:
     """Default analysis dtype float32: each printed eigenvalue is within its error bound of the float64 truth."""
-    root = half["root"]
-    up = half["fp"]
-    dense, _ = causal_lm_hessian(up, half["ids"], half["mask"], half["labels"], _block(up))
-    code, out, err = _cli("hessian", str(root / "fp"), "--data", str(root / "tokens.pt"), "--params", BLOCK,
-                          "-k", "2", "--json")
-    assert code == 0, err
+    dense, _, out, err = _hessian_of_block(half, "fp", "-k", "2")
     assert out["dtype"] == "float32" and out["source_dtype"] == "float16"
     assert "weights stored as float16: upcast to float32 (--dtype float64 for float64)" in err
     reference = torch.linalg.eigvalsh(dense).flip(0)[:2].numpy()
