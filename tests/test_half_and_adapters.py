@@ -231,3 +231,22 @@ def test_everything_frozen_names_the_flag() -> None:
         select_parameters(list(frozen.named_parameters()), ["!bias"])
     assert select_parameters(list(frozen.named_parameters()), ["weight"]).selected == ["weight"]
     assert select_parameters(list(frozen.named_parameters()), include_frozen=True).selected == ["weight", "bias"]
+
+
+def test_bf16_export_is_upcast(tmp_path: Path) -> None:
+    """A .pt2 exported from a bfloat16 model: parameters come back in float32, equal to the stored
+    values, and the module computes the float32 model of those weights on float32 inputs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).eval()
+    stored = model.to(torch.bfloat16)
+    x = torch.randn(5, 4)
+    program = torch.export.export(stored, (x[:2].bfloat16(),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    torch.export.save(program, str(tmp_path / "bf.pt2"))
+    loaded = load_model(str(tmp_path / "bf.pt2"))
+    assert loaded.source_dtype == "bfloat16"
+    reference = copy.deepcopy(stored).float()
+    got = dict(loaded.module.named_parameters())
+    for name, p in reference.named_parameters():
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], p), name
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(x), reference(x), rtol=1e-6, atol=1e-7)

@@ -50,7 +50,7 @@ _LAYERS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers", "encoder_la
            "num_encoder_layers", "num_decoder_layers")
 _WIDTH = ("n_embd", "hidden_size", "d_model", "dim", "embed_dim")
 _FEEDFORWARD = ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim")
-_TABLES = ("vocab_size", "n_positions")  # rows of learned embedding tables (width columns each)
+_TABLES = ("vocab_size", "n_positions", "num_labels")  # rows of learned tables and heads (width columns each)
 #: a config may describe this many more parameters than its weight files hold (untied heads, new layers)
 _SLACK_FACTOR, _SLACK = 4, 1 << 20
 #: layer counts up to this are accepted whatever the weight files hold (ALBERT shares one layer's weights)
@@ -153,9 +153,10 @@ def _config_size(config: dict[str, Any], depth: int = 0) -> tuple[int, int, str]
         return max(found, default=(0, ""))
 
     (layers, lkey), (width, wkey), (ff, _) = first(_LAYERS), first(_WIDTH), first(_FEEDFORWARD)
-    tables = sum(v for k in _TABLES if type(v := config.get(k)) is int and v > 0)
-    size = layers * (width * width + 2 * width * ff) + tables * width
-    fields = ", ".join(f"{k}={v}" for k, v in ((lkey, layers), (wkey, width)) if k)
+    table_rows = [(k, v) for k in _TABLES if type(v := config.get(k)) is int and v > 0]
+    size = layers * (width * width + 2 * width * ff) + sum(v for _, v in table_rows) * width
+    largest_table = [max(table_rows, key=lambda kv: kv[1])] if table_rows and width else []
+    fields = ", ".join(f"{k}={v}" for k, v in ((lkey, layers), (wkey, width), *largest_table) if k)
     for value in config.values():
         if isinstance(value, dict) and depth < 8:
             sub, sub_layers, sub_fields = _config_size(value, depth + 1)
