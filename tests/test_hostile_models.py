@@ -129,6 +129,21 @@ def _fifo_weights(base: Path, tmp: Path) -> tuple[Path, dict[str, object]]:
     return d, {}
 
 
+def _weights_edit(drop: str | None = None, add: str | None = None) -> Callable[[Path, Path], tuple[Path, dict[str, object]]]:
+    def build(base: Path, tmp: Path) -> tuple[Path, dict[str, object]]:
+        from safetensors.torch import load_file, save_file
+
+        d = _copy(base, tmp)
+        state = load_file(str(d / "model.safetensors"))
+        if drop:
+            del state[drop]
+        if add:
+            state[add] = torch.zeros(2)
+        save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+        return d, {}
+    return build
+
+
 def _adapter(**changes: object) -> Callable[[Path, Path], tuple[Path, dict[str, object]]]:
     def build(base: Path, tmp: Path) -> tuple[Path, dict[str, object]]:
         d = _copy(base, tmp, "adapter")
@@ -175,6 +190,8 @@ CASES: dict[str, tuple[Callable[[Path, Path], tuple[Path, dict[str, object]]], s
     "dir_weights_lie": (_dir_weights({"lm_head.weight": {"dtype": "F32", "shape": [1 << 20, 1 << 20],
                                                          "data_offsets": [0, 16]}}, b"\0" * 16),
                         "does not match the file"),
+    "weight_missing": (_weights_edit(drop="transformer.h.0.ln_1.weight"), "lack weights"),
+    "weight_unexpected": (_weights_edit(add="transformer.extra.weight"), "not in"),
     "index_outside_directory": (_index_outside, "same directory"),
     "fifo_weights": (_fifo_weights, "not a regular file"),
     "adapter_hub_base": (_adapter(base_model_name_or_path="openai-community/gpt2"), "--base-model"),

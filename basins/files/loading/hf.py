@@ -225,6 +225,18 @@ def _model_class(transformers: Any, config: dict[str, Any], path: str) -> Any:
     return transformers.AutoModelForCausalLM
 
 
+def _check_loading_info(info: dict[str, Any], path: str, cls: str) -> None:
+    """Refuse weights the files lack (transformers would initialise them at random) or hold beyond the model."""
+    missing = sorted({str(k) for k in info.get("missing_keys") or ()}
+                     | {str(k[0]) for k in info.get("mismatched_keys") or ()})
+    unexpected = sorted(str(k) for k in info.get("unexpected_keys") or ())
+    for keys, what in ((missing, "lack weights of"), (unexpected, "hold weights that are not in")):
+        if keys:
+            more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+            raise InputError(f"{path}: the weight files {what} the {cls} that config.json describes ({keys[0]!r}{more}); "
+                             "basins analyses the saved weights only: save the model with save_pretrained")
+
+
 def load_hf_directory(path: str, *, trust_pickle: bool = False) -> HFModel:
     """Load a Hugging Face model directory (see module docstring).
 
@@ -248,12 +260,13 @@ def load_hf_directory(path: str, *, trust_pickle: bool = False) -> HFModel:
     from transformers.utils import logging as hf_logging
 
     cls = _model_class(transformers, config, path)
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the library is silent: no "Loading weights" bar on stderr
+    bar, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()  # the library is silent: no "Loading weights" bar or load report on stderr
+    hf_logging.set_verbosity_error()
     try:
-        module = cls.from_pretrained(
+        module, info = cls.from_pretrained(
             path, local_files_only=True, trust_remote_code=False, use_safetensors=safetensors,
-            attn_implementation="eager",
+            attn_implementation="eager", output_loading_info=True,
         )
     except Exception as err:
         raise InputError(
@@ -261,8 +274,10 @@ def load_hf_directory(path: str, *, trust_pickle: bool = False) -> HFModel:
             f"({_one_line(err)})"
         ) from err
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bar:
             hf_logging.enable_progress_bar()
+    _check_loading_info(info, path, cls.__name__)
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"{path}: {cls.__name__}.from_pretrained gave a {type(module).__name__}, not a model")
     if getattr(module, "config", None) is not None:
