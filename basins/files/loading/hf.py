@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from basins.engine.memory import process_memory_bytes
 from basins.errors import InputError
+from basins.files.bounds import check_allocation
 
 from .formats import _HASH_CHUNK, _one_line
 from .safe_json import read_json_file
@@ -170,12 +170,8 @@ def _check_config_size(config: dict[str, Any], path: str, declared: tuple[int, i
     """Refuse a config that would build a model far beyond its weights or this machine (module docstring)."""
     size, layers, fields = _config_size(config)
     config_path = os.path.join(path, "config.json")
-    memory = process_memory_bytes()
-    if 4 * size > memory:
-        raise InputError(
-            f"{config_path} describes a model of at least {size:,} parameters ({fields}): building it in float32 "
-            f"would take more than this machine's {memory / 2**30:.1f} GiB of memory"
-        )
+    check_allocation(4 * size, f"the model it describes (at least {size:,} parameters: {fields}) in float32",
+                     config_path)
     if declared is None:
         return
     count, found_layers = declared

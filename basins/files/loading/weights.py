@@ -28,8 +28,7 @@ from typing import Any
 import torch
 
 from basins.errors import InputError
-
-from .safe_json import parse_json
+from basins.files.bounds import check_allocation, load_json
 
 __all__ = [
     "check_module_tensors",
@@ -94,7 +93,7 @@ def safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
             raw = handle.read(length)
     except OSError as err:
         raise InputError(f"{path}: cannot read the .safetensors file ({err.strerror})") from None
-    header = parse_json(raw, f"{path} (safetensors header)", max_bytes=_ST_MAX_HEADER, max_depth=4)
+    header = load_json(raw, f"{path} (safetensors header)", max_bytes=_ST_MAX_HEADER, max_depth=4)
     if not isinstance(header, dict):
         raise InputError(f"{path}: the safetensors header is not a JSON object")
     header.pop("__metadata__", None)
@@ -115,6 +114,7 @@ def safetensors_header(path: str) -> dict[str, tuple[str, tuple[int, ...]]]:
             )
         spans.append((begin, end, name))
         out[name] = (dtype, shape)
+    check_allocation(sum(end - begin for begin, end, _ in spans), "its tensors", path)
     spans.sort()
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
