@@ -250,3 +250,32 @@ def test_bf16_export_is_upcast(tmp_path: Path) -> None:
         assert got[name].dtype == torch.float32 and torch.equal(got[name], p), name
     with torch.no_grad():
         assert torch.allclose(loaded.module(x), reference(x), rtol=1e-6, atol=1e-7)
+
+
+def test_classifier_adapter_with_modules_to_save(tmp_path: Path) -> None:
+    """LoRA on a BERT classifier whose head is trained whole (peft's modules_to_save): θ is the LoRA
+    matrices and the head's copy, and the loaded model computes the in-memory peft model's logits."""
+    peft = pytest.importorskip("peft")
+    from transformers import BertForSequenceClassification
+
+    from tests.hf_models import tiny_family
+
+    model, inputs = tiny_family("bert")
+    model.save_pretrained(str(tmp_path / "bert"))
+    base = BertForSequenceClassification.from_pretrained(str(tmp_path / "bert"), attn_implementation="eager")
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query", "value"]))
+    opt = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(5):
+        opt.zero_grad()
+        wrapped(**inputs, labels=torch.tensor([0, 1, 2])).loss.backward()
+        opt.step()
+    wrapped.eval()
+    wrapped.save_pretrained(str(tmp_path / "adapter"))
+    loaded = load_model(str(tmp_path / "adapter"))
+    assert loaded.kind == "peft" and loaded.base_model == str(tmp_path / "bert")
+    trainable = [n for n, p in loaded.module.named_parameters() if p.requires_grad]
+    assert sum("lora_" in n for n in trainable) == 8
+    assert {n for n in trainable if "lora_" not in n} == {"classifier.modules_to_save.default.weight",
+                                                         "classifier.modules_to_save.default.bias"}
+    with torch.no_grad():
+        assert torch.allclose(loaded.module(**inputs).logits, wrapped(**inputs).logits, rtol=1e-6, atol=1e-7)

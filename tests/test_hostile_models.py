@@ -106,6 +106,11 @@ def _state(state: dict[object, torch.Tensor]) -> Callable[[Path, Path], tuple[Pa
     return build
 
 
+def _pickled_meta(base: Path, tmp: Path) -> tuple[Path, dict[str, object]]:
+    torch.save(torch.nn.Linear(2, 2, device="meta"), tmp / "meta.pt")
+    return tmp / "meta.pt", {"trust_pickle": True}
+
+
 def _dir_weights(header: dict[str, object], data: bytes = b"") -> Callable[[Path, Path], tuple[Path, dict[str, object]]]:
     def build(base: Path, tmp: Path) -> tuple[Path, dict[str, object]]:
         d = _copy(base, tmp)
@@ -175,6 +180,7 @@ CASES: dict[str, tuple[Callable[[Path, Path], tuple[Path, dict[str, object]]], s
     "state_dict_empty_name": (_state({"": torch.zeros(1)}), "not a dotted identifier"),
     "state_dict_int_name": (_state({3: torch.zeros(1)}), "not a string"),
     "state_dict_meta": (_state({"transformer.wte.weight": torch.empty(23, 8, device="meta")}), "meta"),
+    "pickled_module_meta": (_pickled_meta, "meta device"),
     "state_dict_sparse": (_state({"transformer.wte.weight": torch.zeros(23, 8).to_sparse()}), "sparse"),
     "safetensors_declares_40gb": (_st_header({"w": {"dtype": "F32", "shape": [100_000, 100_000],
                                                     "data_offsets": [0, 40_000_000_000]}}, b"\0" * 16),
