@@ -177,12 +177,12 @@ def load_adapter_directory(path: str, *, base_model: str | None = None, trust_pi
         raise InputError(f"{config_path}: an adapter config needs a string peft_type")
     base_dir = _base_directory(path, config, base_model)
     weights_name, state, stored = _adapter_weights(path)
+    _check_sizes(config, state, config_path)
     try:
         import peft
     except ImportError as err:
         raise InputError(f"{path} is a peft adapter directory: {PEFT_EXTRA_HINT}") from err
     base: HFModel = load_hf_directory(base_dir, trust_pickle=trust_pickle)
-    _check_sizes(config, state, config_path)
     kwargs = {k: v for k, v in config.items() if k not in ("runtime_config", "auto_mapping")}
     kwargs["inference_mode"] = False  # the adapter's parameters trainable: θ by default
     if "init_lora_weights" in kwargs:
