@@ -161,6 +161,7 @@ _FORWARD = {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}
 CASES: dict[str, tuple[Callable[[Path, Path], tuple[Path, dict[str, object]]], str]] = {
     "n_layer_200000": (_config(n_layer=200_000), "does not match the weights"),
     "n_embd_1e6": (_config(n_embd=1_000_000), "parameters"),
+    "positions_1e10": (_config(max_position_embeddings=10_000_000_000), "max_position_embeddings=10000000000"),
     "num_labels_1e9": (_config(num_labels=1_000_000_000), "num_labels=1000000000"),
     "architectures_tokenizer": (_config(architectures=["GPT2TokenizerFast"]), "not a model class"),
     "architectures_config": (_config(architectures=["GPT2Config"]), "not a model class"),

@@ -50,7 +50,7 @@ _LAYERS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers", "encoder_la
            "num_encoder_layers", "num_decoder_layers")
 _WIDTH = ("n_embd", "hidden_size", "d_model", "dim", "embed_dim")
 _FEEDFORWARD = ("intermediate_size", "n_inner", "d_ff", "ffn_dim", "encoder_ffn_dim", "decoder_ffn_dim")
-_TABLES = ("vocab_size", "n_positions", "num_labels")  # rows of learned tables and heads (width columns each)
+_TABLES = ("vocab_size", "n_positions", "max_position_embeddings", "num_labels")  # rows of tables and heads
 #: a config may describe this many more parameters than its weight files hold (untied heads, new layers)
 _SLACK_FACTOR, _SLACK = 4, 1 << 20
 #: layer counts up to this are accepted whatever the weight files hold (ALBERT shares one layer's weights)
