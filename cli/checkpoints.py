@@ -57,7 +57,8 @@ def step_from_name(path: str) -> int | None:
 
 
 def _is_hf_dir(path: str) -> bool:
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+    """A model directory: Hugging Face (``config.json``) or a peft adapter (``adapter_config.json``)."""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, n)) for n in ("config.json", "adapter_config.json"))
 
 
 def _by_step(paths: list[str]) -> list[str]:

@@ -93,6 +93,9 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
                                     "(returning a mean, or (sum, count)). Default: the bundle's, else inferred from "
                                     "the targets and outputs."),
         click.option("--arch", help="module:factory building the model, for a state-dict or .safetensors file."),
+        click.option("--base-model", "base_model", metavar="DIR",
+                     help="For a peft adapter directory: the base model's local directory (default: the one its "
+                          "adapter_config.json names; nothing is downloaded)."),
         click.option("--params", "param_patterns", multiple=True, metavar="GLOB",
                      help="Restrict θ to the parameters matching GLOB (repeatable, in order; a leading ! excludes), "
                           "e.g. --params 'transformer.h.0.*' --params '!*.bias'. The others are held fixed."),
@@ -109,7 +112,7 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--stream", is_flag=True,
                      help="Read a Dataset/DataLoader/HDF5 data source again on every pass instead of holding it in memory "
                           "(automatic when it would take more than a quarter of RAM)."),
-        click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Compute dtype (default: the model's)."),
+        click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Compute dtype (default: the model's; bfloat16/float16 weights are upcast to float32)."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice (recorded)."),
         click.option("--hvp", "hvp_route", type=click.Choice(["auto", "graph", "fwd-rev", "rev-rev"]), default="auto",
@@ -170,9 +173,12 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
         model, data, loss = resolve_inputs(
             opts["model"], data=opts.get("data"), loss=opts.get("loss"), arch=opts.get("arch"),
             trust_pickle=opts.get("trust_pickle", False), max_samples=opts.get("max_samples"), seed=opts.get("seed", 0),
-            stream=True, loaded_data=cached[0] if cached is not None else None,
+            stream=True, loaded_data=cached[0] if cached is not None else None, base_model=opts.get("base_model"),
         )
     n = data.num_examples  # chunk weights use the global n
+    if model.source_dtype:
+        log.print(f"weights stored as {model.source_dtype}: upcast to {opts.get('dtype') or 'float32'}"
+                  f"{'' if opts.get('dtype') else ' (--dtype float64 for float64)'}")
     source = cached[1] if cached is not None else shard_for_process(data, world_size=world, rank=rank)
     if run is not None and opts.get("data") is not None:
         run.data[data_key] = (data, source)
@@ -234,6 +240,7 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
         log.print(f"[yellow]warning:[/] {msg}")
     record = {
         "model": str(opts["model"]), "model_sha256": model.sha256, "model_kind": model.kind,
+        "source_dtype": model.source_dtype, "base_model": model.base_model,
         "step": opts.get("step"),
         "data": data.source, "data_sha256": data_sha256, "data_streamed": streamed,
         "data_read_every_pass": problem.streaming, "num_params": problem.num_params,
@@ -267,6 +274,7 @@ def problem_json(loaded: Loaded) -> dict[str, Any]:
         "step": r.get("step"), "model_sha256": r.get("model_sha256"), "data_sha256": r.get("data_sha256"),
         "params": r.get("params"), "params_frozen": r.get("params_frozen"),
         "num_params_fixed": r.get("num_params_fixed"), "attention": r.get("attention"),
+        "source_dtype": r.get("source_dtype"), "base_model": r.get("base_model"),
     }
 
 

@@ -118,10 +118,12 @@ def _line(kw: dict[str, Any], log: Any, problem: Any, warnings: list[str]) -> tu
     """``--to``: load OTHER_MODEL matched against MODEL, then the line and its barrier."""
     from basins.analyses.landscape import REFINE_STEPS, linear_path
     from basins.files.loading import load_parameters_like
+    from basins.files.loading.adapters import is_adapter_directory
 
     with log.status(f"loading {kw['other']}", spinner="dots"):
         other = load_parameters_like(kw["other"], problem.module, problem.space.names, arch=kw.get("arch"),
-                                     trust_pickle=kw.get("trust_pickle", False))
+                                     trust_pickle=kw.get("trust_pickle", False),
+                                     base_model=kw.get("base_model") if is_adapter_directory(kw["other"]) else None)
     if other.differ:
         names = ", ".join(other.differ[:3]) + (", ..." if len(other.differ) > 3 else "")
         msg = (f"{kw['other']} has other values of {len(other.differ)} buffer(s) or parameter(s) outside --params "

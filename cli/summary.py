@@ -213,6 +213,10 @@ def problem_table(d: dict[str, Any]) -> Table:
         ("loss", p.get("loss")), ("L(θ*)", p.get("loss_at_optimum")), ("‖∇L(θ*)‖", p.get("grad_norm")),
         ("dtype", p.get("dtype")), ("device", p.get("device")), ("seed", p.get("seed")),
     ]
+    if p.get("source_dtype"):
+        rows.append(("stored as", f"{p['source_dtype']} (upcast to {p.get('dtype')})"))
+    if p.get("base_model"):
+        rows.append(("base model", p.get("base_model")))
     if p.get("max_samples") is not None:
         rows.append(("max samples", p.get("max_samples")))
     if p.get("data_streamed"):

@@ -27,6 +27,51 @@ def gpt2_config(attn: str = "eager") -> object:
                       bos_token_id=None, eos_token_id=None, attn_implementation=attn)
 
 
+def train_tiny_gpt2(ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, steps: int = 40) -> nn.Module:
+    """``tiny_gpt2()`` after ``steps`` Adam steps (lr 0.05) on the given tokens, in eval mode."""
+    model = tiny_gpt2()
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def causal_lm_hessian(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                      names: list[str] | None = None) -> tuple[torch.Tensor, float]:
+    """The dense Hessian of the mean next-token cross-entropy (−100 ignored, float64 ``F.cross_entropy``
+    on the shifted logits) in the parameters ``names`` (default: all, in ``named_parameters`` order,
+    flattened), the others held at their values; and that loss. By plain autograd, one double
+    backward per column (no ``vmap``, none of basins' code); symmetrised after checking symmetry.
+    The model must compute in float64."""
+    every = dict(model.named_parameters())
+    names = list(every) if names is None else names
+    shapes = [every[n].shape for n in names]
+    theta = torch.cat([every[n].detach().reshape(-1) for n in names])
+    assert theta.dtype == torch.float64
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        params, a = {}, 0
+        for n, s in zip(names, shapes):
+            params[n] = flat[a : a + s.numel()].reshape(s)
+            a += s.numel()
+        logits = torch.func.functional_call(model, params, (), {"input_ids": ids, "attention_mask": mask}).logits
+        assert logits.dtype == torch.float64
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+
+    leaf = theta.clone().requires_grad_(True)
+    g = torch.autograd.grad(loss(leaf), leaf, create_graph=True)[0]
+    eye = torch.eye(theta.numel(), dtype=theta.dtype)
+    dense = torch.stack([torch.autograd.grad(g, leaf, eye[i], retain_graph=True)[0] for i in range(theta.numel())])
+    assert float((dense - dense.T).abs().max()) <= 1e-12 * float(dense.abs().max())
+    with torch.no_grad():
+        value = float(loss(theta))
+    return (dense + dense.T) / 2, value
+
+
 def tiny_gpt2(attn: str = "eager", seed: int = 0) -> nn.Module:
     """A randomly initialised tiny GPT-2 in float64 (``--arch tests.hf_models:tiny_gpt2``)."""
     from transformers import GPT2LMHeadModel
@@ -107,3 +152,31 @@ def token_dataset() -> TokenDataset:
 
     ids, mask, _ = _tokens()
     return TokenDataset(ids, mask)
+
+
+def tiny_family(family: str, seed: int = 0) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A tiny randomly initialised float32 model of a Hugging Face family (``gpt2``, ``llama``,
+    ``bert`` classifier, ``vit`` classifier) with eager attention, and a batch of its inputs."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    small = {"hidden_size": 8, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 16}
+    ids = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(seed))
+    if family == "gpt2":
+        return tf.GPT2LMHeadModel(gpt2_config()).eval(), {"input_ids": ids}
+    if family == "llama":
+        config = tf.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=POSITIONS, num_key_value_heads=1,
+                                attn_implementation="eager", **small)
+        return tf.LlamaForCausalLM(config).eval(), {"input_ids": ids}
+    if family == "bert":
+        config = tf.BertConfig(vocab_size=VOCAB, max_position_embeddings=POSITIONS, num_labels=3,
+                               attn_implementation="eager", **small)
+        mask = torch.ones_like(ids)
+        mask[1, 4:] = 0
+        return tf.BertForSequenceClassification(config).eval(), {"input_ids": ids, "attention_mask": mask}
+    if family == "vit":
+        config = tf.ViTConfig(image_size=8, patch_size=4, num_channels=3, num_labels=3,
+                              attn_implementation="eager", **small)
+        pixels = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+        return tf.ViTForImageClassification(config).eval(), {"pixel_values": pixels}
+    raise ValueError(family)

@@ -33,7 +33,15 @@ from basins.engine.data import TensorData  # noqa: E402
 from basins.engine.problem import Problem  # noqa: E402
 from basins.errors import InputError  # noqa: E402
 from basins.files.loading import NamedLoss, load_data, load_model, open_data  # noqa: E402
-from tests.hf_models import VOCAB, TinyLM, Wrapped, sum_count_causal_lm, tiny_gpt2  # noqa: E402
+from tests.hf_models import (  # noqa: E402
+    VOCAB,
+    TinyLM,
+    Wrapped,
+    causal_lm_hessian,
+    sum_count_causal_lm,
+    tiny_gpt2,
+    train_tiny_gpt2,
+)
 
 N, T = 6, 10
 
@@ -52,39 +60,17 @@ def _tokens(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def gpt2() -> dict[str, object]:
     """A tiny GPT-2 trained briefly (40 Adam steps) on the padded tokens, saved as an HF directory,
     with the dense float64 Hessian of its own loss (``model(..., labels=labels).loss``)."""
-    model = tiny_gpt2()
     ids, mask, labels = _tokens()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    model.train()
-    for _ in range(40):
-        opt.zero_grad()
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        opt.step()
-    model.eval()
+    model = train_tiny_gpt2(ids, mask, labels)
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
     theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
-
-    def ref_loss(flat: torch.Tensor) -> torch.Tensor:
-        params, a = {}, 0
-        for n, s in zip(names, shapes):
-            params[n] = flat[a : a + s.numel()].reshape(s)
-            a += s.numel()
-        logits = torch.func.functional_call(model, params, (), {"input_ids": ids, "attention_mask": mask}).logits
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
-                                                 ignore_index=-100)
-
-    leaf = theta.clone().requires_grad_(True)
-    g = torch.autograd.grad(ref_loss(leaf), leaf, create_graph=True)[0]
-    eye = torch.eye(theta.numel(), dtype=theta.dtype)
-    dense = torch.stack([torch.autograd.grad(g, leaf, eye[i], retain_graph=True)[0] for i in range(theta.numel())])
-    assert float((dense - dense.T).abs().max()) < 1e-12 * float(dense.abs().max())
-    dense = (dense + dense.T) / 2
+    dense, loss = causal_lm_hessian(model, ids, mask, labels)
     offsets = np.cumsum([0] + [s.numel() for s in shapes])
     with torch.no_grad():
         hf = float(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
     return {"model": model, "ids": ids, "mask": mask, "labels": labels, "dense": dense, "names": names,
-            "offsets": offsets, "theta": theta, "loss": float(ref_loss(theta)), "hf_loss": hf}
+            "offsets": offsets, "theta": theta, "loss": loss, "hf_loss": hf}
 
 
 def _index(g: dict[str, object], selected: list[str]) -> torch.Tensor:
@@ -382,3 +368,24 @@ def test_named_inputs_with_different_sizes_are_refused() -> None:
     with pytest.raises(InputError, match="different numbers of examples"):
         TensorData({"input_ids": torch.zeros(3, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4)},
                    torch.zeros(3, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "vit"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hf_families_load_from_their_directories(family: str, dtype: torch.dtype, tmp_path: Path) -> None:
+    """GPT-2, Llama, a BERT classifier and a ViT classifier saved with save_pretrained (float32 or
+    bfloat16) load as their own class with eager attention and compute the saved model's outputs;
+    bfloat16 weights come back upcast to float32, exactly."""
+    from tests.hf_models import tiny_family
+
+    model, inputs = tiny_family(family)
+    stored = model.to(dtype)
+    stored.save_pretrained(str(tmp_path / family))
+    loaded = load_model(str(tmp_path / family))
+    assert loaded.kind == "hf" and type(loaded.module) is type(model)
+    assert loaded.source_dtype == (None if dtype == torch.float32 else "bfloat16")
+    assert {p.dtype for p in loaded.module.parameters()} == {torch.float32}
+    reference = stored.float()  # the stored weights, exactly, in float32
+    with torch.no_grad():
+        expected, got = reference(**inputs).logits, loaded.module(**inputs).logits
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (got - expected).abs().max()

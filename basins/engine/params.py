@@ -137,6 +137,8 @@ def select_parameters(
         left_frozen = [n for n in frozen if n not in keep]
     if not chosen:
         why = "every parameter is frozen (requires_grad=False)" if not pats else f"the patterns {pats} leave none"
-        raise InputError(f"no parameters selected: {why}")
+        hint = ("; include_frozen=True (--include-frozen) keeps frozen parameters, and params globs (--params) "
+                "naming them select them" if left_frozen else "")
+        raise InputError(f"no parameters selected: {why}{hint}")
     fixed = [n for n in names if n not in set(chosen)]
     return Selection(chosen, fixed, left_frozen, list(pats))

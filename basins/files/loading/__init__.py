@@ -26,9 +26,17 @@ Models (:func:`load_model`)
     * a Hugging Face model directory (``config.json`` + ``model.safetensors``), local files only,
       with ``transformers`` (extra ``basins[hf]``): :mod:`~basins.files.loading.hf`; a
       ``pytorch_model.bin`` is a pickle (``trust_pickle``);
+    * a peft adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) on its
+      base model's local directory (``base_model``, else the one the config names):
+      :mod:`~basins.files.loading.adapters`; θ is the adapter's parameters by default;
     * a ``.safetensors`` file of weights plus ``arch="module:factory"``, like a state dict;
     * TorchScript (``torch.jit.save``) is always refused: ``torch.func`` cannot differentiate it.
       The error gives the ``torch.export`` one-liner to use instead.
+
+    Weights stored in bfloat16 or float16 are upcast to float32 (exactly), the analysis precision;
+    ``LoadedModel.source_dtype`` records the stored dtype. Parameter names must be dotted
+    identifiers, tensors must hold values (no ``meta`` device) in the dense layout, and JSON and
+    safetensors headers are bounded and checked before use (:mod:`~basins.files.loading.weights`).
 
 Data (:func:`load_data`)
     ``spec`` is a file or ``module:factory``:
@@ -136,6 +144,7 @@ def resolve_inputs(
     seed: int = 0,
     stream: bool = False,
     loaded_data: LoadedData | StreamSpec | None = None,
+    base_model: str | None = None,
 ) -> tuple[LoadedModel, LoadedData | StreamSpec, str | NamedLoss | None]:
     """The model, data and loss a command runs on.
 
@@ -146,12 +155,13 @@ def resolve_inputs(
     :func:`open_data` (a Dataset, DataLoader or HDF5 file is not read yet); otherwise the
     data come back loaded (:class:`LoadedData`). ``loaded_data``: what an earlier call returned for
     the same ``data`` (several checkpoints on one data set), used instead of loading it again.
+    ``base_model``: a peft adapter's base model directory (:func:`load_model`).
 
     Raises:
         InputError: as :func:`load_model` and :func:`load_data`, or ``data`` missing for a
             model that is not a bundle.
     """
-    loaded, raw = _load_model_file(model, arch=arch, trust_pickle=trust_pickle)
+    loaded, raw = _load_model_file(model, arch=arch, trust_pickle=trust_pickle, base_model=base_model)
     if data is not None and loaded_data is not None:
         bundle_loss = raw.get("loss") if raw is not None else None
         return loaded, loaded_data, load_loss(loss if loss is not None else bundle_loss)
@@ -169,6 +179,7 @@ def resolve_inputs(
             "state_dict": "a state dict",
             "pickle": "a pickled module",
             "hf": "a Hugging Face model directory",
+            "peft": "a peft adapter directory",
         }.get(loaded.kind, loaded.kind)
         raise InputError(
             f"{model} is {kind}, which holds no data: pass the data with --data (a .pt, .npz "

@@ -47,12 +47,14 @@ def load_parameters_like(
     *,
     arch: str | None = None,
     trust_pickle: bool = False,
+    base_model: str | None = None,
 ) -> OtherCheckpoint:
     """Load ``path`` and return its parameters ``names`` as one flat vector (module docstring).
 
     Args:
         path: the other model file or directory, opened as :func:`load_model` opens one
-            (``arch`` for a state dict, ``trust_pickle`` for a pickled module).
+            (``arch`` for a state dict, ``trust_pickle`` for a pickled module, ``base_model``
+            for a peft adapter).
         first: the first model (e.g. ``problem.module``): every one of its parameters must
             exist in the other with the same shape, and the other may have no parameter the
             first lacks.
@@ -65,7 +67,7 @@ def load_parameters_like(
         InputError: as :func:`load_model`; or the two architectures differ, naming the first
             parameter missing, extra or of another shape (one line).
     """
-    model = load_model(path, arch=arch, trust_pickle=trust_pickle)
+    model = load_model(path, arch=arch, trust_pickle=trust_pickle, base_model=base_model)
     theirs = dict(model.module.named_parameters())
     ours = dict(first.named_parameters())
     same = "the two must be checkpoints of the same architecture"

@@ -16,6 +16,7 @@ import torch
 
 from basins.errors import InputError
 
+from .adapters import is_adapter_directory, load_adapter_directory
 from .exports import _exported_module, _prepare_exported  # noqa: F401 (_prepare_exported: re-exported)
 from .formats import (
     _EXPORT_HINT,
@@ -31,8 +32,9 @@ from .formats import (
     _torch_load_safe,
     _unpickling_global,
 )
-from .hf import is_hf_directory, load_hf_directory, load_safetensors_state, load_state_tied
+from .hf import is_hf_directory, load_hf_directory, load_state_tied
 from .imports import import_object
+from .weights import check_module_tensors, check_names, load_safetensors_state, upcast_half
 
 
 @dataclass
@@ -43,8 +45,9 @@ class LoadedModel:
         module: The ``nn.Module``, in eval mode; for a ``.pt2`` a ``GraphModule`` equal to the
             ``ExportedProgram``'s ``.module()`` (:mod:`.export_reader`), rewritten to inference
             mode (its ``eval()`` is a no-op).
-        kind: ``"export"``, ``"state_dict"``, ``"pickle"``, ``"bundle"`` or ``"hf"`` (a Hugging
-            Face model directory, :mod:`basins.files.loading.hf`).
+        kind: ``"export"``, ``"state_dict"``, ``"pickle"``, ``"bundle"``, ``"hf"`` (a Hugging
+            Face model directory, :mod:`basins.files.loading.hf`) or ``"peft"`` (an adapter
+            directory on its base model, :mod:`basins.files.loading.adapters`).
         fixed_batch_size: For an export whose batch dimension is static, that size (the module
             only accepts batches of exactly this many examples); otherwise ``None``.
         source: The path as given.
@@ -52,6 +55,10 @@ class LoadedModel:
             a model directory: of config.json and the weight files).
         attention: for a Hugging Face directory, the attention implementation it was loaded with
             (``eager``); None otherwise.
+        source_dtype: the floating dtypes narrower than float32 the file stored and that were
+            upcast to float32 (``"bfloat16"``, ``"float16"``, ...; :func:`~.weights.upcast_half`);
+            None when the weights were float32/float64.
+        base_model: for a peft adapter, the base model's directory; None otherwise.
     """
 
     module: torch.nn.Module
@@ -60,11 +67,17 @@ class LoadedModel:
     source: str
     sha256: str
     attention: str | None = None
+    source_dtype: str | None = None
+    base_model: str | None = None
 
 
 
-def load_model(path: str, *, arch: str | None = None, trust_pickle: bool = False) -> LoadedModel:
-    """Load a model file (``.pt2``, state dict + ``arch``, trusted pickle, or bundle).
+def load_model(
+    path: str, *, arch: str | None = None, trust_pickle: bool = False, base_model: str | None = None
+) -> LoadedModel:
+    """Load a model file (``.pt2``, state dict + ``arch``, trusted pickle, bundle) or directory
+    (Hugging Face model, peft adapter). Weights stored in a floating dtype narrower than float32
+    (bfloat16, float16) are upcast to float32 (``LoadedModel.source_dtype`` says from what).
 
     Args:
         path: The model file; its format is recognised from its content.
@@ -72,26 +85,48 @@ def load_model(path: str, *, arch: str | None = None, trust_pickle: bool = False
             called with no arguments; an ``nn.Module`` instance is used as is). Ignored for
             self-contained formats.
         trust_pickle: Allow loading a pickled ``nn.Module``, which runs code from the file.
+        base_model: for a peft adapter directory, the base model's local directory (default: the
+            one its ``adapter_config.json`` names).
 
     Returns:
         The :class:`LoadedModel`, in eval mode.
 
     Raises:
         InputError: missing file, directory, unknown or corrupt content, TorchScript, a pickle
-            without ``trust_pickle``, a state dict without ``arch`` or that does not fit it.
+            without ``trust_pickle``, a state dict without ``arch`` or that does not fit it, bad
+            parameter names, tensors on the ``meta`` device or sparse.
     """
-    model, _ = _load_model_file(path, arch=arch, trust_pickle=trust_pickle)
+    model, _ = _load_model_file(path, arch=arch, trust_pickle=trust_pickle, base_model=base_model)
     return model
 
 
 
 def _load_model_file(
-    path: str, *, arch: str | None, trust_pickle: bool
+    path: str, *, arch: str | None, trust_pickle: bool, base_model: str | None = None
 ) -> tuple[LoadedModel, dict[str, Any] | None]:
-    """The model, and the raw bundle dict when the file is a bundle."""
+    """The model, upcast to float32 if stored narrower and checked (:func:`~.weights.check_module_tensors`),
+    and the raw bundle dict when the file is a bundle."""
+    if base_model is not None and not is_adapter_directory(path):
+        raise InputError(f"--base-model is for a peft adapter directory (with adapter_config.json); {path} is not one")
+    loaded, raw, stored = _read_model(path, arch=arch, trust_pickle=trust_pickle, base_model=base_model)
+    check_module_tensors(loaded.module, path)
+    upcast = upcast_half(loaded.module)
+    loaded.source_dtype = ", ".join(sorted({h for s in (upcast, stored) if s for h in s.split(", ")})) or None
+    return loaded, raw
+
+
+def _read_model(
+    path: str, *, arch: str | None, trust_pickle: bool, base_model: str | None
+) -> tuple[LoadedModel, dict[str, Any] | None, str | None]:
+    """The model as stored, the raw bundle dict of a bundle, and the narrow dtypes the file stores
+    where the module may not show them (a state dict loaded into a float32 ``--arch``)."""
+    if is_adapter_directory(path):
+        adapter = load_adapter_directory(path, base_model=base_model, trust_pickle=trust_pickle)
+        return LoadedModel(adapter.module, "peft", None, path, adapter.sha256, adapter.attention,
+                           base_model=adapter.base), None, adapter.stored_half
     if is_hf_directory(path):
-        module, digest, attention = load_hf_directory(path, trust_pickle=trust_pickle)
-        return LoadedModel(module, "hf", None, path, digest, attention), None
+        hf = load_hf_directory(path, trust_pickle=trust_pickle)
+        return LoadedModel(hf.module, "hf", None, path, hf.sha256, hf.attention), None, hf.stored_half
     _check_file(path, "model")
     sniffed = _sniff(path)
     kind = sniffed.kind
@@ -101,7 +136,7 @@ def _load_model_file(
             f"{path} looks like a torch.export archive (.pt2) but torch.export.load failed",
             f"re-export it with this torch version ({torch.__version__})",
         )
-        return LoadedModel(module, "export", fixed, path, _file_sha256(path)), None
+        return LoadedModel(module, "export", fixed, path, _file_sha256(path)), None, None
     if kind == "torchscript":
         raise InputError(
             f"{path} is a TorchScript archive (torch.jit.save): torch.func cannot differentiate "
@@ -116,6 +151,7 @@ def _load_model_file(
         return _load_torch_save_model(path, arch=arch, trust_pickle=trust_pickle)
     if kind == "safetensors":
         state = load_safetensors_state(path)
+        stored = _narrow_dtypes(state)
         if arch is None:
             raise InputError(
                 f"{path} is a .safetensors file ({len(state)} tensors): it holds weights but not the "
@@ -125,7 +161,7 @@ def _load_model_file(
         module = _build_module(arch)
         load_state_tied(module, state, path, arch)
         module.eval()
-        return LoadedModel(module, "state_dict", None, path, _file_sha256(path)), None
+        return LoadedModel(module, "state_dict", None, path, _file_sha256(path)), None, stored
     if kind in ("npz", "npy", "hdf5"):
         raise InputError(
             f"{path} is {_KIND_WORDS[kind]}, which is data, not a model: pass it with --data"
@@ -134,9 +170,16 @@ def _load_model_file(
 
 
 
+def _narrow_dtypes(state: Mapping[str, torch.Tensor]) -> str | None:
+    """The floating dtypes narrower than float32 among a state dict's tensors (None: none)."""
+    found = sorted({str(t.dtype).replace("torch.", "") for t in state.values()
+                    if t.is_floating_point() and t.element_size() < 4})
+    return ", ".join(found) or None
+
+
 def _load_torch_save_model(
     path: str, *, arch: str | None, trust_pickle: bool
-) -> tuple[LoadedModel, dict[str, Any] | None]:
+) -> tuple[LoadedModel, dict[str, Any] | None, str | None]:
     try:
         obj = _torch_load_safe(path, path)
     except pickle.UnpicklingError as err:
@@ -147,16 +190,16 @@ def _load_torch_save_model(
                 "if you trust its source, or save model.state_dict() and pass --arch, or "
                 "export a .pt2 with torch.export"
             ) from err
-        return _load_trusted_pickle(path), None
+        return _load_trusted_pickle(path), None, None
     if isinstance(obj, Mapping) and obj.get("format") == BUNDLE_FORMAT:
-        return _bundle_model(obj, path, trust_pickle=trust_pickle), dict(obj)
+        return _bundle_model(obj, path, trust_pickle=trust_pickle), dict(obj), None
     if isinstance(obj, Mapping) and "inputs" in obj and "targets" in obj:
         raise InputError(
             f"{path} is a data file (a dict with inputs and targets), not a model: "
             "pass it with --data"
         )
     if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return _load_state_dict(path, obj, arch), None
+        return _load_state_dict(path, obj, arch), None, _narrow_dtypes(obj)
     raise InputError(
         f"{path} is a torch.save file holding {_describe(obj)}, not a model: expected a "
         "state dict (name -> tensor) with --arch, a pickled nn.Module, or a bundle"
@@ -183,6 +226,11 @@ def _load_trusted_pickle(path: str) -> LoadedModel:
 
 
 def _load_state_dict(path: str, state: Mapping[str, Any], arch: str | None) -> LoadedModel:
+    check_names(state, path)
+    for name, tensor in state.items():
+        if tensor.is_meta or tensor.layout != torch.strided:
+            raise InputError(f"{path}: {name!r} is a {'meta' if tensor.is_meta else str(tensor.layout)} tensor; "
+                             "a state dict must hold dense tensors with values")
     first = next(iter(state))
     if arch is None:
         raise InputError(
