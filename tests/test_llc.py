@@ -18,21 +18,14 @@ from basins.analyses.llc.stats import chain_mean, ess, t_quantile, trend_z
 from basins.engine.minibatch import MinibatchLoss, share_of_minibatch
 from basins.engine.problem import Problem
 from basins.errors import ComputeError, InputError
+from tests.test_llc_analytic import linear, power, rrr
 
 F64 = torch.float64
 
 
 def linreg(n: int = 200, d: int = 3, seed: int = 0, noise: float = 0.5) -> Problem:
     """Linear regression at its least-squares fit (an exact critical point)."""
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g, dtype=F64)
-    Y = X @ torch.randn(d, 1, generator=g, dtype=F64) + noise * torch.randn(n, 1, generator=g, dtype=F64)
-    m = nn.Linear(d, 1, dtype=F64)
-    sol = torch.linalg.lstsq(torch.cat([X, torch.ones(n, 1, dtype=F64)], 1), Y).solution
-    with torch.no_grad():
-        m.weight.copy_(sol[:d].T)
-        m.bias.copy_(sol[d])
-    return Problem(m, X, Y, loss="mse")
+    return linear(d, seed, n=n, noise=noise)
 
 
 # ---------------------------------------------------------------------- statistics
@@ -175,32 +168,17 @@ def test_divergence_in_burnin_halves_step_and_restarts(monkeypatch: pytest.Monke
 def test_step_size_shrinks_to_the_curvature_met_at_a_singular_point() -> None:
     """y = w²·x at w* = 0: H = 0 there, so the first ε is 0.1/γ; the chains meet curvature away
     from 0 and ε shrinks, and no chain diverges."""
-    p = power_problem(k=2, n=2000)
+    p = power(2, 0, n=2000)
     r = llc(p, num_draws=200, num_burnin=200, quadratic=False)
     assert r.step_size_initial == pytest.approx(0.1 / 1.0, rel=0.1)  # H(0) = −4·mean(xy) ≈ 0
     assert r.step_size < r.step_size_initial / 5
     assert not r.restarts
 
 
-class Power(nn.Module):
-    def __init__(self, k: int) -> None:
-        super().__init__()
-        self.k = k
-        self.w = nn.Parameter(torch.zeros(1, dtype=F64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w**self.k * x
-
-
-def power_problem(k: int, n: int, seed: int = 0, noise: float = 0.01) -> Problem:
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 1, generator=g, dtype=F64)
-    return Problem(Power(k), X, noise * torch.randn(n, 1, generator=g, dtype=F64), loss="mse")
-
-
 def test_too_short_run_is_flagged() -> None:
-    p = power_problem(k=2, n=2000)
-    r = llc(p, num_draws=60, num_burnin=0, quadratic=False, seed=3)
+    """Rank-0 reduced-rank regression, no burn-in and 200 draws: the chains are still relaxing."""
+    p = rrr(5, 3, 3, 0, 0)
+    r = llc(p, num_draws=200, num_burnin=0, quadratic=False, seed=3)
     assert r.converged is False
     assert any("not converged" in w for w in r.warnings)
 
@@ -260,11 +238,12 @@ def test_quadratic_basin_gamma_pull() -> None:
     assert r.llc_ci[0] - 0.02 * predicted <= predicted <= r.llc_ci[1] + 0.02 * predicted, (r.llc, r.llc_ci)
 
 
+@pytest.mark.slow
 def test_refined_llc_per_block_of_a_regular_model() -> None:
     """At a regular minimum the weight-refined LLC of a block is its P_B/2 (γ's pull is < 1% here)."""
     p = linreg(n=2000, d=4, noise=0.1)
     weight, bias = llc_per_block(p, [("weight", ["weight"]), ("bias", ["bias"])], quadratic=False, seed=2,
-                                 num_draws=1500, num_burnin=500)
+                                 num_draws=1000, num_burnin=300)
     assert weight.block_num_params == 4 and bias.block_num_params == 1
     assert abs(weight.llc - 2.0) <= max(3 * weight.llc_stderr, 0.1), (weight.llc, weight.llc_stderr)
     assert abs(bias.llc - 0.5) <= max(3 * bias.llc_stderr, 0.05), (bias.llc, bias.llc_stderr)
@@ -273,3 +252,22 @@ def test_refined_llc_per_block_of_a_regular_model() -> None:
 
 def test_module_exports() -> None:
     assert llc_module.STEP_RULE.startswith("auto: ε = 0.1/a")
+
+
+def test_process_shard_pairs_the_global_n_with_the_global_data() -> None:
+    """As under torchrun with two identical shards (reduce doubles, gather repeats): each process draws
+    its stratified share of every minibatch from its shard, the sums are reduced, and nβ uses the
+    global N, so the estimates equal those of one process holding both shards."""
+    g = torch.Generator().manual_seed(5)
+    X, Y = torch.randn(20, 2, generator=g, dtype=F64), torch.randn(20, 1, generator=g, dtype=F64)
+    model = nn.Linear(2, 1, dtype=F64)
+    shard = Problem(model, X, Y, loss="mse", total_examples=40, reduce=lambda t: 2 * t, gather=lambda o: [o, o])
+    whole = Problem(model, torch.cat([X, X]), torch.cat([Y, Y]), loss="mse")
+    mb = MinibatchLoss(shard, 40)
+    assert mb.local_size == 20 and MinibatchLoss(shard, 10).local_size == 5
+    theta = shard.theta0 + 0.3
+    v, grad = mb.value_and_grad(theta[None], mb.batch_at(torch.arange(20)[None]))
+    assert float(v[0]) == pytest.approx(float(whole.loss(theta)), rel=1e-13)
+    assert torch.allclose(grad[0], whole.grad(theta), rtol=1e-12, atol=1e-15)
+    r = llc(shard, num_draws=20, num_burnin=5, quadratic=False)
+    assert r.num_terms == 40 and r.nbeta == pytest.approx(40 / math.log(40), rel=1e-12)

@@ -95,7 +95,7 @@ def test_llc_equals_independent_sgld_with_the_same_noise(gpt2: dict[str, object]
         set_w(w)
         loss = _hand_loss(model, ids, mask, labels)  # type: ignore[arg-type]
         grads = torch.autograd.grad(loss, params)
-        return float(loss), torch.cat([g.reshape(-1) for g in grads])
+        return float(loss.detach()), torch.cat([g.reshape(-1) for g in grads])
 
     try:
         L0 = loss_grad(w_star)[0]
