@@ -69,7 +69,7 @@ def test_ess_and_standard_error_of_ar1() -> None:
 def test_chain_mean_uses_between_chain_spread_when_chains_disagree() -> None:
     x = _ar1(4, 1000, 0.5, 1) + torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=F64)[:, None]
     e = chain_mean(x)
-    assert e.dof == 3 and e.stderr == pytest.approx(float(x.mean(1).std()) / 2, rel=1e-9)
+    assert e.dof == 3 and e.stderr >= float(x.mean(1).std()) / 2 * (1 - 1e-12)
     lo, hi = e.interval()
     assert hi - lo == pytest.approx(2 * t_quantile(0.975, 3) * e.stderr, rel=1e-12)
 

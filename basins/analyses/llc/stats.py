@@ -14,7 +14,7 @@ import torch
 __all__ = ["split_rhat", "ess", "MeanEstimate", "chain_mean", "trend_z", "t_quantile", "NUM_BATCHES"]
 
 #: batches per chain for the batch-means standard error
-NUM_BATCHES = 20
+NUM_BATCHES = 10
 
 
 def split_rhat(x: torch.Tensor) -> float:
@@ -71,11 +71,14 @@ def ess(x: torch.Tensor) -> float:
 class MeanEstimate:
     """The grand mean of ``(C, D)`` traces with its standard error and t degrees of freedom.
 
-    ``stderr² = max(pooled, between)/C``: ``pooled`` is the variance of a chain's mean from the
-    batch means of all chains (``NUM_BATCHES`` per chain, ``C·K − 1`` degrees of freedom, each
-    batch mean's variance scaled to a chain mean), ``between`` the sample variance of the C chain
-    means (``C − 1`` degrees of freedom); the degrees of freedom are those of the larger. So
-    chains that disagree more than their own noise allows widen the interval with the few
+    ``stderr² = max(pooled, within, spectral, between)/C``, each an estimate of a chain mean's
+    variance: ``pooled`` from the batch means of all chains (``NUM_BATCHES`` per chain),
+    ``within`` from each chain's own effective sample size (var/ESS; both guard against the other's
+    failure when batches are shorter than the autocorrelation time), ``spectral`` from the
+    multi-chain ESS (Stan's MCSE² = var⁺/ESS, :func:`ess`), ``between`` the sample variance of the
+    C chain means. Degrees of freedom: ``C·K − 1``, or ``C − 1`` when the chain means spread more
+    than ``pooled``/``within`` allow (the chains disagree) and the spread decides.
+    So chains that disagree more than their own noise allows widen the interval with the few
     degrees of freedom of C chains, and chains that agree get the batch means' many."""
 
     mean: float
@@ -83,6 +86,7 @@ class MeanEstimate:
     dof: int
     pooled: float
     between: float
+    spectral: float = math.nan
 
     def interval(self, level: float = 0.95) -> tuple[float, float]:
         if not math.isfinite(self.stderr):
@@ -102,12 +106,21 @@ def chain_mean(x: torch.Tensor, num_batches: int = NUM_BATCHES) -> MeanEstimate:
     bm = x[:, D - K * L :].reshape(C, K, L).mean(dim=2)  # drop the first D mod K draws
     pooled = float(bm.var(dim=1).sum() / C / K) if K > 1 else math.nan  # Var(chain mean) from batch means
     between = float(means.var()) if C > 1 else math.nan
-    cands = [(pooled, C * K - 1 if K > 1 else 0), (between, C - 1)]
+    per = [ess(x[c : c + 1]) for c in range(C)]  # within each chain: Var(chain mean) = var/ESS
+    within = (sum(float(x[c].var()) / e for c, e in enumerate(per)) / C
+              if all(math.isfinite(e) and e > 0 for e in per) else math.nan)
+    n_eff = ess(x)  # Stan's MCSE² = var⁺/ESS, as a chain mean's variance: C·var⁺/ESS
+    var_plus = float(x.var(dim=1).mean() + (means.var() if C > 1 else 0.0))
+    spectral = C * var_plus / n_eff if math.isfinite(n_eff) and n_eff > 0 else math.nan
+    inside = max((v for v in (pooled, within) if math.isfinite(v)), default=math.nan)
+    disagree = C > 1 and math.isfinite(between) and not between <= inside
+    many = C * K - 1 if K > 1 else 0
+    cands = [(pooled, many), (within, many), (spectral, C - 1 if disagree else many), (between, C - 1)]
     ok = [(v, d) for v, d in cands if math.isfinite(v) and d >= 1]
     if not ok:
-        return MeanEstimate(est, math.nan, 0, pooled, between)
+        return MeanEstimate(est, math.nan, 0, pooled, between, spectral)
     v, d = max(ok)
-    return MeanEstimate(est, math.sqrt(max(v, 0.0) / C), int(d), pooled, between)
+    return MeanEstimate(est, math.sqrt(max(v, 0.0) / C), int(d), pooled, between, spectral)
 
 
 def trend_z(x: torch.Tensor, first: float = 0.2, last: float = 0.5) -> float:
