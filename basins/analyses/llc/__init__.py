@@ -52,7 +52,6 @@ import torch
 
 from basins.analyses.llc.sampler import (
     ACCEPT_TARGET,
-    MALA_EVERY,
     STEP_RULE,
     Chains,
     Diverged,
