@@ -271,3 +271,15 @@ def test_process_shard_pairs_the_global_n_with_the_global_data() -> None:
     assert torch.allclose(grad[0], whole.grad(theta), rtol=1e-12, atol=1e-15)
     r = llc(shard, num_draws=20, num_burnin=5, quadratic=False)
     assert r.num_terms == 40 and r.nbeta == pytest.approx(40 / math.log(40), rel=1e-12)
+
+
+@pytest.mark.slow
+def test_auto_draws_and_burnin_extend_within_the_budget() -> None:
+    """A rank-0 case whose 1000 + 1000 steps fail the diagnostics: ``auto`` extends the run (draws that
+    drift become burn-in, or the draws double) and stops at the budget, the total never above it."""
+    p = rrr(5, 3, 3, 0, 0)
+    r = llc(p, num_draws="auto", num_burnin="auto", max_steps=3500, quadratic=False, seed=0)
+    assert 2000 < r.num_burnin + r.num_draws <= 3500, (r.num_burnin, r.num_draws)
+    assert r.traces.shape == (4, r.num_draws)
+    fixed = llc(p, num_draws=1000, num_burnin=1000, quadratic=False, seed=0)
+    assert fixed.converged is False  # the reason auto extended
