@@ -23,8 +23,9 @@ via the refined local learning coefficient"): with ``mask`` (or a Problem built 
 LLC of the block. :func:`llc_per_block` gives one per block.
 
 Interval and diagnostics (:mod:`basins.analyses.llc.stats`): the mean of the C per-chain means,
-its s.e. from batch means within chains or the between-chain spread (the larger, with its
-degrees of freedom), the 95% interval from Student's t, the effective sample size, split
+its s.e. the largest of four estimates (batch means within chains, each chain's own ESS, Stan's
+multi-chain MCSE, the between-chain spread; :func:`~basins.analyses.llc.stats.chain_mean`), the
+95% interval from Student's t with the degrees of freedom of that estimate, the effective sample size, split
 R-hat (> 1.05 flags) and a first-20%-vs-last-50% trend test (|z| > 3 flags); either flag sets
 ``converged = False`` with a note. ``num_draws="auto"``/``num_burnin="auto"`` extend the run
 until both pass or ``max_steps`` per chain are spent.
