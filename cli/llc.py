@@ -38,33 +38,72 @@ def _positive_or_auto(ctx: click.Context, param: click.Parameter, value: str | N
     return x
 
 
+def _steps_or_auto(least: int) -> Any:
+    def parse(ctx: click.Context, param: click.Parameter, value: str) -> int | str:
+        if value == "auto":
+            return "auto"
+        try:
+            k = int(value)
+        except ValueError:
+            raise click.BadParameter(f"an integer ≥ {least} or 'auto', got {value!r}") from None
+        if k < least:
+            raise click.BadParameter(f"an integer ≥ {least} or 'auto', got {value!r}")
+        return k
+
+    return parse
+
+
+#: the rule of basins.analyses.llc.sampler.STEP_RULE, word for word (a test checks it and the README)
+STEP_RULE = (
+             "auto: ε = 0.1/a, a the largest curvature of nβ·L + γ‖w − w*‖²/2 met so far (Lanczos at w*, then "
+             "power iteration on each chain's minibatch Hessian at its start and at 8 points of burn-in); during "
+             "burn-in ε backs off ×0.7 per 100 steps with MALA acceptance < 0.95, and a divergence halves the "
+             "chain's ε and restarts it; ε is then frozen (smallest over chains) for the draws")
+STEP_HELP = f"SGLD step ε ({STEP_RULE})."
+
+
 @click.command()
 @problem_options
-@click.option("--chains", type=click.IntRange(min=1), default=4, show_default=True, help="SGLD chains (seeds SEED, SEED+1, ...).")
-@click.option("--draws", type=click.IntRange(min=1), default=1000, show_default=True, help="Steps kept per chain.")
-@click.option("--burnin", type=click.IntRange(min=0), default=1000, show_default=True, help="Steps discarded per chain.")
+@click.option("--chains", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Independent SGLD chains (numpy SeedSequence(SEED).spawn(CHAINS): seeds never share a chain).")
+@click.option("--draws", callback=_steps_or_auto(1), default="1000", show_default=True,
+              help="Steps kept per chain, or auto: 1000, doubled until R-hat and the trend test pass (--max-steps).")
+@click.option("--burnin", callback=_steps_or_auto(0), default="1000", show_default=True,
+              help="Steps discarded per chain, or auto: 1000, and draws that fail the trend test become burn-in.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=16000, show_default=True,
+              help="Budget per chain (burn-in + draws) for --draws/--burnin auto.")
 @click.option("--nbeta", callback=_positive_or_auto, default="auto", show_default=True,
-              help="nβ, the inverse temperature times n (auto: n/log n).")
+              help="nβ, the inverse temperature times N (auto: N/log N, N the loss's terms: valid tokens for "
+                   "token losses, examples × outputs for mse).")
 @click.option("--gamma", callback=_positive_or_auto, default="auto", show_default=True,
               help="Localization γ in 1/parameter² (auto: 1).")
-@click.option("--step-size", callback=_positive_or_auto, default="auto", show_default=True,
-              help="SGLD step ε (auto: 0.1·2/(nβ·λ_max + γ)).")
+@click.option("--step-size", callback=_positive_or_auto, default="auto", show_default=True, help=STEP_HELP)
+@click.option("--minibatch", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Examples per SGLD step and chain (the memory chunk is --batch-size).")
 @click.option("--sampler", type=click.Choice(["sgld", "rmsprop"]), default="sgld", show_default=True,
-              help="SGLD, or RMSProp-preconditioned SGLD.")
+              help="SGLD, or RMSProp-preconditioned SGLD (preconditioner fixed after half the burn-in).")
+@click.option("--per-block", "per_block", multiple=True, metavar="DEPTH|GLOB",
+              help="One weight-refined LLC per block of parameters (a module depth, or globs), the others held at "
+                   "w* (Wang et al. 2024).")
+@click.option("--no-quadratic", is_flag=True, help="Skip llc_quadratic (P HVPs, or 300 by SLQ).")
 @click.option("--no-batch-chains", is_flag=True, help="Loop over chains instead of one vmapped step for all.")
 @output_options
 def llc(**kw: Any) -> None:
     """Estimate the local learning coefficient λ̂ = nβ·(E_w[L] − L(w*)) by SGLD around w*.
 
     λ = P/2 at a regular minimum, smaller at a singular one. Chains step on minibatches of
-    --batch-size examples (default min(n, 256)); E_w[L] − L(w*) is the mean of
-    L_B(w) − L_B(w*) on each step's batch. The γ-pull of the localization is reported
-    (llc_quadratic: what a quadratic basin with this Hessian would give).
+    --minibatch examples; E_w[L] − L(w*) is the mean of L_B(w) − L_B(w*) on each step's
+    batch. With --params GLOB, the weight-refined LLC of that block (the other parameters held
+    at w*; Wang et al. 2024); --per-block gives one per block. The interval is Student-t with
+    the degrees of freedom of its standard error (batch means within chains, or the spread
+    between chains when larger); converged: false (and a note) when split R-hat > 1.05 or the
+    first 20% of the draws differ from the last 50% (|z| > 3).
 
     \b
     Examples:
       basins llc model.pt
-      basins llc model.pt --chains 8 --draws 2000 --json
+      basins llc model.pt --chains 8 --draws auto --burnin auto --json
+      basins llc gpt2-dir --data tok.pt --loss causal-lm --params 'transformer.h.0.*'
       basins llc model.pt --step-size 1e-5 --gamma 100 -o report.h5
     """
     from basins.analyses.llc import llc as estimate
@@ -73,16 +112,25 @@ def llc(**kw: Any) -> None:
     with Timer() as setup:
         loaded = load_problem(kw, log)
     problem = loaded.problem
-    with Timer() as t, progress_bar(log, f"llc ({kw['sampler']})", total=kw["burnin"] + kw["draws"]) as update:
-        with flag_names(num_chains="--chains", num_draws="--draws", num_burnin="--burnin", nbeta="--nbeta",
-                        gamma="--gamma", step_size="--step-size", batch_size="--batch-size", sampler="--sampler"):
-            result = estimate(problem, num_chains=kw["chains"], num_draws=kw["draws"], num_burnin=kw["burnin"],
-                              nbeta=kw["nbeta"], gamma=kw["gamma"], step_size=kw["step_size"],
-                              batch_size=kw["batch_size"], sampler=kw["sampler"], seed=loaded.seed,
-                              batched=not kw["no_batch_chains"], callback=update)
+    planned = (1000 if kw["burnin"] == "auto" else kw["burnin"]) + (1000 if kw["draws"] == "auto" else kw["draws"])
+    opts = dict(num_chains=kw["chains"], num_draws=kw["draws"], num_burnin=kw["burnin"], nbeta=kw["nbeta"],
+                gamma=kw["gamma"], step_size=kw["step_size"], minibatch=kw["minibatch"], sampler=kw["sampler"],
+                seed=loaded.seed, batched=not kw["no_batch_chains"], quadratic=not kw["no_quadratic"],
+                max_steps=kw["max_steps"])
+    names = dict(num_chains="--chains", num_draws="--draws", num_burnin="--burnin", nbeta="--nbeta",
+                 gamma="--gamma", step_size="--step-size", minibatch="--minibatch", sampler="--sampler",
+                 max_steps="--max-steps", per_block="--per-block")
+    if kw["per_block"]:
+        _per_block(kw, log, loaded, opts, names, planned)
+        return
+    block = " ".join(problem.selection.patterns) if problem.selection.patterns else None
+    with Timer() as t, progress_bar(log, f"llc ({kw['sampler']})", total=planned) as update:
+        with flag_names(**names):
+            result = estimate(problem, block=block, callback=update, **opts)
     for note in result.warnings:
         log.print(f"note: {note}")
-    log.print(f"llc: {result.num_grads} minibatch gradients in {t.seconds:.2f} s")
+    log.print(f"llc: nβ = {result.nbeta:.6g} ({result.nbeta_rule}); {result.num_grads} minibatch gradients in "
+              f"{t.seconds:.2f} s")
     record = result.record()
     record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
 
@@ -90,6 +138,50 @@ def llc(**kw: Any) -> None:
         return summary_tables({**analysis, "attrs": {**analysis["attrs"], "notes": []}}, problem)
 
     emit(kw, log, loaded, "llc", record, warnings=[*loaded.warnings, *result.warnings], tables=tables)
+
+
+def _per_block(kw: dict[str, Any], log: Any, loaded: Any, opts: dict[str, Any], names: dict[str, str],
+               planned: int) -> None:
+    """``--per-block``: one weight-refined LLC per block, group ``/llc_blocks``."""
+    from basins.analyses.blocks import parse_blocks
+    from basins.analyses.llc import llc_per_block
+    from basins.record import Array, Record
+
+    problem = loaded.problem
+    with flag_names(**names):
+        blocks = parse_blocks(problem.space.names, list(kw["per_block"]))
+        with Timer() as t, progress_bar(log, f"llc of {len(blocks)} blocks", total=planned * len(blocks)) as update:
+            done = [0]
+
+            def relay(p: Any) -> None:
+                update(type(p)(p.phase, p.done + done[0] * planned, planned * len(blocks), p.unit, info=p.info))
+
+            results = []
+            for name, params in blocks:
+                results.extend(llc_per_block(problem, [(name, params)], callback=relay, **opts))
+                done[0] += 1
+    warnings = list(loaded.warnings)
+    for r in results:
+        warnings.extend(f"block {r.block}: {w}" for w in r.warnings)
+    for w in warnings[len(loaded.warnings):]:
+        log.print(f"note: {w}")
+    attrs = {"blocks": " ".join(kw["per_block"]), "block_names": [r.block for r in results],
+             "method": "weight-refined LLC (Wang et al. 2024): SGLD on the block, the other parameters at w*",
+             "nbeta": results[0].nbeta, "nbeta_rule": results[0].nbeta_rule, "gamma": results[0].gamma,
+             "num_chains": results[0].num_chains, "seed": loaded.seed, "wall_seconds": t.seconds,
+             "num_grads": sum(r.num_grads for r in results), "notes": warnings[len(loaded.warnings):]}
+    arrays = {
+        "block_num_params": Array([r.block_num_params for r in results], "P of the block", None),
+        "llc": Array([r.llc for r in results], "weight-refined LLC of the block", None),
+        "llc_stderr": Array([r.llc_stderr for r in results], "its standard error", None),
+        "llc_ci_low": Array([r.llc_ci[0] for r in results], "95% Student-t interval, low end", None),
+        "llc_ci_high": Array([r.llc_ci[1] for r in results], "95% Student-t interval, high end", None),
+        "step_size": Array([r.step_size for r in results], "frozen SGLD step ε", None),
+        "converged": Array([r.converged for r in results], "R-hat and trend test passed", None),
+    }
+    from .llc_blocks import summary_tables as block_tables
+
+    emit(kw, log, loaded, "llc_blocks", Record(attrs, arrays), warnings=warnings, tables=block_tables)
 
 
 def llc_text(a: dict[str, Any]) -> str:
@@ -110,20 +202,31 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     t.add_row("λ̂ ± se", llc_text(a) + (f"   (P/2 = {P / 2:g})" if isinstance(P, int) else ""))
     ci = attr_value(a, "llc_ci")
     if isinstance(ci, list) and len(ci) == 2:
-        t.add_row("95% interval", f"[{fmt(ci[0], 4)}, {fmt(ci[1], 4)}]")
+        t.add_row("95% interval", f"[{fmt(ci[0], 4)}, {fmt(ci[1], 4)}] (Student t, {a.get('llc_ci_dof', '-')} "
+                  f"degrees of freedom; effective sample size {fmt(a.get('ess'), 4)})")
     per = attr_value(a, "llc_per_chain")
     if isinstance(per, list):
         t.add_row("per chain", ", ".join(fmt(x, 4) for x in per))
+    if a.get("block"):
+        t.add_row("block", f"{a.get('block')} ({a.get('block_num_params')} parameters): weight-refined LLC "
+                  "(Wang et al. 2024)")
     if a.get("llc_quadratic") is not None:
-        t.add_row("quadratic prediction", f"{fmt(a.get('llc_quadratic'), 4)} (γ bias {fmt(a.get('gamma_bias'), 3)})")
-    t.add_row("nβ, γ, ε", f"{fmt(a.get('nbeta'), 4)}, {fmt(a.get('gamma'), 4)}, {fmt(a.get('step_size'), 4)}")
-    t.add_row("step size rule", str(a.get("step_size_rule", "-")))
+        t.add_row("quadratic basin λ", f"{fmt(a.get('llc_quadratic'), 4)} (a quadratic basin with this Hessian at "
+                  "this nβ, γ; a reference, not a correction)")
+    t.add_row("nβ", f"{fmt(a.get('nbeta'), 4)} ({a.get('nbeta_rule', '-')})")
+    t.add_row("γ, ε", f"{fmt(a.get('gamma'), 4)}, {fmt(a.get('step_size'), 4)} (first {fmt(a.get('step_size_initial'), 3)})")
     t.add_row("chains × draws (+burn-in)", f"{a.get('num_chains')} × {a.get('num_draws')} (+{a.get('num_burnin')}), "
-              f"batch {a.get('batch_size')}, {a.get('sampler')}")
+              f"minibatch {a.get('minibatch')}, {a.get('sampler')}")
     d = attr_value(a, "diagnostics")
     if isinstance(d, dict):
-        t.add_row("diagnostics", f"below L(w*) {fmt(d.get('frac_below_init'), 3)}, MALA acceptance "
-                  f"{fmt(d.get('acceptance'), 3)}, R-hat {fmt(d.get('rhat'), 4)}")
+        t.add_row("diagnostics", f"converged {'yes' if d.get('converged') else 'NO'}: R-hat {fmt(d.get('rhat'), 4)}, "
+                  f"trend z {fmt(d.get('trend_z'), 3)}, MALA acceptance {fmt(d.get('acceptance'), 3)}, below L(w*) "
+                  f"{fmt(d.get('frac_below_init'), 3)}")
+        t.add_row("critical point", f"‖∇L(w*)‖ {fmt(d.get('grad_norm'), 3)} vs sampling noise "
+                  f"{fmt(d.get('grad_noise'), 3)}")
+    r = attr_value(a, "restarts")
+    if isinstance(r, list) and r:
+        t.add_row("restarts", "; ".join(map(str, r)))
     t.add_row("cost", f"{a.get('num_grads')} minibatch gradients, {fmt(a.get('wall_seconds'), 3)} s")
     return [t]
 

@@ -142,6 +142,7 @@ RENDERERS: dict[str, str] = {
     "volume": "volume",
     "walls": "volume",  # written by ``basins volume --walls``
     "llc": "llc",
+    "llc_blocks": "llc_blocks",  # written by ``basins llc --per-block``
     "evidence": "evidence",
     "landscape": "landscape",
 }

@@ -1,16 +1,24 @@
-"""LLC throughput and agreement vs devinterp 2.x, and evidence exact vs SLQ (run: python scripts/bench_llc.py [--large]).
+"""LLC vs devinterp 2.x on analytic truths, LLC throughput, and evidence exact vs SLQ
+(run: python scripts/bench_llc.py [--seeds S] [--large]).
 
-Same model (an MLP regression, float32), data, and hyperparameters (ε = lr, γ = localization,
-nβ, 4 chains, draws, burn-in, batch size) for basins and devinterp 2.x's ``llc``
-(:func:`devinterp_row`); prints SGLD steps/s (all chains) and λ̂ ± SE for each,
-and basins batched (vmap over chains) vs a loop over chains. Then the evidence of the example
-MLP of ``bench_hessian`` (scripts/_bench.py) by the dense log det and by SLQ: wall time and error.
+1. Accuracy and coverage (:func:`truth_cases`): the analytic cases of tests/test_llc_analytic.py
+   (Aoyagi–Watanabe reduced-rank regression, a regular linear regression, y = w^k·x) for
+   ``--seeds`` seeds each: basins at its defaults, devinterp 2.x at its defaults (4 chains, 200
+   draws, no burn-in, batch 32, localization 100; lr 1e-4 and nβ = n/log n, which it requires),
+   and devinterp at basins' settings (its frozen ε, γ, nβ, chains, draws, burn-in, minibatch).
+   Per row: median and worst relative error, and how often the 95% interval covers λ (basins:
+   its Student-t interval; devinterp: mean ± 1.96·sd/√C over chains, as its output gives).
+2. Whole-process time of ``basins llc`` at its defaults on one case (a subprocess, imports included).
+3. Throughput (:func:`llc_case`): same MLP, data and settings for basins (vmap and loop over
+   chains) and devinterp 2.x (:func:`devinterp_row`): SGLD steps/s, λ̂ ± SE, the ratio.
+4. The evidence of the example MLP by the dense log det and by SLQ: wall time and error.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +43,7 @@ def llc_case(chains: int = 4, draws: int = 400) -> None:
     for batched in (True, False):
         t0 = time.perf_counter()
         r = llc(problem, num_chains=chains, num_draws=draws, num_burnin=burnin, nbeta=nbeta, gamma=gamma,
-                step_size=eps, batch_size=b, seed=0, batched=batched, gamma_bias=False)
+                step_size=eps, minibatch=b, seed=0, batched=batched, quadratic=False)
         wall = time.perf_counter() - t0
         rows.append((f"basins ({'vmap' if batched else 'loop'})", chains * (draws + burnin) / wall, r.llc, r.llc_stderr))
     try:
@@ -53,7 +61,8 @@ def llc_case(chains: int = 4, draws: int = 400) -> None:
 
 
 def devinterp_row(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, eps: float, gamma: float, nbeta: float,
-                  chains: int, draws: int, burnin: int, batch_size: int) -> tuple[str, float, float, float]:
+                  chains: int, draws: int, burnin: int, batch_size: int, seed: int = 0
+                  ) -> tuple[str, float, float, float]:
     """devinterp 2.x (``devinterp.slt.llc.llc``) on the same problem and hyperparameters.
 
     devinterp 2.x samples a Hugging Face ``Dataset`` of ``input_ids`` with a per-token loss
@@ -80,12 +89,97 @@ def devinterp_row(model: nn.Module, X: torch.Tensor, Y: torch.Tensor, *, eps: fl
     t0 = time.perf_counter()
     out = devinterp_llc(model, rows, {}, lr=eps, n_beta=nbeta, localization=gamma, num_chains=chains,
                         num_draws=draws, num_burnin_steps=burnin, batch_size=batch_size, loss_fn=per_example_loss,
-                        device="cpu", init_seed=0, match_sampling_input_ids_across_chains=False, output_path=tempfile.mkdtemp(prefix="devinterp-") + "/s.zarr")
+                        device="cpu", init_seed=seed, match_sampling_input_ids_across_chains=False, output_path=tempfile.mkdtemp(prefix="devinterp-") + "/s.zarr")
     wall = time.perf_counter() - t0
     trace = torch.as_tensor(out.loss_trace.values, dtype=torch.float64)[:, burnin:]
     per_chain = nbeta * (trace.mean(1) - float(out.init_loss.values))
     return ("devinterp 2.x", chains * (draws + burnin) / wall, float(per_chain.mean()),
             float(per_chain.std()) / math.sqrt(chains))
+
+
+def truth_cases() -> list[tuple[str, float, Any]]:
+    """``(name, λ, make(seed) -> Problem)`` for the analytic cases of tests/test_llc_analytic.py."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    from tests.test_llc_analytic import CASES
+
+    return [(c.name, c.truth, c.problem) for c in CASES]
+
+
+def _covers(lo: float, hi: float, x: float) -> int:
+    return int(lo <= x <= hi)
+
+
+def truth_table(seeds: int) -> None:
+    """Rows: basins defaults, devinterp defaults, devinterp at basins' settings; per case and overall."""
+    import statistics
+
+    rows: dict[str, list[tuple[float, int]]] = {"basins (defaults)": [], "devinterp (defaults)": [],
+                                                "devinterp (basins' settings)": []}
+    t_b = t_d = 0.0
+    steps_b = steps_d = 0
+    print(f"analytic cases, {seeds} seeds each: relative error of λ̂, and 95% interval covers λ")
+    for name, truth, make in truth_cases():
+        per: dict[str, list[tuple[float, int]]] = {k: [] for k in rows}
+        for s in range(seeds):
+            p = make(s)
+            t0 = time.perf_counter()
+            r = llc(p, seed=s, quadratic=False)
+            t_b += time.perf_counter() - t0
+            steps_b += r.num_chains * (r.num_draws + r.num_burnin)
+            per["basins (defaults)"].append((r.llc / truth - 1, _covers(*r.llc_ci, truth)))
+            X, Y = p.inputs, p.targets
+            n = p.num_examples
+            try:
+                t0 = time.perf_counter()
+                _, _, est, se = devinterp_row(p.module, X, Y, eps=1e-4, gamma=100.0, nbeta=n / math.log(n), chains=4,
+                                              draws=200, burnin=0, batch_size=min(32, n), seed=s)
+                per["devinterp (defaults)"].append((est / truth - 1, _covers(est - 1.96 * se, est + 1.96 * se, truth)))
+                _, _, est, se = devinterp_row(p.module, X, Y, eps=r.step_size, gamma=r.gamma, nbeta=r.nbeta,
+                                              chains=r.num_chains, draws=r.num_draws, burnin=r.num_burnin,
+                                              batch_size=r.minibatch, seed=s)
+                t_d += time.perf_counter() - t0
+                steps_d += r.num_chains * (r.num_draws + r.num_burnin) + 4 * 200
+                per["devinterp (basins' settings)"].append((est / truth - 1,
+                                                             _covers(est - 1.96 * se, est + 1.96 * se, truth)))
+            except Exception as exc:  # noqa: BLE001 - report, keep the basins numbers
+                print(f"  devinterp failed on {name}: {type(exc).__name__}: {exc}")
+        for k, v in per.items():
+            rows[k].extend(v)
+            if v:
+                errs = [abs(e) for e, _ in v]
+                print(f"  {name:24s} λ = {truth:<7.4g} {k:30s} median |err| {statistics.median(errs):6.1%}  "
+                      f"worst {max(errs):6.1%}  covers {sum(c for _, c in v)}/{len(v)}")
+    print("overall:")
+    for k, v in rows.items():
+        if v:
+            errs = [abs(e) for e, _ in v]
+            print(f"  {k:30s} median |err| {statistics.median(errs):6.1%}  worst {max(errs):6.1%}  "
+                  f"covers {sum(c for _, c in v)}/{len(v)}")
+    if steps_d:
+        print(f"  steps/s: basins {steps_b / t_b:.0f}, devinterp {steps_d / t_d:.0f} (ratio {steps_b / t_b / (steps_d / t_d):.2f}×)")
+
+
+def whole_process() -> None:
+    """``basins llc`` at its defaults on the first analytic case, as a subprocess (imports included)."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    name, truth, make = truth_cases()[0]
+    p = make(0)
+    d = Path(tempfile.mkdtemp(prefix="bench-llc-"))
+    torch.save(p.module, d / "model.pt")
+    torch.save({"inputs": p.inputs, "targets": p.targets}, d / "data.pt")
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "basins.cli", "llc", str(d / "model.pt"), "--data", str(d / "data.pt"),
+                          "--loss", "mse", "--trust-pickle", "--json", "-q", "--no-quadratic"],
+                         capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    print(f"whole process, basins llc at its defaults on {name}: {wall:.2f} s (exit {out.returncode})")
 
 
 def evidence_case(large: bool) -> None:
@@ -125,7 +219,14 @@ if __name__ == "__main__":
     ap.add_argument("--skip-llc", action="store_true")
     ap.add_argument("--chains", type=int, default=4)
     ap.add_argument("--draws", type=int, default=400)
+    ap.add_argument("--seeds", type=int, default=5, help="seeds per analytic case")
+    ap.add_argument("--skip-truths", action="store_true")
+    ap.add_argument("--skip-evidence", action="store_true")
     args = ap.parse_args()
+    if not args.skip_truths:
+        truth_table(args.seeds)
+        whole_process()
     if not args.skip_llc:
         llc_case(args.chains, args.draws)
-    evidence_case(args.large)
+    if not args.skip_evidence:
+        evidence_case(args.large)

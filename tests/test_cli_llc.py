@@ -10,8 +10,10 @@ from click.testing import CliRunner
 
 from basins.cli.main import main
 
-LLC_KEYS = {"llc", "llc_stderr", "llc_ci", "llc_per_chain", "nbeta", "gamma", "step_size", "num_chains", "num_draws",
-            "num_burnin", "diagnostics", "num_loss_evals", "num_grads", "wall_seconds", "num_params", "num_examples"}
+LLC_KEYS = {"llc", "llc_stderr", "llc_ci", "llc_ci_dof", "llc_per_chain", "ess", "nbeta", "nbeta_rule", "num_terms",
+            "gamma", "step_size", "step_size_initial", "step_size_rule", "num_chains", "num_draws", "num_burnin",
+            "minibatch", "converged", "restarts", "diagnostics", "num_loss_evals", "num_grads", "wall_seconds",
+            "num_params", "num_examples", "llc_quadratic"}
 EVIDENCE_KEYS = {"log_evidence", "log_likelihood", "log_prior", "log_occam", "logdet", "logdet_ci", "method",
                  "prior_precision", "noise_std", "curvature"}
 
@@ -28,7 +30,9 @@ def test_llc_and_evidence_json_report_and_summary(regression_files, tmp_path: Pa
     assert code == 0, err
     d = json.loads(out)
     assert LLC_KEYS <= set(d), LLC_KEYS - set(d)
-    assert set(d["diagnostics"]) == {"frac_below_init", "acceptance", "rhat"}
+    assert set(d["diagnostics"]) == {"frac_below_init", "acceptance", "rhat", "trend_z", "ess", "converged",
+                                     "grad_norm", "grad_noise"}
+    assert "gamma_bias" not in d
     assert len(d["llc_per_chain"]) == 4 and d["num_chains"] == 4 and d["llc_ci"][0] <= d["llc"] <= d["llc_ci"][1]
     code, out, err = run("evidence", regression_files.bundle, "--json", "-o", rep, "--dtype", "float64")
     assert code == 0, err
@@ -55,5 +59,24 @@ def test_llc_table_and_bad_usage(regression_files) -> None:
     assert code == 2
     code, _, err = run("llc", regression_files.bundle, "--step-size", "1e6", "--draws", "50", "--burnin", "0")
     assert code == 1 and "diverged" in err
+    code, _, err = run("llc", regression_files.bundle, "--draws", "sometimes")
+    assert code == 2 and "--draws" in err
+    code, out, err = run("llc", regression_files.bundle, "--draws", "30", "--burnin", "0", "--chains", "2",
+                         "--per-block", "1", "--no-quadratic")
+    assert code == 0, err
+    assert "weight-refined LLC per block" in out
+
     code, _, err = run("evidence", regression_files.bundle, "--prior-precision", "abc")
     assert code == 2
+
+
+def test_llc_help_states_the_step_rule_as_the_readme_does() -> None:
+    from basins.analyses.llc import STEP_RULE
+
+    code, out, _ = run("llc", "--help")
+    assert code == 0
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    flat = " ".join(out.split())
+    rule = STEP_RULE.removeprefix("auto: ")
+    assert rule in flat, "llc --help must state the step-size rule"
+    assert rule in " ".join(readme.split()), "README must state the same step-size rule"

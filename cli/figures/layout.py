@@ -29,6 +29,7 @@ PANELS: dict[str, Panel] = {
     "llc": llc.draw,
     "landscape": landscape.draw,
     "hessian_blocks": extra.draw_blocks,
+    "llc_blocks": llc.draw_blocks,
     "evidence": extra.draw_evidence,
 }
 
