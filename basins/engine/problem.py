@@ -120,9 +120,11 @@ class Counters:
     num_hvps: int = 0  # single Hessian-vector products (a block of K counts K)
     num_loss_evals: int = 0  # full-data loss evaluations (a batch of K points counts K)
     num_grads: int = 0  # full-data gradients
+    num_ggn_products: int = 0  # generalised Gauss–Newton products (basins.engine.curvature.GGNOperator)
 
     def as_dict(self) -> dict[str, int]:
-        return {"num_hvps": self.num_hvps, "num_loss_evals": self.num_loss_evals, "num_grads": self.num_grads}
+        return {"num_hvps": self.num_hvps, "num_loss_evals": self.num_loss_evals, "num_grads": self.num_grads,
+                "num_ggn_products": self.num_ggn_products}
 
 
 @dataclass
