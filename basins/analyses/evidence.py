@@ -251,9 +251,9 @@ def evidence(problem: Problem, *, prior_precision: float | str = "auto", noise_s
         return replace(g, log_evidence=None, log_evidence_ci=None, log_prior=None, log_occam=None, logdet=None,
                        logdet_ci=None, prior_precision=None, eigenvalues=None, other=g, curvature="both",
                        notes=[*g.notes, note])
+    assert h.log_evidence is not None and g.log_evidence is not None
     lo_h, hi_h = h.log_evidence_ci or (h.log_evidence, h.log_evidence)
     lo_g, hi_g = g.log_evidence_ci or (g.log_evidence, g.log_evidence)
-    assert h.log_evidence is not None and g.log_evidence is not None
     gap = h.log_evidence - g.log_evidence
     err = (gap, gap - (h.log_evidence - lo_h) - (hi_g - g.log_evidence),
            gap + (hi_h - h.log_evidence) + (g.log_evidence - lo_g))

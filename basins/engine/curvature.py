@@ -67,9 +67,9 @@ class GGNOperator(Operator):
                 return p.loss_value(o, y64)
 
             def col(v: torch.Tensor, f: Any = f, lo: Any = lo) -> torch.Tensor:
-                out, Jv = jvp(f, (theta0,), (v,))
-                _, Hout = jvp(grad(lo), (out.to(torch.float64),), (Jv.to(torch.float64),))
-                _, pull = vjp(f, theta0)
+                out, Jv = jvp(f, (theta0,), (v,))  # type: ignore[misc]
+                _, Hout = jvp(grad(lo), (out.to(torch.float64),), (Jv.to(torch.float64),))  # type: ignore[misc]
+                _, pull = vjp(f, theta0)  # type: ignore[misc]
                 return pull(Hout.to(out.dtype))[0]
 
             total = total + w * vmap(col, in_dims=1, out_dims=1)(W)
