@@ -199,3 +199,24 @@ def test_evidence_both_reports_the_difference_against_dense_references() -> None
     assert r.record().attrs["interval"].startswith("exact")
     rec = r.record().attrs
     assert math.isfinite(rec["ggn_log_evidence"]) and rec["num_hvps"] == p.num_params
+
+
+def test_open_problem_builds_what_the_cli_builds(model_files, data_files) -> None:  # noqa: ANN001
+    import json
+
+    from click.testing import CliRunner
+
+    import basins
+    from basins.cli.main import main
+
+    opened = basins.open_problem(model_files.pt2, data=data_files.npz, loss="cross-entropy", device="cpu")
+    ref = Problem(model_files.module, model_files.inputs, model_files.targets, "cross-entropy")
+    assert opened.problem.loss_at_optimum == pytest.approx(ref.loss_at_optimum, rel=1e-6)
+    assert opened.record["num_params"] == ref.num_params and opened.record["model_kind"] == "export"
+    assert any(n.startswith("P = 67 parameters") for n in opened.notes)
+    out = CliRunner().invoke(main, ["nullity", model_files.pt2, "--data", data_files.npz, "--loss", "cross-entropy",
+                                    "--device", "cpu", "--json", "-q"])
+    assert out.exit_code == 0, out.output
+    cli = json.loads(out.stdout)
+    for key in ("num_params", "num_examples", "loss", "loss_at_optimum", "model_sha256", "data_sha256"):
+        assert cli[key] == opened.record[key], key
