@@ -132,7 +132,12 @@ def laplace_log_evidence(log_lik: float, theta_sq: float, num_params: int, logde
             "logdet_lower": lo, "logdet_upper": hi}
 
 
-def _best_delta(f: Callable[[float], float], lo: float = -20.0, hi: float = 20.0) -> float:
+#: The range of log δ that ``prior_precision="auto"`` searches.
+_LOG_DELTA_RANGE = (-20.0, 20.0)
+
+
+def _best_delta(f: Callable[[float], float], lo: float = _LOG_DELTA_RANGE[0], hi: float = _LOG_DELTA_RANGE[1]
+                ) -> float:
     """argmax of f(δ) over log δ ∈ [lo, hi] (coarse grid, then golden section)."""
     grid = [lo + (hi - lo) * i / 80 for i in range(81)]
     vals = [f(math.exp(g)) for g in grid]
@@ -234,6 +239,8 @@ def evidence(problem: Problem, *, prior_precision: float | str = "auto", noise_s
 
     Raises:
         InputError: a loss without a likelihood, bad parameters.
+        InputError: also ``prior_precision="auto"`` with an indefinite curvature (θ* not a minimum:
+            the evidence grows without bound as δ ↓ −λ_min); ``both`` reports it as a note.
         ComputeError: H_nll + δI not positive definite (curvature ``hessian``; ``both`` reports it as a note).
     """
     if curvature not in EVIDENCE_CURVATURES:
@@ -246,7 +253,7 @@ def evidence(problem: Problem, *, prior_precision: float | str = "auto", noise_s
     g = _evidence(problem, "ggn", **kw)
     try:
         h = _evidence(problem, "hessian", **kw)
-    except ComputeError as exc:
+    except (ComputeError, InputError) as exc:
         note = f"curvature both: the Hessian evidence is undefined ({exc}); only the GGN's is reported"
         return replace(g, log_evidence=None, log_evidence_ci=None, log_prior=None, log_occam=None, logdet=None,
                        logdet_ci=None, prior_precision=None, eigenvalues=None, other=g, curvature="both",
@@ -313,6 +320,14 @@ def _evidence(problem: Problem, curvature: str, *, prior_precision: float | str,
     tsq = float(theta @ theta)
     if prior_precision == "auto":
         floor = max(0.0, -ld.lambda_min()) * (1 + 1e-9) + 1e-300
+        if floor > math.exp(_LOG_DELTA_RANGE[0]):
+            # log det(H_nll + δI) → −∞ as δ ↓ −λ_min: the "maximiser" would be that boundary, not an answer
+            raise InputError(
+                f"prior_precision 'auto' needs a positive semi-definite curvature, but the {curvature} of the NLL "
+                f"has an eigenvalue {ld.lambda_min():.3g} < 0 (θ* is not a minimum), where the evidence grows "
+                "without bound; use curvature 'ggn' (positive semi-definite) or give a prior_precision above "
+                f"{floor:.3g}"
+            )
 
         def f(d: float) -> float:
             if d <= floor:
