@@ -220,3 +220,17 @@ def test_open_problem_builds_what_the_cli_builds(model_files, data_files) -> Non
     cli = json.loads(out.stdout)
     for key in ("num_params", "num_examples", "loss", "loss_at_optimum", "model_sha256", "data_sha256"):
         assert cli[key] == opened.record[key], key
+
+
+def test_evidence_auto_prior_is_refused_away_from_a_minimum_and_both_keeps_the_ggn() -> None:
+    from tests.dense import loss_hessian
+
+    m, X, y = _classifier(2)  # untrained: an indefinite Hessian (checked by the dense reference)
+    assert float(torch.linalg.eigvalsh(loss_hessian(m, X, y, F.cross_entropy))[0]) < 0
+    p = Problem(m, X, y, "cross-entropy")
+    with pytest.raises(InputError, match="use curvature 'ggn'"):
+        evidence(p, method="exact")
+    r = evidence(p, method="exact", curvature="both")
+    assert r.log_evidence is None and r.other is not None and math.isfinite(r.other.log_evidence)
+    assert r.num_hvps == p.num_params and r.num_ggn_products == p.num_params  # the work done, refused part included
+    assert any("Hessian evidence is undefined" in n for n in r.notes)

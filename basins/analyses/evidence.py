@@ -250,14 +250,16 @@ def evidence(problem: Problem, *, prior_precision: float | str = "auto", noise_s
                           "memory_bytes": memory_bytes, "callback": callback}
     if curvature != "both":
         return _evidence(problem, curvature, **kw)
+    before = problem.counters.as_dict()
     g = _evidence(problem, "ggn", **kw)
     try:
         h = _evidence(problem, "hessian", **kw)
     except (ComputeError, InputError) as exc:
         note = f"curvature both: the Hessian evidence is undefined ({exc}); only the GGN's is reported"
+        hvps = problem.counters.num_hvps - before["num_hvps"]  # the work done before the refusal counts too
         return replace(g, log_evidence=None, log_evidence_ci=None, log_prior=None, log_occam=None, logdet=None,
                        logdet_ci=None, prior_precision=None, eigenvalues=None, other=g, curvature="both",
-                       notes=[*g.notes, note])
+                       notes=[*g.notes, note], num_hvps=hvps, num_matvecs=g.num_matvecs + hvps)
     assert h.log_evidence is not None and g.log_evidence is not None
     lo_h, hi_h = h.log_evidence_ci or (h.log_evidence, h.log_evidence)
     lo_g, hi_g = g.log_evidence_ci or (g.log_evidence, g.log_evidence)
