@@ -236,8 +236,8 @@ def test_zoo_cell(zoo: dict[str, Callable[[], ZooModel]], row_name: str, command
 
 def test_the_float64_models_stay_in_float64(zoo: dict[str, Callable[[], ZooModel]]) -> None:
     """The dtype audit behind the references: GPT-2, BERT, the MLP and the CNN compute in float64
-    throughout; where a model computes part of its graph in float32 (Llama's RMSNorm), the
-    audit says which ops (the bounds of those rows are branch scale's)."""
+    throughout; Llama computes part of its graph in float32 (RMSNorm, rotary), and the audit says
+    which ops (the references themselves are audited to be pure float64 when built)."""
     for name in ("mlp", "cnn_bn", "gpt2", "bert"):
         assert zoo[name]().float32_ops == [], (name, zoo[name]().float32_ops)
     assert zoo["llama"]().float32_ops, "Llama's RMSNorm computes in float32 inside a float64 model"

@@ -5,9 +5,10 @@ with token/image data files and independent float64 references.
 Each :class:`ZooModel` holds the paths the CLI is pointed at and a reference built without basins:
 the loss written out by hand in float64 (``F.cross_entropy``/``F.mse_loss`` on the model's own
 outputs), its dense Hessian by double backward (one ``autograd.grad`` per column, no ``vmap``),
-and a dtype audit of one forward pass (:func:`float32_ops`): which aten ops produced float32
-results inside the float64 model (Llama's RMSNorm and ViT/BERT softmax may; then the float64
-reference is the model as written, islands included).
+and a dtype audit of one forward pass (:func:`float32_ops`): which aten ops produce float32
+results inside the float64 model as written (Llama's RMSNorm and rotary embedding do). The
+reference itself runs under :class:`Float64`, which serves every such request in float64, and is
+audited to have no op below float64: it is the float64 function the model means.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 F64 = torch.float64
@@ -66,12 +68,37 @@ class _Audit(TorchDispatchMode):
         return out
 
 
+_LOW = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class Float64(TorchFunctionMode):
+    """Runs a model as the float64 function it is meant to be: every request for a lower floating
+    dtype (``x.to(torch.float32)``, ``x.float()``, ``softmax(..., dtype=torch.float32)``, as in
+    Llama's RMSNorm and rotary embedding or ViT's attention) is served in float64. A torch
+    function mode, above autograd, so the reference's double backward sees only float64 ops."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.float or func is torch.Tensor.half or func is torch.Tensor.bfloat16:
+            return args[0].to(F64)
+        args = tuple(F64 if a in _LOW else a for a in args)
+        if kwargs.get("dtype") in _LOW:
+            kwargs["dtype"] = F64
+        return func(*args, **kwargs)
+
+
 def float32_ops(fn: Callable[[], Any]) -> list[str]:
     """The aten ops of ``fn()`` whose results are floating but not float64 (sorted)."""
     audit = _Audit()
     with torch.no_grad(), audit:
         fn()
     return sorted(audit.low)
+
+
+def reference_ops(fn: Callable[[], Any]) -> list[str]:
+    """:func:`float32_ops` of ``fn()`` as the reference runs it (under :class:`Float64`): must be empty."""
+    with Float64():
+        return float32_ops(fn)
 
 
 def dense_hessian(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor],
@@ -82,7 +109,10 @@ def dense_hessian(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor]
     params = [(n, p) for n, p in model.named_parameters() if (names is None and p.requires_grad) or
               (names is not None and n in names)]
     leaves = [p for _, p in params]
-    loss = loss_of(model)
+    low = reference_ops(lambda: loss_of(model))
+    assert not low, f"the float64 reference computes {low} below float64"
+    with Float64():
+        loss = loss_of(model)
     assert loss.dtype == F64, loss.dtype
     grads = torch.autograd.grad(loss, leaves, create_graph=True)
     g = torch.cat([x.reshape(-1) for x in grads])
