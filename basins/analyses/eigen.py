@@ -2,12 +2,14 @@
 
 :func:`dense_fits` is the rule (``P ≤ max_params`` and the dense float64 Hessian with its
 eigensolver workspace, ``24·P²`` bytes, fits the memory budget); :func:`hessian_eigenpairs`
-applies it, and ``basins nullity`` (``--method auto``) and ``basins volume`` (the eigenbasis of
+applies it, and ``basins nullity`` (``--method auto``), ``basins evidence`` and ``basins volume`` (the eigenbasis of
 the ``eigen`` direction family and of the quadratic comparison) both ask it. The dense route
 assembles ``H`` once (:meth:`basins.linalg.operator.Operator.materialise`, ``P`` HVPs) and
 diagonalises it in float64 (all ``P`` pairs, exact to rounding); the Lanczos route
 (:func:`basins.linalg.lanczos.lanczos`, full reorthogonalisation) gives the top ``k`` pairs to
-relative residual ``tol``. See README, "Architecture".
+relative residual ``tol``. :func:`deflated_slq` is the one deflated stochastic Lanczos
+quadrature (``nullity``'s slq, ``evidence``'s log det, ``spectrum``): the top pairs by
+:func:`top_eigenpairs`, their span projected out, SLQ on the rest. See README, "Architecture".
 """
 
 from __future__ import annotations
