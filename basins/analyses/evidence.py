@@ -73,6 +73,14 @@ class LogDet:
     dim: int = 0
     num_matvecs: int = 0
 
+    def clamp_rounding(self, tol: float) -> int:
+        """Eigenvalues (and nodes) of A in ``[−tol, 0)``, rounding of a PSD curvature, set to 0;
+        returns how many of the exact ones were (nodes are not counted)."""
+        n = int(((self.top < 0) & (self.top >= -tol)).sum())
+        self.top = torch.where((self.top < 0) & (self.top >= -tol), torch.zeros_like(self.top), self.top)
+        self.nodes = [torch.where((t < 0) & (t >= -tol), torch.zeros_like(t), t) for t in self.nodes]
+        return n
+
     def lambda_min(self) -> float:
         vals = [self.top.min()] if self.top.numel() else []
         vals += [t.min() for t in self.nodes]
@@ -318,6 +326,13 @@ def _evidence(problem: Problem, curvature: str, *, prior_precision: float | str,
     after = problem.counters.as_dict()
     hvps = after["num_hvps"] - before["num_hvps"]
     ggns = after["num_ggn_products"] - before["num_ggn_products"]
+    sizes = ([float(ld.top.abs().max())] if ld.top.numel() else []) + [float(t.abs().max()) for t in ld.nodes if t.numel()]
+    biggest = max(sizes, default=0.0)
+    rounding = 1e3 * torch.finfo(problem.dtype).eps * biggest
+    clamped = ld.clamp_rounding(rounding)
+    if clamped:
+        notes.append(f"{clamped} eigenvalue(s) of the {curvature} in [−{rounding:.2g}, 0), rounding level "
+                     f"(10³·eps·|λ|max in {str(problem.dtype).replace('torch.', '')}), were taken as 0")
     theta = problem.theta0.to(torch.float64)
     tsq = float(theta @ theta)
     if prior_precision == "auto":
