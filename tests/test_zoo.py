@@ -224,6 +224,7 @@ def test_zoo_cell(zoo: dict[str, Callable[[], ZooModel]], row_name: str, command
     row = zoo[row_name]()
     code, out, err = run_cell(row, command)
     reason = refusal(row, command)
+    print(f"ZOO {row_name} {command} exit {code}")  # the README's table: pytest -s tests/test_zoo.py | grep ZOO
     if reason is not None:
         assert code == 2, (code, err)
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
