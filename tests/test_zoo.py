@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -201,7 +202,8 @@ def check_landscape(row: ZooModel, out: dict[str, Any]) -> None:
     _close_loss(row, out)
     t, loss = out["t"], out["loss"]
     centre = loss[min(range(len(t)), key=lambda i: abs(t[i]))]
-    assert centre == pytest.approx(row.loss_value, rel=1e-9 if out["dtype"] == "float64" else 1e-5)
+    exact = out["dtype"] == "float64" and not row.float32_ops  # float32 islands: float32 rounding
+    assert centre == pytest.approx(row.loss_value, rel=1e-9 if exact else 1e-5)
 
 
 CHECKS: dict[str, Callable[[ZooModel, dict[str, Any]], None]] = {
@@ -224,7 +226,9 @@ def test_zoo_cell(zoo: dict[str, Callable[[], ZooModel]], row_name: str, command
     row = zoo[row_name]()
     code, out, err = run_cell(row, command)
     reason = refusal(row, command)
-    print(f"ZOO {row_name} {command} exit {code}")  # the README's table: pytest -s tests/test_zoo.py | grep ZOO
+    if os.environ.get("BASINS_ZOO_TABLE"):  # the README's table: one line per cell appended to this file
+        with open(os.environ["BASINS_ZOO_TABLE"], "a") as f:
+            f.write(f"{row_name} {command} exit {code}\n")
     if reason is not None:
         assert code == 2, (code, err)
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
