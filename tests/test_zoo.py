@@ -71,7 +71,8 @@ def refusal(row: ZooModel, command: str) -> str | None:
 
     Besides :data:`REFUSED`: ``evidence`` with its defaults (Hessian, prior precision ``auto``) at
     a point that is not a minimum, where the reference Hessian has a negative eigenvalue: the
-    evidence grows without bound there, so it is refused, naming the GGN curvature."""
+    evidence grows without bound there, so it is refused, naming the GGN curvature (which the
+    cell then runs: its log-likelihood against the loss by hand)."""
     if (row.name, command) in REFUSED:
         return REFUSED[(row.name, command)]
     if command == "evidence" and float(row.eigenvalues[0]) < -1e3 * row.asymmetry - 1e-12:
@@ -112,9 +113,9 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Callable[[], ZooM
     return {name: get(name) for name in ROWS}
 
 
-def run_cell(row: ZooModel, command: str) -> tuple[int, dict[str, Any] | None, str]:
+def run_cell(row: ZooModel, command: str, *more: str) -> tuple[int, dict[str, Any] | None, str]:
     """``basins COMMAND MODEL --data DATA --json -q`` in-process: (exit code, JSON or None, stderr)."""
-    args = [command, row.model, "--data", row.data, *row.extra_args, *BUDGET.get(command, []), "--json", "-q"]
+    args = [command, row.model, "--data", row.data, *row.extra_args, *BUDGET.get(command, []), *more, "--json", "-q"]
     res = CliRunner().invoke(main, args, catch_exceptions=True)
     if res.exception is not None and not isinstance(res.exception, SystemExit):
         raise AssertionError(f"{command} on {row.name}: internal error {res.exception!r}") from res.exception
@@ -186,8 +187,11 @@ def check_evidence(row: ZooModel, out: dict[str, Any]) -> None:
         log_lik, scale = -(N * L / (2 * s2) + 0.5 * N * math.log(2 * math.pi * s2)), N / (2 * s2)
     else:
         log_lik, scale = -N * L, float(N)
-    assert out["log_likelihood"] == pytest.approx(log_lik, rel=1e-9)
-    if out["method"] == "exact":
+    assert out["log_likelihood"] == pytest.approx(log_lik, rel=1e-5 if row.float32_ops else 1e-9)
+    assert out["log_evidence"] == pytest.approx(out["log_likelihood"] + out["log_occam"], rel=1e-12)
+    if out["method"] == "exact" and out["curvature"] == "ggn":
+        assert out["interval"].startswith("exact")
+    elif out["method"] == "exact":
         logdet = float(torch.log(scale * row.eigenvalues + delta).sum())
         # float32 islands in the model (the audit): its HVPs and the reference's differ at float32 rounding
         rel = 1e-5 if row.float32_ops else 1e-8
@@ -233,6 +237,11 @@ def test_zoo_cell(zoo: dict[str, Callable[[], ZooModel]], row_name: str, command
         assert code == 2, (code, err)
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]
         assert len(lines) == 1 and reason in lines[0], err
+        if command == "evidence":  # what the reason names works: the GGN evidence
+            code, out, err = run_cell(row, command, "--curvature", "ggn")
+            assert code == 0, err
+            assert out is not None
+            check_evidence(row, out)
         return
     assert code == 0, f"{command} on {row_name}: exit {code}: {err.strip()[-400:]}"
     assert out is not None

@@ -329,10 +329,16 @@ def _evidence(problem: Problem, curvature: str, *, prior_precision: float | str,
     sizes = ([float(ld.top.abs().max())] if ld.top.numel() else []) + [float(t.abs().max()) for t in ld.nodes if t.numel()]
     biggest = max(sizes, default=0.0)
     rounding = 1e3 * torch.finfo(problem.dtype).eps * biggest
-    clamped = ld.clamp_rounding(rounding)
+    if curvature == "ggn":  # JᵀH_outJ with a likelihood convex in the outputs: PSD, a negative λ is rounding
+        lowest = ld.lambda_min() / ld.scale
+        clamped = ld.clamp_rounding(max(rounding, -lowest))
+        why = f"the GGN is positive semi-definite (every likelihood here is convex in the outputs); its lowest " \
+              f"computed eigenvalue {lowest:.3g} is rounding"
+    else:
+        clamped = ld.clamp_rounding(rounding)
+        why = f"rounding level (10³·eps·|λ|max in {str(problem.dtype).replace('torch.', '')})"
     if clamped:
-        notes.append(f"{clamped} eigenvalue(s) of the {curvature} in [−{rounding:.2g}, 0), rounding level "
-                     f"(10³·eps·|λ|max in {str(problem.dtype).replace('torch.', '')}), were taken as 0")
+        notes.append(f"{clamped} negative eigenvalue(s) of the {curvature} taken as 0: {why}")
     theta = problem.theta0.to(torch.float64)
     tsq = float(theta @ theta)
     if prior_precision == "auto":
