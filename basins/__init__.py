@@ -5,7 +5,8 @@ The library is silent: it returns tensors and dataclasses and raises
 
 Layers (README, "Architecture"): :mod:`basins.linalg` (operators, Lanczos, SLQ, trace) →
 :mod:`basins.engine` (the full-data :class:`Problem`) → :mod:`basins.analyses` (one module
-per command) and :mod:`basins.files` (loading, reports) → ``basins.cli``. Importing
+per command) and :mod:`basins.files` (loading, reports) → ``basins.cli``;
+:func:`basins.open_problem` builds a Problem from files as the CLI does. Importing
 ``basins`` imports no torch: :class:`Problem` and :class:`ParamSpace` load on first use.
 """
 
@@ -17,6 +18,7 @@ from .errors import BasinsError, ComputeError, InputError, ReportError
 if TYPE_CHECKING:
     from .engine.params import ParamSpace
     from .engine.problem import HVP_ROUTES, Problem
+    from .problems import OpenedProblem, open_problem
 
 __all__ = [
     "__version__",
@@ -27,9 +29,12 @@ __all__ = [
     "ParamSpace",
     "Problem",
     "HVP_ROUTES",
+    "open_problem",
+    "OpenedProblem",
 ]
 
-_LAZY = {"Problem": "basins.engine.problem", "HVP_ROUTES": "basins.engine.problem", "ParamSpace": "basins.engine.params"}
+_LAZY = {"Problem": "basins.engine.problem", "HVP_ROUTES": "basins.engine.problem", "ParamSpace": "basins.engine.params",
+         "open_problem": "basins.problems", "OpenedProblem": "basins.problems"}
 
 
 def __getattr__(name: str) -> Any:

@@ -39,9 +39,6 @@ from basins.record import Record, plain
 from .signals import check_interrupted
 from .terminal import SafeConsole
 
-#: A point whose gradient norm exceeds this (loss units per unit of θ) gets a warning.
-CRITICAL_GRAD_TOL = 1e-3
-
 
 def is_main_process() -> bool:
     """True in a single process and on rank 0 of a ``torchrun`` launch (reads ``RANK``; imports no torch).
@@ -151,116 +148,45 @@ class Loaded:
 
 
 def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
-    """Load model, data and loss from the common options and build the Problem.
+    """Load model, data and loss from the common options and build the Problem
+    (:func:`basins.problems.open_problem`, the library's one set-up), printing its notes.
 
     With ``opts["output"]`` set, also check that the report can be written (``opts["force"]``),
     so that a wrong ``-o`` fails before the analysis rather than after it.
     """
     from basins.engine import distributed as dist
-    from basins.engine.data import combine_digests
-    from basins.engine.problem import Problem, resolve_device
-    from basins.engine.streams import StreamSpec
-    from basins.files.loading import resolve_inputs, shard_for_process
+    from basins.problems import open_problem
 
-    # Under torchrun: join the process group first (backend from this rank's device).
-    device = dist.local_device(opts.get("device") or "auto")
-    ctx = dist.init_from_env(resolve_device(device)) if dist.launched() and dist.env_world_size() > 1 else None
-    world, rank = (ctx.world_size, ctx.rank) if ctx is not None else (1, 0)
     run = opts.get("_run")  # several checkpoints (basins.cli.checkpoints): the data are loaded once
+    world, rank = (dist.env_world_size(), int(os.environ.get("RANK", "0") or 0)) if dist.launched() else (1, 0)
     data_key = (opts.get("data"), opts.get("max_samples"), opts.get("seed", 0), world, rank)
     cached = run.data.get(data_key) if run is not None and opts.get("data") is not None else None
-    with log.status("loading model and data" if cached is None else "loading model", spinner="dots"):
-        model, data, loss = resolve_inputs(
-            opts["model"], data=opts.get("data"), loss=opts.get("loss"), arch=opts.get("arch"),
-            trust_pickle=opts.get("trust_pickle", False), max_samples=opts.get("max_samples"), seed=opts.get("seed", 0),
-            stream=True, loaded_data=cached[0] if cached is not None else None, base_model=opts.get("base_model"),
-        )
-    n = data.num_examples  # chunk weights use the global n
-    if model.source_dtype:
-        log.print(f"weights stored as {model.source_dtype}: upcast to {opts.get('dtype') or 'float32'}"
-                  f"{'' if opts.get('dtype') else ' (--dtype float64 for float64)'}")
-    source = cached[1] if cached is not None else shard_for_process(data, world_size=world, rank=rank)
+    opened = open_problem(
+        opts["model"], data=opts.get("data"), loss=opts.get("loss"), arch=opts.get("arch"),
+        trust_pickle=opts.get("trust_pickle", False), max_samples=opts.get("max_samples"), seed=opts.get("seed", 0),
+        batch_size=opts.get("batch_size"), stream=bool(opts.get("stream")), dtype=opts.get("dtype"),
+        device=opts.get("device") or "auto", hvp_route=opts.get("hvp_route", "auto"), params=opts.get("param_patterns"),
+        include_frozen=bool(opts.get("include_frozen")), output=opts.get("model_output"), step=opts.get("step"),
+        loaded_data=cached[0] if cached is not None else None, loaded_source=cached[1] if cached is not None else None,
+        route_cache=run.routes if run is not None else None, base_model=opts.get("base_model"),
+        status=lambda message: log.status(message, spinner="dots"),
+    )
+    problem, model = opened.problem, opened.model
     if run is not None and opts.get("data") is not None:
-        run.data[data_key] = (data, source)
-    route = opts.get("hvp_route", "auto")
-    shapes = tuple((name, tuple(p.shape), str(p.dtype)) for name, p in model.module.named_parameters())
-    route_key = (shapes, route, opts.get("dtype"), opts.get("batch_size"), tuple(opts.get("param_patterns") or ()))
-    if run is not None and route == "auto" and route_key in run.routes:
-        route = run.routes[route_key]  # timed on the first checkpoint of the same shapes
-        log.print(f"HVP route {route} (chosen for the first checkpoint)")
-    with log.status("evaluating L(θ*) and ∇L(θ*)", spinner="dots"):
-        problem = Problem(
-            model.module, source, None, loss, batch_size=opts.get("batch_size"),
-            fixed_batch_size=model.fixed_batch_size, dtype=opts.get("dtype"), device=device,
-            hvp_route=route, total_examples=n,
-            data_memory_bytes=0 if opts.get("stream") else None,
-            reduce=dist.all_reduce_sum if ctx is not None else None,
-            gather=dist.all_gather_object if ctx is not None else None,
-            params=list(opts.get("param_patterns") or []) or None,
-            include_frozen=bool(opts.get("include_frozen")), output=opts.get("model_output"),
-        )
-    setup_counts = problem.counters.as_dict()
-    if run is not None:
-        run.routes[route_key] = problem.hvp_route
-    streamed = isinstance(data, StreamSpec)
-    if isinstance(data, StreamSpec):
-        data_sha256 = combine_digests(dist.all_gather_object(problem.data.digest))
-        how = "read again on every pass" if problem.streaming else "held in memory after the first pass"
-        if problem.streaming and problem.hvp_route == "graph":
-            how += "; HVPs reuse the gradient graph, which holds every chunk"
-        log.print(f"data: {n:,} examples streamed from {data.source} in chunks of {problem.batch_size} ({how})")
-    else:
-        data_sha256 = data.sha256
-        if opts.get("stream"):
-            log.print(f"note: --stream applies to a Dataset, DataLoader or .h5 file; {data.source} is read whole")
+        run.data[data_key] = (opened.data, opened.source)
+    for note in opened.notes:
+        log.print(note)
+    if opts.get("stream") and not opened.record["data_streamed"]:
+        log.print(f"note: --stream applies to a Dataset, DataLoader or .h5 file; {opened.data.source} is read whole")
     if opts.get("batch_size") and model.fixed_batch_size is not None and opts["batch_size"] != model.fixed_batch_size:
         log.print(f"note: --batch-size {opts['batch_size']} is ignored: the model was exported for batches of "
                   f"exactly {model.fixed_batch_size}")
-    rank_examples = [int(k) for k in dist.all_gather_object(problem.num_local_examples)]
-    if ctx is not None:
-        log.print(f"data parallel: {ctx.world_size} processes ({ctx.backend}), examples per rank "
-                  f"{' + '.join(map(str, rank_examples))} = {sum(rank_examples):,}")
-    if loss is None:
-        log.print(f"loss: {problem.loss_name} (inferred from {problem.data_target_dtype} targets; set --loss to change)")
-    selection = problem.selection
-    if selection.patterns or selection.frozen:
-        log.print(f"parameters: {selection.describe()}")
-    if problem.attention != "sdpa-math" or model.kind == "hf":
-        log.print(f"attention: {problem.attention}")
-    log.print(
-        f"P = {problem.num_params:,} parameters, n = {problem.num_examples:,} examples, "
-        f"L(θ*) = {problem.loss_at_optimum:.6g}, ‖∇L(θ*)‖ = {problem.grad_norm:.3g}, "
-        f"{str(problem.dtype).replace('torch.', '')} on {problem.device}, HVP route {problem.hvp_route}"
-    )
-    warnings = []
-    if problem.grad_norm > CRITICAL_GRAD_TOL:
-        msg = (f"‖∇L(θ*)‖ = {problem.grad_norm:.3g} > {CRITICAL_GRAD_TOL:g}: this point is not a critical point, "
-               "so its curvature is not that of a basin's minimum")
-        warnings.append(msg)
+    for msg in opened.warnings:
         log.print(f"[yellow]warning:[/] {msg}")
-    record = {
-        "model": str(opts["model"]), "model_sha256": model.sha256, "model_kind": model.kind,
-        "source_dtype": model.source_dtype, "base_model": model.base_model,
-        "step": opts.get("step"),
-        "data": data.source, "data_sha256": data_sha256, "data_streamed": streamed,
-        "data_read_every_pass": problem.streaming, "num_params": problem.num_params,
-        "num_examples": problem.num_examples, "loss": problem.loss_name,
-        "loss_at_optimum": problem.loss_at_optimum, "grad_norm": problem.grad_norm,
-        "dtype": str(problem.dtype).replace("torch.", ""), "device": str(problem.device),
-        "seed": int(opts.get("seed", 0)), "batch_size": problem.batch_size, "hvp_route": problem.hvp_route,
-        "max_samples": opts.get("max_samples"),
-        "world_size": len(rank_examples), "rank_examples": rank_examples,
-        "dist_backend": ctx.backend if ctx is not None else None,
-        # None for the default θ (every trainable parameter, none frozen), so older reports still match
-        "params": (" ".join(selection.patterns) or "all trainable") if (selection.patterns or selection.frozen)
-        else None,
-        "params_frozen": ", ".join(selection.frozen) if selection.frozen else None,
-        "num_params_fixed": sum(int(p.numel()) for n, p in model.module.named_parameters() if n in set(selection.fixed)),
-        "num_terms": problem.num_terms, "attention": problem.attention,
-    }
     if opts.get("output"):  # fail before the work, not after it
-        check_report_writable(opts["output"], record, force=bool(opts.get("force")))
-    return Loaded(problem, record, int(opts.get("seed", 0)), warnings, setup_counts=setup_counts)
+        check_report_writable(opts["output"], opened.record, force=bool(opts.get("force")))
+    return Loaded(problem, opened.record, int(opts.get("seed", 0)), list(opened.warnings),
+                  setup_counts=opened.setup_counts)
 
 
 def problem_json(loaded: Loaded) -> dict[str, Any]:

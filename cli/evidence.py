@@ -5,7 +5,6 @@ Also the renderers ``basins summary`` uses for a report's ``/evidence`` group.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
@@ -14,6 +13,7 @@ from rich.table import Table
 
 from .common import (
     Timer,
+    attr_value,
     emit,
     flag_names,
     fmt,
@@ -31,10 +31,12 @@ from .common import (
               help="δ of the prior N(0, δ⁻¹I), or auto (maximise the evidence over δ).")
 @click.option("--noise-std", type=click.FloatRange(min=0, min_open=True),
               help="mse: Gaussian noise σ (default: estimated from the residual, σ² = L(w*)).")
-@click.option("--curvature", type=click.Choice(["hessian", "ggn"]), default="hessian", show_default=True,
-              help="Hessian of the NLL, or its generalised Gauss–Newton part.")
+@click.option("--curvature", type=click.Choice(["hessian", "ggn", "both"]), default="hessian", show_default=True,
+              help="Hessian of the NLL, its generalised Gauss–Newton part, or both (with their difference, "
+                   "a model-error term).")
 @click.option("--method", type=click.Choice(["auto", "exact", "slq"]), default="auto", show_default=True,
-              help="log det: dense (auto when P ≤ 3000) or stochastic Lanczos quadrature with an interval.")
+              help="log det: dense (auto when P ≤ 4096 and it fits in memory; exact, no interval) or stochastic "
+                   "Lanczos quadrature with a 95% interval.")
 @click.option("--probes", type=click.IntRange(min=2), default=30, show_default=True, help="slq: probe vectors.")
 @click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True, help="slq: Lanczos steps.")
 @click.option("--deflate", type=click.IntRange(min=0), default=20, show_default=True, help="slq: top eigenpairs kept exactly.")
@@ -43,7 +45,8 @@ def evidence(**kw: Any) -> None:
     """Laplace log evidence: log p(D|w*) + log p(w*) + (P/2)·log 2π − ½·log det(H_nll + δI).
 
     H_nll is the Hessian of the summed negative log-likelihood (mse: Gaussian with σ;
-    cross-entropy/nll: categorical; bce: Bernoulli). In nats.
+    cross-entropy/nll: categorical; bce: Bernoulli; causal-lm/token-cross-entropy: the token
+    NLL summed over valid tokens). In nats.
 
     \b
     Examples:
@@ -71,20 +74,23 @@ def evidence(**kw: Any) -> None:
     for note in result.notes:
         log.print(f"note: {note}")
     log.print(f"evidence ({result.method}): {result.num_matvecs} curvature products in {t.seconds:.2f} s")
+    if result.model_error is not None:
+        gap, lo, hi = result.model_error
+        log.print(f"model error (Hessian − GGN evidence): {gap:.6g} [{lo:.6g}, {hi:.6g}] nats")
     record = result.record()
     record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
     emit(kw, log, loaded, "evidence", record, warnings=list(loaded.warnings), tables=summary_tables)
 
 
-def evidence_text(a: dict[str, Any]) -> str:
-    """``log p(D) [lo, hi]``."""
-    v = a.get("log_evidence")
+def evidence_text(a: dict[str, Any], prefix: str = "") -> str:
+    """``log p(D) [lo, hi]``, or ``log p(D) (exact)`` for the dense method."""
+    v = a.get(f"{prefix}log_evidence")
     if not isinstance(v, (int, float)):
         return "-"
-    ci = a.get("log_evidence_ci")
-    if isinstance(ci, str):
-        ci = json.loads(ci)
-    if isinstance(ci, list) and len(ci) == 2 and ci[0] != ci[1]:
+    ci = attr_value(a, f"{prefix}log_evidence_ci")
+    if a.get(f"{prefix}method", a.get("method")) == "exact":
+        return f"{v:.6g} (exact)"
+    if isinstance(ci, list) and len(ci) == 2:
         return f"{v:.6g} [{ci[0]:.6g}, {ci[1]:.6g}]"
     return f"{v:.6g}"
 
@@ -97,6 +103,11 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     t.add_column("quantity", style="bold")
     t.add_column("value")
     t.add_row("log p(D)", evidence_text(a) + " nats")
+    if a.get("ggn_log_evidence") is not None:
+        t.add_row("log p(D), GGN", evidence_text(a, "ggn_") + " nats")
+        err, ci = a.get("model_error"), attr_value(a, "model_error_ci")
+        if isinstance(err, (int, float)) and isinstance(ci, list) and len(ci) == 2:
+            t.add_row("model error (H − GGN)", f"{err:.6g} [{ci[0]:.6g}, {ci[1]:.6g}] nats")
     t.add_row("log p(D|w*)", fmt(a.get("log_likelihood")))
     t.add_row("log Occam factor", fmt(a.get("log_occam")))
     t.add_row("log p(w*)", fmt(a.get("log_prior")))
@@ -105,7 +116,8 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     if a.get("noise_std") is not None:
         t.add_row("noise σ", f"{fmt(a.get('noise_std'))} ({a.get('noise_std_rule')})")
     t.add_row("likelihood", str(a.get("likelihood")))
-    t.add_row("cost", f"{a.get('num_hvps')} curvature products, {fmt(a.get('wall_seconds'), 3)} s")
+    products = a.get("num_curvature_products", a.get("num_hvps"))
+    t.add_row("cost", f"{products} curvature products, {fmt(a.get('wall_seconds'), 3)} s")
     return [t]
 
 

@@ -31,8 +31,9 @@ from .common import (
 @click.command()
 @problem_options
 @click.option("--method", type=click.Choice(["auto", "exact", "features", "slq"]), default="auto", show_default=True,
-              help="exact: dense Hessian (auto when P ≤ 4096); features: P − rank of the feature Gram matrix "
-                   "(Gauss–Newton part); slq: an estimate with an interval.")
+              help="exact: dense Hessian (auto when P ≤ 4096 and it fits in memory); features: P − rank of the "
+                   "feature Gram matrix (the Gauss–Newton part G; auto only where G = H, an mse loss at a "
+                   "zero-residual point); slq: an estimate with an interval (auto otherwise).")
 @click.option("--rtol", "rtols", type=click.FloatRange(min=0), multiple=True,
               help="Relative threshold: count |λ| ≤ rtol·λ_max + atol. Repeatable [default: 1e-6, 1e-4, 1e-2].")
 @click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,

@@ -34,7 +34,8 @@ def test_llc_and_evidence_json_report_and_summary(regression_files, tmp_path: Pa
                                      "grad_norm", "grad_noise"}
     assert "gamma_bias" not in d
     assert len(d["llc_per_chain"]) == 4 and d["num_chains"] == 4 and d["llc_ci"][0] <= d["llc"] <= d["llc_ci"][1]
-    code, out, err = run("evidence", regression_files.bundle, "--json", "-o", rep, "--dtype", "float64")
+    code, out, err = run("evidence", regression_files.bundle, "--curvature", "ggn", "--json", "-o", rep,
+                         "--dtype", "float64")  # not a minimum: auto δ needs a PSD curvature
     assert code == 0, err
     e = json.loads(out)
     assert EVIDENCE_KEYS <= set(e), EVIDENCE_KEYS - set(e)

@@ -260,7 +260,7 @@ def real(model_files: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     for args in (["hessian", b, "--which", "both", "--trace", "--top-k", "3"],
                  ["spectrum", b, "--probes", "3", "--steps", "20"], ["nullity", b], ["features", b],
                  ["volume", b, "--samples", "20", "--walls"],
-                 ["llc", b, "--chains", "2", "--draws", "30", "--burnin", "10"], ["evidence", b],
+                 ["llc", b, "--chains", "2", "--draws", "30", "--burnin", "10"], ["evidence", b, "--curvature", "ggn"],
                  ["landscape", b, "--points", "9"]):
         code, _, err = run(*args, "-o", one, "-q")
         assert code == 0, err

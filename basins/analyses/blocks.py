@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from basins.analyses.eigen import hessian_operator
 from basins.engine.problem import Problem
 from basins.errors import InputError
 from basins.linalg.operator import Operator
@@ -122,21 +123,12 @@ def parse_blocks(names: Sequence[str], spec: Sequence[str]) -> list[tuple[str, l
 
 
 def block_operator(problem: Problem, names: Sequence[str]) -> Operator:
-    """``H_BB`` as an :class:`Operator` of size ``P_B``: full HVPs of vectors zero outside the block."""
+    """``H_BB`` as an :class:`Operator` of size ``P_B``: the Hessian restricted to the block
+    (:meth:`~basins.linalg.operator.Operator.restrict`: full HVPs of vectors zero outside it)."""
     space = problem.space
     index = torch.cat([torch.arange(space.offsets[i], space.offsets[i + 1])
-                       for i, n in enumerate(space.names) if n in set(names)]).to(problem.device)
-    P = problem.num_params
-
-    def matvec(V: torch.Tensor) -> torch.Tensor:
-        single = V.dim() == 1
-        Vb = V.reshape(V.shape[0], -1)
-        full = torch.zeros(P, Vb.shape[1], dtype=problem.dtype, device=problem.device)
-        full[index] = Vb.to(problem.device, problem.dtype)
-        out = problem.hvp(full)[index]
-        return out[:, 0] if single else out
-
-    return Operator(matvec, int(index.numel()), problem.dtype, problem.device)
+                       for i, n in enumerate(space.names) if n in set(names)])
+    return hessian_operator(problem).restrict(index)
 
 
 def per_block_hessian(

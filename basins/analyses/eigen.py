@@ -2,12 +2,14 @@
 
 :func:`dense_fits` is the rule (``P ≤ max_params`` and the dense float64 Hessian with its
 eigensolver workspace, ``24·P²`` bytes, fits the memory budget); :func:`hessian_eigenpairs`
-applies it, and ``basins nullity`` (``--method auto``) and ``basins volume`` (the eigenbasis of
+applies it, and ``basins nullity`` (``--method auto``), ``basins evidence`` and ``basins volume`` (the eigenbasis of
 the ``eigen`` direction family and of the quadratic comparison) both ask it. The dense route
 assembles ``H`` once (:meth:`basins.linalg.operator.Operator.materialise`, ``P`` HVPs) and
 diagonalises it in float64 (all ``P`` pairs, exact to rounding); the Lanczos route
 (:func:`basins.linalg.lanczos.lanczos`, full reorthogonalisation) gives the top ``k`` pairs to
-relative residual ``tol``. See README, "Architecture".
+relative residual ``tol``. :func:`deflated_slq` is the one deflated stochastic Lanczos
+quadrature (``nullity``'s slq, ``evidence``'s log det, ``spectrum``): the top pairs by
+:func:`top_eigenpairs`, their span projected out, SLQ on the rest. See README, "Architecture".
 """
 
 from __future__ import annotations
@@ -19,15 +21,21 @@ from dataclasses import dataclass, field
 
 import torch
 
+from basins.engine.curvature import HessianOperator
 from basins.engine.memory import memory_budget
 from basins.engine.problem import Problem
 from basins.errors import ComputeError, InputError
 from basins.linalg.lanczos import lanczos
 from basins.linalg.operator import Operator
+from basins.linalg.slq import SLQResult, slq
 from basins.progress import ProgressCallback, relay
 
 __all__ = ["Eigenpairs", "WarmStarts", "warm_starts", "hessian_operator", "dense_memory_bytes", "dense_fits",
-           "dense_hessian", "top_eigenpairs", "hessian_eigenpairs"]
+           "dense_reason", "dense_hessian", "top_eigenpairs", "hessian_eigenpairs", "DeflatedSLQ", "deflated_slq",
+           "DENSE_MAX_PARAMS"]
+
+#: The dense route's parameter limit (``eigvalsh`` of 4096² ≈ 5 s on a laptop core; P HVPs).
+DENSE_MAX_PARAMS = 4096
 
 
 @dataclass
@@ -87,8 +95,9 @@ class Eigenpairs:
 
 
 def hessian_operator(problem: Problem) -> Operator:
-    """The Hessian at θ* as an :class:`Operator`: ``problem.hvp`` (one column = one HVP)."""
-    return Operator(problem.hvp, int(problem.num_params), problem.dtype, problem.device)
+    """The Hessian at θ* as an :class:`Operator` (:class:`basins.engine.curvature.HessianOperator`:
+    ``problem.hvp``, one column = one HVP)."""
+    return HessianOperator(problem)
 
 
 def dense_memory_bytes(num_params: int) -> int:
@@ -96,10 +105,22 @@ def dense_memory_bytes(num_params: int) -> int:
     return 24 * num_params**2
 
 
-def dense_fits(num_params: int, *, max_params: int, memory_bytes: int | None = None) -> bool:
-    """Whether the dense route is taken: ``P ≤ max_params`` and :func:`dense_memory_bytes` fits
-    ``memory_bytes`` (default a quarter of physical memory)."""
+def dense_fits(num_params: int, *, max_params: int = DENSE_MAX_PARAMS, memory_bytes: int | None = None) -> bool:
+    """The one dense-or-iterative rule: the dense route is taken when ``P ≤ max_params`` (default
+    :data:`DENSE_MAX_PARAMS`) and :func:`dense_memory_bytes` fits ``memory_bytes`` (default a
+    quarter of physical memory). ``basins nullity``, ``evidence``, ``volume`` and every caller of
+    :func:`hessian_eigenpairs` ask it."""
     return num_params <= max_params and dense_memory_bytes(num_params) <= memory_budget(memory_bytes)
+
+
+def dense_reason(num_params: int, *, max_params: int = DENSE_MAX_PARAMS, memory_bytes: int | None = None) -> str:
+    """Why :func:`dense_fits` decided as it did, for a note (``P = 5,000 > 4,096``, or the memory)."""
+    if num_params > max_params:
+        return f"P = {num_params:,} > {max_params:,}"
+    need, budget = dense_memory_bytes(num_params), memory_budget(memory_bytes)
+    if need > budget:
+        return f"the dense Hessian needs {need / 2**30:.1f} GiB, over the {budget / 2**30:.1f} GiB budget"
+    return f"P = {num_params:,} ≤ {max_params:,} and the dense Hessian fits in memory"
 
 
 def dense_hessian(operator: Operator, *, block: int = 64, callback: ProgressCallback | None = None,
@@ -138,7 +159,7 @@ def top_eigenpairs(operator: Operator, k: int, *, tol: float = 1e-4, seed: int =
                       int(res.num_matvecs))
 
 
-def hessian_eigenpairs(problem: Problem | Operator, k: int, *, exact_max_params: int = 2000,
+def hessian_eigenpairs(problem: Problem | Operator, k: int, *, exact_max_params: int = DENSE_MAX_PARAMS,
                        memory_bytes: int | None = None, seed: int = 0, tol: float = 1e-4, hvp_block: int = 32,
                        callback: ProgressCallback | None = None) -> Eigenpairs:
     """All eigenvalues and the top ``k`` eigenvectors (dense route), or the top ``k`` pairs (Lanczos).
@@ -169,3 +190,56 @@ def hessian_eigenpairs(problem: Problem | Operator, k: int, *, exact_max_params:
     del H
     vals, vecs = vals.flip(0), vecs.flip(1)
     return Eigenpairs(vals, vecs[:, :k].contiguous(), torch.zeros_like(vals), True, "exact", P)
+
+
+@dataclass
+class DeflatedSLQ:
+    """Top eigenpairs kept exactly, and SLQ on the rest (:func:`deflated_slq`).
+
+    Attributes:
+        top: the top ``k`` eigenvalues, descending (float64 CPU; empty when ``k = 0``).
+        top_residuals: their Lanczos residual bounds.
+        slq: the quadrature on ``(I − QQᵀ) A (I − QQᵀ)``, dimension ``P − k``.
+        num_matvecs: products spent (Lanczos + SLQ).
+    """
+
+    top: torch.Tensor
+    top_residuals: torch.Tensor
+    slq: SLQResult
+    num_matvecs: int
+
+
+def deflated_slq(operator: Operator, *, deflate: int, num_probes: int, num_steps: int, seed: int = 0,
+                 probe_seed: int | None = None, probe: str = "rademacher", tol: float = 1e-6,
+                 memory_bytes: int | None = None, callback: ProgressCallback | None = None) -> DeflatedSLQ:
+    """The one deflated stochastic Lanczos quadrature: the top ``deflate`` pairs by Lanczos
+    (:func:`top_eigenpairs`, tolerance ``tol``, warm-started inside :func:`warm_starts`), their
+    span projected out, then :func:`basins.linalg.slq.slq` on the complement.
+
+    The Lanczos vectors are float64 when ``num_probes·(num_steps+1)·P`` doubles fit
+    ``memory_bytes`` (default the memory budget, at most 1 GiB), else the operator's dtype, in
+    blocks of as many probes as fit. ``probe_seed`` (default ``seed``) seeds the probes.
+
+    Cost: the Lanczos count (≈ 5–15 × ``deflate``) + at most ``num_probes·num_steps`` products.
+
+    Raises:
+        InputError: ``deflate`` not in ``[0, P)``, or a bad SLQ budget.
+    """
+    P = operator.num_params
+    if not 0 <= deflate < P:
+        raise InputError(f"deflate must be between 0 and P − 1 = {P - 1}, got {deflate}")
+    budget = min(1 << 30, memory_budget(memory_bytes, operator.device)) if memory_bytes is None else memory_bytes
+    per_probe = (min(num_steps, P) + 1) * P
+    dtype = torch.float64 if (num_probes * per_probe + deflate * P) * 8 <= budget else operator.dtype
+    block = max(1, min(num_probes, budget // max(1, per_probe * dtype.itemsize)))
+    top = top_res = torch.zeros(0, dtype=torch.float64)
+    basis, used = None, 0
+    if deflate:
+        pairs = top_eigenpairs(Operator(operator.matvec, P, dtype, operator.device), deflate, tol=tol, seed=seed,
+                               callback=callback)
+        top, top_res, used = pairs.eigenvalues, pairs.residuals, pairs.num_hvps
+        basis = torch.linalg.qr(pairs.eigenvectors)[0].to(dtype)
+    res = slq(operator, num_probes=num_probes, num_steps=num_steps, seed=seed if probe_seed is None else probe_seed,
+              probe=probe, deflate=basis, block_size=block, dtype=dtype, device=operator.device,
+              callback=relay(callback, offset=used, unit="HVPs"))
+    return DeflatedSLQ(top, top_res, res, used + res.num_matvecs)

@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.func import hessian, jacfwd, jacrev, vmap
 
-from basins.engine.batch import require_tensor
+from basins.engine.batch import Inputs, take
+from basins.engine.losses import count_terms
 from basins.engine.problem import Problem
 from basins.errors import ComputeError, InputError
 
@@ -39,46 +40,62 @@ def outputs_per_example(problem: Problem) -> int:
     return int(out[0].numel())
 
 
+def _example_total(problem: Problem, value: object, y: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An example's (or chunk's) loss value as the **sum** of its averaged terms: a ``(sum, count)``
+    loss its sum, a token loss its mean × its valid tokens, any other the mean × its examples."""
+    if isinstance(value, tuple):
+        return value[0]
+    assert isinstance(value, torch.Tensor)
+    return value * count_terms(problem.loss_name, shape, y, y.shape[0])
+
+
 def check_separable(problem: Problem) -> None:
-    """Require L = mean over examples of the loss of each example alone (true for built-ins, not for
-    the token losses and ``(sum, count)`` losses, whose chunks are weighted by their terms)."""
-    if problem.variable_terms:
-        raise InputError(
-            f"the loss {problem.loss_name!r} averages over a varying number of terms per example (valid tokens), "
-            "not over examples; the feature Gram matrix needs a mean over examples: use the nullity method "
-            "'exact' or 'slq'"
-        )
+    """Require L = Σ over examples of a term that depends on that example alone, over N: true for the
+    built-in losses (a mean over examples, or over valid tokens) and checked on the first examples."""
     x, y, m, _ = next(problem.chunks())
     c = min(m, 8)
     with torch.no_grad():
         out = problem.forward(problem.params, x)[:c].to(torch.float64)
         yy = y[:c].to(torch.float64) if y.is_floating_point() else y[:c]
-        whole = float(problem.loss_fn(out, yy))
-        parts = sum(float(problem.loss_fn(out[i : i + 1], yy[i : i + 1])) for i in range(c)) / c
+        shape = tuple(out.shape[1:])
+        whole = float(_example_total(problem, problem.loss_fn(out, yy), yy, shape))
+        parts = sum(float(_example_total(problem, problem.loss_fn(out[i : i + 1], yy[i : i + 1]), yy[i : i + 1],
+                                         shape)) for i in range(c))
     if not math.isclose(whole, parts, rel_tol=1e-8, abs_tol=1e-12):
         raise InputError(
-            f"the loss {problem.loss_name!r} is not a mean of per-example terms (mean of one-example losses "
-            f"{parts!r} ≠ loss of the batch {whole!r}); the feature Gram matrix needs one: use the nullity method 'exact' or 'slq'"
+            f"the loss {problem.loss_name!r} is not a sum of per-example terms (one-example losses add up to "
+            f"{parts!r}, the batch's loss to {whole!r}); the feature Gram matrix needs one: use the nullity "
+            "method 'exact' or 'slq'"
         )
 
 
 def loss_factor(problem: Problem, out: torch.Tensor, y: torch.Tensor, notes: list[str]) -> torch.Tensor | float:
     """Per-example symmetric square roots ``S_i`` of ``H_ℓ,i`` ((c, k, k), float64), or a scalar (mse).
 
-    ``H_ℓ,i = ∇²_o ℓ(o_i, y_i) / n``: L = (1/n) Σᵢ ℓ(oᵢ, yᵢ) with ℓ the loss of one example.
+    ``H_ℓ,i = ∇²_o s(o_i, y_i) / N`` with ``s`` the sum of example i's averaged terms and N
+    (:attr:`~basins.engine.problem.Problem.num_terms`) their total: L = (1/N) Σᵢ s(oᵢ, yᵢ). For
+    the token losses s sums over the example's valid tokens, so padded positions get zero rows
+    (the Gram matrix over valid tokens).
     """
-    n = problem.num_examples
+    N = problem.num_terms
     if problem.loss_name == "mse":
-        return math.sqrt(2.0 / problem.num_terms)
+        return math.sqrt(2.0 / N)
     c = out.shape[0]
-    shape = out.shape[1:]
+    shape = tuple(out.shape[1:])
     flat = out.detach().to(torch.float64).reshape(c, -1)
     yy = y.to(torch.float64) if y.is_floating_point() else y
 
     def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return problem.loss_fn(o.reshape(1, *shape), t.unsqueeze(0))
+        v = problem.loss_fn(o.reshape(1, *shape), t.unsqueeze(0))
+        return v[0] if isinstance(v, tuple) else v
 
-    Hl = vmap(hessian(one))(flat, yy) / n
+    Hl = vmap(hessian(one))(flat, yy)
+    if problem.pair_loss:
+        Hl = Hl / N
+    else:  # a mean over the example's terms: times its count (0 for an example with no valid token)
+        counts = torch.tensor([count_terms(problem.loss_name, shape, yy[i : i + 1], 1) for i in range(c)],
+                              dtype=torch.float64, device=Hl.device)
+        Hl = Hl * (counts / N).reshape(c, 1, 1)
     Hl = (Hl + Hl.transpose(1, 2)) / 2
     evals, U = torch.linalg.eigh(Hl)
     lo = float(evals.min())
@@ -93,7 +110,6 @@ def choose_mode(problem: Problem, mode: str, notes: list[str]) -> str:
     if mode == "batch":
         return mode
     x, _, m, _ = next(problem.chunks())
-    x = require_tensor(x, "the Jacobian of the outputs")
     try:
         jacobian_block(problem, x, 0, min(m, 2), m, "per-example")
         return "per-example"
@@ -115,7 +131,7 @@ def factored_rows(
     for x, y, m, _ in problem.chunks():
         pieces = [(s, min(s + sub, m)) for s in range(0, m, sub)] if mode == "per-example" else [(0, m)]
         for a, b in pieces:
-            J, out = jacobian_block(problem, require_tensor(x, "the Jacobian of the outputs"), a, b, m, mode)
+            J, out = jacobian_block(problem, x, a, b, m, mode)
             S = loss_factor(problem, out, y[a:b], notes)
             J = J.to(torch.float64)
             rows = J * S if isinstance(S, float) else torch.bmm(S.to(J.device), J)
@@ -126,16 +142,18 @@ def factored_rows(
         start += m
 
 
-def jacobian_block(problem: Problem, x: torch.Tensor, a: int, b: int, m: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Output Jacobian ``(b−a, k, P)`` of examples ``a:b`` of chunk ``x`` (``m`` real examples), and their outputs."""
+def jacobian_block(problem: Problem, x: Inputs, a: int, b: int, m: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output Jacobian ``(b−a, k, P)`` of examples ``a:b`` of chunk ``x`` (a tensor or named inputs;
+    ``m`` real examples), and their outputs."""
     params = problem.params
     if mode == "per-example":
 
-        def f1(p: dict[str, torch.Tensor], xi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            o = problem.forward(p, xi.unsqueeze(0))[0]
+        def f1(p: dict[str, torch.Tensor], xi: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
+            one = ({k: v.unsqueeze(0) for k, v in xi.items()} if isinstance(xi, dict) else xi.unsqueeze(0))
+            o = problem.forward(p, one)[0]
             return o.reshape(-1), o
 
-        jac, out = vmap(jacrev(f1, has_aux=True), in_dims=(None, 0))(params, x[a:b])
+        jac, out = vmap(jacrev(f1, has_aux=True), in_dims=(None, 0))(params, take(x, a, b))
         return problem.space.flatten(jac), out
     # batch: the whole (possibly padded) chunk at once; reverse mode unless P < outputs
     with torch.no_grad():

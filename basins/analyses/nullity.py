@@ -43,9 +43,12 @@ from typing import Any
 import torch
 
 from basins.analyses.eigen import (
+    DENSE_MAX_PARAMS,
+    deflated_slq,
     dense_fits,
     dense_hessian,
     dense_memory_bytes,
+    dense_reason,
     hessian_operator,
     top_eigenpairs,
 )
@@ -59,8 +62,8 @@ from basins.engine.memory import memory_budget
 from basins.engine.problem import Problem
 from basins.errors import InputError
 from basins.linalg.operator import Operator, as_operator
-from basins.linalg.slq import DEFAULT_PROBES, DEFAULT_STEPS, SLQResult, slq, student_t_quantile
-from basins.progress import Progress, ProgressCallback, relay
+from basins.linalg.slq import DEFAULT_PROBES, DEFAULT_STEPS, SLQResult, student_t_quantile
+from basins.progress import Progress, ProgressCallback
 from basins.record import EIGEN_UNITS, Array, Record
 
 __all__ = [
@@ -78,13 +81,16 @@ __all__ = [
     "count_eigenvalues",
     "quadrature_mass",
     "exact_memory_bytes",
+    "features_refusal",
 ]
 
 NULLITY_METHODS = ("auto", "exact", "features", "slq")
 #: The default threshold ladder, relative to λ_max.
 DEFAULT_RTOLS = (1e-6, 1e-4, 1e-2)
-#: ``auto`` takes the dense route up to this many parameters (eigvalsh of 4096² ≈ 5 s here).
-EXACT_MAX_PARAMS = 4096
+#: ``auto`` takes the dense route up to this many parameters (the one rule: :data:`basins.analyses.eigen.DENSE_MAX_PARAMS`).
+EXACT_MAX_PARAMS = DENSE_MAX_PARAMS
+#: ``auto`` keeps a features count only where G is H: ``‖Hv − Gv‖/‖Hv‖`` at most this.
+GN_EXACT_TOL = 1e-6
 #: Top eigenpairs deflated before SLQ (they would otherwise take nodes from the bulk).
 DEFAULT_DEFLATE = 20
 #: A node is surely inside ``[−t, t]`` when ``|θ| + RESIDUAL_FACTOR·r ≤ t``: a unit Ritz
@@ -340,11 +346,11 @@ def nullity_slq(
     num_steps: int = DEFAULT_STEPS,
     coverage: float = 0.95,
     seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-    block_size: int | None = None,
+    memory_bytes: int | None = None,
     callback: ProgressCallback | None = None,
 ) -> NullityResult:
-    """Estimated counts by deflated stochastic Lanczos quadrature, with intervals.
+    """Estimated counts by deflated stochastic Lanczos quadrature
+    (:func:`basins.analyses.eigen.deflated_slq`), with intervals.
 
     Args:
         operator: the symmetric operator (:class:`~basins.linalg.operator.Operator` or a dense tensor).
@@ -354,8 +360,7 @@ def nullity_slq(
         num_steps: Lanczos steps per probe.
         coverage: nominal coverage of each interval (Student t over probes).
         seed: seeds Lanczos (``seed``) and the probes (``seed + 1``).
-        dtype: of the stored vectors (on the operator's device).
-        block_size: SLQ probes per block matvec (default all).
+        memory_bytes: budget of the stored Lanczos vectors (:func:`~basins.analyses.eigen.deflated_slq`).
         callback: :class:`~basins.progress.Progress` (phases ``lanczos``, ``slq``; HVPs).
 
     Returns:
@@ -366,23 +371,13 @@ def nullity_slq(
     P = op.num_params
     if not isinstance(num_probes, int) or num_probes < 2:
         raise InputError(f"num_probes must be ≥ 2 for a count with an interval, got {num_probes!r}")
-    if not 0 <= deflate < P:
-        raise InputError(f"deflate must be between 0 and P − 1 = {P - 1}, got {deflate}")
     if not 0 < coverage < 1:
         raise InputError(f"coverage must be in (0, 1), got {coverage}")
     _thresholds(0.0, rtols, atol)
-    num_hvps = 0
-    D = None
-    top = top_res = torch.zeros(0, dtype=torch.float64)
-    if deflate:
-        pairs = top_eigenpairs(Operator(op.matvec, P, dtype, op.device), deflate, tol=1e-6, seed=seed,
-                               callback=callback)
-        top, top_res, num_hvps = pairs.eigenvalues, pairs.residuals, pairs.num_hvps
-        D = torch.linalg.qr(pairs.eigenvectors)[0].to(dtype)
-
-    res = slq(op, num_probes=num_probes, num_steps=num_steps, seed=seed + 1, deflate=D, block_size=block_size,
-              dtype=dtype, callback=relay(callback, offset=num_hvps, unit="HVPs"))
-    num_hvps += res.num_matvecs
+    run = deflated_slq(op, deflate=deflate, num_probes=num_probes,
+                       num_steps=num_steps, seed=seed, probe_seed=seed + 1, memory_bytes=memory_bytes,
+                       callback=callback)
+    top, top_res, res, num_hvps = run.top, run.top_residuals, run.slq, run.num_matvecs
     lam_max = float(top[0]) if deflate else max(res.lambda_max, abs(res.lambda_min))
     tq = student_t_quantile(0.5 + coverage / 2, num_probes - 1)
     counts = []
@@ -451,6 +446,26 @@ def nullity_features(
     )
 
 
+def features_refusal(problem: Problem, memory_bytes: int | None = None) -> str | None:
+    """Why ``features`` would not give H's exact counts for ``problem`` (None: it may, when G = H).
+
+    Features counts the flat directions of the Gauss–Newton part G, which is H only at a
+    zero-residual optimum of a loss whose curvature in the outputs is its whole curvature: mse.
+    It also needs the Gram matrix (or G) to fit ``memory_bytes``."""
+    if problem.loss_name != "mse" or problem.pair_loss:
+        return (f"the loss {problem.loss_name!r} has a residual part, so G ≠ H (features counts G's "
+                "flat directions; ask for it with method 'features')")
+    try:
+        M = int(problem.num_examples) * outputs_per_example(problem)
+        need = features_memory_bytes(M, int(problem.num_params))[1]
+    except Exception as exc:  # noqa: BLE001 - any trouble sizing it: say so and fall through to slq
+        return f"the outputs could not be sized ({type(exc).__name__})"
+    budget = memory_budget(memory_bytes, problem.device)
+    if need > budget:
+        return f"the Gram matrix needs {need / 2**30:.1f} GiB, over the {budget / 2**30:.1f} GiB budget"
+    return None
+
+
 def nullity(
     problem: Problem,
     *,
@@ -469,8 +484,10 @@ def nullity(
 
     Args:
         problem: a :class:`basins.Problem`.
-        method: ``auto`` (exact when P ≤ ``exact_max_params`` and it fits memory, else features
-            when the Gram matrix fits, else slq), ``exact``, ``features`` or ``slq``.
+        method: ``auto`` (exact when the dense Hessian is allowed by the one rule,
+            :func:`basins.analyses.eigen.dense_fits`; else features where it is exact: an mse loss,
+            the Gram matrix fits, and the measured ``‖Hv − Gv‖/‖Hv‖`` is at rounding level; else
+            slq), ``exact``, ``features`` or ``slq``.
         rtols: relative thresholds (× λ_max); atol: absolute part.
         seed: seeds every random choice.
         exact_max_params: ``auto``'s limit for the dense route.
@@ -492,29 +509,40 @@ def nullity(
     P = int(problem.num_params)
     budget = memory_budget(memory_bytes, problem.device)
     why = ""
+    res: NullityResult | None = None
+
+    def run_slq() -> NullityResult:
+        return nullity_slq(hessian_operator(problem), rtols=rtols, atol=atol, deflate=min(deflate, P - 1),
+                           num_probes=num_probes, num_steps=num_steps, seed=seed, memory_bytes=memory_bytes,
+                           callback=callback)
+
     if method == "auto":
+        dense = dense_reason(P, max_params=exact_max_params, memory_bytes=budget)
         if dense_fits(P, max_params=exact_max_params, memory_bytes=budget):
-            method, why = "exact", f"auto: exact because P = {P:,} ≤ {exact_max_params:,}"
+            method, why = "exact", f"auto: exact because {dense}"
         else:
-            try:
-                M = int(problem.num_examples) * outputs_per_example(problem)
-                fits = features_memory_bytes(M, P)[1] <= budget
-            except Exception:  # noqa: BLE001 - any trouble sizing it: fall through to slq
-                fits = False
-            if fits and problem.loss_name != "nll":
-                method, why = "features", f"auto: features because P = {P:,} > {exact_max_params:,} and the Gram matrix fits"
+            refusal = features_refusal(problem, budget)
+            if refusal is None:
+                res = nullity_features(problem, rtols=rtols, atol=atol, seed=seed, memory_bytes=budget,
+                                       callback=callback)
+                tol = max(GN_EXACT_TOL, 1e3 * torch.finfo(problem.dtype).eps)
+                if res.gn_residual is not None and res.gn_residual <= tol:
+                    method, why = "features", (f"auto: features because {dense}, and H = G here "
+                                               f"(‖Hv − Gv‖/‖Hv‖ = {res.gn_residual:.2g})")
+                else:
+                    gn = "unmeasured" if res.gn_residual is None else f"{res.gn_residual:.2g}"
+                    method, why = "slq", (f"auto: slq because {dense}, and features would count G's flat "
+                                          f"directions, not H's (‖Hv − Gv‖/‖Hv‖ = {gn})")
+                    res = None
             else:
-                method, why = "slq", f"auto: slq because P = {P:,} > {exact_max_params:,} and the Gram matrix does not fit"
-    if method == "exact":
+                method, why = "slq", f"auto: slq because {dense}, and features is not exact here: {refusal}"
+    if res is None and method == "exact":
         res = nullity_exact(hessian_operator(problem), rtols=rtols, atol=atol, memory_bytes=budget, seed=seed,
                             callback=callback)
-    elif method == "features":
+    elif res is None and method == "features":
         res = nullity_features(problem, rtols=rtols, atol=atol, seed=seed, memory_bytes=budget, callback=callback)
-    else:
-        vectors = num_probes * (min(num_steps, P) + 1) + deflate  # stored Lanczos vectors
-        dtype = torch.float64 if 8 * P * vectors <= budget else problem.dtype
-        res = nullity_slq(hessian_operator(problem), rtols=rtols, atol=atol, deflate=min(deflate, P - 1),
-                          num_probes=num_probes, num_steps=num_steps, seed=seed, dtype=dtype, callback=callback)
+    elif res is None:
+        res = run_slq()
     if why:
         res.notes.insert(0, why)
     res.method_asked, res.rtols, res.atol = method_asked, [float(r) for r in rtols], float(atol)

@@ -11,10 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from basins.analyses.eigen import hessian_operator
-from basins.engine.memory import memory_budget
+from basins.analyses.eigen import deflated_slq, hessian_operator
 from basins.engine.problem import Problem
 from basins.linalg.slq import (
     DEFAULT_PROBES,
@@ -22,10 +19,9 @@ from basins.linalg.slq import (
     SLQResult,
     SpectralDensity,
     _check_budget,
-    slq,
     spectral_density,
 )
-from basins.progress import ProgressCallback, relay
+from basins.progress import ProgressCallback
 from basins.record import EIGEN_UNITS, Array, Record
 
 __all__ = ["hessian_slq", "hessian_spectrum", "SpectrumResult"]
@@ -105,26 +101,18 @@ def hessian_slq(
     num_steps: int = DEFAULT_STEPS,
     seed: int = 0,
     probe: str = "rademacher",
-    deflate: torch.Tensor | None = None,
+    deflate: int = 0,
     memory_bytes: int | None = None,
     callback: ProgressCallback | None = None,
 ) -> SLQResult:
-    """:func:`slq` on the Hessian of a :class:`basins.Problem` at θ*.
+    """:func:`basins.analyses.eigen.deflated_slq` on the Hessian of a :class:`basins.Problem` at θ*
+    (``deflate`` top pairs projected out first; the spectrum's default is none).
 
     The Lanczos vectors are float64 when ``num_probes·(num_steps+1)·P`` doubles fit in
     ``memory_bytes`` (default: :func:`basins.engine.memory.memory_budget`, at most 1 GiB), else
     the problem's dtype (and fewer probes per block if needed).
-    Cost: ≤ ``num_probes·num_steps`` HVPs, in blocks of all probes.
+    Cost: ≤ ``num_probes·num_steps`` HVPs (plus the deflation's Lanczos), in blocks of all probes.
     """
-    P = int(problem.num_params)
-    if memory_bytes is None:
-        memory_bytes = min(1 << 30, memory_budget(None, problem.device))
     _check_budget(num_probes, num_steps, probe)
-    per_probe = (min(num_steps, P) + 1) * P
-    dtype = torch.float64 if num_probes * per_probe * 8 <= memory_bytes else problem.dtype
-    block = max(1, min(num_probes, memory_bytes // max(1, per_probe * dtype.itemsize)))
-    return slq(
-        hessian_operator(problem), num_probes=num_probes, num_steps=num_steps, seed=seed, probe=probe,
-        deflate=deflate, block_size=block, dtype=dtype, device=problem.device,
-        callback=relay(callback, unit="HVPs"),
-    )
+    return deflated_slq(hessian_operator(problem), deflate=deflate, num_probes=num_probes, num_steps=num_steps,
+                        seed=seed, probe=probe, memory_bytes=memory_bytes, callback=callback).slq

@@ -1,0 +1,257 @@
+"""The model zoo: every command on every model kind, through the CLI as a user runs it.
+
+Rows (:mod:`tests.zoo_models`): an MLP (mse, ``.pt2``), a CNN with BatchNorm (cross-entropy,
+``.pt2``), GPT-2 with tied embeddings and padding (causal-lm), a Llama-style causal LM, a BERT
+classifier with padding, a ViT, a bf16 GPT-2 directory and a LoRA adapter on the GPT-2 (the
+Hugging Face ones as ``save_pretrained`` directories with a token/image data file). Columns:
+hessian, spectrum, nullity (no options), features, volume, llc, evidence, landscape.
+
+Every cell runs ``basins <command> MODEL --data DATA --json`` with default options (the sampling
+commands with a smaller budget, :data:`BUDGET`, to keep CI affordable) and either
+
+* exits 0 and agrees with the independent float64 reference where one exists (the loss by hand,
+  the dense Hessian's eigenvalues inside every printed bound, exact counts, the evidence from
+  the dense Hessian, ...), or
+* exits 2 with a one-line reason (:data:`REFUSED`) that names what would work.
+
+Never exit 1 (an internal error). Cells that need another branch's work are marked
+:func:`pending_merge` (xfail, not strict) until it is merged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("transformers")
+
+from basins.cli.main import main  # noqa: E402
+from tests import zoo_models  # noqa: E402
+from tests.zoo_models import ZooModel  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ROWS = ("mlp", "cnn_bn", "gpt2", "llama", "bert", "vit", "gpt2_bf16", "gpt2_lora")
+COLUMNS = ("hessian", "spectrum", "nullity", "features", "volume", "llc", "evidence", "landscape")
+#: Options beyond the defaults: the sampling commands' budgets, for CI time only.
+BUDGET = {"volume": ["--samples", "64"], "llc": ["--draws", "200", "--burnin", "200"]}
+
+
+def pending_merge(branch: str) -> pytest.MarkDecorator:
+    """A cell that needs branch ``branch`` (remove once merged)."""
+    return pytest.mark.xfail(reason=f"needs branch {branch}", strict=False)
+
+
+#: Cells that wait for another branch: bf16/fp16 upcast and peft adapters (models), llc through
+#: the Problem for HF models (llc), float64 bounds from measured rounding for Llama/ViT (scale).
+PENDING: dict[tuple[str, str], str] = {
+    **{("gpt2_bf16", c): "models" for c in COLUMNS},
+    **{("gpt2_lora", c): "models" for c in COLUMNS},
+    **{(r, "llc"): "llc" for r in ("gpt2", "llama", "bert", "vit", "gpt2_bf16", "gpt2_lora")},
+    ("llama", "hessian"): "scale",
+    ("vit", "hessian"): "scale",
+    # float64 CNN with BatchNorm (.pt2): λ1 off the reference by 4.6e-15 against a printed bound of
+    # 2.7e-15 (the reference's own asymmetry 1.5e-15): a float64 bound 1.7× too tight
+    ("cnn_bn", "hessian"): "scale",
+}
+
+#: Cells refused by design, with the words their one-line reason must contain.
+REFUSED: dict[tuple[str, str], str] = {}
+
+
+def refusal(row: ZooModel, command: str) -> str | None:
+    """The words a refused cell's one-line reason must hold (None: the cell must run).
+
+    Besides :data:`REFUSED`: ``evidence`` with its defaults (Hessian, prior precision ``auto``) at
+    a point that is not a minimum, where the reference Hessian has a negative eigenvalue: the
+    evidence grows without bound there, so it is refused, naming the GGN curvature (which the
+    cell then runs: its log-likelihood against the loss by hand)."""
+    if (row.name, command) in REFUSED:
+        return REFUSED[(row.name, command)]
+    if command == "evidence" and float(row.eigenvalues[0]) < -1e3 * row.asymmetry - 1e-12:
+        return "use curvature 'ggn'"
+    return None
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Callable[[], ZooModel]]:
+    """Each row built (and trained, saved, referenced) on first use, once per session."""
+    root = tmp_path_factory.mktemp("zoo")
+    built: dict[str, Any] = {}
+
+    def gpt2_pair() -> tuple[ZooModel, torch.nn.Module]:
+        if "gpt2" not in built:
+            built["gpt2"] = zoo_models.gpt2(root)
+        return built["gpt2"]
+
+    makers: dict[str, Callable[[], ZooModel]] = {
+        "mlp": lambda: zoo_models.mlp(root),
+        "cnn_bn": lambda: zoo_models.cnn_bn(root),
+        "gpt2": lambda: gpt2_pair()[0],
+        "llama": lambda: zoo_models.llama(root),
+        "bert": lambda: zoo_models.bert(root),
+        "vit": lambda: zoo_models.vit(root),
+        "gpt2_bf16": lambda: zoo_models.gpt2_bf16(root, gpt2_pair()[1]),
+        "gpt2_lora": lambda: zoo_models.gpt2_lora(root, gpt2_pair()[0], gpt2_pair()[1]),
+    }
+
+    def get(name: str) -> Callable[[], ZooModel]:
+        def build() -> ZooModel:
+            key = f"row:{name}"
+            if key not in built:
+                built[key] = makers[name]()
+            return built[key]
+        return build
+
+    return {name: get(name) for name in ROWS}
+
+
+def run_cell(row: ZooModel, command: str, *more: str) -> tuple[int, dict[str, Any] | None, str]:
+    """``basins COMMAND MODEL --data DATA --json -q`` in-process: (exit code, JSON or None, stderr)."""
+    args = [command, row.model, "--data", row.data, *row.extra_args, *BUDGET.get(command, []), *more, "--json", "-q"]
+    res = CliRunner().invoke(main, args, catch_exceptions=True)
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        raise AssertionError(f"{command} on {row.name}: internal error {res.exception!r}") from res.exception
+    payload = json.loads(res.stdout) if res.exit_code == 0 else None
+    return res.exit_code, payload, res.stderr
+
+
+# ---------------------------------------------------------------------- the checks per column
+def _close_loss(row: ZooModel, out: dict[str, Any]) -> None:
+    """The problem's L(θ*) is the loss by hand (float64; float32 analysis dtype: float32 rounding)."""
+    tol = 1e-10 if out["dtype"] == "float64" and not row.float32_ops else 1e-5
+    assert out["loss_at_optimum"] == pytest.approx(row.loss_value, rel=tol), (out["loss_at_optimum"], row.loss_value)
+    assert out["num_params"] == row.num_params
+
+
+def check_hessian(row: ZooModel, out: dict[str, Any]) -> None:
+    _close_loss(row, out)
+    ref = row.eigenvalues.flip(0)
+    vals, bounds = out["eigenvalues"], out["error_bounds"]
+    for i, (v, b) in enumerate(zip(vals, bounds)):
+        # the reference's own rounding (its measured asymmetry) is added: it is not basins' error
+        assert abs(v - float(ref[i])) <= b + row.asymmetry, \
+            f"λ{i + 1} = {v} ± {b}, reference {float(ref[i])} ± {row.asymmetry:.2g}"
+
+
+def check_spectrum(row: ZooModel, out: dict[str, Any]) -> None:
+    _close_loss(row, out)
+    ev = row.eigenvalues
+    span = float(ev[-1] - ev[0])
+    # Ritz values lie in the spectrum's hull; the trace estimate's 95% interval covers tr H
+    assert float(ev[0]) - 1e-6 * span <= out["node_min"] and out["node_max"] <= float(ev[-1]) + 1e-6 * span
+    assert abs(out["trace"] - float(ev.sum())) <= 4 * out["trace_stderr"] + 1e-9 * abs(float(ev.sum()))
+
+
+def check_nullity(row: ZooModel, out: dict[str, Any]) -> None:
+    _close_loss(row, out)
+    ev = row.eigenvalues
+    lam_max = float(ev.abs().max())
+    assert out["lambda_max"] == pytest.approx(float(ev[-1]) if float(ev[-1]) > 0 else lam_max, rel=1e-6)
+    for t, lo, hi in zip(out["threshold"], out["count_lower"], out["count_upper"]):
+        truth = int((ev.abs() <= t).sum())
+        assert lo <= truth <= hi, (t, lo, truth, hi, out["method"])
+
+
+def check_features(row: ZooModel, out: dict[str, Any]) -> None:
+    _close_loss(row, out)
+    # G's nonzero spectrum is at most the number of outputs with curvature; λ_max(G) ≤ λ_max(H) + ‖H − G‖
+    assert out["rank"] <= min(out["num_outputs"], row.num_params)
+    assert out["lambda_max"] > 0 and math.isfinite(out["lambda_max"])
+
+
+def check_volume(row: ZooModel, out: dict[str, Any]) -> None:
+    _close_loss(row, out)
+    assert all(v is None or math.isfinite(v) for v in out["log_volume"])
+
+
+def check_llc(row: ZooModel, out: dict[str, Any]) -> None:
+    _close_loss(row, out)
+    lo, hi = out["llc_ci"]
+    assert lo < out["llc"] < hi and math.isfinite(out["llc"])
+
+
+def check_evidence(row: ZooModel, out: dict[str, Any]) -> None:
+    _close_loss(row, out)
+    N, delta = out["num_terms"], out["prior_precision"]
+    L = row.loss_value
+    if out["likelihood"] == "gaussian":
+        s2 = out["noise_std"] ** 2
+        log_lik, scale = -(N * L / (2 * s2) + 0.5 * N * math.log(2 * math.pi * s2)), N / (2 * s2)
+    else:
+        log_lik, scale = -N * L, float(N)
+    assert out["log_likelihood"] == pytest.approx(log_lik, rel=1e-5 if row.float32_ops else 1e-9)
+    assert out["log_evidence"] == pytest.approx(out["log_likelihood"] + out["log_occam"], rel=1e-12)
+    if out["method"] == "exact" and out["curvature"] == "ggn":
+        assert out["interval"].startswith("exact")
+    elif out["method"] == "exact":
+        logdet = float(torch.log(scale * row.eigenvalues + delta).sum())
+        # float32 islands in the model (the audit): its HVPs and the reference's differ at float32 rounding
+        rel = 1e-5 if row.float32_ops else 1e-8
+        assert out["logdet"] == pytest.approx(logdet, rel=rel, abs=rel)
+        assert out["interval"].startswith("exact")
+    else:
+        lo, hi = out["log_evidence_ci"]
+        assert lo < out["log_evidence"] < hi
+
+
+def check_landscape(row: ZooModel, out: dict[str, Any]) -> None:
+    _close_loss(row, out)
+    t, loss = out["t"], out["loss"]
+    centre = loss[min(range(len(t)), key=lambda i: abs(t[i]))]
+    exact = out["dtype"] == "float64" and not row.float32_ops  # float32 islands: float32 rounding
+    assert centre == pytest.approx(row.loss_value, rel=1e-9 if exact else 1e-5)
+
+
+CHECKS: dict[str, Callable[[ZooModel, dict[str, Any]], None]] = {
+    "hessian": check_hessian, "spectrum": check_spectrum, "nullity": check_nullity, "features": check_features,
+    "volume": check_volume, "llc": check_llc, "evidence": check_evidence, "landscape": check_landscape,
+}
+
+
+def _cells() -> list[Any]:
+    cells = []
+    for r in ROWS:
+        for c in COLUMNS:
+            marks = [pending_merge(PENDING[(r, c)])] if (r, c) in PENDING else []
+            cells.append(pytest.param(r, c, marks=marks, id=f"{r}-{c}"))
+    return cells
+
+
+@pytest.mark.parametrize(("row_name", "command"), _cells())
+def test_zoo_cell(zoo: dict[str, Callable[[], ZooModel]], row_name: str, command: str) -> None:
+    row = zoo[row_name]()
+    code, out, err = run_cell(row, command)
+    reason = refusal(row, command)
+    if os.environ.get("BASINS_ZOO_TABLE"):  # the README's table: one line per cell appended to this file
+        with open(os.environ["BASINS_ZOO_TABLE"], "a") as f:
+            f.write(f"{row_name} {command} exit {code}\n")
+    if reason is not None:
+        assert code == 2, (code, err)
+        lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1 and reason in lines[0], err
+        if command == "evidence":  # what the reason names works: the GGN evidence
+            code, out, err = run_cell(row, command, "--curvature", "ggn")
+            assert code == 0, err
+            assert out is not None
+            check_evidence(row, out)
+        return
+    assert code == 0, f"{command} on {row_name}: exit {code}: {err.strip()[-400:]}"
+    assert out is not None
+    CHECKS[command](row, out)
+
+
+def test_the_float64_models_stay_in_float64(zoo: dict[str, Callable[[], ZooModel]]) -> None:
+    """The dtype audit behind the references: GPT-2, BERT, the MLP and the CNN compute in float64
+    throughout; Llama computes part of its graph in float32 (RMSNorm, rotary), and the audit says
+    which ops (the references themselves are audited to be pure float64 when built)."""
+    for name in ("mlp", "cnn_bn", "gpt2", "bert"):
+        assert zoo[name]().float32_ops == [], (name, zoo[name]().float32_ops)
+    assert zoo["llama"]().float32_ops, "Llama's RMSNorm computes in float32 inside a float64 model"
