@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from basins.analyses.eigen import hessian_operator
+from basins.engine.memory import MemoryPlan, plan_lanczos
 from basins.engine.problem import Problem
 from basins.errors import InputError
 from basins.linalg.operator import Operator
@@ -53,7 +54,7 @@ from basins.progress import Progress, ProgressCallback
 from basins.record import EIGEN_UNITS, Array, Record
 
 __all__ = ["HessianEnd", "HessianResult", "hessian_eigenvalues", "WHICH", "TRACE_METHODS", "SADDLE_FLOOR_EPS",
-           "BOUNDS", "ROUNDING_FACTOR", "BOUND_EPS"]
+           "BOUNDS", "ROUNDING_FACTOR", "BOUND_EPS", "plan_hessian"]
 
 WHICH = ("top", "bottom", "both")
 TRACE_METHODS = ("hutch++", "hutchinson")
@@ -107,6 +108,7 @@ class HessianResult:
         hvp_route: the problem's HVP route.
         num_check_hvps: products spent on the error bounds (one per Ritz vector; none in float64).
         warm_start: whether Lanczos started from ``start`` (e.g. the previous checkpoint's Ritz vectors).
+        memory_plan: the plan the run was fitted to (:func:`plan_hessian`).
         next_start: with ``keep_start``, the ``(P, k)`` (``(P, 2k)`` for both ends) Ritz vectors to
             warm-start the next, nearby problem with (not part of the record).
     """
@@ -133,6 +135,7 @@ class HessianResult:
     num_check_hvps: int = 0
     warm_start: bool = False
     next_start: torch.Tensor | None = field(default=None, repr=False)
+    memory_plan: MemoryPlan | None = None
 
     @property
     def ends(self) -> list[HessianEnd]:
@@ -193,6 +196,10 @@ class HessianResult:
             "start": "warm: the previous checkpoint's Ritz vectors plus a random vector" if self.warm_start
             else "random",
         }
+        if self.memory_plan is not None:
+            plan = self.memory_plan
+            attrs.update(memory_plan=plan.describe(), memory_budget_bytes=plan.budget, memory_plan_bytes=plan.total,
+                         basis_storage=plan.basis_storage, basis_vectors=plan.basis_vectors)
         main = self.bottom if self.which == "bottom" else self.top
         assert main is not None
         arrays = _end_arrays(main, "", "bottom (ascending)" if self.which == "bottom" else "top (descending)")
@@ -234,6 +241,7 @@ def hessian_eigenvalues(
     bounds: str = "rescaled",
     start: torch.Tensor | None = None,
     keep_start: bool = False,
+    memory_plan: MemoryPlan | None = None,
 ) -> HessianResult:
     """Top/bottom Hessian eigenvalues of ``problem`` at θ* by Lanczos, and optionally the trace.
 
@@ -257,6 +265,8 @@ def hessian_eigenvalues(
             (:func:`basins.linalg.lanczos.lanczos`): the same stopping rule and accuracy as a
             cold start, usually fewer HVPs on a nearby Hessian.
         keep_start: keep the wanted Ritz vectors as ``result.next_start`` for the next checkpoint.
+        memory_plan: where the basis lives, its size and the trace's block (default
+            :func:`plan_hessian` with these arguments).
 
     Returns:
         A :class:`HessianResult`. Cost: ≤ ``max_hvps`` HVPs (+ ``trace_hvps`` with ``trace``),
@@ -299,9 +309,12 @@ def hessian_eigenvalues(
         if callback is not None:
             callback(replace(p, total=total(), unit="HVPs"))
 
+    plan = memory_plan or plan_hessian(problem, k=k, which=which, block_size=block_size, trace=trace,
+                                       trace_hvps=trace_hvps, bounds=bounds)
     options: dict[str, Any] = {"k": k, "which": which, "tol": tol, "max_matvecs": max_hvps, "block_size": block_size,
                                "dtype": problem.dtype, "device": problem.device, "seed": seed,
-                               "return_eigenvectors": True, "callback": lanczos_progress, "start": start}
+                               "return_eigenvectors": True, "callback": lanczos_progress, "start": start,
+                               "max_basis": plan.max_basis, "storage": plan.basis_storage}
     lres: Any = lanczos(hessian_operator(problem), **options)  # LanczosResult, or LanczosBothEnds for "both"
     num_lanczos = int(lres.num_matvecs)
     if state["lanczos_total"] is None:
@@ -326,7 +339,7 @@ def hessian_eigenvalues(
 
         estimator = hutchpp if trace_method == "hutch++" else hutchinson
         est = estimator(Operator(counted, P, problem.dtype, problem.device), num_matvecs=trace_hvps,
-                        dtype=problem.dtype, device=problem.device, seed=seed)
+                        dtype=problem.dtype, device=problem.device, seed=seed, block_size=plan.trace_block or 16)
         tr, tr_se, num_trace = float(est.estimate), float(est.stderr), int(est.num_matvecs)
 
     scale = float((lres.top if which == "both" else lres).scale)  # max |Ritz value| of the run
@@ -344,8 +357,24 @@ def hessian_eigenvalues(
         num_restarts=int((lres.top if which == "both" else lres).num_restarts), is_saddle=is_saddle,
         saddle_floor=floor, tol=tol, top_k=k, max_hvps=max_hvps, block_size=block_size, seed=seed,
         trace_hvps=trace_hvps if trace else None, hvp_route=getattr(problem, "hvp_route", None),
-        num_check_hvps=num_check, warm_start=start is not None, next_start=next_start,
+        num_check_hvps=num_check, warm_start=start is not None, next_start=next_start, memory_plan=plan,
     )
+
+
+def plan_hessian(problem: Problem, *, k: int = 10, which: str = "top", block_size: int = 1, trace: bool = False,
+                 trace_hvps: int = 100, bounds: str = "rescaled", storage: str | None = None) -> MemoryPlan:
+    """The memory plan of :func:`hessian_eigenvalues` with these arguments: the problem's plan
+    (route, HVP pieces: :class:`~basins.engine.memory.MemoryPlan`) completed with the Lanczos basis
+    (in memory, bounded by thick restart, or on disk), the trace's block and the error-bound
+    checks (:func:`~basins.engine.memory.plan_lanczos`). Costs nothing: sizes only.
+
+    Raises:
+        InputError: nothing fits the budget (one line, with the sizes).
+    """
+    need = min(2 * k, int(problem.num_params)) if which == "both" else k
+    checks = 0 if problem.dtype == torch.float64 else 2 * min(need, problem.routes.piece_block)
+    return plan_lanczos(problem.routes.plan, int(problem.num_params), problem.dtype.itemsize, need=need,
+                        block=block_size, storage=storage, trace_hvps=trace_hvps if trace else 0, check_vectors=checks)
 
 
 def _bounded(problem: Problem, end: HessianEnd, scale: float, keep_vectors: bool, how: str) -> HessianEnd:

@@ -11,11 +11,11 @@ its activations and the Lanczos basis next to whatever the budget is spent on.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = ["memory_budget", "process_memory_bytes", "DEFAULT_FRACTION", "MemoryPlan", "plan_budget",
-           "available_memory_bytes", "resident_bytes", "hvp_piece_bytes"]
+           "available_memory_bytes", "resident_bytes", "hvp_piece_bytes", "plan_lanczos", "default_max_basis"]
 
 #: Share of :func:`process_memory_bytes` one budgeted structure may take by default.
 DEFAULT_FRACTION = 0.25
@@ -170,10 +170,12 @@ class MemoryPlan:
         piece_rows: examples per functional HVP piece (None: whole chunks).
         piece_block: vectors vmapped per functional HVP piece.
         hvp: peak bytes of one HVP piece (or one product through the graph).
-        basis_vectors, basis_storage, basis_bytes: the Lanczos basis (``max_basis + block`` vectors)
-            and where it lives: ``memory``, ``disk`` (a float memory-mapped scratch file, streamed
-            in blocks) or ``none`` (no Lanczos run planned).
+        basis_vectors, basis_storage, basis_bytes: the Lanczos basis (``max_basis`` vectors) and
+            where it lives: ``memory``, ``disk`` (a memory-mapped scratch file, streamed in blocks;
+            ``basis_bytes`` is then what stays resident) or ``none`` (no Lanczos run planned).
         restart_bound: the basis was shrunk to fit memory (thick restart at fewer vectors).
+        max_basis: the ``max_basis`` Lanczos is given (None: its default).
+        scratch_bytes: size of the scratch file of an on-disk basis.
         trace_block, trace: the trace estimator's block and the bytes of its vectors.
         checks: bytes of the error-bound checks (their vectors, in float64).
     """
@@ -192,6 +194,8 @@ class MemoryPlan:
     basis_storage: str = "none"
     basis_bytes: int = 0
     restart_bound: bool = False
+    max_basis: int | None = None
+    scratch_bytes: int = 0
     trace_block: int = 0
     trace: int = 0
     checks: int = 0
@@ -199,9 +203,10 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        """Bytes the plan holds at its peak (the basis counted only when in memory)."""
-        basis = self.basis_bytes if self.basis_storage == "memory" else 0
-        return self.resident + self.graph + self.hvp + basis + self.trace + self.checks
+        """Bytes the plan holds at its peak: what is resident, the graph, one HVP, then the larger of
+        the Lanczos phase (its basis, or the streamed basis' resident blocks) and the trace phase,
+        and the checks."""
+        return self.resident + self.graph + self.hvp + max(self.basis_bytes, self.trace) + self.checks
 
     def describe(self) -> str:
         """One line for stderr."""
@@ -214,9 +219,12 @@ class MemoryPlan:
         else:
             parts.append(f"HVP route {self.route}, {rows} × {self.piece_block} vectors {_gib(self.hvp)}")
         if self.basis_storage != "none":
-            where = {"memory": "in memory", "disk": "on disk (memory-mapped scratch file)"}[self.basis_storage]
-            parts.append(f"Lanczos basis {self.basis_vectors} vectors {_gib(self.basis_bytes)} {where}"
-                         + (" (thick restart bounded to fit)" if self.restart_bound else ""))
+            if self.basis_storage == "memory":
+                parts.append(f"Lanczos basis {self.basis_vectors} vectors in memory {_gib(self.basis_bytes)}"
+                             + (" (thick restart bounded to fit)" if self.restart_bound else ""))
+            else:
+                parts.append(f"Lanczos basis {self.basis_vectors} vectors on disk (memory-mapped scratch file, "
+                             f"{_gib(self.scratch_bytes)}; {_gib(self.basis_bytes)} resident)")
         if self.trace:
             parts.append(f"trace blocks of {self.trace_block} {_gib(self.trace)}")
         return ", ".join(parts)
@@ -227,3 +235,71 @@ class MemoryPlan:
         d["total"] = self.total
         d["line"] = self.describe()
         return d
+
+
+#: Spare vectors a restart-bounded basis keeps beyond the wanted pairs (thick restart at ``w + this``).
+RESTART_SPARE = 10
+
+
+def default_max_basis(num_params: int, need: int, block: int) -> int:
+    """:func:`basins.linalg.lanczos.lanczos`'s default basis size for ``need`` wanted pairs."""
+    return min(num_params, max(2 * need + 20, 40) + 2 * (block - 1))
+
+
+def plan_lanczos(plan: MemoryPlan, num_params: int, itemsize: int, *, need: int, block: int,
+                 max_basis: int | None = None, storage: str | None = None, trace_hvps: int = 0,
+                 trace_block: int = 16, check_vectors: int = 0) -> MemoryPlan:
+    """``plan`` completed with the Lanczos basis, the trace blocks and the checks.
+
+    The basis (``max_basis`` vectors, plus the block being built and the ``need`` Ritz vectors
+    returned) stays in memory when it fits what the plan leaves of its budget; else a basis bounded
+    by thick restart at ``need + RESTART_SPARE`` (at least ``need + 2·block``) vectors when that fits;
+    else on disk (:class:`basins.linalg.scratch.ScratchRows`: ``DISK_BASIS_VECTORS + block`` vectors
+    resident). Hutch++ holds ``trace_hvps // 3 + 3·trace_block`` vectors: the block is halved until
+    they fit. ``storage`` (``memory``/``disk``) or ``max_basis`` given are kept as given.
+
+    Raises:
+        InputError: not even the on-disk basis, or the trace's sketch, fits (one line, with sizes).
+    """
+    from basins.errors import InputError
+
+    vec = num_params * itemsize
+    left = plan.budget - (plan.resident + plan.graph + plan.hvp + check_vectors * 8 * num_params)
+    default = default_max_basis(num_params, need, block) if max_basis is None else min(max_basis, num_params)
+    out = replace(plan, checks=check_vectors * 8 * num_params)
+
+    def in_memory(n: int) -> int:
+        return (n + block + need) * vec
+
+    if storage == "disk":
+        out = replace(out, basis_storage="disk", basis_vectors=default, max_basis=max_basis,
+                      basis_bytes=(DISK_BASIS_VECTORS + block + need) * vec, scratch_bytes=default * vec)
+    elif storage == "memory" or max_basis is not None or in_memory(default) <= left:
+        out = replace(out, basis_storage="memory", basis_vectors=default, max_basis=max_basis,
+                      basis_bytes=in_memory(default))
+    else:
+        small = min(num_params, max(need + RESTART_SPARE, need + 2 * block))
+        if small < default and in_memory(small) <= left:
+            out = replace(out, basis_storage="memory", basis_vectors=small, max_basis=small,
+                          basis_bytes=in_memory(small), restart_bound=True)
+        else:
+            out = replace(out, basis_storage="disk", basis_vectors=default, max_basis=max_basis,
+                          basis_bytes=(DISK_BASIS_VECTORS + block + need) * vec, scratch_bytes=default * vec)
+    if out.basis_bytes > left:
+        raise InputError(
+            f"nothing fits the memory budget of {plan.budget / 2**30:.2f} GiB: the Lanczos workspace needs "
+            f"{out.basis_bytes / 2**30:.2f} GiB next to {(plan.budget - left) / 2**30:.2f} GiB for the model, "
+            "data and HVP; raise --memory, or lower --top-k / --block-size"
+        )
+    if trace_hvps:
+        s = trace_hvps // 3
+        tb = max(1, min(trace_block, plan.piece_block))
+        while tb > 1 and (s + 3 * tb + need) * vec > left:
+            tb //= 2
+        if (s + 3 * tb + need) * vec > left:
+            raise InputError(
+                f"nothing fits the memory budget of {plan.budget / 2**30:.2f} GiB: the trace's sketch of {s} vectors "
+                f"needs {(s + 3 + need) * vec / 2**30:.2f} GiB; raise --memory or lower --trace-hvps"
+            )
+        out = replace(out, trace_block=tb, trace=(s + 3 * tb + need) * vec)
+    return out
