@@ -108,6 +108,7 @@ def hessian(**kw: Any) -> None:
       basins hessian ckpts/ --data d.pt -o runs/    # every checkpoint: runs/<name>.h5
     """
     from basins.analyses.hessian import hessian_eigenvalues, plan_hessian
+    from basins.engine.precision import audit_precision
 
     log = stderr_console(kw["quiet"])
     with Timer() as setup:
@@ -131,6 +132,9 @@ def hessian(**kw: Any) -> None:
         plan = plan_hessian(problem, k=min(k, problem.num_params), which=kw["which"], block_size=kw["block_size"],
                             trace=kw["trace"], trace_hvps=kw["trace_hvps"], bounds=kw["bounds"])
     log.print(plan.describe(), soft_wrap=True, highlight=False, markup=False)
+    precision_warning = audit_precision(problem).warning()
+    if precision_warning:
+        log.print(f"[yellow]warning:[/] {precision_warning}", soft_wrap=True, highlight=False)
     with Timer() as t, progress_bar(log, f"Lanczos ({kw['which']} {k})", total=kw["max_hvps"]) as on_progress:
         with flag_names(k="--top-k", which="--which", tol="--tol", max_hvps="--max-hvps", max_matvecs="--max-hvps",
                         block_size="--block-size", trace_method="--trace-method", trace_hvps="--trace-hvps"):
@@ -144,6 +148,8 @@ def hessian(**kw: Any) -> None:
         run.warm[warm_key] = result.next_start
 
     warnings = list(loaded.warnings)
+    if precision_warning:
+        warnings.append(precision_warning)
     if result.is_saddle:
         lam, r = result.most_negative()
         msg = (f"λ_min = {lam:.6g} ± {r:.2g} < 0: the Hessian has a direction of negative curvature, "

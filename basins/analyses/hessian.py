@@ -47,6 +47,7 @@ import torch
 
 from basins.analyses.eigen import hessian_operator
 from basins.engine.memory import MemoryPlan, plan_lanczos
+from basins.engine.precision import audit_precision
 from basins.engine.problem import Problem
 from basins.errors import InputError
 from basins.linalg.operator import Operator
@@ -109,6 +110,8 @@ class HessianResult:
         num_check_hvps: products spent on the error bounds (one per Ritz vector; none in float64).
         warm_start: whether Lanczos started from ``start`` (e.g. the previous checkpoint's Ritz vectors).
         memory_plan: the plan the run was fitted to (:func:`plan_hessian`).
+        compute_dtype: the narrowest dtype the model's forward computes in
+            (:func:`~basins.engine.precision.audit_precision`); bounds measure its rounding.
         next_start: with ``keep_start``, the ``(P, k)`` (``(P, 2k)`` for both ends) Ritz vectors to
             warm-start the next, nearby problem with (not part of the record).
     """
@@ -136,6 +139,7 @@ class HessianResult:
     warm_start: bool = False
     next_start: torch.Tensor | None = field(default=None, repr=False)
     memory_plan: MemoryPlan | None = None
+    compute_dtype: str | None = None
 
     @property
     def ends(self) -> list[HessianEnd]:
@@ -191,7 +195,7 @@ class HessianResult:
             "trace": self.trace, "trace_stderr": self.trace_stderr,
             "num_hvps": self.num_hvps, "num_lanczos_hvps": self.num_lanczos_hvps,
             "num_trace_hvps": self.num_trace_hvps, "num_check_hvps": self.num_check_hvps,
-            "num_restarts": self.num_restarts,
+            "num_restarts": self.num_restarts, "compute_dtype": self.compute_dtype,
             "num_loss_evals": 0, "hvp_route": self.hvp_route,
             "start": "warm: the previous checkpoint's Ritz vectors plus a random vector" if self.warm_start
             else "random",
@@ -344,8 +348,10 @@ def hessian_eigenvalues(
 
     scale = float((lres.top if which == "both" else lres).scale)  # max |Ritz value| of the run
     # after the trace: float64 checks free the gradient graph
-    top, bottom = (_bounded(problem, e, scale, eigenvectors, bounds) if e is not None else None for e in (top, bottom))
-    num_check = 0 if problem.dtype == torch.float64 else k * (2 if which == "both" else 1)
+    audit = audit_precision(problem)
+    top, bottom = (_bounded(problem, e, scale, eigenvectors, bounds, audit.mixed) if e is not None else None
+                   for e in (top, bottom))
+    num_check = 0 if problem.dtype == torch.float64 and not audit.mixed else k * (2 if which == "both" else 1)
     ends = [e for e in (top, bottom) if e is not None]
     floor = SADDLE_FLOOR_EPS * torch.finfo(problem.dtype).eps * scale
     certified_negative = any(bool(((e.eigenvalues + e.residuals) < -floor).any()) for e in ends)
@@ -358,6 +364,7 @@ def hessian_eigenvalues(
         saddle_floor=floor, tol=tol, top_k=k, max_hvps=max_hvps, block_size=block_size, seed=seed,
         trace_hvps=trace_hvps if trace else None, hvp_route=getattr(problem, "hvp_route", None),
         num_check_hvps=num_check, warm_start=start is not None, next_start=next_start, memory_plan=plan,
+        compute_dtype=str(audit.lowest).replace("torch.", ""),
     )
 
 
@@ -377,14 +384,18 @@ def plan_hessian(problem: Problem, *, k: int = 10, which: str = "top", block_siz
                         block=block_size, storage=storage, trace_hvps=trace_hvps if trace else 0, check_vectors=checks)
 
 
-def _bounded(problem: Problem, end: HessianEnd, scale: float, keep_vectors: bool, how: str) -> HessianEnd:
+def _bounded(problem: Problem, end: HessianEnd, scale: float, keep_vectors: bool, how: str,
+             mixed: bool = False) -> HessianEnd:
     """``end`` with its error bounds (module docstring); with ``how="float64"`` (below float64)
-    the eigenvalues become float64 Rayleigh quotients."""
+    the eigenvalues become float64 Rayleigh quotients. ``mixed``: the model computes part of its
+    graph below its dtype (:func:`~basins.engine.precision.audit_precision`): the rounding is
+    measured by the rescaled products, as below float64 (float64 check products would carry the
+    same narrow layers)."""
     vals, res, vecs = end.eigenvalues, end.residuals, end.eigenvectors
     allowance = BOUND_EPS * torch.finfo(torch.float64).eps * scale
-    if problem.dtype == torch.float64 or vecs is None:
+    if (problem.dtype == torch.float64 and not mixed) or vecs is None:
         bound = res + allowance
-    elif how == "float64":
+    elif how == "float64" and not mixed:
         vals, r64 = problem.check_eigenpairs(vecs)
         bound = r64 + allowance
     else:
