@@ -121,7 +121,10 @@ def audit_precision(problem: Problem) -> PrecisionAudit:
     x = next(iter(problem.chunks()))[0]
     if problem.fixed_batch_size is None:
         x = take(x, 0, 1)
-    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+    from torch.nn.modules.module import (
+        register_module_forward_hook,
+        register_module_forward_pre_hook,
+    )
 
     handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
     try:
