@@ -153,3 +153,39 @@ def test_cli_warns_naming_the_layers_and_records_the_compute_dtype(tmp_path) -> 
     assert out["compute_dtype"] == "float32" and out["num_check_hvps"] == 2
     assert any("input_layernorm" in w and "float32" in w for w in out["warnings"])
     assert "input_layernorm" in r.stderr
+
+
+class _Autocast(nn.Module):
+    """A float32 model whose forward runs under ``torch.autocast`` in bfloat16 (as a user's wrapper might)."""
+
+    def __init__(self, inner: nn.Module, device_type: str = "cpu") -> None:
+        super().__init__()
+        self.inner, self.device_type = inner, device_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.inner(x).float()
+
+
+def autocast_case(device: str = "cpu") -> tuple[Problem, torch.Tensor]:
+    """A bf16-autocast MLP problem on ``device`` and the top-4 eigenvalues of its float64 Hessian."""
+    from tests.models import classification_data
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    x, y = classification_data(64)
+    ref = torch.linalg.eigvalsh(loss_hessian(copy.deepcopy(inner).double(), x.double(), y,
+                                             nn.functional.cross_entropy)).flip(0)[:4]
+    return Problem(_Autocast(inner, device), x, y, "cross-entropy", device=device), ref
+
+
+def test_bf16_autocast_is_audited_and_bounded() -> None:
+    """Under bf16 autocast the HVPs carry bf16 rounding; the audit says so and the bounds (measured)
+    still contain the float64 eigenvalues."""
+    p, ref = autocast_case()
+    audit = audit_precision(p)
+    assert p.dtype == torch.float32 and audit.lowest == torch.bfloat16 and "inner.0" in audit.layers
+    top = hessian_eigenvalues(p, k=4, tol=1e-4).top
+    assert top is not None and top.error_bounds is not None
+    assert bool(((top.eigenvalues - ref).abs() <= top.error_bounds).all())
+    assert bool((top.error_bounds <= 0.05 * ref[0]).all())  # informative

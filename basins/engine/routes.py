@@ -9,17 +9,22 @@ Three routes compute the same ``H V`` (up to rounding) over the full data:
 * ``fwd-rev``: ``jvp`` of ``grad`` per chunk (a block of vectors is ``vmap``-ed);
 * ``rev-rev``: ``vjp`` of ``grad`` per chunk (likewise).
 
-``auto`` costs at most about two HVPs at start-up:
+``auto`` costs at most about one HVP at start-up, and no full-size trial unless the graph fits:
 
-* when the data are held in memory and the gradient graph fits the budget (its bytes
-  estimated from a ``create_graph`` gradient on a small piece of the data; when that piece would
-  be all the data, one chunk of a fixed-batch export, the graph itself is built and the
-  storages it holds are counted by :func:`saved_bytes`), ``graph`` is built
-  and taken after one check product (timed). It cannot lose: each of its HVPs is the double backward that the functional routes
-  also do, without their repeated forward and first backward;
-* otherwise ``fwd-rev`` and ``rev-rev`` are each timed once on a small piece of the data (at most
-  64 examples of the first chunk, or the first chunk of a model exported for a fixed batch), and
-  the faster one that works is taken.
+* the bytes a ``create_graph`` gradient saves per example are measured on one and on two examples
+  (two small gradients; their difference is the per-example part, so weights saved by the nodes are
+  not multiplied by n). With them the memory plan (:class:`~basins.engine.memory.MemoryPlan`)
+  predicts the graph's size and the largest HVP piece (examples × vmapped vectors) that fits;
+* when the data are held in memory and the gradient graph fits the plan (and
+  ``graph_memory_bytes``), ``graph`` is built and taken after one check product (timed; one HVP).
+  It cannot lose: each of its HVPs is the double backward that the functional routes also do,
+  without their repeated forward and first backward. When one chunk is all the data (a
+  fixed-batch export), the graph itself is built and the storages it holds are counted by
+  :func:`saved_bytes` instead;
+* otherwise ``fwd-rev`` and ``rev-rev`` are each timed once on a slice of the data (one example,
+  or the first chunk of a model exported for a fixed batch: 2/n of one HVP), and the faster one
+  that works is taken. Each timing is counted as one HVP (an over-count on a slice, never an
+  under-count).
 
 Timing runs on this process' shard alone (no collective: processes may try different routes);
 the processes then agree on a route that works everywhere, fastest on the slowest process.
