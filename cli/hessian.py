@@ -50,9 +50,10 @@ _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
               help="Trace estimator.")
 @click.option("--trace-hvps", type=click.IntRange(min=2), default=100, show_default=True,
               help="Hessian-vector products for the trace estimate.")
-@click.option("--bounds", type=click.Choice(["rescaled", "float64"]), default="rescaled", show_default=True,
+@click.option("--bounds", type=click.Choice(["rescaled", "sketch", "float64"]), default="rescaled", show_default=True,
               help="How a float32 run measures the HVPs' rounding in error_bounds: rescaled (k more HVPs; a "
-                   "measured estimate) or float64 (k float64 check products, about 10x a float32 one on CPU; "
+                   "measured estimate), sketch (3 more HVPs whatever k: one randomised estimate for all the pairs, "
+                   "up to √k looser) or float64 (k float64 check products, about 10x a float32 one on CPU; "
                    "eigenvalues become float64 Rayleigh quotients and the bounds provably contain an exact "
                    "eigenvalue). No effect in float64.")
 @click.option("--strict", is_flag=True, help="Exit 1 unless every eigenvalue converged (output is still written).")

@@ -22,6 +22,10 @@ the residual by orders of magnitude, and ``|θ − λ| ≤ r + ‖E y‖``. ``bo
   estimate, not a proof: rounding shared by both products (the saved activations) is not seen;
   on the benchmark problems ``d`` was 0.4–1.4× ``‖E y‖`` and ``ROUNDING_FACTOR = 4`` kept every
   float64 eigenvalue inside, with a margin of ≥ 2.7×.
+* ``"sketch"`` (3 HVPs per end whatever k; :mod:`basins.engine.rounding`): one randomised
+  estimate ``ρ`` of the rounding of all the pairs at once, bound ``r + ROUNDING_FACTOR·ρ``: up to
+  ``√k`` looser than ``rescaled``, for runs where k check products cost too much (k ≤ 3: the
+  per-pair check, which then costs no more).
 * ``"float64"`` (k float64 HVPs: 10–12× a float32 one on CPU): each Ritz vector gets a float64
   check product (:meth:`basins.Problem.check_eigenpairs`); the eigenvalue becomes the float64
   Rayleigh quotient ``ρ = yᵀHy`` and its bound ``‖Hy − ρy‖``, which provably contains an
@@ -49,6 +53,7 @@ from basins.analyses.eigen import hessian_operator
 from basins.engine.memory import MemoryPlan, plan_lanczos
 from basins.engine.precision import audit_precision
 from basins.engine.problem import Problem
+from basins.engine.rounding import SKETCH_PROBES, sketched_rounding
 from basins.errors import InputError
 from basins.linalg.operator import Operator
 from basins.progress import Progress, ProgressCallback
@@ -60,7 +65,7 @@ __all__ = ["HessianEnd", "HessianResult", "hessian_eigenvalues", "WHICH", "TRACE
 WHICH = ("top", "bottom", "both")
 TRACE_METHODS = ("hutch++", "hutchinson")
 #: How float32 error bounds are measured (module docstring).
-BOUNDS = ("rescaled", "float64")
+BOUNDS = ("rescaled", "float64", "sketch")
 #: Safety factor on the measured rounding of ``bounds="rescaled"`` (module docstring).
 ROUNDING_FACTOR = 4.0
 #: Rounding allowance of error bounds, in units of ``eps₆₄·max|θ|``.
@@ -264,7 +269,7 @@ def hessian_eigenvalues(
         callback: called with a :class:`~basins.progress.Progress` (unit ``"HVPs"``, phase
             ``"lanczos"`` then ``"trace"``; ``done`` counts both phases, ``total`` is the Lanczos
             budget plus ``trace_hvps``) as the work proceeds.
-        bounds: how float32 error bounds measure rounding: ``rescaled`` or ``float64`` (module docstring).
+        bounds: how float32 error bounds measure rounding: ``rescaled``, ``sketch`` or ``float64`` (module docstring).
         start: warm start ``(P, m)`` for Lanczos, e.g. the previous checkpoint's ``next_start``
             (:func:`basins.linalg.lanczos.lanczos`): the same stopping rule and accuracy as a
             cold start, usually fewer HVPs on a nearby Hessian.
@@ -293,7 +298,7 @@ def hessian_eigenvalues(
     if max_hvps is not None and max_hvps < 1:
         raise InputError(f"max_hvps must be ≥ 1, got {max_hvps}")
     if bounds not in BOUNDS:
-        raise InputError(f"unknown bounds={bounds!r}: use rescaled or float64")
+        raise InputError(f"unknown bounds={bounds!r}: use rescaled, sketch or float64")
     if trace and trace_method not in TRACE_METHODS:
         raise InputError(f"unknown trace_method={trace_method!r}: use hutch++ or hutchinson")
     least = 4 if trace_method == "hutch++" else 2
@@ -351,7 +356,8 @@ def hessian_eigenvalues(
     audit = audit_precision(problem)
     top, bottom = (_bounded(problem, e, scale, eigenvectors, bounds, audit.mixed) if e is not None else None
                    for e in (top, bottom))
-    num_check = 0 if problem.dtype == torch.float64 and not audit.mixed else k * (2 if which == "both" else 1)
+    per_end = min(k, SKETCH_PROBES) if bounds == "sketch" else k
+    num_check = 0 if problem.dtype == torch.float64 and not audit.mixed else per_end * (2 if which == "both" else 1)
     ends = [e for e in (top, bottom) if e is not None]
     floor = SADDLE_FLOOR_EPS * torch.finfo(problem.dtype).eps * scale
     certified_negative = any(bool(((e.eigenvalues + e.residuals) < -floor).any()) for e in ends)
@@ -398,6 +404,8 @@ def _bounded(problem: Problem, end: HessianEnd, scale: float, keep_vectors: bool
     elif how == "float64" and not mixed:
         vals, r64 = problem.check_eigenpairs(vecs)
         bound = r64 + allowance
+    elif how == "sketch" and vecs.shape[1] > SKETCH_PROBES:
+        bound = res + ROUNDING_FACTOR * sketched_rounding(problem, vecs, vals) + allowance
     else:
         bound = res + ROUNDING_FACTOR * problem.rescaled_residuals(vecs, vals) + allowance
     return HessianEnd(vals, res, end.converged, vecs if keep_vectors else None, bound)
