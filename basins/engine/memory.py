@@ -6,6 +6,13 @@ The default is a quarter of :func:`process_memory_bytes`: the machine's physical
 between the ``LOCAL_WORLD_SIZE`` processes ``torchrun`` started on it (the GPU's memory for a
 CUDA device), 2 GiB in all when the OS does not say. A quarter leaves room for the model,
 its activations and the Lanczos basis next to whatever the budget is spent on.
+
+The memory plan (:class:`MemoryPlan`) is the whole run's: a budget (:func:`plan_budget`,
+``--memory``; default 80% of what this process holds plus what is free), what is resident,
+the HVP route's graph or functional pieces (:func:`hvp_piece_bytes`, from the bytes a
+``create_graph`` gradient saves per example, measured), then the Lanczos basis in memory,
+bounded by thick restart, or on disk, and the trace's block (:func:`plan_lanczos`). It is made
+before the work, printed and stored; when nothing fits, an ``InputError`` says so with the sizes.
 """
 
 from __future__ import annotations
