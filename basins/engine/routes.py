@@ -242,17 +242,21 @@ class Routes:
         resident = resident_bytes(p.device)
         # the least a Lanczos run needs next to the HVP (its basis streamed from disk)
         free = budget - resident - DISK_BASIS_VECTORS * P * isz
-        graph_ok = self.requested in ("auto", "graph") and not p.streaming
-        if graph_ok:  # the gradient graph holds every chunk: not for data read again on every pass
+        # the gradient graph holds every chunk: not chosen for data read again on every pass (taken when asked)
+        graph_ok = self.requested == "graph" or (self.requested == "auto" and not p.streaming)
+        if graph_ok:
             cap = min(free - HVP_VECTORS * P * isz,
                       memory_budget(self._graph_memory_bytes, p.device) if self.requested == "auto" else free)
             self._try_graph(cap)
         if self._per_example is None:
             self._per_example = self.saved_per_example()
+        refusal = self._fit_pieces(free, budget, resident)
         if self.requested == "graph" and self._graph is None:
-            raise InputError("the HVP route graph does not fit: " + self.errors.get("graph", "")
-                             + "; use --hvp fwd-rev or raise --memory")
-        self._fit_pieces(free, budget, resident)
+            refusal = ("the HVP route graph does not fit: " + self.errors.get("graph", "")
+                       + "; use --hvp fwd-rev or raise --memory")
+        refusals = [r for r in p.gather(refusal) if r]  # every process refuses together (no half-run collective)
+        if refusals:
+            raise InputError(refusals[0])
         if self.requested != "auto":
             if self.requested != "graph":
                 self._time(self.requested, strict=True, piece=True)
@@ -277,12 +281,13 @@ class Routes:
         route = min(common, key=lambda r: max(v[r] for v in views) * (1.0 if r == "fwd-rev" else REV_REV_MARGIN))
         return self._planned(route, budget, resident)
 
-    def _fit_pieces(self, free: int, budget: int, resident: int) -> None:
+    def _fit_pieces(self, free: int, budget: int, resident: int) -> str | None:
         """The largest functional HVP piece (examples × vmapped vectors) that fits ``free`` bytes:
         the block is halved first, then the examples; a model exported for a fixed batch keeps its chunk.
 
-        Raises:
-            InputError: not even one example and one vector fit (the one-line reason names the sizes).
+        Returns:
+            None, or why nothing fits (one line naming the sizes) when not even one example and one
+            vector do and the graph is not held.
         """
         p = self.problem
         isz, P = p.dtype.itemsize, p.num_params
@@ -295,13 +300,13 @@ class Routes:
         need = hvp_piece_bytes(pe, rows, block, P, isz)
         if need > free and self._graph is None:
             least = resident + need + DISK_BASIS_VECTORS * P * isz
-            raise InputError(
-                f"nothing fits the memory budget of {budget / 2**30:.2f} GiB: one Hessian-vector product over "
-                f"{rows} example(s) needs about {least / 2**30:.2f} GiB with the model ({P:,} parameters) and the "
-                "smallest Lanczos workspace; raise --memory, or use fewer parameters (--params) or shorter inputs"
-            )
+            return (f"nothing fits the memory budget of {budget / 2**30:.2f} GiB: one Hessian-vector product over "
+                    f"{rows} example(s) needs about {least / 2**30:.2f} GiB with the model ({P:,} parameters) and "
+                    "the smallest Lanczos workspace; raise --memory, or use fewer parameters (--params) or shorter "
+                    "inputs")
         self.piece_rows = None if rows >= p.batch_size else rows
         self.piece_block = block
+        return None
 
     def _planned(self, route: str, budget: int, resident: int) -> str:
         """Record the plan for ``route`` and return it."""
