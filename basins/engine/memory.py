@@ -262,7 +262,7 @@ def plan_lanczos(plan: MemoryPlan, num_params: int, itemsize: int, *, need: int,
     returned) stays in memory when it fits what the plan leaves of its budget; else a basis bounded
     by thick restart at ``need + RESTART_SPARE`` (at least ``need + 2·block``) vectors when that fits;
     else on disk (:class:`basins.linalg.scratch.ScratchRows`: ``DISK_BASIS_VECTORS + block`` vectors
-    resident). Hutch++ holds ``trace_hvps // 3 + 3·trace_block`` vectors: the block is halved until
+    resident; the Ritz vectors returned are a view on the scratch file). Hutch++ holds ``trace_hvps // 3 + 3·trace_block`` vectors: the block is halved until
     they fit. ``storage`` (``memory``/``disk``) or ``max_basis`` given are kept as given.
 
     Raises:
@@ -280,7 +280,7 @@ def plan_lanczos(plan: MemoryPlan, num_params: int, itemsize: int, *, need: int,
 
     if storage == "disk":
         out = replace(out, basis_storage="disk", basis_vectors=default, max_basis=max_basis,
-                      basis_bytes=(DISK_BASIS_VECTORS + block + need) * vec, scratch_bytes=default * vec)
+                      basis_bytes=(DISK_BASIS_VECTORS + block) * vec, scratch_bytes=default * vec)
     elif storage == "memory" or max_basis is not None or in_memory(default) <= left:
         out = replace(out, basis_storage="memory", basis_vectors=default, max_basis=max_basis,
                       basis_bytes=in_memory(default))
@@ -291,7 +291,7 @@ def plan_lanczos(plan: MemoryPlan, num_params: int, itemsize: int, *, need: int,
                           basis_bytes=in_memory(small), restart_bound=True)
         else:
             out = replace(out, basis_storage="disk", basis_vectors=default, max_basis=max_basis,
-                          basis_bytes=(DISK_BASIS_VECTORS + block + need) * vec, scratch_bytes=default * vec)
+                          basis_bytes=(DISK_BASIS_VECTORS + block) * vec, scratch_bytes=default * vec)
     if out.basis_bytes > left:
         raise InputError(
             f"nothing fits the memory budget of {plan.budget / 2**30:.2f} GiB: the Lanczos workspace needs "
