@@ -168,7 +168,10 @@ class Routes:
         def pack(t: torch.Tensor) -> torch.Tensor:
             nonlocal saved
             saved += t.numel() * t.element_size()
-            return t
+            # detached: a node holding its own output (with its grad_fn) through a hook is a reference
+            # cycle in C++ that no garbage collection frees, and it kept the data chunk alive. The
+            # gradients of this throwaway graph are not used, only the bytes counted.
+            return t.detach()
 
         leaves = [t.detach().clone().requires_grad_(True) for t in p.params.values()]
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
