@@ -46,12 +46,14 @@ class PrecisionAudit:
         layers: qualified names of the modules where ops computed below ``dtype`` (the model
             itself is ``"(model)"``), in order of first appearance.
         ops: the ATen ops that did (name → count).
+        error: why the audit could not run (then nothing lower is assumed), or None.
     """
 
     dtype: torch.dtype
     lowest: torch.dtype
     layers: list[str] = field(default_factory=list)
     ops: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
 
     @property
     def mixed(self) -> bool:
@@ -130,6 +132,8 @@ def audit_precision(problem: Problem) -> PrecisionAudit:
     try:
         with torch.no_grad(), _Recorder(problem.dtype, stack, audit):
             problem.forward(problem.params, x)
+    except Exception as exc:  # noqa: BLE001 - a model the mode cannot follow: say so, assume nothing lower
+        audit = PrecisionAudit(problem.dtype, problem.dtype, error=f"{type(exc).__name__}: {exc}"[:200])
     finally:
         for h in handles:
             h.remove()
