@@ -268,6 +268,7 @@ class Routes:
         if all("graph" in v for v in views):
             return self._planned("graph", budget, resident)
         self.free_graph()  # some process could not hold it: all use a functional route
+        _warm_up_functorch()  # its one-time imports must not be timed as fwd-rev's cost
         for route in ("fwd-rev", "rev-rev"):
             self._time(route, strict=False, piece=True)
         views = p.gather({r: t for r, t in self.timings.items() if r != "graph"})
@@ -390,6 +391,15 @@ class Routes:
     def describe(self) -> dict[str, Any]:
         """Routes chosen, timings and failures, for logs."""
         return {"single": self.single, "block": self.block, "timings": dict(self.timings), "errors": dict(self.errors)}
+
+
+def _warm_up_functorch() -> None:
+    """Run ``jvp`` and ``vjp`` of ``grad`` once on a scalar: torch.func imports torch._dynamo on its first
+    call (about a second, several on a busy machine), which the first timed route would otherwise pay."""
+    one = torch.ones((), dtype=torch.float64)
+    g = grad(lambda t: (t * t * t).sum())
+    jvp(g, (one,), (one,))
+    vjp(g, one)[1](one)
 
 
 def saved_bytes(root: torch.Tensor) -> int:
