@@ -14,6 +14,7 @@
 #              (|λ32 − λ64| ≤ bound32 + bound64 for each of the 10)
 #   trace      basins hessian ... -k 1 --trace --trace-hvps 30 (Hutch++)
 #   llc        basins llc ... --chains 2 --draws 200 --burnin 200
+# GPU_CHECK_SEQS / GPU_CHECK_LEN (default 8 / 128) set the token data, e.g. smaller for a quick CPU run.
 # Exit status: 0 when the tests passed and every run succeeded with valid bounds, else 1.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +35,7 @@ echo "== GPU-marked tests (tests/test_gpu.py) ==" >&2
 TEST_RC=$?
 tail -n 15 "$WORK/pytest.txt" >&2
 
-"$PY" - "$WORK" <<'PYEOF'
+"$PY" - "$WORK" "${GPU_CHECK_SEQS:-8}" "${GPU_CHECK_LEN:-128}" <<'PYEOF'
 import os, sys, torch
 from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.utils import logging
@@ -44,7 +45,7 @@ torch.manual_seed(0)
 cfg = GPT2Config(vocab_size=2048, n_positions=128, n_embd=128, n_layer=4, n_head=4, use_cache=False,
                  bos_token_id=None, eos_token_id=None, attn_implementation="eager")
 GPT2LMHeadModel(cfg).float().eval().save_pretrained(os.path.join(work, "gpt2"))
-ids = torch.randint(0, 2048, (8, 128), generator=torch.Generator().manual_seed(0))
+ids = torch.randint(0, 2048, (int(sys.argv[2]), int(sys.argv[3])), generator=torch.Generator().manual_seed(0))
 torch.save({"input_ids": ids, "labels": ids.clone()}, os.path.join(work, "tok.pt"))
 PYEOF
 
