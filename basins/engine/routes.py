@@ -252,7 +252,13 @@ class Routes:
                       memory_budget(self._graph_memory_bytes, p.device) if self.requested == "auto" else free)
             self._try_graph(cap)
         if self._per_example is None:
-            self._per_example = self.saved_per_example()
+            try:
+                self._per_example = self.saved_per_example()
+            except InputError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a model create_graph cannot follow: plan with parameters only
+                self._per_example = 0.0
+                self.errors.setdefault("plan", f"activations not measured: {type(exc).__name__}: {exc}")
         refusal = self._fit_pieces(free, budget, resident)
         if self.requested == "graph" and self._graph is None:
             refusal = ("the HVP route graph does not fit: " + self.errors.get("graph", "")
