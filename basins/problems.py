@@ -79,6 +79,7 @@ def open_problem(
     loaded_source: Any = None,
     route_cache: dict[tuple[Any, ...], str] | None = None,
     base_model: str | None = None,
+    memory_bytes: int | None = None,
     status: Callable[[str], AbstractContextManager[Any]] | None = None,
 ) -> OpenedProblem:
     """Load ``model`` (a path), its data and loss, and build the Problem and its ``/problem`` record.
@@ -97,6 +98,8 @@ def open_problem(
             shapes and options: a hit is reused (not timed again), a miss is recorded.
         base_model: for a peft adapter directory, its base model's local directory (default: the
             one ``adapter_config.json`` names).
+        memory_bytes: the memory the run may plan to hold (``Problem(memory_bytes=...)``; None:
+            the default share of what is available).
         status: ``status(message)`` is entered around loading and around the first evaluation.
 
     Returns:
@@ -142,7 +145,7 @@ def open_problem(
             reduce=dist.all_reduce_sum if ctx is not None else None,
             gather=dist.all_gather_object if ctx is not None else None,
             params=list(params or []) or None,
-            include_frozen=bool(include_frozen), output=output,
+            include_frozen=bool(include_frozen), output=output, memory_bytes=memory_bytes,
         )
     setup_counts = problem.counters.as_dict()
     if route_cache is not None:

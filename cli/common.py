@@ -69,6 +69,26 @@ def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool
     return value
 
 
+class ByteSize(click.ParamType):
+    """A size in bytes: ``123``, ``512M``, ``20G``, ``1.5GiB`` (K/M/G/T are powers of 1024)."""
+
+    name = "size"
+    _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        unit = text[-1:] if text[-1:] in "KMGT" else ""
+        try:
+            number = float(text[: len(text) - len(unit)])
+        except ValueError:
+            self.fail(f"{value!r} is not a size: use e.g. 20G, 512M or a number of bytes", param, ctx)
+        if not number > 0 or number != number or number == float("inf"):
+            self.fail(f"{value!r} must be a positive size, e.g. 20G", param, ctx)
+        return int(number * self._UNITS[unit])
+
+
 def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The MODEL arguments and the options that define the problem; the command's body runs once
     per checkpoint (:func:`basins.cli.checkpoints.over_checkpoints`) with ``kw["model"]`` one path
@@ -112,6 +132,10 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Compute dtype (default: the model's; bfloat16/float16 weights are upcast to float32)."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice (recorded)."),
+        click.option("--memory", "memory", type=ByteSize(), metavar="SIZE",
+                     help="Memory the whole run may plan to hold, e.g. 20G or 512M (default 80% of the memory "
+                          "available at start). The HVP route, its chunks and the Lanczos basis (in memory, or on "
+                          "disk in $BASINS_SCRATCH or the temp dir) are chosen to fit; exit 2 when nothing does."),
         click.option("--hvp", "hvp_route", type=click.Choice(["auto", "graph", "fwd-rev", "rev-rev"]), default="auto",
                      show_default=True, help="Hessian-vector product route (auto: measured fastest)."),
     ]
@@ -169,6 +193,7 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
         include_frozen=bool(opts.get("include_frozen")), output=opts.get("model_output"), step=opts.get("step"),
         loaded_data=cached[0] if cached is not None else None, loaded_source=cached[1] if cached is not None else None,
         route_cache=run.routes if run is not None else None, base_model=opts.get("base_model"),
+        memory_bytes=opts.get("memory"),
         status=lambda message: log.status(message, spinner="dots"),
     )
     problem, model = opened.problem, opened.model

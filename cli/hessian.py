@@ -50,9 +50,10 @@ _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
               help="Trace estimator.")
 @click.option("--trace-hvps", type=click.IntRange(min=2), default=100, show_default=True,
               help="Hessian-vector products for the trace estimate.")
-@click.option("--bounds", type=click.Choice(["rescaled", "float64"]), default="rescaled", show_default=True,
+@click.option("--bounds", type=click.Choice(["rescaled", "sketch", "float64"]), default="rescaled", show_default=True,
               help="How a float32 run measures the HVPs' rounding in error_bounds: rescaled (k more HVPs; a "
-                   "measured estimate) or float64 (k float64 check products, about 10x a float32 one on CPU; "
+                   "measured estimate), sketch (3 more HVPs whatever k: one randomised estimate for all the pairs, "
+                   "up to √k looser) or float64 (k float64 check products, about 10x a float32 one on CPU; "
                    "eigenvalues become float64 Rayleigh quotients and the bounds provably contain an exact "
                    "eigenvalue). No effect in float64.")
 @click.option("--strict", is_flag=True, help="Exit 1 unless every eigenvalue converged (output is still written).")
@@ -78,10 +79,13 @@ def hessian(**kw: Any) -> None:
     product, a bound that provably holds. In float64, b = r + 64·eps·max|λ|. A negative bottom
     eigenvalue beyond its residual means the point is a saddle.
 
-    Memory is dominated by the cached gradient graph of the `graph` HVP route (activations of
-    every example, kept only when they fit a quarter of this process' share of RAM; --hvp
-    fwd-rev recomputes one chunk at a time instead, --batch-size sets the chunk), then by the
-    Lanczos basis (P × basis-size numbers).
+    Memory is planned before the work and the plan printed on stderr (and stored as
+    memory_plan): the cached gradient graph of the `graph` HVP route (activations of every
+    example) is kept only when it fits; the functional routes run over pieces of the chunks
+    with a number of vectors at a time that fit; the Lanczos basis (P × basis-size numbers)
+    stays in memory, is bounded by thick restart, or lives in a memory-mapped scratch file
+    ($BASINS_SCRATCH or the temp dir). --memory sets the budget (default 80% of the
+    memory available); a run that cannot fit exits 2 before the work.
 
     \b
     --json keys: eigenvalues (descending for top, ascending for bottom),
@@ -104,7 +108,8 @@ def hessian(**kw: Any) -> None:
       basins hessian model.pt --json --dtype float64 --tol 1e-10 | jq .eigenvalues
       basins hessian ckpts/ --data d.pt -o runs/    # every checkpoint: runs/<name>.h5
     """
-    from basins.analyses.hessian import hessian_eigenvalues
+    from basins.analyses.hessian import hessian_eigenvalues, plan_hessian
+    from basins.engine.precision import audit_precision
 
     log = stderr_console(kw["quiet"])
     with Timer() as setup:
@@ -123,6 +128,14 @@ def hessian(**kw: Any) -> None:
     start = run.warm.get(warm_key) if run is not None and not kw["cold"] else None
     if start is not None and start.shape[0] != problem.num_params:
         start = None  # another architecture: a cold start
+    with flag_names(k="--top-k", which="--which", block_size="--block-size", trace_hvps="--trace-hvps",
+                    memory_bytes="--memory"):
+        plan = plan_hessian(problem, k=min(k, problem.num_params), which=kw["which"], block_size=kw["block_size"],
+                            trace=kw["trace"], trace_hvps=kw["trace_hvps"], bounds=kw["bounds"])
+    log.print(plan.describe(), soft_wrap=True, highlight=False, markup=False)
+    precision_warning = audit_precision(problem).warning()
+    if precision_warning:
+        log.print(f"[yellow]warning:[/] {precision_warning}", soft_wrap=True, highlight=False)
     with Timer() as t, progress_bar(log, f"Lanczos ({kw['which']} {k})", total=kw["max_hvps"]) as on_progress:
         with flag_names(k="--top-k", which="--which", tol="--tol", max_hvps="--max-hvps", max_matvecs="--max-hvps",
                         block_size="--block-size", trace_method="--trace-method", trace_hvps="--trace-hvps"):
@@ -130,12 +143,14 @@ def hessian(**kw: Any) -> None:
                 problem, k=k, which=kw["which"], tol=kw["tol"], max_hvps=kw["max_hvps"], block_size=kw["block_size"],
                 eigenvectors=kw["eigenvectors"] and bool(kw["output"]), trace=kw["trace"],
                 trace_method=kw["trace_method"], trace_hvps=kw["trace_hvps"], seed=loaded.seed, callback=on_progress,
-                bounds=kw["bounds"], start=start, keep_start=run is not None and not kw["cold"],
+                bounds=kw["bounds"], start=start, keep_start=run is not None and not kw["cold"], memory_plan=plan,
             )
     if run is not None and result.next_start is not None:
         run.warm[warm_key] = result.next_start
 
     warnings = list(loaded.warnings)
+    if precision_warning:
+        warnings.append(precision_warning)
     if result.is_saddle:
         lam, r = result.most_negative()
         msg = (f"λ_min = {lam:.6g} ± {r:.2g} < 0: the Hessian has a direction of negative curvature, "

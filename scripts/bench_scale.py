@@ -6,6 +6,9 @@ Usage::
     python scripts/bench_scale.py --quick         # smaller, for a smoke run
     python scripts/bench_scale.py --hvp graph     # force one HVP route everywhere
 
+    python scripts/bench_scale.py --models 1M,10M  # GPT-2-style models vs hessian-eigenthings, PyHessian
+                                                   # (scripts/_bench_gpt2.py: sizes, tasks, commands)
+
 Every configuration runs in a fresh process (``--worker``), so threads and memory do not
 leak between them:
 
@@ -144,11 +147,25 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help=argparse.SUPPRESS)
     ap.add_argument("--source", default="default", choices=["default", "memory", "stream"], help=argparse.SUPPRESS)
     ap.add_argument("--no-stream", action="store_true", help="skip the streamed-vs-held comparison")
+    ap.add_argument("--models", help="GPT-2-style sizes to run, e.g. 1M,10M,40M,124M (instead of the MLP scaling)")
+    ap.add_argument("--tools", default="basins,eigenthings,pyhessian", help="with --models: tools to run")
+    ap.add_argument("--tasks", default="top1,top10,trace", help="with --models: tasks to run")
+    ap.add_argument("--seqs", type=int, default=8, help="with --models: sequences of token data")
+    ap.add_argument("--seq-len", type=int, default=128, help="with --models: tokens per sequence")
+    ap.add_argument("--timeout", type=float, default=1800, help="with --models: seconds before a run is killed")
+    ap.add_argument("--json-out", help="with --models: also write the rows as JSON here")
+    ap.add_argument("--peer", help=argparse.SUPPRESS)
+    ap.add_argument("--task", help=argparse.SUPPRESS)
+    ap.add_argument("--dir", help=argparse.SUPPRESS)
+    ap.add_argument("--measure", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
         args.n, args.widths, args.repeats = 1024, "256,64", 3
     if args.worker:
         worker(args)
+        return
+    if args.peer or args.measure or args.models:
+        models_main(args)
         return
 
     import torch
@@ -202,6 +219,29 @@ def main() -> None:
         print(f"Streaming the data from a DataLoader on every pass (rev-rev, chunks of 512): HVP "
               f"{ok['streamed']['hvp_s'] / ok['held']['hvp_s']:.2f}×, gradient "
               f"{ok['streamed']['grad_s'] / ok['held']['grad_s']:.2f}× the time with the chunks held in memory")
+
+
+def models_main(args: argparse.Namespace) -> None:
+    """``--models``: the GPT-2 size ladder (:mod:`_bench_gpt2`); ``--peer``/``--measure``: its child processes."""
+    import _bench_gpt2 as g2  # scripts/ is on sys.path when run as a script
+
+    if args.peer:
+        print(json.dumps(g2.peer(args.peer, args.task, args.dir)))
+        return
+    if args.measure:
+        r = g2.timed(json.loads(args.measure), args.timeout)
+        print(g2.MARK + json.dumps(r))
+        return
+    sizes = args.models.split(",")
+    unknown = [s for s in sizes if s not in g2.SIZES]
+    if unknown:
+        raise SystemExit(f"unknown size(s) {unknown}: use {', '.join(g2.SIZES)}")
+    rows = g2.run_all(sizes, args.tools.split(","), args.tasks.split(","), args.seqs, args.seq_len, args.timeout,
+                      os.path.abspath(__file__))
+    print(g2.table(rows))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -310,3 +310,22 @@ def test_float32_error_bounds_contain_the_dense_float64_eigenvalues(bundles, bou
     for lam, b in zip(out["eigenvalues"], out["error_bounds"]):
         assert np.abs(eig - lam).min() <= b, (lam, b)
     assert all(b >= r for b, r in zip(out["error_bounds"], out["residuals"]))
+
+
+def test_memory_plan_printed_stored_and_refused(bundles):
+    """--memory: the plan is one stderr line before the work and in the JSON/report; a budget nothing
+    fits is refused with exit 2 and one line; a malformed size is bad usage."""
+    r = run(bundles["mlp"], "--dtype", "float64", "--tol", "1e-10", "--memory", "64G", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    plan_lines = [ln for ln in r.stderr.splitlines() if ln.startswith("memory plan:")]
+    assert len(plan_lines) == 1 and "(--memory)" in plan_lines[0] and "in memory" in plan_lines[0]
+    assert out["memory_plan"] == plan_lines[0] and out["memory_budget_bytes"] == 64 << 30
+    assert out["basis_storage"] == "memory" and 0 < out["memory_plan_bytes"] <= 64 << 30
+    np.testing.assert_allclose(out["eigenvalues"], bundles["eig"].flip(0)[:10].tolist(), rtol=TOP_RTOL)
+
+    r = run(bundles["mlp"], "--memory", "1M")
+    assert r.exit_code == 2 and "nothing fits the memory budget" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run(bundles["mlp"], "--memory", "lots")
+    assert r.exit_code == 2 and "not a size" in r.stderr

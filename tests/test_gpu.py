@@ -139,3 +139,34 @@ def test_two_nccl_ranks_equal_one_process(tmp_path: Path) -> None:
         for key, value in want.items():
             _close(ranks[0][case]["q"][key], value, RTOL, f"{case}/{key}")
             assert torch.equal(ranks[0][case]["q"][key], ranks[1][case]["q"][key]), f"{case}/{key}: ranks differ"
+
+
+@needs_cuda
+def test_disk_basis_with_the_hvp_on_cuda_equals_the_device_basis() -> None:
+    """The basis in a host scratch file while the HVPs run on the GPU: the same eigenvalues."""
+    from dataclasses import replace
+
+    from basins.analyses.hessian import hessian_eigenvalues, plan_hessian
+
+    model, x, y, loss = _case()
+    p = Problem(model, x, y, loss, dtype="float64", device="cuda")
+    plan = plan_hessian(p, k=4)
+    dev = hessian_eigenvalues(p, k=4, tol=1e-10, memory_plan=plan)
+    disk = hessian_eigenvalues(p, k=4, tol=1e-10, memory_plan=replace(plan, basis_storage="disk"))
+    assert dev.top is not None and disk.top is not None
+    _close(disk.top.eigenvalues, dev.top.eigenvalues, RTOL_EIG, "disk vs device basis")
+
+
+@needs_cuda
+def test_bf16_autocast_on_cuda_bounds_hold() -> None:
+    """bf16 autocast on the GPU: the audit finds bfloat16 and the measured bounds contain float64 truth."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from basins.analyses.hessian import hessian_eigenvalues
+    from basins.engine.precision import audit_precision
+    from tests.test_precision import autocast_case
+
+    p, ref = autocast_case("cuda")
+    assert audit_precision(p).lowest == torch.bfloat16
+    top = hessian_eigenvalues(p, k=4, tol=1e-4).top
+    assert top is not None and top.error_bounds is not None
+    assert bool(((top.eigenvalues - ref).abs() <= top.error_bounds).all())

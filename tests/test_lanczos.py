@@ -332,3 +332,42 @@ def test_identity_matvec_returning_its_input() -> None:
     r = lanczos(Operator(lambda v: v, 50), k=3, which="both")
     assert r.top.eigenvalues.tolist() == pytest.approx([1.0] * 3)
     assert r.bottom.eigenvalues.tolist() == pytest.approx([1.0] * 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("which", "block_size", "max_basis"), [("top", 1, 12), ("both", 2, None), ("bottom", 3, 30)])
+def test_on_disk_basis_equals_the_in_memory_basis(which: str, block_size: int, max_basis: int | None,
+                                                   dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: object) -> None:
+    """The out-of-core path (basis in a memory-mapped scratch file, projections streamed in
+    column blocks, here of 37 columns so that every product is cut) against the in-memory path:
+    the same eigenvalues to rounding, the same matvec count, restarts included; vectors too."""
+    import basins.linalg.lanczos as lz
+
+    monkeypatch.setattr(lz, "STREAM_BYTES", 37 * (max_basis or 60) * (4 if dtype == torch.float32 else 8))
+    h, lam = problem("nn" if which != "bottom" else "indefinite", P=300, seed=2)
+    opts = dict(k=5, which=which, tol=1e-9 if dtype == F64 else 1e-5, block_size=block_size, max_basis=max_basis, dtype=dtype, seed=1,
+                return_eigenvectors=True)
+    ram = lanczos(h, **opts)
+    disk = lanczos(h, storage="disk", scratch=str(tmp_path), **opts)
+    assert list(tmp_path.iterdir()) == []  # type: ignore[attr-defined]  # the scratch file is unlinked at once
+    eps = torch.finfo(dtype).eps
+    for a, b in ([(ram.top, disk.top), (ram.bottom, disk.bottom)] if which == "both" else [(ram, disk)]):
+        assert a.num_matvecs == b.num_matvecs and a.num_restarts == b.num_restarts
+        assert torch.allclose(a.eigenvalues, b.eigenvalues, rtol=0, atol=100 * eps * a.scale)
+        assert a.eigenvectors is not None and b.eigenvectors is not None
+        assert torch.allclose((a.eigenvectors.T.to(F64) @ b.eigenvectors.to(F64)).abs().diagonal(),
+                              torch.ones(a.eigenvectors.shape[1], dtype=F64), atol=1e-3 if dtype == torch.float32 else 1e-8)
+        assert_within_residual(b, lam) if dtype == F64 else None
+    if which == "top":
+        assert ram.num_restarts > 0  # the thick restart ran through the scratch file
+
+
+def test_on_disk_basis_refuses_a_full_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10, 10, 0))
+    with pytest.raises(InputError, match="scratch space"):
+        lanczos(torch.eye(50, dtype=F64), k=2, storage="disk")

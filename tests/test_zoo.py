@@ -51,13 +51,7 @@ def pending_merge(branch: str) -> pytest.MarkDecorator:
 
 #: Cells that wait for another branch: bf16/fp16 upcast and peft adapters (models), llc through
 #: the Problem for HF models (llc), float64 bounds from measured rounding for Llama/ViT (scale).
-PENDING: dict[tuple[str, str], str] = {
-    ("llama", "hessian"): "scale",
-    ("vit", "hessian"): "scale",
-    # float64 CNN with BatchNorm (.pt2): λ1 off the reference by 4.6e-15 against a printed bound of
-    # 2.7e-15 (the reference's own asymmetry 1.5e-15): a float64 bound 1.7× too tight
-    ("cnn_bn", "hessian"): "scale",
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 #: Cells refused by design, with the words their one-line reason must contain.
 REFUSED: dict[tuple[str, str], str] = {}

@@ -22,6 +22,10 @@ the residual by orders of magnitude, and ``|θ − λ| ≤ r + ‖E y‖``. ``bo
   estimate, not a proof: rounding shared by both products (the saved activations) is not seen;
   on the benchmark problems ``d`` was 0.4–1.4× ``‖E y‖`` and ``ROUNDING_FACTOR = 4`` kept every
   float64 eigenvalue inside, with a margin of ≥ 2.7×.
+* ``"sketch"`` (3 HVPs per end whatever k; :mod:`basins.engine.rounding`): one randomised
+  estimate ``ρ`` of the rounding of all the pairs at once, bound ``r + ROUNDING_FACTOR·ρ``: up to
+  ``√k`` looser than ``rescaled``, for runs where k check products cost too much (k ≤ 3: the
+  per-pair check, which then costs no more).
 * ``"float64"`` (k float64 HVPs: 10–12× a float32 one on CPU): each Ritz vector gets a float64
   check product (:meth:`basins.Problem.check_eigenpairs`); the eigenvalue becomes the float64
   Rayleigh quotient ``ρ = yᵀHy`` and its bound ``‖Hy − ρy‖``, which provably contains an
@@ -46,19 +50,22 @@ from typing import Any
 import torch
 
 from basins.analyses.eigen import hessian_operator
+from basins.engine.memory import MemoryPlan, plan_lanczos
+from basins.engine.precision import audit_precision
 from basins.engine.problem import Problem
+from basins.engine.rounding import SKETCH_PROBES, sketched_rounding
 from basins.errors import InputError
 from basins.linalg.operator import Operator
 from basins.progress import Progress, ProgressCallback
 from basins.record import EIGEN_UNITS, Array, Record
 
 __all__ = ["HessianEnd", "HessianResult", "hessian_eigenvalues", "WHICH", "TRACE_METHODS", "SADDLE_FLOOR_EPS",
-           "BOUNDS", "ROUNDING_FACTOR", "BOUND_EPS"]
+           "BOUNDS", "ROUNDING_FACTOR", "BOUND_EPS", "plan_hessian"]
 
 WHICH = ("top", "bottom", "both")
 TRACE_METHODS = ("hutch++", "hutchinson")
 #: How float32 error bounds are measured (module docstring).
-BOUNDS = ("rescaled", "float64")
+BOUNDS = ("rescaled", "float64", "sketch")
 #: Safety factor on the measured rounding of ``bounds="rescaled"`` (module docstring).
 ROUNDING_FACTOR = 4.0
 #: Rounding allowance of error bounds, in units of ``eps₆₄·max|θ|``.
@@ -107,6 +114,9 @@ class HessianResult:
         hvp_route: the problem's HVP route.
         num_check_hvps: products spent on the error bounds (one per Ritz vector; none in float64).
         warm_start: whether Lanczos started from ``start`` (e.g. the previous checkpoint's Ritz vectors).
+        memory_plan: the plan the run was fitted to (:func:`plan_hessian`).
+        compute_dtype: the narrowest dtype the model's forward computes in
+            (:func:`~basins.engine.precision.audit_precision`); bounds measure its rounding.
         next_start: with ``keep_start``, the ``(P, k)`` (``(P, 2k)`` for both ends) Ritz vectors to
             warm-start the next, nearby problem with (not part of the record).
     """
@@ -133,6 +143,8 @@ class HessianResult:
     num_check_hvps: int = 0
     warm_start: bool = False
     next_start: torch.Tensor | None = field(default=None, repr=False)
+    memory_plan: MemoryPlan | None = None
+    compute_dtype: str | None = None
 
     @property
     def ends(self) -> list[HessianEnd]:
@@ -188,11 +200,15 @@ class HessianResult:
             "trace": self.trace, "trace_stderr": self.trace_stderr,
             "num_hvps": self.num_hvps, "num_lanczos_hvps": self.num_lanczos_hvps,
             "num_trace_hvps": self.num_trace_hvps, "num_check_hvps": self.num_check_hvps,
-            "num_restarts": self.num_restarts,
+            "num_restarts": self.num_restarts, "compute_dtype": self.compute_dtype,
             "num_loss_evals": 0, "hvp_route": self.hvp_route,
             "start": "warm: the previous checkpoint's Ritz vectors plus a random vector" if self.warm_start
             else "random",
         }
+        if self.memory_plan is not None:
+            plan = self.memory_plan
+            attrs.update(memory_plan=plan.describe(), memory_budget_bytes=plan.budget, memory_plan_bytes=plan.total,
+                         basis_storage=plan.basis_storage, basis_vectors=plan.basis_vectors)
         main = self.bottom if self.which == "bottom" else self.top
         assert main is not None
         arrays = _end_arrays(main, "", "bottom (ascending)" if self.which == "bottom" else "top (descending)")
@@ -234,6 +250,7 @@ def hessian_eigenvalues(
     bounds: str = "rescaled",
     start: torch.Tensor | None = None,
     keep_start: bool = False,
+    memory_plan: MemoryPlan | None = None,
 ) -> HessianResult:
     """Top/bottom Hessian eigenvalues of ``problem`` at θ* by Lanczos, and optionally the trace.
 
@@ -252,11 +269,13 @@ def hessian_eigenvalues(
         callback: called with a :class:`~basins.progress.Progress` (unit ``"HVPs"``, phase
             ``"lanczos"`` then ``"trace"``; ``done`` counts both phases, ``total`` is the Lanczos
             budget plus ``trace_hvps``) as the work proceeds.
-        bounds: how float32 error bounds measure rounding: ``rescaled`` or ``float64`` (module docstring).
+        bounds: how float32 error bounds measure rounding: ``rescaled``, ``sketch`` or ``float64`` (module docstring).
         start: warm start ``(P, m)`` for Lanczos, e.g. the previous checkpoint's ``next_start``
             (:func:`basins.linalg.lanczos.lanczos`): the same stopping rule and accuracy as a
             cold start, usually fewer HVPs on a nearby Hessian.
         keep_start: keep the wanted Ritz vectors as ``result.next_start`` for the next checkpoint.
+        memory_plan: where the basis lives, its size and the trace's block (default
+            :func:`plan_hessian` with these arguments).
 
     Returns:
         A :class:`HessianResult`. Cost: ≤ ``max_hvps`` HVPs (+ ``trace_hvps`` with ``trace``),
@@ -279,7 +298,7 @@ def hessian_eigenvalues(
     if max_hvps is not None and max_hvps < 1:
         raise InputError(f"max_hvps must be ≥ 1, got {max_hvps}")
     if bounds not in BOUNDS:
-        raise InputError(f"unknown bounds={bounds!r}: use rescaled or float64")
+        raise InputError(f"unknown bounds={bounds!r}: use rescaled, sketch or float64")
     if trace and trace_method not in TRACE_METHODS:
         raise InputError(f"unknown trace_method={trace_method!r}: use hutch++ or hutchinson")
     least = 4 if trace_method == "hutch++" else 2
@@ -299,9 +318,12 @@ def hessian_eigenvalues(
         if callback is not None:
             callback(replace(p, total=total(), unit="HVPs"))
 
+    plan = memory_plan or plan_hessian(problem, k=k, which=which, block_size=block_size, trace=trace,
+                                       trace_hvps=trace_hvps, bounds=bounds)
     options: dict[str, Any] = {"k": k, "which": which, "tol": tol, "max_matvecs": max_hvps, "block_size": block_size,
                                "dtype": problem.dtype, "device": problem.device, "seed": seed,
-                               "return_eigenvectors": True, "callback": lanczos_progress, "start": start}
+                               "return_eigenvectors": True, "callback": lanczos_progress, "start": start,
+                               "max_basis": plan.max_basis, "storage": plan.basis_storage}
     lres: Any = lanczos(hessian_operator(problem), **options)  # LanczosResult, or LanczosBothEnds for "both"
     num_lanczos = int(lres.num_matvecs)
     if state["lanczos_total"] is None:
@@ -326,13 +348,16 @@ def hessian_eigenvalues(
 
         estimator = hutchpp if trace_method == "hutch++" else hutchinson
         est = estimator(Operator(counted, P, problem.dtype, problem.device), num_matvecs=trace_hvps,
-                        dtype=problem.dtype, device=problem.device, seed=seed)
+                        dtype=problem.dtype, device=problem.device, seed=seed, block_size=plan.trace_block or 16)
         tr, tr_se, num_trace = float(est.estimate), float(est.stderr), int(est.num_matvecs)
 
     scale = float((lres.top if which == "both" else lres).scale)  # max |Ritz value| of the run
     # after the trace: float64 checks free the gradient graph
-    top, bottom = (_bounded(problem, e, scale, eigenvectors, bounds) if e is not None else None for e in (top, bottom))
-    num_check = 0 if problem.dtype == torch.float64 else k * (2 if which == "both" else 1)
+    audit = audit_precision(problem)
+    top, bottom = (_bounded(problem, e, scale, eigenvectors, bounds, audit.mixed) if e is not None else None
+                   for e in (top, bottom))
+    per_end = min(k, SKETCH_PROBES) if bounds == "sketch" else k
+    num_check = 0 if problem.dtype == torch.float64 and not audit.mixed else per_end * (2 if which == "both" else 1)
     ends = [e for e in (top, bottom) if e is not None]
     floor = SADDLE_FLOOR_EPS * torch.finfo(problem.dtype).eps * scale
     certified_negative = any(bool(((e.eigenvalues + e.residuals) < -floor).any()) for e in ends)
@@ -344,20 +369,43 @@ def hessian_eigenvalues(
         num_restarts=int((lres.top if which == "both" else lres).num_restarts), is_saddle=is_saddle,
         saddle_floor=floor, tol=tol, top_k=k, max_hvps=max_hvps, block_size=block_size, seed=seed,
         trace_hvps=trace_hvps if trace else None, hvp_route=getattr(problem, "hvp_route", None),
-        num_check_hvps=num_check, warm_start=start is not None, next_start=next_start,
+        num_check_hvps=num_check, warm_start=start is not None, next_start=next_start, memory_plan=plan,
+        compute_dtype=str(audit.lowest).replace("torch.", ""),
     )
 
 
-def _bounded(problem: Problem, end: HessianEnd, scale: float, keep_vectors: bool, how: str) -> HessianEnd:
+def plan_hessian(problem: Problem, *, k: int = 10, which: str = "top", block_size: int = 1, trace: bool = False,
+                 trace_hvps: int = 100, bounds: str = "rescaled", storage: str | None = None) -> MemoryPlan:
+    """The memory plan of :func:`hessian_eigenvalues` with these arguments: the problem's plan
+    (route, HVP pieces: :class:`~basins.engine.memory.MemoryPlan`) completed with the Lanczos basis
+    (in memory, bounded by thick restart, or on disk), the trace's block and the error-bound
+    checks (:func:`~basins.engine.memory.plan_lanczos`). Costs nothing: sizes only.
+
+    Raises:
+        InputError: nothing fits the budget (one line, with the sizes).
+    """
+    need = min(2 * k, int(problem.num_params)) if which == "both" else k
+    checks = 0 if problem.dtype == torch.float64 else 2 * min(need, problem.routes.piece_block)
+    return plan_lanczos(problem.routes.plan, int(problem.num_params), problem.dtype.itemsize, need=need,
+                        block=block_size, storage=storage, trace_hvps=trace_hvps if trace else 0, check_vectors=checks)
+
+
+def _bounded(problem: Problem, end: HessianEnd, scale: float, keep_vectors: bool, how: str,
+             mixed: bool = False) -> HessianEnd:
     """``end`` with its error bounds (module docstring); with ``how="float64"`` (below float64)
-    the eigenvalues become float64 Rayleigh quotients."""
+    the eigenvalues become float64 Rayleigh quotients. ``mixed``: the model computes part of its
+    graph below its dtype (:func:`~basins.engine.precision.audit_precision`): the rounding is
+    measured by the rescaled products, as below float64 (float64 check products would carry the
+    same narrow layers)."""
     vals, res, vecs = end.eigenvalues, end.residuals, end.eigenvectors
     allowance = BOUND_EPS * torch.finfo(torch.float64).eps * scale
-    if problem.dtype == torch.float64 or vecs is None:
+    if (problem.dtype == torch.float64 and not mixed) or vecs is None:
         bound = res + allowance
-    elif how == "float64":
+    elif how == "float64" and not mixed:
         vals, r64 = problem.check_eigenpairs(vecs)
         bound = r64 + allowance
+    elif how == "sketch" and vecs.shape[1] > SKETCH_PROBES:
+        bound = res + ROUNDING_FACTOR * sketched_rounding(problem, vecs, vals) + allowance
     else:
         bound = res + ROUNDING_FACTOR * problem.rescaled_residuals(vecs, vals) + allowance
     return HessianEnd(vals, res, end.converged, vecs if keep_vectors else None, bound)

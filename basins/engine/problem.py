@@ -97,6 +97,9 @@ class Problem(ProblemSetup):
         hvp_route: one of :data:`HVP_ROUTES`.
         graph_memory_bytes: budget for the cached gradient graph (default a quarter of RAM,
             shared among the ``LOCAL_WORLD_SIZE`` processes of a torchrun launch).
+        memory_bytes: the whole computation's memory budget, which the HVP route, its pieces and
+            the Lanczos basis are planned to fit (:class:`~basins.engine.memory.MemoryPlan`, at
+            :attr:`routes.plan <basins.engine.routes.Routes.plan>`); default 80% of the memory available.
         data_memory_bytes: budget for keeping a stream's chunks in memory after the first
             pass (same default; 0: read the stream on every pass). Tensors are always held.
         check_determinism: evaluate loss and gradient twice and require agreement.
@@ -140,6 +143,7 @@ class Problem(ProblemSetup):
         device: str | torch.device | None = "cpu",
         hvp_route: str = "auto",
         graph_memory_bytes: int | None = None,
+        memory_bytes: int | None = None,
         data_memory_bytes: int | None = None,
         check_determinism: bool = True,
         total_examples: int | None = None,
@@ -162,7 +166,7 @@ class Problem(ProblemSetup):
         self._setup_loss(loss)
         self._check_at_optimum(check_determinism)
         #: the HVP routes (:mod:`basins.engine.routes`): chosen now, for single vectors
-        self.routes = Routes(self, hvp_route, graph_memory_bytes)
+        self.routes = Routes(self, hvp_route, graph_memory_bytes, memory_bytes)
 
     # ------------------------------------------------------------------ functional pieces
     def forward(self, params: _Params, x: Inputs, buffers: _Params | None = None) -> torch.Tensor:
@@ -277,10 +281,13 @@ class Problem(ProblemSetup):
         Returns:
             ``(k,)`` float64 on the CPU. Cost: k HVPs in the problem's dtype.
         """
-        Y = vectors.to(self.device, torch.float64)
-        Y = Y / Y.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-        HY = self.hvp((Y * RESCALE).to(self.dtype)).to(torch.float64) / RESCALE
-        return (HY - Y * values.to(Y.device, torch.float64)).norm(dim=0).cpu()
+        out = []
+        for s in range(0, vectors.shape[1], self.routes.piece_block):  # float64 copies of a few columns at a time
+            Y = vectors[:, s : s + self.routes.piece_block].to(self.device, torch.float64)
+            Y = Y / Y.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+            HY = self.hvp((Y * RESCALE).to(self.dtype)).to(torch.float64) / RESCALE
+            out.append((HY - Y * values[s : s + Y.shape[1]].to(Y.device, torch.float64)).norm(dim=0).cpu())
+        return torch.cat(out)
 
     def check_eigenpairs(self, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Float64 Rayleigh quotients and residual norms of approximate eigenvectors.
@@ -296,12 +303,15 @@ class Problem(ProblemSetup):
         Returns:
             ``(ρ (k,), r (k,))`` float64 on the CPU. Cost: k float64 HVPs.
         """
-        Y = vectors.to(self.device, torch.float64)
-        Y = Y / Y.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-        HY = float64_products(self, Y)
-        rho = (Y * HY).sum(0)
-        res = (HY - Y * rho).norm(dim=0)
-        return rho.cpu(), res.cpu()
+        rhos, ress = [], []
+        for s in range(0, vectors.shape[1], self.routes.piece_block):  # float64 copies of a few columns at a time
+            Y = vectors[:, s : s + self.routes.piece_block].to(self.device, torch.float64)
+            Y = Y / Y.norm(dim=0, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+            HY = float64_products(self, Y)
+            rho = (Y * HY).sum(0)
+            rhos.append(rho.cpu())
+            ress.append((HY - Y * rho).norm(dim=0).cpu())
+        return torch.cat(rhos), torch.cat(ress)
 
     def loss_many(self, thetas: torch.Tensor, *, chunk: int | None = None, route: str = "vmap") -> torch.Tensor:
         """Full-data loss at K parameter vectors at once.

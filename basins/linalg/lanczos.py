@@ -29,11 +29,16 @@ import torch
 
 from basins.errors import InputError
 from basins.linalg.operator import Operator, as_operator
+from basins.linalg.scratch import ScratchRows
 from basins.progress import Progress, ProgressCallback
 
-__all__ = ["LanczosResult", "LanczosBothEnds", "lanczos"]
+__all__ = ["LanczosResult", "LanczosBothEnds", "lanczos", "STORAGES", "STREAM_BYTES"]
 
 _F64 = torch.float64
+#: Where the basis may live (:func:`lanczos`'s ``storage``).
+STORAGES = ("memory", "disk")
+#: Bytes of one column block of an on-disk basis read at a time.
+STREAM_BYTES = 1 << 26
 
 
 @dataclass
@@ -98,18 +103,21 @@ def lanczos(operator: Operator | torch.Tensor, *, k: int = ..., which: Literal["
             tol: float = ..., max_matvecs: int | None = ..., block_size: int = ...,
             max_basis: int | None = ..., dtype: torch.dtype = ..., device: str | torch.device | None = ...,
             seed: int = ..., return_eigenvectors: bool = ...,
-            callback: ProgressCallback | None = ..., start: torch.Tensor | None = ...) -> LanczosResult: ...
+            callback: ProgressCallback | None = ..., start: torch.Tensor | None = ...,
+            storage: str = ..., scratch: str | None = ...) -> LanczosResult: ...
 @overload
 def lanczos(operator: Operator | torch.Tensor, *, k: int = ..., which: Literal["both"],
             tol: float = ..., max_matvecs: int | None = ..., block_size: int = ...,
             max_basis: int | None = ..., dtype: torch.dtype = ..., device: str | torch.device | None = ...,
             seed: int = ..., return_eigenvectors: bool = ...,
-            callback: ProgressCallback | None = ..., start: torch.Tensor | None = ...) -> LanczosBothEnds: ...
+            callback: ProgressCallback | None = ..., start: torch.Tensor | None = ...,
+            storage: str = ..., scratch: str | None = ...) -> LanczosBothEnds: ...
 def lanczos(operator: Operator | torch.Tensor, *, k: int = 10, which: str = "top",
             tol: float = 1e-4, max_matvecs: int | None = None, block_size: int = 1,
             max_basis: int | None = None, dtype: torch.dtype = _F64,
             device: str | torch.device | None = None, seed: int = 0, return_eigenvectors: bool = False,
             callback: ProgressCallback | None = None, start: torch.Tensor | None = None,
+            storage: str = "memory", scratch: str | None = None,
             ) -> LanczosResult | LanczosBothEnds:
     r"""The ``k`` largest and/or smallest eigenpairs of a symmetric operator.
 
@@ -151,6 +159,15 @@ def lanczos(operator: Operator | torch.Tensor, *, k: int = 10, which: str = "top
             (phase ``"lanczos"``, unit ``"matvecs"``; ``max_residual`` is the largest
             ``residual / scale`` of the wanted pairs, ``nan`` while fewer Ritz values than
             wanted exist, and ``num_converged`` counts the converged ones).
+        storage: where the basis lives: ``"memory"`` (a tensor on ``device``) or ``"disk"``: a
+            memory-mapped scratch file (:class:`~basins.linalg.scratch.ScratchRows`, on the CPU;
+            blocks are moved to the operator's device for its products), read and written in
+            column blocks of at most :data:`STREAM_BYTES`, so that only the block being
+            orthogonalised, its product and one column block of the basis are resident. Same
+            arithmetic as ``"memory"`` up to the summation order of the projections (equal
+            eigenvalues to rounding); the returned eigenvectors are then a view on the scratch file.
+        scratch: the directory of the scratch file (default ``$BASINS_SCRATCH`` or the system's
+            temporary directory).
 
     Returns:
         A :class:`LanczosResult` (``"top"`` / ``"bottom"``) or :class:`LanczosBothEnds`.
@@ -187,8 +204,11 @@ def lanczos(operator: Operator | torch.Tensor, *, k: int = 10, which: str = "top
     elif not _is_int(max_basis) or (max_basis < num_params and max_basis < need + 2 * block_size):
         raise InputError(f"max_basis={max_basis!r} is too small for {need} wanted pairs and "
                          f"block_size={block_size}; use max_basis >= {need + 2 * block_size}")
+    if storage not in STORAGES:
+        raise InputError(f"storage={storage!r} must be 'memory' or 'disk'")
     solver = _Solver(op, num_params, k, which, float(tol), int(max_matvecs), block_size,
-                     min(int(max_basis), num_params), dtype, op.device if device is None else torch.device(device), seed, callback)
+                     min(int(max_basis), num_params), dtype, op.device if device is None else torch.device(device), seed, callback,
+                     storage, scratch)
     return solver.run(return_eigenvectors, start)
 
 
@@ -245,16 +265,25 @@ class _Solver:
     ``H V[:m]^T = V[:m]^T T[:m, :m] + Q^T R E^T`` with ``T`` block-Hessenberg (float64).
     """
 
-    def __init__(self, op: Operator, P: int, k: int, which: str, tol: float, max_matvecs: int,
+    def __init__(self, op: Operator, P: int, k: int, which: str, tol: float, max_matvecs: int,  # noqa: PLR0913
                  b: int, max_basis: int, dtype: torch.dtype, device: torch.device, seed: int,
-                 callback: ProgressCallback | None) -> None:
+                 callback: ProgressCallback | None, storage: str = "memory", scratch: str | None = None) -> None:
         self.op, self.P, self.k, self.which, self.tol = op, P, k, which, tol
         self.max_matvecs, self.b, self.max_basis, self.callback = max_matvecs, b, max_basis, callback
         self.need = min(2 * k, P) if which == "both" else k
         self.dtype, self.device = dtype, device
         self.gen = torch.Generator().manual_seed(seed)
         self.eps = torch.finfo(dtype).eps
-        self.V = torch.empty(max_basis, P, dtype=dtype, device=device)
+        self.scratch: ScratchRows | None = None
+        if storage == "disk":  # the basis in a memory-mapped file on the host, streamed in column blocks
+            self.scratch = ScratchRows(max_basis, P, dtype, scratch)
+            self.V = self.scratch.tensor
+            self.device = torch.device("cpu")
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            self.cols = max(1, STREAM_BYTES // (max_basis * itemsize))
+        else:
+            self.V = torch.empty(max_basis, P, dtype=dtype, device=device)
+            self.cols = P
         self.T = torch.zeros(max_basis, max_basis, dtype=_F64)
         self.young = torch.ones(max_basis, dtype=_F64)  # weight on rows since the last breakdown
         self.m = self.num_matvecs = self.num_restarts = 0
@@ -269,17 +298,38 @@ class _Solver:
         coef = torch.zeros(n, X.shape[1], dtype=_F64)
         if n == 0:
             return coef
-        V = self.V[:n]
         before = torch.linalg.vector_norm(X, dim=0)
         for it in range(3):
-            c = V @ X
-            X.addmm_(V.T, c, alpha=-1)
+            c = self._dot(n, X)
+            self._subtract(n, X, c)
             coef += c.to(device="cpu", dtype=_F64)
             after = torch.linalg.vector_norm(X, dim=0)
             if it >= 1 and bool((after >= 0.7 * before).all()):
                 break
             before = after
+        self._release()
         return coef
+
+    def _dot(self, n: int, X: torch.Tensor) -> torch.Tensor:
+        """``V[:n] @ X`` (n, c), streamed in column blocks for an on-disk basis."""
+        if self.scratch is None:
+            return self.V[:n] @ X
+        out = torch.zeros(n, X.shape[1], dtype=X.dtype)
+        for a in range(0, self.P, self.cols):
+            out += self.V[:n, a : a + self.cols] @ X[a : a + self.cols]
+        return out
+
+    def _subtract(self, n: int, X: torch.Tensor, c: torch.Tensor) -> None:
+        """``X -= V[:n]^T c`` in place, streamed in column blocks for an on-disk basis."""
+        if self.scratch is None:
+            X.addmm_(self.V[:n].T, c, alpha=-1)
+            return
+        for a in range(0, self.P, self.cols):
+            X[a : a + self.cols].addmm_(self.V[:n, a : a + self.cols].T, c, alpha=-1)
+
+    def _release(self) -> None:
+        if self.scratch is not None:
+            self.scratch.release()
 
     def _orthonormalise(self, W: torch.Tensor, n: int, delta: float
                         ) -> tuple[torch.Tensor, torch.Tensor, list[int], int]:
@@ -391,11 +441,15 @@ class _Solver:
         for r, j in enumerate(kept):
             self.V[self.m + r] = W[:, j]
         self.young[self.m : self.m + len(kept)] = 1.0
+        self._release()
 
     def _apply(self, block: torch.Tensor) -> torch.Tensor:
         """``H @ block.T`` as a fresh writable (P, c) tensor in the basis dtype; counts matvecs."""
         X = block.T
+        if self.scratch is not None:  # the block leaves the scratch file for the operator's device
+            X = X.to(self.op.device)
         W = self.op.apply(X)  # checked: shape (InputError), finite (ComputeError); dtype of X
+        W = W.to(self.device)
         self.num_matvecs += X.shape[1]
         if W.untyped_storage().data_ptr() == self.V.untyped_storage().data_ptr():
             W = W.clone()
@@ -446,17 +500,27 @@ class _Solver:
         chunk = max(1, (1 << 22) // max(q, 1))
         for a in range(0, self.P, chunk):
             self.V[:q, a : a + chunk] = Sd @ self.V[:m, a : a + chunk]
+        self._release()
 
     def _result(self, theta: torch.Tensor, S: torch.Tensor, res: torch.Tensor, scale: float,
                 top: list[int], bottom: list[int], exhausted: bool, vectors: bool
                 ) -> LanczosResult | LanczosBothEnds:
-        union = sorted(set(top + bottom))
+        # the rows in the order returned (top descending, then the bottom's new ones), so that an
+        # on-disk basis returns its vectors as a view on the scratch file, not a copy in memory
+        union = top + [j for j in bottom if j not in top]
         if vectors:
             self._rotate(S[:, union])
         where = {j: i for i, j in enumerate(union)}
 
         def end(idx: list[int], which: str) -> LanczosResult:
-            Y = self.V[[where[j] for j in idx]].T if vectors else None
+            Y = None
+            if vectors:
+                rows = [where[j] for j in idx]
+                contiguous = rows == list(range(rows[0], rows[0] + len(rows))) if rows else True
+                if self.scratch is not None and contiguous and rows:
+                    Y = self.V[rows[0] : rows[0] + len(rows)].T
+                else:
+                    Y = self.V[rows].T
             return LanczosResult(eigenvalues=theta[idx], residuals=res[idx],
                                  converged=res[idx] <= self.tol * scale, num_matvecs=self.num_matvecs,
                                  which=which, eigenvectors=Y, num_restarts=self.num_restarts,
