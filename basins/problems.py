@@ -170,6 +170,11 @@ def open_problem(
         notes.append(f"parameters: {selection.describe()}")
     if problem.attention != "sdpa-math" or loaded.kind == "hf":
         notes.append(f"attention: {problem.attention}")
+    if problem.promoted_layers:
+        more = len(problem.promoted_layers) - 6
+        notes.append("float64: the model's requests for float32 in "
+                     f"{', '.join(problem.promoted_layers[:6])}{f' and {more} more' if more > 0 else ''} "
+                     "are served in float64 (the float64 function it is meant to be)")
     notes.append(
         f"P = {problem.num_params:,} parameters, n = {problem.num_examples:,} examples, "
         f"L(θ*) = {problem.loss_at_optimum:.6g}, ‖∇L(θ*)‖ = {problem.grad_norm:.3g}, "
@@ -199,5 +204,6 @@ def open_problem(
         "num_params_fixed": sum(int(p.numel()) for nm, p in loaded.module.named_parameters()
                                 if nm in set(selection.fixed)),
         "num_terms": problem.num_terms, "attention": problem.attention,
+        "promoted_to_float64": ", ".join(problem.promoted_layers) or None,
     }
     return OpenedProblem(problem, record, notes, warnings, setup_counts, loaded, found, source, world, rank)

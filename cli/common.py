@@ -226,6 +226,7 @@ def problem_json(loaded: Loaded) -> dict[str, Any]:
         "params": r.get("params"), "params_frozen": r.get("params_frozen"),
         "num_params_fixed": r.get("num_params_fixed"), "attention": r.get("attention"),
         "source_dtype": r.get("source_dtype"), "base_model": r.get("base_model"),
+        "promoted_to_float64": r.get("promoted_to_float64"),
     }
 
 

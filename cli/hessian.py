@@ -76,7 +76,7 @@ def hessian(**kw: Any) -> None:
     magnitude, so it is measured at run time: one more HVP per eigenvalue, at the rescaled Ritz
     vector c·y (c = 1.375), and b = r + 4·‖H(c·y)/c − λy‖ (an estimate; it held on every
     benchmark and test problem). --bounds float64 instead checks each pair with a float64
-    product, a bound that provably holds. In float64, b = r + 64·eps·max|λ|. A negative bottom
+    product, a bound that provably holds. In float64, b = r + 256·eps·max|λ|. A negative bottom
     eigenvalue beyond its residual means the point is a saddle.
 
     Memory is planned before the work and the plan printed on stderr (and stored as

@@ -68,8 +68,9 @@ TRACE_METHODS = ("hutch++", "hutchinson")
 BOUNDS = ("rescaled", "float64", "sketch")
 #: Safety factor on the measured rounding of ``bounds="rescaled"`` (module docstring).
 ROUNDING_FACTOR = 4.0
-#: Rounding allowance of error bounds, in units of ``eps₆₄·max|θ|``.
-BOUND_EPS = 64.0
+#: Rounding allowance of error bounds, in units of ``eps₆₄·max|θ|``. A float64 CNN with BatchNorm
+#: (tests/test_zoo.py) was off its float64 reference by 107·eps₆₄·max|θ|, so 64 did not hold.
+BOUND_EPS = 256.0
 #: A bottom Ritz value counts as negative only below ``-SADDLE_FLOOR_EPS·eps(dtype)·max|θ|``.
 SADDLE_FLOOR_EPS = 100.0
 

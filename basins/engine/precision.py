@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -28,7 +29,7 @@ from basins.engine.batch import take
 if TYPE_CHECKING:
     from basins.engine.problem import Problem
 
-__all__ = ["PrecisionAudit", "audit_precision"]
+__all__ = ["PrecisionAudit", "PromoteToFloat64", "audit_precision", "forget_audit"]
 
 #: Layers named in a warning before "and N more".
 MAX_NAMED = 6
@@ -78,6 +79,39 @@ class PrecisionAudit:
     def as_dict(self) -> dict[str, Any]:
         short = lambda d: str(d).replace("torch.", "")  # noqa: E731
         return {"compute_dtype": short(self.lowest), "low_precision_layers": ", ".join(self.layers)}
+
+
+_NARROW = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class PromoteToFloat64(TorchFunctionMode):
+    """Serves a float64 model's requests for a narrower floating dtype in float64.
+
+    ``x.to(torch.float32)``, ``x.float()``/``.half()``/``.bfloat16()`` and ``dtype=torch.float32``
+    arguments (Llama's RMSNorm and rotary embedding, ViT's and Qwen's float32 softmax) are the
+    model author's guard for half precision; in a float64 analysis they would put float32 rounding
+    (~1e-7 relative) into the function whose Hessian is asked for. Under this mode the model runs as
+    the float64 function it is meant to be, so float64 references and float64 error bounds apply.
+    A torch-function mode sits above autograd and the ``torch.func`` transforms, so every HVP route
+    differentiates the promoted graph. Cost: a Python call per torch function of the forward.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.float or func is torch.Tensor.half or func is torch.Tensor.bfloat16:
+            return args[0].to(torch.float64)
+        args = tuple(torch.float64 if a in _NARROW else a for a in args)
+        if kwargs.get("dtype") in _NARROW:
+            kwargs["dtype"] = torch.float64
+        return func(*args, **kwargs)
+
+
+def forget_audit(problem: Problem) -> None:
+    """Drop ``problem``'s cached audit (after its forward changed, e.g. once promoted)."""
+    try:
+        _CACHE.pop(problem, None)
+    except TypeError:  # pragma: no cover - not weakly referenceable: never cached
+        pass
 
 
 class _Recorder(TorchDispatchMode):

@@ -32,6 +32,7 @@ attention path in :mod:`basins.engine.attention`, the curvature operators in
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ from basins.engine.attention import math_attention
 from basins.engine.batch import Inputs, call_model
 from basins.engine.data import DataSource
 from basins.engine.losses import LossFn, split_loss_value
+from basins.engine.precision import PromoteToFloat64
 from basins.engine.routes import HVP_ROUTES, Routes, float64_products
 from basins.engine.setup import ProblemSetup, as_source, resolve_device, resolve_dtype
 from basins.errors import InputError
@@ -161,19 +163,37 @@ class Problem(ProblemSetup):
         self._reduce_fn, self._gather_fn = reduce, gather
         self._data_memory_bytes = data_memory_bytes
         self.output = output
+        #: layers whose requests for a narrower dtype are served in float64 (float64 problems only;
+        #: :meth:`_promote_narrow_requests`)
+        self.promoted_layers: list[str] = []
         self._setup_parameters(module, resolve_device(device), resolve_dtype(dtype), params, include_frozen)
         self._setup_data(as_source(inputs, targets), total_examples, fixed_batch_size, batch_size)
         self._setup_loss(loss)
+        self._promote_narrow_requests()
         self._check_at_optimum(check_determinism)
         #: the HVP routes (:mod:`basins.engine.routes`): chosen now, for single vectors
         self.routes = Routes(self, hvp_route, graph_memory_bytes, memory_bytes)
+
+    def _promote_narrow_requests(self) -> None:
+        """A float64 problem whose model asks for float32 inside (Llama's RMSNorm, a float32
+        softmax) runs under :class:`~basins.engine.precision.PromoteToFloat64`, as the float64
+        function it is meant to be; :attr:`promoted_layers` names where (empty: nothing promoted).
+        Cost: one forward on one example (the dtype audit), twice when something is promoted."""
+        from basins.engine.precision import audit_precision, forget_audit
+
+        if self.dtype != torch.float64:
+            return
+        audit = audit_precision(self)
+        if audit.mixed:
+            self.promoted_layers = list(audit.layers)
+            forget_audit(self)
 
     # ------------------------------------------------------------------ functional pieces
     def forward(self, params: _Params, x: Inputs, buffers: _Params | None = None) -> torch.Tensor:
         """Model outputs ``f(x; params)`` for a batch ``x`` (a tensor, or named inputs passed as
         keyword arguments; the state not in ``params`` fixed at θ*, or ``buffers``), picked from
         the model's return value (:attr:`output`), attention on its differentiable path."""
-        with math_attention():
+        with math_attention(), (PromoteToFloat64() if self.promoted_layers else contextlib.nullcontext()):
             return call_model(self.module, (params, self.buffers if buffers is None else buffers), x, self.output)
 
     def loss_value(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
