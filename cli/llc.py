@@ -55,10 +55,11 @@ def _steps_or_auto(least: int) -> Any:
 
 #: the rule of basins.analyses.llc.sampler.STEP_RULE, word for word (a test checks it and the README)
 STEP_RULE = (
-             "auto: ε = 0.1/a, a the largest curvature of nβ·L + γ‖w − w*‖²/2 met so far (Lanczos at w*, then "
+             "auto: ε = 1/a, a the largest curvature of nβ·L + γ‖w − w*‖²/2 met so far (Lanczos at w*, then "
              "power iteration on each chain's minibatch Hessian at its start and at 8 points of burn-in); during "
-             "burn-in ε backs off ×0.7 per 100 steps with MALA acceptance < 0.95, and a divergence halves the "
-             "chain's ε and restarts it; ε is then frozen (smallest over chains) for the draws")
+             "burn-in ε backs off ×0.7 per 100 steps with MALA acceptance < 0.8, and a divergence (non-finite, or γ‖w − w*‖² > 4(dim + 10)) halves the "
+             "chain's ε and restarts it; ε is then frozen (smallest over chains) for the draws; Leimkuhler–Matthews "
+             "steps (no O(ε) bias on quadratic directions)")
 STEP_HELP = f"SGLD step ε ({STEP_RULE})."
 
 

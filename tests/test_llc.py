@@ -166,19 +166,20 @@ def test_divergence_in_burnin_halves_step_and_restarts(monkeypatch: pytest.Monke
 
 
 def test_step_size_shrinks_to_the_curvature_met_at_a_singular_point() -> None:
-    """y = w²·x at w* = 0: H = 0 there, so the first ε is 0.1/γ; the chains meet curvature away
+    """y = w²·x at w* = 0: H = 0 there, so the first ε is STEP_FACTOR/γ; the chains meet curvature away
     from 0 and ε shrinks, and no chain diverges."""
     p = power(2, 0, n=2000)
     r = llc(p, num_draws=200, num_burnin=200, quadratic=False)
-    assert r.step_size_initial == pytest.approx(0.1 / 1.0, rel=0.1)  # H(0) = −4·mean(xy) ≈ 0
+    assert r.step_size_initial == pytest.approx(sampler_module.STEP_FACTOR / 1.0, rel=0.1)  # H(0) = −4·mean(xy) ≈ 0
     assert r.step_size < r.step_size_initial / 5
     assert not r.restarts
 
 
 def test_too_short_run_is_flagged() -> None:
-    """Rank-0 reduced-rank regression, no burn-in and 200 draws: the chains are still relaxing."""
+    """Rank-0 reduced-rank regression, no burn-in and 60 draws: the chains are still relaxing (split
+    R-hat 1.19 at this seed; with the Leimkuhler–Matthews steps at 0.5/a, 200 draws already pass)."""
     p = rrr(5, 3, 3, 0, 0)
-    r = llc(p, num_draws=200, num_burnin=0, quadratic=False, seed=3)
+    r = llc(p, num_draws=60, num_burnin=0, quadratic=False, seed=5)
     assert r.converged is False
     assert any("not converged" in w for w in r.warnings)
 
@@ -251,7 +252,7 @@ def test_refined_llc_per_block_of_a_regular_model() -> None:
 
 
 def test_module_exports() -> None:
-    assert llc_module.STEP_RULE.startswith("auto: ε = 0.1/a")
+    assert llc_module.STEP_RULE.startswith("auto: ε = 1/a")
 
 
 def test_process_shard_pairs_the_global_n_with_the_global_data() -> None:
@@ -275,9 +276,10 @@ def test_process_shard_pairs_the_global_n_with_the_global_data() -> None:
 
 @pytest.mark.slow
 def test_auto_draws_and_burnin_extend_within_the_budget() -> None:
-    """A rank-0 case whose 1000 + 1000 steps fail the diagnostics: ``auto`` extends the run (draws that
-    drift become burn-in, or the draws double) and stops at the budget, the total never above it."""
-    p = rrr(5, 3, 3, 0, 0)
+    """A case whose 1000 + 1000 steps fail the diagnostics (split R-hat 1.07 at seed 0): ``auto`` extends
+    the run (draws that drift become burn-in, or the draws double) and stops at the budget, the total
+    never above it."""
+    p = rrr(10, 8, 6, 3, 0)
     r = llc(p, num_draws="auto", num_burnin="auto", max_steps=3500, quadratic=False, seed=0)
     assert 2000 < r.num_burnin + r.num_draws <= 3500, (r.num_burnin, r.num_draws)
     assert r.traces.shape == (4, r.num_draws)

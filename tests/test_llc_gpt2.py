@@ -110,12 +110,15 @@ def test_llc_equals_independent_sgld_with_the_same_noise(gpt2: dict[str, object]
             while not nb * (loss_grad(w_star + r * u)[0] - L0) <= P / 2:
                 r /= 2
             w = w_star + r * u
+            xi = torch.randn(P, generator=noise, dtype=torch.float64)
             for t in range(burn + draws):
                 L, g = loss_grad(w)
                 if t >= burn:
                     traces[c, t - burn] = nb * (L - L0)
                 drift = nb * g + gamma * (w - w_star)
-                w = w - 0.5 * eps * drift + math.sqrt(eps) * torch.randn(P, generator=noise, dtype=torch.float64)
+                xi_next = torch.randn(P, generator=noise, dtype=torch.float64)  # Leimkuhler–Matthews
+                w = w - 0.5 * eps * drift + 0.5 * math.sqrt(eps) * (xi + xi_next)
+                xi = xi_next
     finally:
         set_w(w_star)
     assert torch.allclose(res.traces, traces, rtol=1e-7, atol=1e-7 * float(traces.abs().max())), \
