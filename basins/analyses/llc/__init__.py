@@ -200,7 +200,9 @@ def _quadratic(problem: Problem, mask: torch.Tensor | None, nb: float, gamma: fl
                ) -> tuple[float, str]:
     dim = problem.num_params if mask is None else int(mask.sum())
     op = _operator(problem, mask)
-    if dim <= DENSE_MAX:
+    from basins.analyses.eigen import dense_fits
+
+    if dense_fits(dim, max_params=DENSE_MAX):  # the one dense rule, capped: here a diagnostic costs P HVPs
         idx = torch.arange(problem.num_params) if mask is None else mask.nonzero().flatten()
         E = torch.zeros(problem.num_params, dim, dtype=problem.dtype, device=problem.device)
         E[idx.to(problem.device), torch.arange(dim, device=problem.device)] = 1
