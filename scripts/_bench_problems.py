@@ -4,6 +4,7 @@ Imports only torch (and, in the child, the peer being measured), so that a peer'
 for nothing of basins. Run by ``bench_hessian.py``; by hand::
 
     python scripts/_bench_problems.py write DIR                 # DIR/{mlp,cnn}.pt2, _data.pt, _state.pt
+    #                                                             and {mlp,cnn}_dynamic.pt2 (batch a torch.export.Dim)
     python scripts/_bench_problems.py run TOOL NAME DIR K DTYPE  # one peer, JSON on stdout
 
 Problems: a 26k-parameter MLP (32-256-64-10, tanh) on n = 2,048 and a 22k-parameter CNN with
@@ -68,6 +69,9 @@ def write(directory: str) -> None:
     for name in ("mlp", "cnn"):
         model, x, y = make(name)
         torch.export.save(torch.export.export(model, (x,)), f"{directory}/{name}.pt2")
+        batch = torch.export.Dim("batch", min=2, max=1 << 20)
+        torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)),
+                          f"{directory}/{name}_dynamic.pt2")
         torch.save({"inputs": x, "targets": y}, f"{directory}/{name}_data.pt")
         torch.save(model.state_dict(), f"{directory}/{name}_state.pt")
 

@@ -370,3 +370,57 @@ def test_weights_saved_from_a_gpu_are_read_onto_the_cpu(tmp_path: pytest.TempPat
     assert all(p.device.type == "cpu" for p in ours.parameters())
     x = CASES[0][2]
     assert torch.equal(ours(x), theirs(x))
+
+
+def test_dynamic_batch_export_takes_one_example_and_equals_the_fixed_export(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """torch.export makes every dynamic dimension at least 2; the reader pads a smaller batch by
+    repeating its first example and cuts the outputs back, so one-example pieces (route timing,
+    the dtype audit, a chunk's remainder) work, and every command gives the fixed export's numbers."""
+    import json
+
+    from click.testing import CliRunner
+
+    from basins.cli.main import main
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3)).eval()
+    x, y = torch.randn(11, 5), torch.randint(0, 3, (11,))
+    batch = torch.export.Dim("batch", min=2, max=4096)
+    torch.export.save(torch.export.export(model, (x,), dynamic_shapes=({0: batch},)), tmp_path / "dyn.pt2")
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "fixed.pt2")
+    torch.save({"inputs": x, "targets": y}, tmp_path / "d.pt")
+    module = load_model(str(tmp_path / "dyn.pt2")).module
+    with torch.no_grad():
+        # padded to 2 rows, cut back to 1 (equal to BLAS rounding: a 2-row product may round otherwise)
+        torch.testing.assert_close(module(x[:1]), model(x[:1]), rtol=1e-6, atol=1e-7)
+        assert module(x[:1]).shape == (1, 3)
+        assert torch.equal(module(x[:3]), model(x[:3]))
+    out = {}
+    for name in ("dyn", "fixed"):
+        r = CliRunner().invoke(main, ["hessian", str(tmp_path / f"{name}.pt2"), "--data", str(tmp_path / "d.pt"),
+                                      "-k", "3", "--batch-size", "5", "--hvp", "fwd-rev", "--json", "-q"])
+        assert r.exit_code == 0, r.output
+        out[name] = json.loads(r.stdout)
+    # chunks of 5, 5 and 1 example for the dynamic export; the fixed one takes the whole batch
+    assert out["dyn"]["eigenvalues"] == pytest.approx(out["fixed"]["eigenvalues"], rel=1e-5)
+
+
+def test_hessian_on_a_pt2_imports_no_dynamo(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The whole `basins hessian` run on a fixed-batch .pt2 (route choice, Lanczos, the dtype audit,
+    the rounding checks) leaves torch._dynamo and sympy unimported: each costs about a second and
+    tens of MiB per process (a dispatch-mode dtype audit once imported torch._dynamo)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "m.pt2")
+    torch.save({"inputs": x, "targets": y}, tmp_path / "d.pt")
+    code = (
+        "import sys\n"
+        "from basins.cli.main import main\n"
+        f"try:\n    main(['hessian', {str(tmp_path / 'm.pt2')!r}, '--data', {str(tmp_path / 'd.pt')!r}, '-k', '2', '-q'])\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print(sorted(k for k in ('torch._dynamo', 'sympy') if k in sys.modules), file=sys.stderr)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr

@@ -5,7 +5,7 @@ A model loaded in float64 can still compute part of its graph in lower precision
 ``torch.autocast`` runs matmuls in bfloat16 on a GPU. Its HVPs then carry that precision's
 rounding, and error bounds that assume float64 rounding do not hold (issue 22: λ1 ± 2.6e-9 on a
 Llama whose float64 references scattered by 1–4e-7). :func:`audit_precision` runs one forward
-on one example under a ``TorchDispatchMode`` that records every ATen op whose floating output is
+on one example under a ``TorchFunctionMode`` that records every torch function or ATen op whose floating output is
 narrower than the problem's dtype, and the module it ran in (global forward hooks keep a stack of
 qualified module names). The analyses then measure the rounding at run time, as they do for a
 float32 problem (:func:`basins.analyses.hessian.hessian_eigenvalues`), and warn with the layers.
@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from basins.engine.batch import take
@@ -114,13 +113,17 @@ def forget_audit(problem: Problem) -> None:
         pass
 
 
-class _Recorder(TorchDispatchMode):
+class _Recorder(TorchFunctionMode):
+    """Records the torch functions whose floating output is narrower than the problem's dtype. A
+    torch-function mode (not a dispatch mode: those import ``torch._dynamo``, a second of start-up)
+    sees every call of the forward, ``aten`` ops of an exported graph included, with its outputs."""
+
     def __init__(self, dtype: torch.dtype, stack: list[str], audit: PrecisionAudit) -> None:
         super().__init__()
         self.width = torch.finfo(dtype).bits
         self.stack, self.audit = stack, audit
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.is_floating_point() and torch.finfo(t.dtype).bits < self.width:

@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 import torch
+from torch.utils._pytree import tree_map
 
 from basins.errors import InputError
 from basins.files.bounds import check_allocation, load_json, read_zip_members
@@ -502,6 +503,7 @@ def _build(gm: Any, state: dict[str, tuple[torch.Tensor, bool]], constants: dict
         sub = module.get_submodule(owner)
         setattr(sub, leaf, sub._buffers.pop(leaf))
     module.register_forward_pre_hook(_shape_check(user[0], input_shape, symbols))
+    module.register_forward_hook(_unpad)
     return module, input_shape
 
 
@@ -675,21 +677,50 @@ def _define(nodes: dict[str, torch.fx.Node], name: str, node: torch.fx.Node) -> 
 
 def _shape_check(name: str, shape: tuple[int | None, ...], symbols: list[tuple[int, str, int, int | None]]) -> Any:
     """A forward pre-hook refusing an input of another shape, as the exported program's guards do:
-    static sizes equal, symbolic ones within their range and equal where they share a symbol."""
+    static sizes equal, symbolic ones within their range and equal where they share a symbol.
 
-    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+    A batch smaller than a symbolic batch dimension's minimum (``torch.export`` makes every dynamic
+    dimension at least 2, so a dynamic-batch export refuses one example) is padded up to it by
+    repeating its first example; :func:`_unpad` then cuts the outputs back to the real rows (in
+    eval mode the examples do not interact, so the real rows' outputs are unchanged)."""
+    only_at_0 = {sym for d, sym, _, _ in symbols if d == 0} - {sym for d, sym, _, _ in symbols if d != 0}
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = args[0] if args else None
         if not isinstance(x, torch.Tensor):
-            return
+            return None
         got = tuple(x.shape)
         shown = ", ".join(str(s) if s is not None else "*" for s in shape)
         if len(got) != len(shape) or any(s is not None and s != g for s, g in zip(shape, got)):
             raise RuntimeError(f"the exported program was exported for input {name} of shape [{shown}], got {list(got)}")
+        padded = None
+        for dim, symbol, low, _high in symbols:
+            if dim == 0 and symbol in only_at_0 and 0 < got[0] < low:
+                padded = (got[0], low)
+                x = torch.cat([x, x[:1].expand(low - got[0], *got[1:])])
+                got = tuple(x.shape)
         seen: dict[str, int] = {}
         for dim, symbol, low, high in symbols:
             if got[dim] < low or (high is not None and got[dim] > high) or seen.setdefault(symbol, got[dim]) != got[dim]:
                 bound = f"[{low}, {high if high is not None else 'inf'}]"
                 raise RuntimeError(f"the exported program takes input {name} with size {dim} in {bound} "
                                    f"(symbol {symbol}), got shape {list(got)}")
+        _PADDED.setdefault(id(module), []).append(padded)
+        return (x, *args[1:]) if padded is not None else None
 
     return hook
+
+
+#: Per module (by id), a stack of (real rows, padded rows) or None, from :func:`_shape_check` to :func:`_unpad`.
+_PADDED: dict[int, list[tuple[int, int] | None]] = {}
+
+
+def _unpad(module: torch.nn.Module, _args: Any, output: Any) -> Any:
+    """A forward hook cutting outputs back to the real rows of a batch :func:`_shape_check` padded."""
+    stack = _PADDED.get(id(module))
+    padded = stack.pop() if stack else None
+    if padded is None:
+        return None
+    real, rows = padded
+    return tree_map(lambda t: t[:real] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == rows else t,
+                    output)
