@@ -10,7 +10,7 @@ import numpy as np
 from basins.record import EIGEN_UNITS
 
 from .data import attr, number, values
-from .style import empty, set_scale, unit_label
+from .style import block_bars, empty, set_scale, unit_label
 
 EVIDENCE_TITLE = "Laplace log evidence"
 BLOCKS_TITLE = "Hessian per block of parameters"
@@ -42,15 +42,12 @@ def draw_evidence(ax: Any, analysis: dict[str, Any], problem: dict[str, Any]) ->
 
 def draw_blocks(ax: Any, analysis: dict[str, Any], problem: dict[str, Any]) -> None:
     """λ_max ± residual per block as bars."""
-    names = attr(analysis, "block_names")
-    lam = values(analysis, "lambda_max")
-    if not isinstance(names, list) or lam is None or lam.size != len(names) or not names:
-        empty(ax, BLOCKS_TITLE, "no per-block values stored")
+    drawn = block_bars(ax, analysis, "lambda_max", BLOCKS_TITLE)
+    if drawn is None:
         return
+    x, lam = drawn
     res = values(analysis, "lambda_max_residual")
-    x = np.arange(len(names))
     ax.bar(x, lam, yerr=None if res is None else np.abs(res), color="C0", capsize=2)
-    ax.set_xticks(x, [str(n) for n in names], rotation=30, ha="right", fontsize=7)
     set_scale(ax, "y", lam)
     ax.set_ylabel(unit_label("λ_max ± residual", EIGEN_UNITS))
     ax.set_title(BLOCKS_TITLE)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .data import attr, number, units, values
-from .style import empty, unit_label
+from .style import block_bars, empty, unit_label
 
 TITLE = "local learning coefficient: SGLD chains"
 
@@ -48,19 +48,16 @@ BLOCKS_TITLE = "weight-refined LLC per block"
 
 def draw_blocks(ax: Any, analysis: dict[str, Any], problem: dict[str, Any]) -> None:
     """``/llc_blocks``: λ̂ per block as bars with their 95% intervals, P_B/2 as a tick per block."""
-    names = attr(analysis, "block_names")
-    lam = values(analysis, "llc")
-    if not isinstance(names, list) or lam is None or lam.size != len(names) or not names:
-        empty(ax, BLOCKS_TITLE, "no per-block values stored")
+    drawn = block_bars(ax, analysis, "llc", BLOCKS_TITLE)
+    if drawn is None:
         return
+    x, lam = drawn
     lo, hi = values(analysis, "llc_ci_low"), values(analysis, "llc_ci_high")
-    x = np.arange(len(names))
     err = None if lo is None or hi is None else np.abs(np.vstack([lam - lo, hi - lam]))
     ax.bar(x, lam, yerr=err, color="C2", capsize=2)
     pb = values(analysis, "block_num_params")
-    if pb is not None and pb.size == len(names):
+    if pb is not None and pb.size == len(x):
         ax.scatter(x, pb / 2, marker="_", s=200, color="black", label="P_B/2")
         ax.legend(loc="best")
-    ax.set_xticks(x, [str(n) for n in names], rotation=30, ha="right", fontsize=7)
     ax.set_ylabel("λ̂ (95% interval)")
     ax.set_title(BLOCKS_TITLE)

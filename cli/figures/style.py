@@ -205,3 +205,18 @@ def empty(ax: Any, title: str, text: str) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     ax.grid(False)
+
+
+def block_bars(ax: Any, analysis: dict[str, Any], key: str, title: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """A per-block panel's ``(x positions, values of dataset key)``, with the block names as tick
+    labels; None (and an :func:`empty` panel) when the group stores no value per block."""
+    from .data import attr, values
+
+    names = attr(analysis, "block_names")
+    lam = values(analysis, key)
+    if not isinstance(names, list) or lam is None or lam.size != len(names) or not names:
+        empty(ax, title, "no per-block values stored")
+        return None
+    x = np.arange(len(names))
+    ax.set_xticks(x, [str(n) for n in names], rotation=30, ha="right", fontsize=7)
+    return x, lam
