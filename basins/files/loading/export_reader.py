@@ -502,8 +502,9 @@ def _build(gm: Any, state: dict[str, tuple[torch.Tensor, bool]], constants: dict
         owner, _, leaf = target.rpartition(".")
         sub = module.get_submodule(owner)
         setattr(sub, leaf, sub._buffers.pop(leaf))
-    module.register_forward_pre_hook(_shape_check(user[0], input_shape, symbols))
-    module.register_forward_hook(_unpad)
+    check, unpad = _shape_check(user[0], input_shape, symbols)
+    module.register_forward_pre_hook(check)
+    module.register_forward_hook(unpad)
     return module, input_shape
 
 
@@ -675,15 +676,19 @@ def _define(nodes: dict[str, torch.fx.Node], name: str, node: torch.fx.Node) -> 
     nodes[name] = node
 
 
-def _shape_check(name: str, shape: tuple[int | None, ...], symbols: list[tuple[int, str, int, int | None]]) -> Any:
+def _shape_check(name: str, shape: tuple[int | None, ...], symbols: list[tuple[int, str, int, int | None]]
+                 ) -> tuple[Any, Any]:
     """A forward pre-hook refusing an input of another shape, as the exported program's guards do:
     static sizes equal, symbolic ones within their range and equal where they share a symbol.
 
     A batch smaller than a symbolic batch dimension's minimum (``torch.export`` makes every dynamic
     dimension at least 2, so a dynamic-batch export refuses one example) is padded up to it by
-    repeating its first example; :func:`_unpad` then cuts the outputs back to the real rows (in
-    eval mode the examples do not interact, so the real rows' outputs are unchanged)."""
+    repeating its first example; the forward hook returned beside it cuts the outputs back to the
+    real rows (in eval mode the examples do not interact, so their outputs are unchanged).
+    Returns ``(pre-hook, forward hook)``."""
     only_at_0 = {sym for d, sym, _, _ in symbols if d == 0} - {sym for d, sym, _, _ in symbols if d != 0}
+    #: (real rows, padded rows) or None per call in flight, from the pre-hook to the forward hook
+    pending: list[tuple[int, int] | None] = []
 
     def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
         x = args[0] if args else None
@@ -705,22 +710,15 @@ def _shape_check(name: str, shape: tuple[int | None, ...], symbols: list[tuple[i
                 bound = f"[{low}, {high if high is not None else 'inf'}]"
                 raise RuntimeError(f"the exported program takes input {name} with size {dim} in {bound} "
                                    f"(symbol {symbol}), got shape {list(got)}")
-        _PADDED.setdefault(id(module), []).append(padded)
+        pending.append(padded)
         return (x, *args[1:]) if padded is not None else None
 
-    return hook
+    def unpad(module: torch.nn.Module, _args: Any, output: Any) -> Any:
+        padded = pending.pop() if pending else None
+        if padded is None:
+            return None
+        real, rows = padded
+        return tree_map(lambda t: t[:real] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == rows else t,
+                        output)
 
-
-#: Per module (by id), a stack of (real rows, padded rows) or None, from :func:`_shape_check` to :func:`_unpad`.
-_PADDED: dict[int, list[tuple[int, int] | None]] = {}
-
-
-def _unpad(module: torch.nn.Module, _args: Any, output: Any) -> Any:
-    """A forward hook cutting outputs back to the real rows of a batch :func:`_shape_check` padded."""
-    stack = _PADDED.get(id(module))
-    padded = stack.pop() if stack else None
-    if padded is None:
-        return None
-    real, rows = padded
-    return tree_map(lambda t: t[:real] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == rows else t,
-                    output)
+    return hook, unpad
