@@ -15,7 +15,16 @@ class BasinsError(Exception):
 
 
 class InputError(BasinsError, ValueError):
-    """The user's input (a file, the data, an option) is wrong; the message says how to fix it."""
+    """The user's input (a file, the data, an option) is wrong; the message says how to fix it.
+
+    ``param`` names the library parameter at fault (e.g. ``"num_probes"``), or None. The message
+    names parameters, never command-line flags; the command line prefixes the flag whose
+    destination is ``param`` (``--probes: num_probes must be ≥ 2 ...``).
+    """
+
+    def __init__(self, message: str = "", *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ReportError(InputError):
