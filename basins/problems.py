@@ -129,7 +129,7 @@ def open_problem(
     notes: list[str] = []
     if loaded.source_dtype:
         notes.append(f"weights stored as {loaded.source_dtype}: upcast to {dtype or 'float32'}"
-                     f"{'' if dtype else ' (--dtype float64 for float64)'}")
+                     + ("" if dtype else " (dtype='float64' for float64)"))
     shapes = tuple((name, tuple(p.shape), str(p.dtype)) for name, p in loaded.module.named_parameters())
     route_key = (shapes, hvp_route, dtype, batch_size, tuple(params or ()))
     if route_cache is not None and hvp_route == "auto" and route_key in route_cache:

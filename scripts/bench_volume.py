@@ -17,8 +17,7 @@ Measures, on the example bundle (written to a temporary folder unless ``--bundle
 (c) wall time of ``basins volume BUNDLE --samples N`` and ``... --walls -o r.h5`` (a subprocess,
     imports and loading included).
 
-Timings are noisy on a shared machine; compare numbers within one run. Takes 1–3 minutes on
-two idle cores.
+Timings are noisy on a shared machine; compare numbers within one run.
 """
 
 from __future__ import annotations

@@ -149,7 +149,7 @@ def test_bad_options():
     p = zero_residual(mlp(2, 3, 1), inputs(4, 2))
     with pytest.raises(InputError, match="route"):
         feature_gram(p, route="diagonal")
-    with pytest.raises(InputError, match="Jacobian mode"):
+    with pytest.raises(InputError, match="jacobian mode"):
         feature_gram(p, jacobian="forward")
 
 

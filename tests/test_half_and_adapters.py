@@ -223,12 +223,14 @@ def test_adapter_base_model_option_and_no_hub(lora: dict[str, object], tmp_path:
     assert code == 2 and "--base-model is for a peft adapter directory" in err
 
 
-def test_everything_frozen_names_the_flag() -> None:
+def test_everything_frozen_names_the_parameter() -> None:
     frozen = torch.nn.Linear(2, 2).requires_grad_(False)
-    with pytest.raises(InputError, match="--include-frozen"):
+    with pytest.raises(InputError, match="set include_frozen=True") as exc:
         select_parameters(list(frozen.named_parameters()))
-    with pytest.raises(InputError, match="--include-frozen"):
+    assert exc.value.param is None and "--" not in str(exc.value)  # no pattern at fault: the hint names the fix
+    with pytest.raises(InputError, match="set include_frozen=True") as exc:
         select_parameters(list(frozen.named_parameters()), ["!bias"])
+    assert exc.value.param == "params"
     assert select_parameters(list(frozen.named_parameters()), ["weight"]).selected == ["weight"]
     assert select_parameters(list(frozen.named_parameters()), include_frozen=True).selected == ["weight", "bias"]
 

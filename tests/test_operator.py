@@ -66,7 +66,7 @@ def test_checked_apply_and_bad_operators() -> None:
         as_operator(torch.ones(3, 4))
     with pytest.raises(InputError, match="floating"):
         as_operator(torch.ones(3, 3, dtype=torch.int64))
-    with pytest.raises(InputError, match="expected an Operator or a dense"):
+    with pytest.raises(InputError, match="operator must be an Operator or a dense"):
         as_operator(lambda V: V)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="num_params=0"):
         Operator(lambda V: V, 0)

@@ -232,14 +232,20 @@ def test_same_seed_same_result_other_seed_other_rays() -> None:
 def test_probe_errors() -> None:
     crit = quadratic(torch.eye(3, dtype=F64))
     z = torch.zeros(3, dtype=F64)
-    with pytest.raises(InputError, match="ε"):
+    with pytest.raises(InputError, match="epsilons") as exc:
         probe_basin(crit, z, 4, epsilons=[0.1, -1.0])
-    with pytest.raises(InputError, match="families"):
+    assert exc.value.param == "epsilons"
+    with pytest.raises(InputError, match="families") as exc:
         probe_basin(crit, z, 4, families=["diagonal"])
+    assert exc.value.param == "families"
+    with pytest.raises(InputError, match="radius_rtol") as exc:
+        probe_basin(crit, z, 4, radius_rtol=2.0)
+    assert exc.value.param == "radius_rtol"
     with pytest.raises(InputError, match="eigenvectors"):
         probe_basin(crit, z, 4, families=["top"])
-    with pytest.raises(InputError, match="walls' ε"):
+    with pytest.raises(InputError, match="walls_epsilon") as exc:
         probe_basin(crit, z, 4, walls=True, walls_epsilon=0.5)
+    assert exc.value.param == "walls_epsilon"
     with pytest.raises(InputError, match="criterion"):
         probe_basin(lambda X: X, z, 4)
 

@@ -280,7 +280,7 @@ def test_input_errors_name_the_problem() -> None:
         Problem(model, x, y, "hinge")
     with pytest.raises(InputError, match="class indices in"):
         Problem(nn.Linear(4, 3).double(), x, torch.full((23,), 5), "cross-entropy")
-    with pytest.raises(InputError, match="unknown HVP route"):
+    with pytest.raises(InputError, match="unknown hvp_route"):
         Problem(model, x, y, "mse", hvp_route="fast")
 
 

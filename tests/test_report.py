@@ -158,7 +158,7 @@ def test_report_of_another_problem_refused_unless_force(tmp_path):
     path = str(tmp_path / "r.h5")
     _write(path, group="spectrum")
     before = _bytes(path)
-    with pytest.raises(ReportError, match="another problem.*model_sha256.*--force"):
+    with pytest.raises(ReportError, match="another problem.*model_sha256.*force=True"):
         _write(path, problem=OTHER)
     with pytest.raises(ReportError, match="another problem"):
         check_writable(path, OTHER)

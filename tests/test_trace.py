@@ -139,7 +139,7 @@ def test_bad_operators(method: str) -> None:
         fn(Operator(lambda v: v, 0))
     with pytest.raises(InputError, match="matvec must be callable"):
         fn(Operator(None, 10))  # type: ignore[arg-type]
-    with pytest.raises(InputError, match="expected an Operator or a dense"):
+    with pytest.raises(InputError, match="operator must be an Operator or a dense"):
         fn(lambda v: v)  # type: ignore[arg-type]
     with pytest.raises(InputError, match=r"matvec returned \(10,\)"):
         fn(Operator(lambda v: v[:, 0], 10))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from basins.analyses.eigen import hessian_operator
+from basins.analyses.eigen import hessian_operator, named_as
 from basins.engine.problem import Problem
 from basins.errors import InputError
 from basins.linalg.operator import Operator
@@ -90,7 +90,7 @@ def blocks_by_depth(names: Sequence[str], depth: int) -> list[tuple[str, list[st
         InputError: ``depth < 1``.
     """
     if depth < 1:
-        raise InputError(f"per_block depth must be ≥ 1, got {depth}")
+        raise InputError(f"per_block depth must be ≥ 1, got {depth}", param="per_block")
     groups: dict[str, list[str]] = {}
     for n in names:
         groups.setdefault(_prefix(n, depth), []).append(n)
@@ -108,7 +108,7 @@ def blocks_by_globs(names: Sequence[str], globs: Sequence[str]) -> list[tuple[st
         hit = [n for n in names if fnmatch.fnmatchcase(n, glob)]
         if not hit:
             shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-            raise InputError(f"per_block glob {glob!r} matches no parameter of θ (e.g. {shown})")
+            raise InputError(f"per_block glob {glob!r} matches no parameter of θ (e.g. {shown})", param="per_block")
         out.append((glob, hit))
     return out
 
@@ -118,7 +118,7 @@ def parse_blocks(names: Sequence[str], spec: Sequence[str]) -> list[tuple[str, l
     if len(spec) == 1 and spec[0].strip().isdigit():
         return blocks_by_depth(names, int(spec[0]))
     if not spec:
-        raise InputError("per_block needs a depth or at least one glob")
+        raise InputError("per_block needs a depth or at least one glob", param="per_block")
     return blocks_by_globs(names, spec)
 
 
@@ -163,13 +163,14 @@ def per_block_hessian(
     from basins.linalg.trace import hutchpp
 
     if trace_hvps < 4:
-        raise InputError(f"trace_hvps must be ≥ 4 for hutch++, got {trace_hvps}")
+        raise InputError(f"trace_hvps must be ≥ 4 for hutch++, got {trace_hvps}", param="trace_hvps")
     rows = []
     for i, (name, names) in enumerate(blocks):
         op = block_operator(problem, names)
         before = problem.counters.num_hvps
-        res = lanczos(op, k=1, which="top", tol=tol, max_matvecs=max_hvps, dtype=problem.dtype,
-                      device=problem.device, seed=seed)
+        with named_as(max_matvecs="max_hvps"):
+            res = lanczos(op, k=1, which="top", tol=tol, max_matvecs=max_hvps, dtype=problem.dtype,
+                          device=problem.device, seed=seed)
         lam, r = float(res.eigenvalues[0]), float(res.residuals[0])
         if op.num_params <= trace_hvps:  # cheaper and exact: the diagonal of H_BB from P_B unit vectors
             eye = torch.eye(op.num_params, dtype=problem.dtype, device=problem.device)

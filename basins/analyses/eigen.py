@@ -14,6 +14,7 @@ quadrature (``nullity``'s slq, ``evidence``'s log det, ``spectrum``): the top pa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -32,9 +33,10 @@ from basins.progress import ProgressCallback, relay
 
 __all__ = ["Eigenpairs", "WarmStarts", "warm_starts", "hessian_operator", "dense_memory_bytes", "dense_fits",
            "dense_reason", "dense_hessian", "top_eigenpairs", "hessian_eigenpairs", "DeflatedSLQ", "deflated_slq",
-           "DENSE_MAX_PARAMS"]
+           "DENSE_MAX_PARAMS", "named_as"]
 
-#: The dense route's parameter limit (``eigvalsh`` of 4096² ≈ 5 s on a laptop core; P HVPs).
+#: The dense route's parameter limit: P HVPs to build H, ``8·P²`` bytes (128 MiB at 4096) and
+#: ``O(P³)`` flops for ``eigvalsh``; ``scripts/bench_nullity.py`` times it against the other methods.
 DENSE_MAX_PARAMS = 4096
 
 
@@ -92,6 +94,23 @@ class Eigenpairs:
     complete: bool
     method: str
     num_hvps: int
+
+
+@contextmanager
+def named_as(**names: str) -> Iterator[None]:
+    """Name the caller's parameter in an error about the linear-algebra one it is passed as.
+
+    Inside, an :class:`~basins.errors.InputError` whose ``param`` is a key of ``names`` is raised
+    again with that value as ``param`` and in the message: ``with named_as(max_matvecs="max_hvps"):
+    lanczos(op, max_matvecs=max_hvps)`` refuses with ``max_hvps=3 cannot build ...``.
+    """
+    try:
+        yield
+    except InputError as err:
+        new = names.get(err.param or "")
+        if new is None:
+            raise
+        raise type(err)(re.sub(rf"\b{re.escape(str(err.param))}\b", new, str(err)), param=new) from err
 
 
 def hessian_operator(problem: Problem) -> Operator:
@@ -182,7 +201,7 @@ def hessian_eigenpairs(problem: Problem | Operator, k: int, *, exact_max_params:
     P = op.num_params
     exact = dense_fits(P, max_params=exact_max_params, memory_bytes=memory_bytes)
     if not (0 if exact else 1) <= k < P:
-        raise InputError(f"k (the number of top eigenvectors) must be in [1, P) = [1, {P}), got {k}")
+        raise InputError(f"k (the number of top eigenvectors) must be in [1, P) = [1, {P}), got {k}", param="k")
     if not exact:
         return top_eigenpairs(op, k, tol=tol, seed=seed, callback=callback)
     H = dense_hessian(op, block=hvp_block, callback=callback).cpu()
@@ -227,7 +246,7 @@ def deflated_slq(operator: Operator, *, deflate: int, num_probes: int, num_steps
     """
     P = operator.num_params
     if not 0 <= deflate < P:
-        raise InputError(f"deflate must be between 0 and P − 1 = {P - 1}, got {deflate}")
+        raise InputError(f"deflate must be between 0 and P − 1 = {P - 1}, got {deflate}", param="deflate")
     budget = min(1 << 30, memory_budget(memory_bytes, operator.device)) if memory_bytes is None else memory_bytes
     per_probe = (min(num_steps, P) + 1) * P
     dtype = torch.float64 if (num_probes * per_probe + deflate * P) * 8 <= budget else operator.dtype

@@ -252,7 +252,8 @@ def evidence(problem: Problem, *, prior_precision: float | str = "auto", noise_s
         ComputeError: H_nll + δI not positive definite (curvature ``hessian``; ``both`` reports it as a note).
     """
     if curvature not in EVIDENCE_CURVATURES:
-        raise InputError(f"unknown curvature {curvature!r}: use one of {', '.join(EVIDENCE_CURVATURES)}")
+        raise InputError(f"unknown curvature {curvature!r}: use one of {', '.join(EVIDENCE_CURVATURES)}",
+                         param="curvature")
     kw: dict[str, Any] = {"prior_precision": prior_precision, "noise_std": noise_std, "method": method,
                           "num_probes": num_probes, "num_steps": num_steps, "deflate": deflate, "seed": seed,
                           "memory_bytes": memory_bytes, "callback": callback}
@@ -287,11 +288,12 @@ def _evidence(problem: Problem, curvature: str, *, prior_precision: float | str,
     """The evidence with one curvature (``hessian`` or ``ggn``)."""
     name = problem.loss_name
     if name not in LIKELIHOODS or problem.pair_loss:
-        raise InputError(f"loss {name!r} has no likelihood for the evidence: use one of {', '.join(LIKELIHOODS)}")
+        raise InputError(f"loss {name!r} has no likelihood for the evidence: use one of {', '.join(LIKELIHOODS)}",
+                         param="loss")
     if method not in ("auto", "exact", "slq"):
-        raise InputError(f"unknown method {method!r}: use auto, exact or slq")
+        raise InputError(f"unknown method {method!r}: use auto, exact or slq", param="method")
     if noise_std is not None and not (math.isfinite(noise_std) and noise_std > 0):
-        raise InputError(f"noise_std must be a positive number, got {noise_std}")
+        raise InputError(f"noise_std must be a positive number, got {noise_std}", param="noise_std")
     P, N = problem.num_params, problem.num_terms
     L = float(problem.loss_at_optimum)
     notes: list[str] = []
@@ -299,7 +301,8 @@ def _evidence(problem: Problem, curvature: str, *, prior_precision: float | str,
     if name == "mse":
         if noise_std is None:
             if L <= 0:
-                raise InputError("the residual is zero, so noise_std cannot be estimated: give noise_std")
+                raise InputError("the residual is zero, so noise_std cannot be estimated: give noise_std",
+                                 param="noise_std")
             sigma, sigma_rule = math.sqrt(L), "estimated: MLE σ² = L(w*), the mean squared residual"
             notes.append(f"noise_std σ = {sigma:.6g} estimated from the residual (σ² = L(w*))")
         else:
@@ -349,7 +352,7 @@ def _evidence(problem: Problem, curvature: str, *, prior_precision: float | str,
                 f"prior_precision 'auto' needs a positive semi-definite curvature, but the {curvature} of the NLL "
                 f"has an eigenvalue {ld.lambda_min():.3g} < 0 (θ* is not a minimum), where the evidence grows "
                 "without bound; use curvature 'ggn' (positive semi-definite) or give a prior_precision above "
-                f"{floor:.3g}"
+                f"{floor:.3g}", param="prior_precision"
             )
 
         def f(d: float) -> float:
@@ -362,9 +365,11 @@ def _evidence(problem: Problem, curvature: str, *, prior_precision: float | str,
         try:
             delta = float(prior_precision)
         except (TypeError, ValueError):
-            raise InputError(f"prior_precision must be a positive number or 'auto', got {prior_precision!r}") from None
+            raise InputError(f"prior_precision must be a positive number or 'auto', got {prior_precision!r}",
+                             param="prior_precision") from None
         if not (math.isfinite(delta) and delta > 0):
-            raise InputError(f"prior_precision must be a positive number or 'auto', got {prior_precision!r}")
+            raise InputError(f"prior_precision must be a positive number or 'auto', got {prior_precision!r}",
+                             param="prior_precision")
         delta_rule = "given"
     parts = laplace_log_evidence(log_lik, tsq, P, ld, delta)
     ev = parts["log_evidence"]

@@ -158,7 +158,7 @@ class FeatureGram:
         """Where eigenvector ``index`` of K lives: ``(per_output (k,), per_example (n,))``,
         the squared entries summed over examples / over outputs (each sums to 1)."""
         if self.eigenvectors is None or index >= self.eigenvectors.shape[1]:
-            raise InputError(f"eigenvector {index} was not computed: ask for more top vectors")
+            raise InputError(f"eigenvector index {index} was not computed: ask for more top_vectors", param="index")
         u2 = self.eigenvectors[:, index].reshape(self.num_examples, self.outputs_per_example) ** 2
         return u2.sum(dim=0), u2.sum(dim=1)
 
@@ -207,11 +207,13 @@ def feature_gram(
             route ``gram`` or ``top_vectors`` with data split across processes.
     """
     if route not in FEATURE_ROUTES:
-        raise InputError(f"unknown features route {route!r}: use one of {', '.join(FEATURE_ROUTES)}")
+        raise InputError(f"unknown features route {route!r}: use one of {', '.join(FEATURE_ROUTES)}", param="route")
     if jacobian not in JACOBIAN_MODES:
-        raise InputError(f"unknown Jacobian mode {jacobian!r}: use one of {', '.join(JACOBIAN_MODES)}")
-    if top_vectors < 0 or gn_probes < 0:
-        raise InputError("top_vectors and gn_probes must be ≥ 0")
+        raise InputError(f"unknown jacobian mode {jacobian!r}: use one of {', '.join(JACOBIAN_MODES)}",
+                         param="jacobian")
+    for name, value in (("top_vectors", top_vectors), ("gn_probes", gn_probes)):
+        if value < 0:
+            raise InputError(f"{name} must be ≥ 0, got {value}", param=name)
     sharded = getattr(problem, "num_local_examples", problem.num_examples) != problem.num_examples
     if sharded:
         # data split across processes (torchrun): each process sums its rows into G = JᵀH_ℓJ,
@@ -219,7 +221,7 @@ def feature_gram(
         if route == "gram" or top_vectors:
             raise InputError("with data split across processes (torchrun) the features route is 'outer' and "
                              "per-example loadings (top_vectors) are not available; use route='outer' and top_vectors=0, "
-                             "or run in one process")
+                             "or run in one process", param="route" if route == "gram" else "top_vectors")
         route = "outer"
     P, n = int(problem.num_params), int(problem.num_examples)
     k = outputs_per_example(problem)
@@ -230,7 +232,7 @@ def feature_gram(
         raise InputError(
             f"the feature Gram matrix needs {need / 2**30:.1f} GiB ({'(n·k)² with n·k' if route == 'gram' else 'P² with P'} "
             f"= {M if route == 'gram' else P:,}) but the budget is {budget / 2**30:.1f} GiB; raise memory_bytes, or use the nullity "
-            "method 'slq', or fewer examples"
+            "method 'slq', or fewer examples", param="memory_bytes"
         )
     notes: list[str] = []
     check_separable(problem)
@@ -399,11 +401,11 @@ def rank_ladder(fg: FeatureGram, rtols: Sequence[float], atol: float = 0.0) -> l
         InputError: a negative or non-finite rtol or atol.
     """
     if not (atol >= 0 and math.isfinite(atol)):
-        raise InputError(f"atol must be a non-negative number, got {atol}")
+        raise InputError(f"atol must be a non-negative number, got {atol}", param="atol")
     out = []
     for r in rtols:
         if not (r >= 0 and math.isfinite(r)):
-            raise InputError(f"rtols must be non-negative numbers, got {r}")
+            raise InputError(f"rtols must be non-negative numbers, got {r}", param="rtols")
         thr = r * fg.lambda_max + atol
         rank, lo, hi = fg.rank_at(thr)
         out.append(FeatureRank(r, atol, thr, rank, lo, hi, fg.num_params - rank))

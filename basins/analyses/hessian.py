@@ -26,10 +26,12 @@ the residual by orders of magnitude, and ``|θ − λ| ≤ r + ‖E y‖``. ``bo
   estimate ``ρ`` of the rounding of all the pairs at once, bound ``r + ROUNDING_FACTOR·ρ``: up to
   ``√k`` looser than ``rescaled``, for runs where k check products cost too much (k ≤ 3: the
   per-pair check, which then costs no more).
-* ``"float64"`` (k float64 HVPs: 10–12× a float32 one on CPU): each Ritz vector gets a float64
-  check product (:meth:`basins.Problem.check_eigenpairs`); the eigenvalue becomes the float64
-  Rayleigh quotient ``ρ = yᵀHy`` and its bound ``‖Hy − ρy‖``, which provably contains an
-  eigenvalue of the exact Hessian (ρ's own error is second order, ``‖Hy − ρy‖²/gap``).
+* ``"float64"`` (k float64 HVPs, each dearer than a float32 one: twice the bytes moved, and
+  float64 matmuls run at a fraction of float32's rate; ``scripts/bench_hessian.py --dtype
+  float64`` times float64 runs): each Ritz vector gets a float64 check product
+  (:meth:`basins.Problem.check_eigenpairs`); the eigenvalue becomes the float64 Rayleigh
+  quotient ``ρ = yᵀHy`` and its bound ``‖Hy − ρy‖``, which provably contains an eigenvalue of
+  the exact Hessian (ρ's own error is second order, ``‖Hy − ρy‖²/gap``).
 
 In float64, the bound is the residual plus ``BOUND_EPS·eps₆₄·max|θ|`` for the rounding. The
 systematic float32 low bias of the top eigenvalues came mostly from the loss evaluated in
@@ -49,7 +51,7 @@ from typing import Any
 
 import torch
 
-from basins.analyses.eigen import hessian_operator
+from basins.analyses.eigen import hessian_operator, named_as
 from basins.engine.memory import MemoryPlan, plan_lanczos
 from basins.engine.precision import audit_precision
 from basins.engine.problem import Problem
@@ -289,22 +291,22 @@ def hessian_eigenvalues(
 
     P = int(problem.num_params)
     if which not in WHICH:
-        raise InputError(f"unknown which={which!r}: use top, bottom or both")
+        raise InputError(f"unknown which={which!r}: use top, bottom or both", param="which")
     if not 1 <= k <= P:
-        raise InputError(f"k must be between 1 and the number of parameters P = {P}, got {k}")
+        raise InputError(f"k must be between 1 and the number of parameters P = {P}, got {k}", param="k")
     if not (tol > 0 and math.isfinite(tol)):
-        raise InputError(f"tol must be a positive number, got {tol}")
+        raise InputError(f"tol must be a positive number, got {tol}", param="tol")
     if block_size < 1:
-        raise InputError(f"block_size must be ≥ 1, got {block_size}")
+        raise InputError(f"block_size must be ≥ 1, got {block_size}", param="block_size")
     if max_hvps is not None and max_hvps < 1:
-        raise InputError(f"max_hvps must be ≥ 1, got {max_hvps}")
+        raise InputError(f"max_hvps must be ≥ 1, got {max_hvps}", param="max_hvps")
     if bounds not in BOUNDS:
-        raise InputError(f"unknown bounds={bounds!r}: use rescaled, sketch or float64")
+        raise InputError(f"unknown bounds={bounds!r}: use rescaled, sketch or float64", param="bounds")
     if trace and trace_method not in TRACE_METHODS:
-        raise InputError(f"unknown trace_method={trace_method!r}: use hutch++ or hutchinson")
+        raise InputError(f"unknown trace_method={trace_method!r}: use hutch++ or hutchinson", param="trace_method")
     least = 4 if trace_method == "hutch++" else 2
     if trace and trace_hvps < least:
-        raise InputError(f"trace_hvps must be ≥ {least} for {trace_method}, got {trace_hvps}")
+        raise InputError(f"trace_hvps must be ≥ {least} for {trace_method}, got {trace_hvps}", param="trace_hvps")
 
     state: dict[str, Any] = {"phase": "lanczos", "base": 0, "lanczos_total": max_hvps}
     extra = trace_hvps if trace else 0
@@ -325,7 +327,8 @@ def hessian_eigenvalues(
                                "dtype": problem.dtype, "device": problem.device, "seed": seed,
                                "return_eigenvectors": True, "callback": lanczos_progress, "start": start,
                                "max_basis": plan.max_basis, "storage": plan.basis_storage}
-    lres: Any = lanczos(hessian_operator(problem), **options)  # LanczosResult, or LanczosBothEnds for "both"
+    with named_as(max_matvecs="max_hvps"):
+        lres: Any = lanczos(hessian_operator(problem), **options)  # LanczosResult, or LanczosBothEnds for "both"
     num_lanczos = int(lres.num_matvecs)
     if state["lanczos_total"] is None:
         state["lanczos_total"] = num_lanczos

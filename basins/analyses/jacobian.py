@@ -65,7 +65,7 @@ def check_separable(problem: Problem) -> None:
         raise InputError(
             f"the loss {problem.loss_name!r} is not a sum of per-example terms (one-example losses add up to "
             f"{parts!r}, the batch's loss to {whole!r}); the feature Gram matrix needs one: use the nullity "
-            "method 'exact' or 'slq'"
+            "method 'exact' or 'slq'", param="loss"
         )
 
 

@@ -219,7 +219,8 @@ def filter_normalised_direction(problem: Problem, generator: torch.Generator) ->
     v = torch.cat(parts)
     if not bool(v.abs().sum() > 0):
         raise InputError("directions='random': every selected parameter is one-dimensional (biases, norm "
-                         "scales) or zero, so a filter-normalised direction is zero; use directions='top'")
+                         "scales) or zero, so a filter-normalised direction is zero; use directions='top'",
+                         param="directions")
     return v.to(problem.device)
 
 
@@ -271,12 +272,12 @@ class _Evaluator:
 
 def _check_points(num_points: Any) -> None:
     if not isinstance(num_points, int) or isinstance(num_points, bool) or num_points < 2:
-        raise InputError(f"num_points must be an integer ≥ 2, got {num_points!r}")
+        raise InputError(f"num_points must be an integer ≥ 2, got {num_points!r}", param="num_points")
 
 
 def _check_chunk(chunk: Any) -> None:
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-        raise InputError(f"chunk must be a positive integer, got {chunk!r}")
+        raise InputError(f"chunk must be a positive integer, got {chunk!r}", param="chunk")
 
 
 def landscape_slice(problem: Problem, *, dims: int = 1, directions: str = "random", num_points: int | None = None,
@@ -312,15 +313,15 @@ def landscape_slice(problem: Problem, *, dims: int = 1, directions: str = "rando
             ``top`` without ``extent``, a largest eigenvalue that is not positive.
     """
     if dims not in (1, 2) or isinstance(dims, bool):
-        raise InputError(f"dims must be 1 or 2, got {dims!r}")
+        raise InputError(f"dims must be 1 or 2, got {dims!r}", param="dims")
     if directions not in DIRECTIONS:
-        raise InputError(f"unknown directions {directions!r}: use random or top")
+        raise InputError(f"unknown directions {directions!r}: use random or top", param="directions")
     points = DEFAULT_POINTS[dims] if num_points is None else num_points
     _check_points(points)
     _check_chunk(chunk)
     if extent is not None and not (isinstance(extent, (int, float)) and not isinstance(extent, bool)
                                    and math.isfinite(extent) and extent > 0):
-        raise InputError(f"extent must be a finite number > 0, got {extent!r}")
+        raise InputError(f"extent must be a finite number > 0, got {extent!r}", param="extent")
     hvps_before = problem.counters.num_hvps
     eigenvalues = None
     if directions == "random":
@@ -333,7 +334,7 @@ def landscape_slice(problem: Problem, *, dims: int = 1, directions: str = "rando
             lam = min(eigenvalues)
             if not lam > 0:
                 raise InputError(f"extent: the top Hessian eigenvalue {lam:.3g} of the slice is not positive, so "
-                                 "there is no curvature scale for a default extent; pass extent")
+                                 "there is no curvature scale for a default extent; pass extent", param="extent")
             ext = 2.0 * math.sqrt(2.0 * max(float(problem.loss_at_optimum), 1e-2) / lam)
         else:
             ext = float(extent)
@@ -395,11 +396,11 @@ def linear_path(problem: Problem, other: torch.Tensor, *, num_points: int = 25, 
     _check_chunk(chunk)
     if not isinstance(other, torch.Tensor) or other.shape != (problem.num_params,):
         shape = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
-        raise InputError(f"other must have shape ({problem.num_params},), the problem's P, got {shape}")
+        raise InputError(f"other must have shape ({problem.num_params},), the problem's P, got {shape}", param="other")
     if not bool(torch.isfinite(other).all()):
-        raise InputError("other has non-finite parameters")
+        raise InputError("other has non-finite parameters", param="other")
     if epsilon is not None and not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon >= 0):
-        raise InputError(f"epsilon must be a finite number ≥ 0, got {epsilon!r}")
+        raise InputError(f"epsilon must be a finite number ≥ 0, got {epsilon!r}", param="epsilon")
     a = problem.theta0.to(torch.float64)
     b = other.to(problem.device, torch.float64)
     step = b - a

@@ -203,14 +203,20 @@ class NullityResult:
         return Record(attrs, arrays)
 
 
+def _check_probes(num_probes: object) -> None:
+    if not isinstance(num_probes, int) or isinstance(num_probes, bool) or num_probes < 2:
+        raise InputError(f"num_probes must be ≥ 2 for a count with an interval, got {num_probes!r}",
+                         param="num_probes")
+
+
 def _thresholds(lambda_max: float, rtols: Sequence[float], atol: float) -> list[tuple[float, float]]:
     if not rtols:
-        raise InputError("rtols must hold at least one threshold")
+        raise InputError("rtols must hold at least one threshold", param="rtols")
     for r in rtols:
         if not (r >= 0 and math.isfinite(r)):
-            raise InputError(f"rtols must be non-negative numbers, got {r}")
+            raise InputError(f"rtols must be non-negative numbers, got {r}", param="rtols")
     if not (atol >= 0 and math.isfinite(atol)):
-        raise InputError(f"atol must be a non-negative number, got {atol}")
+        raise InputError(f"atol must be a non-negative number, got {atol}", param="atol")
     return [(float(r), float(r) * lambda_max + float(atol)) for r in rtols]
 
 
@@ -273,7 +279,7 @@ def nullity_exact(
         raise InputError(
             f"method 'exact' needs the dense {P:,}×{P:,} Hessian: {need / 2**30:.1f} GiB, more than the "
             f"{budget / 2**30:.1f} GiB memory budget; use method 'features' (the Gauss–Newton view) or "
-            "'slq' (an estimate)"
+            "'slq' (an estimate)", param="method"
         )
     _thresholds(0.0, rtols, atol)
     H = dense_hessian(op, block=block, callback=callback, symmetrise=False)
@@ -369,10 +375,9 @@ def nullity_slq(
     """
     op = as_operator(operator)
     P = op.num_params
-    if not isinstance(num_probes, int) or num_probes < 2:
-        raise InputError(f"num_probes must be ≥ 2 for a count with an interval, got {num_probes!r}")
+    _check_probes(num_probes)
     if not 0 < coverage < 1:
-        raise InputError(f"coverage must be in (0, 1), got {coverage}")
+        raise InputError(f"coverage must be in (0, 1), got {coverage}", param="coverage")
     _thresholds(0.0, rtols, atol)
     run = deflated_slq(op, deflate=deflate, num_probes=num_probes,
                        num_steps=num_steps, seed=seed, probe_seed=seed + 1, memory_bytes=memory_bytes,
@@ -504,8 +509,9 @@ def nullity(
     """
     method_asked = method
     if method not in NULLITY_METHODS:
-        raise InputError(f"unknown method={method!r}: use one of {', '.join(NULLITY_METHODS)}")
+        raise InputError(f"unknown method={method!r}: use one of {', '.join(NULLITY_METHODS)}", param="method")
     _thresholds(0.0, rtols, atol)
+    _check_probes(num_probes)  # before any work, whichever method auto picks
     P = int(problem.num_params)
     budget = memory_budget(memory_bytes, problem.device)
     why = ""

@@ -9,7 +9,7 @@ loop and the fingerprints need not care which one they hold.
 
 :func:`pick_output` takes the tensor an analysis differentiates from what a model returns: a
 tensor as it is; from a ``ModelOutput`` or dict its ``logits``, else its only tensor; from a
-tuple or list its first element; or the field named by ``output`` (``--model-output``).
+tuple or list its first element; or the field named by ``output``.
 """
 
 from __future__ import annotations
@@ -146,7 +146,8 @@ def pick_output(out: Any, output: str | None = None) -> torch.Tensor:
         fields = {k: v for k, v in out.items() if v is not None}
         if output is not None:
             if output not in fields:
-                raise InputError(f"the model's output has no field {output!r}; its fields: {', '.join(map(str, fields))}")
+                raise InputError(f"the model's output has no field {output!r}; its fields: {', '.join(map(str, fields))}",
+                                 param="output")
             picked = fields[output]
         elif "logits" in fields:
             picked = fields["logits"]
@@ -155,7 +156,7 @@ def pick_output(out: Any, output: str | None = None) -> torch.Tensor:
             if len(tensors) != 1:
                 raise InputError(
                     f"the model returned {type(out).__name__} with fields {', '.join(map(str, fields))} and no "
-                    "'logits': name the one to use with output (--model-output NAME)"
+                    "'logits': name the one to use with output=NAME", param="output"
                 )
             picked = fields[tensors[0]]
     elif isinstance(out, (tuple, list)):
@@ -167,16 +168,18 @@ def pick_output(out: Any, output: str | None = None) -> torch.Tensor:
             except (ValueError, IndexError) as err:
                 raise InputError(
                     f"the model returned a {type(out).__name__} of {len(out)} items: output {output!r} must be an "
-                    f"index in 0..{len(out) - 1}"
+                    f"index in 0..{len(out) - 1}", param="output"
                 ) from err
         else:
             picked = out[0]
     elif isinstance(out, torch.Tensor):
-        raise InputError(f"the model returned one tensor; output {output!r} names a field of a dict or tuple output")
+        raise InputError(f"the model returned one tensor; output {output!r} names a field of a dict or tuple output",
+                         param="output")
     else:
         raise InputError(f"the model returned {type(out).__name__}, not a tensor, dict or tuple of tensors")
     if not isinstance(picked, torch.Tensor):
-        raise InputError(f"the model's output {output or 'picked'!r} is a {type(picked).__name__}, not a tensor")
+        raise InputError(f"the model's output {output or 'picked'!r} is a {type(picked).__name__}, not a tensor",
+                         param="output" if output is not None else None)
     return picked
 
 
@@ -191,7 +194,7 @@ def split_named(obj: Mapping[str, Any], source: str) -> tuple[dict[str, Any], An
 
     The targets are ``labels``, else ``targets``; every other key is a model input (passed as a
     keyword argument). Without either, the targets default to ``input_ids`` with the positions
-    where ``attention_mask == 0`` (padding) set to −100, as a causal LM's labels (``--loss causal-lm``).
+    where ``attention_mask == 0`` (padding) set to −100, as a causal LM's labels (loss ``causal-lm``).
 
     Raises:
         InputError: no targets and no ``input_ids`` to take them from.

@@ -60,7 +60,7 @@ class ChunkReader:
             return check_targets(self.loss_name, outputs, y)
         except InputError as err:
             where = f"the targets of examples {first}..{first + y.shape[0] - 1}"
-            raise InputError(f"{self.data.source}: {where}: {err}") from err
+            raise InputError(f"{self.data.source}: {where}: {err}", param=err.param) from err
 
     def _to_device_inputs(self, x: Inputs) -> Inputs:
         return to_device(x, self.device, self.dtype)

@@ -86,4 +86,4 @@ def curvature_operator(problem: Problem, curvature: str = "hessian") -> Operator
         return HessianOperator(problem)
     if curvature == "ggn":
         return GGNOperator(problem)
-    raise InputError(f"unknown curvature {curvature!r}: use one of {', '.join(CURVATURES)}")
+    raise InputError(f"unknown curvature {curvature!r}: use one of {', '.join(CURVATURES)}", param="curvature")

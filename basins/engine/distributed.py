@@ -197,7 +197,8 @@ def init_from_env(device: torch.device | str = "cpu", *, timeout_s: float | None
         return DistContext(rank(), world_size(), env_local_rank(), str(torch.distributed.get_backend()))
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"device {dev} asked for, but CUDA is not available here; use --device cpu")
+            raise InputError(f"device {dev} asked for, but CUDA is not available here; use device='cpu'",
+                             param="device")
         torch.cuda.set_device(dev)
     seconds = timeout_s if timeout_s is not None else float(os.environ.get("BASINS_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     kwargs: dict[str, Any] = {}
@@ -233,7 +234,7 @@ def shard_sizes(n: int, world: int) -> list[int]:
         InputError: ``n < world`` (a rank would hold no example).
     """
     if world < 1:
-        raise InputError(f"world size must be positive, got {world}")
+        raise InputError(f"world must be positive, got {world}", param="world")
     if n < world:
         raise InputError(f"{n} examples cannot be split across {world} processes: use at most {n} processes")
     base, extra = divmod(n, world)

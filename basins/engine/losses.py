@@ -37,7 +37,7 @@ number of examples.
 
 Memory: the LM losses keep a few ``(n, T, V)`` buffers per chunk (log-softmax and, in a double
 backward, its derivative), so the logits-sized memory is bounded by the chunk size
-(``--batch-size``), not by the data set.
+(``batch_size``), not by the data set.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def get_loss(loss: str | LossFn) -> LossFn:
     if loss in BUILTIN_LOSSES:
         return BUILTIN_LOSSES[loss]
     hint = " (resolve module:function specs with basins.files.loading.load_loss)" if ":" in str(loss) else ""
-    raise InputError(f"unknown loss {loss!r}: use one of {', '.join(BUILTIN_LOSSES)} or a callable{hint}")
+    raise InputError(f"unknown loss {loss!r}: use one of {', '.join(BUILTIN_LOSSES)} or a callable{hint}", param="loss")
 
 
 def loss_name(loss: str | LossFn) -> str:
@@ -185,11 +185,11 @@ def check_targets(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> to
     """
     if name in TOKEN_LOSSES:
         if targets.is_floating_point() or targets.dtype == torch.bool:
-            raise InputError(f"loss {name!r} needs integer token ids as targets, got {targets.dtype}")
+            raise InputError(f"loss {name!r} needs integer token ids as targets, got {targets.dtype}", param="loss")
         if outputs.dim() != 3 or tuple(targets.shape) != tuple(outputs.shape[:2]):
             raise InputError(
                 f"loss {name!r} needs logits (n, T, V) and token ids (n, T); got outputs "
-                f"{tuple(outputs.shape)} and targets {tuple(targets.shape)}"
+                f"{tuple(outputs.shape)} and targets {tuple(targets.shape)}", param="loss"
             )
         valid = targets[targets != IGNORE_INDEX]
         vocab = outputs.shape[2]
@@ -205,22 +205,22 @@ def check_targets(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> to
             if float(targets.min()) < 0 or not torch.allclose(total, torch.ones_like(total), atol=1e-4):
                 raise InputError(
                     f"loss {name!r} with floating targets of the outputs' shape needs class probabilities "
-                    "(non-negative, summing to 1 over dimension 1)"
+                    "(non-negative, summing to 1 over dimension 1)", param="loss"
                 )
             return targets
         if targets.is_floating_point() or targets.dtype == torch.bool:
             raise InputError(
                 f"loss {name!r} needs integer class indices as targets (or class probabilities of the outputs' "
                 f"shape {tuple(outputs.shape)}), but the targets are {targets.dtype} of shape {tuple(targets.shape)}; "
-                "use --loss mse for real-valued targets, or convert class indices with .long()"
+                "use loss='mse' for real-valued targets, or convert class indices with .long()", param="loss"
             )
         if outputs.dim() < 2 or tuple(outputs.shape[2:]) != tuple(targets.shape[1:]):
             lm = (outputs.dim() == 3 and tuple(targets.shape) == tuple(outputs.shape[:2]))
             raise InputError(
                 f"loss {name!r} needs outputs (n, C, ...) and targets (n, ...) (classes in dimension 1); got outputs "
                 f"{tuple(outputs.shape)} and targets {tuple(targets.shape)}"
-                + ("; for (n, tokens, vocabulary) logits use --loss causal-lm (next-token) or "
-                   "token-cross-entropy" if lm else "")
+                + ("; for (n, tokens, vocabulary) logits use loss='causal-lm' (next-token) or "
+                   "'token-cross-entropy'" if lm else ""), param="loss"
             )
         num_classes = outputs.shape[1]
         lo, hi = int(targets.min()), int(targets.max())
@@ -237,10 +237,11 @@ def check_targets(name: str, outputs: torch.Tensor, targets: torch.Tensor) -> to
                 return targets.unsqueeze(1)
             raise InputError(
                 f"loss {name!r} needs targets of the outputs' shape; got outputs {tuple(outputs.shape)} "
-                f"and targets {tuple(targets.shape)} (per example: {tuple(outputs.shape[1:])} vs {tuple(targets.shape[1:])})"
+                f"and targets {tuple(targets.shape)} (per example: {tuple(outputs.shape[1:])} vs {tuple(targets.shape[1:])})",
+                param="loss"
             )
         if name == "bce" and (float(targets.min()) < 0 or float(targets.max()) > 1):
-            raise InputError("loss 'bce' needs targets in [0, 1]")
+            raise InputError("loss 'bce' needs targets in [0, 1]", param="loss")
         return targets
     return targets
 
@@ -259,7 +260,7 @@ def check_loss_on_chunk(loss: LossFn, name: str, outputs: torch.Tensor, targets:
       logits and ``cross-entropy`` is meant.
 
     Raises:
-        InputError: the loss raised (its message kept; the original is chained for ``--debug``),
+        InputError: the loss raised (its message kept; the original is chained as its ``__cause__``),
             returned something else than a finite scalar tensor, or ``nll`` got logits.
     """
     if name == "nll" and outputs.is_floating_point() and outputs.dim() >= 2:
@@ -271,7 +272,7 @@ def check_loss_on_chunk(loss: LossFn, name: str, outputs: torch.Tensor, targets:
             raise InputError(
                 f"loss 'nll' needs log-probabilities (log_softmax outputs, logsumexp 0 over dimension 1), "
                 f"but the model's outputs have |logsumexp| up to {worst:.3g}: they look like logits; "
-                "use loss 'cross-entropy' (--loss cross-entropy), which applies log_softmax itself"
+                "use loss='cross-entropy', which applies log_softmax itself", param="loss"
             )
     try:
         with torch.no_grad():
@@ -280,36 +281,37 @@ def check_loss_on_chunk(loss: LossFn, name: str, outputs: torch.Tensor, targets:
         raise
     except Exception as err:
         first = (str(err).strip().splitlines() or [""])[0][:200]
-        raise InputError(f"loss {name!r} raised {type(err).__name__}: {first}") from err
+        raise InputError(f"loss {name!r} raised {type(err).__name__}: {first}", param="loss") from err
     if isinstance(value, tuple):
         if len(value) != 2:
-            raise InputError(f"loss {name!r} returned a tuple of {len(value)} items: return a scalar mean, or (sum, count)")
+            raise InputError(f"loss {name!r} returned a tuple of {len(value)} items: return a scalar mean, or (sum, count)",
+                             param="loss")
         value, count = value
         try:
             counted = float(count)
         except (TypeError, ValueError, RuntimeError) as err:
             raise InputError(
                 f"loss {name!r} returned (sum, count) with count {type(count).__name__}, not a number: "
-                "count is how many terms the sum adds (an int or a scalar tensor)"
+                "count is how many terms the sum adds (an int or a scalar tensor)", param="loss"
             ) from err
         if not (counted >= 0 and counted == counted and counted != float("inf")):
-            raise InputError(f"loss {name!r} returned count {counted}; it must be a finite number ≥ 0")
+            raise InputError(f"loss {name!r} returned count {counted}; it must be a finite number ≥ 0", param="loss")
     if not isinstance(value, torch.Tensor):
         shown = repr(value)
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
         raise InputError(
             f"loss {name!r} returned {type(value).__name__} {shown}, not a tensor: return a 0-dim torch "
-            "tensor computed from the outputs (the mean over the batch), so it can be differentiated"
+            "tensor computed from the outputs (the mean over the batch), so it can be differentiated", param="loss"
         )
     if value.dim() != 0 or not value.is_floating_point():
         raise InputError(
             f"loss {name!r} returned a {value.dtype} tensor of shape {tuple(value.shape)}, not a floating "
-            "scalar: reduce it to the mean over the batch's averaged terms (e.g. .mean())"
+            "scalar: reduce it to the mean over the batch's averaged terms (e.g. .mean())", param="loss"
         )
     if not bool(torch.isfinite(value)) and bool(torch.isfinite(outputs).all()):  # non-finite outputs: a ComputeError later
         raise InputError(
             f"loss {name!r} is {float(value)} on the first chunk at the saved parameters: check the loss "
-            "and that the outputs and targets are what it expects"
+            "and that the outputs and targets are what it expects", param="loss"
         )
 
 

@@ -1,14 +1,14 @@
 """The one memory budget: how many bytes a basins computation may plan to hold.
 
 Every size decision (keeping a stream's chunks, caching the HVP gradient graph, the dense
-Hessian of ``nullity --method exact``, the feature Gram matrix) asks :func:`memory_budget`.
+Hessian of ``nullity(method="exact")``, the feature Gram matrix) asks :func:`memory_budget`.
 The default is a quarter of :func:`process_memory_bytes`: the machine's physical RAM split
 between the ``LOCAL_WORLD_SIZE`` processes ``torchrun`` started on it (the GPU's memory for a
 CUDA device), 2 GiB in all when the OS does not say. A quarter leaves room for the model,
 its activations and the Lanczos basis next to whatever the budget is spent on.
 
 The memory plan (:class:`MemoryPlan`) is the whole run's: a budget (:func:`plan_budget`,
-``--memory``; default 80% of what this process holds plus what is free), what is resident,
+``memory_bytes``; default 80% of what this process holds plus what is free), what is resident,
 the HVP route's graph or functional pieces (:func:`hvp_piece_bytes`, from the bytes a
 ``create_graph`` gradient saves per example, measured), then the Lanczos basis in memory,
 bounded by thick restart, or on disk, and the trace's block (:func:`plan_lanczos`). It is made
@@ -67,14 +67,14 @@ def memory_budget(memory_bytes: int | None = None, device: Any = None) -> int:
         if int(memory_bytes) < 0:
             from basins.errors import InputError
 
-            raise InputError(f"memory_bytes must be ≥ 0, got {memory_bytes}")
+            raise InputError(f"memory_bytes must be ≥ 0, got {memory_bytes}", param="memory_bytes")
         return int(memory_bytes)
     return int(process_memory_bytes(device) * DEFAULT_FRACTION)
 
 
 # ---------------------------------------------------------------------- the memory plan
 #: Share of the memory available at planning (free memory plus what this process holds) the
-#: whole computation may plan to hold by default (``--memory`` overrides it).
+#: whole computation may plan to hold by default (``memory_bytes`` overrides it).
 PLAN_FRACTION = 0.8
 #: Peak buffers of one double-backward HVP over a piece of data, in units of the tensors that a
 #: ``create_graph`` gradient saves on that piece (measured on one example): the saved forward, the
@@ -167,8 +167,8 @@ class MemoryPlan:
     """What a computation will hold, decided before the work starts (bytes throughout).
 
     Attributes:
-        budget: the bytes the plan must fit (``--memory``, or :func:`plan_budget`'s default).
-        given: whether the budget was given (``--memory``) rather than the default share.
+        budget: the bytes the plan must fit (``memory_bytes``, or :func:`plan_budget`'s default).
+        given: whether the budget was given (``memory_bytes``) rather than the default share.
         device: where the tensors live.
         resident: what the process held when planned (model, θ*, data, runtime), measured.
         per_example: bytes a ``create_graph`` gradient saves per example (measured on one).
@@ -219,7 +219,7 @@ class MemoryPlan:
         """One line for stderr."""
         rows = "whole chunks" if self.piece_rows is None else f"pieces of {self.piece_rows} examples"
         parts = [f"memory plan: {_gib(self.total)} of {_gib(self.budget)} "
-                 f"({'--memory' if self.given else f'{PLAN_FRACTION:.0%} of available'}) on {self.device}",
+                 f"({'memory_bytes' if self.given else f'{PLAN_FRACTION:.0%} of available'}) on {self.device}",
                  f"resident {_gib(self.resident)}"]
         if self.route == "graph":
             parts.append(f"HVP route graph {_gib(self.graph)}")
@@ -296,7 +296,7 @@ def plan_lanczos(plan: MemoryPlan, num_params: int, itemsize: int, *, need: int,
         raise InputError(
             f"nothing fits the memory budget of {plan.budget / 2**30:.2f} GiB: the Lanczos workspace needs "
             f"{out.basis_bytes / 2**30:.2f} GiB next to {(plan.budget - left) / 2**30:.2f} GiB for the model, "
-            "data and HVP; raise --memory, or lower --top-k / --block-size"
+            "data and HVP; raise memory_bytes, or lower k or block_size", param="memory_bytes"
         )
     if trace_hvps:
         s = trace_hvps // 3
@@ -306,7 +306,8 @@ def plan_lanczos(plan: MemoryPlan, num_params: int, itemsize: int, *, need: int,
         if (s + 3 * tb + need) * vec > left:
             raise InputError(
                 f"nothing fits the memory budget of {plan.budget / 2**30:.2f} GiB: the trace's sketch of {s} vectors "
-                f"needs {(s + 3 + need) * vec / 2**30:.2f} GiB; raise --memory or lower --trace-hvps"
+                f"needs {(s + 3 + need) * vec / 2**30:.2f} GiB; raise memory_bytes, or lower trace_hvps",
+                param="memory_bytes"
             )
         out = replace(out, trace_block=tb, trace=(s + 3 * tb + need) * vec)
     return out

@@ -105,10 +105,10 @@ class MinibatchLoss:
 
     def __init__(self, problem: Problem, size: int, *, batched: bool = True) -> None:
         if size < 1:
-            raise InputError(f"minibatch size must be ≥ 1, got {size}")
+            raise InputError(f"minibatch must be ≥ 1, got {size}", param="minibatch")
         if problem.data.streamed:
             raise InputError(f"SGLD draws random minibatches, which needs the data in memory; {problem.data.source} "
-                             "is streamed (drop --stream, or use --max-samples)")
+                             "is streamed (set stream=False, and max_samples to hold fewer examples)", param="stream")
         self.problem = problem
         from basins.engine.distributed import rank
 

@@ -3,7 +3,7 @@
 Linear algebra in basins (Lanczos, probing) works on vectors of length ``P``, the number
 of scalar parameters; ``torch.func`` works on ``dict[str, Tensor]``. :class:`ParamSpace`
 converts between the two without copying more than needed. :func:`select_parameters` picks
-which parameters are θ (``--params`` globs; frozen parameters are left out by default): the
+which parameters are θ (``params`` globs; frozen parameters are left out by default): the
 others are held fixed at their saved values, so every analysis sees the Hessian of that block.
 """
 
@@ -79,7 +79,7 @@ class Selection:
         selected: names of the parameters in θ, in the model's order.
         fixed: names of parameters held at their saved values (not selected, or frozen).
         frozen: names left out because ``requires_grad=False`` (a subset of ``fixed``).
-        patterns: the ``--params`` globs as given (empty: every trainable parameter).
+        patterns: the ``params`` globs as given (empty: every trainable parameter).
     """
 
     selected: list[str]
@@ -131,14 +131,15 @@ def select_parameters(
             hits = {n for n in names if fnmatch.fnmatchcase(n, glob)}
             if not hits:
                 shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
-                raise InputError(f"params pattern {pat!r} matches no parameter of the model (its parameters: {shown})")
+                raise InputError(f"params pattern {pat!r} matches no parameter of the model (its parameters: {shown})",
+                                 param="params")
             keep = keep - hits if negate else keep | hits
         chosen = [n for n in names if n in keep]
         left_frozen = [n for n in frozen if n not in keep]
     if not chosen:
         why = "every parameter is frozen (requires_grad=False)" if not pats else f"the patterns {pats} leave none"
-        hint = ("; include_frozen=True (--include-frozen) keeps frozen parameters, and params globs (--params) "
-                "naming them select them" if left_frozen else "")
-        raise InputError(f"no parameters selected: {why}{hint}")
+        hint = ("; set include_frozen=True to keep frozen parameters, and name them in params globs to select them"
+                if left_frozen else "")
+        raise InputError(f"no parameters selected: {why}{hint}", param="params" if pats else None)
     fixed = [n for n in names if n not in set(chosen)]
     return Selection(chosen, fixed, left_frozen, list(pats))

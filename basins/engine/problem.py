@@ -156,9 +156,9 @@ class Problem(ProblemSetup):
         output: str | None = None,
     ) -> None:
         if hvp_route not in HVP_ROUTES:
-            raise InputError(f"unknown HVP route {hvp_route!r}: use one of {', '.join(HVP_ROUTES)}")
+            raise InputError(f"unknown hvp_route {hvp_route!r}: use one of {', '.join(HVP_ROUTES)}", param="hvp_route")
         if batch_size is not None and batch_size < 1:
-            raise InputError(f"batch size must be a positive integer, got {batch_size}")
+            raise InputError(f"batch_size must be a positive integer, got {batch_size}", param="batch_size")
         self.counters = Counters()
         self._reduce_fn, self._gather_fn = reduce, gather
         self._data_memory_bytes = data_memory_bytes
@@ -249,7 +249,7 @@ class Problem(ProblemSetup):
     def grad(self, theta: torch.Tensor | None = None) -> torch.Tensor:
         """Full-data gradient ``∇L(θ)``, shape ``(P,)``. Cost: 1 gradient."""
         # torch.autograd, not torch.func.grad: the latter imports torch._dynamo on its first call
-        # (about 0.9 s and 60 MiB per process), which a run on the graph route never needs
+        # (a large one-time import per process), which a run on the graph route never needs
         names = list(self.space.names)
         params = self._as_params(theta)
         leaves = [params[k].detach().requires_grad_(True) for k in names]
@@ -285,7 +285,7 @@ class Problem(ProblemSetup):
     def hvp_with_route(self, v: torch.Tensor, route: str) -> torch.Tensor:
         """:meth:`hvp` by a named route (for tests and benchmarks)."""
         if route not in HVP_ROUTES[1:]:
-            raise InputError(f"unknown HVP route {route!r}")
+            raise InputError(f"unknown HVP route {route!r}: use one of {', '.join(HVP_ROUTES[1:])}", param="route")
         return self._counted_hvp(v, route)
 
     def rescaled_residuals(self, vectors: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -348,7 +348,7 @@ class Problem(ProblemSetup):
         thetas = thetas.to(self.device, self.dtype)
         K = thetas.shape[0]
         if route not in ("vmap", "loop"):
-            raise InputError(f"unknown loss_many route {route!r}: use vmap or loop")
+            raise InputError(f"unknown loss_many route {route!r}: use vmap or loop", param="route")
         out = torch.zeros(K, dtype=torch.float64, device=self.device)
         step = max(1, chunk or K)
         with torch.no_grad():

@@ -2,7 +2,8 @@
 
 The per-pair check of :meth:`basins.Problem.rescaled_residuals` spends one HVP per eigenvalue:
 ``d_j = ‖H(c·y_j)/c − θ_j y_j‖`` (``c = 1.375``) measures pair j's true residual plus the
-rounding of one product. At top-10 on a 124M-parameter model that is 10 products of ~25 s.
+rounding of one product. At top-10 that is 10 full-data HVPs (``scripts/bench_hvp.py`` prints
+one HVP's cost in gradients).
 :func:`sketched_rounding` spends ``probes`` (3) instead, whatever k: with ``D = [d-vectors]``
 (P × k), each probe ``g ~ N(0, I_k)`` gives ``‖D g‖`` from one product at ``z = Y g``, and
 ``E‖D g‖² = ‖D‖_F² ≥ ‖D e_j‖²`` for every j (``D`` taken as linear in the vector; rounding

@@ -93,7 +93,7 @@ class Routes:
     def __init__(self, problem: Problem, requested: str, graph_memory_bytes: int | None,
                  memory_bytes: int | None = None) -> None:
         if requested not in HVP_ROUTES:
-            raise InputError(f"unknown HVP route {requested!r}: use one of {', '.join(HVP_ROUTES)}")
+            raise InputError(f"unknown hvp_route {requested!r}: use one of {', '.join(HVP_ROUTES)}", param="hvp_route")
         # a weak reference: no Problem ↔ Routes cycle, so that a Problem (and its gradient graph)
         # is freed as soon as it is dropped, not by a garbage collection at interpreter exit (after
         # the process group is torn down, which made gloo abort)
@@ -262,10 +262,11 @@ class Routes:
         refusal = self._fit_pieces(free, budget, resident)
         if self.requested == "graph" and self._graph is None:
             refusal = ("the HVP route graph does not fit: " + self.errors.get("graph", "")
-                       + "; use --hvp fwd-rev or raise --memory")
+                       + "; use hvp_route='fwd-rev', or raise memory_bytes")
         refusals = [r for r in p.gather(refusal) if r]  # every process refuses together (no half-run collective)
         if refusals:
-            raise InputError(refusals[0])
+            raise InputError(refusals[0],
+                             param="hvp_route" if refusals[0].startswith("the HVP route") else "memory_bytes")
         if self.requested != "auto":
             if self.requested != "graph":
                 self._time(self.requested, strict=True, piece=True)
@@ -312,8 +313,8 @@ class Routes:
             least = resident + need + DISK_BASIS_VECTORS * P * isz
             return (f"nothing fits the memory budget of {budget / 2**30:.2f} GiB: one Hessian-vector product over "
                     f"{rows} example(s) needs about {least / 2**30:.2f} GiB with the model ({P:,} parameters) and "
-                    "the smallest Lanczos workspace; raise --memory, or use fewer parameters (--params) or shorter "
-                    "inputs")
+                    "the smallest Lanczos workspace; raise memory_bytes, or select fewer parameters (params) or use "
+                    "shorter inputs")
         self.piece_rows = None if rows >= p.batch_size else rows
         self.piece_block = block
         return None

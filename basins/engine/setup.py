@@ -45,9 +45,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise InputError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from exc
+        raise InputError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto", param="device") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+        raise InputError(f"device {device!r} asked for, but CUDA is not available here; use device='cpu'",
+                         param="device")
     return dev
 
 
@@ -57,7 +58,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
         return dtype
     table = {"float32": torch.float32, "float64": torch.float64, "double": torch.float64, "float": torch.float32}
     if dtype not in table:
-        raise InputError(f"unknown dtype {dtype!r}: use float32 or float64")
+        raise InputError(f"unknown dtype {dtype!r}: use float32 or float64", param="dtype")
     return table[dtype]
 
 
@@ -65,11 +66,11 @@ def as_source(inputs: Inputs | DataSource, targets: torch.Tensor | None) -> Data
     """``inputs``/``targets`` as a :class:`~basins.engine.data.DataSource` (tensors become :class:`TensorData`); not empty."""
     if isinstance(inputs, DataSource):
         if targets is not None:
-            raise InputError("pass either a DataSource or (inputs, targets) tensors, not both")
+            raise InputError("pass either a DataSource or (inputs, targets) tensors, not both", param="targets")
         source = inputs
     else:
         if targets is None:
-            raise InputError("targets are missing: Problem(module, inputs, targets, loss)")
+            raise InputError("targets are missing: Problem(module, inputs, targets, loss)", param="targets")
         source = TensorData(inputs, targets)
     if source.num_examples == 0:
         raise InputError("the dataset is empty")
@@ -126,9 +127,11 @@ class ProblemSetup(ChunkReader):
         self.num_local_examples = int(source.num_examples)
         self.num_examples = int(total) if total is not None else self.num_local_examples
         if self.num_examples < self.num_local_examples:
-            raise InputError(f"total_examples = {self.num_examples} is less than the {self.num_local_examples} examples given")
+            raise InputError(f"total_examples = {self.num_examples} is less than the {self.num_local_examples} examples given",
+                             param="total_examples")
         if self._gather_fn is not None and sum(self.gather(self.num_local_examples)) != self.num_examples:
-            raise InputError(f"the processes' shards do not add up to total_examples = {self.num_examples}")
+            raise InputError(f"the processes' shards do not add up to total_examples = {self.num_examples}",
+                             param="total_examples")
         self.fixed_batch_size = fixed
         self.batch_size = self._choose_batch_size(batch_size)
 
@@ -186,7 +189,7 @@ class ProblemSetup(ChunkReader):
         if not math.isfinite(self.loss_at_optimum):
             raise ComputeError(
                 f"the loss at the saved parameters is {self.loss_at_optimum} although the data are finite; "
-                "check the model's outputs (overflow in float32? try --dtype float64) and the loss"
+                "check the model's outputs (overflow in float32? try dtype='float64') and the loss"
             )
         g = self.grad()
         self.grad_norm = float(g.norm())

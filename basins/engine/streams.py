@@ -286,7 +286,7 @@ def stream_from_object(obj: Any, source: str, max_samples: int | None = None) ->
 
     A plain ``DataLoader`` over a map-style dataset is read by index: its sampler's (or batch
     sampler's) order, counted once here, its batch size (chunks are at least 256 examples
-    unless ``--batch-size`` says otherwise), collate function and worker settings are kept,
+    unless ``batch_size`` says otherwise), collate function and worker settings are kept,
     and each process reads only its indices. Any other loader (over an ``IterableDataset``, a
     ``DataLoader`` subclass, a sampler of non-integer keys) is iterated as it is, once here to
     count its examples and once per pass. ``max_samples`` keeps the first examples in that order.

@@ -209,7 +209,7 @@ def _write_locked(path: str, directory: str, problem: Mapping[str, Any], group: 
             old.close()
             raise ReportError(
                 f"report {path!r} holds analyses of another problem ({', '.join(differs)} differ); "
-                "write to another file, or pass --force to replace it"
+                "write to another file, or pass force=True to replace it"
             )
         if differs:
             old.close()
@@ -427,7 +427,7 @@ def check_writable(path: str, problem: Mapping[str, Any], *, force: bool = False
     if differs and not force:
         raise ReportError(
             f"report {path!r} holds analyses of another problem ({', '.join(differs)} differ); "
-            "write to another file, or pass --force to replace it"
+            "write to another file, or pass force=True to replace it"
         )
 
 

@@ -56,11 +56,11 @@ class Operator:
                  device: str | torch.device = "cpu") -> None:
         own = type(self)._matvec is not Operator._matvec
         if not own and not callable(matvec):
-            raise InputError(f"matvec must be callable, got {type(matvec).__name__}")
+            raise InputError(f"matvec must be callable, got {type(matvec).__name__}", param="matvec")
         if not _is_int(num_params) or num_params < 1:
-            raise InputError(f"num_params={num_params!r} must be a positive integer")
+            raise InputError(f"num_params={num_params!r} must be a positive integer", param="num_params")
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise InputError(f"dtype={dtype!r} must be a floating torch dtype")
+            raise InputError(f"dtype={dtype!r} must be a floating torch dtype", param="dtype")
         self._fn = matvec
         self.num_params = int(num_params)
         self.dtype = dtype
@@ -121,9 +121,9 @@ class Operator:
         """
         if not isinstance(matrix, torch.Tensor) or matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
             shape = tuple(matrix.shape) if isinstance(matrix, torch.Tensor) else type(matrix).__name__
-            raise InputError(f"a dense operator must be a square (P, P) tensor, got {shape}")
+            raise InputError(f"matrix must be a square (P, P) tensor (a dense operator), got {shape}", param="matrix")
         if not matrix.dtype.is_floating_point:
-            raise InputError(f"a dense operator must be a floating tensor, got {matrix.dtype}")
+            raise InputError(f"matrix must be a floating tensor (a dense operator), got {matrix.dtype}", param="matrix")
         M = matrix.detach()
         return Operator(lambda V: M @ V.to(M.dtype), int(M.shape[0]), M.dtype, M.device)
 
@@ -141,7 +141,7 @@ class Operator:
         if not isinstance(W, torch.Tensor) or tuple(W.shape) != tuple(V.shape):
             shape = tuple(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
             raise InputError(f"matvec returned {shape} for an input of shape {tuple(V.shape)}; "
-                             "it must map a (P, b) block to H @ V of the same shape")
+                             "it must map a (P, b) block to H @ V of the same shape", param="matvec")
         W = W.detach().to(device=V.device, dtype=V.dtype)
         if not bool(torch.isfinite(W).all()):
             raise ComputeError(f"matvec returned non-finite values for an input of shape {tuple(V.shape)}; "
@@ -169,7 +169,7 @@ class Operator:
             ComputeError: non-finite products.
         """
         if not _is_int(block) or block < 1:
-            raise InputError(f"block={block!r} must be a positive integer")
+            raise InputError(f"block={block!r} must be a positive integer", param="block")
         P, dt = self.num_params, dtype or self.dtype
         H = torch.empty(P, P, dtype=dt, device=self.device)
         for s in range(0, P, block):
@@ -201,7 +201,7 @@ class ScaledOperator(Operator):
 
     def __init__(self, a: Operator, scale: float) -> None:
         if not math.isfinite(scale):
-            raise InputError(f"scale={scale!r} must be a finite number")
+            raise InputError(f"scale={scale!r} must be a finite number", param="scale")
         super().__init__(None, a.num_params, a.dtype, a.device)
         self.inner, self.scale = a, float(scale)
 
@@ -216,9 +216,9 @@ class RestrictedOperator(Operator):
         idx = torch.as_tensor(index, dtype=torch.long).reshape(-1)
         if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= a.num_params:
             raise InputError(f"index must hold positions in [0, {a.num_params}), got {idx.numel()} of them "
-                             f"{'' if idx.numel() == 0 else f'in [{int(idx.min())}, {int(idx.max())}]'}")
+                             f"{'' if idx.numel() == 0 else f'in [{int(idx.min())}, {int(idx.max())}]'}", param="index")
         if int(torch.unique(idx).numel()) != idx.numel():
-            raise InputError("index must not repeat a position")
+            raise InputError("index must not repeat a position", param="index")
         super().__init__(None, int(idx.numel()), a.dtype, a.device)
         self.inner, self.index = a, idx.to(a.device)
 
@@ -241,5 +241,5 @@ def as_operator(operator: Operator | torch.Tensor) -> Operator:
         return operator
     if isinstance(operator, torch.Tensor):
         return Operator.dense(operator)
-    raise InputError(f"expected an Operator or a dense (P, P) tensor, got {type(operator).__name__}; "
-                     "wrap a matvec as Operator(matvec, num_params)")
+    raise InputError(f"operator must be an Operator or a dense (P, P) tensor, got {type(operator).__name__}; "
+                     "wrap a matvec as Operator(matvec, num_params)", param="operator")

@@ -40,7 +40,7 @@ class ScratchRows:
         free = shutil.disk_usage(where).free
         if size > free:
             raise InputError(f"the Lanczos basis needs {size / 2**30:.2f} GiB of scratch space but {where} has "
-                             f"{free / 2**30:.2f} GiB free; set BASINS_SCRATCH to a larger disk or raise --memory")
+                             f"{free / 2**30:.2f} GiB free; set BASINS_SCRATCH to a larger disk, or raise memory_bytes")
         fd, name = tempfile.mkstemp(prefix="basins-basis-", suffix=".f32" if dtype == torch.float32 else ".bin",
                                     dir=where)
         try:

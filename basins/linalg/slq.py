@@ -161,11 +161,11 @@ class SpectralDensity:
 
 def _check_budget(num_probes: int, num_steps: int, probe: str) -> None:
     if not isinstance(num_probes, int) or num_probes < 1:
-        raise InputError(f"num_probes must be a positive integer, got {num_probes!r}")
+        raise InputError(f"num_probes must be a positive integer, got {num_probes!r}", param="num_probes")
     if not isinstance(num_steps, int) or num_steps < 1:
-        raise InputError(f"num_steps must be a positive integer, got {num_steps!r}")
+        raise InputError(f"num_steps must be a positive integer, got {num_steps!r}", param="num_steps")
     if probe not in PROBES:
-        raise InputError(f"unknown probe distribution {probe!r}: use one of {', '.join(PROBES)}")
+        raise InputError(f"unknown probe distribution {probe!r}: use one of {', '.join(PROBES)}", param="probe")
 
 
 def _probes(num_probes: int, num_params: int, probe: str, seed: int) -> torch.Tensor:
@@ -235,7 +235,7 @@ def slq(
     k = 0
     if deflate is not None:
         if deflate.dim() != 2 or deflate.shape[0] != P or deflate.shape[1] >= P:
-            raise InputError(f"deflate must be (P, k) with k < P = {P}, got {tuple(deflate.shape)}")
+            raise InputError(f"deflate must be (P, k) with k < P = {P}, got {tuple(deflate.shape)}", param="deflate")
         D = deflate.to(device, dtype)
         k = int(D.shape[1])
         probe = "gaussian"
@@ -392,16 +392,17 @@ def spectral_density(
         A :class:`SpectralDensity`.
     """
     if scale not in ("linear", "log"):
-        raise InputError(f"unknown density scale {scale!r}: use linear or log")
+        raise InputError(f"unknown density scale {scale!r}: use linear or log", param="scale")
     if not 0 < coverage < 1:
-        raise InputError(f"coverage must be in (0, 1), got {coverage}")
+        raise InputError(f"coverage must be in (0, 1), got {coverage}", param="coverage")
     rules = _as_rules(nodes, weights)
     every = torch.cat([t for t, _ in rules])
     used_floor: float | None = None
     if scale == "log":
         top = float(every.abs().max())
         if top == 0:
-            raise InputError("every node is zero: a log-scale density is undefined; use the linear scale")
+            raise InputError("every node is zero: a log-scale density is undefined; use the linear scale",
+                             param="scale")
         used_floor = float(floor) if floor is not None else 1e-12 * top
         rules = [(torch.log10(t.abs().clamp_min(used_floor)), w) for t, w in rules]
         every = torch.cat([t for t, _ in rules])
@@ -410,7 +411,7 @@ def spectral_density(
         width = hi - lo
         sigma = 0.1 if scale == "log" else (0.01 * width if width > 0 else 0.01 * max(abs(hi), 1.0))
     if not sigma > 0:
-        raise InputError(f"sigma must be positive, got {sigma}")
+        raise InputError(f"sigma must be positive, got {sigma}", param="sigma")
     if grid is None:
         grid = torch.linspace(lo - 6 * sigma, hi + 6 * sigma, int(num_points), dtype=torch.float64)
     grid = torch.as_tensor(grid, dtype=torch.float64)

@@ -129,13 +129,13 @@ def hutchpp(operator: Operator | torch.Tensor, *, num_matvecs: int = 102, block_
 
 def _check(num_matvecs: object, least: int, block_size: object, dtype: object, seed: object) -> None:
     if not _is_int(num_matvecs) or num_matvecs < least:  # type: ignore[operator]
-        raise InputError(f"num_matvecs={num_matvecs!r} must be an integer >= {least}")
+        raise InputError(f"num_matvecs={num_matvecs!r} must be an integer >= {least}", param="num_matvecs")
     if not _is_int(block_size) or block_size < 1:  # type: ignore[operator]
-        raise InputError(f"block_size={block_size!r} must be a positive integer")
+        raise InputError(f"block_size={block_size!r} must be a positive integer", param="block_size")
     if dtype not in (torch.float32, torch.float64):
-        raise InputError(f"dtype={dtype!r} must be torch.float32 or torch.float64")
+        raise InputError(f"dtype={dtype!r} must be torch.float32 or torch.float64", param="dtype")
     if not _is_int(seed):
-        raise InputError(f"seed={seed!r} must be an integer")
+        raise InputError(f"seed={seed!r} must be an integer", param="seed")
 
 
 def _is_int(x: object) -> bool:

@@ -299,21 +299,21 @@ def llc(
                            ("max_steps", max_steps, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < least:
             raise InputError(f"{name} must be an integer ≥ {least}" + (" or 'auto'" if "num_" in name and name !=
-                             "num_chains" else "") + f", got {v!r}")
+                             "num_chains" else "") + f", got {v!r}", param=name)
     assert isinstance(draws, int) and isinstance(burn, int)
     if sampler not in SAMPLERS:
-        raise InputError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+        raise InputError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}", param="sampler")
     for name, val in (("nbeta", nbeta), ("gamma", gamma), ("step_size", step_size)):
         if val is not None and not (isinstance(val, (int, float)) and math.isfinite(val) and val > 0):
-            raise InputError(f"{name} must be a positive number, got {val}")
+            raise InputError(f"{name} must be a positive number, got {val}", param=name)
     if minibatch is not None and minibatch < 1:
-        raise InputError(f"minibatch must be ≥ 1, got {minibatch}")
+        raise InputError(f"minibatch must be ≥ 1, got {minibatch}", param="minibatch")
     if mask is not None:
         if mask.shape != (problem.num_params,):
-            raise InputError(f"mask must have shape ({problem.num_params},), got {tuple(mask.shape)}")
+            raise InputError(f"mask must have shape ({problem.num_params},), got {tuple(mask.shape)}", param="mask")
         mask = (mask != 0).to(problem.dtype)
         if int(mask.sum()) == 0:
-            raise InputError("mask selects no parameter")
+            raise InputError("mask selects no parameter", param="mask")
     N = problem.num_terms
     if N < 2:
         raise InputError("llc needs at least 2 loss terms (β = 1/log N)")
@@ -396,7 +396,7 @@ def llc(
             why.append(f"trend z {tz:.2f} between the first 20% and last 50% of the draws (|z| > {TREND_MAX:g})")
         if not why:
             why.append("too few draws for the diagnostics")
-        notes.append("not converged: " + "; ".join(why) + ": more burn-in or draws (--burnin auto --draws auto)")
+        notes.append("not converged: " + "; ".join(why) + ": more burn-in or draws (num_burnin='auto', num_draws='auto')")
     if chains.restarts:
         notes.append(f"{len(chains.restarts)} chain restart(s) after a divergence, each with ε halved "
                      f"(final ε {eps:.3g})")

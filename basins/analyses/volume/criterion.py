@@ -22,7 +22,8 @@ class ProblemCriterion:
     """``C(θ) = L(θ) − L(θ*)`` of a :class:`basins.Problem`, batched through ``loss_many``.
 
     The route (``vmap`` chunk size, or a ``loop``) is chosen by timing each candidate on a few
-    points near θ* (on a CPU vmap measured 0.7–1.4× a loop; ``scripts/bench_volume.py``), so the batched
+    points near θ* (neither wins everywhere: ``vmap`` saves the per-point Python overhead but holds
+    ``chunk`` × the activations; ``scripts/bench_volume.py`` measures both), so the batched
     search is never slower than a loop. ``L(θ*)`` is re-evaluated through the chosen route so
     that ``C(θ*) = 0`` exactly in its arithmetic.
 
@@ -40,9 +41,9 @@ class ProblemCriterion:
 
     def __init__(self, problem: Problem, *, route: str = "auto", chunk: int | None = None, seed: int = 0) -> None:
         if route not in ("auto", "vmap", "loop"):
-            raise InputError(f"unknown batched-loss route {route!r}: use auto, vmap or loop")
+            raise InputError(f"unknown loss_route {route!r}: use auto, vmap or loop", param="loss_route")
         if chunk is not None and chunk < 1:
-            raise InputError(f"the chunk size must be ≥ 1, got {chunk}")
+            raise InputError(f"chunk must be ≥ 1, got {chunk}", param="chunk")
         self.problem = problem
         self.theta0: torch.Tensor = problem.theta0
         self.num_evals = 0

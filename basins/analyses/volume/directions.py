@@ -136,17 +136,20 @@ class DirectionSampler:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise InputError(f"unknown ray family {self.family!r}: use one of {', '.join(FAMILIES)}")
+            raise InputError(f"unknown ray family {self.family!r} in families: use one of {', '.join(FAMILIES)}",
+                             param="families")
         if self.normalisation not in NORMALISATIONS:
             raise InputError(
-                f"unknown direction normalisation {self.normalisation!r}: use one of {', '.join(NORMALISATIONS)}"
+                f"unknown normalisation {self.normalisation!r}: use one of {', '.join(NORMALISATIONS)}",
+                param="normalisation"
             )
         if self.family != "isotropic":
             if self.basis is None:
-                raise InputError(f"ray family {self.family!r} needs the top Hessian eigenvectors (a basis)")
+                raise InputError(f"ray family {self.family!r} needs the top Hessian eigenvectors (basis)",
+                                 param="basis")
             self.basis = orthonormal_basis(self.basis)
             if self.basis.shape[0] != self.num_params:
-                raise InputError(f"the basis has {self.basis.shape[0]} rows, expected P = {self.num_params}")
+                raise InputError(f"basis has {self.basis.shape[0]} rows, expected P = {self.num_params}", param="basis")
             if self.family == "floor" and self.basis.shape[1] >= self.num_params:
                 raise InputError("the floor family needs fewer eigenvectors than parameters")
         if self.normalisation == "filter":

@@ -52,7 +52,7 @@ DEFAULT_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 def log_ball_volume(dim: int) -> float:
     """``log V_ball(d) = (d/2) log π − log Γ(d/2 + 1)``, the unit d-ball's volume (``d = 0`` → 0)."""
     if dim < 0:
-        raise InputError(f"dimension must be ≥ 0, got {dim}")
+        raise InputError(f"dim must be ≥ 0, got {dim}", param="dim")
     return 0.5 * dim * math.log(math.pi) - math.lgamma(0.5 * dim + 1.0)
 
 
@@ -222,7 +222,7 @@ def log_ray_prior_mass(
         ``(N,)`` float64 ``log m(u)`` (``-inf`` for a zero radius).
     """
     if not sigma > 0:
-        raise InputError(f"the prior's sigma must be positive, got {sigma}")
+        raise InputError(f"sigma (the prior's standard deviation) must be positive, got {sigma}", param="sigma")
     r = np.asarray(radii, dtype=np.float64).reshape(-1)
     beta = np.asarray(dots, dtype=np.float64).reshape(-1) / sigma
     d = float(dim)

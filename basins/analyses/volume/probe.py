@@ -162,31 +162,36 @@ def probe_basin(
     P = int(theta0.numel())
     eps = sorted(float(e) for e in epsilons)
     if num_pairs < 1:
-        raise InputError(f"need at least one pair of rays, got {num_pairs}")
+        raise InputError(f"num_pairs must be ≥ 1 (pairs of rays), got {num_pairs}", param="num_pairs")
     if not families or any(f not in FAMILIES for f in families) or len(set(families)) != len(families):
-        raise InputError(f"ray families must be distinct names among {', '.join(FAMILIES)}, got {list(families)}")
+        raise InputError(f"families must be distinct names among {', '.join(FAMILIES)}, got {list(families)}",
+                         param="families")
     if normalisation not in NORMALISATIONS:
-        raise InputError(f"unknown direction normalisation {normalisation!r}: use {' or '.join(NORMALISATIONS)}")
+        raise InputError(f"unknown normalisation {normalisation!r}: use {' or '.join(NORMALISATIONS)}",
+                         param="normalisation")
     if len(set(eps)) != len(eps) or not eps or any(not (e > 0 and math.isfinite(e)) for e in eps):
-        raise InputError(f"the ε values must be distinct positive numbers, got {list(epsilons)}")
+        raise InputError(f"epsilons must be distinct positive numbers, got {list(epsilons)}", param="epsilons")
+    if radius_rtol is not None and not 0 < radius_rtol < 1:
+        raise InputError(f"radius_rtol must be in (0, 1), got {radius_rtol}", param="radius_rtol")
     rtol = default_radius_rtol(P) if radius_rtol is None else float(radius_rtol)
     theta64 = theta0.detach().to("cpu", torch.float64).reshape(-1)
     tnorm = float(theta64.norm())
     rmax = 10.0 * max(tnorm, 1.0) if max_radius is None else float(max_radius)
     if not (rmax > 0 and math.isfinite(rmax)):
-        raise InputError(f"the maximum radius must be positive, got {max_radius}")
+        raise InputError(f"max_radius must be positive, got {max_radius}", param="max_radius")
     rmin = rmax * 1e-12
     rms = tnorm / math.sqrt(P)
     sig = float(sigma) if sigma is not None else (rms if rms > 0 else None)
     if sig is not None and not sig > 0:
-        raise InputError(f"the prior's sigma must be positive, got {sigma}")
+        raise InputError(f"sigma (the prior's standard deviation) must be positive, got {sigma}", param="sigma")
     tgrid = np.unique(np.append(np.asarray(wall_t, dtype=np.float64), 1.0))
     if walls and (tgrid.min() >= 1.0 or tgrid.max() <= 1.0 or tgrid.min() <= 0):
-        raise InputError("the wall grid needs positive t values on both sides of 1")
+        raise InputError("wall_t needs positive t values on both sides of 1", param="wall_t")
     jw = (len(eps) - 1) // 2 if walls_epsilon is None else None
     if walls_epsilon is not None:
         if float(walls_epsilon) not in eps:
-            raise InputError(f"the walls' ε ({walls_epsilon}) must be one of the ladder {eps}")
+            raise InputError(f"walls_epsilon ({walls_epsilon}) must be one of the ε ladder {eps}",
+                             param="walls_epsilon")
         jw = eps.index(float(walls_epsilon))
     assert jw is not None
     notes: list[str] = []

@@ -290,18 +290,18 @@ def find_radii(
     """
     eps = [float(e) for e in epsilons]
     if not eps or any(not (e > 0 and math.isfinite(e)) for e in eps):
-        raise InputError(f"every ε must be a positive finite number, got {list(epsilons)}")
+        raise InputError(f"epsilons must be positive finite numbers, got {list(epsilons)}", param="epsilons")
     if sorted(eps) != eps or len(set(eps)) != len(eps):
-        raise InputError(f"the ε ladder must be strictly increasing, got {eps}")
+        raise InputError(f"epsilons (the ε ladder) must be strictly increasing, got {eps}", param="epsilons")
     if not 0 < rtol < 1:
-        raise InputError(f"the radius tolerance must be in (0, 1), got {rtol}")
+        raise InputError(f"rtol (the radius tolerance) must be in (0, 1), got {rtol}", param="rtol")
     if not (max_radius > 0 and math.isfinite(max_radius)):
-        raise InputError(f"the maximum radius must be positive and finite, got {max_radius}")
+        raise InputError(f"max_radius must be positive and finite, got {max_radius}", param="max_radius")
     rows_ = np.arange(directions.shape[0]) if rows is None else np.asarray(rows, dtype=np.int64).reshape(-1)
     K = rows_.size
     sg = np.ones(K) if signs is None else np.asarray(signs, dtype=np.float64).reshape(-1)
     if sg.size != K:
-        raise InputError(f"got {sg.size} signs for {K} rays")
+        raise InputError(f"signs holds {sg.size} values for {K} rays", param="signs")
     ev = _Evaluator(criterion, theta0, directions, sg, rows_, point_batch)
     x_max = math.log(max_radius)
     x_min = math.log(min_radius) if min_radius else x_max - 12 * math.log(10.0)
