@@ -4,7 +4,7 @@ A block ``B`` is a set of parameter tensors: the module prefixes at a depth (``d
 ``transformer.h.0.attn.c_attn.weight`` under ``transformer.h``), or the parameters matching a
 glob. Its Hessian is the principal sub-matrix ``H_BB`` of the full-data Hessian at θ*: the
 Hessian of L in the block's parameters with the others held at θ* — the same operator as a
-problem built with ``params=[glob]`` (``--params``). ``H_BB v`` is one HVP of the problem, with
+problem built with ``params=[glob]``. ``H_BB v`` is one HVP of the problem, with
 ``v`` zero outside the block, restricted to the block; no new problem is set up.
 
 Per block: λ_max by Lanczos with its residual bound (an eigenvalue of ``H_BB`` lies within
@@ -114,7 +114,7 @@ def blocks_by_globs(names: Sequence[str], globs: Sequence[str]) -> list[tuple[st
 
 
 def parse_blocks(names: Sequence[str], spec: Sequence[str]) -> list[tuple[str, list[str]]]:
-    """``spec`` as given to ``--per-block``: one integer (a depth) or globs."""
+    """``spec``, the ``per_block`` option: one integer (a depth) or globs."""
     if len(spec) == 1 and spec[0].strip().isdigit():
         return blocks_by_depth(names, int(spec[0]))
     if not spec:

@@ -2,7 +2,7 @@
 
 :func:`dense_fits` is the rule (``P ≤ max_params`` and the dense float64 Hessian with its
 eigensolver workspace, ``24·P²`` bytes, fits the memory budget); :func:`hessian_eigenpairs`
-applies it, and ``basins nullity`` (``--method auto``), ``basins evidence`` and ``basins volume`` (the eigenbasis of
+applies it, and ``basins nullity`` (method ``auto``), ``basins evidence`` and ``basins volume`` (the eigenbasis of
 the ``eigen`` direction family and of the quadratic comparison) both ask it. The dense route
 assembles ``H`` once (:meth:`basins.linalg.operator.Operator.materialise`, ``P`` HVPs) and
 diagonalises it in float64 (all ``P`` pairs, exact to rounding); the Lanczos route

@@ -3,7 +3,7 @@
 Every value is the full-data mean loss ``L`` (:meth:`basins.Problem.loss`), evaluated for many
 points at once by :meth:`basins.Problem.loss_many`; nothing is estimated, so a value carries no
 error bar beyond the rounding of the problem's dtype. Only the selected parameters (θ,
-``--params``) move; buffers and the other parameters stay those of the problem's model.
+the problem's ``params``) move; buffers and the other parameters stay those of the problem's model.
 Limitation: a slice is a picture of two dimensions out of P; a line's maximum is found on a grid
 and refined locally, so ``barrier`` is a lower bound on the true maximum along the line.
 
