@@ -40,7 +40,9 @@ def summary(reports: tuple[str, ...], as_json: bool, as_csv: bool, quiet: bool) 
 
     With one report: a problem table, then tables for each analysis. With several: one
     table, one row per report (model, P, n, L(θ*), ‖∇L‖, λ_max, trace, ...), so a loop over
-    checkpoints ends with one comparison.
+    checkpoints ends with one comparison (in order of training step when every report has
+    one). A report holding two or more of nullity, volume, llc and evidence also gets the four
+    basin-size views side by side, with a note where the LLC and the nullity disagree.
 
     \b
     Machine formats (same on a terminal or a pipe):
