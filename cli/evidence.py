@@ -60,9 +60,10 @@ def evidence(**kw: Any) -> None:
     evidences and their difference, a model-error term of the Laplace approximation. basins
     summary shows nullity, probed log-volume, LLC and log evidence side by side.
 
-    Cost: exact, P HVPs (or GGN products) and 24·P² bytes; slq, the deflation's Lanczos
-    HVPs plus probes × Lanczos steps (default 30 × 60); twice with --curvature both. Set-up:
-    one loss, one gradient, at most about one HVP for the route choice.
+    Cost: exact, P HVPs (or GGN products) and 24·P² bytes; slq, the deflation's Lanczos HVPs
+    plus probes × Lanczos steps (default 30 × 60); twice with --curvature both. Set-up: the loss
+    and gradient at θ* (twice, to check determinism), a dtype audit (one forward) and at most
+    about one HVP for the route choice.
 
     References: MacKay 1992; Bishop, Pattern Recognition and Machine Learning, §3.5 and §4.4;
     Daxberger et al., "Laplace Redux", NeurIPS 2021.

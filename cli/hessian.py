@@ -96,10 +96,11 @@ def hessian(**kw: Any) -> None:
 
     Cost in HVPs: Lanczos until convergence, at most --max-hvps; then k for the float32 bounds
     (rescaled; 3 per end with --bounds sketch; k float64 products with --bounds float64, about
-    10× a float32 one on CPU); --trace-hvps with --trace; with --per-block, each block's
-    Lanczos and trace HVPs (each one full-data HVP). Set-up: one loss, one gradient, at most
-    about one HVP for the route choice. With several checkpoints each Lanczos run starts warm
-    from the previous checkpoint's Ritz vectors (--cold: random).
+    10× a float32 one on CPU); --trace-hvps with --trace; with --per-block, each block's Lanczos
+    and trace HVPs (each one full-data HVP). Set-up: the loss and gradient at θ* (twice, to
+    check determinism), a dtype audit (one forward) and at most about one HVP for the route
+    choice. With several checkpoints each Lanczos run starts warm from the previous checkpoint's
+    Ritz vectors (--cold: random).
 
     Memory is planned before the work and the plan printed on stderr (and stored as
     memory_plan): the cached gradient graph of the `graph` HVP route (activations of every

@@ -67,10 +67,11 @@ def nullity(**kw: Any) -> None:
                 widens where the quadrature cannot resolve eigenvalues near t (up to
                 [0, P − deflate]) instead of printing a confident 0.
 
-    Cost: exact, P HVPs and 24·P² bytes; features, n·k vector-Jacobian products and 3
-    HVPs for the H = G check (auto spends them before falling back to slq); slq, the deflation's
-    Lanczos HVPs plus probes × Lanczos steps (default 10 × 80). Set-up: one loss, one
-    gradient, at most about one HVP for the route choice.
+    Cost: exact, P HVPs and 24·P² bytes; features, n·k vector-Jacobian products and 3 HVPs for
+    the H = G check (auto spends them before falling back to slq); slq, the deflation's Lanczos
+    HVPs plus probes × Lanczos steps (default 10 × 80). Set-up: the loss and gradient at θ*
+    (twice, to check determinism), a dtype audit (one forward) and at most about one HVP for the
+    route choice.
 
     References: Sagun et al. 2017 (the bulk near zero); Golub & Meurant 2010, Thm 6.4
     (Chebyshev–Markov–Stieltjes brackets of Gauss quadrature).

@@ -61,8 +61,9 @@ def spectrum(**kw: Any) -> None:
     across probes. SLQ does not resolve eigenvalues far below the smallest node: count
     near-zero eigenvalues with `basins nullity`.
 
-    Cost: probes × Lanczos steps HVPs (default 10 × 80), plus the set-up (one loss, one
-    gradient, at most about one HVP for the route choice). --plot needs the plot extra.
+    Cost: probes × Lanczos steps HVPs (default 10 × 80), plus the set-up (the loss and gradient
+    at θ*, twice to check determinism; a dtype audit; at most about one HVP for the route
+    choice). --plot needs the plot extra.
 
     References: Golub & Meurant, Matrices, Moments and Quadrature with Applications (2010),
     ch. 6; Ubaru, Chen & Saad, SIAM J. Matrix Anal. Appl. 38(4), 2017; Ghorbani, Krishnan &
