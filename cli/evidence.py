@@ -44,9 +44,29 @@ from .common import (
 def evidence(**kw: Any) -> None:
     """Laplace log evidence: log p(D|w*) + log p(w*) + (P/2)·log 2π − ½·log det(H_nll + δI).
 
-    H_nll is the Hessian of the summed negative log-likelihood (mse: Gaussian with σ;
-    cross-entropy/nll: categorical; bce: Bernoulli; causal-lm/token-cross-entropy: the token
-    NLL summed over valid tokens). In nats.
+    In nats. H_nll is the P × P Hessian of the summed negative log-likelihood: basins' mean
+    loss L over N terms becomes N·L for cross-entropy, nll (categorical), bce (Bernoulli) and
+    the token losses (causal-lm, token-cross-entropy: the token NLL summed over the N valid
+    tokens), and N·L/(2σ²) + (N/2)·log 2πσ² for mse with noise σ (--noise-std, or the MLE
+    σ² = L(w*), said so). The prior is N(0, δ⁻¹I); --prior-precision auto maximises the
+    evidence over δ (one eigendecomposition or one SLQ run serves every δ).
+
+    --method exact: the dense float64 curvature by the one dense rule (P ≤ 4096 and it fits),
+    reported as exact with no interval. --method slq: the top --deflate eigenpairs kept exactly,
+    the rest of log det by stochastic Lanczos quadrature, with a 95% Student-t interval over
+    probes that is never of zero width. --curvature ggn uses the generalised Gauss–Newton
+    JᵀH_outJ (positive semi-definite, so defined away from a minimum, where the Hessian
+    evidence with --prior-precision auto is unbounded and refused); both gives the two
+    evidences and their difference, a model-error term of the Laplace approximation. basins
+    summary shows nullity, probed log-volume, LLC and log evidence side by side.
+
+    Cost: exact, P HVPs (or GGN products) and 24·P² bytes; slq, the deflation's Lanczos HVPs
+    plus probes × Lanczos steps (default 30 × 60); twice with --curvature both. Set-up: the loss
+    and gradient at θ* (twice, to check determinism), a dtype audit (one forward) and at most
+    about one HVP for the route choice.
+
+    References: MacKay 1992; Bishop, Pattern Recognition and Machine Learning, §3.5 and §4.4;
+    Daxberger et al., "Laplace Redux", NeurIPS 2021.
 
     \b
     Examples:

@@ -51,7 +51,20 @@ def features(**kw: Any) -> None:
     Gram matrix H_ℓ^½ J Jᵀ H_ℓ^½ (for mse (2/N)·JJᵀ, the scaled empirical NTK) has the nonzero
     eigenvalues of the Gauss–Newton part G = JᵀH_ℓJ of the Hessian. Its rank is the number of
     independent features; P − rank directions leave G flat. Reports the participation ratio
-    (effective number of features) and ‖Hv − Gv‖/‖Hv‖ (≈ 0 at a zero-residual mse optimum).
+    (effective number of features) and ‖Hv − Gv‖/‖Hv‖ (≈ 0 at a zero-residual mse optimum,
+    where H = G). Eigenvalues are in loss / parameter²; N is the loss's averaged terms (n·k
+    for mse; valid tokens for the token losses, whose Gram matrix is over those tokens). The
+    rank ladder counts eigenvalues above rtol·μ_max + atol for each --rtol, with an interval
+    from the Jacobian's rounding in the problem's dtype.
+
+    Cost: n·k vector-Jacobian products (per-example vmap(jacrev)), one dense product and one
+    symmetric eigendecomposition of size min(n·k, P), and --gn-probes HVPs for the H = G
+    check. Memory: 8·(n·k·P + 2(n·k)²) bytes with --route gram, 8·2P² plus one chunk's
+    Jacobian with --route outer (the one used under torchrun: G summed over processes, no
+    per-example loadings).
+
+    References: Jacot, Gabriel & Hongler, NeurIPS 2018 (NTK); Sagun et al. 2017 and Papyan
+    2020 (the Gauss–Newton part and the bulk near zero).
 
     \b
     Examples:

@@ -70,22 +70,49 @@ _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
 def hessian(**kw: Any) -> None:
     """Largest (and/or smallest) Hessian eigenvalues at the saved parameters, by Lanczos.
 
+    H is the P × P Hessian of the full-data mean loss L at θ* (units: loss / parameter²).
+    Block Lanczos with full reorthogonalisation and thick restart; a pair has converged when its
+    residual r ≤ tol·max|λ|, so eigenvalues near zero carry errors on the scale of tol·λ_max.
+    --block-size b resolves eigenvalues of multiplicity up to b (one data pass per block).
+    --which bottom finds negative eigenvalues: one beyond its residual means θ* is a saddle
+    (a warning, and is_saddle: true).
+
     Every eigenvalue comes with an error bound b (JSON error_bounds): an eigenvalue of the exact
-    Hessian lies within λ ± b, rounding of the HVPs included. The Lanczos residual r (JSON
-    residuals) is that of the HVP as computed; in float32 its rounding can exceed r by orders of
-    magnitude, so it is measured at run time: one more HVP per eigenvalue, at the rescaled Ritz
-    vector c·y (c = 1.375), and b = r + 4·‖H(c·y)/c − λy‖ (an estimate; it held on every
-    benchmark and test problem). --bounds float64 instead checks each pair with a float64
-    product, a bound that provably holds. In float64, b = r + 256·eps·max|λ|. A negative bottom
-    eigenvalue beyond its residual means the point is a saddle.
+    Hessian lies within λ ± b, rounding of the HVPs included (it locates an eigenvalue, not
+    necessarily the k-th: a cluster Lanczos has not split can hide some). The Lanczos residual r
+    (JSON residuals) is that of the HVP as computed; in float32 its rounding can exceed r by
+    orders of magnitude, so it is measured at run time: one more HVP per eigenvalue, at the
+    rescaled Ritz vector c·y (c = 1.375), and b = r + 4·‖H(c·y)/c − λy‖ (an estimate; it held
+    on every benchmark and test problem). --bounds float64 instead checks each pair with a
+    float64 product, a bound that provably holds. In float64, b = r + 256·eps·max|λ|. A model
+    that computes part of its graph below its dtype (found by a dtype audit of one forward) gets
+    measured bounds as in float32, and a warning naming the layers. The loss itself (on the
+    model's outputs) is evaluated in float64 whatever the dtype.
+
+    Trace: Hutch++ (default) or Hutchinson with Rademacher probes, with a standard error (Meyer,
+    Musco, Musco & Woodruff 2021; Hutchinson 1990). --per-block: one row per block (block, P,
+    λ_max ± residual, trace ± s.e., exact for a block of at most --trace-hvps parameters), each
+    equal to a separate --params BLOCK run with the same seed (report group /hessian_blocks).
+
+    Cost in HVPs: Lanczos until convergence, at most --max-hvps; then k for the float32 bounds
+    (rescaled; 3 per end with --bounds sketch; k float64 products with --bounds float64, about
+    10× a float32 one on CPU); --trace-hvps with --trace; with --per-block, each block's Lanczos
+    and trace HVPs (each one full-data HVP). Set-up: the loss and gradient at θ* (twice, to
+    check determinism), a dtype audit (one forward) and at most about one HVP for the route
+    choice. With several checkpoints each Lanczos run starts warm from the previous checkpoint's
+    Ritz vectors (--cold: random).
 
     Memory is planned before the work and the plan printed on stderr (and stored as
     memory_plan): the cached gradient graph of the `graph` HVP route (activations of every
     example) is kept only when it fits; the functional routes run over pieces of the chunks
-    with a number of vectors at a time that fit; the Lanczos basis (P × basis-size numbers)
+    with a number of vectors at a time that fit; the Lanczos basis (P × basis-size numbers,
+    at most max_basis + block_size vectors: for P = 10⁷ in float32 and k = 50 about 4.8 GB)
     stays in memory, is bounded by thick restart, or lives in a memory-mapped scratch file
-    ($BASINS_SCRATCH or the temp dir). --memory sets the budget (default 80% of the
-    memory available); a run that cannot fit exits 2 before the work.
+    ($BASINS_SCRATCH or the temp dir; same eigenvalues to rounding). --memory sets the budget
+    (default 80% of the memory available); a run that cannot fit exits 2 before the work.
+
+    References: Parlett, The Symmetric Eigenvalue Problem, Thm 4.5.1 (residual bounds); Golub &
+    Van Loan, Matrix Computations, ch. 10 (block Lanczos).
 
     \b
     --json keys: eigenvalues (descending for top, ascending for bottom),
@@ -107,6 +134,7 @@ def hessian(**kw: Any) -> None:
       basins hessian model.pt --which both --trace -o report.h5
       basins hessian model.pt --json --dtype float64 --tol 1e-10 | jq .eigenvalues
       basins hessian ckpts/ --data d.pt -o runs/    # every checkpoint: runs/<name>.h5
+      basins hessian ./my-gpt2/ --data tokens.pt --per-block 3
     """
     from basins.analyses.hessian import hessian_eigenvalues, plan_hessian
     from basins.engine.precision import audit_precision

@@ -65,7 +65,20 @@ def landscape(**kw: Any) -> None:
     θb = OTHER_MODEL: the largest loss on the grid, refined by dichotomous search (12 steps of two
     points, 24 loss evaluations) on the grid interval(s) around it. It is the largest loss found, so a lower bound on the true
     barrier (a bump narrower than the grid step elsewhere can be missed: raise --points).
-    L(θa) and L(θb) are the full-data losses at the ends.
+    L(θa) and L(θb) are the full-data losses at the ends; the two share a basin when the
+    barrier is at most --epsilon (loss units).
+
+    Random directions are Gaussian and filter-normalised: each filter of each weight tensor is
+    scaled to the norm of that filter of θ*, and biases and normalisation parameters get no
+    component (axes in filter-normalised units; direction_norms converts them to parameter
+    distance). Top directions are unit Hessian eigenvectors (axes in parameter distance).
+
+    Cost: one loss evaluation per grid point (points for 1-D, points² for 2-D; + 24 along
+    --to); --directions top adds the Lanczos HVPs of the top eigenvectors. Memory: --chunk × P
+    for the points of one batched call, never the whole grid.
+
+    References: Li, Xu, Taylor, Studer & Goldstein, NeurIPS 2018 (filter-normalised slices);
+    Frankle, Dziugaite, Roy & Carbin, ICML 2020 (linear mode connectivity).
 
     \b
     --json keys: 1-D: t, loss; 2-D: x, y, loss (loss[i][j] at x[i], y[j]:

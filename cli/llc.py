@@ -92,13 +92,44 @@ STEP_HELP = f"SGLD step ε ({STEP_RULE})."
 def llc(**kw: Any) -> None:
     """Estimate the local learning coefficient λ̂ = nβ·(E_w[L] − L(w*)) by SGLD around w*.
 
-    λ = P/2 at a regular minimum, smaller at a singular one. Chains step on minibatches of
-    --minibatch examples; E_w[L] − L(w*) is the mean of L_B(w) − L_B(w*) on each step's
-    batch. With --params GLOB, the weight-refined LLC of that block (the other parameters held
-    at w*; Wang et al. 2024); --per-block gives one per block. The interval is Student-t with
-    the degrees of freedom of its standard error (batch means within chains, or the spread
-    between chains when larger); converged: false (and a note) when split R-hat > 1.05 or the
-    first 20% of the draws differ from the last 50% (|z| > 3).
+    SGLD samples the localized tempered posterior ∝ exp(−nβ·L(w) − (γ/2)‖w − w*‖²). λ is
+    dimensionless: P/2 at a regular minimum, smaller at a singular one (reduced-rank
+    regression: Aoyagi & Watanabe 2005). nβ = N/log N by default, N the loss's
+    terms (valid tokens for the token losses, examples × outputs for mse; the output says
+    which). The chains (numpy SeedSequence(SEED).spawn: no two seeds share a chain) advance
+    together in one vmap step, each on its own minibatch of --minibatch examples (the memory
+    chunk stays --batch-size); E_w[L] − L(w*) is the mean of L_B(w) − L_B(w*) on each step's
+    batch (unbiased; exact when the minibatch is all n). Under torchrun each process draws its
+    share of every minibatch from its shard, stratified, and the sums are reduced. Named
+    inputs, ModelOutput, (sum, count) and token losses, fixed-batch .pt2 exports and the
+    float64 loss work as in every command.
+
+    Chains start at dispersed points within 1/√γ of w* (radius halved until nβ·(L − L(w*))
+    ≤ P/2), so that split R-hat sees a transient they would otherwise share. The step-size
+    rule is --step-size below. The interval is Student-t with the degrees of freedom of its
+    standard error (batch means within chains, 10 per chain, or each chain's effective
+    sample size, or the spread between chains when larger); the effective sample size is
+    reported. converged: false (and a note) when split R-hat > 1.05 or the first 20% of the
+    draws differ from the last 50% (trend |z| > 3); --draws auto and --burnin auto extend
+    the run until both pass or --max-steps are spent.
+
+    Also reported: llc_quadratic, the λ of a quadratic basin with this Hessian at this nβ and γ
+    (Σ ½·nβhᵢ/(nβhᵢ + γ)), a reference, not a correction; and the critical-point test,
+    ‖∇L(w*)‖ against its sampling noise (per-example gradients of 64 examples) and nβ‖∇L‖
+    against the localization force √γ. With --params GLOB, the weight-refined LLC of that
+    block (the other parameters held at w*; Wang et al. 2024); --per-block gives one per
+    block. --sampler rmsprop preconditions (fixed after half the burn-in, ε then set from the
+    preconditioned curvature); it is not validated against a truth yet.
+
+    Cost: chains × (burn-in + draws) minibatch gradients (default 4 × 2,000) and as many
+    minibatch losses at w*, plus MALA checks (1/4 of burn-in, 1/10 of draws) and curvature
+    checks (8 × 9 minibatch HVPs per chain in burn-in); in full-data HVPs, ≤ 50 for λ_max by
+    Lanczos at w* and P (dense, P ≤ 2000) or 300 (SLQ) for llc_quadratic (--no-quadratic:
+    none).
+
+    References: Lau, Furman, Wang, Murfet & Wei 2023 (the estimator); Watanabe, Algebraic
+    Geometry and Statistical Learning Theory, 2009; Aoyagi & Watanabe 2005; Wang et al. 2024
+    (refined LLC); Leimkuhler & Matthews 2013 (the step).
 
     \b
     Examples:

@@ -46,10 +46,35 @@ from .common import (
 def nullity(**kw: Any) -> None:
     """Count the Hessian's near-zero eigenvalues: directions the model can move in without changing the loss.
 
-    For each threshold t = rtol·λ_max + atol the count #{|λ| ≤ t} comes with the method that
-    produced it and an interval: exact (rounding of the dense Hessian), features (rounding of
-    the Jacobian; counts the Gauss–Newton part, equal to H at a zero-residual mse optimum: see
-    the reported ‖Hv − Gv‖/‖Hv‖), slq (95% interval over probes and quadrature resolution).
+    For each threshold t = rtol·λ_max + atol (units of λ: loss / parameter²) the count
+    #{|λ| ≤ t} of the P eigenvalues of the full-data Hessian comes with the method that
+    produced it and an interval. Near an interpolating minimum eigenvalues fill every decade, so
+    a count means something only with its threshold: read the whole ladder (--rtol repeats).
+
+    \b
+    Methods (--method auto takes the first that serves):
+      exact     the dense Hessian from P HVPs (in blocks), eigvalsh in float64; the
+                interval covers the rounding of the computed Hessian. The one dense rule
+                every command shares: P ≤ 4096 and 24·P² bytes fit the memory budget.
+      features  P − rank of the feature Gram matrix (basins features): exact for the
+                Gauss–Newton part G, which equals H at a zero-residual mse optimum (there
+                H = (2/N)·JᵀJ, N = n·k averaged terms); the reported ‖Hv − Gv‖/‖Hv‖ says
+                whether that holds, and auto keeps features only where it is at rounding
+                level. Token losses get the Gram matrix over their valid tokens. Interval:
+                the Jacobian's rounding.
+      slq       an estimate: the top --deflate eigenpairs by Lanczos, then stochastic
+                Lanczos quadrature on the rest, with a 95% interval over probes that also
+                widens where the quadrature cannot resolve eigenvalues near t (up to
+                [0, P − deflate]) instead of printing a confident 0.
+
+    Cost: exact, P HVPs and 24·P² bytes; features, n·k vector-Jacobian products and 3 HVPs for
+    the H = G check (auto spends them before falling back to slq); slq, the deflation's Lanczos
+    HVPs plus probes × Lanczos steps (default 10 × 80). Set-up: the loss and gradient at θ*
+    (twice, to check determinism), a dtype audit (one forward) and at most about one HVP for the
+    route choice.
+
+    References: Sagun et al. 2017 (the bulk near zero); Golub & Meurant 2010, Thm 6.4
+    (Chebyshev–Markov–Stieltjes brackets of Gauss quadrature).
 
     \b
     Examples:

@@ -37,6 +37,10 @@ def plot(reports: tuple[str, ...], output: str, dpi: int | None, quiet: bool) ->
     is /problem's `step` when every report has one, else the digits in the model file name,
     else the report's position.
 
+    The format follows the extension of -o (.png, .pdf, .svg); the file is written atomically
+    and deterministically. spectrum --plot and volume --plot draw with the same panels. No
+    HVPs: reports are read, torch is not imported.
+
     \b
     Examples:
       basins plot report.h5 -o report.png

@@ -51,11 +51,23 @@ _BLOCKS = "▁▂▃▄▅▆▇█"
 def spectrum(**kw: Any) -> None:
     """Spectral density of the Hessian at the saved parameters (stochastic Lanczos quadrature).
 
-    PROBES random vectors × STEPS Lanczos steps (full reorthogonalisation); the raw nodes and
-    weights of every probe are kept (in --json and the report) so the density can be
-    re-smoothed later with no HVPs. The band is the pointwise 95% interval across probes.
-    SLQ does not resolve eigenvalues far below the smallest node: count near-zero
-    eigenvalues with `basins nullity`.
+    The density is (1/P) Σᵢ δ(λ − λᵢ) over the P eigenvalues of the full-data Hessian,
+    Gaussian-broadened on a grid: per unit λ (loss / parameter²) with --scale linear, per decade
+    of |λ| with --scale log; it integrates to about 1. Each of --probes random unit vectors runs
+    its own Lanczos (full reorthogonalisation; the probes advance together, one block HVP per
+    step), whose nodes and weights are the Gauss quadrature rule of that probe's spectral
+    measure. The raw nodes and weights of every probe are kept (in --json and the report) so the
+    density can be re-smoothed later with no HVPs. The band is the pointwise 95% interval
+    across probes. SLQ does not resolve eigenvalues far below the smallest node: count
+    near-zero eigenvalues with `basins nullity`.
+
+    Cost: probes × Lanczos steps HVPs (default 10 × 80), plus the set-up (the loss and gradient
+    at θ*, twice to check determinism; a dtype audit; at most about one HVP for the route
+    choice). --plot needs the plot extra.
+
+    References: Golub & Meurant, Matrices, Moments and Quadrature with Applications (2010),
+    ch. 6; Ubaru, Chen & Saad, SIAM J. Matrix Anal. Appl. 38(4), 2017; Ghorbani, Krishnan &
+    Xiao, ICML 2019.
 
     \b
     Examples:

@@ -40,23 +40,27 @@ def summary(reports: tuple[str, ...], as_json: bool, as_csv: bool, quiet: bool) 
 
     With one report: a problem table, then tables for each analysis. With several: one
     table, one row per report (model, P, n, L(θ*), ‖∇L‖, λ_max, trace, ...), so a loop over
-    checkpoints ends with one comparison.
+    checkpoints ends with one comparison (in order of training step when every report has
+    one). A report holding two or more of nullity, volume, llc and evidence also gets the four
+    basin-size views side by side, with a note where the LLC and the nullity disagree.
 
     \b
     Machine formats (same on a terminal or a pipe):
-      --json   one report: an object {path, attrs, problem, analyses: {name: {attrs,
-               datasets: {name: {values, shape, dtype, description, units}}, groups}}};
-               several reports: a JSON list of such objects, in the order given.
+      --json   one report: an object {group: the --json object of the command that
+               wrote it}, key for key (the problem's keys, warnings, report path and
+               the analysis's keys); several reports: a JSON list of such objects.
                Arrays are lists; NaN/inf are null.
       --csv    the eigenvalue table, one row per eigenvalue of every report's /hessian
                group: report, end (top|bottom), index (1 = most extreme), eigenvalue,
-               residual, converged.
+               residual, error_bound, converged.
+    Several reports come in the order given, or by training step when every report
+    has one.
 
     \b
     Examples:
       basins summary report.h5
       basins summary runs/*.h5
-      basins summary report.h5 --json | jq '.analyses.hessian.attrs.lambda_max'
+      basins summary report.h5 --json | jq .hessian.lambda_max
     """
     from basins.errors import InputError
     from basins.files.report import read_report

@@ -60,11 +60,30 @@ from .common import (
 def volume(**kw: Any) -> None:
     """Basin volume at a ladder of loss rises ε, and wall shape, by random rays from θ*.
 
-    Along each random direction u the radius r(u) is where L(θ* + r u) − L(θ*) first
-    reaches ε. log V = log V_ball(P) + logmeanexp(P log r). In high dimension a few rays
-    dominate: the effective sample size (ESS) is reported, a bootstrap CI only when
-    ESS ≥ 30, and otherwise the estimate is marked as a lower bound (with the Jensen bound
-    mean(P log r) beside it). All logs are natural.
+    Along each random unit direction u (antithetic pairs ±u, each regenerated from a recorded
+    seed) the radius r(u) is where L(θ* + r u) − L(θ*) first reaches ε (loss units), to
+    relative tolerance --radius-rtol (default min(1e-3, 0.1/P), so the radius error moves
+    log V by ≤ 0.1 nats). All rays advance together through batched loss evaluations.
+    log V = log V_ball(P) + logmeanexp(P log r) (natural logs; V in parameter units^P), and the
+    mass under a N(0, σ²I) prior. In high dimension a few rays dominate: the effective sample
+    size (ESS, over antithetic pairs) is reported, a bootstrap CI only when ESS ≥ 30, and
+    otherwise the estimate is marked is_lower_bound (with the Jensen bound mean(P log r)
+    beside it). Rays with no crossing below --max-radius are censored and counted.
+
+    --walls adds, per ray, the local exponent dlog C/dlog t at the crossing (2 = quadratic
+    wall), the floor radius (C = 1% of ε), the anharmonicity log(r/sqrt(2ε/uᵀHu)) and the
+    asymmetry log(r₊/r₋), with quantiles across rays. --compare-quadratic gives the volume of
+    the ellipsoid over the eigenvalues above the null threshold, in its own dimension P − N₀,
+    with N₀ and the count of negative eigenvalues beside it. The top and floor families give
+    the volume of a section through θ* (dimension k or P − k), not of the basin.
+
+    Cost: loss evaluations only for the radii (a few per ray and ε, counted in
+    num_loss_evals); --walls adds the wall grid's loss evaluations and one HVP per ray pair;
+    the top/floor families and --compare-quadratic add the top eigenpairs (the dense Hessian,
+    P HVPs, when P ≤ --exact-max-params, else Lanczos for --top-k pairs).
+
+    References: Li et al. 2018 (filter normalisation); Scherlis & Belrose 2024 (prior mass
+    of a basin); Dowell & Jarratt, BIT 11, 1971 (the Illinois root finder along rays).
 
     \b
     Examples:
