@@ -23,7 +23,7 @@ given for filter-normalised rays; ``top`` and ``floor`` give the volume of the d
 isotropic rays. In high dimension the volume is usually a lower bound (see :mod:`basins.analyses.volume.estimators`).
 
 References: Li et al. 2018 (filter normalisation); Scherlis & Belrose 2024 (prior mass of a
-basin); Dowling & Sheikh (Illinois method, 1971).
+basin); Dowell & Jarratt, BIT 11 (1971) (the Illinois method).
 """
 
 from __future__ import annotations
