@@ -152,23 +152,24 @@ def sniff(path: str, *, what: str = "model", base_model: str | None = None) -> S
 
 
 def _check_file(path: str, what: str) -> None:
-    """Refuse anything but an existing, readable regular file."""
+    """Refuse anything but an existing, readable regular file (``param="data"`` for a data file)."""
+    param = "data" if what == "data" else None
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise InputError(f"{what} file not found: {path}", param=what) from None
+        raise InputError(f"{what} file not found: {path}", param=param) from None
     except OSError as err:
-        raise InputError(f"{path}: cannot read the {what} file ({err.strerror})", param=what) from None
+        raise InputError(f"{path}: cannot read the {what} file ({err.strerror})", param=param) from None
     if stat.S_ISDIR(st.st_mode):
         hint = " (a Hugging Face model directory needs its config.json)" if what == "model" else ""
-        raise InputError(f"{path} is a directory, not a {what} file: pass the file itself{hint}", param=what)
+        raise InputError(f"{path} is a directory, not a {what} file: pass the file itself{hint}", param=param)
     if not stat.S_ISREG(st.st_mode):
         kind = ("a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
                 else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
         raise InputError(f"{path} is {kind}, not a regular {what} file: write it to a file and pass that",
-                         param=what)
+                         param=param)
     if not os.access(path, os.R_OK):
-        raise InputError(f"{path}: permission denied, cannot read the {what} file", param=what)
+        raise InputError(f"{path}: permission denied, cannot read the {what} file", param=param)
 
 
 def _is_safetensors(path: str, head: bytes) -> bool:
