@@ -85,8 +85,8 @@ class Checked:
             file's, an adapter's; None for the other formats.
         declared: ``hf``: the parameters the safetensors files declare and the number of layers
             their names reach (largest numbered part + 1); None when not known (pickled weights).
-        stored_half: the floating dtypes narrower than float32 the files store (``"bfloat16"``,
-            ``"bfloat16, float16"``), None when none.
+        stored_half: the floating dtypes narrower than float32 the files store (``{"bfloat16"}``), by
+            torch name; empty when none or not known (pickled weights).
         base: ``peft``: the base model directory's :class:`Checked`.
         archive: ``bundle``: the bytes of the ``.pt2`` inside it.
     """
@@ -94,7 +94,7 @@ class Checked:
     sha256: str
     state: dict[str, torch.Tensor] | None = None
     declared: tuple[int, int] | None = None
-    stored_half: str | None = None
+    stored_half: frozenset[str] = frozenset()
     base: Checked | None = None
     archive: bytes | None = None
 
@@ -124,11 +124,11 @@ def check(sniffed: Sniffed, *, arch: str | None, trust_pickle: bool, base_model:
     if tag == "hf":
         return _directory(sniffed, trust_pickle)
     if tag == "peft":
-        base = _directory(sniffed.base, trust_pickle) if sniffed.base is not None else None
+        assert sniffed.base is not None  # (the sniff resolved the base directory or refused the adapter)
+        base = _directory(sniffed.base, trust_pickle)
         state, half = _state(sniffed)
-        halves = sorted({h for s in (half, base.stored_half if base else None) if s for h in s.split(", ")})
-        digest = _named_sha256(path, [ADAPTER_CONFIG, *sniffed.files], b"base\0" + (base.sha256 if base else "").encode())
-        return Checked(digest, state=state, stored_half=", ".join(halves) or None, base=base)
+        digest = _named_sha256(path, [ADAPTER_CONFIG, *sniffed.files], b"base\0" + base.sha256.encode())
+        return Checked(digest, state=state, stored_half=half | base.stored_half, base=base)
     if tag in ("state_dict", "safetensors"):
         state, half = _state(sniffed)
         if arch is None:
@@ -208,7 +208,8 @@ def _directory(sniffed: Sniffed, trust_pickle: bool) -> Checked:
             f"{path} holds its weights as {sniffed.files[0]}, a pickle: loading a pickle runs code from the file; "
             "pass trust_pickle=True only for files you trust, or convert it once with "
             "model.save_pretrained(path, safe_serialization=True)", param="trust_pickle")
-    count, layers, half = 0, 0, set()
+    count, layers = 0, 0
+    half: frozenset[str] = frozenset()
     for file in sniffed.safetensors:
         if not os.path.isfile(file):
             raise InputError(f"{file} is missing or not a regular file")
@@ -217,17 +218,16 @@ def _directory(sniffed: Sniffed, trust_pickle: bool) -> Checked:
             count += math.prod(shape)
             numbers = [int(part) for part in name.split(".") if part.isdigit()]
             layers = max([layers, *(k + 1 for k in numbers)])
-        half.update(_half_dtypes(header))
+        half |= _half_dtypes(header)
     declared = None if sniffed.pickled else (count, layers)
-    return Checked(_named_sha256(path, ["config.json", *sniffed.files]), declared=declared,
-                   stored_half=", ".join(sorted(half)) or None)
+    return Checked(_named_sha256(path, ["config.json", *sniffed.files]), declared=declared, stored_half=half)
 
 
-def _state(sniffed: Sniffed) -> tuple[dict[str, torch.Tensor], str | None]:
+def _state(sniffed: Sniffed) -> tuple[dict[str, torch.Tensor], frozenset[str]]:
     """The checked tensors of a state dict, ``.safetensors`` file or adapter, and their narrow dtypes."""
     if sniffed.safetensors:
         file = sniffed.safetensors[0]
-        half = ", ".join(_half_dtypes(safetensors_header(file))) or None
+        half = _half_dtypes(safetensors_header(file))
         return _read_safetensors(file), half
     state = dict(sniffed.content)
     source = os.path.join(sniffed.path, sniffed.files[0]) if sniffed.files else sniffed.path
@@ -236,9 +236,8 @@ def _state(sniffed: Sniffed) -> tuple[dict[str, torch.Tensor], str | None]:
         if tensor.is_meta or tensor.layout != torch.strided:
             raise InputError(f"{source}: {name!r} is a {'meta' if tensor.is_meta else str(tensor.layout)} tensor; "
                              "a state dict must hold dense tensors with values")
-    found = sorted({str(t.dtype).replace("torch.", "") for t in state.values()
-                    if t.is_floating_point() and t.element_size() < 4})
-    return state, ", ".join(found) or None
+    return state, frozenset(str(t.dtype).replace("torch.", "") for t in state.values()
+                            if t.is_floating_point() and t.element_size() < 4)
 
 
 def check_names(names: Iterable[object], source: str) -> None:
@@ -317,9 +316,9 @@ def _entry(entry: Any) -> tuple[Any, tuple[int, ...] | None, tuple[int, int] | N
             (offsets[0], offsets[1]) if ok_offsets else None)
 
 
-def _half_dtypes(header: dict[str, tuple[str, tuple[int, ...]]]) -> list[str]:
+def _half_dtypes(header: dict[str, tuple[str, tuple[int, ...]]]) -> frozenset[str]:
     """The floating dtypes narrower than float32 that a :func:`safetensors_header` declares (torch names)."""
-    return sorted({_ST_HALF[dtype] for dtype, _ in header.values() if dtype in _ST_HALF})
+    return frozenset(_ST_HALF[dtype] for dtype, _ in header.values() if dtype in _ST_HALF)
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:

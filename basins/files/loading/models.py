@@ -120,8 +120,7 @@ def _wrap(module: torch.nn.Module, sniffed: Sniffed, checked: Checked, fixed: in
           attention: str | None) -> LoadedModel:
     """The :class:`LoadedModel`: tensors checked (:func:`check_module_tensors`), narrow dtypes upcast."""
     check_module_tensors(module, sniffed.path)
-    upcast = upcast_half(module)
-    stored = ", ".join(sorted({h for s in (upcast, checked.stored_half) if s for h in s.split(", ")})) or None
+    stored = ", ".join(sorted(checked.stored_half | upcast_half(module))) or None
     base = sniffed.base.path if sniffed.base is not None else None
     return LoadedModel(module, _KINDS.get(sniffed.tag, sniffed.tag), fixed, sniffed.path, checked.sha256,
                        attention, stored, base)
@@ -141,19 +140,19 @@ def check_module_tensors(module: torch.nn.Module, source: str) -> None:
                              "(save tensor.to_dense())")
 
 
-def upcast_half(module: torch.nn.Module) -> str | None:
+def upcast_half(module: torch.nn.Module) -> frozenset[str]:
     """Convert ``module``'s floating parameters and buffers narrower than float32 to float32, in place:
     Hessians, Lanczos and error bounds are not computed in 8-bit-mantissa arithmetic. Upcasting is
     exact; the analysis is of the same function at the stored weights, evaluated in float32.
 
     Returns:
-        The stored dtypes that were converted (``"bfloat16"``, ``"float16"``, ``"bfloat16, float16"``),
-        or None when there were none. Cost: one copy of those tensors.
+        The dtypes that were converted (``{"bfloat16"}``), by torch name; empty when there were none.
+        Cost: one copy of those tensors.
     """
-    found = sorted({str(t.dtype).replace("torch.", "")
-                    for t in chain(module.parameters(), module.buffers()) if _narrow(t)})
+    found = frozenset(str(t.dtype).replace("torch.", "")
+                      for t in chain(module.parameters(), module.buffers()) if _narrow(t))
     if not found:
-        return None
+        return found
     module._apply(lambda t: t.float() if _narrow(t) else t)
     config = getattr(module, "config", None)
     if config is not None and hasattr(config, "dtype"):  # transformers reads it for masks and new tensors
@@ -161,7 +160,7 @@ def upcast_half(module: torch.nn.Module) -> str | None:
             config.dtype = torch.float32
         except Exception:  # noqa: BLE001 - a config that refuses the attribute keeps its own
             pass
-    return ", ".join(found)
+    return found
 
 
 def _narrow(t: torch.Tensor) -> bool:
