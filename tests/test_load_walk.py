@@ -24,7 +24,7 @@ import torch
 
 import basins.files.loading as loading
 from basins.errors import InputError
-from basins.files.loading import load_model, resolve_inputs, save_bundle
+from basins.files.loading import load_data, load_model, open_data, resolve_inputs, save_bundle
 from basins.files.loading.models import LOADERS
 from tests import models
 
@@ -159,6 +159,15 @@ def test_refused_format_stops_at_the_checks(files: dict[str, tuple[str, dict[str
 
     entries, sniffs = walk(load)
     assert entries == ["models", "sniff", "checks"] and sniffs == 1
+
+
+def test_data_files_walk_forward(files: dict[str, tuple[str, dict[str, Any]]], data_files) -> None:  # type: ignore[no-untyped-def]
+    """A data file is sniffed once and read by the data module (a bundle's layout checked on the way)."""
+    for path, expected in [(data_files.pt, ["data", "sniff"]), (data_files.npz, ["data", "sniff"]),
+                           (files["bundle"][0], ["data", "sniff", "checks"])]:
+        for reader in (load_data, open_data):
+            entries, sniffs = walk(lambda: reader(path))  # noqa: B023 - called at once
+            assert entries == expected and sniffs == 1, (path, reader.__name__, entries)
 
 
 @pytest.mark.slow  # (imports transformers and peft)

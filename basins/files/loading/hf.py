@@ -18,7 +18,7 @@ adapter's base model), reads it with ``transformers`` (the optional extra ``basi
   kilobytes of weights), or more memory than the machine has, is refused;
 * weights from safetensors, each header checked (:func:`~.checks.safetensors_header`); a
   directory with only ``pytorch_model.bin`` is a pickle and is refused unless ``trust_pickle``,
-  like any other pickle, and code shipped with the model (``auto_map``) is refused (:mod:`.checks`);
+  like any other pickle (:mod:`.checks`, which also refuses ``auto_map``);
 * attention on the ``eager`` path (``attn_implementation="eager"``): the fused SDPA kernels
   have no double backward and no forward-mode AD; ``use_cache=False`` (no key/value cache).
 """
