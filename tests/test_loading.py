@@ -511,3 +511,25 @@ def test_import_object():
     assert from_file == 3
     with pytest.raises(InputError, match="not of the form module:attribute"):
         import_object("tests.models:")
+
+
+def test_loader_messages_name_parameters_not_flags():
+    """Every string the loaders can put in a message (not docstrings) names library parameters
+    (``trust_pickle=True``, ``arch``), never a command-line flag: the CLI adds the flag from ``param``."""
+    import ast
+    import re
+
+    import basins.files.loading as package
+
+    folder = Path(package.__file__).parent
+    flag = re.compile(r"(?<![\w-])--[a-z]")
+    found = []
+    for path in [*sorted(folder.glob("*.py")), folder.parent / "bounds.py", folder.parent / "hdf5.py"]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docs = {id(body[0].value) for node in ast.walk(tree)
+                if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                and (body := node.body) and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)}
+        found += [f"{path.name}:{node.lineno}: {node.value[:60]!r}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+                  and flag.search(node.value)]
+    assert not found, found
