@@ -13,9 +13,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from basins.errors import InputError
@@ -425,3 +427,28 @@ def test_hessian_on_a_pt2_imports_no_dynamo(tmp_path) -> None:  # type: ignore[n
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr
+
+
+def test_attention_with_dropout_is_refused(tmp_path: Path) -> None:
+    """An attention call whose dropout probability is not 0 draws random numbers on every call (it
+    ignores eval mode): refused, naming the operator and p; with p = 0 it is read."""
+
+    class Attention(nn.Module):
+        def __init__(self, p: float) -> None:
+            super().__init__()
+            self.p, self.qkv = p, nn.Linear(4, 12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.p).flatten(1)
+
+    x = torch.randn(3, 2, 4)
+    for p in (0.0, 0.5):
+        path = str(tmp_path / f"attention_{p}.pt2")
+        torch.export.save(torch.export.export(Attention(p).eval(), (x,)), path)
+        if p:
+            with pytest.raises(InputError, match=r"scaled_dot_product_attention applies dropout \(p=0\.5\)") as info:
+                read_export_archive(path, path)
+            assert info.value.param == "trust_pickle"
+        else:
+            assert read_export_archive(path, path).module(x).shape == (3, 8)
