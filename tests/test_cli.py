@@ -69,7 +69,7 @@ def test_inferred_loss_is_logged(model_files, data_files) -> None:  # type: igno
         ("missing", r"does not exist|not found|No such file"),
         ("garbage", r"garbage\.pt"),
         ("torchscript", r"TorchScript.*torch\.export"),
-        ("pickle", r"runs code from the file.*--trust-pickle"),
+        ("pickle", r"--trust-pickle.*runs code from the file"),
         ("state_dict_no_arch", r"--arch"),
         ("no_data", r"--data"),
     ],

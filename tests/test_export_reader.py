@@ -5,7 +5,7 @@ For every model of a zoo, fixed and dynamic batch, the module read here and
 ``ExportedProgram.module()`` must have the same parameter, buffer and state-dict names in the same
 order, and give bit-identical outputs and gradients (dynamic exports: at two batch sizes);
 archives outside what the reader reads are refused with an ``InputError`` naming the item and
-``--trust-pickle`` (crafted archives: ``tests/test_hostile_inputs.py``).
+``trust_pickle`` (crafted archives: ``tests/test_hostile_inputs.py``).
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from __future__ import annotations
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from basins.errors import InputError
@@ -247,7 +249,7 @@ def test_dynamic_batch_with_size_arithmetic(tmp_path: pytest.TempPathFactory) ->
 def test_training_mode_export_reads_the_same_way(tmp_path: pytest.TempPathFactory) -> None:
     """A batch-norm exported in training mode (in-place running-statistics updates in the graph)
     is read here, and load_model's inference rewrite gives what it gives on torch.export.load's module."""
-    from basins.files.loading.models import _prepare_exported
+    from basins.files.loading.exports import _prepare_exported
 
     torch.manual_seed(1)
     bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
@@ -263,7 +265,7 @@ def test_training_mode_export_reads_the_same_way(tmp_path: pytest.TempPathFactor
 
 def test_malformed_archives_are_refused(tmp_path: pytest.TempPathFactory, archives: dict[str, str]) -> None:
     """Missing members, a schema from another major version, a pickled payload, a non-aten
-    operator or a bad CRC: refused, naming the item and --trust-pickle, never guessed."""
+    operator or a bad CRC: refused, naming the item and trust_pickle, never guessed."""
     source = archives["mlp"]
     with zipfile.ZipFile(source) as zf:
         members = {i.filename: zf.read(i) for i in zf.infolist()}
@@ -281,7 +283,8 @@ def test_malformed_archives_are_refused(tmp_path: pytest.TempPathFactory, archiv
     def refused(archive: str | bytes, words: str, hint: bool = True) -> None:
         with pytest.raises(InputError, match=words) as info:
             read_export_archive(archive, "x")
-        assert ("--trust-pickle" in str(info.value)) == hint and "\n" not in str(info.value)
+        assert ("trust_pickle=True" in str(info.value)) == hint and "\n" not in str(info.value)
+        assert (info.value.param == "trust_pickle") == hint
 
     text = members[model_json].decode()
     refused(rewrite("no-json.pt2", {model_json: None}), "0 models")
@@ -424,3 +427,28 @@ def test_hessian_on_a_pt2_imports_no_dynamo(tmp_path) -> None:  # type: ignore[n
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines()[-1] == "[]", r.stderr
+
+
+def test_attention_with_dropout_is_refused(tmp_path: Path) -> None:
+    """An attention call whose dropout probability is not 0 draws random numbers on every call (it
+    ignores eval mode): refused, naming the operator and p; with p = 0 it is read."""
+
+    class Attention(nn.Module):
+        def __init__(self, p: float) -> None:
+            super().__init__()
+            self.p, self.qkv = p, nn.Linear(4, 12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.p).flatten(1)
+
+    x = torch.randn(3, 2, 4)
+    for p in (0.0, 0.5):
+        path = str(tmp_path / f"attention_{p}.pt2")
+        torch.export.save(torch.export.export(Attention(p).eval(), (x,)), path)
+        if p:
+            with pytest.raises(InputError, match=r"scaled_dot_product_attention applies dropout \(p=0\.5\)") as info:
+                read_export_archive(path, path)
+            assert info.value.param == "trust_pickle"
+        else:
+            assert read_export_archive(path, path).module(x).shape == (3, 8)

@@ -220,7 +220,7 @@ def test_adapter_base_model_option_and_no_hub(lora: dict[str, object], tmp_path:
     assert out["num_params"] == 128 and out["base_model"] == str(root / "base")
     code, _, err = _cli("hessian", str(root / "base"), "--base-model", str(root / "base"), "--data",
                         str(root / "tokens.pt"), "--json", "-q")
-    assert code == 2 and "--base-model is for a peft adapter directory" in err
+    assert code == 2 and "base_model is for a peft adapter directory" in err
 
 
 def test_everything_frozen_names_the_parameter() -> None:

@@ -201,7 +201,7 @@ CASES: dict[str, tuple[Callable[[Path, Path], tuple[Path, dict[str, object]]], s
     "weight_unexpected": (_weights_edit(add="transformer.extra.weight"), "not in"),
     "index_outside_directory": (_index_outside, "same directory"),
     "fifo_weights": (_fifo_weights, "not a regular file"),
-    "adapter_hub_base": (_adapter(base_model_name_or_path="openai-community/gpt2"), "--base-model"),
+    "adapter_hub_base": (_adapter(base_model_name_or_path="openai-community/gpt2"), "base_model"),
     "adapter_huge_rank": (_adapter(r=1_000_000_000), "rank"),
     "adapter_backtracking_regex": (_adapter(target_modules="(.*)*x"), "nests quantifiers"),
     "adapter_layer_replication": (_adapter(layer_replication=[[0, 100000]]), "layer_replication"),

@@ -162,13 +162,15 @@ def test_state_dict_with_file_path_arch(model_files):
 
 
 def test_state_dict_without_arch(model_files):
-    with pytest.raises(InputError, match=r"state_dict\.pt is a state dict \(4 tensors.*--arch module:factory"):
+    with pytest.raises(InputError, match=r"state_dict\.pt is a state dict \(4 tensors.*arch=\"module:factory\"") as info:
         load_model(model_files.state_dict)
+    assert info.value.param == "arch"
 
 
 def test_state_dict_not_fitting_arch(model_files):
-    with pytest.raises(InputError, match=r"does not fit the model built by --arch tests\.models:cnn_bn"):
+    with pytest.raises(InputError, match=r"not fit the model built by arch tests\.models:cnn_bn") as info:
         load_model(model_files.state_dict, arch="tests.models:cnn_bn")
+    assert info.value.param == "arch"
 
 
 @pytest.mark.parametrize(
@@ -189,8 +191,9 @@ def test_arch_errors(model_files, arch, message):
 
 
 def test_pickle_refused_without_trust(model_files):
-    with pytest.raises(InputError, match=r"pickled Python object.*Sequential.*runs code from the file.*--trust-pickle"):
+    with pytest.raises(InputError, match=r"pickled Python object.*Sequential.*runs code from the file.*trust_pickle=True") as info:
         load_model(model_files.pickle)
+    assert info.value.param == "trust_pickle"
 
 
 def test_pickle_loaded_with_trust(model_files):
@@ -240,9 +243,9 @@ def test_unknown_zip(tmp_path):
 
 
 def test_data_file_given_as_model(data_files):
-    with pytest.raises(InputError, match=r"NumPy \.npz archive, which is data, not a model: pass it with --data"):
+    with pytest.raises(InputError, match=r"NumPy \.npz archive, which is data, not a model: pass it as data"):
         load_model(data_files.npz)
-    with pytest.raises(InputError, match=r"is a data file .*pass it with --data"):
+    with pytest.raises(InputError, match=r"is a data file .*pass it as data"):
         load_model(data_files.pt)
 
 
@@ -490,8 +493,9 @@ def test_resolve_inputs_from_bundle(model_files, data_files):
 
 
 def test_resolve_inputs_needs_data_for_other_models(model_files, data_files):
-    with pytest.raises(InputError, match=r"dynamic\.pt2 is a \.pt2 export, which holds no data: pass the data with --data"):
+    with pytest.raises(InputError, match=r"dynamic\.pt2 is a \.pt2 export, which holds no data: pass the data as data") as info:
         resolve_inputs(model_files.pt2)
+    assert info.value.param == "data"
     model, data, loss = resolve_inputs(model_files.pt2, data=data_files.npz, max_samples=4)
     assert model.kind == "export" and loss is None and data.inputs.shape == (4, 4)
     model, _, loss = resolve_inputs(model_files.state_dict, data=data_files.pt, arch=model_files.arch, loss="mse")
@@ -507,3 +511,25 @@ def test_import_object():
     assert from_file == 3
     with pytest.raises(InputError, match="not of the form module:attribute"):
         import_object("tests.models:")
+
+
+def test_loader_messages_name_parameters_not_flags():
+    """Every string the loaders can put in a message (not docstrings) names library parameters
+    (``trust_pickle=True``, ``arch``), never a command-line flag: the CLI adds the flag from ``param``."""
+    import ast
+    import re
+
+    import basins.files.loading as package
+
+    folder = Path(package.__file__).parent
+    flag = re.compile(r"(?<![\w-])--[a-z]")
+    found = []
+    for path in [*sorted(folder.glob("*.py")), folder.parent / "bounds.py", folder.parent / "hdf5.py"]:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docs = {id(body[0].value) for node in ast.walk(tree)
+                if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+                and (body := node.body) and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)}
+        found += [f"{path.name}:{node.lineno}: {node.value[:60]!r}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
+                  and flag.search(node.value)]
+    assert not found, found

@@ -19,13 +19,15 @@ from typing import Any
 
 from basins.errors import InputError
 
-__all__ = ["memory_budget", "check_allocation", "load_json", "read_zip_members", "check_zip_declared",
-           "MAX_JSON_DEPTH"]
+__all__ = ["memory_budget", "check_allocation", "load_json", "load_json_file", "read_zip_members",
+           "check_zip_declared", "MAX_JSON_DEPTH", "MAX_CONFIG_BYTES"]
 
 #: deepest JSON nesting accepted from a file (torch's export schema needs about 12)
 MAX_JSON_DEPTH = 64
 #: largest JSON text accepted from a file
 MAX_JSON_BYTES = 256 << 20
+#: largest JSON file beside a model read by :func:`load_json_file` (a config, an index)
+MAX_CONFIG_BYTES = 16 << 20
 #: inflated/compressed size above which a deflated zip member is treated as a zip bomb
 MAX_ZIP_RATIO = 200
 _ZIP_SLACK = 1 << 20
@@ -107,6 +109,28 @@ def load_json(data: bytes | bytearray | str, source: str, *, max_depth: int = MA
         return json.loads(text)
     except (ValueError, RecursionError) as err:
         raise InputError(f"{source}: not valid JSON ({str(err)[:120]})") from None
+
+
+def load_json_file(path: str, *, max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """The JSON in the file ``path`` (a Hugging Face ``config.json``, a shard index,
+    ``adapter_config.json``), by :func:`load_json`; a FIFO, device or directory is refused, never
+    opened for reading.
+
+    Raises:
+        InputError: the path is missing or not a regular file, larger than ``max_bytes``, nested too
+            deep, not UTF-8 or not JSON.
+    """
+    try:
+        if not os.path.isfile(path):
+            raise InputError(f"{path} is not a regular file")
+        size = os.path.getsize(path)
+        if size > max_bytes:
+            raise InputError(f"{path}: {size:,} bytes of JSON, more than the {max_bytes:,} basins reads")
+        with open(path, "rb") as handle:
+            raw = handle.read(max_bytes + 1)
+    except OSError as err:
+        raise InputError(f"{path}: cannot read it ({err.strerror})") from None
+    return load_json(raw, path, max_bytes=max_bytes)
 
 
 def read_zip_members(zf: zipfile.ZipFile, size: int, source: str) -> dict[str, bytearray]:

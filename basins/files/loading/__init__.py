@@ -22,7 +22,7 @@ Models (:func:`load_model`)
       plus ``arch="module:factory"``: ``factory()`` builds the ``nn.Module`` and the weights are
       loaded with ``strict=True``.
     * a pickled ``nn.Module`` (``torch.save(model, path)``): loading it runs code from the file,
-      so it is refused unless ``trust_pickle=True`` (``--trust-pickle``).
+      so it is refused unless ``trust_pickle=True``.
     * a Hugging Face model directory (``config.json`` + ``model.safetensors``), local files only,
       with ``transformers`` (extra ``basins[hf]``): :mod:`~basins.files.loading.hf`; a
       ``pytorch_model.bin`` is a pickle (``trust_pickle``);
@@ -36,7 +36,7 @@ Models (:func:`load_model`)
     Weights stored in bfloat16 or float16 are upcast to float32 (exactly), the analysis precision;
     ``LoadedModel.source_dtype`` records the stored dtype. Parameter names must be dotted
     identifiers, tensors must hold values (no ``meta`` device) in the dense layout, and JSON and
-    safetensors headers are bounded and checked before use (:mod:`~basins.files.loading.weights`).
+    safetensors headers are bounded and checked before use (:mod:`~basins.files.loading.checks`).
 
 Data (:func:`load_data`)
     ``spec`` is a file or ``module:factory``:
@@ -82,14 +82,29 @@ Bundle format (version 1)
 
     ``basins example`` writes one (:mod:`basins.files.example`), :func:`save_bundle` writes one from
     a module or an ``ExportedProgram``, and any command accepts it as ``MODEL`` with no other
-    option (``--data``/``--loss`` override what it carries). Readers refuse other ``format``
+    option (``data``/``loss`` override what it carries). Readers refuse other ``format``
     values and newer versions. ``LoadedModel.sha256`` of a bundle is the hash of the embedded
     ``.pt2`` bytes. (It differs from the hash of a ``.pt2`` file of the same program: the
     archive's member names start with the file's name, ``archive/`` in a bundle.)
 
-Modules: :mod:`~basins.files.loading.formats` (recognising files), :mod:`~basins.files.loading.models`,
-:mod:`~basins.files.loading.data`, :mod:`~basins.files.loading.bundle`, :mod:`~basins.files.loading.imports`
-(``module:attr`` specs); everything public is importable from ``basins.files.loading``.
+How a model is loaded (:mod:`~basins.files.loading.models`): one walk forward, no module entered twice
+    1. :mod:`~basins.files.loading.sniff`: what the path holds (first bytes, zip members, directory
+       contents, a ``torch.save`` file's ``weights_only`` content), once, as a format tag;
+    2. :mod:`~basins.files.loading.checks`: the checks every format shares, once (refusals, trust,
+       layout, safetensors headers, parameter names, stored dtypes, the hash);
+    3. the loader the table :data:`~basins.files.loading.models.LOADERS` gives for the tag, one entry
+       point ``build`` per module: :mod:`~basins.files.loading.exports` (``.pt2``, a bundle's
+       ``.pt2``; through :mod:`~basins.files.loading.export_reader`), :mod:`~basins.files.loading.arch`
+       (a state dict or ``.safetensors`` file with ``arch``), :mod:`~basins.files.loading.hf`,
+       :mod:`~basins.files.loading.adapters` (peft, on :mod:`~basins.files.loading.hf` for its base),
+       :mod:`~basins.files.loading.pickled`;
+    4. the wrap (:mod:`~basins.files.loading.models`): tensors checked, narrow dtypes upcast.
+
+Other modules: :mod:`~basins.files.loading.data`, :mod:`~basins.files.loading.bundle` (writing
+bundles), :mod:`~basins.files.loading.imports` (``module:attr`` specs),
+:mod:`~basins.files.loading.matching` (a second checkpoint of the same architecture),
+:mod:`~basins.files.loading.describe` (words for messages); everything public is importable from
+``basins.files.loading``.
 
 Example:
     >>> from basins.files.loading import resolve_inputs
@@ -106,7 +121,7 @@ from basins.errors import InputError
 
 from .bundle import Bundle, load_bundle, save_bundle
 from .data import LoadedData, _finish_data, load_data, open_data
-from .formats import BUNDLE_FORMAT, BUNDLE_VERSION
+from .describe import BUNDLE_FORMAT, BUNDLE_VERSION
 from .imports import import_object, load_loss
 from .matching import OtherCheckpoint, load_parameters_like
 from .models import LoadedModel, _load_model_file, load_model
@@ -182,9 +197,9 @@ def resolve_inputs(
             "peft": "a peft adapter directory",
         }.get(loaded.kind, loaded.kind)
         raise InputError(
-            f"{model} is {kind}, which holds no data: pass the data with --data (a .pt, .npz "
-            "or .h5 file with inputs and targets or named inputs such as input_ids, or module:function); only a bundle written by "
-            "basins example or save_bundle carries its own"
+            f"{model} is {kind}, which holds no data: pass the data as data (a .pt, .npz or .h5 file with inputs "
+            "and targets or named inputs such as input_ids, or module:function); only a bundle written by "
+            "basins example or save_bundle carries its own", param="data"
         )
     return loaded, (open_data if stream else load_data)(data, max_samples=max_samples, seed=seed), load_loss(loss)
 

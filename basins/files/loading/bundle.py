@@ -18,7 +18,7 @@ from basins.engine.batch import require_tensor
 from basins.errors import InputError
 
 from .data import LoadedData, _finish_data
-from .formats import BUNDLE_FORMAT, BUNDLE_VERSION, _one_line
+from .describe import BUNDLE_FORMAT, BUNDLE_VERSION, one_line
 from .models import LoadedModel, _load_model_file
 
 
@@ -43,8 +43,8 @@ def load_bundle(path: str) -> Bundle:
     model, raw = _load_model_file(path, arch=None, trust_pickle=False)
     if raw is None:
         raise InputError(
-            f"{path} is not a basins bundle (it is a {model.kind} model); pass the data with "
-            "--data, or write a bundle with save_bundle"
+            f"{path} is not a basins bundle (it is a {model.kind} model); pass the data separately, "
+            "or write a bundle with save_bundle"
         )
     return _bundle_from_raw(model, raw, path, None)
 
@@ -162,7 +162,7 @@ def _export(
     except Exception as err:
         raise InputError(
             f"could not export the model with a dynamic batch dimension ({type(err).__name__}: "
-            f"{_one_line(err)}); export it yourself and pass the ExportedProgram"
+            f"{one_line(err)}); export it yourself and pass the ExportedProgram"
         ) from err
     finally:
         module.train(was_training)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import random
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -25,19 +24,10 @@ from basins.errors import InputError
 from basins.files.bounds import check_allocation, check_zip_declared
 from basins.files.hdf5 import open_contained
 
-from .formats import (
-    _KIND_WORDS,
-    BUNDLE_FORMAT,
-    _check_bundle,
-    _check_file,
-    _describe,
-    _not_readable,
-    _one_line,
-    _sniff,
-    _torch_load_safe,
-    _unpickling_global,
-)
+from .checks import check_bundle
+from .describe import KIND_WORDS, describe, not_readable, one_line, unpickling_global
 from .imports import import_object
+from .sniff import Sniffed, sniff
 
 _T = TypeVar("_T")
 
@@ -85,8 +75,7 @@ def load_data(spec: str, *, max_samples: int | None = None, seed: int = 0) -> Lo
     """
     _check_max_samples(max_samples)
     if os.path.exists(spec):
-        _check_file(spec, "data")
-        inputs, targets = _load_data_file(spec, max_samples)
+        inputs, targets = _load_data_file(sniff(spec, what="data"), max_samples)
     elif ":" in spec and not spec.lower().endswith((".pt", ".pth", ".npz", ".h5", ".hdf5")):
         inputs, targets = _load_data_factory(spec, max_samples, seed)
     else:
@@ -111,11 +100,12 @@ def open_data(spec: str, *, max_samples: int | None = None, seed: int = 0) -> Lo
     """
     _check_max_samples(max_samples)
     if os.path.exists(spec):
-        _check_file(spec, "data")
-        if _sniff(spec).kind == "hdf5":
+        sniffed = sniff(spec, what="data")
+        if sniffed.tag == "hdf5":
             _check_hdf5(spec)
             return _reading(spec, lambda: hdf5_stream(spec, max_samples), seed)
-    elif ":" in spec and not spec.lower().endswith((".pt", ".pth", ".npz", ".h5", ".hdf5")):
+        return _finish_data(*_load_data_file(sniffed, max_samples), spec, max_samples)
+    if ":" in spec and not spec.lower().endswith((".pt", ".pth", ".npz", ".h5", ".hdf5")):
         obj = _call_factory(spec, seed)
         stream = _reading(spec, lambda: stream_from_object(obj, spec, max_samples), seed)
         if stream is not None:
@@ -134,20 +124,19 @@ def _check_max_samples(max_samples: int | None) -> None:
 
 
 
-def _load_data_file(path: str, max_samples: int | None) -> tuple[Any, Any]:
-    sniffed = _sniff(path)
-    kind = sniffed.kind
-    if kind in ("torch-save", "legacy-pickle"):
-        try:
-            obj = _torch_load_safe(path, path)
-        except pickle.UnpicklingError as err:
-            raise InputError(
-                f"{path} holds pickled Python objects ({_unpickling_global(err)}); a data file "
-                'must hold plain tensors: torch.save({"inputs": X, "targets": Y}, path)'
-            ) from err
-        if isinstance(obj, Mapping) and obj.get("format") == BUNDLE_FORMAT:
-            _check_bundle(obj, path)
-        return _pair_from_mapping(obj, path, "a torch.save file")
+def _load_data_file(sniffed: Sniffed, max_samples: int | None) -> tuple[Any, Any]:
+    """Inputs and targets from a sniffed data file (:func:`~.sniff.sniff`, which read a ``torch.save``
+    file's content already)."""
+    path, kind = sniffed.path, sniffed.tag
+    if kind == "pickle":
+        raise InputError(
+            f"{path} holds pickled Python objects ({unpickling_global(sniffed.error or Exception())}); a data file "
+            'must hold plain tensors: torch.save({"inputs": X, "targets": Y}, path)'
+        )
+    if kind in ("bundle", "torch-data", "state_dict", "torch-save"):
+        if kind == "bundle":
+            check_bundle(sniffed.content, path)
+        return _pair_from_mapping(sniffed.content, path, "a torch.save file")
     if kind == "npz":
         _check_npz(path)
         try:
@@ -164,7 +153,7 @@ def _load_data_file(path: str, max_samples: int | None) -> tuple[Any, Any]:
         except InputError:
             raise
         except Exception as err:  # object arrays (ValueError), damaged members, ...
-            raise InputError(f"{path}: cannot read the .npz ({_one_line(err)})") from err
+            raise InputError(f"{path}: cannot read the .npz ({one_line(err)})") from err
     if kind == "hdf5":
         return _load_hdf5(path, max_samples)
     if kind == "npy":
@@ -172,12 +161,10 @@ def _load_data_file(path: str, max_samples: int | None) -> tuple[Any, Any]:
             f"{path} is a single .npy array; data needs inputs and targets: "
             "numpy.savez(path, inputs=X, targets=Y)"
         )
-    if kind in ("pt2", "torchscript", "aoti", "safetensors"):
-        raise InputError(
-            f"{path} is {_KIND_WORDS[kind]}, a model, not data: pass it as MODEL and the data "
-            "with --data"
-        )
-    raise InputError(_not_readable(path, sniffed, "data"))
+    if kind in ("export", "torchscript", "aoti", "safetensors"):
+        raise InputError(f"{path} is {KIND_WORDS[kind]}, a model, not data: pass it as the model and a data file "
+                         "as data", param="data")
+    raise InputError(not_readable(path, kind, sniffed.detail, "data"), param="data")
 
 
 
@@ -187,7 +174,7 @@ def _pair_from_mapping(obj: Any, source: str, found: str) -> tuple[Any, Any]:
     if has_named_inputs(obj):
         return split_named(obj, source)
     raise InputError(
-        f"{source} is {found} holding {_describe(obj)}; data needs keys inputs and targets: "
+        f"{source} is {found} holding {describe(obj)}; data needs keys inputs and targets: "
         'torch.save({"inputs": X, "targets": Y}, path), or named inputs (input_ids, attention_mask, '
         "..., labels)"
     )
@@ -203,7 +190,7 @@ def _load_hdf5(path: str, max_samples: int | None) -> tuple[Any, Any]:
     except InputError:
         raise
     except Exception as err:
-        raise InputError(f"{path}: cannot read the HDF5 file ({_one_line(err)})") from err
+        raise InputError(f"{path}: cannot read the HDF5 file ({one_line(err)})") from err
 
 
 
@@ -235,7 +222,7 @@ def _call_factory(spec: str, seed: int) -> Any:
                 raise
             except Exception as err:
                 raise InputError(
-                    f"data factory {spec} raised {type(err).__name__}: {_one_line(err)}"
+                    f"data factory {spec} raised {type(err).__name__}: {one_line(err)}"
                 ) from err
     return obj
 
@@ -250,7 +237,7 @@ def _reading(spec: str, fn: Callable[[], _T], seed: int) -> _T:
             raise
         except Exception as err:
             raise InputError(
-                f"{spec}: reading the data failed with {type(err).__name__}: {_one_line(err)}"
+                f"{spec}: reading the data failed with {type(err).__name__}: {one_line(err)}"
             ) from err
 
 
@@ -296,7 +283,7 @@ def _materialise(obj: Any, spec: str, max_samples: int | None) -> tuple[Any, Any
             _stack([p[1] for p in pairs], spec, "targets"),
         )
     raise InputError(
-        f"{spec} returned {_describe(obj)}; expected (inputs, targets) tensors, a Dataset of "
+        f"{spec} returned {describe(obj)}; expected (inputs, targets) tensors, a Dataset of "
         "(x, y) pairs, or a DataLoader"
     )
 
@@ -308,7 +295,7 @@ def _stack(values: list[Any], spec: str, name: str) -> Any:
     try:
         return torch.stack([as_tensor(v, spec, name) for v in values])
     except Exception as err:
-        raise InputError(f"{spec}: cannot stack the {name} ({_one_line(err)})") from err
+        raise InputError(f"{spec}: cannot stack the {name} ({one_line(err)})") from err
 
 
 
@@ -367,4 +354,4 @@ def _check_npz(path: str) -> None:
     except InputError:
         raise
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
-        raise InputError(f"{path}: cannot read the .npz ({_one_line(err)})") from None
+        raise InputError(f"{path}: cannot read the .npz ({one_line(err)})") from None

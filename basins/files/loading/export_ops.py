@@ -1,7 +1,8 @@
-"""The operators a ``.pt2`` read without ``--trust-pickle`` may call: the allowlist, written once.
+"""The operators a ``.pt2`` read without ``trust_pickle`` may call: the allowlist, written once.
 
-A graph in an archive from elsewhere is code. :func:`resolve` turns a node's target into what the
-module will call, or refuses it (:class:`Refused`, naming the operator and why):
+A graph in an archive from elsewhere is code. :func:`resolve_all`, called once per graph before any
+node is built, turns every node's target into what the module will call, or refuses it
+(:class:`Refused`, naming the operator and why):
 
 * **ATen and prims overloads only** (``torch.ops.aten.*``, ``torch.ops.prims.*``). Higher-order
   operators (``cond``, ``while_loop``, ``map``, ``print``, ``with_effects`` ...) live in
@@ -14,7 +15,7 @@ module will call, or refuses it (:class:`Refused`, naming the operator and why):
   assertions of :data:`_ASSERTIONS` (an operator that returns nothing runs for its effects:
   ``_print``, ``record_stream``); it draws no random numbers (the ``nondeterministic_seeded``
   tag), except dropout, which inference mode turns off, and attention/recurrent layers whose
-  dropout is 0 or whose ``train`` flag is off (:func:`check_no_dropout`); and it is not in
+  dropout is 0 or whose ``train`` flag is off (read from the node's arguments); and it is not in
   :data:`_DENIED` nor takes a ``str`` file name (``from_file`` reads any file of the machine,
   ``manual_seed`` resets the global generator).
 * **Size arithmetic** (:data:`SYM_OPS`): the Python operators ``torch.export`` emits for dynamic
@@ -35,7 +36,7 @@ import torch
 
 from basins.errors import InputError
 
-__all__ = ["Refused", "resolve", "allowed", "check_no_dropout", "SYM_OPS", "MAYBE_DROPOUT"]
+__all__ = ["Refused", "resolve_all", "allowed", "SYM_OPS"]
 
 _NAMESPACES = ("aten", "prims")
 _INT64 = 1 << 63
@@ -43,7 +44,7 @@ _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}\Z")
 
 
 class Refused(Exception):
-    """The archive says something outside what is read without ``--trust-pickle`` (the message names it)."""
+    """The archive says something outside what is read without ``trust_pickle`` (the message names it)."""
 
 #: operators with effects outside the graph, whatever their schema says
 _DENIED = frozenset({"from_file", "_print", "save", "manual_seed", "seed", "set_rng_state", "_set_rng_state",
@@ -84,7 +85,27 @@ def allowed(op: torch._ops.OpOverload) -> str | None:
     return None
 
 
-def resolve(target: Any) -> Callable[..., Any]:
+def resolve_all(nodes: list[Any]) -> dict[str, Callable[..., Any]]:
+    """``{target: callable}`` for the targets of a serialised graph's nodes, each allowed (module
+    docstring); an attention or recurrent call whose arguments turn dropout on is refused. Nodes that
+    are not JSON objects are left for the reader to refuse.
+
+    Raises:
+        Refused: naming the first operator that may not run, and why.
+    """
+    ops: dict[str, Callable[..., Any]] = {}
+    for node in nodes:
+        if not isinstance(node, dict):
+            continue
+        target = node.get("target")
+        op = ops[target] if isinstance(target, str) and target in ops else _resolve(target)
+        ops[target] = op
+        if isinstance(op, torch._ops.OpOverload) and op._schema.name.split("::")[1] in MAYBE_DROPOUT:
+            _check_no_dropout(op, node.get("inputs"))
+    return ops
+
+
+def _resolve(target: Any) -> Callable[..., Any]:
     if not isinstance(target, str):
         raise Refused("an operator is not named")
     if target in SYM_OPS:
@@ -138,11 +159,19 @@ for _name, _fn in SYM_OPS.items():  # fx refers to them by their module's global
     globals()[_fn.__name__] = _fn
 
 
-def check_no_dropout(op: torch._ops.OpOverload, args: list[Any], kwargs: dict[str, Any]) -> None:
-    """Refuse an attention or recurrent call that would draw random numbers (dropout on, in training)."""
-    bound = dict(zip((a.name for a in op._schema.arguments), args)) | kwargs
-    p, train = bound.get("dropout_p", bound.get("dropout", 0.0)), bound.get("train", True)
-    if p and train:
+def _check_no_dropout(op: torch._ops.OpOverload, inputs: Any) -> None:
+    """Refuse an attention or recurrent call that would draw random numbers (dropout on, in training),
+    from its serialised inputs (``[{"name", "arg": {kind: value}}, ...]``); a probability or flag that
+    is not a constant counts as on."""
+    given = {i.get("name"): i.get("arg") for i in inputs if isinstance(i, dict)} if isinstance(inputs, list) else {}
+
+    def constant(name: str, default: Any) -> Any:
+        if name not in given:
+            return default
+        arg = given[name]
+        kind, value = next(iter(arg.items())) if isinstance(arg, dict) and len(arg) == 1 else (None, None)
+        return value if kind in ("as_float", "as_int", "as_bool") else "not a constant"
+
+    p = constant("dropout_p", constant("dropout", 0.0))
+    if p and constant("train", True):
         raise Refused(f"operator {op._schema.name} applies dropout (p={p}), which draws random numbers")
-
-

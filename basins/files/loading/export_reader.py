@@ -8,9 +8,9 @@ payloads, ``dlopen``\\s an AOTInductor library it finds in the archive, and runs
 graph names (``from_file``, ``print``, ``while_loop``, ``manual_seed`` ...), in every subgraph. A
 validator in front of it would have to model each of those fields as torch reads them; this reader
 instead reads only the fields it knows, and refuses (:class:`~basins.errors.InputError`, naming
-the item and ``--trust-pickle``) every archive that says anything else. ``torch.export.load``
-is used only when the user passes ``--trust-pickle`` (:mod:`.exports`). It also costs about 1.3 s
-and 75 MiB per process less: nothing of ``torch._dynamo``, ``sympy`` or the export serialiser is imported.
+the item and ``trust_pickle``) every archive that says anything else. ``torch.export.load``
+is used only with ``trust_pickle`` (:mod:`.exports`). Nothing of ``torch._dynamo``, ``sympy`` or
+the export serialiser is imported.
 
 What is accepted (everything else is refused, never guessed):
 
@@ -72,7 +72,7 @@ from torch.utils._pytree import tree_map
 from basins.errors import InputError
 from basins.files.bounds import check_allocation, load_json, read_zip_members
 
-from .export_ops import MAYBE_DROPOUT, Refused, check_no_dropout, resolve
+from .export_ops import Refused, resolve_all
 
 __all__ = ["read_export_archive", "ExportRead", "SCHEMA_MAJOR", "SCHEMA_MINOR_MAX", "TRUST_HINT"]
 
@@ -82,10 +82,9 @@ SCHEMA_MINOR_MAX = 20
 
 #: The end of every refusal: what the user can do.
 TRUST_HINT = (
-    "basins reads only plain exported programs without --trust-pickle; re-export it with "
-    "torch.export.save(torch.export.export(model.eval(), (x,)), 'model.pt2'), or pass --trust-pickle "
-    "(trust_pickle=True) to load it with torch.export.load, which runs code from the file, only if you "
-    "trust whoever wrote it"
+    "basins reads only plain exported programs without trust_pickle; re-export it with "
+    "torch.export.save(torch.export.export(model.eval(), (x,)), 'model.pt2'), or pass trust_pickle=True "
+    "to load it with torch.export.load, which runs code from the file, only if you trust whoever wrote it"
 )
 
 _DTYPES = {
@@ -130,7 +129,8 @@ def read_export_archive(archive: str | bytes, source: str) -> ExportRead:
 
     Raises:
         InputError: the archive is damaged, too big for its declared sizes, or outside what this
-            reader accepts (module docstring); one line naming the item and ``--trust-pickle``.
+            reader accepts (module docstring); one line naming the item and ``trust_pickle``
+            (``param="trust_pickle"`` where passing it would load the archive).
     """
     handle: IO[bytes] | str = io.BytesIO(archive) if isinstance(archive, bytes) else archive
     size = len(archive) if isinstance(archive, bytes) else os.path.getsize(archive)
@@ -141,14 +141,14 @@ def read_export_archive(archive: str | bytes, source: str) -> ExportRead:
     except InputError:
         raise
     except Refused as why:
-        raise InputError(f"{source}: {why}; {TRUST_HINT}") from None
+        raise InputError(f"{source}: {why}; {TRUST_HINT}", param="trust_pickle") from None
     except zipfile.BadZipFile as err:
         raise InputError(f"{source}: not a readable zip archive ({str(err)[:100]}); the file is damaged "
                          "or not a torch.export.save archive") from None
     except (KeyError, ValueError, TypeError, AttributeError, IndexError, RuntimeError, OverflowError,
             RecursionError) as err:
         raise InputError(f"{source}: malformed exported program ({type(err).__name__}: "
-                         f"{str(err)[:120]}); {TRUST_HINT}") from None
+                         f"{str(err)[:120]}); {TRUST_HINT}", param="trust_pickle") from None
     return ExportRead(module, shape)
 
 
@@ -482,8 +482,9 @@ def _build(gm: Any, state: dict[str, tuple[torch.Tensor, bool]], constants: dict
     nodes[user[0]] = graph.placeholder(user[0])
     if not isinstance(serial["nodes"], list):
         raise Refused("the graph's nodes are not a list")
+    ops = resolve_all(serial["nodes"])
     for node in serial["nodes"]:
-        _add_node(graph, nodes, node)
+        _add_node(graph, nodes, node, ops)
     outputs = []
     for out in serial["outputs"]:
         kind, value = _one_key(out, "a graph output")
@@ -591,10 +592,10 @@ def _argument(arg: Any, nodes: dict[str, torch.fx.Node]) -> Any:
     raise Refused(f"an argument of kind {str(kind)[:40]!r} (graphs, operators and custom objects are not read)")
 
 
-def _add_node(graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], node: Any) -> None:
+def _add_node(graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], node: Any, ops: dict[str, Any]) -> None:
     """One serialised call: its arguments placed by the operator's schema, its outputs named."""
     _keys(node, {"target", "inputs", "outputs", "metadata", "is_hop_single_tensor_return", "name"}, "a node")
-    op = resolve(node["target"])
+    op = ops[node["target"]]
     given: dict[str, Any] = {}
     for inp in node["inputs"]:
         _keys(inp, {"name", "arg", "kind"}, "a node input")
@@ -634,8 +635,6 @@ def _add_node(graph: torch.fx.Graph, nodes: dict[str, torch.fx.Node], node: Any)
             args.append(value)
         else:
             kwargs[a.name] = value
-    if op._schema.name.split("::")[1] in MAYBE_DROPOUT:
-        check_no_dropout(op, args, kwargs)
     outputs = node["outputs"]
     if not isinstance(outputs, list):
         raise Refused("a node's outputs are not a list")

@@ -1,6 +1,7 @@
-"""The one way a ``.pt2`` becomes a module: :mod:`.export_reader` for every archive, ``torch.export.load`` only with ``--trust-pickle``.
+"""The loader of ``.pt2`` archives, a file or a bundle's: :mod:`.export_reader` for every archive,
+``torch.export.load`` only with ``trust_pickle``.
 
-Exported programs are turned into inference mode (batch-norm running statistics, dropout off)
+:func:`build` is the entry point :mod:`.models` calls for the tags ``export`` and ``bundle``. Exported programs are turned into inference mode (batch-norm running statistics, dropout off)
 and their static batch size is detected. Without ``trust_pickle`` nothing of torch's export
 loader runs: the reader validates the archive and refuses what it does not read.
 """
@@ -18,10 +19,32 @@ import torch
 
 from basins.errors import InputError
 
+from .checks import Checked
+from .describe import EXPORT_HINT, one_line
 from .export_reader import read_export_archive
-from .formats import _EXPORT_HINT, _one_line
+from .sniff import Sniffed
 
-__all__ = ["_exported_module", "_prepare_exported", "_to_inference_mode"]
+__all__ = ["build"]
+
+
+def build(sniffed: Sniffed, checked: Checked, *, arch: str | None, trust_pickle: bool
+          ) -> tuple[torch.nn.Module, int | None, str | None]:
+    """The module of a ``.pt2`` file (tag ``export``) or of the ``.pt2`` in a bundle (``bundle``), in
+    inference mode; its static batch size (None for a dynamic batch); no attention path. ``arch``
+    is not used (the archive holds the architecture)."""
+    path = sniffed.path
+    if checked.archive is not None:
+        module, fixed = _exported_module(
+            checked.archive, f"{path} (the bundle's model)", trust_pickle,
+            f"{path}: the model inside the bundle could not be loaded by torch.export.load",
+            "rewrite the bundle with this torch version", name=path,
+        )
+    else:
+        module, fixed = _exported_module(
+            path, path, trust_pickle, f"{path} looks like a torch.export archive (.pt2) but torch.export.load failed",
+            f"re-export it with this torch version ({torch.__version__})",
+        )
+    return module, fixed, None
 
 
 def _exported_module(
@@ -78,7 +101,7 @@ def _prepare_exported(
     if shape is None or len(shape) == 0:
         raise InputError(
             f"{source}: the exported model's input is a scalar, it has no batch dimension: "
-            f"export it with a batch of examples: {_EXPORT_HINT}"
+            f"export it with a batch of examples: {EXPORT_HINT}"
         )
     first = shape[0]
     fixed = int(first) if isinstance(first, int) else None
@@ -132,7 +155,7 @@ def _to_inference_mode(module: torch.fx.GraphModule, source: str) -> None:
                 continue
             raise InputError(
                 f"{source}: the exported model updates its own state when called "
-                f"({schema.name}); export it in eval mode, after model.eval(): {_EXPORT_HINT}"
+                f"({schema.name}); export it in eval mode, after model.eval(): {EXPORT_HINT}"
             )
     if changed:  # (no dead-code elimination: it could drop the input-guard call)
         module.recompile()
@@ -155,14 +178,14 @@ def _to_inference_mode(module: torch.fx.GraphModule, source: str) -> None:
 
 
 def _load_export(archive: str | bytes, failed: str, fix: str) -> Any:
-    """``torch.export.load`` of a path or of archive bytes (``--trust-pickle`` only: it runs code from
+    """``torch.export.load`` of a path or of archive bytes (``trust_pickle`` only: it runs code from
     the file); a failure is an :class:`InputError` ``"{failed} (why); {fix}"``. torch's own logged
     tracebacks are kept off the terminal (the error says what failed)."""
     try:
         with _quiet_torch_logs():
             return torch.export.load(io.BytesIO(archive) if isinstance(archive, bytes) else archive)
     except Exception as err:
-        raise InputError(f"{failed} ({_one_line(err)}); {fix}") from err
+        raise InputError(f"{failed} ({one_line(err)}); {fix}") from err
 
 
 @contextlib.contextmanager

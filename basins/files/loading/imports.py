@@ -1,4 +1,4 @@
-"""``module:attribute`` and ``path/to/file.py:attribute`` specs (``--arch``, ``--data``, ``--loss``)."""
+"""``module:attribute`` and ``path/to/file.py:attribute`` specs (``arch``, ``data``, ``loss``)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from typing import Any
 from basins.engine.losses import BUILTIN_LOSSES, NamedLoss
 from basins.errors import InputError
 
-from .formats import _one_line
+from .describe import one_line
 
 
 def import_object(spec: str) -> Any:
@@ -69,7 +69,7 @@ def _import_module(name: str, spec: str) -> types.ModuleType:
             except Exception as inner:
                 raise _import_error(spec, name, inner) from inner
         raise InputError(
-            f"{spec}: cannot import module {name!r} ({_one_line(err)}); it must be importable "
+            f"{spec}: cannot import module {name!r} ({one_line(err)}); it must be importable "
             "(installed, on PYTHONPATH, or in the current directory) or be a path to a .py file"
         ) from err
     except Exception as err:
@@ -78,7 +78,7 @@ def _import_module(name: str, spec: str) -> types.ModuleType:
 
 
 def _import_error(spec: str, name: str, err: BaseException) -> InputError:
-    return InputError(f"{spec}: importing {name!r} raised {type(err).__name__}: {_one_line(err)}")
+    return InputError(f"{spec}: importing {name!r} raised {type(err).__name__}: {one_line(err)}")
 
 
 

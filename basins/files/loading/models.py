@@ -1,40 +1,47 @@
-"""Load a model file: ``torch.export`` archive, state dict + ``--arch``, trusted pickle, or bundle.
+"""Load a model: sniff once, run the shared checks once, build with the one loader of its format, wrap.
 
-See :mod:`basins.files.loading` for the formats. Exported programs are turned into inference mode
-(batch-norm running statistics, dropout off) and their static batch size is detected.
+See :mod:`basins.files.loading` for the formats. A load walks forward through four stages, each in
+its own module, none entered twice:
+
+1. **sniff** (:func:`.sniff.sniff`): what the path holds, from its content, as a format tag;
+2. **check** (:func:`.checks.check`): refusals, trust, layout, weight-file headers, parameter
+   names, stored dtypes and the hash, for every format alike;
+3. **build**: the entry point :data:`LOADERS` gives for the tag, one module per kind of file;
+4. **wrap** (here): the module's tensors checked (values, dense), narrow floating dtypes upcast to
+   float32, and a :class:`LoadedModel`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import pickle
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any
 
 import torch
 
 from basins.errors import InputError
 
-from .adapters import is_adapter_directory, load_adapter_directory
-from .exports import _exported_module, _prepare_exported  # noqa: F401 (_prepare_exported: re-exported)
-from .formats import (
-    _EXPORT_HINT,
-    _KIND_WORDS,
-    BUNDLE_FORMAT,
-    _check_bundle,
-    _check_file,
-    _describe,
-    _file_sha256,
-    _not_readable,
-    _one_line,
-    _sniff,
-    _torch_load_safe,
-    _unpickling_global,
-)
-from .hf import is_hf_directory, load_hf_directory, load_state_tied
-from .imports import import_object
-from .weights import check_module_tensors, check_names, load_safetensors_state, upcast_half
+from . import adapters, arch, exports, hf, pickled
+from .checks import Checked, check
+from .sniff import Sniffed, sniff
+
+__all__ = ["LOADERS", "LoadedModel", "load_model"]
+
+#: format tag -> the loader's entry point, ``build(sniffed, checked, *, arch, trust_pickle)`` returning
+#: the module in eval mode, its static batch size (or None) and its attention path (or None)
+LOADERS: dict[str, Callable[..., tuple[torch.nn.Module, int | None, str | None]]] = {
+    "export": exports.build,  # a .pt2 file (torch.export.save)
+    "bundle": exports.build,  # the .pt2 inside a bundle
+    "state_dict": arch.build,  # a state dict, with arch
+    "safetensors": arch.build,  # a .safetensors file of weights, with arch
+    "hf": hf.build,  # a Hugging Face model directory
+    "peft": adapters.build,  # a peft adapter directory on its base model's directory
+    "pickle": pickled.build,  # a pickled nn.Module, with trust_pickle
+}
+
+#: the LoadedModel kind of each tag (a .safetensors file is weights for arch, like a state dict)
+_KINDS = {"safetensors": "state_dict"}
 
 
 @dataclass
@@ -56,7 +63,7 @@ class LoadedModel:
         attention: for a Hugging Face directory, the attention implementation it was loaded with
             (``eager``); None otherwise.
         source_dtype: the floating dtypes narrower than float32 the file stored and that were
-            upcast to float32 (``"bfloat16"``, ``"float16"``, ...; :func:`~.weights.upcast_half`);
+            upcast to float32 (``"bfloat16"``, ``"float16"``, ...; :func:`upcast_half`);
             None when the weights were float32/float64.
         base_model: for a peft adapter, the base model's directory; None otherwise.
     """
@@ -69,7 +76,6 @@ class LoadedModel:
     attention: str | None = None
     source_dtype: str | None = None
     base_model: str | None = None
-
 
 
 def load_model(
@@ -100,185 +106,62 @@ def load_model(
     return model
 
 
-
 def _load_model_file(
     path: str, *, arch: str | None, trust_pickle: bool, base_model: str | None = None
 ) -> tuple[LoadedModel, dict[str, Any] | None]:
-    """The model, upcast to float32 if stored narrower and checked (:func:`~.weights.check_module_tensors`),
-    and the raw bundle dict when the file is a bundle."""
-    if base_model is not None and not is_adapter_directory(path):
-        raise InputError(f"--base-model is for a peft adapter directory (with adapter_config.json); {path} is not one")
-    loaded, raw, stored = _read_model(path, arch=arch, trust_pickle=trust_pickle, base_model=base_model)
-    check_module_tensors(loaded.module, path)
-    upcast = upcast_half(loaded.module)
-    loaded.source_dtype = ", ".join(sorted({h for s in (upcast, stored) if s for h in s.split(", ")})) or None
-    return loaded, raw
+    """The model (module docstring), and the raw bundle dict when the file is a bundle."""
+    sniffed = sniff(path, base_model=base_model)
+    checked = check(sniffed, arch=arch, trust_pickle=trust_pickle, base_model=base_model)
+    module, fixed, attention = LOADERS[sniffed.tag](sniffed, checked, arch=arch, trust_pickle=trust_pickle)
+    return _wrap(module, sniffed, checked, fixed, attention), dict(sniffed.content) if sniffed.tag == "bundle" else None
 
 
-def _read_model(
-    path: str, *, arch: str | None, trust_pickle: bool, base_model: str | None
-) -> tuple[LoadedModel, dict[str, Any] | None, str | None]:
-    """The model as stored, the raw bundle dict of a bundle, and the narrow dtypes the file stores
-    where the module may not show them (a state dict loaded into a float32 ``--arch``)."""
-    if is_adapter_directory(path):
-        adapter = load_adapter_directory(path, base_model=base_model, trust_pickle=trust_pickle)
-        return LoadedModel(adapter.module, "peft", None, path, adapter.sha256, adapter.attention,
-                           base_model=adapter.base), None, adapter.stored_half
-    if is_hf_directory(path):
-        hf = load_hf_directory(path, trust_pickle=trust_pickle)
-        return LoadedModel(hf.module, "hf", None, path, hf.sha256, hf.attention), None, hf.stored_half
-    _check_file(path, "model")
-    sniffed = _sniff(path)
-    kind = sniffed.kind
-    if kind == "pt2":
-        module, fixed = _exported_module(
-            path, path, trust_pickle,
-            f"{path} looks like a torch.export archive (.pt2) but torch.export.load failed",
-            f"re-export it with this torch version ({torch.__version__})",
-        )
-        return LoadedModel(module, "export", fixed, path, _file_sha256(path)), None, None
-    if kind == "torchscript":
-        raise InputError(
-            f"{path} is a TorchScript archive (torch.jit.save): torch.func cannot differentiate "
-            f"TorchScript; export the original nn.Module instead: {_EXPORT_HINT}"
-        )
-    if kind == "aoti":
-        raise InputError(
-            f"{path} is an AOTInductor compiled package: compiled code cannot be differentiated; "
-            f"save the ExportedProgram itself: {_EXPORT_HINT}"
-        )
-    if kind in ("torch-save", "legacy-pickle"):
-        return _load_torch_save_model(path, arch=arch, trust_pickle=trust_pickle)
-    if kind == "safetensors":
-        state = load_safetensors_state(path)
-        stored = _narrow_dtypes(state)
-        if arch is None:
-            raise InputError(
-                f"{path} is a .safetensors file ({len(state)} tensors): it holds weights but not the "
-                "architecture; pass --arch module:factory naming a function that builds the nn.Module, "
-                "or pass the Hugging Face model directory it came from"
-            )
-        module = _build_module(arch)
-        load_state_tied(module, state, path, arch)
-        module.eval()
-        return LoadedModel(module, "state_dict", None, path, _file_sha256(path)), None, stored
-    if kind in ("npz", "npy", "hdf5"):
-        raise InputError(
-            f"{path} is {_KIND_WORDS[kind]}, which is data, not a model: pass it with --data"
-        )
-    raise InputError(_not_readable(path, sniffed, "model"))
+def _wrap(module: torch.nn.Module, sniffed: Sniffed, checked: Checked, fixed: int | None,
+          attention: str | None) -> LoadedModel:
+    """The :class:`LoadedModel`: tensors checked (:func:`check_module_tensors`), narrow dtypes upcast."""
+    check_module_tensors(module, sniffed.path)
+    stored = ", ".join(sorted(checked.stored_half | upcast_half(module))) or None
+    base = sniffed.base.path if sniffed.base is not None else None
+    return LoadedModel(module, _KINDS.get(sniffed.tag, sniffed.tag), fixed, sniffed.path, checked.sha256,
+                       attention, stored, base)
 
 
+def check_module_tensors(module: torch.nn.Module, source: str) -> None:
+    """Every parameter and buffer of ``module`` holds values on a real device, in the dense layout.
 
-def _narrow_dtypes(state: Mapping[str, torch.Tensor]) -> str | None:
-    """The floating dtypes narrower than float32 among a state dict's tensors (None: none)."""
-    found = sorted({str(t.dtype).replace("torch.", "") for t in state.values()
-                    if t.is_floating_point() and t.element_size() < 4})
-    return ", ".join(found) or None
-
-
-def _load_torch_save_model(
-    path: str, *, arch: str | None, trust_pickle: bool
-) -> tuple[LoadedModel, dict[str, Any] | None, str | None]:
-    try:
-        obj = _torch_load_safe(path, path)
-    except pickle.UnpicklingError as err:
-        if not trust_pickle:
-            raise InputError(
-                f"{path} is a pickled Python object ({_unpickling_global(err)}); loading a "
-                "pickle runs code from the file: pass --trust-pickle (trust_pickle=True) only "
-                "if you trust its source, or save model.state_dict() and pass --arch, or "
-                "export a .pt2 with torch.export"
-            ) from err
-        return _load_trusted_pickle(path), None, None
-    if isinstance(obj, Mapping) and obj.get("format") == BUNDLE_FORMAT:
-        return _bundle_model(obj, path, trust_pickle=trust_pickle), dict(obj), None
-    if isinstance(obj, Mapping) and "inputs" in obj and "targets" in obj:
-        raise InputError(
-            f"{path} is a data file (a dict with inputs and targets), not a model: "
-            "pass it with --data"
-        )
-    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return _load_state_dict(path, obj, arch), None, _narrow_dtypes(obj)
-    raise InputError(
-        f"{path} is a torch.save file holding {_describe(obj)}, not a model: expected a "
-        "state dict (name -> tensor) with --arch, a pickled nn.Module, or a bundle"
-    )
+    Raises:
+        InputError: a tensor on the ``meta`` device (shapes without values) or sparse, naming it.
+    """
+    for name, tensor in chain(module.named_parameters(), module.named_buffers()):
+        if tensor.is_meta:
+            raise InputError(f"{source}: {name!r} is on the meta device (a shape without values); save the real weights")
+        if tensor.layout != torch.strided:
+            raise InputError(f"{source}: {name!r} is a {tensor.layout} tensor; basins reads dense weights only "
+                             "(save tensor.to_dense())")
 
 
+def upcast_half(module: torch.nn.Module) -> frozenset[str]:
+    """Convert ``module``'s floating parameters and buffers narrower than float32 to float32, in place:
+    Hessians, Lanczos and error bounds are not computed in 8-bit-mantissa arithmetic. Upcasting is
+    exact; the analysis is of the same function at the stored weights, evaluated in float32.
 
-def _load_trusted_pickle(path: str) -> LoadedModel:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise InputError(
-            f"{path}: unpickling failed ({type(err).__name__}: {_one_line(err)}); the classes "
-            "it references must be importable (run from the project that defines them)"
-        ) from err
-    if not isinstance(obj, torch.nn.Module):
-        raise InputError(
-            f"{path} unpickled to {_describe(obj)}, not an nn.Module: save the model itself "
-            "(torch.save(model, path)) or, better, export a .pt2 with torch.export"
-        )
-    obj.eval()
-    return LoadedModel(obj, "pickle", None, path, _file_sha256(path))
-
-
-
-def _load_state_dict(path: str, state: Mapping[str, Any], arch: str | None) -> LoadedModel:
-    check_names(state, path)
-    for name, tensor in state.items():
-        if tensor.is_meta or tensor.layout != torch.strided:
-            raise InputError(f"{path}: {name!r} is a {'meta' if tensor.is_meta else str(tensor.layout)} tensor; "
-                             "a state dict must hold dense tensors with values")
-    first = next(iter(state))
-    if arch is None:
-        raise InputError(
-            f"{path} is a state dict ({len(state)} tensors, e.g. {first!r}): it holds weights "
-            "but not the architecture; pass --arch module:factory naming a function that builds "
-            "the nn.Module (e.g. --arch mypkg.models:make_model), or export a .pt2 with "
-            "torch.export"
-        )
-    module = _build_module(arch)
-    try:
-        module.load_state_dict(state, strict=True)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise InputError(
-            f"{path}: the state dict does not fit the model built by --arch {arch} "
-            f"({_one_line(err)})"
-        ) from err
-    module.eval()
-    return LoadedModel(module, "state_dict", None, path, _file_sha256(path))
+    Returns:
+        The dtypes that were converted (``{"bfloat16"}``), by torch name; empty when there were none.
+        Cost: one copy of those tensors.
+    """
+    found = frozenset(str(t.dtype).replace("torch.", "")
+                      for t in chain(module.parameters(), module.buffers()) if _narrow(t))
+    if not found:
+        return found
+    module._apply(lambda t: t.float() if _narrow(t) else t)
+    config = getattr(module, "config", None)
+    if config is not None and hasattr(config, "dtype"):  # transformers reads it for masks and new tensors
+        try:
+            config.dtype = torch.float32
+        except Exception:  # noqa: BLE001 - a config that refuses the attribute keeps its own
+            pass
+    return found
 
 
-
-def _build_module(arch: str) -> torch.nn.Module:
-    factory = import_object(arch)
-    if isinstance(factory, torch.nn.Module):
-        return factory
-    if not callable(factory):
-        raise InputError(
-            f"--arch {arch} is a {type(factory).__name__}, not a function returning an nn.Module"
-        )
-    try:
-        module = factory()
-    except Exception as err:
-        raise InputError(
-            f"--arch {arch}: calling it with no arguments raised {type(err).__name__} "
-            f"({_one_line(err)}); it must build the model without arguments"
-        ) from err
-    if not isinstance(module, torch.nn.Module):
-        raise InputError(f"--arch {arch} returned {_describe(module)}, not an nn.Module")
-    return module
-
-
-
-def _bundle_model(obj: Mapping[str, Any], source: str, *, trust_pickle: bool = False) -> LoadedModel:
-    _check_bundle(obj, source)
-    raw = obj["model"].contiguous().numpy().tobytes()
-    module, fixed = _exported_module(
-        raw, f"{source} (the bundle's model)", trust_pickle,
-        f"{source}: the model inside the bundle could not be loaded by torch.export.load",
-        "rewrite the bundle with this torch version", name=source,
-    )
-    return LoadedModel(module, "bundle", fixed, source, hashlib.sha256(raw).hexdigest())
+def _narrow(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.element_size() < 4
