@@ -34,7 +34,7 @@ from rich.progress import (
 )
 
 from basins.progress import Progress, ProgressCallback
-from basins.record import Record, plain
+from basins.record import Record, json_object, plain
 
 from .signals import check_interrupted
 from .terminal import SafeConsole
@@ -214,22 +214,6 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
                   setup_counts=opened.setup_counts)
 
 
-def problem_json(loaded: Loaded) -> dict[str, Any]:
-    """The keys every command's JSON carries about the problem."""
-    r = loaded.record
-    return {
-        "num_params": r["num_params"], "num_examples": r["num_examples"], "loss": r["loss"],
-        "loss_at_optimum": r["loss_at_optimum"], "grad_norm": r["grad_norm"], "dtype": r["dtype"],
-        "device": r["device"], "seed": r["seed"], "warnings": loaded.warnings,
-        "world_size": r.get("world_size", 1), "rank_examples": r.get("rank_examples", [r["num_examples"]]),
-        "step": r.get("step"), "model_sha256": r.get("model_sha256"), "data_sha256": r.get("data_sha256"),
-        "params": r.get("params"), "params_frozen": r.get("params_frozen"),
-        "num_params_fixed": r.get("num_params_fixed"), "attention": r.get("attention"),
-        "source_dtype": r.get("source_dtype"), "base_model": r.get("base_model"),
-        "promoted_to_float64": r.get("promoted_to_float64"),
-    }
-
-
 @contextmanager
 def progress_bar(log: Console, description: str, total: int | None = None) -> Iterator[ProgressCallback]:
     """A rich progress bar on the stderr console; yields the library's one ``callback``, which
@@ -252,15 +236,10 @@ def progress_bar(log: Console, description: str, total: int | None = None) -> It
         yield update
 
 
-def jsonable(obj: Any) -> Any:
-    """JSON types for ``obj`` (:func:`basins.record.plain`); non-finite floats become None."""
-    return plain(obj)
-
-
 def print_json(obj: Any) -> None:
     """One JSON object on stdout (full precision, non-finite as null); only on rank 0."""
     if is_main_process():
-        click.echo(json.dumps(jsonable(obj), allow_nan=False))
+        click.echo(json.dumps(plain(obj), allow_nan=False))
 
 
 @contextmanager
@@ -286,11 +265,12 @@ def flag_names(**flags: str) -> Iterator[None]:
 
 def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: Record, *, warnings: list[str],
          tables: Callable[[dict[str, Any], dict[str, Any]], list[Any]] | None = None,
-         subgroup_attrs: dict[str, dict[str, Any]] | None = None, extra_json: dict[str, Any] | None = None,
          also: dict[str, Record] | None = None) -> None:
     """The one way a command hands its result on: ``record`` to the report (``-o``, group
-    ``group``, then the groups in ``also``) and to stdout, as one JSON object with ``--json``
-    (:func:`record_json`) or as the group's ``summary_tables`` (``tables``) otherwise.
+    ``group``, then the groups in ``also``; :meth:`basins.record.Record.report_attrs`) and to
+    stdout, as one JSON object with ``--json`` (:func:`basins.record.json_object`, the object
+    ``basins summary --json`` prints for the group) or as the group's ``summary_tables``
+    (``tables``) otherwise.
 
     Counts are the work the run did: where the record's ``num_hvps`` is the analysis' own, it
     becomes ``num_<group>_hvps`` and ``num_hvps`` adds the set-up's products
@@ -303,18 +283,17 @@ def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: R
         attrs["num_setup_hvps"] = setup
         attrs["num_hvps"] = attrs["num_hvps"] + setup
     if kw.get("output"):  # a report group also records the command line (not --json: it is the caller's)
-        write_report(kw["output"], loaded.record, group, {**record.attrs, "argv": argv()}, record.arrays,
-                     subgroup_attrs=subgroup_attrs, force=kw.get("force", False))
-        for name, extra in (also or {}).items():
-            write_report(kw["output"], loaded.record, name, {**extra.attrs, "argv": argv()}, extra.arrays,
+        for name, rec in {group: record, **(also or {})}.items():
+            write_report(kw["output"], loaded.record, name,
+                         rec.report_attrs(argv=argv(), problem=loaded.record, warnings=warnings), rec.arrays,
                          force=kw.get("force", False))
         log.print(f"wrote {' and '.join('/' + g for g in [group, *(also or {})])} to {kw['output']}")
     run = kw.get("_run")
+    obj = json_object(loaded.record, record, warnings, report=kw.get("output")) if kw.get("as_json") else None
     if run is not None:  # one of several checkpoints: a JSON list or a table row at the end
-        obj = record_json(loaded, record, warnings=warnings, report=kw.get("output"), **(extra_json or {}))
-        run.collect(group, record.as_analysis(), loaded.record, obj if kw.get("as_json") else None)
-    elif kw.get("as_json"):
-        print_json(record_json(loaded, record, warnings=warnings, report=kw.get("output"), **(extra_json or {})))
+        run.collect(group, record.as_analysis(), loaded.record, obj)
+    elif obj is not None:
+        print_json(obj)
     elif tables is not None:
         console = stdout_console()
         analysis = record.as_analysis()
@@ -323,17 +302,11 @@ def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: R
             console.print(table)
 
 
-def record_json(loaded: Loaded, record: Record, *, warnings: list[str], **extra: Any) -> dict[str, Any]:
-    """The ``--json`` object of a command: the problem's keys (:func:`problem_json`), the
-    warnings, then :meth:`basins.record.Record.as_json` and ``extra`` (e.g. ``report``)."""
-    return {**problem_json(loaded), "warnings": warnings, **record.as_json(), **extra}
-
-
 def write_report(path: str, record: dict[str, Any], group: str, attrs: dict[str, Any],
                  arrays: dict[str, Any] | None = None, **kwargs: Any) -> None:
     """:func:`basins.files.report.write_analysis`, by rank 0 only; the other ranks wait for it.
 
-    Same arguments as ``write_analysis`` (``subgroup_attrs=``, ``force=``). When rank 0 fails
+    Same arguments as ``write_analysis`` (``force=``). When rank 0 fails
     to write, it raises the error (shown once) and the other ranks exit quietly with the same code.
     """
     from basins.files.report import write_analysis
@@ -388,15 +361,9 @@ class Timer:
 
 
 def attr_value(attrs: dict[str, Any], key: str) -> Any:
-    """``attrs[key]`` (None if absent), with a list or dict stored as JSON text decoded (text that
-    is not valid JSON is returned as it is). For renderers of report groups."""
-    v = attrs.get(key)
-    if isinstance(v, str) and v[:1] in "[{":
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    return v
+    """``attrs[key]`` (None if absent). Report attributes are decoded once, by
+    :func:`basins.files.report.read_report`; this stays for the figure panels that call it."""
+    return attrs.get(key)
 
 
 def column(analysis: dict[str, Any], name: str) -> list[Any]:

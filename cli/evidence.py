@@ -13,7 +13,6 @@ from rich.table import Table
 
 from .common import (
     Timer,
-    attr_value,
     emit,
     flag_names,
     fmt,
@@ -87,7 +86,7 @@ def evidence_text(a: dict[str, Any], prefix: str = "") -> str:
     v = a.get(f"{prefix}log_evidence")
     if not isinstance(v, (int, float)):
         return "-"
-    ci = attr_value(a, f"{prefix}log_evidence_ci")
+    ci = a.get(f"{prefix}log_evidence_ci")
     if a.get(f"{prefix}method", a.get("method")) == "exact":
         return f"{v:.6g} (exact)"
     if isinstance(ci, list) and len(ci) == 2:
@@ -105,7 +104,7 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     t.add_row("log p(D)", evidence_text(a) + " nats")
     if a.get("ggn_log_evidence") is not None:
         t.add_row("log p(D), GGN", evidence_text(a, "ggn_") + " nats")
-        err, ci = a.get("model_error"), attr_value(a, "model_error_ci")
+        err, ci = a.get("model_error"), a.get("model_error_ci")
         if isinstance(err, (int, float)) and isinstance(ci, list) and len(ci) == 2:
             t.add_row("model error (H − GGN)", f"{err:.6g} [{ci[0]:.6g}, {ci[1]:.6g}] nats")
     t.add_row("log p(D|w*)", fmt(a.get("log_likelihood")))

@@ -16,7 +16,6 @@ from basins.record import EIGEN_UNITS
 
 from .common import (
     Timer,
-    attr_value,
     emit,
     flag_names,
     fmt,
@@ -133,7 +132,7 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     head.add_row("cost", f"{a.get('num_vjps')} Jacobian rows ({a.get('jacobian_mode')}), {a.get('num_hvps')} HVPs, "
                          f"{fmt(a.get('wall_seconds'), 3)} s")
     tables: list[RenderableType] = [head]
-    ranks = attr_value(a, "ranks")
+    ranks = a.get("ranks")
     if ranks:
         t = Table(title="rank of the feature Gram matrix at μ > rtol·μ_max + atol", title_justify="left")
         for col in ("rtol", "threshold", "rank [interval]", "flat = P − rank"):

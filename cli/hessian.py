@@ -297,11 +297,20 @@ def summary_row(analysis: dict[str, Any]) -> dict[str, str]:
     return row
 
 
-def csv_rows(analysis: dict[str, Any]) -> list[dict[str, Any]]:
-    """The eigenvalue table as rows ``{end, index, eigenvalue, residual, error_bound, converged}`` (index 1 = most
-    extreme)."""
+def csv_rows(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """The eigenvalue table of a ``hessian`` ``--json`` object (the command's, or ``basins summary``'s
+    for a ``/hessian`` group) as rows ``{end, index, eigenvalue, residual, error_bound, converged}``
+    (index 1 = most extreme): one row per eigenvalue, every per-eigenvalue key."""
     rows = []
-    for label, vals, res, conv, bounds in _ends(analysis):
-        for i, (v, r, c, b) in enumerate(zip(vals, res, conv, bounds), 1):
-            rows.append({"end": label, "index": i, "eigenvalue": v, "residual": r, "error_bound": b, "converged": c})
+    for prefix in _ENDS.values():
+        vals = obj.get(prefix + "eigenvalues")
+        if not isinstance(vals, list):
+            continue
+        label = "bottom" if (prefix or obj.get("which") == "bottom") else "top"
+        columns = {key: obj.get(prefix + key + "s") or [None] * len(vals)
+                   for key in ("residual", "error_bound")}
+        columns["converged"] = obj.get(prefix + "converged") or [None] * len(vals)
+        for i, v in enumerate(vals):
+            rows.append({"end": label, "index": i + 1, "eigenvalue": v,
+                         **{key: col[i] if i < len(col) else None for key, col in columns.items()}})
     return rows

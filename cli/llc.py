@@ -14,7 +14,6 @@ from rich.table import Table
 
 from .common import (
     Timer,
-    attr_value,
     emit,
     flag_names,
     fmt,
@@ -201,11 +200,11 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     t.add_column("quantity", style="bold")
     t.add_column("value")
     t.add_row("λ̂ ± se", llc_text(a) + (f"   (P/2 = {P / 2:g})" if isinstance(P, int) else ""))
-    ci = attr_value(a, "llc_ci")
+    ci = a.get("llc_ci")
     if isinstance(ci, list) and len(ci) == 2:
         t.add_row("95% interval", f"[{fmt(ci[0], 4)}, {fmt(ci[1], 4)}] (Student t, {a.get('llc_ci_dof', '-')} "
                   f"degrees of freedom; effective sample size {fmt(a.get('ess'), 4)})")
-    per = attr_value(a, "llc_per_chain")
+    per = a.get("llc_per_chain")
     if isinstance(per, list):
         t.add_row("per chain", ", ".join(fmt(x, 4) for x in per))
     if a.get("block"):
@@ -218,14 +217,14 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     t.add_row("γ, ε", f"{fmt(a.get('gamma'), 4)}, {fmt(a.get('step_size'), 4)} (first {fmt(a.get('step_size_initial'), 3)})")
     t.add_row("chains × draws (+burn-in)", f"{a.get('num_chains')} × {a.get('num_draws')} (+{a.get('num_burnin')}), "
               f"minibatch {a.get('minibatch')}, {a.get('sampler')}")
-    d = attr_value(a, "diagnostics")
+    d = a.get("diagnostics")
     if isinstance(d, dict):
         t.add_row("diagnostics", f"converged {'yes' if d.get('converged') else 'NO'}: R-hat {fmt(d.get('rhat'), 4)}, "
                   f"trend z {fmt(d.get('trend_z'), 3)}, MALA acceptance {fmt(d.get('acceptance'), 3)}, below L(w*) "
                   f"{fmt(d.get('frac_below_init'), 3)}")
         t.add_row("critical point", f"‖∇L(w*)‖ {fmt(d.get('grad_norm'), 3)} vs sampling noise "
                   f"{fmt(d.get('grad_noise'), 3)}")
-    r = attr_value(a, "restarts")
+    r = a.get("restarts")
     if isinstance(r, list) and r:
         t.add_row("restarts", "; ".join(map(str, r)))
     t.add_row("cost", f"{a.get('num_grads')} minibatch gradients, {fmt(a.get('wall_seconds'), 3)} s")

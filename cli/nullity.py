@@ -6,7 +6,6 @@ Also the renderers ``basins summary`` uses for a report's ``/nullity`` group:
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
@@ -90,8 +89,6 @@ def nullity(**kw: Any) -> None:
 # ---------------------------------------------------------------------- summary renderers
 def _counts(analysis: dict[str, Any]) -> list[dict[str, Any]]:
     c = analysis.get("attrs", {}).get("counts")
-    if isinstance(c, str):
-        c = json.loads(c)
     return list(c) if isinstance(c, list) else []
 
 
@@ -132,8 +129,6 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
                        str(c.get("method", "")))
     tables: list[RenderableType] = [head, ladder]
     notes = a.get("notes")
-    if isinstance(notes, str):
-        notes = json.loads(notes)
     if notes:
         nt = Table(show_header=False, box=None)
         nt.add_column("note")

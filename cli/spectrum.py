@@ -85,9 +85,8 @@ def spectrum(**kw: Any) -> None:
     if kw["plot_path"] and is_main_process():
         plot_density(record.as_analysis(), kw["plot_path"])
         log.print(f"wrote {kw['plot_path']}")
-    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
-    emit(kw, log, loaded, "spectrum", record, warnings=list(loaded.warnings), tables=summary_tables,
-         extra_json={"plot": kw["plot_path"]})
+    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds, plot=kw["plot_path"])
+    emit(kw, log, loaded, "spectrum", record, warnings=list(loaded.warnings), tables=summary_tables)
 
 
 def plot_density(analysis: dict[str, Any], path: str, title: str = "") -> None:
