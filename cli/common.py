@@ -272,16 +272,10 @@ def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: R
     ``basins summary --json`` prints for the group) or as the group's ``summary_tables``
     (``tables``) otherwise.
 
-    Counts are the work the run did: where the record's ``num_hvps`` is the analysis' own, it
-    becomes ``num_<group>_hvps`` and ``num_hvps`` adds the set-up's products
-    (``num_setup_hvps``: the HVP route choice at loading)."""
+    Counts are the work the run did, read from ``problem.counters`` only (:func:`count_work`).
+    """
     check_interrupted()  # an interrupt whose exception was swallowed ends the run here, not after
-    attrs = record.attrs
-    if isinstance(attrs.get("num_hvps"), int) and "num_setup_hvps" not in attrs:
-        setup = int(loaded.setup_counts.get("num_hvps", 0))
-        attrs[f"num_{group}_hvps"] = attrs["num_hvps"]
-        attrs["num_setup_hvps"] = setup
-        attrs["num_hvps"] = attrs["num_hvps"] + setup
+    count_work(record.attrs, loaded, group)
     if kw.get("output"):  # a report group also records the command line (not --json: it is the caller's)
         for name, rec in {group: record, **(also or {})}.items():
             write_report(kw["output"], loaded.record, name,
@@ -300,6 +294,21 @@ def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: R
         analysis["attrs"]["argv"] = argv()
         for table in tables(analysis, loaded.record):
             console.print(table)
+
+
+def count_work(attrs: dict[str, Any], loaded: Loaded, group: str) -> None:
+    """Set the counts of ``attrs`` from ``loaded.problem.counters``, whatever the record said.
+
+    For each counter ``num_X`` of :class:`basins.engine.problem.Counters` (HVPs, full-data loss
+    evaluations and gradients, GGN products): ``num_X`` is everything the problem computed for this
+    run (set-up, planning, the analysis and its checks), ``num_setup_X`` the set-up's share
+    (:attr:`Loaded.setup_counts`: loss, gradient, determinism check, HVP route choice), added once
+    here for every command; ``num_<group>_hvps`` is the HVPs after the set-up."""
+    total = loaded.problem.counters.as_dict()
+    for name, n in total.items():
+        attrs[name] = int(n)
+        attrs[f"num_setup_{name[len('num_'):]}"] = int(loaded.setup_counts.get(name, 0))
+    attrs[f"num_{group}_hvps"] = attrs["num_hvps"] - attrs["num_setup_hvps"]
 
 
 def write_report(path: str, record: dict[str, Any], group: str, attrs: dict[str, Any],

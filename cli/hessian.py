@@ -115,7 +115,6 @@ def hessian(**kw: Any) -> None:
     with Timer() as setup:
         loaded = load_problem(kw, log)
     problem = loaded.problem
-    num_setup_hvps = problem.counters.num_hvps  # the HVP route choice's products
     if kw["eigenvectors"] and not kw["output"]:
         log.print("[yellow]note:[/] eigenvectors are stored only in a report: add -o report.h5")
     k = kw["top_k"]
@@ -167,9 +166,7 @@ def hessian(**kw: Any) -> None:
               + ("; warm start from the previous checkpoint)" if result.warm_start else ")"))
 
     record = result.record()
-    # every count is the work the run did: set-up (loss, gradient, determinism check, route choice) and checks included
-    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds, num_setup_hvps=num_setup_hvps,
-                        **problem.counters.as_dict())
+    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
     emit(kw, log, loaded, "hessian", record, warnings=warnings, tables=summary_tables)
 
     if kw["strict"] and not result.all_converged:
@@ -196,7 +193,7 @@ def _per_block(kw: dict[str, Any], log: Any, loaded: Any) -> None:
                                        spec=" ".join(kw["per_block"]), callback=on_progress)
     log.print(f"{result.num_hvps} HVPs in {t.seconds:.2f} s over {len(blocks)} blocks")
     record = result.record()
-    record.attrs.update(wall_seconds=t.seconds, **problem.counters.as_dict())
+    record.attrs.update(wall_seconds=t.seconds)
     emit(kw, log, loaded, "hessian_blocks", record, warnings=list(loaded.warnings), tables=block_tables)
 
 

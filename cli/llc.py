@@ -133,6 +133,7 @@ def llc(**kw: Any) -> None:
               f"{t.seconds:.2f} s")
     record = result.record()
     record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
+    minibatch_counts(record.attrs)
 
     def tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
         return summary_tables({**analysis, "attrs": {**analysis["attrs"], "notes": []}}, problem)
@@ -169,7 +170,8 @@ def _per_block(kw: dict[str, Any], log: Any, loaded: Any, opts: dict[str, Any], 
              "method": "weight-refined LLC (Wang et al. 2024): SGLD on the block, the other parameters at w*",
              "nbeta": results[0].nbeta, "nbeta_rule": results[0].nbeta_rule, "gamma": results[0].gamma,
              "num_chains": results[0].num_chains, "seed": loaded.seed, "wall_seconds": t.seconds,
-             "num_grads": sum(r.num_grads for r in results), "notes": warnings[len(loaded.warnings):]}
+             "num_minibatch_grads": sum(r.num_grads for r in results), "count_units": MINIBATCH_UNITS,
+             "notes": warnings[len(loaded.warnings):]}
     arrays = {
         "block_num_params": Array([r.block_num_params for r in results], "P of the block", None),
         "llc": Array([r.llc for r in results], "weight-refined LLC of the block", None),
@@ -182,6 +184,20 @@ def _per_block(kw: dict[str, Any], log: Any, loaded: Any, opts: dict[str, Any], 
     from .llc_blocks import summary_tables as block_tables
 
     emit(kw, log, loaded, "llc_blocks", Record(attrs, arrays), warnings=warnings, tables=block_tables)
+
+
+#: what the minibatch counts of an /llc group count (the full-data counts are num_loss_evals, num_grads, num_hvps)
+MINIBATCH_UNITS = ("num_minibatch_loss_evals/num_minibatch_grads count evaluations on one chain's minibatch; "
+                   "num_loss_evals, num_grads and num_hvps count full-data work, set-up included")
+
+
+def minibatch_counts(attrs: dict[str, Any]) -> None:
+    """Move the sampler's own counts (of minibatch evaluations, not of ``problem.counters``) to
+    ``num_minibatch_loss_evals``/``num_minibatch_grads``: ``num_loss_evals`` and ``num_grads`` are the
+    full-data counts of every command."""
+    attrs["num_minibatch_loss_evals"] = attrs.pop("num_loss_evals", 0)
+    attrs["num_minibatch_grads"] = attrs.pop("num_grads", 0)
+    attrs["count_units"] = MINIBATCH_UNITS
 
 
 def llc_text(a: dict[str, Any]) -> str:
@@ -227,7 +243,8 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     r = a.get("restarts")
     if isinstance(r, list) and r:
         t.add_row("restarts", "; ".join(map(str, r)))
-    t.add_row("cost", f"{a.get('num_grads')} minibatch gradients, {fmt(a.get('wall_seconds'), 3)} s")
+    grads = a.get("num_minibatch_grads", a.get("num_grads"))  # num_grads: a report written before the split
+    t.add_row("cost", f"{grads} minibatch gradients, {a.get('num_hvps', '-')} HVPs, {fmt(a.get('wall_seconds'), 3)} s")
     return [t]
 
 
