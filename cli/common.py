@@ -69,6 +69,24 @@ def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool
     return value
 
 
+def positive_or_auto(auto: Any = "auto") -> Callable[[click.Context, click.Parameter, str | None], Any]:
+    """A click callback for an option that takes a positive number or ``auto``: the float, or
+    ``auto`` (what the library takes for its own choice: ``"auto"``, or None)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None or value == "auto":
+            return auto
+        try:
+            x = float(value)
+        except ValueError:
+            raise click.BadParameter(f"a positive number or 'auto', got {value!r}") from None
+        if not x > 0 or x == float("inf"):
+            raise click.BadParameter(f"a positive number or 'auto', got {value!r}")
+        return x
+
+    return parse
+
+
 class ByteSize(click.ParamType):
     """A size in bytes: ``123``, ``512M``, ``20G``, ``1.5GiB`` (K/M/G/T are powers of 1024)."""
 
@@ -92,15 +110,15 @@ class ByteSize(click.ParamType):
 def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The MODEL arguments and the options that define the problem; the command's body runs once
     per checkpoint (:func:`basins.cli.checkpoints.over_checkpoints`) with ``kw["model"]`` one path
-    and ``kw["step"]`` its step."""
+    and ``kw["step"]`` its step. Destinations are named like the parameters of
+    :func:`basins.problems.open_problem` (``--memory`` → ``memory_bytes``), except ``model_output``
+    (its ``output``; ``output`` is ``-o``)."""
     from .checkpoints import over_checkpoints
 
-    # --steps is the training steps, except where the command's --steps is its Lanczos steps
-    own_steps = any("--steps" in getattr(p, "opts", ()) for p in getattr(f, "__click_params__", []))
     f = over_checkpoints(f)
     decorators = [
         click.argument("model", nargs=-1, required=True, type=click.Path()),
-        click.option("--train-steps", *([] if own_steps else ["--steps"]), "train_steps", metavar="N,N,...",
+        click.option("--train-steps", "--steps", "train_steps", metavar="N,N,...",
                      help="The training step of each MODEL, comma-separated (default: the last number in each "
                           "file name, if any; checkpoints then run in order of step). Recorded in the report "
                           "and the JSON."),
@@ -113,7 +131,7 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--base-model", "base_model", metavar="DIR",
                      help="For a peft adapter directory: the base model's local directory (default: the one its "
                           "adapter_config.json names; nothing is downloaded)."),
-        click.option("--params", "param_patterns", multiple=True, metavar="GLOB",
+        click.option("--params", "params", multiple=True, metavar="GLOB",
                      help="Restrict θ to the parameters matching GLOB (repeatable, in order; a leading ! excludes), "
                           "e.g. --params 'transformer.h.0.*' --params '!*.bias'. The others are held fixed."),
         click.option("--include-frozen", is_flag=True,
@@ -132,7 +150,7 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Compute dtype (default: the model's; bfloat16/float16 weights are upcast to float32)."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice (recorded)."),
-        click.option("--memory", "memory", type=ByteSize(), metavar="SIZE",
+        click.option("--memory", "memory_bytes", type=ByteSize(), metavar="SIZE",
                      help="Memory the whole run may plan to hold, e.g. 20G or 512M (default 80% of the memory "
                           "available at start). The HVP route, its chunks and the Lanczos basis (in memory, or on "
                           "disk in $BASINS_SCRATCH or the temp dir) are chosen to fit; exit 2 when nothing does."),
@@ -189,11 +207,11 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
         opts["model"], data=opts.get("data"), loss=opts.get("loss"), arch=opts.get("arch"),
         trust_pickle=opts.get("trust_pickle", False), max_samples=opts.get("max_samples"), seed=opts.get("seed", 0),
         batch_size=opts.get("batch_size"), stream=bool(opts.get("stream")), dtype=opts.get("dtype"),
-        device=opts.get("device") or "auto", hvp_route=opts.get("hvp_route", "auto"), params=opts.get("param_patterns"),
+        device=opts.get("device") or "auto", hvp_route=opts.get("hvp_route", "auto"), params=opts.get("params"),
         include_frozen=bool(opts.get("include_frozen")), output=opts.get("model_output"), step=opts.get("step"),
         loaded_data=cached[0] if cached is not None else None, loaded_source=cached[1] if cached is not None else None,
         route_cache=run.routes if run is not None else None, base_model=opts.get("base_model"),
-        memory_bytes=opts.get("memory"),
+        memory_bytes=opts.get("memory_bytes"),
         status=lambda message: log.status(message, spinner="dots"),
     )
     problem, model = opened.problem, opened.model
@@ -242,58 +260,138 @@ def print_json(obj: Any) -> None:
         click.echo(json.dumps(plain(obj), allow_nan=False))
 
 
+def flag_of(param: str, params: list[click.Parameter]) -> str | None:
+    """The flag of the option that sets library parameter ``param``: the option whose destination
+    is ``param`` (its first long name), else the option whose long name spelled as a Python name is
+    ``param`` (``--top-k`` for ``top_k``); None if neither."""
+    options = [p for p in params if isinstance(p, click.Option)]
+    for p in options:
+        if p.name == param:
+            return next((o for o in p.opts if o.startswith("--")), p.opts[0])
+    for p in options:
+        for o in p.opts:
+            if o.startswith("--") and o[2:].replace("-", "_") == param:
+                return o
+    return None
+
+
 @contextmanager
-def flag_names(**flags: str) -> Iterator[None]:
+def flag_errors(*, by_message: bool = True) -> Iterator[None]:
     """Name the command's flag in a library error about one of its parameters.
 
-    Library messages name parameters (``num_probes must be ≥ 2 ...``); inside this context an
-    :class:`~basins.errors.InputError` whose message begins with a parameter in ``flags``
-    (optionally after ``unknown``) is raised again, same type, as ``"--probes: num_probes must
-    be ≥ 2 ..."``. Example: ``with flag_names(num_probes="--probes"): nullity(...)``.
+    An :class:`~basins.errors.InputError` with ``param`` set is raised again, same type, as
+    ``"--probes: <message>"``, the flag of the current command's option for ``param``
+    (:func:`flag_of`). Without ``param`` and with ``by_message``, the parameter is read from the
+    start of the message (``num_probes must be ≥ 2 ...``, optionally after ``unknown``), as library
+    messages written before ``param=`` existed name it there.
     """
     from basins.errors import InputError
 
     try:
         yield
     except InputError as exc:
+        ctx = click.get_current_context(silent=True)
+        params = list(ctx.command.params) if ctx is not None else []
         msg = str(exc)
-        for param, flag in flags.items():
-            if re.match(rf"(unknown )?{re.escape(param)}\b", msg):
-                raise type(exc)(f"{flag}: {msg}") from exc
-        raise
+        name = exc.param
+        if name is None and by_message:
+            found = re.match(r"(?:unknown )?([A-Za-z_]\w*)\b", msg)
+            name = found.group(1) if found else None
+        flag = flag_of(name, params) if name else None
+        if flag is None or msg.startswith(flag):
+            raise
+        raise type(exc)(f"{flag}: {msg}", param=exc.param) from exc
 
 
-def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: Record, *, warnings: list[str],
-         tables: Callable[[dict[str, Any], dict[str, Any]], list[Any]] | None = None,
-         also: dict[str, Record] | None = None) -> None:
-    """The one way a command hands its result on: ``record`` to the report (``-o``, group
-    ``group``, then the groups in ``also``; :meth:`basins.record.Record.report_attrs`) and to
-    stdout, as one JSON object with ``--json`` (:func:`basins.record.json_object`, the object
-    ``basins summary --json`` prints for the group) or as the group's ``summary_tables``
-    (``tables``) otherwise.
+class Command:
+    """One run of an analysis command on one checkpoint: the skeleton every command shares.
 
-    Counts are the work the run did, read from ``problem.counters`` only (:func:`count_work`).
+    ``Command(kw)`` loads the problem from the common options (:func:`load_problem`, timed as the
+    set-up); :meth:`run` makes the library call with a progress bar and the command's flags named
+    in its errors (:func:`flag_errors`), timed; :meth:`emit` hands the record on to the report and
+    stdout, with the timings and the counts (:func:`count_work`). A command module holds its
+    options, these calls, and what it prints about its own result.
+
+    Attributes:
+        kw: the command's options (click destinations are named like the library's parameters).
+        log: the stderr console. loaded: the problem and its record.
+        warnings: what ``--json`` and the report carry as ``warnings`` (the loading's, then
+            those added by :meth:`warn`).
+        seconds: wall time of the :meth:`run` calls so far; setup_seconds: of the loading.
     """
-    check_interrupted()  # an interrupt whose exception was swallowed ends the run here, not after
-    count_work(record.attrs, loaded, group)
-    if kw.get("output"):  # a report group also records the command line (not --json: it is the caller's)
-        for name, rec in {group: record, **(also or {})}.items():
-            write_report(kw["output"], loaded.record, name,
-                         rec.report_attrs(argv=argv(), problem=loaded.record, warnings=warnings), rec.arrays,
-                         force=kw.get("force", False))
-        log.print(f"wrote {' and '.join('/' + g for g in [group, *(also or {})])} to {kw['output']}")
-    run = kw.get("_run")
-    obj = json_object(loaded.record, record, warnings, report=kw.get("output")) if kw.get("as_json") else None
-    if run is not None:  # one of several checkpoints: a JSON list or a table row at the end
-        run.collect(group, record.as_analysis(), loaded.record, obj)
-    elif obj is not None:
-        print_json(obj)
-    elif tables is not None:
-        console = stdout_console()
-        analysis = record.as_analysis()
-        analysis["attrs"]["argv"] = argv()
-        for table in tables(analysis, loaded.record):
-            console.print(table)
+
+    def __init__(self, kw: dict[str, Any]) -> None:
+        self.kw = kw
+        self.log = stderr_console(kw["quiet"])
+        with Timer() as setup, flag_errors(by_message=False):
+            self.loaded = load_problem(kw, self.log)
+        self.setup_seconds = setup.seconds
+        self.seconds = 0.0
+        self.warnings = list(self.loaded.warnings)
+
+    @property
+    def problem(self) -> Any:  # basins.Problem
+        return self.loaded.problem
+
+    @property
+    def seed(self) -> int:
+        return self.loaded.seed
+
+    def options(self, *names: str) -> dict[str, Any]:
+        """``{name: kw[name]}``: options passed to the library under their own names."""
+        return {name: self.kw[name] for name in names}
+
+    def run(self, description: str, fn: Callable[..., Any], *args: Any, total: int | None = None,
+            **kwargs: Any) -> Any:
+        """``fn(*args, callback=..., **kwargs)`` under a progress bar (``description``, ``total``
+        units), timed into :attr:`seconds`, with the command's flags named in its input errors."""
+        with flag_errors(), Timer() as t, progress_bar(self.log, description, total=total) as callback:
+            result = fn(*args, callback=callback, **kwargs)
+        self.seconds += t.seconds
+        return result
+
+    def note(self, *messages: str) -> None:
+        """Log ``note: <message>`` lines on stderr."""
+        for message in messages:
+            self.log.print(f"note: {message}")
+
+    def warn(self, message: str) -> None:
+        """A warning: logged on stderr and kept in :attr:`warnings`."""
+        self.warnings.append(message)
+        self.log.print(f"[yellow]warning:[/] {message}")
+
+    def emit(self, group: str, record: Record, *,
+             tables: Callable[[dict[str, Any], dict[str, Any]], list[Any]] | None = None,
+             also: dict[str, Record] | None = None) -> None:
+        """The one way a command hands its result on: ``record`` to the report (``-o``, group
+        ``group``, then the groups in ``also``; :meth:`basins.record.Record.report_attrs`) and to
+        stdout, as one JSON object with ``--json`` (:func:`basins.record.json_object`, the object
+        ``basins summary --json`` prints for the group) or as ``tables(analysis, problem)``
+        otherwise (the group's ``summary_tables``). Every record gets ``wall_seconds`` (the
+        :meth:`run` calls) and ``setup_seconds``; the group's record the counts (:func:`count_work`)."""
+        check_interrupted()  # an interrupt whose exception was swallowed ends the run here, not after
+        kw, loaded = self.kw, self.loaded
+        for rec in (record, *(also or {}).values()):
+            rec.attrs.update(wall_seconds=self.seconds, setup_seconds=self.setup_seconds)
+        count_work(record.attrs, loaded, group)
+        if kw.get("output"):  # a report group also records the command line (not --json: it is the caller's)
+            for name, rec in {group: record, **(also or {})}.items():
+                write_report(kw["output"], loaded.record, name,
+                             rec.report_attrs(argv=argv(), problem=loaded.record, warnings=self.warnings),
+                             rec.arrays, force=kw.get("force", False))
+            self.log.print(f"wrote {' and '.join('/' + g for g in [group, *(also or {})])} to {kw['output']}")
+        run = kw.get("_run")
+        obj = json_object(loaded.record, record, self.warnings, report=kw.get("output")) if kw.get("as_json") else None
+        if run is not None:  # one of several checkpoints: a JSON list or a table row at the end
+            run.collect(group, record.as_analysis(), loaded.record, obj)
+        elif obj is not None:
+            print_json(obj)
+        elif tables is not None:
+            console = stdout_console()
+            analysis = record.as_analysis()
+            analysis["attrs"]["argv"] = argv()
+            for table in tables(analysis, loaded.record):
+                console.print(table)
 
 
 def count_work(attrs: dict[str, Any], loaded: Loaded, group: str) -> None:

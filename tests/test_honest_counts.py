@@ -161,14 +161,14 @@ def work_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
 COUNTED_COMMANDS = [
     ["hessian", "-k", "3", "--trace", "--trace-hvps", "8"],
     ["hessian", "--per-block", "1", "--trace-hvps", "4"],
-    ["spectrum", "--probes", "2", "--steps", "12"],
-    ["nullity", "--method", "slq", "--probes", "2", "--steps", "12", "--deflate", "3"],
+    ["spectrum", "--probes", "2", "--lanczos-steps", "12"],
+    ["nullity", "--method", "slq", "--probes", "2", "--lanczos-steps", "12", "--deflate", "3"],
     ["nullity", "--method", "exact"],
     ["features", "--gn-probes", "2"],
     ["volume", "--samples", "4", "--compare-quadratic", "--family", "isotropic", "--family", "top", "--top-k", "2"],
     ["llc", "--chains", "2", "--draws", "10", "--burnin", "5", "--minibatch", "8"],
     ["evidence", "--curvature", "both", "--prior-precision", "10", "--method", "slq", "--probes", "2",
-     "--steps", "4"],
+     "--lanczos-steps", "4"],
     ["landscape", "--points", "5", "--directions", "top"],
 ]
 

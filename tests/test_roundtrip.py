@@ -19,9 +19,9 @@ from basins.cli.main import main
 CASES: dict[str, tuple[str, list[str]]] = {
     "hessian": ("hessian", ["-k", "1", "--which", "both", "--trace", "--trace-hvps", "4", "--eigenvectors"]),
     "hessian_blocks": ("hessian", ["--per-block", "1", "--trace-hvps", "4"]),
-    "spectrum": ("spectrum", ["--probes", "2", "--steps", "4", "--points", "10"]),
+    "spectrum": ("spectrum", ["--probes", "2", "--lanczos-steps", "4", "--points", "10"]),
     "nullity_exact": ("nullity", ["--method", "exact"]),
-    "nullity_slq": ("nullity", ["--method", "slq", "--probes", "2", "--steps", "4", "--deflate", "1"]),
+    "nullity_slq": ("nullity", ["--method", "slq", "--probes", "2", "--lanczos-steps", "4", "--deflate", "1"]),
     "features": ("features", ["--top", "1", "--gn-probes", "1"]),
     "volume": ("volume", ["--samples", "4", "--walls", "--family", "isotropic", "--family", "top", "--top-k", "1",
                           "--epsilon", "0.1"]),
@@ -29,7 +29,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "llc_blocks": ("llc", ["--per-block", "1", "--chains", "2", "--draws", "10", "--burnin", "5", "--minibatch", "8",
                            "--no-quadratic"]),
     "evidence": ("evidence", ["--curvature", "both", "--prior-precision", "10"]),
-    "evidence_slq": ("evidence", ["--curvature", "ggn", "--method", "slq", "--probes", "2", "--steps", "4", "--deflate", "1"]),
+    "evidence_slq": ("evidence", ["--curvature", "ggn", "--method", "slq", "--probes", "2", "--lanczos-steps", "4", "--deflate", "1"]),
     "landscape_1d": ("landscape", ["--points", "5"]),
     "landscape_2d": ("landscape", ["--dims", "2", "--points", "3"]),
     "landscape_line": ("landscape", ["--to", "{model}", "--points", "3"]),
@@ -103,7 +103,7 @@ def test_checkpoint_series_round_trip(bundle: str, tmp_path: Path) -> None:
     for step in (10, 20):
         shutil.copy(bundle, folder / f"ckpt_{step}.pt")
     out_dir = tmp_path / "runs"
-    code, out, err = invoke("spectrum", str(folder), "--probes", "2", "--steps", "3", "--points", "10",
+    code, out, err = invoke("spectrum", str(folder), "--probes", "2", "--lanczos-steps", "3", "--points", "10",
                             "--json", "-q", "-o", f"{out_dir}/")
     assert code == 0, err
     printed = json.loads(out)
