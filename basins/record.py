@@ -1,9 +1,15 @@
 """What an analysis result hands to the outside world: one record for the report and for JSON.
 
-Every result dataclass in :mod:`basins.analyses` has ``record() -> Record``. The command line
-writes ``record.attrs`` as the report group's attributes and ``record.arrays`` as its datasets
-(:mod:`basins.files.report`), and prints the same keys with ``--json``: one serialiser, so a
-key cannot differ between the two. This module imports nothing heavy (no torch, no h5py), so
+Every result dataclass in :mod:`basins.analyses` has ``record() -> Record``. The one serialiser:
+
+* report: :meth:`Record.report_attrs` and :attr:`Record.arrays` are what
+  :func:`basins.files.report.write_analysis` writes to a group; :meth:`Record.from_analysis`
+  turns the group :func:`basins.files.report.read_report` reads back into the same record;
+* JSON: :func:`json_object` (the problem's keys, the warnings, :meth:`Record.as_json`), printed by a
+  command for the record it computed and by ``basins summary --json`` for the record read back,
+  so the two are equal key for key.
+
+This module imports nothing heavy (numpy only when an array is converted; no torch, no h5py), so
 every layer may use it.
 """
 

@@ -1,5 +1,6 @@
 """Options, problem loading, progress and output shared by every command.
 
+:class:`Command` is the one skeleton of an analysis command (load, run the library call, emit).
 Streams: stdout carries data only (a rich table, or one JSON object with ``--json``);
 logs and progress go to one stderr console. JSON floats keep full precision; non-finite
 values become ``null``.

@@ -1,5 +1,12 @@
 """``basins summary REPORT...``: show reports as rich tables, one JSON document, or CSV.
 
+JSON: per report ``{group: object}``, where each object is the ``--json`` object of the command
+that wrote the group, rebuilt from the report (:func:`group_json`: the same
+:func:`basins.record.json_object` of the same :class:`~basins.record.Record`), so it equals what
+that command printed, key for key; ``--json`` of several reports is a list of these, in the order
+given (by step for checkpoints). CSV: the eigenvalue table of each ``/hessian`` group, one row per
+eigenvalue with every per-eigenvalue key (:func:`basins.cli.hessian.csv_rows` of the same object).
+
 Renderers: an analysis group ``/<name>`` is drawn by the ``summary_tables`` (one report) and
 ``summary_row`` (several reports) of the ``basins.cli`` module that :data:`RENDERERS` names for
 it (``/walls`` by ``basins.cli.volume``); any other group is drawn generically (attributes as
