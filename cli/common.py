@@ -8,6 +8,7 @@ values become ``null``.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -261,19 +262,37 @@ def print_json(obj: Any) -> None:
         click.echo(json.dumps(plain(obj), allow_nan=False))
 
 
+class LibraryOption(click.Option):
+    """An option that a library function below the command's call knows by another name too
+    (``library_names``), e.g. ``--max-hvps``, which :func:`basins.linalg.lanczos.lanczos` calls
+    ``max_matvecs``: :func:`flag_of` finds it by those names as well."""
+
+    def __init__(self, *args: Any, library_names: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.library_names = tuple(library_names)
+
+
 def flag_of(param: str, params: list[click.Parameter]) -> str | None:
     """The flag of the option that sets library parameter ``param``: the option whose destination
-    is ``param`` (its first long name), else the option whose long name spelled as a Python name is
-    ``param`` (``--top-k`` for ``top_k``); None if neither."""
+    (or one of whose :attr:`LibraryOption.library_names`) is ``param`` (its first long name), else
+    the option whose long name spelled as a Python name is ``param`` (``--top-k`` for ``top_k``);
+    None if neither."""
     options = [p for p in params if isinstance(p, click.Option)]
     for p in options:
-        if p.name == param:
+        if p.name == param or param in getattr(p, "library_names", ()):
             return next((o for o in p.opts if o.startswith("--")), p.opts[0])
     for p in options:
         for o in p.opts:
             if o.startswith("--") and o[2:].replace("-", "_") == param:
                 return o
     return None
+
+
+@functools.cache
+def _shared_dests() -> frozenset[str]:
+    """The destinations of :func:`problem_options` and :func:`output_options`."""
+    command = click.command()(output_options(problem_options(lambda **kw: None)))
+    return frozenset(str(p.name) for p in command.params)
 
 
 @contextmanager
@@ -298,6 +317,9 @@ def flag_errors(*, by_message: bool = True) -> Iterator[None]:
         if name is None and by_message:
             found = re.match(r"(?:unknown )?([A-Za-z_]\w*)\b", msg)
             name = found.group(1) if found else None
+        if exc.param is None:  # a word at the start of a message: the command's own options, and shared ones
+            # only by a name no sentence begins with (memory_bytes, not loss or data)
+            params = [p for p in params if p.name not in _shared_dests() or "_" in str(p.name)]
         flag = flag_of(name, params) if name else None
         if flag is None or msg.startswith(flag):
             raise

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from basins.record import EIGEN_UNITS
 
-from .common import Command, flag_errors, fmt, output_options, problem_options
+from .common import Command, LibraryOption, flag_errors, fmt, output_options, problem_options
 
 _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
 
@@ -28,7 +28,8 @@ _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
               help="Largest, smallest (negative ones mean a saddle) or both ends of the spectrum.")
 @click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="Converged when residual ≤ tol·max|λ| (≈ tol·‖H‖).")
-@click.option("--max-hvps", type=click.IntRange(min=1), help="Lanczos budget in Hessian-vector products (default max(200, 20·K), with 2K for --which both). "
+@click.option("--max-hvps", cls=LibraryOption, library_names=("max_matvecs",), type=click.IntRange(min=1),
+              help="Lanczos budget in Hessian-vector products (default max(200, 20·K), with 2K for --which both). "
                    "A budget reached before convergence gives a result flagged unconverged (exit 1 only with "
                    "--strict); a budget below the K HVPs (rounded up to whole blocks) that K Ritz values need at "
                    "all is bad usage (exit 2).")

@@ -9,7 +9,7 @@ from collections import defaultdict
 import click
 import pytest
 
-from basins.cli.common import flag_errors, flag_of
+from basins.cli.common import LibraryOption, flag_errors, flag_of
 from basins.cli.main import COMMANDS, main
 from basins.errors import InputError, ReportError
 
@@ -104,10 +104,13 @@ def test_destinations_are_the_library_parameters() -> None:
 
 
 @click.command()
+@click.option("--loss")
+@click.option("--memory", "memory_bytes")
+@click.option("--max-hvps", cls=LibraryOption, library_names=("max_matvecs",), type=int)
 @click.option("--probes", "num_probes", type=int)
 @click.option("-k", "--top-k", "k", type=int)
 @click.option("--trace-hvps", "hvps_for_trace", type=int)
-def _cmd(num_probes: int, k: int, hvps_for_trace: int) -> None:
+def _cmd(loss: str, memory_bytes: str, max_hvps: int, num_probes: int, k: int, hvps_for_trace: int) -> None:
     pass
 
 
@@ -119,6 +122,10 @@ def _cmd(num_probes: int, k: int, hvps_for_trace: int) -> None:
     (InputError("unknown num_probes 'x'"), "--probes: unknown num_probes 'x'"),
     (ReportError("num_probes is odd", param="num_probes"), "--probes: num_probes is odd"),  # same type
     (InputError("nothing to do with options"), "nothing to do with options"),
+    (InputError("loss is not finite at θ*"), "loss is not finite at θ*"),  # a word, not the --loss option
+    (InputError("bad loss function", param="loss"), "--loss: bad loss function"),
+    (InputError("memory_bytes must be ≥ 0"), "--memory: memory_bytes must be ≥ 0"),
+    (InputError("max_matvecs=1 is too few"), "--max-hvps: max_matvecs=1 is too few"),  # a name below the call
     (InputError("--probes: already named", param="num_probes"), "--probes: already named"),
     (InputError("other_param must be 1", param="other_param"), "other_param must be 1"),
 ])
