@@ -45,7 +45,7 @@ from .terminal import echo_error
 #: file names a directory of checkpoints contributes (and subdirectories with a config.json)
 MODEL_SUFFIXES = (".pt", ".pt2", ".pth", ".ckpt", ".bin", ".safetensors")
 #: per-checkpoint output options: with several checkpoints each needs a directory or a template
-_PATH_OPTIONS = {"output": "-o", "plot_path": "--plot"}
+_PATH_OPTIONS = {"output_path": "-o", "plot_path": "--plot"}
 
 
 def step_from_name(path: str) -> int | None:

@@ -113,8 +113,8 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The MODEL arguments and the options that define the problem; the command's body runs once
     per checkpoint (:func:`basins.cli.checkpoints.over_checkpoints`) with ``kw["model"]`` one path
     and ``kw["step"]`` its step. Destinations are named like the parameters of
-    :func:`basins.problems.open_problem` (``--memory`` → ``memory_bytes``), except ``model_output``
-    (its ``output``; ``output`` is ``-o``)."""
+    :func:`basins.problems.open_problem` (``--memory`` → ``memory_bytes``, ``--model-output`` →
+    ``output``; ``-o`` is ``output_path``)."""
     from .checkpoints import over_checkpoints
 
     f = over_checkpoints(f)
@@ -138,7 +138,7 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
                           "e.g. --params 'transformer.h.0.*' --params '!*.bias'. The others are held fixed."),
         click.option("--include-frozen", is_flag=True,
                      help="Keep parameters with requires_grad=False in θ (default: held fixed, and reported)."),
-        click.option("--model-output", "model_output", metavar="NAME",
+        click.option("--model-output", "output", metavar="NAME",
                      help="The field (or tuple index) of the model's output to use (default: logits, the only "
                           "tensor, or the first element)."),
         click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (runs code from the file)."),
@@ -167,7 +167,7 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """``-o``, ``--force``, ``--json``, ``--quiet``, ``--debug``."""
     decorators = [
-        click.option("-o", "--output", type=click.Path(), help="Write/update this HDF5 report (a directory: DIR/{name}.h5)."),
+        click.option("-o", "--output", "output_path", type=click.Path(), help="Write/update this HDF5 report (a directory: DIR/{name}.h5)."),
         click.option("--force", is_flag=True, help="Overwrite a report of another problem."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table."),
         click.option("-q", "--quiet", is_flag=True, help="No progress or logs on stderr."),
@@ -195,7 +195,7 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
     """Load model, data and loss from the common options and build the Problem
     (:func:`basins.problems.open_problem`, the library's one set-up), printing its notes.
 
-    With ``opts["output"]`` set, also check that the report can be written (``opts["force"]``),
+    With ``opts["output_path"]`` (``-o``) set, also check that the report can be written (``opts["force"]``),
     so that a wrong ``-o`` fails before the analysis rather than after it.
     """
     from basins.engine import distributed as dist
@@ -210,7 +210,7 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
         trust_pickle=opts.get("trust_pickle", False), max_samples=opts.get("max_samples"), seed=opts.get("seed", 0),
         batch_size=opts.get("batch_size"), stream=bool(opts.get("stream")), dtype=opts.get("dtype"),
         device=opts.get("device") or "auto", hvp_route=opts.get("hvp_route", "auto"), params=opts.get("params"),
-        include_frozen=bool(opts.get("include_frozen")), output=opts.get("model_output"), step=opts.get("step"),
+        include_frozen=bool(opts.get("include_frozen")), output=opts.get("output"), step=opts.get("step"),
         loaded_data=cached[0] if cached is not None else None, loaded_source=cached[1] if cached is not None else None,
         route_cache=run.routes if run is not None else None, base_model=opts.get("base_model"),
         memory_bytes=opts.get("memory_bytes"),
@@ -228,8 +228,8 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
                   f"exactly {model.fixed_batch_size}")
     for msg in opened.warnings:
         log.print(f"[yellow]warning:[/] {msg}")
-    if opts.get("output"):  # fail before the work, not after it
-        check_report_writable(opts["output"], opened.record, force=bool(opts.get("force")))
+    if opts.get("output_path"):  # fail before the work, not after it
+        check_report_writable(opts["output_path"], opened.record, force=bool(opts.get("force")))
     return Loaded(problem, opened.record, int(opts.get("seed", 0)), list(opened.warnings),
                   setup_counts=opened.setup_counts)
 
@@ -397,14 +397,14 @@ class Command:
         for rec in (record, *(also or {}).values()):
             rec.attrs.update(wall_seconds=self.seconds, setup_seconds=self.setup_seconds)
         count_work(record.attrs, loaded, group)
-        if kw.get("output"):  # a report group also records the command line (not --json: it is the caller's)
+        if kw.get("output_path"):  # a report group also records the command line (not --json: it is the caller's)
             for name, rec in {group: record, **(also or {})}.items():
-                write_report(kw["output"], loaded.record, name,
+                write_report(kw["output_path"], loaded.record, name,
                              rec.report_attrs(argv=argv(), problem=loaded.record, warnings=self.warnings),
                              rec.arrays, force=kw.get("force", False))
-            self.log.print(f"wrote {' and '.join('/' + g for g in [group, *(also or {})])} to {kw['output']}")
+            self.log.print(f"wrote {' and '.join('/' + g for g in [group, *(also or {})])} to {kw['output_path']}")
         run = kw.get("_run")
-        obj = json_object(loaded.record, record, self.warnings, report=kw.get("output")) if kw.get("as_json") else None
+        obj = json_object(loaded.record, record, self.warnings, report=kw.get("output_path")) if kw.get("as_json") else None
         if run is not None:  # one of several checkpoints: a JSON list or a table row at the end
             run.collect(group, record.as_analysis(), loaded.record, obj)
         elif obj is not None:

@@ -104,7 +104,7 @@ def hessian(**kw: Any) -> None:
 
     c = Command(kw)
     problem, k = c.problem, kw["k"]
-    if kw["eigenvectors"] and not kw["output"]:
+    if kw["eigenvectors"] and not kw["output_path"]:
         c.log.print("[yellow]note:[/] eigenvectors are stored only in a report: add -o report.h5")
     if kw["per_block"]:
         _per_block(c)
@@ -123,7 +123,7 @@ def hessian(**kw: Any) -> None:
     if precision_warning:
         c.warn(precision_warning)
     result = c.run(f"Lanczos ({kw['which']} {k})", hessian_eigenvalues, problem, total=kw["max_hvps"],
-                   eigenvectors=kw["eigenvectors"] and bool(kw["output"]), seed=c.seed, start=start,
+                   eigenvectors=kw["eigenvectors"] and bool(kw["output_path"]), seed=c.seed, start=start,
                    keep_start=run is not None and not kw["cold"], memory_plan=plan,
                    **c.options("k", "which", "tol", "max_hvps", "block_size", "trace", "trace_method", "trace_hvps",
                                "bounds"))

@@ -13,7 +13,7 @@ import click
 from rich.console import RenderableType
 from rich.table import Table
 
-from .common import Command, column, fmt, output_options, problem_options
+from .common import Command, LibraryOption, column, fmt, output_options, problem_options
 
 
 @click.command()
@@ -33,7 +33,7 @@ from .common import Command, column, fmt, output_options, problem_options
                    "filter-normalised for random (default 1: each filter moved by its own norm); Euclidean "
                    "parameter distance for top (default 2·sqrt(2·max(L(θ*), 0.01)/λ), λ the smallest eigenvalue of "
                    "the slice: twice the distance where the quadratic model doubles the loss).")
-@click.option("--to", "other_model", type=click.Path(), metavar="OTHER_MODEL",
+@click.option("--to", "other_model", cls=LibraryOption, library_names=("other",), type=click.Path(), metavar="OTHER_MODEL",
               help="Instead of a slice: the loss on the straight line from MODEL (t = 0) to OTHER_MODEL (t = 1), "
                    "a checkpoint of the same architecture (opened like MODEL: --arch, --trust-pickle), its "
                    "barrier and whether the two share a basin.")

@@ -87,7 +87,7 @@ def test_destinations_are_the_library_parameters() -> None:
              "features": [feature_analysis], "llc": [llc], "evidence": [evidence], "volume": [probe_problem],
              "landscape": [landscape_slice, linear_path]}
     common = {"model", "train_steps", "data", "loss", "arch", "base_model", "params", "include_frozen",
-              "model_output", "trust_pickle", "batch_size", "max_samples", "stream", "dtype", "device", "seed",
+              "output_path", "trust_pickle", "batch_size", "max_samples", "stream", "dtype", "device", "seed",
               "memory_bytes", "hvp_route", "output", "force", "as_json", "quiet", "debug"}
     own = {"hessian": {"eigenvectors", "strict", "cold", "per_block"}, "spectrum": {"plot_path"},
            "llc": {"per_block"}, "volume": {"samples", "plot_path", "k"}}  # volume: k is hessian's -k (top_k here)
@@ -134,6 +134,18 @@ def test_library_errors_get_the_flag(error: InputError, shown: str) -> None:
         raise error
     assert str(info.value) == shown and type(info.value) is type(error) and info.value.param == error.param
     assert flag_of("k", _cmd.params) == "--top-k"
+
+
+def test_library_names_that_clash_with_other_options() -> None:
+    """The library's ``output`` (a model output's field) is ``--model-output``, not ``-o/--output``
+    (``output_path``); landscape's ``other`` (the other checkpoint) is ``--to``."""
+    ctx = click.Context(main)
+    for name in ("hessian", "landscape"):
+        command = main.get_command(ctx, name)
+        assert command is not None and flag_of("output", command.params) == "--model-output"
+        assert flag_of("output_path", command.params) == "--output"
+    landscape = main.get_command(ctx, "landscape")
+    assert landscape is not None and flag_of("other", landscape.params) == "--to"
 
 
 def test_library_error_through_a_command(tmp_path) -> None:
