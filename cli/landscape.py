@@ -13,7 +13,15 @@ import click
 from rich.console import RenderableType
 from rich.table import Table
 
-from .common import Command, LibraryOption, column, fmt, output_options, problem_options
+from .common import (
+    Command,
+    LibraryOption,
+    column,
+    flag_errors,
+    fmt,
+    output_options,
+    problem_options,
+)
 
 
 @click.command()
@@ -102,7 +110,7 @@ def _line(c: Command) -> Any:
     from basins.files.loading.adapters import is_adapter_directory
 
     kw, problem, path = c.kw, c.problem, c.kw["other_model"]
-    with c.log.status(f"loading {path}", spinner="dots"):
+    with flag_errors(by_message=False), c.log.status(f"loading {path}", spinner="dots"):
         other = load_parameters_like(path, problem.module, problem.space.names, arch=kw.get("arch"),
                                      trust_pickle=kw.get("trust_pickle", False),
                                      base_model=kw.get("base_model") if is_adapter_directory(path) else None)
