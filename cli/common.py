@@ -399,9 +399,10 @@ class Command:
         count_work(record.attrs, loaded, group)
         if kw.get("output_path"):  # a report group also records the command line (not --json: it is the caller's)
             for name, rec in {group: record, **(also or {})}.items():
-                write_report(kw["output_path"], loaded.record, name,
-                             rec.report_attrs(argv=argv(), problem=loaded.record, warnings=self.warnings),
-                             rec.arrays, force=kw.get("force", False))
+                with flag_errors(by_message=False):  # a report of another problem: --force
+                    write_report(kw["output_path"], loaded.record, name,
+                                 rec.report_attrs(argv=argv(), problem=loaded.record, warnings=self.warnings),
+                                 rec.arrays, force=kw.get("force", False))
             self.log.print(f"wrote {' and '.join('/' + g for g in [group, *(also or {})])} to {kw['output_path']}")
         run = kw.get("_run")
         obj = json_object(loaded.record, record, self.warnings, report=kw.get("output_path")) if kw.get("as_json") else None

@@ -158,7 +158,7 @@ def test_report_of_another_problem_refused_unless_force(tmp_path):
     path = str(tmp_path / "r.h5")
     _write(path, group="spectrum")
     before = _bytes(path)
-    with pytest.raises(ReportError, match="another problem.*model_sha256.*--force"):
+    with pytest.raises(ReportError, match="another problem.*model_sha256.*force=True"):
         _write(path, problem=OTHER)
     with pytest.raises(ReportError, match="another problem"):
         check_writable(path, OTHER)
@@ -291,3 +291,12 @@ def test_record_attributes_may_not_use_the_reports_names() -> None:
         Record({"warnings": []}).report_attrs()
     with pytest.raises(ValueError, match="unknown report attribute"):
         Record({}).report_attrs(extra=1)
+
+
+def test_another_problem_names_the_force_parameter(tmp_path):
+    path = str(tmp_path / "r.h5")
+    _write(path)
+    for attempt in (lambda: _write(path, problem=OTHER), lambda: check_writable(path, OTHER)):
+        with pytest.raises(ReportError, match="another problem") as info:
+            attempt()
+        assert info.value.param == "force"  # the command line shows it as --force

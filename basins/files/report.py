@@ -227,10 +227,7 @@ def _write_locked(path: str, directory: str, problem: Mapping[str, Any], group: 
         differs = [k for k in _IDENTITY_KEYS if old_problem.get(k) != problem.get(k)]
         if differs and not force:
             old.close()
-            raise ReportError(
-                f"report {path!r} holds analyses of another problem ({', '.join(differs)} differ); "
-                "write to another file, or pass --force to replace it"
-            )
+            raise another_problem(path, differs)
         if differs:
             old.close()
             old = None
@@ -458,10 +455,14 @@ def check_writable(path: str, problem: Mapping[str, Any], *, force: bool = False
         old = {k: _from_attr(v) for k, v in f["problem"].attrs.items()} if "problem" in f else {}
     differs = [k for k in _IDENTITY_KEYS if old.get(k) != problem.get(k)]
     if differs and not force:
-        raise ReportError(
-            f"report {path!r} holds analyses of another problem ({', '.join(differs)} differ); "
-            "write to another file, or pass --force to replace it"
-        )
+        raise another_problem(path, differs)
+
+
+def another_problem(path: str, differs: list[str]) -> ReportError:
+    """The error for a report of another problem (``differs``: the identity keys that differ),
+    which ``force`` would overwrite (``param="force"``: the command line names ``--force``)."""
+    return ReportError(f"report {path!r} holds analyses of another problem ({', '.join(differs)} differ); "
+                       "write to another file, or pass force=True to replace it", param="force")
 
 
 def _torch_version() -> str:
