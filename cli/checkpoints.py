@@ -18,8 +18,8 @@ checkpoints share:
 A checkpoint that fails is reported (one line, and an object with ``error`` in the JSON list)
 and the others still run; the exit code is then 1 (2 when every checkpoint failed on bad input).
 
-Steps: ``--steps 0,100,200`` (``--train-steps`` in ``spectrum``, ``nullity`` and ``evidence``,
-whose ``--steps`` is their Lanczos steps; every command accepts ``--train-steps``) gives each checkpoint's training step, in the order given;
+Steps: ``--steps 0,100,200`` (or ``--train-steps``; the Lanczos steps of ``spectrum``, ``nullity`` and
+``evidence`` are ``--lanczos-steps``) gives each checkpoint's training step, in the order given;
 otherwise the last run of digits in the file (or directory) name is the step
 (``ckpt_000300.pt`` → 300), and when every name has one the checkpoints run in order of step
 (``ckpt_20.pt`` before ``ckpt_100.pt``, whatever order the shell's glob gave).
@@ -45,7 +45,7 @@ from .terminal import echo_error
 #: file names a directory of checkpoints contributes (and subdirectories with a config.json)
 MODEL_SUFFIXES = (".pt", ".pt2", ".pth", ".ckpt", ".bin", ".safetensors")
 #: per-checkpoint output options: with several checkpoints each needs a directory or a template
-_PATH_OPTIONS = {"output": "-o", "plot": "--plot", "plot_path": "--plot"}
+_PATH_OPTIONS = {"output_path": "-o", "plot_path": "--plot"}
 
 
 def step_from_name(path: str) -> int | None:

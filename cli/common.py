@@ -1,5 +1,6 @@
 """Options, problem loading, progress and output shared by every command.
 
+:class:`Command` is the one skeleton of an analysis command (load, run the library call, emit).
 Streams: stdout carries data only (a rich table, or one JSON object with ``--json``);
 logs and progress go to one stderr console. JSON floats keep full precision; non-finite
 values become ``null``.
@@ -7,6 +8,7 @@ values become ``null``.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -34,7 +36,7 @@ from rich.progress import (
 )
 
 from basins.progress import Progress, ProgressCallback
-from basins.record import Record, plain
+from basins.record import Record, json_object, plain
 
 from .signals import check_interrupted
 from .terminal import SafeConsole
@@ -69,6 +71,24 @@ def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool
     return value
 
 
+def positive_or_auto(auto: Any = "auto") -> Callable[[click.Context, click.Parameter, str | None], Any]:
+    """A click callback for an option that takes a positive number or ``auto``: the float, or
+    ``auto`` (what the library takes for its own choice: ``"auto"``, or None)."""
+
+    def parse(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+        if value is None or value == "auto":
+            return auto
+        try:
+            x = float(value)
+        except ValueError:
+            raise click.BadParameter(f"a positive number or 'auto', got {value!r}") from None
+        if not x > 0 or x == float("inf"):
+            raise click.BadParameter(f"a positive number or 'auto', got {value!r}")
+        return x
+
+    return parse
+
+
 class ByteSize(click.ParamType):
     """A size in bytes: ``123``, ``512M``, ``20G``, ``1.5GiB`` (K/M/G/T are powers of 1024)."""
 
@@ -92,15 +112,15 @@ class ByteSize(click.ParamType):
 def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """The MODEL arguments and the options that define the problem; the command's body runs once
     per checkpoint (:func:`basins.cli.checkpoints.over_checkpoints`) with ``kw["model"]`` one path
-    and ``kw["step"]`` its step."""
+    and ``kw["step"]`` its step. Destinations are named like the parameters of
+    :func:`basins.problems.open_problem` (``--memory`` → ``memory_bytes``, ``--model-output`` →
+    ``output``; ``-o`` is ``output_path``)."""
     from .checkpoints import over_checkpoints
 
-    # --steps is the training steps, except where the command's --steps is its Lanczos steps
-    own_steps = any("--steps" in getattr(p, "opts", ()) for p in getattr(f, "__click_params__", []))
     f = over_checkpoints(f)
     decorators = [
         click.argument("model", nargs=-1, required=True, type=click.Path()),
-        click.option("--train-steps", *([] if own_steps else ["--steps"]), "train_steps", metavar="N,N,...",
+        click.option("--train-steps", "--steps", "train_steps", metavar="N,N,...",
                      help="The training step of each MODEL, comma-separated (default: the last number in each "
                           "file name, if any; checkpoints then run in order of step). Recorded in the report "
                           "and the JSON."),
@@ -113,12 +133,12 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--base-model", "base_model", metavar="DIR",
                      help="For a peft adapter directory: the base model's local directory (default: the one its "
                           "adapter_config.json names; nothing is downloaded)."),
-        click.option("--params", "param_patterns", multiple=True, metavar="GLOB",
+        click.option("--params", "params", multiple=True, metavar="GLOB",
                      help="Restrict θ to the parameters matching GLOB (repeatable, in order; a leading ! excludes), "
                           "e.g. --params 'transformer.h.0.*' --params '!*.bias'. The others are held fixed."),
         click.option("--include-frozen", is_flag=True,
                      help="Keep parameters with requires_grad=False in θ (default: held fixed, and reported)."),
-        click.option("--model-output", "model_output", metavar="NAME",
+        click.option("--model-output", "output", metavar="NAME",
                      help="The field (or tuple index) of the model's output to use (default: logits, the only "
                           "tensor, or the first element)."),
         click.option("--trust-pickle", is_flag=True, help="Allow loading a pickled nn.Module (runs code from the file)."),
@@ -132,7 +152,7 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--dtype", type=click.Choice(["float32", "float64"]), help="Compute dtype (default: the model's; bfloat16/float16 weights are upcast to float32)."),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice (recorded)."),
-        click.option("--memory", "memory", type=ByteSize(), metavar="SIZE",
+        click.option("--memory", "memory_bytes", type=ByteSize(), metavar="SIZE",
                      help="Memory the whole run may plan to hold, e.g. 20G or 512M (default 80% of the memory "
                           "available at start). The HVP route, its chunks and the Lanczos basis (in memory, or on "
                           "disk in $BASINS_SCRATCH or the temp dir) are chosen to fit; exit 2 when nothing does."),
@@ -147,7 +167,7 @@ def problem_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def output_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """``-o``, ``--force``, ``--json``, ``--quiet``, ``--debug``."""
     decorators = [
-        click.option("-o", "--output", type=click.Path(), help="Write/update this HDF5 report (a directory: DIR/{name}.h5)."),
+        click.option("-o", "--output", "output_path", type=click.Path(), help="Write/update this HDF5 report (a directory: DIR/{name}.h5)."),
         click.option("--force", is_flag=True, help="Overwrite a report of another problem."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table."),
         click.option("-q", "--quiet", is_flag=True, help="No progress or logs on stderr."),
@@ -175,7 +195,7 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
     """Load model, data and loss from the common options and build the Problem
     (:func:`basins.problems.open_problem`, the library's one set-up), printing its notes.
 
-    With ``opts["output"]`` set, also check that the report can be written (``opts["force"]``),
+    With ``opts["output_path"]`` (``-o``) set, also check that the report can be written (``opts["force"]``),
     so that a wrong ``-o`` fails before the analysis rather than after it.
     """
     from basins.engine import distributed as dist
@@ -189,11 +209,11 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
         opts["model"], data=opts.get("data"), loss=opts.get("loss"), arch=opts.get("arch"),
         trust_pickle=opts.get("trust_pickle", False), max_samples=opts.get("max_samples"), seed=opts.get("seed", 0),
         batch_size=opts.get("batch_size"), stream=bool(opts.get("stream")), dtype=opts.get("dtype"),
-        device=opts.get("device") or "auto", hvp_route=opts.get("hvp_route", "auto"), params=opts.get("param_patterns"),
-        include_frozen=bool(opts.get("include_frozen")), output=opts.get("model_output"), step=opts.get("step"),
+        device=opts.get("device") or "auto", hvp_route=opts.get("hvp_route", "auto"), params=opts.get("params"),
+        include_frozen=bool(opts.get("include_frozen")), output=opts.get("output"), step=opts.get("step"),
         loaded_data=cached[0] if cached is not None else None, loaded_source=cached[1] if cached is not None else None,
         route_cache=run.routes if run is not None else None, base_model=opts.get("base_model"),
-        memory_bytes=opts.get("memory"),
+        memory_bytes=opts.get("memory_bytes"),
         status=lambda message: log.status(message, spinner="dots"),
     )
     problem, model = opened.problem, opened.model
@@ -208,26 +228,10 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
                   f"exactly {model.fixed_batch_size}")
     for msg in opened.warnings:
         log.print(f"[yellow]warning:[/] {msg}")
-    if opts.get("output"):  # fail before the work, not after it
-        check_report_writable(opts["output"], opened.record, force=bool(opts.get("force")))
+    if opts.get("output_path"):  # fail before the work, not after it
+        check_report_writable(opts["output_path"], opened.record, force=bool(opts.get("force")))
     return Loaded(problem, opened.record, int(opts.get("seed", 0)), list(opened.warnings),
                   setup_counts=opened.setup_counts)
-
-
-def problem_json(loaded: Loaded) -> dict[str, Any]:
-    """The keys every command's JSON carries about the problem."""
-    r = loaded.record
-    return {
-        "num_params": r["num_params"], "num_examples": r["num_examples"], "loss": r["loss"],
-        "loss_at_optimum": r["loss_at_optimum"], "grad_norm": r["grad_norm"], "dtype": r["dtype"],
-        "device": r["device"], "seed": r["seed"], "warnings": loaded.warnings,
-        "world_size": r.get("world_size", 1), "rank_examples": r.get("rank_examples", [r["num_examples"]]),
-        "step": r.get("step"), "model_sha256": r.get("model_sha256"), "data_sha256": r.get("data_sha256"),
-        "params": r.get("params"), "params_frozen": r.get("params_frozen"),
-        "num_params_fixed": r.get("num_params_fixed"), "attention": r.get("attention"),
-        "source_dtype": r.get("source_dtype"), "base_model": r.get("base_model"),
-        "promoted_to_float64": r.get("promoted_to_float64"),
-    }
 
 
 @contextmanager
@@ -252,88 +256,188 @@ def progress_bar(log: Console, description: str, total: int | None = None) -> It
         yield update
 
 
-def jsonable(obj: Any) -> Any:
-    """JSON types for ``obj`` (:func:`basins.record.plain`); non-finite floats become None."""
-    return plain(obj)
-
-
 def print_json(obj: Any) -> None:
     """One JSON object on stdout (full precision, non-finite as null); only on rank 0."""
     if is_main_process():
-        click.echo(json.dumps(jsonable(obj), allow_nan=False))
+        click.echo(json.dumps(plain(obj), allow_nan=False))
+
+
+class LibraryOption(click.Option):
+    """An option that a library function below the command's call knows by another name too
+    (``library_names``), e.g. ``--max-hvps``, which :func:`basins.linalg.lanczos.lanczos` calls
+    ``max_matvecs``: :func:`flag_of` finds it by those names as well."""
+
+    def __init__(self, *args: Any, library_names: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.library_names = tuple(library_names)
+
+
+def flag_of(param: str, params: list[click.Parameter]) -> str | None:
+    """The flag of the option that sets library parameter ``param``: the option whose destination
+    (or one of whose :attr:`LibraryOption.library_names`) is ``param`` (its first long name), else
+    the option whose long name spelled as a Python name is ``param`` (``--top-k`` for ``top_k``);
+    None if neither."""
+    options = [p for p in params if isinstance(p, click.Option)]
+    for p in options:
+        if p.name == param or param in getattr(p, "library_names", ()):
+            return next((o for o in p.opts if o.startswith("--")), p.opts[0])
+    for p in options:
+        for o in p.opts:
+            if o.startswith("--") and o[2:].replace("-", "_") == param:
+                return o
+    return None
+
+
+@functools.cache
+def _shared_dests() -> frozenset[str]:
+    """The destinations of :func:`problem_options` and :func:`output_options`."""
+    command = click.command()(output_options(problem_options(lambda **kw: None)))
+    return frozenset(str(p.name) for p in command.params)
 
 
 @contextmanager
-def flag_names(**flags: str) -> Iterator[None]:
+def flag_errors(*, by_message: bool = True) -> Iterator[None]:
     """Name the command's flag in a library error about one of its parameters.
 
-    Library messages name parameters (``num_probes must be ≥ 2 ...``); inside this context an
-    :class:`~basins.errors.InputError` whose message begins with a parameter in ``flags``
-    (optionally after ``unknown``) is raised again, same type, as ``"--probes: num_probes must
-    be ≥ 2 ..."``. Example: ``with flag_names(num_probes="--probes"): nullity(...)``.
+    An :class:`~basins.errors.InputError` with ``param`` set is raised again, same type, as
+    ``"--probes: <message>"``, the flag of the current command's option for ``param``
+    (:func:`flag_of`). Without ``param`` and with ``by_message``, the parameter is read from the
+    start of the message (``num_probes must be ≥ 2 ...``, optionally after ``unknown``), as library
+    messages written before ``param=`` existed name it there.
     """
     from basins.errors import InputError
 
     try:
         yield
     except InputError as exc:
+        ctx = click.get_current_context(silent=True)
+        params = list(ctx.command.params) if ctx is not None else []
         msg = str(exc)
-        for param, flag in flags.items():
-            if re.match(rf"(unknown )?{re.escape(param)}\b", msg):
-                raise type(exc)(f"{flag}: {msg}") from exc
-        raise
+        name = exc.param
+        if name is None and by_message:
+            found = re.match(r"(?:unknown )?([A-Za-z_]\w*)\b", msg)
+            name = found.group(1) if found else None
+        if exc.param is None:  # a word at the start of a message: the command's own options, and shared ones
+            # only by a name no sentence begins with (memory_bytes, not loss or data)
+            params = [p for p in params if p.name not in _shared_dests() or "_" in str(p.name)]
+        flag = flag_of(name, params) if name else None
+        if flag is None or msg.startswith(flag):
+            raise
+        raise type(exc)(f"{flag}: {msg}", param=exc.param) from exc
 
 
-def emit(kw: dict[str, Any], log: Console, loaded: Loaded, group: str, record: Record, *, warnings: list[str],
-         tables: Callable[[dict[str, Any], dict[str, Any]], list[Any]] | None = None,
-         subgroup_attrs: dict[str, dict[str, Any]] | None = None, extra_json: dict[str, Any] | None = None,
-         also: dict[str, Record] | None = None) -> None:
-    """The one way a command hands its result on: ``record`` to the report (``-o``, group
-    ``group``, then the groups in ``also``) and to stdout, as one JSON object with ``--json``
-    (:func:`record_json`) or as the group's ``summary_tables`` (``tables``) otherwise.
+class Command:
+    """One run of an analysis command on one checkpoint: the skeleton every command shares.
 
-    Counts are the work the run did: where the record's ``num_hvps`` is the analysis' own, it
-    becomes ``num_<group>_hvps`` and ``num_hvps`` adds the set-up's products
-    (``num_setup_hvps``: the HVP route choice at loading)."""
-    check_interrupted()  # an interrupt whose exception was swallowed ends the run here, not after
-    attrs = record.attrs
-    if isinstance(attrs.get("num_hvps"), int) and "num_setup_hvps" not in attrs:
-        setup = int(loaded.setup_counts.get("num_hvps", 0))
-        attrs[f"num_{group}_hvps"] = attrs["num_hvps"]
-        attrs["num_setup_hvps"] = setup
-        attrs["num_hvps"] = attrs["num_hvps"] + setup
-    if kw.get("output"):  # a report group also records the command line (not --json: it is the caller's)
-        write_report(kw["output"], loaded.record, group, {**record.attrs, "argv": argv()}, record.arrays,
-                     subgroup_attrs=subgroup_attrs, force=kw.get("force", False))
-        for name, extra in (also or {}).items():
-            write_report(kw["output"], loaded.record, name, {**extra.attrs, "argv": argv()}, extra.arrays,
-                         force=kw.get("force", False))
-        log.print(f"wrote {' and '.join('/' + g for g in [group, *(also or {})])} to {kw['output']}")
-    run = kw.get("_run")
-    if run is not None:  # one of several checkpoints: a JSON list or a table row at the end
-        obj = record_json(loaded, record, warnings=warnings, report=kw.get("output"), **(extra_json or {}))
-        run.collect(group, record.as_analysis(), loaded.record, obj if kw.get("as_json") else None)
-    elif kw.get("as_json"):
-        print_json(record_json(loaded, record, warnings=warnings, report=kw.get("output"), **(extra_json or {})))
-    elif tables is not None:
-        console = stdout_console()
-        analysis = record.as_analysis()
-        analysis["attrs"]["argv"] = argv()
-        for table in tables(analysis, loaded.record):
-            console.print(table)
+    ``Command(kw)`` loads the problem from the common options (:func:`load_problem`, timed as the
+    set-up); :meth:`run` makes the library call with a progress bar and the command's flags named
+    in its errors (:func:`flag_errors`), timed; :meth:`emit` hands the record on to the report and
+    stdout, with the timings and the counts (:func:`count_work`). A command module holds its
+    options, these calls, and what it prints about its own result.
+
+    Attributes:
+        kw: the command's options (click destinations are named like the library's parameters).
+        log: the stderr console. loaded: the problem and its record.
+        warnings: what ``--json`` and the report carry as ``warnings`` (the loading's, then
+            those added by :meth:`warn`).
+        seconds: wall time of the :meth:`run` calls so far; setup_seconds: of the loading.
+    """
+
+    def __init__(self, kw: dict[str, Any]) -> None:
+        self.kw = kw
+        self.log = stderr_console(kw["quiet"])
+        with Timer() as setup, flag_errors(by_message=False):
+            self.loaded = load_problem(kw, self.log)
+        self.setup_seconds = setup.seconds
+        self.seconds = 0.0
+        self.warnings = list(self.loaded.warnings)
+
+    @property
+    def problem(self) -> Any:  # basins.Problem
+        return self.loaded.problem
+
+    @property
+    def seed(self) -> int:
+        return self.loaded.seed
+
+    def options(self, *names: str) -> dict[str, Any]:
+        """``{name: kw[name]}``: options passed to the library under their own names."""
+        return {name: self.kw[name] for name in names}
+
+    def run(self, description: str, fn: Callable[..., Any], *args: Any, total: int | None = None,
+            **kwargs: Any) -> Any:
+        """``fn(*args, callback=..., **kwargs)`` under a progress bar (``description``, ``total``
+        units), timed into :attr:`seconds`, with the command's flags named in its input errors."""
+        with flag_errors(), Timer() as t, progress_bar(self.log, description, total=total) as callback:
+            result = fn(*args, callback=callback, **kwargs)
+        self.seconds += t.seconds
+        return result
+
+    def note(self, *messages: str) -> None:
+        """Log ``note: <message>`` lines on stderr."""
+        for message in messages:
+            self.log.print(f"note: {message}")
+
+    def warn(self, message: str) -> None:
+        """A warning: logged on stderr and kept in :attr:`warnings`."""
+        self.warnings.append(message)
+        self.log.print(f"[yellow]warning:[/] {message}")
+
+    def emit(self, group: str, record: Record, *,
+             tables: Callable[[dict[str, Any], dict[str, Any]], list[Any]] | None = None,
+             also: dict[str, Record] | None = None) -> None:
+        """The one way a command hands its result on: ``record`` to the report (``-o``, group
+        ``group``, then the groups in ``also``; :meth:`basins.record.Record.report_attrs`) and to
+        stdout, as one JSON object with ``--json`` (:func:`basins.record.json_object`, the object
+        ``basins summary --json`` prints for the group) or as ``tables(analysis, problem)``
+        otherwise (the group's ``summary_tables``). Every record gets ``wall_seconds`` (the
+        :meth:`run` calls) and ``setup_seconds``; the group's record the counts (:func:`count_work`)."""
+        check_interrupted()  # an interrupt whose exception was swallowed ends the run here, not after
+        kw, loaded = self.kw, self.loaded
+        for rec in (record, *(also or {}).values()):
+            rec.attrs.update(wall_seconds=self.seconds, setup_seconds=self.setup_seconds)
+        count_work(record.attrs, loaded, group)
+        if kw.get("output_path"):  # a report group also records the command line (not --json: it is the caller's)
+            for name, rec in {group: record, **(also or {})}.items():
+                with flag_errors(by_message=False):  # a report of another problem: --force
+                    write_report(kw["output_path"], loaded.record, name,
+                                 rec.report_attrs(argv=argv(), problem=loaded.record, warnings=self.warnings),
+                                 rec.arrays, force=kw.get("force", False))
+            self.log.print(f"wrote {' and '.join('/' + g for g in [group, *(also or {})])} to {kw['output_path']}")
+        run = kw.get("_run")
+        obj = json_object(loaded.record, record, self.warnings, report=kw.get("output_path")) if kw.get("as_json") else None
+        if run is not None:  # one of several checkpoints: a JSON list or a table row at the end
+            run.collect(group, record.as_analysis(), loaded.record, obj)
+        elif obj is not None:
+            print_json(obj)
+        elif tables is not None:
+            console = stdout_console()
+            analysis = record.as_analysis()
+            analysis["attrs"]["argv"] = argv()
+            for table in tables(analysis, loaded.record):
+                console.print(table)
 
 
-def record_json(loaded: Loaded, record: Record, *, warnings: list[str], **extra: Any) -> dict[str, Any]:
-    """The ``--json`` object of a command: the problem's keys (:func:`problem_json`), the
-    warnings, then :meth:`basins.record.Record.as_json` and ``extra`` (e.g. ``report``)."""
-    return {**problem_json(loaded), "warnings": warnings, **record.as_json(), **extra}
+def count_work(attrs: dict[str, Any], loaded: Loaded, group: str) -> None:
+    """Set the counts of ``attrs`` from ``loaded.problem.counters``, whatever the record said.
+
+    For each counter ``num_X`` of :class:`basins.engine.problem.Counters` (HVPs, full-data loss
+    evaluations and gradients, GGN products): ``num_X`` is everything the problem computed for this
+    run (set-up, planning, the analysis and its checks), ``num_setup_X`` the set-up's share
+    (:attr:`Loaded.setup_counts`: loss, gradient, determinism check, HVP route choice), added once
+    here for every command; ``num_<group>_hvps`` is the HVPs after the set-up."""
+    total = loaded.problem.counters.as_dict()
+    for name, n in total.items():
+        attrs[name] = int(n)
+        attrs[f"num_setup_{name[len('num_'):]}"] = int(loaded.setup_counts.get(name, 0))
+    attrs[f"num_{group}_hvps"] = attrs["num_hvps"] - attrs["num_setup_hvps"]
 
 
 def write_report(path: str, record: dict[str, Any], group: str, attrs: dict[str, Any],
                  arrays: dict[str, Any] | None = None, **kwargs: Any) -> None:
     """:func:`basins.files.report.write_analysis`, by rank 0 only; the other ranks wait for it.
 
-    Same arguments as ``write_analysis`` (``subgroup_attrs=``, ``force=``). When rank 0 fails
+    Same arguments as ``write_analysis`` (``force=``). When rank 0 fails
     to write, it raises the error (shown once) and the other ranks exit quietly with the same code.
     """
     from basins.files.report import write_analysis
@@ -388,15 +492,9 @@ class Timer:
 
 
 def attr_value(attrs: dict[str, Any], key: str) -> Any:
-    """``attrs[key]`` (None if absent), with a list or dict stored as JSON text decoded (text that
-    is not valid JSON is returned as it is). For renderers of report groups."""
-    v = attrs.get(key)
-    if isinstance(v, str) and v[:1] in "[{":
-        try:
-            return json.loads(v)
-        except ValueError:
-            return v
-    return v
+    """``attrs[key]`` (None if absent). Report attributes are decoded once, by
+    :func:`basins.files.report.read_report`; this stays for the figure panels that call it."""
+    return attrs.get(key)
 
 
 def column(analysis: dict[str, Any], name: str) -> list[Any]:

@@ -11,23 +11,12 @@ import click
 from rich.console import RenderableType
 from rich.table import Table
 
-from .common import (
-    Timer,
-    attr_value,
-    emit,
-    flag_names,
-    fmt,
-    load_problem,
-    output_options,
-    problem_options,
-    progress_bar,
-    stderr_console,
-)
+from .common import Command, fmt, output_options, positive_or_auto, problem_options
 
 
 @click.command()
 @problem_options
-@click.option("--prior-precision", default="auto", show_default=True,
+@click.option("--prior-precision", callback=positive_or_auto(), default="auto", show_default=True,
               help="δ of the prior N(0, δ⁻¹I), or auto (maximise the evidence over δ).")
 @click.option("--noise-std", type=click.FloatRange(min=0, min_open=True),
               help="mse: Gaussian noise σ (default: estimated from the residual, σ² = L(w*)).")
@@ -37,8 +26,10 @@ from .common import (
 @click.option("--method", type=click.Choice(["auto", "exact", "slq"]), default="auto", show_default=True,
               help="log det: dense (auto when P ≤ 4096 and it fits in memory; exact, no interval) or stochastic "
                    "Lanczos quadrature with a 95% interval.")
-@click.option("--probes", type=click.IntRange(min=2), default=30, show_default=True, help="slq: probe vectors.")
-@click.option("--steps", type=click.IntRange(min=1), default=60, show_default=True, help="slq: Lanczos steps.")
+@click.option("--probes", "num_probes", type=click.IntRange(min=2), default=30, show_default=True,
+              help="slq: probe vectors.")
+@click.option("--lanczos-steps", "num_steps", type=click.IntRange(min=1), default=60, show_default=True,
+              help="slq: Lanczos steps per probe.")
 @click.option("--deflate", type=click.IntRange(min=0), default=20, show_default=True, help="slq: top eigenpairs kept exactly.")
 @output_options
 def evidence(**kw: Any) -> None:
@@ -76,30 +67,16 @@ def evidence(**kw: Any) -> None:
     """
     from basins.analyses.evidence import evidence as laplace
 
-    log = stderr_console(kw["quiet"])
-    pp = kw["prior_precision"]
-    if pp != "auto":
-        try:
-            pp = float(pp)
-        except ValueError:
-            raise click.BadParameter(f"a positive number or 'auto', got {pp!r}", param_hint="--prior-precision") from None
-    with Timer() as setup:
-        loaded = load_problem(kw, log)
-    with Timer() as t, progress_bar(log, f"evidence ({kw['method']})") as update:
-        with flag_names(prior_precision="--prior-precision", noise_std="--noise-std", curvature="--curvature",
-                        method="--method", num_probes="--probes", num_steps="--steps", deflate="--deflate"):
-            result = laplace(loaded.problem, prior_precision=pp, noise_std=kw["noise_std"], curvature=kw["curvature"],
-                             method=kw["method"], num_probes=kw["probes"], num_steps=kw["steps"],
-                             deflate=kw["deflate"], seed=loaded.seed, callback=update)
-    for note in result.notes:
-        log.print(f"note: {note}")
-    log.print(f"evidence ({result.method}): {result.num_matvecs} curvature products in {t.seconds:.2f} s")
+    c = Command(kw)
+    result = c.run(f"evidence ({kw['method']})", laplace, c.problem, seed=c.seed,
+                   **c.options("prior_precision", "noise_std", "curvature", "method", "num_probes", "num_steps",
+                               "deflate"))
+    c.note(*result.notes)
+    c.log.print(f"evidence ({result.method}): {result.num_matvecs} curvature products in {c.seconds:.2f} s")
     if result.model_error is not None:
         gap, lo, hi = result.model_error
-        log.print(f"model error (Hessian − GGN evidence): {gap:.6g} [{lo:.6g}, {hi:.6g}] nats")
-    record = result.record()
-    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
-    emit(kw, log, loaded, "evidence", record, warnings=list(loaded.warnings), tables=summary_tables)
+        c.log.print(f"model error (Hessian − GGN evidence): {gap:.6g} [{lo:.6g}, {hi:.6g}] nats")
+    c.emit("evidence", result.record(), tables=summary_tables)
 
 
 def evidence_text(a: dict[str, Any], prefix: str = "") -> str:
@@ -107,7 +84,7 @@ def evidence_text(a: dict[str, Any], prefix: str = "") -> str:
     v = a.get(f"{prefix}log_evidence")
     if not isinstance(v, (int, float)):
         return "-"
-    ci = attr_value(a, f"{prefix}log_evidence_ci")
+    ci = a.get(f"{prefix}log_evidence_ci")
     if a.get(f"{prefix}method", a.get("method")) == "exact":
         return f"{v:.6g} (exact)"
     if isinstance(ci, list) and len(ci) == 2:
@@ -125,7 +102,7 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     t.add_row("log p(D)", evidence_text(a) + " nats")
     if a.get("ggn_log_evidence") is not None:
         t.add_row("log p(D), GGN", evidence_text(a, "ggn_") + " nats")
-        err, ci = a.get("model_error"), attr_value(a, "model_error_ci")
+        err, ci = a.get("model_error"), a.get("model_error_ci")
         if isinstance(err, (int, float)) and isinstance(ci, list) and len(ci) == 2:
             t.add_row("model error (H − GGN)", f"{err:.6g} [{ci[0]:.6g}, {ci[1]:.6g}] nats")
     t.add_row("log p(D|w*)", fmt(a.get("log_likelihood")))

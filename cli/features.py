@@ -14,18 +14,7 @@ from rich.table import Table
 
 from basins.record import EIGEN_UNITS
 
-from .common import (
-    Timer,
-    attr_value,
-    emit,
-    flag_names,
-    fmt,
-    load_problem,
-    output_options,
-    problem_options,
-    progress_bar,
-    stderr_console,
-)
+from .common import Command, fmt, output_options, problem_options
 from .spectrum import sparkline
 
 _SHOW = 12  # eigenvalues shown in the table
@@ -75,29 +64,20 @@ def features(**kw: Any) -> None:
     from basins.analyses.features import feature_analysis
     from basins.analyses.nullity import DEFAULT_RTOLS
 
-    log = stderr_console(kw["quiet"])
-    rtols = tuple(kw["rtols"]) or DEFAULT_RTOLS
-    with Timer() as setup:
-        loaded = load_problem(kw, log)
-    problem = loaded.problem
-    with Timer() as t, progress_bar(log, "feature Gram", total=problem.num_examples) as update:
-        with flag_names(rtols="--rtol", atol="--atol", top_vectors="--top", gn_probes="--gn-probes"):
-            result = feature_analysis(problem, rtols=rtols, atol=kw["atol"], route=kw["route"],
-                                      top_vectors=kw["top_vectors"], gn_probes=kw["gn_probes"], seed=loaded.seed,
-                                      callback=update)
+    c = Command(kw)
+    result = c.run("feature Gram", feature_analysis, c.problem, total=c.problem.num_examples,
+                   rtols=kw["rtols"] or DEFAULT_RTOLS, seed=c.seed, **c.options("atol", "route", "top_vectors",
+                                                                                  "gn_probes"))
     fg = result.gram
-    for note in fg.notes:
-        log.print(f"note: {note}")
-    log.print(f"{fg.num_vjps:,} Jacobian rows ({fg.jacobian_mode}, route {fg.route}) and {fg.num_hvps} HVPs "
-              f"in {t.seconds:.2f} s")
-    record = result.record()
-    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
+    c.note(*fg.notes)
+    c.log.print(f"{fg.num_vjps:,} Jacobian rows ({fg.jacobian_mode}, route {fg.route}) and {fg.num_hvps} HVPs "
+                f"in {c.seconds:.2f} s")
 
     def tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
         out = summary_tables(analysis, problem)
         return out + [_loadings_table(result.loadings)] if result.loadings else out
 
-    emit(kw, log, loaded, "features", record, warnings=list(loaded.warnings), tables=tables)
+    c.emit("features", result.record(), tables=tables)
 
 
 def _loadings_table(loadings: list[dict[str, Any]]) -> Table:
@@ -146,7 +126,7 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     head.add_row("cost", f"{a.get('num_vjps')} Jacobian rows ({a.get('jacobian_mode')}), {a.get('num_hvps')} HVPs, "
                          f"{fmt(a.get('wall_seconds'), 3)} s")
     tables: list[RenderableType] = [head]
-    ranks = attr_value(a, "ranks")
+    ranks = a.get("ranks")
     if ranks:
         t = Table(title="rank of the feature Gram matrix at μ > rtol·μ_max + atol", title_justify="left")
         for col in ("rtol", "threshold", "rank [interval]", "flat = P − rank"):

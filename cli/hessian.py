@@ -15,30 +15,21 @@ from rich.table import Table
 
 from basins.record import EIGEN_UNITS
 
-from .common import (
-    Timer,
-    emit,
-    flag_names,
-    fmt,
-    load_problem,
-    output_options,
-    problem_options,
-    progress_bar,
-    stderr_console,
-)
+from .common import Command, LibraryOption, flag_errors, fmt, output_options, problem_options
 
 _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
 
 
 @click.command()
 @problem_options
-@click.option("-k", "--top-k", "top_k", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("-k", "--top-k", "k", type=click.IntRange(min=1), default=10, show_default=True,
               help="Eigenvalues wanted at each end asked for.")
 @click.option("--which", type=click.Choice(["top", "bottom", "both"]), default="top", show_default=True,
               help="Largest, smallest (negative ones mean a saddle) or both ends of the spectrum.")
 @click.option("--tol", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
               help="Converged when residual ≤ tol·max|λ| (≈ tol·‖H‖).")
-@click.option("--max-hvps", type=click.IntRange(min=1), help="Lanczos budget in Hessian-vector products (default max(200, 20·K), with 2K for --which both). "
+@click.option("--max-hvps", cls=LibraryOption, library_names=("max_matvecs",), type=click.IntRange(min=1),
+              help="Lanczos budget in Hessian-vector products (default max(200, 20·K), with 2K for --which both). "
                    "A budget reached before convergence gives a result flagged unconverged (exit 1 only with "
                    "--strict); a budget below the K HVPs (rounded up to whole blocks) that K Ritz values need at "
                    "all is bad usage (exit 2).")
@@ -139,16 +130,12 @@ def hessian(**kw: Any) -> None:
     from basins.analyses.hessian import hessian_eigenvalues, plan_hessian
     from basins.engine.precision import audit_precision
 
-    log = stderr_console(kw["quiet"])
-    with Timer() as setup:
-        loaded = load_problem(kw, log)
-    problem = loaded.problem
-    num_setup_hvps = problem.counters.num_hvps  # the HVP route choice's products
-    if kw["eigenvectors"] and not kw["output"]:
-        log.print("[yellow]note:[/] eigenvectors are stored only in a report: add -o report.h5")
-    k = kw["top_k"]
+    c = Command(kw)
+    problem, k = c.problem, kw["k"]
+    if kw["eigenvectors"] and not kw["output_path"]:
+        c.log.print("[yellow]note:[/] eigenvectors are stored only in a report: add -o report.h5")
     if kw["per_block"]:
-        _per_block(kw, log, loaded)
+        _per_block(c)
         return
 
     run = kw.get("_run")  # several checkpoints: warm-start from the previous one's Ritz vectors
@@ -156,76 +143,51 @@ def hessian(**kw: Any) -> None:
     start = run.warm.get(warm_key) if run is not None and not kw["cold"] else None
     if start is not None and start.shape[0] != problem.num_params:
         start = None  # another architecture: a cold start
-    with flag_names(k="--top-k", which="--which", block_size="--block-size", trace_hvps="--trace-hvps",
-                    memory_bytes="--memory"):
-        plan = plan_hessian(problem, k=min(k, problem.num_params), which=kw["which"], block_size=kw["block_size"],
-                            trace=kw["trace"], trace_hvps=kw["trace_hvps"], bounds=kw["bounds"])
-    log.print(plan.describe(), soft_wrap=True, highlight=False, markup=False)
+    with flag_errors():
+        plan = plan_hessian(problem, k=min(k, problem.num_params), **c.options("which", "block_size", "trace",
+                                                                               "trace_hvps", "bounds"))
+    c.log.print(plan.describe(), soft_wrap=True, highlight=False, markup=False)
     precision_warning = audit_precision(problem).warning()
     if precision_warning:
-        log.print(f"[yellow]warning:[/] {precision_warning}", soft_wrap=True, highlight=False)
-    with Timer() as t, progress_bar(log, f"Lanczos ({kw['which']} {k})", total=kw["max_hvps"]) as on_progress:
-        with flag_names(k="--top-k", which="--which", tol="--tol", max_hvps="--max-hvps", max_matvecs="--max-hvps",
-                        block_size="--block-size", trace_method="--trace-method", trace_hvps="--trace-hvps"):
-            result = hessian_eigenvalues(
-                problem, k=k, which=kw["which"], tol=kw["tol"], max_hvps=kw["max_hvps"], block_size=kw["block_size"],
-                eigenvectors=kw["eigenvectors"] and bool(kw["output"]), trace=kw["trace"],
-                trace_method=kw["trace_method"], trace_hvps=kw["trace_hvps"], seed=loaded.seed, callback=on_progress,
-                bounds=kw["bounds"], start=start, keep_start=run is not None and not kw["cold"], memory_plan=plan,
-            )
+        c.warn(precision_warning)
+    result = c.run(f"Lanczos ({kw['which']} {k})", hessian_eigenvalues, problem, total=kw["max_hvps"],
+                   eigenvectors=kw["eigenvectors"] and bool(kw["output_path"]), seed=c.seed, start=start,
+                   keep_start=run is not None and not kw["cold"], memory_plan=plan,
+                   **c.options("k", "which", "tol", "max_hvps", "block_size", "trace", "trace_method", "trace_hvps",
+                               "bounds"))
     if run is not None and result.next_start is not None:
         run.warm[warm_key] = result.next_start
-
-    warnings = list(loaded.warnings)
-    if precision_warning:
-        warnings.append(precision_warning)
     if result.is_saddle:
         lam, r = result.most_negative()
-        msg = (f"λ_min = {lam:.6g} ± {r:.2g} < 0: the Hessian has a direction of negative curvature, "
+        c.warn(f"λ_min = {lam:.6g} ± {r:.2g} < 0: the Hessian has a direction of negative curvature, "
                "so this point is a saddle (or a maximum), not a minimum")
-        warnings.append(msg)
-        log.print(f"[yellow]warning:[/] {msg}")
+    unconverged = result.num_wanted - result.num_converged
     if not result.all_converged:
-        msg = (f"{result.num_wanted - result.num_converged} of {result.num_wanted} eigenvalues did not converge to "
-               f"tol {kw['tol']:g} within {result.num_lanczos_hvps} HVPs: their residuals bound the error; "
-               "raise --max-hvps or loosen --tol")
-        warnings.append(msg)
-        log.print(f"[yellow]warning:[/] {msg}")
-    log.print(f"{result.num_hvps} HVPs in {t.seconds:.2f} s ({problem.counters.num_hvps} in all, set-up included"
-              + ("; warm start from the previous checkpoint)" if result.warm_start else ")"))
-
-    record = result.record()
-    # every count is the work the run did: set-up (loss, gradient, determinism check, route choice) and checks included
-    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds, num_setup_hvps=num_setup_hvps,
-                        **problem.counters.as_dict())
-    emit(kw, log, loaded, "hessian", record, warnings=warnings, tables=summary_tables)
+        c.warn(f"{unconverged} of {result.num_wanted} eigenvalues did not converge to tol {kw['tol']:g} within "
+               f"{result.num_lanczos_hvps} HVPs: their residuals bound the error; raise --max-hvps or loosen --tol")
+    c.log.print(f"{result.num_hvps} HVPs in {c.seconds:.2f} s ({problem.counters.num_hvps} in all, set-up included"
+                + ("; warm start from the previous checkpoint)" if result.warm_start else ")"))
+    c.emit("hessian", result.record(), tables=summary_tables)
 
     if kw["strict"] and not result.all_converged:
         from basins.errors import ComputeError
 
-        raise ComputeError(
-            f"--strict: {result.num_wanted - result.num_converged} of {result.num_wanted} eigenvalues did not "
-            f"converge within {result.num_lanczos_hvps} HVPs (raise --max-hvps or loosen --tol)"
-        )
+        raise ComputeError(f"--strict: {unconverged} of {result.num_wanted} eigenvalues did not converge within "
+                           f"{result.num_lanczos_hvps} HVPs (raise --max-hvps or loosen --tol)")
 
 
-def _per_block(kw: dict[str, Any], log: Any, loaded: Any) -> None:
+def _per_block(c: Command) -> None:
     """``--per-block``: the per-block table (:mod:`basins.analyses.blocks`), group ``/hessian_blocks``."""
     from basins.analyses.blocks import parse_blocks, per_block_hessian
 
     from .hessian_blocks import summary_tables as block_tables
 
-    problem = loaded.problem
-    with flag_names(per_block="--per-block", trace_hvps="--trace-hvps", max_matvecs="--max-hvps"):
-        blocks = parse_blocks(problem.space.names, list(kw["per_block"]))
-        with Timer() as t, progress_bar(log, f"Hessian of {len(blocks)} blocks", total=len(blocks)) as on_progress:
-            result = per_block_hessian(problem, blocks, tol=kw["tol"], max_hvps=kw["max_hvps"],
-                                       trace_hvps=kw["trace_hvps"], seed=loaded.seed,
-                                       spec=" ".join(kw["per_block"]), callback=on_progress)
-    log.print(f"{result.num_hvps} HVPs in {t.seconds:.2f} s over {len(blocks)} blocks")
-    record = result.record()
-    record.attrs.update(wall_seconds=t.seconds, **problem.counters.as_dict())
-    emit(kw, log, loaded, "hessian_blocks", record, warnings=list(loaded.warnings), tables=block_tables)
+    with flag_errors():
+        blocks = parse_blocks(c.problem.space.names, list(c.kw["per_block"]))
+    result = c.run(f"Hessian of {len(blocks)} blocks", per_block_hessian, c.problem, blocks, total=len(blocks),
+                   seed=c.seed, spec=" ".join(c.kw["per_block"]), **c.options("tol", "max_hvps", "trace_hvps"))
+    c.log.print(f"{result.num_hvps} HVPs in {c.seconds:.2f} s over {len(blocks)} blocks")
+    c.emit("hessian_blocks", result.record(), tables=block_tables)
 
 
 # ---------------------------------------------------------------------- summary renderers
@@ -325,11 +287,20 @@ def summary_row(analysis: dict[str, Any]) -> dict[str, str]:
     return row
 
 
-def csv_rows(analysis: dict[str, Any]) -> list[dict[str, Any]]:
-    """The eigenvalue table as rows ``{end, index, eigenvalue, residual, error_bound, converged}`` (index 1 = most
-    extreme)."""
+def csv_rows(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """The eigenvalue table of a ``hessian`` ``--json`` object (the command's, or ``basins summary``'s
+    for a ``/hessian`` group) as rows ``{end, index, eigenvalue, residual, error_bound, converged}``
+    (index 1 = most extreme): one row per eigenvalue, every per-eigenvalue key."""
     rows = []
-    for label, vals, res, conv, bounds in _ends(analysis):
-        for i, (v, r, c, b) in enumerate(zip(vals, res, conv, bounds), 1):
-            rows.append({"end": label, "index": i, "eigenvalue": v, "residual": r, "error_bound": b, "converged": c})
+    for prefix in _ENDS.values():
+        vals = obj.get(prefix + "eigenvalues")
+        if not isinstance(vals, list):
+            continue
+        label = "bottom" if (prefix or obj.get("which") == "bottom") else "top"
+        columns = {key: obj.get(prefix + key + "s") or [None] * len(vals)
+                   for key in ("residual", "error_bound")}
+        columns["converged"] = obj.get(prefix + "converged") or [None] * len(vals)
+        for i, v in enumerate(vals):
+            rows.append({"end": label, "index": i + 1, "eigenvalue": v,
+                         **{key: col[i] if i < len(col) else None for key, col in columns.items()}})
     return rows

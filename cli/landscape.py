@@ -14,16 +14,13 @@ from rich.console import RenderableType
 from rich.table import Table
 
 from .common import (
-    Timer,
+    Command,
+    LibraryOption,
     column,
-    emit,
-    flag_names,
+    flag_errors,
     fmt,
-    load_problem,
     output_options,
     problem_options,
-    progress_bar,
-    stderr_console,
 )
 
 
@@ -36,7 +33,7 @@ from .common import (
                    "weight tensor, scaled to the norm of θ*'s filter; biases and norm parameters held fixed), "
                    "seeded by --seed; top: the unit Hessian eigenvectors of the largest eigenvalues (Lanczos), "
                    "their eigenvalues recorded.  [default: random]")
-@click.option("--points", type=click.IntRange(min=2),
+@click.option("--points", "num_points", type=click.IntRange(min=2),
               help="Grid points per axis, θ* (t = 0) always among them (default 51 for 1-D, 21 for 2-D, 25 "
                    "along --to).")
 @click.option("--extent", type=click.FloatRange(min=0, min_open=True),
@@ -44,12 +41,12 @@ from .common import (
                    "filter-normalised for random (default 1: each filter moved by its own norm); Euclidean "
                    "parameter distance for top (default 2·sqrt(2·max(L(θ*), 0.01)/λ), λ the smallest eigenvalue of "
                    "the slice: twice the distance where the quadratic model doubles the loss).")
-@click.option("--to", "other", type=click.Path(), metavar="OTHER_MODEL",
+@click.option("--to", "other_model", cls=LibraryOption, library_names=("other",), type=click.Path(), metavar="OTHER_MODEL",
               help="Instead of a slice: the loss on the straight line from MODEL (t = 0) to OTHER_MODEL (t = 1), "
                    "a checkpoint of the same architecture (opened like MODEL: --arch, --trust-pickle), its "
                    "barrier and whether the two share a basin.")
-@click.option("--epsilon", type=click.FloatRange(min=0),
-              help="With --to: one basin when the barrier ≤ epsilon (loss units; default "
+@click.option("--barrier-tol", "epsilon", type=click.FloatRange(min=0),
+              help="With --to: one basin when the barrier ≤ this tolerance ε (loss units; default "
                    "max(1e-3·max(L(θa), L(θb)), 1e-6)).")
 @click.option("--chunk", type=click.IntRange(min=1), default=16, show_default=True,
               help="Points per batched loss evaluation (memory ∝ chunk × (P + a data chunk's activations)).")
@@ -96,60 +93,48 @@ def landscape(**kw: Any) -> None:
     """
     from basins.errors import InputError
 
-    log = stderr_console(kw["quiet"])
-    if kw["other"] is not None:
+    if kw["other_model"] is not None:
         given = [flag for key, flag in (("dims", "--dims"), ("directions", "--directions"), ("extent", "--extent"))
                  if kw[key] is not None]
         if given:
             raise InputError(f"--to draws the line between two checkpoints: it takes no {', '.join(given)}")
     elif kw["epsilon"] is not None:
-        raise InputError("--epsilon is the one-basin tolerance of --to OTHER_MODEL; give --to or drop it")
-    with Timer() as setup:
-        loaded = load_problem(kw, log)
-    problem = loaded.problem
-    warnings = list(loaded.warnings)
-    if kw["other"] is not None:
-        result, t = _line(kw, log, problem, warnings)
-        log.print(f"barrier {result.barrier:.4g} at t = {result.barrier_t:.4f}: "
-                  f"{'one basin' if result.same_basin else 'separate basins'} at ε = {result.epsilon:.3g}")
+        raise InputError("--barrier-tol is the one-basin tolerance of --to OTHER_MODEL; give --to or drop it")
+    c = Command(kw)
+    if kw["other_model"] is not None:
+        result = _line(c)
+        c.log.print(f"barrier {result.barrier:.4g} at t = {result.barrier_t:.4f}: "
+                    f"{'one basin' if result.same_basin else 'separate basins'} at ε = {result.epsilon:.3g}")
     else:
         from basins.analyses.landscape import landscape_slice
 
         dims, directions = int(kw["dims"] or 1), kw["directions"] or "random"
-        with Timer() as t, progress_bar(log, f"{dims}-D slice ({directions})") as update:
-            with flag_names(num_points="--points", extent="--extent", directions="--directions", chunk="--chunk"):
-                result = landscape_slice(problem, dims=dims, directions=directions, num_points=kw["points"],
-                                         extent=kw["extent"], seed=loaded.seed, chunk=kw["chunk"], callback=update)
-    log.print(f"{result.num_loss_evals:,} loss evaluations"
-              f"{f', {result.num_hvps:,} HVPs' if result.num_hvps else ''} in {t.seconds:.2f} s")
-    record = result.record()
-    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
-    emit(kw, log, loaded, "landscape", record, warnings=warnings, tables=summary_tables)
+        result = c.run(f"{dims}-D slice ({directions})", landscape_slice, c.problem, dims=dims, directions=directions,
+                       seed=c.seed, **c.options("num_points", "extent", "chunk"))
+    c.log.print(f"{result.num_loss_evals:,} loss evaluations"
+                f"{f', {result.num_hvps:,} HVPs' if result.num_hvps else ''} in {c.seconds:.2f} s")
+    c.emit("landscape", result.record(), tables=summary_tables)
 
 
-def _line(kw: dict[str, Any], log: Any, problem: Any, warnings: list[str]) -> tuple[Any, Timer]:
+def _line(c: Command) -> Any:
     """``--to``: load OTHER_MODEL matched against MODEL, then the line and its barrier."""
     from basins.analyses.landscape import REFINE_STEPS, linear_path
     from basins.files.loading import load_parameters_like
     from basins.files.loading.adapters import is_adapter_directory
 
-    with log.status(f"loading {kw['other']}", spinner="dots"):
-        other = load_parameters_like(kw["other"], problem.module, problem.space.names, arch=kw.get("arch"),
+    kw, problem, path = c.kw, c.problem, c.kw["other_model"]
+    with flag_errors(by_message=False), c.log.status(f"loading {path}", spinner="dots"):
+        other = load_parameters_like(path, problem.module, problem.space.names, arch=kw.get("arch"),
                                      trust_pickle=kw.get("trust_pickle", False),
-                                     base_model=kw.get("base_model") if is_adapter_directory(kw["other"]) else None)
+                                     base_model=kw.get("base_model") if is_adapter_directory(path) else None)
     if other.differ:
         names = ", ".join(other.differ[:3]) + (", ..." if len(other.differ) > 3 else "")
-        msg = (f"{kw['other']} has other values of {len(other.differ)} buffer(s) or parameter(s) outside --params "
+        c.warn(f"{path} has other values of {len(other.differ)} buffer(s) or parameter(s) outside --params "
                f"({names}): the line holds MODEL's all along, so L at t = 1 is not OTHER_MODEL's own loss")
-        warnings.append(msg)
-        log.print(f"[yellow]warning:[/] {msg}")
-    points = kw["points"] or 25
-    with Timer() as t, progress_bar(log, "loss along the line", total=points + REFINE_STEPS) as update:
-        with flag_names(num_points="--points", epsilon="--epsilon", chunk="--chunk"):
-            result = linear_path(problem, other.theta, num_points=points, epsilon=kw["epsilon"],
-                                 other_model=str(kw["other"]), other_model_sha256=other.model.sha256,
-                                 chunk=kw["chunk"], callback=update)
-    return result, t
+    points = kw["num_points"] or 25
+    return c.run("loss along the line", linear_path, problem, other.theta, total=points + REFINE_STEPS,
+                 num_points=points, other_model=str(path), other_model_sha256=other.model.sha256,
+                 **c.options("epsilon", "chunk"))
 
 
 # ---------------------------------------------------------------------- summary renderers

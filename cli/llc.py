@@ -12,30 +12,7 @@ import click
 from rich.console import RenderableType
 from rich.table import Table
 
-from .common import (
-    Timer,
-    attr_value,
-    emit,
-    flag_names,
-    fmt,
-    load_problem,
-    output_options,
-    problem_options,
-    progress_bar,
-    stderr_console,
-)
-
-
-def _positive_or_auto(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    if value is None or value == "auto":
-        return None
-    try:
-        x = float(value)
-    except ValueError:
-        raise click.BadParameter(f"a positive number or 'auto', got {value!r}") from None
-    if not x > 0 or x != x or x == float("inf"):
-        raise click.BadParameter(f"a positive number or 'auto', got {value!r}")
-    return x
+from .common import Command, flag_errors, fmt, output_options, positive_or_auto, problem_options
 
 
 def _steps_or_auto(least: int) -> Any:
@@ -65,20 +42,20 @@ STEP_HELP = f"SGLD step ε ({STEP_RULE})."
 
 @click.command()
 @problem_options
-@click.option("--chains", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--chains", "num_chains", type=click.IntRange(min=1), default=4, show_default=True,
               help="Independent SGLD chains (numpy SeedSequence(SEED).spawn(CHAINS): seeds never share a chain).")
-@click.option("--draws", callback=_steps_or_auto(1), default="1000", show_default=True,
+@click.option("--draws", "num_draws", callback=_steps_or_auto(1), default="1000", show_default=True,
               help="Steps kept per chain, or auto: 1000, doubled until R-hat and the trend test pass (--max-steps).")
-@click.option("--burnin", callback=_steps_or_auto(0), default="1000", show_default=True,
+@click.option("--burnin", "num_burnin", callback=_steps_or_auto(0), default="1000", show_default=True,
               help="Steps discarded per chain, or auto: 1000, and draws that fail the trend test become burn-in.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=16000, show_default=True,
               help="Budget per chain (burn-in + draws) for --draws/--burnin auto.")
-@click.option("--nbeta", callback=_positive_or_auto, default="auto", show_default=True,
+@click.option("--nbeta", callback=positive_or_auto(None), default="auto", show_default=True,
               help="nβ, the inverse temperature times N (auto: N/log N, N the loss's terms: valid tokens for "
                    "token losses, examples × outputs for mse).")
-@click.option("--gamma", callback=_positive_or_auto, default="auto", show_default=True,
+@click.option("--gamma", callback=positive_or_auto(None), default="auto", show_default=True,
               help="Localization γ in 1/parameter² (auto: 1).")
-@click.option("--step-size", callback=_positive_or_auto, default="auto", show_default=True, help=STEP_HELP)
+@click.option("--step-size", callback=positive_or_auto(None), default="auto", show_default=True, help=STEP_HELP)
 @click.option("--minibatch", type=click.IntRange(min=1), default=256, show_default=True,
               help="Examples per SGLD step and chain (the memory chunk is --batch-size).")
 @click.option("--sampler", type=click.Choice(["sgld", "rmsprop"]), default="sgld", show_default=True,
@@ -86,8 +63,10 @@ STEP_HELP = f"SGLD step ε ({STEP_RULE})."
 @click.option("--per-block", "per_block", multiple=True, metavar="DEPTH|GLOB",
               help="One weight-refined LLC per block of parameters (a module depth, or globs), the others held at "
                    "w* (Wang et al. 2024).")
-@click.option("--no-quadratic", is_flag=True, help="Skip llc_quadratic (P HVPs, or 300 by SLQ).")
-@click.option("--no-batch-chains", is_flag=True, help="Loop over chains instead of one vmapped step for all.")
+@click.option("--quadratic/--no-quadratic", "quadratic", default=True, show_default=True,
+              help="Also compute llc_quadratic, the λ of a quadratic basin with this Hessian (P HVPs, or 300 by SLQ).")
+@click.option("--batch-chains/--no-batch-chains", "batched", default=True, show_default=True,
+              help="One vmapped step for all chains, or a loop over chains.")
 @output_options
 def llc(**kw: Any) -> None:
     """Estimate the local learning coefficient λ̂ = nβ·(E_w[L] − L(w*)) by SGLD around w*.
@@ -140,68 +119,58 @@ def llc(**kw: Any) -> None:
     """
     from basins.analyses.llc import llc as estimate
 
-    log = stderr_console(kw["quiet"])
-    with Timer() as setup:
-        loaded = load_problem(kw, log)
-    problem = loaded.problem
-    planned = (1000 if kw["burnin"] == "auto" else kw["burnin"]) + (1000 if kw["draws"] == "auto" else kw["draws"])
-    opts = dict(num_chains=kw["chains"], num_draws=kw["draws"], num_burnin=kw["burnin"], nbeta=kw["nbeta"],
-                gamma=kw["gamma"], step_size=kw["step_size"], minibatch=kw["minibatch"], sampler=kw["sampler"],
-                seed=loaded.seed, batched=not kw["no_batch_chains"], quadratic=not kw["no_quadratic"],
-                max_steps=kw["max_steps"])
-    names = dict(num_chains="--chains", num_draws="--draws", num_burnin="--burnin", nbeta="--nbeta",
-                 gamma="--gamma", step_size="--step-size", minibatch="--minibatch", sampler="--sampler",
-                 max_steps="--max-steps", per_block="--per-block")
+    c = Command(kw)
+    planned = sum(1000 if kw[n] == "auto" else kw[n] for n in ("num_burnin", "num_draws"))
+    opts = dict(seed=c.seed, **c.options("num_chains", "num_draws", "num_burnin", "nbeta", "gamma", "step_size",
+                                         "minibatch", "sampler", "batched", "quadratic", "max_steps"))
     if kw["per_block"]:
-        _per_block(kw, log, loaded, opts, names, planned)
+        _per_block(c, opts, planned)
         return
-    block = " ".join(problem.selection.patterns) if problem.selection.patterns else None
-    with Timer() as t, progress_bar(log, f"llc ({kw['sampler']})", total=planned) as update:
-        with flag_names(**names):
-            result = estimate(problem, block=block, callback=update, **opts)
-    for note in result.warnings:
-        log.print(f"note: {note}")
-    log.print(f"llc: nβ = {result.nbeta:.6g} ({result.nbeta_rule}); {result.num_grads} minibatch gradients in "
-              f"{t.seconds:.2f} s")
+    block = " ".join(c.problem.selection.patterns) if c.problem.selection.patterns else None
+    result = c.run(f"llc ({kw['sampler']})", estimate, c.problem, total=planned, block=block, **opts)
+    c.note(*result.warnings)
+    c.warnings += result.warnings
+    c.log.print(f"llc: nβ = {result.nbeta:.6g} ({result.nbeta_rule}); {result.num_grads} minibatch gradients in "
+                f"{c.seconds:.2f} s")
     record = result.record()
-    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
+    minibatch_counts(record.attrs)
 
     def tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
         return summary_tables({**analysis, "attrs": {**analysis["attrs"], "notes": []}}, problem)
 
-    emit(kw, log, loaded, "llc", record, warnings=[*loaded.warnings, *result.warnings], tables=tables)
+    c.emit("llc", record, tables=tables)
 
 
-def _per_block(kw: dict[str, Any], log: Any, loaded: Any, opts: dict[str, Any], names: dict[str, str],
-               planned: int) -> None:
+def _per_block(c: Command, opts: dict[str, Any], planned: int) -> None:
     """``--per-block``: one weight-refined LLC per block, group ``/llc_blocks``."""
     from basins.analyses.blocks import parse_blocks
     from basins.analyses.llc import llc_per_block
     from basins.record import Array, Record
 
-    problem = loaded.problem
-    with flag_names(**names):
-        blocks = parse_blocks(problem.space.names, list(kw["per_block"]))
-        with Timer() as t, progress_bar(log, f"llc of {len(blocks)} blocks", total=planned * len(blocks)) as update:
-            done = [0]
+    from .llc_blocks import summary_tables as block_tables
 
-            def relay(p: Any) -> None:
-                update(type(p)(p.phase, p.done + done[0] * planned, planned * len(blocks), p.unit, info=p.info))
+    with flag_errors():
+        blocks = parse_blocks(c.problem.space.names, list(c.kw["per_block"]))
 
-            results = []
-            for name, params in blocks:
-                results.extend(llc_per_block(problem, [(name, params)], callback=relay, **opts))
-                done[0] += 1
-    warnings = list(loaded.warnings)
-    for r in results:
-        warnings.extend(f"block {r.block}: {w}" for w in r.warnings)
-    for w in warnings[len(loaded.warnings):]:
-        log.print(f"note: {w}")
-    attrs = {"blocks": " ".join(kw["per_block"]), "block_names": [r.block for r in results],
+    def each_block(callback: Any) -> list[Any]:
+        results = []
+        for i, block in enumerate(blocks):
+            def relay(p: Any, i: int = i) -> None:
+                callback(type(p)(p.phase, p.done + i * planned, planned * len(blocks), p.unit, info=p.info))
+
+            results.extend(llc_per_block(c.problem, [block], callback=relay, **opts))
+        return results
+
+    results = c.run(f"llc of {len(blocks)} blocks", each_block, total=planned * len(blocks))
+    notes = [f"block {r.block}: {w}" for r in results for w in r.warnings]
+    c.note(*notes)
+    c.warnings += notes
+    attrs = {"blocks": " ".join(c.kw["per_block"]), "block_names": [r.block for r in results],
              "method": "weight-refined LLC (Wang et al. 2024): SGLD on the block, the other parameters at w*",
              "nbeta": results[0].nbeta, "nbeta_rule": results[0].nbeta_rule, "gamma": results[0].gamma,
-             "num_chains": results[0].num_chains, "seed": loaded.seed, "wall_seconds": t.seconds,
-             "num_grads": sum(r.num_grads for r in results), "notes": warnings[len(loaded.warnings):]}
+             "num_chains": results[0].num_chains, "seed": c.seed,
+             "num_minibatch_grads": sum(r.num_grads for r in results), "count_units": MINIBATCH_UNITS,
+             "notes": notes}
     arrays = {
         "block_num_params": Array([r.block_num_params for r in results], "P of the block", None),
         "llc": Array([r.llc for r in results], "weight-refined LLC of the block", None),
@@ -211,9 +180,21 @@ def _per_block(kw: dict[str, Any], log: Any, loaded: Any, opts: dict[str, Any], 
         "step_size": Array([r.step_size for r in results], "frozen SGLD step ε", None),
         "converged": Array([r.converged for r in results], "R-hat and trend test passed", None),
     }
-    from .llc_blocks import summary_tables as block_tables
+    c.emit("llc_blocks", Record(attrs, arrays), tables=block_tables)
 
-    emit(kw, log, loaded, "llc_blocks", Record(attrs, arrays), warnings=warnings, tables=block_tables)
+
+#: what the minibatch counts of an /llc group count (the full-data counts are num_loss_evals, num_grads, num_hvps)
+MINIBATCH_UNITS = ("num_minibatch_loss_evals/num_minibatch_grads count evaluations on one chain's minibatch; "
+                   "num_loss_evals, num_grads and num_hvps count full-data work, set-up included")
+
+
+def minibatch_counts(attrs: dict[str, Any]) -> None:
+    """Move the sampler's own counts (of minibatch evaluations, not of ``problem.counters``) to
+    ``num_minibatch_loss_evals``/``num_minibatch_grads``: ``num_loss_evals`` and ``num_grads`` are the
+    full-data counts of every command."""
+    attrs["num_minibatch_loss_evals"] = attrs.pop("num_loss_evals", 0)
+    attrs["num_minibatch_grads"] = attrs.pop("num_grads", 0)
+    attrs["count_units"] = MINIBATCH_UNITS
 
 
 def llc_text(a: dict[str, Any]) -> str:
@@ -232,11 +213,11 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     t.add_column("quantity", style="bold")
     t.add_column("value")
     t.add_row("λ̂ ± se", llc_text(a) + (f"   (P/2 = {P / 2:g})" if isinstance(P, int) else ""))
-    ci = attr_value(a, "llc_ci")
+    ci = a.get("llc_ci")
     if isinstance(ci, list) and len(ci) == 2:
         t.add_row("95% interval", f"[{fmt(ci[0], 4)}, {fmt(ci[1], 4)}] (Student t, {a.get('llc_ci_dof', '-')} "
                   f"degrees of freedom; effective sample size {fmt(a.get('ess'), 4)})")
-    per = attr_value(a, "llc_per_chain")
+    per = a.get("llc_per_chain")
     if isinstance(per, list):
         t.add_row("per chain", ", ".join(fmt(x, 4) for x in per))
     if a.get("block"):
@@ -249,17 +230,18 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     t.add_row("γ, ε", f"{fmt(a.get('gamma'), 4)}, {fmt(a.get('step_size'), 4)} (first {fmt(a.get('step_size_initial'), 3)})")
     t.add_row("chains × draws (+burn-in)", f"{a.get('num_chains')} × {a.get('num_draws')} (+{a.get('num_burnin')}), "
               f"minibatch {a.get('minibatch')}, {a.get('sampler')}")
-    d = attr_value(a, "diagnostics")
+    d = a.get("diagnostics")
     if isinstance(d, dict):
         t.add_row("diagnostics", f"converged {'yes' if d.get('converged') else 'NO'}: R-hat {fmt(d.get('rhat'), 4)}, "
                   f"trend z {fmt(d.get('trend_z'), 3)}, MALA acceptance {fmt(d.get('acceptance'), 3)}, below L(w*) "
                   f"{fmt(d.get('frac_below_init'), 3)}")
         t.add_row("critical point", f"‖∇L(w*)‖ {fmt(d.get('grad_norm'), 3)} vs sampling noise "
                   f"{fmt(d.get('grad_noise'), 3)}")
-    r = attr_value(a, "restarts")
+    r = a.get("restarts")
     if isinstance(r, list) and r:
         t.add_row("restarts", "; ".join(map(str, r)))
-    t.add_row("cost", f"{a.get('num_grads')} minibatch gradients, {fmt(a.get('wall_seconds'), 3)} s")
+    grads = a.get("num_minibatch_grads", a.get("num_grads"))  # num_grads: a report written before the split
+    t.add_row("cost", f"{grads} minibatch gradients, {a.get('num_hvps', '-')} HVPs, {fmt(a.get('wall_seconds'), 3)} s")
     return [t]
 
 

@@ -6,7 +6,6 @@ Also the renderers ``basins summary`` uses for a report's ``/nullity`` group:
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import click
@@ -15,17 +14,7 @@ from rich.table import Table
 
 from basins.record import EIGEN_UNITS
 
-from .common import (
-    Timer,
-    emit,
-    flag_names,
-    fmt,
-    load_problem,
-    output_options,
-    problem_options,
-    progress_bar,
-    stderr_console,
-)
+from .common import Command, fmt, output_options, problem_options
 
 
 @click.command()
@@ -38,8 +27,10 @@ from .common import (
               help="Relative threshold: count |λ| ≤ rtol·λ_max + atol. Repeatable [default: 1e-6, 1e-4, 1e-2].")
 @click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Absolute part of the threshold (loss / parameter²).")
-@click.option("--probes", type=click.IntRange(min=2), default=10, show_default=True, help="slq: probe vectors.")
-@click.option("--steps", type=click.IntRange(min=1), default=80, show_default=True, help="slq: Lanczos steps per probe.")
+@click.option("--probes", "num_probes", type=click.IntRange(min=2), default=10, show_default=True,
+              help="slq: probe vectors.")
+@click.option("--lanczos-steps", "num_steps", type=click.IntRange(min=1), default=80, show_default=True,
+              help="slq: Lanczos steps per probe.")
 @click.option("--deflate", type=click.IntRange(min=0), default=20, show_default=True,
               help="slq: top eigenpairs removed (by Lanczos) before the quadrature.")
 @output_options
@@ -85,38 +76,21 @@ def nullity(**kw: Any) -> None:
     from basins.analyses.nullity import DEFAULT_RTOLS
     from basins.analyses.nullity import nullity as count_nullity
 
-    log = stderr_console(kw["quiet"])
-    rtols = tuple(kw["rtols"]) or DEFAULT_RTOLS
-    with Timer() as setup:
-        loaded = load_problem(kw, log)
-    problem = loaded.problem
-
-    with Timer() as t, progress_bar(log, f"nullity ({kw['method']})") as update:
-        with flag_names(method="--method", rtols="--rtol", atol="--atol", num_probes="--probes",
-                        num_steps="--steps", deflate="--deflate"):
-            result = count_nullity(
-                problem, method=kw["method"], rtols=rtols, atol=kw["atol"], seed=loaded.seed, num_probes=kw["probes"],
-                num_steps=kw["steps"], deflate=kw["deflate"],
-                callback=update,
-            )
-    for note in result.notes:
-        log.print(f"note: {note}")
-    log.print(f"method {result.method}: {result.num_hvps} HVPs in {t.seconds:.2f} s")
-
-    record = result.record()
-    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
+    c = Command(kw)
+    result = c.run(f"nullity ({kw['method']})", count_nullity, c.problem, rtols=kw["rtols"] or DEFAULT_RTOLS,
+                   seed=c.seed, **c.options("method", "atol", "num_probes", "num_steps", "deflate"))
+    c.note(*result.notes)
+    c.log.print(f"method {result.method}: {result.num_hvps} HVPs in {c.seconds:.2f} s")
 
     def tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
         return summary_tables({**analysis, "attrs": {**analysis["attrs"], "notes": []}}, problem)  # notes: stderr
 
-    emit(kw, log, loaded, "nullity", record, warnings=list(loaded.warnings), tables=tables)
+    c.emit("nullity", result.record(), tables=tables)
 
 
 # ---------------------------------------------------------------------- summary renderers
 def _counts(analysis: dict[str, Any]) -> list[dict[str, Any]]:
     c = analysis.get("attrs", {}).get("counts")
-    if isinstance(c, str):
-        c = json.loads(c)
     return list(c) if isinstance(c, list) else []
 
 
@@ -157,8 +131,6 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
                        str(c.get("method", "")))
     tables: list[RenderableType] = [head, ladder]
     notes = a.get("notes")
-    if isinstance(notes, str):
-        notes = json.loads(notes)
     if notes:
         nt = Table(show_header=False, box=None)
         nt.add_column("note")

@@ -16,14 +16,14 @@ from .common import _set_debug, stderr_console
 
 @click.command()
 @click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--output", "output_path", required=True, type=click.Path(dir_okay=False),
               help="The figure; its extension picks the format: .png, .pdf or .svg. Written atomically.")
 @click.option("--dpi", type=click.IntRange(min=30, max=1200), default=None,
               help="Resolution of a .png. [default: 110]")
 @click.option("-q", "--quiet", is_flag=True, help="No notes on stderr.")
 @click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
               help="Show a traceback on errors.")
-def plot(reports: tuple[str, ...], output: str, dpi: int | None, quiet: bool) -> None:
+def plot(reports: tuple[str, ...], output_path: str, dpi: int | None, quiet: bool) -> None:
     """Draw REPORT(s) to a figure (needs matplotlib: pip install 'basins[plot]').
 
     One report: a panel per analysis (spectral density with its band, extreme eigenvalues
@@ -50,7 +50,7 @@ def plot(reports: tuple[str, ...], output: str, dpi: int | None, quiet: bool) ->
 
     from .figures.style import DPI, figure_format, figure_style, require_matplotlib, save_figure
 
-    figure_format(output)
+    figure_format(output_path)
     require_matplotlib()
     log = stderr_console(quiet)
     data = [read_report(path) for path in reports]
@@ -58,10 +58,10 @@ def plot(reports: tuple[str, ...], output: str, dpi: int | None, quiet: bool) ->
     notes: list[str] = []
     with figure_style():
         fig = _figure(data, notes, debug)
-        save_figure(fig, output, dpi=dpi or DPI)
+        save_figure(fig, output_path, dpi=dpi or DPI)
     for line in notes:
         log.print(f"note: {line}")
-    log.print(f"wrote {output}")
+    log.print(f"wrote {output_path}")
 
 
 def _figure(data: list[dict[str, Any]], notes: list[str], debug: bool) -> Any:

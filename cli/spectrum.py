@@ -18,33 +18,23 @@ from rich.table import Table
 
 from basins.record import EIGEN_UNITS
 
-from .common import (
-    Timer,
-    emit,
-    flag_names,
-    fmt,
-    is_main_process,
-    load_problem,
-    output_options,
-    problem_options,
-    progress_bar,
-    stderr_console,
-)
+from .common import Command, fmt, is_main_process, output_options, problem_options
 
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
 
 @click.command()
 @problem_options
-@click.option("--probes", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("--probes", "num_probes", type=click.IntRange(min=1), default=10, show_default=True,
               help="Random probe vectors (the band is their spread).")
-@click.option("--steps", type=click.IntRange(min=1), default=80, show_default=True,
+@click.option("--lanczos-steps", "num_steps", type=click.IntRange(min=1), default=80, show_default=True,
               help="Lanczos steps per probe (quadrature nodes).")
 @click.option("--scale", type=click.Choice(["linear", "log"]), default="linear", show_default=True,
               help="Density grid: linear in λ, or log-spaced in |λ| (density per decade).")
 @click.option("--sigma", type=click.FloatRange(min=0, min_open=True),
               help="Gaussian broadening in grid units [default: 1% of the node range; 0.1 decade for log].")
-@click.option("--points", type=click.IntRange(min=10), default=500, show_default=True, help="Grid points.")
+@click.option("--points", "num_points", type=click.IntRange(min=10), default=500, show_default=True,
+              help="Grid points of the density.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Also draw the density with its band to this .png/.pdf/.svg (needs matplotlib: pip install 'basins[plot]').")
 @output_options
@@ -82,24 +72,17 @@ def spectrum(**kw: Any) -> None:
 
         figure_format(kw["plot_path"], "--plot")
         require_matplotlib("--plot")
-    log = stderr_console(kw["quiet"])
-    with Timer() as setup:
-        loaded = load_problem(kw, log)
-    problem = loaded.problem
-    total = kw["probes"] * min(kw["steps"], problem.num_params)
-    with Timer() as t, progress_bar(log, f"SLQ ({kw['probes']} probes)", total=total) as update:
-        with flag_names(num_probes="--probes", num_steps="--steps", scale="--scale", sigma="--sigma",
-                        num_points="--points"):
-            result = hessian_spectrum(problem, num_probes=kw["probes"], num_steps=kw["steps"], seed=loaded.seed,
-                                      scale=kw["scale"], sigma=kw["sigma"], num_points=kw["points"], callback=update)
-    log.print(f"{result.slq.num_matvecs} HVPs in {t.seconds:.2f} s")
+    c = Command(kw)
+    total = kw["num_probes"] * min(kw["num_steps"], c.problem.num_params)
+    result = c.run(f"SLQ ({kw['num_probes']} probes)", hessian_spectrum, c.problem, total=total, seed=c.seed,
+                   **c.options("num_probes", "num_steps", "scale", "sigma", "num_points"))
+    c.log.print(f"{result.slq.num_matvecs} HVPs in {c.seconds:.2f} s")
     record = result.record()
     if kw["plot_path"] and is_main_process():
         plot_density(record.as_analysis(), kw["plot_path"])
-        log.print(f"wrote {kw['plot_path']}")
-    record.attrs.update(wall_seconds=t.seconds, setup_seconds=setup.seconds)
-    emit(kw, log, loaded, "spectrum", record, warnings=list(loaded.warnings), tables=summary_tables,
-         extra_json={"plot": kw["plot_path"]})
+        c.log.print(f"wrote {kw['plot_path']}")
+    record.attrs["plot"] = kw["plot_path"]
+    c.emit("spectrum", record, tables=summary_tables)
 
 
 def plot_density(analysis: dict[str, Any], path: str, title: str = "") -> None:

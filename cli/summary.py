@@ -1,5 +1,12 @@
 """``basins summary REPORT...``: show reports as rich tables, one JSON document, or CSV.
 
+JSON: per report ``{group: object}``, where each object is the ``--json`` object of the command
+that wrote the group, rebuilt from the report (:func:`group_json`: the same
+:func:`basins.record.json_object` of the same :class:`~basins.record.Record`), so it equals what
+that command printed, key for key; ``--json`` of several reports is a list of these, in the order
+given (by step for checkpoints). CSV: the eigenvalue table of each ``/hessian`` group, one row per
+eigenvalue with every per-eigenvalue key (:func:`basins.cli.hessian.csv_rows` of the same object).
+
 Renderers: an analysis group ``/<name>`` is drawn by the ``summary_tables`` (one report) and
 ``summary_row`` (several reports) of the ``basins.cli`` module that :data:`RENDERERS` names for
 it (``/walls`` by ``basins.cli.volume``); any other group is drawn generically (attributes as
@@ -20,16 +27,19 @@ import click
 from rich.console import Console, RenderableType
 from rich.table import Table
 
+from basins.record import plain
+
 from .common import _set_debug, fmt, print_json, stderr_console, stdout_console
 from .terminal import SafeConsole, safe
 
-_CSV_COLUMNS = ("report", "end", "index", "eigenvalue", "residual", "converged")
+_CSV_COLUMNS = ("report", "end", "index", "eigenvalue", "residual", "error_bound", "converged")
 
 
 @click.command()
 @click.argument("reports", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True,
-              help="One JSON document: the whole report as an object; a list of them for several reports.")
+              help="One JSON document: per report an object {group: the --json object of the command that "
+                   "wrote it}; a list of them for several reports.")
 @click.option("--csv", "as_csv", is_flag=True,
               help="The eigenvalue table of the /hessian groups as CSV (columns: " + ", ".join(_CSV_COLUMNS) + ").")
 @click.option("-q", "--quiet", is_flag=True, help="No notes on stderr.")
@@ -102,35 +112,21 @@ def _print(items: list[RenderableType]) -> None:
 
 
 # ---------------------------------------------------------------------- JSON
-def _plain(value: Any) -> Any:
-    """Numpy/bytes to JSON-ready Python (non-finite floats are made null by print_json)."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    if hasattr(value, "dtype") and hasattr(value, "tolist"):
-        if value.dtype.kind in "SO":
-            return _plain(value.tolist())
-        return value.tolist()
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+def group_json(d: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ``--json`` object of the command that wrote group ``name`` of report ``d``
+    (:func:`basins.record.json_object` of the record read back, with the problem and warnings of
+    that run; ``/problem`` for a group written before groups kept their own)."""
+    from basins.record import Record, json_object
 
-
-def _json_group(g: dict[str, Any]) -> dict[str, Any]:
-    datasets = {}
-    for name, ds in g.get("datasets", {}).items():
-        v = ds["values"]
-        datasets[name] = {"values": _plain(v), "shape": list(getattr(v, "shape", ())),
-                          "dtype": str(getattr(v, "dtype", type(v).__name__)),
-                          "description": ds.get("description"), "units": ds.get("units")}
-    return {"attrs": _plain(g.get("attrs", {})), "datasets": datasets,
-            "groups": {k: _json_group(v) for k, v in g.get("groups", {}).items()}}
+    g = d["analyses"][name]
+    a = g.get("attrs", {})
+    problem = a["problem"] if isinstance(a.get("problem"), dict) else d["problem"]
+    warnings = a["warnings"] if isinstance(a.get("warnings"), list) else []
+    return json_object(problem, Record.from_analysis(g), warnings, report=d["path"])
 
 
 def _json_report(d: dict[str, Any]) -> dict[str, Any]:
-    return {"path": d["path"], "attrs": _plain(d["attrs"]), "problem": _plain(d["problem"]),
-            "analyses": {name: _json_group(g) for name, g in d["analyses"].items()}}
+    return {name: group_json(d, name) for name in d["analyses"]}
 
 
 # ---------------------------------------------------------------------- renderer lookup
@@ -192,10 +188,10 @@ def _value(v: Any, width: int = 80) -> str:
     if isinstance(v, (list, tuple)):
         if len(v) <= 8 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
             return "[" + ", ".join(_value(x) for x in v) + "]"
-        text = json.dumps(_plain(v), default=str)
+        text = json.dumps(plain(v))
         return text if len(text) <= width else f"[{len(v)} items]"
     if isinstance(v, dict):
-        text = json.dumps(_plain(v), default=str)
+        text = json.dumps(plain(v))
         return text if len(text) <= width else f"{{{len(v)} keys}}"
     return str(v)
 
@@ -243,7 +239,8 @@ def generic_tables(name: str, g: dict[str, Any]) -> list[RenderableType]:
     attrs.add_column("attribute", style="bold")
     attrs.add_column("value")
     for k, v in g.get("attrs", {}).items():
-        attrs.add_row(k, _value(v))
+        if k not in ("problem", "json_only"):  # the run's problem (the problem table) and --json-only keys
+            attrs.add_row(k, _value(v))
     out.append(attrs)
     if g.get("datasets"):
         ds = Table(title=f"/{name} datasets", title_justify="left")
@@ -290,10 +287,6 @@ def basin_views(d: dict[str, Any], log: Console) -> Table | None:
         row = _call(_renderer("nullity", "summary_row", log), "nullity", log, an["nullity"]) or {}
         cells = [f"{k} {v}" for k, v in row.items() if k.startswith("flat@")]
         counts = an["nullity"].get("attrs", {}).get("counts")
-        if isinstance(counts, str):
-            from basins.files.bounds import load_json
-
-            counts = load_json(counts, f"{d['path']}: /nullity counts")
         if (isinstance(counts, list) and counts and isinstance(counts[-1], dict)
                 and isinstance(counts[-1].get("count"), (int, float))):
             flat = float(counts[-1]["count"])
@@ -382,11 +375,10 @@ def _csv(data: list[dict[str, Any]], log: Console) -> list[dict[str, Any]]:
         return []
     rows = []
     for d in data:
-        g = d["analyses"].get("hessian")
-        if g is None:
+        if "hessian" not in d["analyses"]:
             log.print(f"note: {d['path']} has no /hessian group; no CSV rows from it")
             continue
-        for r in rows_fn(g):
+        for r in rows_fn(group_json(d, "hessian")):
             rows.append({"report": d["path"], **{k: _csv_cell(r.get(k)) for k in _CSV_COLUMNS[1:]}})
     return rows
 

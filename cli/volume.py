@@ -12,17 +12,7 @@ import click
 from rich.console import RenderableType
 from rich.table import Table
 
-from .common import (
-    Timer,
-    emit,
-    fmt,
-    is_main_process,
-    load_problem,
-    output_options,
-    problem_options,
-    progress_bar,
-    stderr_console,
-)
+from .common import Command, fmt, is_main_process, output_options, problem_options
 
 
 @click.command()
@@ -35,17 +25,17 @@ from .common import (
               help="Relative tolerance of each radius. [default: min(1e-3, 0.1/P), so P·δ ≤ 0.1 nats]")
 @click.option("--max-radius", type=click.FloatRange(min=0, min_open=True),
               help="Rays with no crossing below this are censored. [default: 10·max(‖θ*‖, 1)]")
-@click.option("--sigma", type=click.FloatRange(min=0, min_open=True),
+@click.option("--prior-sigma", "sigma", type=click.FloatRange(min=0, min_open=True),
               help="Std of the Gaussian prior N(0, σ²I) for the prior mass. [default: RMS of θ*]")
-@click.option("--directions", "normalisation", type=click.Choice(["isotropic", "filter"]), default="isotropic",
+@click.option("--normalisation", "normalisation", type=click.Choice(["isotropic", "filter"]), default="isotropic",
               show_default=True, help="Unit Gaussian directions, or filter-normalised (Li et al. 2018; no volume).")
 @click.option("--family", "families", type=click.Choice(["isotropic", "top", "floor"]), multiple=True,
               help="Ray family; repeatable: isotropic, top (span of the top-k Hessian eigenvectors), "
                    "floor (deflated against them). [default: isotropic]")
-@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True,
+@click.option("--top-k", "k", type=click.IntRange(min=1), default=10, show_default=True,
               help="Eigenvectors spanning the top family / deflated by floor.")
 @click.option("--walls", is_flag=True, help="Measure wall profiles, exponents, anharmonicity and asymmetry.")
-@click.option("--plot", type=click.Path(dir_okay=False),
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Draw the median wall profile with quantile bands to this .png/.pdf/.svg (needs matplotlib; implies --walls).")
 @click.option("--compare-quadratic", is_flag=True,
               help="Add the quadratic (Hessian) baseline volume: exact spectrum for small P, else Lanczos top-k.")
@@ -93,60 +83,40 @@ def volume(**kw: Any) -> None:
     """
     from basins.analyses.volume.probe import DEFAULT_EPSILONS, probe_problem
 
-    log = stderr_console(kw["quiet"])
-    if kw["plot"]:
+    if kw["plot_path"]:
         from .figures.style import figure_format, require_matplotlib
 
-        figure_format(kw["plot"], "--plot")
+        figure_format(kw["plot_path"], "--plot")
         require_matplotlib("--plot")
         kw["walls"] = True
-    with Timer() as setup:
-        loaded = load_problem(kw, log)
-    problem = loaded.problem
+    c = Command(kw)
     num_pairs = (kw["samples"] + 1) // 2
     if kw["samples"] % 2:
-        log.print(f"note: {kw['samples']} rays rounded up to {2 * num_pairs} (antithetic pairs ±u)")
+        c.note(f"{kw['samples']} rays rounded up to {2 * num_pairs} (antithetic pairs ±u)")
     families = list(dict.fromkeys(kw["families"])) or ["isotropic"]
-    epsilons = sorted(set(kw["epsilons"])) or list(DEFAULT_EPSILONS)
-    total = 2 * num_pairs * len(families)
-
-    with Timer() as t, progress_bar(log, "probing rays", total=total) as on_progress:
-        result = probe_problem(
-            problem, num_pairs, epsilons, families=families, normalisation=kw["normalisation"], top_k=kw["top_k"],
-            seed=loaded.seed, radius_rtol=kw["radius_rtol"], max_radius=kw["max_radius"], sigma=kw["sigma"],
-            walls=kw["walls"], compare_quadratic=kw["compare_quadratic"], null_rtol=kw["null_rtol"],
-            exact_max_params=kw["exact_max_params"], loss_route=kw["loss_route"], chunk=kw["chunk"],
-            callback=on_progress,
-        )
-    log.print(f"{result.num_loss_evals:,} loss evaluations, {result.num_hvps:,} HVPs in {t.seconds:.1f} s "
-              f"(batched loss: {result.loss_route['route'] if result.loss_route else '-'}"
-              f"{'' if not result.loss_route or result.loss_route['chunk'] is None else ' ×' + str(result.loss_route['chunk'])})")
-    warnings = list(loaded.warnings)
+    result = c.run("probing rays", probe_problem, c.problem, num_pairs, sorted(set(kw["epsilons"])) or
+                   list(DEFAULT_EPSILONS), total=2 * num_pairs * len(families), families=families, top_k=kw["k"],
+                   seed=c.seed, **c.options("normalisation", "radius_rtol", "max_radius", "sigma", "walls",
+                                            "compare_quadratic", "null_rtol", "exact_max_params", "loss_route", "chunk"))
+    route = result.loss_route
+    c.log.print(f"{result.num_loss_evals:,} loss evaluations, {result.num_hvps:,} HVPs in {c.seconds:.1f} s "
+                f"(batched loss: {route['route'] if route else '-'}"
+                f"{'' if not route or route['chunk'] is None else ' ×' + str(route['chunk'])})")
     for e, cens in zip(result.epsilons, result.num_censored()):
         if cens:
-            msg = (f"ε = {e:g}: {cens} of {result.primary.num_rays} rays found no crossing below max radius "
+            c.warn(f"ε = {e:g}: {cens} of {result.primary.num_rays} rays found no crossing below max radius "
                    f"{result.max_radius:.3g} (censored): the volume is a lower bound")
-            warnings.append(msg)
-            log.print(f"[yellow]warning:[/] {msg}")
-    for note in result.notes:
-        log.print(f"note: {note}")
-
-    timing = {"wall_seconds": t.seconds, "setup_seconds": setup.seconds}
-    record = result.record()
-    record.attrs.update(timing)
+    c.note(*result.notes)
     walls = result.walls_record()
-    if walls is not None:
-        walls.attrs.update(timing)
 
     def tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
         out = summary_tables(analysis, problem)
         return out + summary_tables(walls.as_analysis(), problem) if walls is not None else out
 
-    if kw["plot"] and is_main_process() and walls is not None:
-        plot_walls(kw["plot"], walls.as_analysis())
-        log.print(f"wrote {kw['plot']}")
-    emit(kw, log, loaded, "volume", record, warnings=warnings, tables=tables,
-         also={"walls": walls} if walls is not None else None)
+    if kw["plot_path"] and is_main_process() and walls is not None:
+        plot_walls(kw["plot_path"], walls.as_analysis())
+        c.log.print(f"wrote {kw['plot_path']}")
+    c.emit("volume", result.record(), tables=tables, also={"walls": walls} if walls is not None else None)
 
 
 # ---------------------------------------------------------------------- plot

@@ -206,8 +206,8 @@ def test_several_checkpoints_need_an_output_template(run_dir):
     assert code == 2 and "-o: 2 checkpoints cannot all write r.h5" in err
     code, _, err = _json(["hessian", *run_dir["models"][:2], "--data", run_dir["data"], "--steps", "1", "-q"])
     assert code == 2 and "--train-steps: 1 steps for 2 checkpoints" in err
-    code, many, err = _json(["nullity", *run_dir["models"][:2], "--data", run_dir["data"], "--train-steps", "7,3",
-                             "--method", "exact", "--json", "-q"])  # nullity's own --steps: Lanczos steps
+    code, many, err = _json(["nullity", *run_dir["models"][:2], "--data", run_dir["data"], "--steps", "7,3",
+                             "--method", "exact", "--json", "-q"])  # --steps: the training steps in every command
     assert code == 0, err
     assert [d["step"] for d in many] == [7, 3]  # given steps keep the given order
 
@@ -243,7 +243,7 @@ def test_top_eigenpairs_warm_start_inside_warm_starts():
 
 def test_nullity_over_checkpoints_warm_starts_its_deflation(run_dir):
     res = CliRunner().invoke(main, ["nullity", *run_dir["models"][:2], "--data", run_dir["data"], "--method", "slq",
-                                    "--probes", "2", "--steps", "20", "--deflate", "3", "--json"])
+                                    "--probes", "2", "--lanczos-steps", "20", "--deflate", "3", "--json"])
     assert res.exit_code == 0, res.stderr
     assert "Lanczos run(s) warm-started from the previous checkpoint" in res.stderr
     many = json.loads(res.stdout)

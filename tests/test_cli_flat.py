@@ -71,7 +71,7 @@ def test_help():
 
 
 def test_spectrum_json(bundles):
-    code, out, err = run("spectrum", bundles["reg"], "--probes", "4", "--steps", "15", "--json")
+    code, out, err = run("spectrum", bundles["reg"], "--probes", "4", "--lanczos-steps", "15", "--json")
     assert code == 0, err
     d = json.loads(out)
     for key in ("grid", "density", "density_lower", "density_upper", "nodes", "weights", "num_hvps", "trace"):
@@ -86,7 +86,7 @@ def test_spectrum_json(bundles):
 
 
 def test_spectrum_log_scale(bundles):
-    code, out, err = run("spectrum", bundles["reg"], "--probes", "3", "--steps", "10", "--scale", "log", "--json")
+    code, out, err = run("spectrum", bundles["reg"], "--probes", "3", "--lanczos-steps", "10", "--scale", "log", "--json")
     assert code == 0, err
     d = json.loads(out)
     assert d["scale"] == "log" and abs(np.trapezoid(d["density"], d["grid"]) - 1) < 1e-6
@@ -115,7 +115,7 @@ def test_nullity_json_counts_are_P_minus_rank(bundles, method):
 
 def test_nullity_slq_interval(bundles):
     code, out, err = run("nullity", bundles["reg"], "--method", "slq", "--rtol", "1e-6", "--deflate", "4",
-                         "--probes", "6", "--steps", "30", "--json")
+                         "--probes", "6", "--lanczos-steps", "30", "--json")
     assert code == 0, err
     c = json.loads(out)["counts"][0]
     assert c["method"] == "slq" and c["count_lower"] <= bundles["flat"][1e-6] <= c["count_upper"]
@@ -134,7 +134,7 @@ def test_features_json(bundles):
 
 def test_reports_and_summary(bundles, tmp_path):
     rep = str(tmp_path / "r.h5")
-    for args in (("spectrum", "--probes", "3", "--steps", "10"), ("nullity",), ("features",)):
+    for args in (("spectrum", "--probes", "3", "--lanczos-steps", "10"), ("nullity",), ("features",)):
         code, out, err = run(args[0], bundles["reg"], *args[1:], "-o", rep)
         assert code == 0, err
         assert out.strip()  # the table on stdout

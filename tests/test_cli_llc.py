@@ -47,9 +47,9 @@ def test_llc_and_evidence_json_report_and_summary(regression_files, tmp_path: Pa
     assert code == 0, err
     assert "four views" in out and "LLC" in out and "log evidence" in out
     code, out, err = run("summary", rep, "--json")
-    groups = json.loads(out)["analyses"]
+    groups = json.loads(out)
     assert {"llc", "evidence", "nullity"} <= set(groups)
-    assert len(groups["llc"]["datasets"]["llc_trace"]["values"]) == 4
+    assert len(groups["llc"]["llc_trace"]) == 4
 
 
 def test_llc_table_and_bad_usage(regression_files) -> None:

@@ -122,7 +122,7 @@ def test_top_and_floor_families(linreg: dict) -> None:
 def test_bad_options_exit_2(linreg: dict) -> None:
     r = run(linreg["bundle"], "--epsilon", "-1")
     assert r.exit_code == 2
-    r = run(linreg["bundle"], "--directions", "sideways")
+    r = run(linreg["bundle"], "--normalisation", "sideways")
     assert r.exit_code == 2
 
 

@@ -121,12 +121,64 @@ def test_bounds_option_is_checked() -> None:
         hessian_eigenvalues(p, k=1, bounds="guess")
 
 
-@pytest.mark.parametrize("command", [["hessian", "-k", "3", "--trace", "--trace-hvps", "8"],
-                                     ["spectrum", "--probes", "2", "--steps", "12"],
-                                     ["nullity", "--method", "slq", "--probes", "2", "--steps", "12", "--deflate", "3"]])
-def test_every_command_counts_every_product(hvp_calls: list[int], tmp_path, command: list[str]) -> None:
-    """Through the CLI: JSON ``num_hvps`` equals the products counted at the route functions, set-up
-    (route choice) included, and splits into ``num_setup_hvps`` plus the analysis' own."""
+@pytest.fixture
+def work_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, int]]:
+    """Full-data losses, gradients and GGN products, counted at the calls (``loss_many`` of K points
+    counts K; a GGN product of K columns counts K), and the same counts when the problem was set up."""
+    from basins.engine import curvature
+    from basins.engine.problem import Problem as EngineProblem
+
+    seen = {"num_loss_evals": 0, "num_grads": 0, "num_ggn_products": 0}
+    at_setup: dict[str, int] = {}
+    loss, grad, many, ggn = EngineProblem.loss, EngineProblem.grad, EngineProblem.loss_many, curvature.GGNOperator._matvec
+
+    def counted(name, fn, size=lambda *a, **k: 1):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            seen[name] += size(*args, **kwargs)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(EngineProblem, "loss", counted("num_loss_evals", loss))
+    monkeypatch.setattr(EngineProblem, "grad", counted("num_grads", grad))
+    monkeypatch.setattr(EngineProblem, "loss_many", counted("num_loss_evals", many, lambda self, thetas, *a, **k:
+                                                            int(thetas.shape[0])))
+    monkeypatch.setattr(curvature.GGNOperator, "_matvec", counted("num_ggn_products", ggn, lambda self, V:
+                                                                  int(V.shape[1]) if V.dim() == 2 else 1))
+    import basins.problems
+
+    open_problem = basins.problems.open_problem
+
+    def opened(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = open_problem(*args, **kwargs)
+        at_setup.update(seen)
+        return out
+
+    monkeypatch.setattr(basins.problems, "open_problem", opened)
+    seen["setup"] = at_setup  # type: ignore[assignment]
+    yield seen
+
+
+COUNTED_COMMANDS = [
+    ["hessian", "-k", "3", "--trace", "--trace-hvps", "8"],
+    ["hessian", "--per-block", "1", "--trace-hvps", "4"],
+    ["spectrum", "--probes", "2", "--lanczos-steps", "12"],
+    ["nullity", "--method", "slq", "--probes", "2", "--lanczos-steps", "12", "--deflate", "3"],
+    ["nullity", "--method", "exact"],
+    ["features", "--gn-probes", "2"],
+    ["volume", "--samples", "4", "--compare-quadratic", "--family", "isotropic", "--family", "top", "--top-k", "2"],
+    ["llc", "--chains", "2", "--draws", "10", "--burnin", "5", "--minibatch", "8"],
+    ["evidence", "--curvature", "both", "--prior-precision", "10", "--method", "slq", "--probes", "2",
+     "--lanczos-steps", "4"],
+    ["landscape", "--points", "5", "--directions", "top"],
+]
+
+
+@pytest.mark.parametrize("command", COUNTED_COMMANDS, ids=lambda c: "-".join(c[:3]))
+def test_every_command_counts_every_product(hvp_calls: list[int], work_calls: dict, tmp_path,
+                                            command: list[str]) -> None:
+    """Through the CLI: every count in the JSON equals the work counted independently at the calls
+    that do it (HVP route functions, loss, gradient, batched loss, GGN product), the set-up's share
+    included once and reported as ``num_setup_*``."""
     import json
 
     from click.testing import CliRunner
@@ -139,7 +191,12 @@ def test_every_command_counts_every_product(hvp_calls: list[int], tmp_path, comm
     res = CliRunner().invoke(main, [command[0], str(tmp_path / "m.pt"), *command[1:], "--json", "-q"])
     assert res.exit_code == 0, res.stderr
     out = json.loads(res.stdout)
-    assert out["num_hvps"] == sum(hvp_calls)
-    own = out.get(f"num_{command[0]}_hvps", out.get("num_lanczos_hvps", 0) + out.get("num_trace_hvps", 0)
-                  + out.get("num_check_hvps", 0))
-    assert out["num_setup_hvps"] + own == out["num_hvps"] and out["num_setup_hvps"] >= 1
+    setup = work_calls.pop("setup")
+    assert out["num_hvps"] == sum(hvp_calls) and out["num_setup_hvps"] >= 1
+    for name, n in work_calls.items():
+        assert out[name] == n, (name, out[name], n)
+        assert out[f"num_setup_{name[4:]}"] == setup[name], name
+    assert out["num_setup_loss_evals"] >= 1 and out["num_setup_grads"] >= 1  # L(θ*) and ∇L(θ*) at loading
+    if command[0] == "hessian" and "--per-block" not in command:
+        own = out["num_lanczos_hvps"] + out["num_trace_hvps"] + out["num_check_hvps"]
+        assert out["num_setup_hvps"] + own == out["num_hvps"]

@@ -277,7 +277,8 @@ def test_cli_1d_json_report_and_summary(bundles: dict[str, str], problem: Proble
     obj = json.loads(out)
     assert {"t", "loss", "directions", "extent", "num_loss_evals", "num_hvps", "wall_seconds", "num_params",
             "loss_at_optimum", "normalisation", "seed"} <= set(obj)
-    assert len(obj["t"]) == len(obj["loss"]) == 9 and obj["kind"] == "1d" and obj["num_loss_evals"] == 9
+    assert len(obj["t"]) == len(obj["loss"]) == 9 and obj["kind"] == "1d"
+    assert obj["num_loss_evals"] == 9 + obj["num_setup_loss_evals"]  # the set-up's evaluations included
     assert obj["directions"] == "random" and obj["normalisation"] == "filter" and obj["extent"] == 1.0
     d = filter_normalised_direction(problem, torch.Generator().manual_seed(4))  # same model, same seed
     for t, val in zip(obj["t"], obj["loss"]):
@@ -303,7 +304,7 @@ def test_cli_2d_and_top(bundles: dict[str, str]) -> None:
     obj = json.loads(out)
     assert len(obj["x"]) == len(obj["y"]) == 4 and np.asarray(obj["loss"]).shape == (4, 4)
     assert obj["x"][2] == 0.0 and obj["directions"] == "top" and len(obj["direction_eigenvalues"]) == 2
-    assert obj["num_hvps"] >= obj["num_landscape_hvps"] > 0 and obj["num_loss_evals"] == 16
+    assert obj["num_hvps"] >= obj["num_landscape_hvps"] > 0 and obj["num_loss_evals"] == 16 + obj["num_setup_loss_evals"]
     group = read_report(report)["analyses"]["landscape"]
     assert group["attrs"]["kind"] == "2d" and np.asarray(group["datasets"]["loss"]["values"]).shape == (4, 4)
     assert list(group["attrs"]["direction_eigenvalues"]) == pytest.approx(obj["direction_eigenvalues"])
@@ -324,7 +325,7 @@ def test_cli_line(bundles: dict[str, str], problem: Problem, other: nn.Module) -
     assert obj["barrier"] == pytest.approx(lib.barrier, rel=1e-12) and obj["barrier_t"] == lib.barrier_t
     assert obj["loss_b"] == pytest.approx(float(problem.loss(theta_b)), rel=1e-12)
     assert obj["same_basin"] is False and obj["epsilon"] == pytest.approx(default_epsilon(obj["loss_a"], obj["loss_b"]))
-    assert obj["num_loss_evals"] == 11 + REFINE_STEPS and obj["kind"] == "line" and obj["directions"] == "line"
+    assert obj["num_loss_evals"] == 11 + REFINE_STEPS + obj["num_setup_loss_evals"] and obj["kind"] == "line" and obj["directions"] == "line"
     attrs = read_report(report)["analyses"]["landscape"]["attrs"]
     for key in ("other_model", "other_model_sha256", "barrier", "barrier_t", "loss_a", "loss_b", "epsilon",
                 "same_basin"):
@@ -348,7 +349,7 @@ def test_cli_several_models_to_one(bundles: dict[str, str]) -> None:
     (["--to", "{wide}"], "parameter '0.weight' has shape (9, 3), MODEL's has (8, 3)"),
     (["--to", "{b}", "--dims", "2"], "--to draws the line between two checkpoints: it takes no --dims"),
     (["--to", "{b}", "--extent", "2"], "it takes no --extent"),
-    (["--epsilon", "0.1"], "--epsilon is the one-basin tolerance of --to"),
+    (["--barrier-tol", "0.1"], "--barrier-tol is the one-basin tolerance of --to"),
     (["--to", "{dir}/missing.pt"], "missing.pt"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(bundles: dict[str, str], args: list[str], message: str) -> None:

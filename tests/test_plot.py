@@ -258,7 +258,7 @@ def real(model_files: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     b = model_files.bundle
     one = str(root / "all.h5")
     for args in (["hessian", b, "--which", "both", "--trace", "--top-k", "3"],
-                 ["spectrum", b, "--probes", "3", "--steps", "20"], ["nullity", b], ["features", b],
+                 ["spectrum", b, "--probes", "3", "--lanczos-steps", "20"], ["nullity", b], ["features", b],
                  ["volume", b, "--samples", "20", "--walls"],
                  ["llc", b, "--chains", "2", "--draws", "30", "--burnin", "10"], ["evidence", b, "--curvature", "ggn"],
                  ["landscape", b, "--points", "9"]):
@@ -401,7 +401,7 @@ def test_cli_failed_render_leaves_no_file(real: dict[str, Any], tmp_path: Path,
 def test_spectrum_plot_option_draws_the_plot_panel(model_files: Any, tmp_path: Path) -> None:
     """``basins spectrum --plot`` (a fresh record) and the report's /spectrum drawn again give the same pixels."""
     report_path, png = tmp_path / "s.h5", tmp_path / "s.png"
-    code, _, err = run("spectrum", model_files.bundle, "--probes", "3", "--steps", "15", "-o", str(report_path),
+    code, _, err = run("spectrum", model_files.bundle, "--probes", "3", "--lanczos-steps", "15", "-o", str(report_path),
                        "--plot", str(png), "-q")
     assert code == 0, err
     again = tmp_path / "again.png"

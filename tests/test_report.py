@@ -243,3 +243,60 @@ def test_file_mode_follows_umask_and_is_kept(tmp_path):
     os.chmod(path, 0o640)
     _write(path, group="spectrum")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+
+
+def test_a_record_reads_back_as_the_same_record(tmp_path):
+    """Record → group → Record: the attribute types that HDF5 would change (a list mixing ints and
+    floats, an empty list, a string that looks like JSON text, an int past 64 bits, bools, nested
+    values with non-finite floats) come back as they were; arrays keep dtype, ``in_json`` and
+    ``json_values``; ``json_only`` and the report's own attributes are kept apart."""
+    from basins.record import REPORT_ATTRS, Record, json_object
+
+    attrs = {"mixed": [1, 2.5], "ints": [1, 2], "floats": [0.1, 0.2], "empty": [], "bools": [True, False],
+             "text": "json:[1]", "big": 2**70, "nested": {"a": [1.0, math.inf], "b": None}, "nan": math.nan,
+             "flag": False, "tensor": torch.tensor([0.1, 0.2], dtype=torch.float32)}
+    arrays = {"ragged": Array(torch.tensor([[1.0, math.nan], [2.0, 3.0]], dtype=torch.float32), "padded", "u",
+                              json_values=[[1.0], [2.0, 3.0]]),
+              "vectors": Array(np.arange(6, dtype=np.int32).reshape(2, 3), "report only", in_json=False),
+              "sub/x": Array([1, 2], "in a subgroup"), "flags": Array([True, False], "converged")}
+    record = Record(attrs, arrays, json_only={"loadings": [{"index": 0, "per_example": [0.5, 0.5]}]})
+    problem = {**PROBLEM, "step": 3}
+    path = str(tmp_path / "r.h5")
+    write_analysis(path, PROBLEM, "g", record.report_attrs(argv="basins g", problem=problem, warnings=["w"]),
+                   record.arrays)
+    group = read_report(path)["analyses"]["g"]
+    back = Record.from_analysis(group)
+    assert set(back.attrs) == set(attrs) and not set(back.attrs) & set(REPORT_ATTRS)
+    for key in ("mixed", "ints", "floats", "empty", "bools", "text", "big", "flag"):
+        assert back.attrs[key] == attrs[key] and type(back.attrs[key]) is type(attrs[key]), key
+    assert [type(v) for v in back.attrs["mixed"]] == [int, float]
+    assert back.attrs["nested"]["a"][1] == math.inf and math.isnan(back.attrs["nan"])
+    assert back.attrs["tensor"] == [float(v) for v in attrs["tensor"]]  # the float32 values, exactly
+    assert back.json_only == record.json_only and group["attrs"]["warnings"] == ["w"]
+    assert group["attrs"]["problem"] == problem  # the run's own problem record
+    assert back.arrays["vectors"].in_json is False and back.arrays["vectors"].values.dtype == np.int32
+    assert back.arrays["ragged"].json_values == [[1.0], [2.0, 3.0]] and back.arrays["ragged"].units == "u"
+    assert back.arrays["sub/x"].description == "in a subgroup"
+    assert back.as_json() == record.as_json()
+    assert json_object(problem, back, ["w"], report=path) == json_object(problem, record, ["w"], report=path)
+    obj = record.as_json()
+    assert obj["nan"] is None and obj["nested"]["a"][1] is None and "vectors" not in obj
+    assert obj["ragged"] == [[1.0], [2.0, 3.0]] and obj["flags"] == [True, False] and obj["loadings"][0]["index"] == 0
+
+
+def test_record_attributes_may_not_use_the_reports_names() -> None:
+    from basins.record import Record
+
+    with pytest.raises(ValueError, match="reserves"):
+        Record({"warnings": []}).report_attrs()
+    with pytest.raises(ValueError, match="unknown report attribute"):
+        Record({}).report_attrs(extra=1)
+
+
+def test_another_problem_names_the_force_parameter(tmp_path):
+    path = str(tmp_path / "r.h5")
+    _write(path)
+    for attempt in (lambda: _write(path, problem=OTHER), lambda: check_writable(path, OTHER)):
+        with pytest.raises(ReportError, match="another problem") as info:
+            attempt()
+        assert info.value.param == "force"  # the command line shows it as --force

@@ -101,30 +101,32 @@ def test_json_one_and_several(reports):
     r = invoke("a.h5", "--json")
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    assert doc["path"] == "a.h5" and doc["attrs"]["format"] == "basins-report"
-    assert doc["problem"]["num_params"] == 4515
-    h = doc["analyses"]["hessian"]
-    assert h["datasets"]["eigenvalues"]["values"] == [12.5, 3.25, 1.125]
-    assert h["datasets"]["eigenvalues"]["units"] == UNITS and h["datasets"]["eigenvalues"]["shape"] == [3]
-    assert h["datasets"]["residuals"]["values"][2] is None  # NaN → null
-    assert h["datasets"]["converged"]["values"] == [True, True, False]
-    assert doc["analyses"]["probe"]["attrs"]["radius"] is None  # inf → null
-    assert doc["analyses"]["probe"]["datasets"]["radii"]["values"] == [[1.0, 1.0]] * 4
+    assert set(doc) == {"hessian", "probe"}  # {group: the --json object of the command that wrote it}
+    h = doc["hessian"]
+    assert h["report"] == "a.h5" and h["num_params"] == 4515 and h["model_sha256"] == "a" * 64  # /problem's keys
+    assert h["warnings"] == []  # a group written without its own warnings
+    assert h["eigenvalues"] == [12.5, 3.25, 1.125]
+    assert h["residuals"][2] is None  # NaN → null
+    assert h["converged"] == [True, True, False] and h["lambda_max"] == 12.5
+    assert "argv" not in h and "created" not in h and "replaced" not in h  # report-only attributes
+    assert doc["probe"]["radius"] is None  # inf → null
+    assert doc["probe"]["radii"] == [[1.0, 1.0]] * 4
 
     r = invoke("a.h5", "b.h5", "--json")
     docs = json.loads(r.stdout)
-    assert isinstance(docs, list) and [d["path"] for d in docs] == ["a.h5", "b.h5"]
+    assert isinstance(docs, list) and [d["hessian"]["report"] for d in docs] == ["a.h5", "b.h5"]
 
 
 def test_csv(reports):
     r = invoke("a.h5", "b.h5", "c.h5", "--csv")
     assert r.exit_code == 0, r.output
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
-    assert list(rows[0]) == ["report", "end", "index", "eigenvalue", "residual", "converged"]
+    assert list(rows[0]) == ["report", "end", "index", "eigenvalue", "residual", "error_bound", "converged"]
     a = [row for row in rows if row["report"] == "a.h5"]
     assert [(row["end"], row["index"]) for row in a] == [("top", "1"), ("top", "2"), ("top", "3"),
                                                          ("bottom", "1"), ("bottom", "2"), ("bottom", "3")]
     assert float(a[0]["eigenvalue"]) == 12.5 and a[2]["residual"] == "" and a[2]["converged"] == "false"
+    assert a[0]["error_bound"] == ""  # a report written before error bounds: none, not the residual
     assert float(a[4]["eigenvalue"]) == -1e-3
     assert len([row for row in rows if row["report"] == "b.h5"]) == 3
     assert "c.h5" in r.stderr  # noted: no hessian group

@@ -20,9 +20,20 @@ Layout (``schema_version`` 1)::
     /<analysis>/<name>     datasets, each with attrs ``description`` and (where
                            meaningful) ``units``
 
-Attribute values are numbers, strings, booleans, numeric arrays, ``None`` (stored as an
-HDF5 empty attribute) or JSON text (lists/dicts of mixed types, prefixed ``json:``).
-Nothing is pickled.
+An analysis group is a :class:`basins.record.Record` written out
+(:meth:`~basins.record.Record.report_attrs` and its arrays) and read back by
+:meth:`~basins.record.Record.from_analysis`: the same record, so ``basins summary --json`` prints
+what the writing command printed with ``--json``. Beside the record's own attributes a group holds
+``argv``, ``created``, ``replaced``, ``problem`` (the ``/problem`` record of the run that wrote it:
+a later run of another seed or device rewrites ``/problem``), ``warnings`` and ``json_only``
+(:data:`basins.record.REPORT_ATTRS`). A dataset has attributes ``description``, ``units``
+(where meaningful), ``in_json`` (only when False: not a ``--json`` key) and ``json_values`` (only
+where the ``--json`` value differs from the dataset, e.g. ragged lists).
+
+Attribute values are the JSON types of :func:`basins.record.plain`, stored so that they read back
+exactly: numbers, strings, booleans, non-empty numeric lists of one type as arrays, ``None`` as
+an HDF5 empty attribute, anything else as JSON text prefixed ``json:``. Non-finite floats are
+kept (``--json`` shows them as null, read back or not). Nothing is pickled.
 
 Writes are atomic: the new file is built beside the target (``.basins-<pid>-*.h5.tmp``),
 flushed and moved over it with :func:`os.replace`, so an interrupted run (or a full disk) leaves
@@ -54,7 +65,7 @@ import numpy as np
 
 from basins._version import __version__
 from basins.errors import InputError, ReportError
-from basins.record import Array
+from basins.record import Array, plain, stored
 
 from .bounds import load_json
 from .hdf5 import open_contained
@@ -72,21 +83,30 @@ def _now() -> str:
 
 
 def _to_attr(value: Any) -> Any:
+    """The HDF5 attribute for ``value``, taken as JSON types first (:func:`basins.record.plain`,
+    non-finite floats kept), so
+    that :func:`_from_attr` gives back exactly that: None as an empty attribute, a bool, an int
+    (64-bit), a float, a string, a non-empty list of only ints or only floats as a numeric array,
+    anything else (mixed or nested lists, dicts, empty lists, a string that begins ``json:``) as
+    JSON text prefixed ``json:``."""
+    value = plain(value, finite=False)
     if value is None:
         return h5py.Empty("f")
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, bool):
         return np.bool_(value)
-    if isinstance(value, (int, float, str, np.integer, np.floating)):
+    if isinstance(value, int) and _INT64[0] <= value <= _INT64[1]:
+        return np.int64(value)
+    if isinstance(value, float) or (isinstance(value, str) and not value.startswith(_JSON_PREFIX)):
         return value
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
-    if isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
-        return value
-    if isinstance(value, (list, tuple)) and value and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-    ):
-        return np.asarray(value)
-    return _JSON_PREFIX + json.dumps(value, default=str)
+    if isinstance(value, list) and value:
+        if all(type(v) is int and _INT64[0] <= v <= _INT64[1] for v in value):
+            return np.asarray(value, dtype=np.int64)
+        if all(type(v) is float for v in value):
+            return np.asarray(value, dtype=np.float64)
+    return _JSON_PREFIX + json.dumps(value, ensure_ascii=False)
+
+
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 def _from_attr(value: Any) -> Any:
@@ -207,10 +227,7 @@ def _write_locked(path: str, directory: str, problem: Mapping[str, Any], group: 
         differs = [k for k in _IDENTITY_KEYS if old_problem.get(k) != problem.get(k)]
         if differs and not force:
             old.close()
-            raise ReportError(
-                f"report {path!r} holds analyses of another problem ({', '.join(differs)} differ); "
-                "write to another file, or pass force=True to replace it"
-            )
+            raise another_problem(path, differs)
         if differs:
             old.close()
             old = None
@@ -234,16 +251,12 @@ def _write_locked(path: str, directory: str, problem: Mapping[str, Any], group: 
                 for name in old:
                     if name not in (group, "problem"):
                         old.copy(old[name], new, name=name)
-            prob = new.create_group("problem")
+            prob = new.create_group("problem", track_order=True)
             _set_attrs(prob, problem)
-            g = new.create_group(group)
+            g = new.create_group(group, track_order=True)
             _set_attrs(g, {**attrs, "created": _now(), "replaced": replaced})
             for name, arr in (arrays or {}).items():
-                values = arr.values.detach().cpu().numpy() if hasattr(arr.values, "detach") else np.asarray(arr.values)
-                ds = g.create_dataset(name, data=values)
-                ds.attrs["description"] = arr.description
-                if arr.units is not None:
-                    ds.attrs["units"] = arr.units
+                _write_array(g, name, arr)
             for sub, sattrs in (subgroup_attrs or {}).items():
                 _set_attrs(g.require_group(sub), sattrs)
             new.flush()
@@ -264,6 +277,23 @@ def _write_locked(path: str, directory: str, problem: Mapping[str, Any], group: 
         raise
     finally:
         os.close(fd)
+
+
+def _write_array(g: h5py.Group, name: str, arr: Array) -> None:
+    """Dataset ``name`` (``"sub/name"``: in subgroup ``sub``) of ``arr`` (:func:`basins.record.stored`),
+    with attributes ``description``, ``units`` (when given), ``in_json`` (only when False) and
+    ``json_values`` (only when given), which :func:`_read_group` gives back."""
+    *subs, leaf = name.split("/")
+    for sub in subs:
+        g = g[sub] if sub in g else g.create_group(sub, track_order=True)
+    ds = g.create_dataset(leaf, data=stored(arr.values))
+    ds.attrs["description"] = arr.description
+    if arr.units is not None:
+        ds.attrs["units"] = arr.units
+    if not arr.in_json:
+        ds.attrs["in_json"] = np.bool_(False)
+    if arr.json_values is not None:
+        ds.attrs["json_values"] = _to_attr(arr.json_values)
 
 
 _TMP_PREFIX = ".basins-"
@@ -425,10 +455,14 @@ def check_writable(path: str, problem: Mapping[str, Any], *, force: bool = False
         old = {k: _from_attr(v) for k, v in f["problem"].attrs.items()} if "problem" in f else {}
     differs = [k for k in _IDENTITY_KEYS if old.get(k) != problem.get(k)]
     if differs and not force:
-        raise ReportError(
-            f"report {path!r} holds analyses of another problem ({', '.join(differs)} differ); "
-            "write to another file, or pass force=True to replace it"
-        )
+        raise another_problem(path, differs)
+
+
+def another_problem(path: str, differs: list[str]) -> ReportError:
+    """The error for a report of another problem (``differs``: the identity keys that differ),
+    which ``force`` would overwrite (``param="force"``: the command line names ``--force``)."""
+    return ReportError(f"report {path!r} holds analyses of another problem ({', '.join(differs)} differ); "
+                       "write to another file, or pass force=True to replace it", param="force")
 
 
 def _torch_version() -> str:
@@ -445,6 +479,8 @@ def _read_group(g: h5py.Group) -> dict[str, Any]:
                 "values": item[()],
                 "description": _from_attr(item.attrs.get("description", "")),
                 "units": _from_attr(item.attrs.get("units")) if "units" in item.attrs else None,
+                "in_json": bool(_from_attr(item.attrs["in_json"])) if "in_json" in item.attrs else True,
+                "json_values": _from_attr(item.attrs["json_values"]) if "json_values" in item.attrs else None,
             }
         else:
             out["groups"][name] = _read_group(item)
