@@ -220,14 +220,14 @@ def load_problem(opts: dict[str, Any], log: Console) -> Loaded:
     if run is not None and opts.get("data") is not None:
         run.data[data_key] = (opened.data, opened.source)
     for note in opened.notes:
-        log.print(note)
+        log.print(as_flags(note))
     if opts.get("stream") and not opened.record["data_streamed"]:
         log.print(f"note: --stream applies to a Dataset, DataLoader or .h5 file; {opened.data.source} is read whole")
     if opts.get("batch_size") and model.fixed_batch_size is not None and opts["batch_size"] != model.fixed_batch_size:
         log.print(f"note: --batch-size {opts['batch_size']} is ignored: the model was exported for batches of "
                   f"exactly {model.fixed_batch_size}")
     for msg in opened.warnings:
-        log.print(f"[yellow]warning:[/] {msg}")
+        log.print(f"[yellow]warning:[/] {as_flags(msg)}")
     if opts.get("output_path"):  # fail before the work, not after it
         check_report_writable(opts["output_path"], opened.record, force=bool(opts.get("force")))
     return Loaded(problem, opened.record, int(opts.get("seed", 0)), list(opened.warnings),
@@ -295,6 +295,44 @@ def _shared_dests() -> frozenset[str]:
     return frozenset(str(p.name) for p in command.params)
 
 
+# a parameter, optionally =value; or a quoted string (a path, a name from the input), left as it is
+_HINT = re.compile(r"\b([a-z][a-z0-9]*(?:_[a-z0-9]+)*)(?:=('[^']*'|\"[^\"]*\"|[\w.+-]+))?|'[^'\n]*'|\"[^\"\n]*\"")
+
+
+def as_flags(text: str, params: list[click.Parameter] | None = None) -> str:
+    """``text`` from the library with the parameters it names spelled as this command's flags.
+
+    Library messages name parameters as a Python caller passes them (``include_frozen=True``,
+    ``hvp_route='fwd-rev'``, ``raise memory_bytes``). For the options of ``params`` (default:
+    the current command's): ``name=True`` becomes ``--flag``, ``name=False`` its ``--no-`` form,
+    ``name=value`` becomes ``--flag value``, and a bare name becomes ``--flag`` where the name
+    has an underscore (``memory_bytes``; plain words such as ``loss`` are left as they are).
+    """
+    if params is None:
+        ctx = click.get_current_context(silent=True)
+        params = list(ctx.command.params) if ctx is not None else []
+    options = [p for p in params if isinstance(p, click.Option)]
+
+    def spell(m: re.Match[str]) -> str:
+        name, value = m.group(1), m.group(2)
+        if name is None or (value is None and "_" not in name):
+            return m.group(0)
+        option = next((p for p in options if p.name == name or name in getattr(p, "library_names", ())), None)
+        flag = flag_of(name, options) if option is not None else None
+        if option is None or flag is None:
+            return m.group(0)
+        if value is None:
+            return flag
+        if option.is_flag:
+            if value == "True":
+                return flag
+            off = next((o for o in option.secondary_opts if o.startswith("--")), None)
+            return off if value == "False" and off else m.group(0)
+        return f"{flag} {value.strip(chr(39) + chr(34))}"
+
+    return _HINT.sub(spell, text)
+
+
 @contextmanager
 def flag_errors(*, by_message: bool = True) -> Iterator[None]:
     """Name the command's flag in a library error about one of its parameters.
@@ -321,9 +359,12 @@ def flag_errors(*, by_message: bool = True) -> Iterator[None]:
             # only by a name no sentence begins with (memory_bytes, not loss or data)
             params = [p for p in params if p.name not in _shared_dests() or "_" in str(p.name)]
         flag = flag_of(name, params) if name else None
-        if flag is None or msg.startswith(flag):
+        spelled = as_flags(msg, list(ctx.command.params) if ctx is not None else [])
+        if flag is not None and not msg.startswith(flag):
+            spelled = f"{flag}: {spelled}"
+        if spelled == msg:
             raise
-        raise type(exc)(f"{flag}: {msg}", param=exc.param) from exc
+        raise type(exc)(spelled, param=exc.param) from exc
 
 
 class Command:
@@ -376,12 +417,12 @@ class Command:
     def note(self, *messages: str) -> None:
         """Log ``note: <message>`` lines on stderr."""
         for message in messages:
-            self.log.print(f"note: {message}")
+            self.log.print(f"note: {as_flags(message)}")
 
     def warn(self, message: str) -> None:
         """A warning: logged on stderr and kept in :attr:`warnings`."""
         self.warnings.append(message)
-        self.log.print(f"[yellow]warning:[/] {message}")
+        self.log.print(f"[yellow]warning:[/] {as_flags(message)}")
 
     def emit(self, group: str, record: Record, *,
              tables: Callable[[dict[str, Any], dict[str, Any]], list[Any]] | None = None,

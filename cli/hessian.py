@@ -15,7 +15,7 @@ from rich.table import Table
 
 from basins.record import EIGEN_UNITS
 
-from .common import Command, LibraryOption, flag_errors, fmt, output_options, problem_options
+from .common import Command, LibraryOption, as_flags, flag_errors, fmt, output_options, problem_options
 
 _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
 
@@ -146,7 +146,7 @@ def hessian(**kw: Any) -> None:
     with flag_errors():
         plan = plan_hessian(problem, k=min(k, problem.num_params), **c.options("which", "block_size", "trace",
                                                                                "trace_hvps", "bounds"))
-    c.log.print(plan.describe(), soft_wrap=True, highlight=False, markup=False)
+    c.log.print(as_flags(plan.describe()), soft_wrap=True, highlight=False, markup=False)
     precision_warning = audit_precision(problem).warning()
     if precision_warning:
         c.warn(precision_warning)

@@ -63,7 +63,7 @@ def landscape(**kw: Any) -> None:
     points, 24 loss evaluations) on the grid interval(s) around it. It is the largest loss found, so a lower bound on the true
     barrier (a bump narrower than the grid step elsewhere can be missed: raise --points).
     L(θa) and L(θb) are the full-data losses at the ends; the two share a basin when the
-    barrier is at most --epsilon (loss units).
+    barrier is at most --barrier-tol (loss units).
 
     Random directions are Gaussian and filter-normalised: each filter of each weight tensor is
     scaled to the norm of that filter of θ*, and biases and normalisation parameters get no

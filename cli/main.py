@@ -81,8 +81,21 @@ class LazyGroup(click.Group):
             if _debug(ctx):
                 raise
             kind = "error" if isinstance(exc, InputError) else "failed"
-            echo_error(f"{kind}: {exc}")
+            echo_error(f"{kind}: {self._in_flags(ctx, exc)}")
             sys.exit(2 if isinstance(exc, InputError) else 1)
+
+
+    def _in_flags(self, ctx: click.Context, exc: BasinsError) -> str:
+        """The message of a library error as the command line speaks: the flag of its ``param``
+        first, and the parameters it names spelled as the invoked command's flags."""
+        from .common import as_flags, flag_of
+
+        name = ctx.invoked_subcommand
+        command = self.get_command(ctx, name) if name else None
+        params = list(command.params) if command is not None else []
+        msg = as_flags(str(exc), params)
+        flag = flag_of(exc.param, params) if isinstance(exc, InputError) and exc.param else None
+        return f"{flag}: {msg}" if flag and not msg.startswith(flag) else msg
 
 
 def _module_exists(module: str) -> bool:
