@@ -179,23 +179,33 @@ def truth_table(seeds: int) -> None:
 
 
 def whole_process() -> None:
-    """``basins llc`` at its defaults on the first analytic case, as a subprocess (imports included)."""
+    """``basins llc`` at its defaults on the first analytic case and on y = w³·x (the slowest to reach
+    the 4% s.e. of the auto draws), as a subprocess (imports included): the CLI's defaults, and
+    ``--draws auto`` (the library's default)."""
+    import json
     import subprocess
     import sys
     import tempfile
     from pathlib import Path
 
-    name, truth, make, _ = truth_cases()[0]
-    p = make(0)
-    d = Path(tempfile.mkdtemp(prefix="bench-llc-"))
-    torch.save(p.module, d / "model.pt")
-    torch.save({"inputs": p.inputs, "targets": p.targets}, d / "data.pt")
-    t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "basins.cli", "llc", str(d / "model.pt"), "--data", str(d / "data.pt"),
-                          "--loss", "mse", "--trust-pickle", "--json", "-q", "--no-quadratic"],
-                         capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    print(f"whole process, basins llc at its defaults on {name}: {wall:.2f} s (exit {out.returncode})")
+    cases = truth_cases()
+    for name, _, make, _ in (cases[0], cases[-1]):
+        p = make(0)
+        d = Path(tempfile.mkdtemp(prefix="bench-llc-"))
+        torch.save(p.module, d / "model.pt")
+        torch.save({"inputs": p.inputs, "targets": p.targets}, d / "data.pt")
+        for extra in ([], ["--draws", "auto"]):
+            t0 = time.perf_counter()
+            out = subprocess.run([sys.executable, "-m", "basins.cli", "llc", str(d / "model.pt"), "--data",
+                                  str(d / "data.pt"), "--loss", "mse", "--trust-pickle", "--json", "-q",
+                                  "--no-quadratic", *extra], capture_output=True, text=True, check=False)
+            wall = time.perf_counter() - t0
+            try:
+                draws = json.loads(out.stdout).get("num_draws")
+            except ValueError:
+                draws = "?"
+            print(f"whole process, basins llc {' '.join(extra) or 'at its CLI defaults'} on {name}: {wall:.2f} s, "
+                  f"{draws} draws per chain (exit {out.returncode})")
 
 
 def evidence_case(large: bool) -> None:
