@@ -246,14 +246,15 @@ class MinibatchLoss:
         example's sum of terms at θ, computed the first time the example is drawn and kept (``(n_r,)``
         float64): after the first sweeps over the data no forward pass is left. With the whole shard
         as the batch, the batch's value itself is kept. Equal to :meth:`value` up to rounding (the
-        examples' sums are formed one example at a time). Cost: at most ``n_r`` one-example losses in
-        all, in pieces of at most ``C·b``."""
+        examples' sums are formed one example at a time). The sums are kept for the tensor ``θ`` (or an
+        equal one): change it in place and they are stale. Cost: at most ``n_r`` one-example losses
+        in all, in pieces of at most ``C·b``."""
         C = batch.targets.shape[0]
         if batch.idx is None:
             return self.value(theta.expand(C, -1), batch, reduce=reduce)
-        if self._fixed is None or not torch.equal(self._fixed[0], theta):
+        if self._fixed is None or not (self._fixed[0] is theta or torch.equal(self._fixed[0], theta)):
             n_r = self.problem.num_local_examples
-            self._fixed = (theta.detach().clone(), torch.full((n_r,), math.nan, dtype=_F64),
+            self._fixed = (theta, torch.full((n_r,), math.nan, dtype=_F64),
                            torch.zeros(n_r, dtype=torch.bool))
             self._whole = None
         _, sums, known = self._fixed
