@@ -98,6 +98,25 @@ def test_minibatch_estimate_is_unbiased_and_exact_on_full_batch() -> None:
     assert float(vals.mean()) == pytest.approx(float(p.loss(theta)), rel=1e-13)
 
 
+@pytest.mark.parametrize("loss", ["mse", "cross-entropy"])
+def test_value_at_a_fixed_point_from_kept_example_sums_equals_the_batch_value(loss: str) -> None:
+    """SGLD's L̂_B(w*) from per-example sums kept after their first use equals a fresh batch
+    evaluation, on new and on already-seen examples, and on the whole data as the batch."""
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 3, generator=g, dtype=F64)
+    Y = torch.randn(40, 2, generator=g, dtype=F64) if loss == "mse" else torch.randint(0, 4, (40,), generator=g)
+    p = Problem(nn.Linear(3, 2 if loss == "mse" else 4, dtype=F64), X, Y, loss=loss)
+    theta = p.theta0
+    for size in (7, 40):
+        mb = MinibatchLoss(p, size)
+        gens = [torch.Generator().manual_seed(c) for c in range(3)]
+        for _ in range(12):
+            batch = mb.draw(gens)
+            fresh = mb.value(theta.expand(3, -1), batch)
+            assert torch.allclose(mb.value_fixed(theta, batch), fresh, rtol=1e-12, atol=0), size
+    assert bool(mb._fixed is not None and mb._whole is not None)  # noqa: SLF001 - the cache was used
+
+
 def test_share_of_minibatch() -> None:
     assert share_of_minibatch(256, [1000]) == [256]
     assert share_of_minibatch(2000, [1000]) == [1000]

@@ -24,6 +24,7 @@ Cost: C minibatch gradients (or losses) per call; nothing is added to ``problem.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -55,12 +56,14 @@ def share_of_minibatch(size: int, shard_sizes: Sequence[int]) -> list[int]:
 @dataclass
 class Batch:
     """C minibatches of ``size`` examples of this process: ``inputs``/``targets`` ``(C, size, ...)``
-    (named inputs: a dict of such), and ``scale``: the estimate is ``scale`` times the batch's sum of terms."""
+    (named inputs: a dict of such), and ``scale``: the estimate is ``scale`` times the batch's sum of terms;
+    ``idx`` ``(C, size)``: the examples' indices in this process' shard."""
 
     inputs: Inputs
     targets: torch.Tensor
     scale: float
     size: int
+    idx: torch.Tensor | None = None
 
 
 def _index(x: Inputs, idx: torch.Tensor) -> Inputs:
@@ -123,6 +126,8 @@ class MinibatchLoss:
         self._checked = False
         self.num_grads = 0
         self.num_losses = 0
+        self._fixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # θ, sums, known
+        self._whole: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ batches
     def draw(self, generators: Sequence[torch.Generator]) -> Batch:
@@ -138,9 +143,9 @@ class MinibatchLoss:
     def batch_at(self, idx: torch.Tensor, scale: float | None = None) -> Batch:
         """The batch of this process' examples ``idx (C, m)``; ``scale`` replaces :attr:`scale`
         (1.0 gives each chain's sum of terms ``S_B``)."""
-        idx = idx.to(self.problem.device)
-        return Batch(_index(self._inputs, idx), self._targets[idx], self.scale if scale is None else scale,
-                     int(idx.shape[1]))
+        dev_idx = idx.to(self.problem.device)
+        return Batch(_index(self._inputs, dev_idx), self._targets[dev_idx], self.scale if scale is None else scale,
+                     int(idx.shape[1]), idx.cpu())
 
     def _coef(self, y: torch.Tensor, m: int, scale: float) -> torch.Tensor:
         """``(C,)``: the factor turning the loss's value on a piece of ``m`` examples per chain (targets
@@ -234,6 +239,41 @@ class MinibatchLoss:
         """``L̂_B(θ_c)``, ``(C,)`` float64. Cost: C minibatch losses (no gradient)."""
         with torch.no_grad():
             return self._run(thetas, batch, False, reduce)[0]
+
+
+    def value_fixed(self, theta: torch.Tensor, batch: Batch, *, reduce: bool = True) -> torch.Tensor:
+        """``L̂_B(θ)`` ``(C,)`` for one fixed ``θ (P,)`` (SGLD's w*) on every chain's batch, from each
+        example's sum of terms at θ, computed the first time the example is drawn and kept (``(n_r,)``
+        float64): after the first sweeps over the data no forward pass is left. With the whole shard
+        as the batch, the batch's value itself is kept. Equal to :meth:`value` up to rounding (the
+        examples' sums are formed one example at a time). The sums are kept for the tensor ``θ`` (or an
+        equal one): change it in place and they are stale. Cost: at most ``n_r`` one-example losses
+        in all, in pieces of at most ``C·b``."""
+        C = batch.targets.shape[0]
+        if batch.idx is None:
+            return self.value(theta.expand(C, -1), batch, reduce=reduce)
+        if self._fixed is None or not (self._fixed[0] is theta or torch.equal(self._fixed[0], theta)):
+            n_r = self.problem.num_local_examples
+            self._fixed = (theta, torch.full((n_r,), math.nan, dtype=_F64),
+                           torch.zeros(n_r, dtype=torch.bool))
+            self._whole = None
+        _, sums, known = self._fixed
+        idx = batch.idx
+        if batch.size >= self.problem.num_local_examples:  # the same batch every step: keep its value
+            if self._whole is None or self._whole.shape[0] != C:
+                self._whole = self._run(theta.expand(C, -1), batch, False, False)[0]
+            values = self._whole
+        else:
+            need = torch.unique(idx[~known[idx]])
+            piece = max(1, C * batch.size)
+            for a in range(0, int(need.numel()), piece):
+                part = need[a : a + piece]
+                one = self.batch_at(part[:, None], scale=1.0)  # one chain per example: its sum of terms
+                sums[part] = self._run(theta.expand(part.numel(), -1), one, False, False)[0].cpu()
+                known[part] = True
+            values = batch.scale * sums[idx].sum(1)
+        values = values.to(theta.device, copy=True)  # the kept value is never handed out (reduce may work in place)
+        return self.problem.reduce(values) if reduce else values
 
 
 def _index_chain(x: Inputs, c: int) -> Inputs:

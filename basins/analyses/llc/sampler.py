@@ -312,11 +312,10 @@ class Chains:
         traces = torch.zeros(C, steps, dtype=_F64)
         losses = torch.zeros(C, steps, dtype=_F64)
         below = 0
-        ws = self.w_star.expand(C, -1)
         for t in range(steps):
             batch = self.draw()
             gU, lv = self.grad_u(self.w, batch)
-            l0 = self.mb.value(ws, batch)
+            l0 = self.mb.value_fixed(self.w_star, batch)
             w_new = self._step(gU)
             ok = torch.isfinite(lv).cpu() & torch.isfinite(gU).all(1).cpu() & self._inside(w_new)
             if not bool(ok.all()):
