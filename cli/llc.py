@@ -44,8 +44,9 @@ STEP_HELP = f"SGLD step ε ({STEP_RULE})."
 @problem_options
 @click.option("--chains", "num_chains", type=click.IntRange(min=1), default=4, show_default=True,
               help="Independent SGLD chains (numpy SeedSequence(SEED).spawn(CHAINS): seeds never share a chain).")
-@click.option("--draws", "num_draws", callback=_steps_or_auto(1), default="1000", show_default=True,
-              help="Steps kept per chain, or auto: 1000, doubled until R-hat and the trend test pass (--max-steps).")
+@click.option("--draws", "num_draws", callback=_steps_or_auto(1), default="auto", show_default=True,
+              help="Steps kept per chain, or auto: 1000, doubled until R-hat and the trend test pass and the s.e. "
+                   "is at most 4% of λ̂, or --max-steps are spent.")
 @click.option("--burnin", "num_burnin", callback=_steps_or_auto(0), default="1000", show_default=True,
               help="Steps discarded per chain, or auto: 1000, and draws that fail the trend test become burn-in.")
 @click.option("--max-steps", type=click.IntRange(min=1), default=16000, show_default=True,
@@ -89,8 +90,9 @@ def llc(**kw: Any) -> None:
     standard error (batch means within chains, 10 per chain, or each chain's effective
     sample size, or the spread between chains when larger); the effective sample size is
     reported. converged: false (and a note) when split R-hat > 1.05 or the first 20% of the
-    draws differ from the last 50% (trend |z| > 3); --draws auto and --burnin auto extend
-    the run until both pass or --max-steps are spent.
+    draws differ from the last 50% (trend |z| > 3); --draws auto (the default) and --burnin
+    auto extend the run until both pass and the s.e. is at most 4% of λ̂, or --max-steps are
+    spent.
 
     Also reported: llc_quadratic, the λ of a quadratic basin with this Hessian at this nβ and γ
     (Σ ½·nβhᵢ/(nβhᵢ + γ)), a reference, not a correction; and the critical-point test,
@@ -100,7 +102,7 @@ def llc(**kw: Any) -> None:
     block. --sampler rmsprop preconditions (fixed after half the burn-in, ε then set from the
     preconditioned curvature); it is not validated against a truth yet.
 
-    Cost: chains × (burn-in + draws) minibatch gradients (default 4 × 2,000) and as many
+    Cost: chains × (burn-in + draws) minibatch gradients (default 4 × (1,000 + 1,000 to 15,000)) and as many
     minibatch losses at w*, plus MALA checks (1/4 of burn-in, 1/10 of draws) and curvature
     checks (8 × 9 minibatch HVPs per chain in burn-in); in full-data HVPs, ≤ 50 for λ_max by
     Lanczos at w* and P (dense, P ≤ 2000) or 300 (SLQ) for llc_quadratic (--no-quadratic:

@@ -57,7 +57,10 @@ def test_llc_cli_defaults_on_gpt2_directory(gpt2: dict[str, object]) -> None:
     assert out["num_terms"] == valid == 45 and "valid tokens" in out["nbeta_rule"]
     assert out["nbeta"] == pytest.approx(valid / math.log(valid), rel=1e-12)
     assert math.isfinite(out["llc"]) and out["llc_ci"][0] < out["llc"] < out["llc_ci"][1]
-    assert out["num_draws"] == 1000 and out["num_burnin"] == 1000 and out["minibatch"] == 6
+    # --draws auto (the default): 1000, doubled until the diagnostics pass and the s.e. ≤ 4% of λ̂, or the budget
+    assert out["num_burnin"] == 1000 and out["minibatch"] == 6
+    assert out["num_draws"] in (1000, 2000, 4000, 8000, 15000)
+    assert out["llc_stderr"] <= 0.04 * abs(out["llc"]) or out["num_burnin"] + out["num_draws"] == 16000
     assert not out["restarts"] and isinstance(out["converged"], bool)
 
 
