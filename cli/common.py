@@ -299,14 +299,15 @@ def _shared_dests() -> frozenset[str]:
 _HINT = re.compile(r"\b([a-z][a-z0-9]*(?:_[a-z0-9]+)*)(?:=('[^']*'|\"[^\"]*\"|[\w.+-]+))?|'[^'\n]*'|\"[^\"\n]*\"")
 
 
-def as_flags(text: str, params: list[click.Parameter] | None = None) -> str:
+def as_flags(text: str, params: list[click.Parameter] | None = None, keep: str | None = None) -> str:
     """``text`` from the library with the parameters it names spelled as this command's flags.
 
     Library messages name parameters as a Python caller passes them (``include_frozen=True``,
     ``hvp_route='fwd-rev'``, ``raise memory_bytes``). For the options of ``params`` (default:
     the current command's): ``name=True`` becomes ``--flag``, ``name=False`` its ``--no-`` form,
     ``name=value`` becomes ``--flag value``, and a bare name becomes ``--flag`` where the name
-    has an underscore (``memory_bytes``; plain words such as ``loss`` are left as they are).
+    has an underscore (``memory_bytes``; plain words such as ``loss`` are left as they are), except
+    ``keep``: the parameter an error is about, whose flag prefixes the message.
     """
     if params is None:
         ctx = click.get_current_context(silent=True)
@@ -315,7 +316,7 @@ def as_flags(text: str, params: list[click.Parameter] | None = None) -> str:
 
     def spell(m: re.Match[str]) -> str:
         name, value = m.group(1), m.group(2)
-        if name is None or (value is None and "_" not in name):
+        if name is None or name == keep or (value is None and "_" not in name):
             return m.group(0)
         option = next((p for p in options if p.name == name or name in getattr(p, "library_names", ())), None)
         flag = flag_of(name, options) if option is not None else None
@@ -359,7 +360,7 @@ def flag_errors(*, by_message: bool = True) -> Iterator[None]:
             # only by a name no sentence begins with (memory_bytes, not loss or data)
             params = [p for p in params if p.name not in _shared_dests() or "_" in str(p.name)]
         flag = flag_of(name, params) if name else None
-        spelled = as_flags(msg, list(ctx.command.params) if ctx is not None else [])
+        spelled = as_flags(msg, list(ctx.command.params) if ctx is not None else [], keep=name)
         if flag is not None and not msg.startswith(flag):
             spelled = f"{flag}: {spelled}"
         if spelled == msg:

@@ -15,7 +15,15 @@ from rich.table import Table
 
 from basins.record import EIGEN_UNITS
 
-from .common import Command, LibraryOption, as_flags, flag_errors, fmt, output_options, problem_options
+from .common import (
+    Command,
+    LibraryOption,
+    as_flags,
+    flag_errors,
+    fmt,
+    output_options,
+    problem_options,
+)
 
 _ENDS = {"eigenvalues": "", "bottom_eigenvalues": "bottom_"}
 

@@ -93,7 +93,7 @@ class LazyGroup(click.Group):
         name = ctx.invoked_subcommand
         command = self.get_command(ctx, name) if name else None
         params = list(command.params) if command is not None else []
-        msg = as_flags(str(exc), params)
+        msg = as_flags(str(exc), params, keep=getattr(exc, "param", None))
         flag = flag_of(exc.param, params) if isinstance(exc, InputError) and exc.param else None
         return f"{flag}: {msg}" if flag and not msg.startswith(flag) else msg
 

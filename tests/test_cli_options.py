@@ -128,6 +128,11 @@ def _cmd(loss: str, memory_bytes: str, max_hvps: int, num_probes: int, k: int, h
     (InputError("max_matvecs=1 is too few"), "--max-hvps: max_matvecs=1 is too few"),  # a name below the call
     (InputError("--probes: already named", param="num_probes"), "--probes: already named"),
     (InputError("other_param must be 1", param="other_param"), "other_param must be 1"),
+    # hints naming other parameters are spelled as flags; quoted text is left alone
+    (InputError("k too large; raise memory_bytes or lower hvps_for_trace", param="k"),
+     "--top-k: k too large; raise --memory or lower --trace-hvps"),
+    (InputError("no 'memory_bytes.pt'; pass loss='mse' (memory_bytes=3)", param="num_probes"),
+     "--probes: no 'memory_bytes.pt'; pass --loss mse (--memory 3)"),
 ])
 def test_library_errors_get_the_flag(error: InputError, shown: str) -> None:
     with click.Context(_cmd), pytest.raises(InputError) as info, flag_errors():

@@ -54,7 +54,7 @@ from basins.analyses.jacobian import (
     outputs_per_example,
 )
 from basins.engine.memory import memory_budget
-from basins.engine.problem import Problem
+from basins.engine.problem import Problem, counted
 from basins.errors import InputError
 from basins.progress import Progress, ProgressCallback
 from basins.record import EIGEN_UNITS, Array, Record
@@ -364,6 +364,7 @@ class FeaturesResult:
             (squared loadings, :meth:`FeatureGram.loadings`).
         seed: the seed used.
         hvp_route: the problem's HVP route.
+        work: what ``problem.counters`` counted during the call (:func:`basins.engine.problem.counted`).
     """
 
     gram: FeatureGram
@@ -371,6 +372,7 @@ class FeaturesResult:
     loadings: list[dict[str, Any]]
     seed: int = 0
     hvp_route: str | None = None
+    work: dict[str, int] = field(default_factory=dict)
 
     def record(self) -> Record:
         """The report group ``/features`` and the ``--json`` keys (README, "Architecture")."""
@@ -384,7 +386,8 @@ class FeaturesResult:
             "ranks": [asdict(r) for r in self.ranks],
             "gn_residual": fg.gn_residual, "gn_residuals": fg.gn_residuals, "residual_scale": fg.residual_scale,
             "notes": fg.notes, "seed": self.seed,
-            "num_hvps": fg.num_hvps, "num_vjps": fg.num_vjps, "num_loss_evals": 0, "hvp_route": self.hvp_route,
+            "num_hvps": fg.num_hvps, "num_vjps": fg.num_vjps, "hvp_route": self.hvp_route,
+            **self.work,
         }
         arrays = {"eigenvalues": Array(fg.eigenvalues, "feature Gram eigenvalues = nonzero spectrum of G, descending",
                                        EIGEN_UNITS)}
@@ -412,6 +415,7 @@ def rank_ladder(fg: FeatureGram, rtols: Sequence[float], atol: float = 0.0) -> l
     return out
 
 
+@counted
 def feature_analysis(
     problem: Problem,
     *,

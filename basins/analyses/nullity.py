@@ -59,7 +59,7 @@ from basins.analyses.features import (
     outputs_per_example,
 )
 from basins.engine.memory import memory_budget
-from basins.engine.problem import Problem
+from basins.engine.problem import Problem, counted
 from basins.errors import InputError
 from basins.linalg.operator import Operator, as_operator
 from basins.linalg.slq import DEFAULT_PROBES, DEFAULT_STEPS, SLQResult, student_t_quantile
@@ -139,6 +139,7 @@ class NullityResult:
         method_asked: the method the caller asked for (``auto`` included).
         rtols, atol: the threshold ladder.
         hvp_route: the problem's HVP route (None for a bare operator).
+        work: what ``problem.counters`` counted during the call (:func:`basins.engine.problem.counted`).
     """
 
     num_params: int
@@ -159,6 +160,7 @@ class NullityResult:
     rtols: list[float] = field(default_factory=list)
     atol: float = 0.0
     hvp_route: str | None = None
+    work: dict[str, int] = field(default_factory=dict)
 
     def record(self) -> Record:
         """The report group ``/nullity`` and the ``--json`` keys (README, "Architecture")."""
@@ -172,7 +174,8 @@ class NullityResult:
             "num_probes": slq_run.num_probes if slq_run is not None else None,
             "num_steps": slq_run.num_steps if slq_run is not None else None,
             "coverage": self.coverage, "seed": self.seed,
-            "num_hvps": self.num_hvps, "num_loss_evals": 0, "hvp_route": self.hvp_route,
+            "num_hvps": self.num_hvps, "hvp_route": self.hvp_route,
+            **self.work,
         }
         if self.features is not None:
             fg = self.features
@@ -471,6 +474,7 @@ def features_refusal(problem: Problem, memory_bytes: int | None = None) -> str |
     return None
 
 
+@counted
 def nullity(
     problem: Problem,
     *,

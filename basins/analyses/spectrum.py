@@ -8,11 +8,11 @@ Ubaru, Chen & Saad (2017); Ghorbani, Krishnan & Xiao (2019).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from basins.analyses.eigen import deflated_slq, hessian_operator
-from basins.engine.problem import Problem
+from basins.engine.problem import Problem, counted
 from basins.linalg.slq import (
     DEFAULT_PROBES,
     DEFAULT_STEPS,
@@ -36,12 +36,14 @@ class SpectrumResult:
         density: the Gaussian-broadened density with its band across probes.
         seed: the probes' seed.
         hvp_route: the problem's HVP route.
+        work: what ``problem.counters`` counted during the call (:func:`basins.engine.problem.counted`).
     """
 
     slq: SLQResult
     density: SpectralDensity
     seed: int = 0
     hvp_route: str | None = None
+    work: dict[str, int] = field(default_factory=dict)
 
     def record(self) -> Record:
         """The report group ``/spectrum`` and the ``--json`` keys (README, "Architecture")."""
@@ -52,7 +54,8 @@ class SpectrumResult:
             "seed": self.seed, "scale": dens.scale, "sigma": dens.sigma, "floor": dens.floor,
             "coverage": dens.coverage, "trace": r.trace, "trace_stderr": r.trace_stderr,
             "node_min": r.lambda_min, "node_max": r.lambda_max,
-            "num_hvps": r.num_matvecs, "num_loss_evals": 0, "hvp_route": self.hvp_route,
+            "num_hvps": r.num_matvecs, "hvp_route": self.hvp_route,
+            **self.work,
         }
         nodes, weights, residuals = r.padded()
         grid_units = "log10(|λ| / (loss / parameter²))" if dens.scale == "log" else EIGEN_UNITS
@@ -74,6 +77,7 @@ class SpectrumResult:
         return Record(attrs, arrays)
 
 
+@counted
 def hessian_spectrum(
     problem: Problem,
     *,

@@ -33,6 +33,7 @@ attention path in :mod:`basins.engine.attention`, the curvature operators in
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +51,7 @@ from basins.engine.setup import ProblemSetup, as_source, resolve_device, resolve
 from basins.errors import InputError
 from basins.progress import ProgressCallback, relay
 
-__all__ = ["Problem", "HVP_ROUTES", "Counters", "resolve_device", "resolve_dtype"]
+__all__ = ["Problem", "HVP_ROUTES", "Counters", "counted", "resolve_device", "resolve_dtype"]
 
 _Params = dict[str, torch.Tensor]
 
@@ -72,6 +73,27 @@ class Counters:
     def as_dict(self) -> dict[str, int]:
         return {"num_hvps": self.num_hvps, "num_loss_evals": self.num_loss_evals, "num_grads": self.num_grads,
                 "num_ggn_products": self.num_ggn_products}
+
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """The work done since ``before`` (an earlier :meth:`as_dict`), counter by counter."""
+        return {name: n - int(before.get(name, 0)) for name, n in self.as_dict().items()}
+
+
+def counted(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate an analysis ``fn(problem, ...)`` whose result has a ``work`` dict: after the call,
+    ``result.work`` is what ``problem.counters`` counted during it (:meth:`Counters.since`), so a
+    result's counts are the work actually done, never a number the analysis asserts."""
+
+    @functools.wraps(fn)
+    def wrapper(problem: Any, *args: Any, **kwargs: Any) -> Any:
+        counters = getattr(problem, "counters", None)
+        before = counters.as_dict() if isinstance(counters, Counters) else None
+        result = fn(problem, *args, **kwargs)
+        if before is not None:
+            result.work = counters.since(before)
+        return result
+
+    return wrapper
 
 
 class Problem(ProblemSetup):
