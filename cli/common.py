@@ -553,3 +553,36 @@ def fmt(x: float | None, digits: int = 6) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "-"
     return f"{x:.{digits}g}"
+
+
+def ladder_options(rule: str, what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--rtol`` (repeatable, dest ``rtols``) and ``--atol``: the ladder of thresholds of a count
+    (``rule`` says what is counted; ``what`` names the threshold in the help)."""
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                         help=f"Absolute part of the {what} (loss / parameter²).")(f)
+        return click.option("--rtol", "rtols", type=click.FloatRange(min=0), multiple=True,
+                            help=f"{rule}. Repeatable [default: 1e-6, 1e-4, 1e-2].")(f)
+    return decorate
+
+
+def key_value_table(title: str, first: str = "quantity") -> Any:
+    """A two-column table (``first``, value) without a header, for a group's settings and results."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(first, style="bold")
+    table.add_column("value")
+    return table
+
+
+def largest_block_row(analysis: dict[str, Any], values: str, count_label: str, label: str,
+                      value_name: str, digits: int) -> dict[str, str]:
+    """The one-row view of a per-block group for ``basins summary`` of several reports: the number
+    of blocks, and the block with the largest dataset ``values`` (``{}`` when there are none)."""
+    names = list(analysis.get("attrs", {}).get("block_names") or [])
+    values_ = column(analysis, values)
+    if not names or not values_:
+        return {}
+    i = max(range(len(values_)), key=lambda j: values_[j])
+    return {count_label: str(len(names)), label: f"{names[i]} ({value_name}{fmt(values_[i], digits)})"}

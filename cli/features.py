@@ -14,7 +14,7 @@ from rich.table import Table
 
 from basins.record import EIGEN_UNITS
 
-from .common import Command, fmt, output_options, problem_options
+from .common import Command, fmt, key_value_table, ladder_options, output_options, problem_options
 from .spectrum import sparkline
 
 _SHOW = 12  # eigenvalues shown in the table
@@ -22,10 +22,7 @@ _SHOW = 12  # eigenvalues shown in the table
 
 @click.command()
 @problem_options
-@click.option("--rtol", "rtols", type=click.FloatRange(min=0), multiple=True,
-              help="Rank cutoff: count μ > rtol·μ_max + atol. Repeatable [default: 1e-6, 1e-4, 1e-2].")
-@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Absolute part of the cutoff (loss / parameter²).")
+@ladder_options("Rank cutoff: count μ > rtol·μ_max + atol", "cutoff")
 @click.option("--top", "top_vectors", type=click.IntRange(min=0), default=0, show_default=True,
               help="Also give the top N eigenvectors' loadings per output and per example.")
 @click.option("--route", type=click.Choice(["auto", "gram", "outer"]), default="auto", show_default=True,
@@ -101,9 +98,7 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
 
     a = analysis.get("attrs", {})
     P = problem.get("num_params")
-    head = Table(title="feature Gram matrix (Gauss–Newton / NTK view)", show_header=False, title_justify="left")
-    head.add_column("quantity", style="bold")
-    head.add_column("value")
+    head = key_value_table("feature Gram matrix (Gauss–Newton / NTK view)")
     head.add_row("outputs n·k", f"{a.get('num_outputs', '-'):,}" if isinstance(a.get("num_outputs"), int) else "-")
     head.add_row("numerical rank", f"{a.get('rank')} (cutoff {fmt(a.get('cutoff'), 3)})")
     if isinstance(P, int) and isinstance(a.get("rank"), int):

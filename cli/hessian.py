@@ -21,6 +21,7 @@ from .common import (
     as_flags,
     flag_errors,
     fmt,
+    key_value_table,
     output_options,
     problem_options,
 )
@@ -239,9 +240,7 @@ def _sci(x: Any) -> str:
 def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
     """Rich tables for a ``/hessian`` group: key numbers with error bars, then the eigenvalues."""
     a = analysis.get("attrs", {})
-    key = Table(title="Hessian (Lanczos)", show_header=False, title_justify="left")
-    key.add_column("quantity", style="bold")
-    key.add_column("value")
+    key = key_value_table("Hessian (Lanczos)")
     ends = _ends(analysis)
     for label, vals, _, _, bounds in ends:
         if vals:

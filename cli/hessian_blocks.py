@@ -10,7 +10,7 @@ from rich.table import Table
 
 from basins.record import EIGEN_UNITS
 
-from .common import column, fmt
+from .common import column, fmt, largest_block_row
 
 
 def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
@@ -30,10 +30,4 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
 
 def summary_row(analysis: dict[str, Any]) -> dict[str, str]:
     """One-row view for ``basins summary`` of several reports: the block with the largest λ_max."""
-    a = analysis.get("attrs", {})
-    names = list(a.get("block_names") or [])
-    lams = column(analysis, "lambda_max")
-    if not names or not lams:
-        return {}
-    i = max(range(len(lams)), key=lambda j: lams[j])
-    return {"blocks": str(len(names)), "stiffest block": f"{names[i]} (λ_max {fmt(lams[i], 5)})"}
+    return largest_block_row(analysis, "lambda_max", "blocks", "stiffest block", "λ_max ", 5)

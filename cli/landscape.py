@@ -19,6 +19,7 @@ from .common import (
     column,
     flag_errors,
     fmt,
+    key_value_table,
     output_options,
     problem_options,
 )
@@ -141,9 +142,7 @@ def _line(c: Command) -> Any:
 def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
     """The key numbers of a ``/landscape`` group, and the curve (1-D, line) as a table."""
     a = analysis.get("attrs", {})
-    key = Table(title=f"landscape ({a.get('kind')}, {a.get('directions')})", show_header=False, title_justify="left")
-    key.add_column("quantity", style="bold")
-    key.add_column("value")
+    key = key_value_table(f"landscape ({a.get('kind')}, {a.get('directions')})")
     loss = column(analysis, "loss")
     flat = [v for row in loss for v in (row if isinstance(row, list) else [row])]
     finite = [v for v in flat if isinstance(v, (int, float)) and math.isfinite(v)]

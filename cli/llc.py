@@ -10,9 +10,16 @@ from typing import Any
 
 import click
 from rich.console import RenderableType
-from rich.table import Table
 
-from .common import Command, flag_errors, fmt, output_options, positive_or_auto, problem_options
+from .common import (
+    Command,
+    flag_errors,
+    fmt,
+    key_value_table,
+    output_options,
+    positive_or_auto,
+    problem_options,
+)
 
 
 def _steps_or_auto(least: int) -> Any:
@@ -211,9 +218,7 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     """Rich table for a ``/llc`` group: the estimate, settings, diagnostics, cost."""
     a = analysis.get("attrs", {})
     P = problem.get("num_params")
-    t = Table(title="local learning coefficient (SGLD)", show_header=False, title_justify="left")
-    t.add_column("quantity", style="bold")
-    t.add_column("value")
+    t = key_value_table("local learning coefficient (SGLD)")
     t.add_row("λ̂ ± se", llc_text(a) + (f"   (P/2 = {P / 2:g})" if isinstance(P, int) else ""))
     ci = a.get("llc_ci")
     if isinstance(ci, list) and len(ci) == 2:

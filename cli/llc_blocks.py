@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import RenderableType
 from rich.table import Table
 
-from .common import column, fmt
+from .common import column, fmt, largest_block_row
 
 
 def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
@@ -29,10 +29,4 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
 
 def summary_row(analysis: dict[str, Any]) -> dict[str, str]:
     """One-row view: the number of blocks and the block with the largest λ̂."""
-    a = analysis.get("attrs", {})
-    names = list(a.get("block_names") or [])
-    lams = column(analysis, "llc")
-    if not names or not lams:
-        return {}
-    i = max(range(len(lams)), key=lambda j: lams[j])
-    return {"LLC blocks": str(len(names)), "largest block LLC": f"{names[i]} ({fmt(lams[i], 4)})"}
+    return largest_block_row(analysis, "llc", "LLC blocks", "largest block LLC", "", 4)

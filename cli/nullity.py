@@ -14,7 +14,7 @@ from rich.table import Table
 
 from basins.record import EIGEN_UNITS
 
-from .common import Command, fmt, output_options, problem_options
+from .common import Command, fmt, key_value_table, ladder_options, output_options, problem_options
 
 
 @click.command()
@@ -23,10 +23,7 @@ from .common import Command, fmt, output_options, problem_options
               help="exact: dense Hessian (auto when P ≤ 4096 and it fits in memory); features: P − rank of the "
                    "feature Gram matrix (the Gauss–Newton part G; auto only where G = H, an mse loss at a "
                    "zero-residual point); slq: an estimate with an interval (auto otherwise).")
-@click.option("--rtol", "rtols", type=click.FloatRange(min=0), multiple=True,
-              help="Relative threshold: count |λ| ≤ rtol·λ_max + atol. Repeatable [default: 1e-6, 1e-4, 1e-2].")
-@click.option("--atol", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Absolute part of the threshold (loss / parameter²).")
+@ladder_options("Relative threshold: count |λ| ≤ rtol·λ_max + atol", "threshold")
 @click.option("--probes", "num_probes", type=click.IntRange(min=2), default=10, show_default=True,
               help="slq: probe vectors.")
 @click.option("--lanczos-steps", "num_steps", type=click.IntRange(min=1), default=80, show_default=True,
@@ -111,9 +108,7 @@ def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[Re
     """Rich tables for a ``/nullity`` group: the threshold ladder with counts and intervals, then notes."""
     a = analysis.get("attrs", {})
     P = problem.get("num_params")
-    head = Table(title=f"near-zero Hessian eigenvalues ({a.get('method')})", show_header=False, title_justify="left")
-    head.add_column("quantity", style="bold")
-    head.add_column("value")
+    head = key_value_table(f"near-zero Hessian eigenvalues ({a.get('method')})")
     head.add_row("λ_max", f"{fmt(a.get('lambda_max'))} {EIGEN_UNITS}")
     if a.get("gn_residual") is not None:
         head.add_row("‖Hv − Gv‖/‖Hv‖", f"{a['gn_residual']:.2g} (≈ 0: H is its Gauss–Newton part)")

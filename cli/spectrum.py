@@ -14,11 +14,10 @@ from typing import Any
 import click
 import numpy as np
 from rich.console import RenderableType
-from rich.table import Table
 
 from basins.record import EIGEN_UNITS
 
-from .common import Command, fmt, is_main_process, output_options, problem_options
+from .common import Command, fmt, is_main_process, key_value_table, output_options, problem_options
 
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
@@ -129,9 +128,7 @@ def _log_sparkline(analysis: dict[str, Any], width: int = 48) -> tuple[str, str]
 def summary_tables(analysis: dict[str, Any], problem: dict[str, Any]) -> list[RenderableType]:
     """Rich table for a ``/spectrum`` group: cost, trace, node range, and a density sparkline."""
     a = analysis.get("attrs", {})
-    t = Table(title="Hessian spectral density (SLQ)", show_header=False, title_justify="left")
-    t.add_column("quantity", style="bold")
-    t.add_column("value")
+    t = key_value_table("Hessian spectral density (SLQ)")
     t.add_row("probes × steps", f"{a.get('num_probes')} × {a.get('num_steps')} ({a.get('probe', 'rademacher')})")
     t.add_row("node range", f"[{fmt(a.get('node_min'))}, {fmt(a.get('node_max'))}] {EIGEN_UNITS}")
     tr, se = a.get("trace"), a.get("trace_stderr")

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from basins.record import plain
 
-from .common import _set_debug, fmt, print_json, stderr_console, stdout_console
+from .common import _set_debug, fmt, key_value_table, print_json, stderr_console, stdout_console
 from .terminal import SafeConsole, safe
 
 _CSV_COLUMNS = ("report", "end", "index", "eigenvalue", "residual", "error_bound", "converged")
@@ -203,9 +203,7 @@ def _short_hash(h: Any) -> str:
 def problem_table(d: dict[str, Any]) -> Table:
     """Key/value table of a report's /problem group and file attributes."""
     p, a = d["problem"], d["attrs"]
-    t = Table(title=f"{d['path']}: problem", show_header=False, title_justify="left")
-    t.add_column("quantity", style="bold")
-    t.add_column("value")
+    t = key_value_table(f"{d['path']}: problem")
     rows = [
         ("model", p.get("model")), ("model sha256", _short_hash(p.get("model_sha256"))),
         ("data", p.get("data")), ("data sha256", _short_hash(p.get("data_sha256"))),
@@ -235,9 +233,7 @@ def problem_table(d: dict[str, Any]) -> Table:
 def generic_tables(name: str, g: dict[str, Any]) -> list[RenderableType]:
     """Any analysis group: its attributes as key/value rows, its datasets with shape/description/units."""
     out: list[RenderableType] = []
-    attrs = Table(title=f"/{name}", show_header=False, title_justify="left")
-    attrs.add_column("attribute", style="bold")
-    attrs.add_column("value")
+    attrs = key_value_table(f"/{name}", "attribute")
     for k, v in g.get("attrs", {}).items():
         if k not in ("problem", "json_only"):  # the run's problem (the problem table) and --json-only keys
             attrs.add_row(k, _value(v))

@@ -12,7 +12,7 @@ import click
 from rich.console import RenderableType
 from rich.table import Table
 
-from .common import Command, fmt, is_main_process, output_options, problem_options
+from .common import Command, fmt, is_main_process, key_value_table, output_options, problem_options
 
 
 @click.command()
@@ -174,9 +174,7 @@ def _volume_tables(a: dict[str, Any]) -> list[RenderableType]:
                   _num(at("evals_per_ray"), 3))
     out: list[RenderableType] = [t]
     slope = a.get("volume_slope") or []
-    key = Table(title="probing settings and cost", show_header=False, title_justify="left")
-    key.add_column("quantity", style="bold")
-    key.add_column("value")
+    key = key_value_table("probing settings and cost")
     half = f"  (d/2 = {_num((dim or 0) / 2, 6)} for a regular basin)"
     if slope:
         key.add_row("dlog V / dlog ε", ", ".join(_num(s, 4) for s in slope) + half +
