@@ -43,3 +43,57 @@ def test_sketch_with_few_pairs_is_the_per_pair_check() -> None:
     assert a.num_check_hvps == b.num_check_hvps == 2
     assert a.top is not None and b.top is not None and a.top.error_bounds is not None
     torch.testing.assert_close(a.top.error_bounds, b.top.error_bounds)
+
+
+def _exact_softmax_nll(z: torch.Tensor, y: torch.Tensor) -> tuple[list[float], torch.Tensor, torch.Tensor]:
+    """Per-row loss, gradient and Hessian in the logits of ``−log softmax(z)[y]``, in 50-digit
+    arithmetic (mpmath), rounded to float64 at the end."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    losses, G, H = [], torch.zeros_like(z), torch.zeros(z.shape[0], z.shape[1], z.shape[1], dtype=torch.float64)
+    for n in range(z.shape[0]):
+        row = [mpmath.mpf(float(v)) for v in z[n]]
+        top = max(row)
+        e = [mpmath.exp(v - top) for v in row]
+        s = mpmath.fsum(e)
+        p = [v / s for v in e]
+        yn = int(y[n])
+        losses.append(float(mpmath.log(s) + top - row[yn]))
+        for i in range(len(row)):
+            G[n, i] = float(p[i] - (1 if i == yn else 0))
+            for j in range(len(row)):
+                H[n, i, j] = float((p[i] if i == j else 0) - p[i] * p[j])
+    return losses, G, H
+
+
+@pytest.mark.parametrize("margin", [25.0, 8.0, -3.0])
+def test_cross_entropy_derivatives_are_accurate_at_a_small_loss(margin: float) -> None:
+    """The built-in softmax cross-entropy is accurate in its gradient and Hessian (in the logits)
+    when the label's probability is near 1 (``margin``: its logit's lead; 25 gives p_y ≈ 1 − 1e-11),
+    against 50-digit arithmetic; ``F.cross_entropy``'s Hessian is off there by far more (its
+    ``p_y(1 − p_y)`` is formed from ``p_y ≈ 1``), which is what made float64 bounds fail on a
+    trained ViT. Also the label not the top class (``margin < 0``) and logits of ±1000 (no overflow)."""
+    from basins.engine.losses import causal_lm, cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 3, 1, 4])
+    z[torch.arange(4), y] += margin
+    _, G, Hx = _exact_softmax_nll(z, y)
+    H_lib = torch.autograd.functional.hessian(lambda t: cross_entropy(t, y) * 4, z)
+    grad = torch.func.grad(lambda t: cross_entropy(t, y) * 4)(z)
+    for n in range(4):
+        scale = float(Hx[n].abs().max())
+        assert float((H_lib[n, :, n, :] - Hx[n]).abs().max()) <= 1e-13 * scale, n
+        assert float((grad[n] - G[n]).abs().max()) <= 1e-14 * float(G[n].abs().max())
+    if margin == 25.0:  # the setting is ill-conditioned for the plain formula
+        H_plain = torch.autograd.functional.hessian(lambda t: nn.functional.cross_entropy(t, y) * 4, z)
+        assert float((H_plain[0, :, 0, :] - Hx[0]).abs().max()) > 1e-8 * float(Hx[0].abs().max())
+    # the token loss (causal-lm) uses the same form: positions labelled −100 are left out
+    ids = torch.tensor([[7, 0, 3, 1, 4]])
+    lm = causal_lm(torch.cat([z, z[:1]])[None], ids)
+    assert float(lm) == pytest.approx(sum(_exact_softmax_nll(z, y)[0]) / 4, rel=1e-14)
+    big = torch.tensor([[1000.0, 0.0, -1000.0]], dtype=torch.float64)
+    for label, value in ((0, 0.0), (1, 1000.0), (2, 2000.0)):
+        assert float(cross_entropy(big, torch.tensor([label]))) == pytest.approx(value, abs=1e-12)

@@ -54,12 +54,7 @@ def pending_merge(branch: str) -> pytest.MarkDecorator:
 PENDING: dict[tuple[str, str], str] = {}
 
 #: Cells that do not yet agree, with what was measured (strict: they fail once fixed, so the entry goes).
-KNOWN_GAPS: dict[tuple[str, str], str] = {
-    # ViT in float64 (its float32 softmax promoted to float64): λ1 off the float64-everywhere
-    # reference by 5.9e-14 against a printed bound of 1.0e-14 (+ the reference's asymmetry 3.8e-15);
-    # measured rescaled checks in float64 give 2.3e-14, still short. Before promotion: 1.3e-7 off.
-    ("vit", "hessian"): "float64 bound 4x short at the 1e-14 level (see KNOWN_GAPS)",
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 #: Cells refused by design, with the words their one-line reason must contain.
 REFUSED: dict[tuple[str, str], str] = {}
