@@ -97,3 +97,40 @@ def test_cross_entropy_derivatives_are_accurate_at_a_small_loss(margin: float) -
     big = torch.tensor([[1000.0, 0.0, -1000.0]], dtype=torch.float64)
     for label, value in ((0, 0.0), (1, 1000.0), (2, 2000.0)):
         assert float(cross_entropy(big, torch.tensor([label]))) == pytest.approx(value, abs=1e-12)
+
+
+def test_float64_bounds_hold_against_a_textbook_cross_entropy_reference_at_a_small_loss() -> None:
+    """A float64 classifier at a small loss (its own predictions as labels, 1 − p_y in (1e-10, 1e-6)):
+    the textbook ``F.cross_entropy`` Hessian is off by ~eps/(1 − p_y) relative, far beyond
+    ``256·eps·max|λ|``. basins' eigenvalues agree with the accurate reference (the loss as
+    ``softplus(logsumexp_{j≠y}(z_j − z_y))``, written here) to float64 rounding, and its bounds, which
+    add the measured spread of the textbook loss head (6 HVPs), contain both references."""
+    from tests.models import classification_data
+    from tests.models import mlp as build
+
+    x, _ = classification_data(200)
+    model = build().double().eval()
+    with torch.no_grad():
+        model[2].weight.mul_(20.0)
+        z = model(x.double())
+    y = z.argmax(1)
+    q = 1 - torch.softmax(z, 1).gather(1, y[:, None]).squeeze(1)
+    keep = (q > 1e-10) & (q < 1e-6)  # saturated examples only (33 of them): L ≈ 1e-7
+    x, y = x.double()[keep], y[keep]
+
+    def accurate(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        others = (z - z.gather(1, t[:, None])).masked_fill(nn.functional.one_hot(t, z.shape[1]).bool(), -torch.inf)
+        return nn.functional.softplus(torch.logsumexp(others, 1)).mean()
+
+    exact = torch.linalg.eigvalsh(loss_hessian(model, x, y, accurate)).flip(0)[:3]
+    plain = torch.linalg.eigvalsh(loss_hessian(model, x, y, nn.functional.cross_entropy)).flip(0)[:3]
+    eps_bound = 256 * torch.finfo(torch.float64).eps * float(exact[0])
+    assert float((plain - exact).abs().max()) > eps_bound  # the textbook reference is off by more than that
+    p = Problem(model, x, y, "cross-entropy", dtype="float64")
+    res = hessian_eigenvalues(p, k=3, tol=1e-12)
+    top = res.top
+    assert top is not None and top.error_bounds is not None and res.num_check_hvps == 6
+    assert float((top.eigenvalues - exact).abs().max()) <= eps_bound
+    for ref in (exact, plain):
+        assert bool(((top.eigenvalues - ref).abs() <= top.error_bounds).all()), (top.eigenvalues, ref, top.error_bounds)
+    assert bool((top.error_bounds <= 1e-6 * exact[0]).all())  # honest, not vacuous
