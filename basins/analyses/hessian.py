@@ -60,6 +60,7 @@ from basins.engine.precision import audit_precision
 from basins.engine.problem import Problem
 from basins.engine.rounding import (
     SKETCH_PROBES,
+    SOFTMAX_LOSSES,
     has_plain_head,
     loss_head_rounding,
     sketched_rounding,
@@ -399,7 +400,10 @@ def plan_hessian(problem: Problem, *, k: int = 10, which: str = "top", block_siz
         InputError: nothing fits the budget (one line, with the sizes).
     """
     need = min(2 * k, int(problem.num_params)) if which == "both" else k
-    checks = 0 if problem.dtype == torch.float64 else 2 * min(need, problem.routes.piece_block)
+    if problem.dtype == torch.float64:  # the loss head's spread: three (P, 3) blocks (a softmax loss)
+        checks = 3 * SKETCH_PROBES if getattr(problem, "loss_name", None) in SOFTMAX_LOSSES else 0
+    else:
+        checks = 2 * min(need, problem.routes.piece_block)
     return plan_lanczos(problem.routes.plan, int(problem.num_params), problem.dtype.itemsize, need=need,
                         block=block_size, storage=storage, trace_hvps=trace_hvps if trace else 0, check_vectors=checks)
 

@@ -28,7 +28,7 @@ import torch
 if TYPE_CHECKING:
     from basins.engine.problem import Problem
 
-__all__ = ["sketched_rounding", "SKETCH_PROBES", "loss_head_rounding", "has_plain_head"]
+__all__ = ["sketched_rounding", "SKETCH_PROBES", "SOFTMAX_LOSSES", "loss_head_rounding", "has_plain_head"]
 
 #: Probes of :func:`sketched_rounding`.
 SKETCH_PROBES = 3
@@ -68,7 +68,7 @@ def sketched_rounding(problem: Problem, vectors: torch.Tensor, values: torch.Ten
 
 #: Built-in losses whose plain float64 form (``logsumexp(z) − z_y``) rounds differently from the
 #: one basins evaluates (:func:`basins.engine.losses.softmax_nll`), with class-index targets.
-_SOFTMAX_LOSSES = ("cross-entropy", "causal-lm", "token-cross-entropy")
+SOFTMAX_LOSSES = ("cross-entropy", "causal-lm", "token-cross-entropy")
 
 
 def _plain_nll(logits: torch.Tensor, labels: torch.Tensor, dim: int) -> torch.Tensor:
@@ -94,7 +94,7 @@ def _plain_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tenso
 
 def has_plain_head(problem: Problem) -> bool:
     """Whether ``problem``'s loss is a built-in softmax loss on class indices (:func:`loss_head_rounding` applies)."""
-    if getattr(problem, "loss_name", None) not in _SOFTMAX_LOSSES:
+    if getattr(problem, "loss_name", None) not in SOFTMAX_LOSSES:
         return False
     y = next(iter(problem.chunks()))[1]
     return isinstance(y, torch.Tensor) and not y.is_floating_point()
@@ -134,5 +134,5 @@ def loss_head_rounding(problem: Problem, vectors: torch.Tensor, *, probes: int =
     finally:
         problem.loss_fn = own
         problem.routes.free_graph()
-    D = plain - problem.hvp(Z).to(f64)
-    return math.sqrt(float((D * D).sum(0).mean()))
+    plain.sub_(problem.hvp(Z).to(f64))  # (H_plain − H) Z in place: three (P, probes) blocks at the peak
+    return math.sqrt(float(plain.norm(dim=0).square().mean()))
