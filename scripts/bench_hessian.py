@@ -5,9 +5,11 @@ Usage::
     python scripts/bench_hessian.py            # example bundle + 26k-parameter MLP, median of 5 runs
     python scripts/bench_hessian.py --quick    # smaller MLP, 2 runs, for a smoke run
     python scripts/bench_hessian.py --whole-process [--repeats 3]   # whole processes, as a new user
+    python scripts/bench_hessian.py --whole-process --repeats 5 --no-peers --basins OLD/.venv/bin/python \\
+        .venv/bin/python                                            # before/after, fixed and dynamic exports
 
-``--whole-process`` runs each tool as its own process (one thread), ``--repeats`` times, on the
-26k-parameter MLP (n = 2,048) and the 22k-parameter CNN with BatchNorm (n = 1,024) of
+``--whole-process`` runs each tool as its own process (one thread), ``--repeats`` times after one
+warm-up run, on the fixed-batch and the dynamic-batch ``.pt2`` export of the 26k-parameter MLP (n = 2,048) and the 22k-parameter CNN with BatchNorm (n = 1,024) of
 ``scripts/_bench_problems.py``, top-10, and reports per tool: whole-process wall time (median),
 peak RSS (max), HVPs, worst error against float64 eigenvalues, and for basins its set-up share
 (model and data loading and Problem construction, over the whole) and whether every error bound
@@ -282,7 +284,12 @@ def _child_rss(cmd: list[str]) -> tuple[float, float, str]:
     return float(stats["wall"]), float(stats["rss"]), proc.stdout
 
 
-def whole_process(repeats: int) -> None:
+def whole_process(repeats: int, installs: list[str] | None = None, peers: bool = True) -> None:
+    """Whole processes on the fixed- and dynamic-batch exports of the MLP and the CNN (module docstring).
+
+    ``installs``: Python interpreters whose ``-m basins.cli`` is timed, in turn on the same files (a
+    before/after comparison; default this interpreter); each cell gets one warm-up run (file cache)
+    first. ``peers``: also time the peer tools (fixed exports' weights, this interpreter)."""
     import json
     import os
 
@@ -293,32 +300,40 @@ def whole_process(repeats: int) -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     problems_py = os.path.join(here, "_bench_problems.py")
     directory = tempfile.mkdtemp(prefix="basins-bench-whole-")
-    subprocess_env_python = sys.executable
-    _child_rss([subprocess_env_python, problems_py, "write", directory])
-    basins_cmd = [subprocess_env_python, "-m", "basins.cli"]
-    version = sorted(_child_rss([*basins_cmd, "--version"])[0] for _ in range(max(3, repeats)))
+    _child_rss([sys.executable, problems_py, "write", directory])
+    installs = installs or [sys.executable]
     rows, verdicts = [], []
+    for python in installs:
+        version = sorted(_child_rss([python, "-m", "basins.cli", "--version"])[0] for _ in range(max(3, repeats)))
+        verdicts.append((f"basins --version < 0.5 s ({python})", version[len(version) // 2] < 0.5,
+                         f"{version[len(version) // 2]:.2f} s"))
     for name, label in (("mlp", "MLP 32-256-64-10, P=25,546, n=2,048"), ("cnn", "CNN+BatchNorm, P=21,930, n=1,024")):
         model, data, loss = resolve_inputs(f"{directory}/{name}.pt2", data=f"{directory}/{name}_data.pt")
         p64 = Problem(model.module, data, None, loss, fixed_batch_size=model.fixed_batch_size, dtype="float64")
         ref = lanczos(hessian_operator(p64), k=10, tol=1e-10, dtype=torch.float64).eigenvalues.tolist()
         del p64
-        tools: dict[str, list[str]] = {
-            "basins": [*basins_cmd, "hessian", f"{directory}/{name}.pt2", "--data", f"{directory}/{name}_data.pt",
-                       "--top-k", "10", "--json", "--quiet"],
-            **{peer: [subprocess_env_python, problems_py, "run", peer, name, directory, "10", "float32"]
-               for peer in ("eigenthings", "pyhessian", "eigsh")},
-        }
+        tools: dict[str, list[str]] = {}
+        for python in installs:
+            tag = f" [{python}]" if len(installs) > 1 else ""
+            for export, suffix in (("fixed", ""), ("dynamic", "_dynamic")):
+                tools[f"basins, {export} batch{tag}"] = [
+                    python, "-m", "basins.cli", "hessian", f"{directory}/{name}{suffix}.pt2", "--data",
+                    f"{directory}/{name}_data.pt", "--top-k", "10", "--json", "--quiet"]
+        if peers:
+            tools.update({peer: [sys.executable, problems_py, "run", peer, name, directory, "10", "float32"]
+                          for peer in ("eigenthings", "pyhessian", "eigsh")})
         walls: dict[str, float] = {}
         errors: dict[str, float] = {}
         for tool, cmd in tools.items():
             runs = []
-            for _ in range(repeats):
+            for i in range(repeats + 1):  # the first: warm-up (file cache), not counted
                 try:
-                    runs.append(_child_rss(cmd))
+                    run = _child_rss(cmd)
                 except RuntimeError as exc:
                     rows.append(f"| {label} | {tool} | failed: {exc} | | | | |")
                     break
+                if i:
+                    runs.append(run)
             if not runs:
                 continue
             wall = statistics.median(r[0] for r in runs)
@@ -327,37 +342,39 @@ def whole_process(repeats: int) -> None:
             values = out.get("eigenvalues") or out["values"]
             err = max(abs(a - b) for a, b in zip(values, ref))
             extra = ""
-            if tool == "basins":
+            if tool.startswith("basins"):
                 bounds = out["error_bounds"]
                 held = all(abs(a - b) <= e for a, b, e in zip(values, ref, bounds))
                 setup = out["setup_seconds"] / wall
                 extra = f"set-up {setup:.0%} of the whole; bounds contain float64: {'yes' if held else '**no**'}"
-                verdicts.append((f"{label}: every error bound contains the float64 eigenvalue", held,
+                verdicts.append((f"{label}, {tool}: every error bound contains the float64 eigenvalue", held,
                                  f"worst error / bound {max(abs(a - b) / e for a, b, e in zip(values, ref, bounds)):.2f}"))
-                verdicts.append((f"{label}: set-up ≤ 20% of the whole", setup <= 0.2, f"{setup:.0%}"))
+                verdicts.append((f"{label}, {tool}: set-up ≤ 20% of the whole", setup <= 0.2, f"{setup:.0%}"))
             walls[tool] = wall
             errors[tool] = err
             rows.append(f"| {label} | {tool} | {wall:.2f} | {rss:.0f} | {out['num_hvps']} | {err:.1e} | {extra} |")
-        peers = {t: w for t, w in walls.items() if t != "basins"}
-        if "basins" in walls and peers:
-            fastest = min(peers, key=peers.__getitem__)
-            ratio = walls["basins"] / peers[fastest]
+        mine = f"basins, fixed batch [{installs[-1]}]" if len(installs) > 1 else "basins, fixed batch"
+        peer_walls = {t: w for t, w in walls.items() if not t.startswith("basins")}
+        if mine in walls and peer_walls:
+            fastest = min(peer_walls, key=peer_walls.__getitem__)
+            ratio = walls[mine] / peer_walls[fastest]
             verdicts.append((f"{label}: basins whole process ≤ 0.7× the fastest peer's ({fastest}, any accuracy)",
                              ratio <= 0.7, f"{ratio:.2f}×"))
             # peers at least as accurate as basins (their worst error ≤ 10× basins', or ≤ 1e-6·λ_max)
-            as_good = {t: w for t, w in peers.items() if errors[t] <= max(10 * errors["basins"], 1e-6 * abs(ref[0]))}
+            as_good = {t: w for t, w in peer_walls.items()
+                       if errors[t] <= max(10 * errors[mine], 1e-6 * abs(ref[0]))}
             if as_good:
                 best = min(as_good, key=as_good.__getitem__)
-                r = walls["basins"] / as_good[best]
+                r = walls[mine] / as_good[best]
                 verdicts.append((f"{label}: basins ≤ 0.7× the fastest peer as accurate ({best})", r <= 0.7, f"{r:.2f}×"))
             else:
                 verdicts.append((f"{label}: basins more accurate than every peer", True,
-                                 ", ".join(f"{t} {errors[t]:.1e}" for t in peers)))
-    print(f"torch {torch.__version__}, 1 thread per process, top-10 float32, median of {repeats} whole processes\n")
+                                 ", ".join(f"{t} {errors[t]:.1e}" for t in peer_walls)))
+    print(f"torch {torch.__version__}, 1 thread per process, top-10 float32, median of {repeats} whole processes "
+          "(after one warm-up run each)\n")
     print("| problem | tool | wall s | peak RSS MiB | HVPs | worst abs. error vs float64 | notes |")
     print("|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    verdicts.append(("basins --version < 0.5 s", version[len(version) // 2] < 0.5, f"{version[len(version) // 2]:.2f} s"))
     print("\n| target | met | measured |")
     print("|---|---|---|")
     for what, ok, measured in verdicts:
@@ -368,7 +385,8 @@ def whole_process(repeats: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small MLP, 2 runs: a smoke run")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per timing (median)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs per timing (median; default 5, with --whole-process 3)")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads for every method (default 1: on a shared 2-core machine, "
@@ -376,10 +394,15 @@ def main() -> None:
     parser.add_argument("--no-example", action="store_true", help="skip the example bundle")
     parser.add_argument("--whole-process", action="store_true",
                         help="whole processes of basins and its peers on the MLP and CNN problems (see above)")
+    parser.add_argument("--basins", nargs="+", metavar="PYTHON",
+                        help="with --whole-process: the Python interpreters whose basins is timed, in turn on the "
+                             "same files (e.g. an older installation's .venv/bin/python, then this one's)")
+    parser.add_argument("--no-peers", action="store_true", help="with --whole-process: basins only")
     args = parser.parse_args()
     if args.whole_process:
-        whole_process(args.repeats if args.repeats != 5 else 3)
+        whole_process(args.repeats or 3, args.basins, peers=not args.no_peers)
         return
+    args.repeats = args.repeats or 5
     torch.set_num_threads(args.threads)
     repeats = 2 if args.quick else args.repeats
     dtype = torch.float64 if args.dtype == "float64" else torch.float32

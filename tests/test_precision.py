@@ -117,7 +117,7 @@ def test_float64_llama_bounds_hold_against_a_float64_everywhere_reference() -> N
     assert not audit.mixed and audit.warning() is None  # ... so the forward now stays in float64
 
     res = hessian_eigenvalues(p, k=4, which="both", tol=1e-10)
-    assert res.compute_dtype == "float64" and res.num_check_hvps == 0
+    assert res.compute_dtype == "float64" and res.num_check_hvps == 12  # the loss head spread, 6 per end
     for end, truth in ((res.top, ref.flip(0)[:4]), (res.bottom, ref[:4])):
         assert end is not None and end.error_bounds is not None
         err = (end.eigenvalues - truth).abs()
@@ -150,7 +150,7 @@ def test_cli_notes_the_promoted_layers_and_records_them(tmp_path) -> None:  # ty
                                   "--loss", "causal-lm", "--dtype", "float64", "-k", "2", "--json"])
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
-    assert out["compute_dtype"] == "float64" and out["num_check_hvps"] == 0
+    assert out["compute_dtype"] == "float64" and out["num_check_hvps"] == 6
     assert "input_layernorm" in out["promoted_to_float64"]
     assert "input_layernorm" in r.stderr and "served in float64" in r.stderr
 

@@ -32,6 +32,7 @@ from click.testing import CliRunner
 
 pytest.importorskip("transformers")
 
+from basins.analyses.volume.radii import CROSSED  # noqa: E402
 from basins.cli.main import main  # noqa: E402
 from tests import zoo_models  # noqa: E402
 from tests.zoo_models import ZooModel  # noqa: E402
@@ -54,12 +55,7 @@ def pending_merge(branch: str) -> pytest.MarkDecorator:
 PENDING: dict[tuple[str, str], str] = {}
 
 #: Cells that do not yet agree, with what was measured (strict: they fail once fixed, so the entry goes).
-KNOWN_GAPS: dict[tuple[str, str], str] = {
-    # ViT in float64 (its float32 softmax promoted to float64): λ1 off the float64-everywhere
-    # reference by 5.9e-14 against a printed bound of 1.0e-14 (+ the reference's asymmetry 3.8e-15);
-    # measured rescaled checks in float64 give 2.3e-14, still short. Before promotion: 1.3e-7 off.
-    ("vit", "hessian"): "float64 bound 4x short at the 1e-14 level (see KNOWN_GAPS)",
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 #: Cells refused by design, with the words their one-line reason must contain.
 REFUSED: dict[tuple[str, str], str] = {}
@@ -160,15 +156,58 @@ def check_nullity(row: ZooModel, out: dict[str, Any]) -> None:
 
 
 def check_features(row: ZooModel, out: dict[str, Any]) -> None:
+    """The feature Gram matrix's spectrum is the nonzero spectrum of the dense float64 Gauss–Newton
+    matrix G = Jᵀ H_out J (:func:`tests.zoo_models.dense_ggn`), and every rung of the rank ladder
+    brackets the reference's count of eigenvalues above its threshold (``flat = P − rank``)."""
     _close_loss(row, out)
-    # G's nonzero spectrum is at most the number of outputs with curvature; λ_max(G) ≤ λ_max(H) + ‖H − G‖
+    assert row.ggn is not None
+    ref = torch.linalg.eigvalsh(row.ggn).flip(0)
+    mu = out["eigenvalues"]
     assert out["rank"] <= min(out["num_outputs"], row.num_params)
-    assert out["lambda_max"] > 0 and math.isfinite(out["lambda_max"])
+    # float64 Jacobians: float64 rounding; a float32 one (the bf16 row's analysis dtype): float32 rounding
+    tol = (1e-9 if out["jacobian_dtype"] == "float64" else 1e-4) * float(ref[0])
+    worst = max(abs(a - float(b)) for a, b in zip(mu, ref))
+    assert worst <= tol, f"feature eigenvalues off the dense GGN's by {worst:.3g} (tolerance {tol:.3g})"
+    for rung in out["ranks"]:
+        truth = int((ref > rung["threshold"]).sum())
+        assert rung["rank_lower"] <= truth <= rung["rank_upper"], (rung, truth)
+        assert rung["flat"] == row.num_params - rung["rank"]
 
 
-def check_volume(row: ZooModel, out: dict[str, Any]) -> None:
+#: Ray pairs whose radii :func:`check_volume` checks on the loss by hand (2 × 3 ε × 2 evaluations each).
+VOLUME_PAIRS = 8
+
+
+def check_volume(row: ZooModel, out: dict[str, Any], report: str | None = None) -> None:
+    """Each crossed ray's radius r (of the first :data:`VOLUME_PAIRS` pairs, for CI time) brackets ε
+    on the loss by hand: along the ray's direction u
+    (regenerated from the report's pair seed: ``randn`` float64, unit norm; ray 2j is +u_j, 2j+1
+    is −u_j), C(x) = L(θ* + x) − L(θ*) is below ε at ``r·e^{−2h}`` and has reached it at ``r·e^{2h}``
+    (h: the ray's half-width ``log_error``), up to the analysis dtype's rounding of L."""
+    import h5py
+
     _close_loss(row, out)
     assert all(v is None or math.isfinite(v) for v in out["log_volume"])
+    assert report is not None and row.loss_at is not None
+    with h5py.File(report) as f:
+        eps = f["volume/epsilon"][()]
+        g = f["volume/isotropic"]
+        radii, status, h, seeds = g["radii"][()], g["status"][()], g["log_error"][()], g["pair_seeds"][()]
+    L0 = row.loss_at(torch.zeros(row.num_params, dtype=torch.float64))
+    slack = (1e-9 if out["dtype"] == "float64" else 1e-5) * max(abs(L0), 1e-300)
+    checked = 0
+    for j, seed in enumerate(seeds[:VOLUME_PAIRS]):
+        u = torch.randn(row.num_params, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+        u = u / u.norm()
+        for ray, sign in ((2 * j, 1.0), (2 * j + 1, -1.0)):
+            for e, epsilon in enumerate(eps):
+                if status[ray, e] != CROSSED:
+                    continue
+                below = row.loss_at(sign * radii[ray, e] * math.exp(-2 * h[ray, e]) * u) - L0
+                above = row.loss_at(sign * radii[ray, e] * math.exp(2 * h[ray, e]) * u) - L0
+                assert below < epsilon + slack and above >= epsilon - slack, (ray, epsilon, below, above)
+                checked += 1
+    assert checked >= min(len(seeds), VOLUME_PAIRS)  # most rays cross (none would make this check empty)
 
 
 def check_llc(row: ZooModel, out: dict[str, Any]) -> None:
@@ -228,9 +267,10 @@ def _cells() -> list[Any]:
 
 
 @pytest.mark.parametrize(("row_name", "command"), _cells())
-def test_zoo_cell(zoo: dict[str, Callable[[], ZooModel]], row_name: str, command: str) -> None:
+def test_zoo_cell(zoo: dict[str, Callable[[], ZooModel]], row_name: str, command: str, tmp_path: Any) -> None:
     row = zoo[row_name]()
-    code, out, err = run_cell(row, command)
+    report = str(tmp_path / "report.h5")  # volume: the per-ray radii are in the report only
+    code, out, err = run_cell(row, command, *(["-o", report] if command == "volume" else []))
     reason = refusal(row, command)
     if os.environ.get("BASINS_ZOO_TABLE"):  # the README's table: one line per cell appended to this file
         with open(os.environ["BASINS_ZOO_TABLE"], "a") as f:
@@ -247,7 +287,10 @@ def test_zoo_cell(zoo: dict[str, Callable[[], ZooModel]], row_name: str, command
         return
     assert code == 0, f"{command} on {row_name}: exit {code}: {err.strip()[-400:]}"
     assert out is not None
-    CHECKS[command](row, out)
+    if command == "volume":
+        check_volume(row, out, report)
+    else:
+        CHECKS[command](row, out)
 
 
 def test_the_float64_models_stay_in_float64(zoo: dict[str, Callable[[], ZooModel]]) -> None:
