@@ -200,3 +200,30 @@ def test_every_command_counts_every_product(hvp_calls: list[int], work_calls: di
     if command[0] == "hessian" and "--per-block" not in command:
         own = out["num_lanczos_hvps"] + out["num_trace_hvps"] + out["num_check_hvps"]
         assert out["num_setup_hvps"] + own == out["num_hvps"]
+
+
+LIBRARY_CALLS = {
+    "hessian": lambda p: __import__("basins.analyses.hessian", fromlist=["x"]).hessian_eigenvalues(
+        p, k=3, trace=True, trace_hvps=8),
+    "spectrum": lambda p: __import__("basins.analyses.spectrum", fromlist=["x"]).hessian_spectrum(
+        p, num_probes=2, num_steps=12),
+    "nullity": lambda p: __import__("basins.analyses.nullity", fromlist=["x"]).nullity(p, method="exact"),
+    "features": lambda p: __import__("basins.analyses.features", fromlist=["x"]).feature_analysis(p),
+    "landscape": lambda p: __import__("basins.analyses.landscape", fromlist=["x"]).landscape_slice(
+        p, num_points=5, directions="top"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LIBRARY_CALLS))
+def test_library_records_count_the_work_done(hvp_calls: list[int], work_calls: dict, name: str) -> None:
+    """A Python caller's result record carries the work counted independently at the calls that do
+    it, during the call only (the construction's own loss and gradient excluded), never a literal."""
+    x, y = classification_data(40)
+    p = Problem(mlp().eval(), x, y, loss="cross-entropy")
+    hvp_calls.clear()
+    before = {k: v for k, v in work_calls.items() if k != "setup"}
+    attrs = LIBRARY_CALLS[name](p).record().attrs
+    assert attrs["num_hvps"] == sum(hvp_calls)
+    for counter, n in work_calls.items():
+        if counter != "setup":
+            assert attrs[counter] == n - before[counter], (counter, attrs[counter], n - before[counter])

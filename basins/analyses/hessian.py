@@ -60,7 +60,7 @@ import torch
 from basins.analyses.eigen import hessian_operator, named_as
 from basins.engine.memory import MemoryPlan, plan_lanczos
 from basins.engine.precision import audit_precision
-from basins.engine.problem import Problem
+from basins.engine.problem import Problem, counted
 from basins.engine.rounding import (
     SKETCH_PROBES,
     SOFTMAX_LOSSES,
@@ -127,6 +127,7 @@ class HessianResult:
         top_k, max_hvps, block_size, seed, trace_hvps: the settings of the run
             (``trace_hvps`` None without a trace).
         hvp_route: the problem's HVP route.
+        work: what ``problem.counters`` counted during the call (:func:`basins.engine.problem.counted`).
         num_check_hvps: products spent on the error bounds (one per Ritz vector; in float64 six per end
             for a softmax loss on class indices, else none).
         warm_start: whether Lanczos started from ``start`` (e.g. the previous checkpoint's Ritz vectors).
@@ -161,6 +162,7 @@ class HessianResult:
     next_start: torch.Tensor | None = field(default=None, repr=False)
     memory_plan: MemoryPlan | None = None
     compute_dtype: str | None = None
+    work: dict[str, int] = field(default_factory=dict)
 
     @property
     def ends(self) -> list[HessianEnd]:
@@ -217,9 +219,10 @@ class HessianResult:
             "num_hvps": self.num_hvps, "num_lanczos_hvps": self.num_lanczos_hvps,
             "num_trace_hvps": self.num_trace_hvps, "num_check_hvps": self.num_check_hvps,
             "num_restarts": self.num_restarts, "compute_dtype": self.compute_dtype,
-            "num_loss_evals": 0, "hvp_route": self.hvp_route,
+            "hvp_route": self.hvp_route,
             "start": "warm: the previous checkpoint's Ritz vectors plus a random vector" if self.warm_start
             else "random",
+            **self.work,
         }
         if self.memory_plan is not None:
             plan = self.memory_plan
@@ -249,6 +252,7 @@ def _end_arrays(end: HessianEnd, prefix: str, order: str) -> dict[str, Array]:
     return {prefix + name: a for name, a in arrays.items()}
 
 
+@counted
 def hessian_eigenvalues(
     problem: Problem,
     *,

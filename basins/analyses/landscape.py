@@ -49,7 +49,7 @@ from typing import Any
 
 import torch
 
-from basins.engine.problem import Problem
+from basins.engine.problem import Problem, counted
 from basins.errors import ComputeError, InputError
 from basins.progress import Progress, ProgressCallback
 from basins.record import Array, Record
@@ -109,6 +109,8 @@ class LandscapeResult:
             (``line_length = ‖θb − θa‖``); None for slices.
         other_model, other_model_sha256: the line's second checkpoint, recorded.
         num_loss_evals, num_hvps: the work done (loss evaluations include the refinement).
+        work: what ``problem.counters`` counted during the call (:func:`basins.engine.problem.counted`);
+            its counts replace the two above in :meth:`record`.
     """
 
     kind: str
@@ -136,6 +138,7 @@ class LandscapeResult:
     other_model_sha256: str | None = None
     num_loss_evals: int = 0
     num_hvps: int = 0
+    work: dict[str, int] = field(default_factory=dict)
 
     def record(self) -> Record:
         """The report group ``/landscape`` and the ``--json`` keys (schema in the module docstring
@@ -146,6 +149,7 @@ class LandscapeResult:
             "extent": self.extent, "num_points": self.num_points, "seed": self.seed,
             "loss_at_optimum": self.loss_at_optimum, "num_loss_evals": self.num_loss_evals,
             "num_hvps": self.num_hvps, "axis_units": axis,
+            **self.work,
         }
         if self.directions == "random":
             attrs["normalisation_rule"] = _NORMALISATION_TEXT
@@ -280,6 +284,7 @@ def _check_chunk(chunk: Any) -> None:
         raise InputError(f"chunk must be a positive integer, got {chunk!r}", param="chunk")
 
 
+@counted
 def landscape_slice(problem: Problem, *, dims: int = 1, directions: str = "random", num_points: int | None = None,
                     extent: float | None = None, seed: int = 0, chunk: int = 16,
                     callback: ProgressCallback | None = None) -> LandscapeResult:
@@ -369,6 +374,7 @@ def default_epsilon(loss_a: float, loss_b: float) -> float:
     return max(1e-3 * max(loss_a, loss_b), 1e-6)
 
 
+@counted
 def linear_path(problem: Problem, other: torch.Tensor, *, num_points: int = 25, epsilon: float | None = None,
                 other_model: str | None = None, other_model_sha256: str | None = None, chunk: int = 16,
                 callback: ProgressCallback | None = None) -> LandscapeResult:
