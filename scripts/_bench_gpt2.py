@@ -133,12 +133,13 @@ def peer(tool: str, task: str, path: str) -> dict[str, Any]:
     return {"eigenvalues": sorted((float(x) for x in vals), reverse=True), "hvps": count["n"]}
 
 
-def command(tool: str, task: str, path: str, script: str) -> list[str]:
-    """The command line of one run (basins: its CLI)."""
+def command(tool: str, task: str, path: str, script: str, memory: str | None = None) -> list[str]:
+    """The command line of one run (basins: its CLI, with ``--memory`` when given)."""
     if tool == "basins":
         k = "10" if task == "top10" else "1"
         cmd = [sys.executable, "-m", "basins.cli", "hessian", path, "--data", os.path.join(path, "tok.pt"),
                "--loss", "causal-lm", "-k", k, "--tol", "1e-3", "--json"]
+        cmd += ["--memory", memory] if memory else []
         return cmd + (["--trace", "--trace-hvps", "30"] if task == "trace" else [])
     return [sys.executable, script, "--peer", tool, "--task", task, "--dir", path]
 
@@ -167,13 +168,13 @@ def timed(cmd: list[str], timeout: float) -> dict[str, Any]:
 
 
 def run_all(sizes: list[str], tools: list[str], tasks: list[str], seqs: int, seq_len: int, timeout: float,
-            script: str) -> list[dict[str, Any]]:
+            script: str, memory: str | None = None) -> list[dict[str, Any]]:
     rows = []
     for size in sizes:
         path = prepare(size, seqs, seq_len)
         for task in tasks:
             for tool in tools:
-                cmd = command(tool, task, path, script)
+                cmd = command(tool, task, path, script, memory)
                 # a fresh parent per run, so that RUSAGE_CHILDREN's maximum is this run's alone
                 wrapper = [sys.executable, script, "--measure", json.dumps(cmd), "--timeout", str(timeout)]
                 proc = subprocess.run(wrapper, capture_output=True, text=True)
@@ -182,6 +183,8 @@ def run_all(sizes: list[str], tools: list[str], tasks: list[str], seqs: int, seq
                 row = {"size": size, "tool": tool, "task": task, "command": " ".join(cmd), **r}
                 row.update(parse(tool, r))
                 rows.append(row)
+                # the memory plan line basins prints on stderr before the work
+                row["plan_line"] = next((ln for ln in r.get("stderr", "").splitlines() if "memory plan" in ln), None)
                 print(f"{size} {tool} {task}: {row.get('status')} {row.get('wall_s', 0):.1f} s "
                       f"{row.get('peak_gib', 0):.2f} GiB {row.get('hvps')} HVPs {row.get('value', '')}",
                       file=sys.stderr, flush=True)

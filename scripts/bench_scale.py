@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=8, help="with --models: sequences of token data")
     ap.add_argument("--seq-len", type=int, default=128, help="with --models: tokens per sequence")
     ap.add_argument("--timeout", type=float, default=1800, help="with --models: seconds before a run is killed")
+    ap.add_argument("--memory", help="with --models: basins' --memory budget (e.g. 18G)")
     ap.add_argument("--json-out", help="with --models: also write the rows as JSON here")
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--task", help=argparse.SUPPRESS)
@@ -237,11 +238,14 @@ def models_main(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"unknown size(s) {unknown}: use {', '.join(g2.SIZES)}")
     rows = g2.run_all(sizes, args.tools.split(","), args.tasks.split(","), args.seqs, args.seq_len, args.timeout,
-                      os.path.abspath(__file__))
+                      os.path.abspath(__file__), args.memory)
     print(g2.table(rows))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=1)
+    for r in rows:
+        if r.get("plan_line"):
+            print(f"{r['size']} {r['task']}: {r['plan_line']}")
 
 
 if __name__ == "__main__":
