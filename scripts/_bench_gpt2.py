@@ -133,6 +133,40 @@ def peer(tool: str, task: str, path: str) -> dict[str, Any]:
     return {"eigenvalues": sorted((float(x) for x in vals), reverse=True), "hvps": count["n"]}
 
 
+def hvp_cost(path: str, route: str, repeats: int, memory: str | None = None) -> dict[str, Any]:
+    """Seconds per full-data gradient and per HVP by ``route`` on the model at ``path`` (median of
+    ``repeats`` after one warm-up each), opened as the CLI opens it; the set-up's seconds and route."""
+    import statistics
+
+    import torch
+
+    from basins.problems import open_problem
+
+    t0 = time.perf_counter()
+    mem = None
+    if memory:
+        mem = int(float(memory.rstrip("GgBb")) * 2**30)
+    opened = open_problem(path, data=os.path.join(path, "tok.pt"), loss="causal-lm", hvp_route=route, device="cpu",
+                          memory_bytes=mem)
+    p = opened.problem
+    setup = time.perf_counter() - t0
+    v = torch.randn(p.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def med(fn: Any) -> float:
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    hvp_s = med(lambda: p.hvp(v))
+    grad_s = med(lambda: p.grad())
+    return {"P": p.num_params, "route": p.hvp_route, "setup_s": setup, "hvp_s": hvp_s, "grad_s": grad_s,
+            "grads_per_hvp": hvp_s / grad_s, "plan": p.routes.plan.describe()}
+
+
 def command(tool: str, task: str, path: str, script: str, memory: str | None = None) -> list[str]:
     """The command line of one run (basins: its CLI, with ``--memory`` when given)."""
     if tool == "basins":
@@ -165,6 +199,45 @@ def timed(cmd: list[str], timeout: float) -> dict[str, Any]:
     if proc.returncode == -signal.SIGKILL and not status.startswith("timed out"):
         status = "killed (memory?)"
     return {"wall_s": wall, "peak_gib": peak, "stdout": out, "stderr": err[-2000:], "status": status}
+
+
+def run_costs(sizes: list[str], routes: list[str], seqs: int, seq_len: int, timeout: float, script: str,
+              repeats: int, memory: str | None = None) -> list[dict[str, Any]]:
+    """:func:`hvp_cost` of every size × route, each in its own process (peak RSS, timeout as :func:`timed`)."""
+    rows = []
+    for size in sizes:
+        path = prepare(size, seqs, seq_len)
+        for route in routes:
+            cmd = [sys.executable, script, "--cost", route, "--dir", path, "--repeats", str(repeats)]
+            cmd += ["--memory", memory] if memory else []
+            wrapper = [sys.executable, script, "--measure", json.dumps(cmd), "--timeout", str(timeout)]
+            proc = subprocess.run(wrapper, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)), None)
+            r = json.loads(line[len(MARK):]) if line else {"status": "bench error", "stderr": proc.stderr[-500:]}
+            row = {"size": size, "requested": route, "command": " ".join(cmd), **r}
+            if r.get("status") == "ok":
+                row.update(json.loads(r["stdout"].strip().splitlines()[-1]))
+            rows.append(row)
+            print(f"{size} {route}: {row.get('status')} {json.dumps({k: row.get(k) for k in COST_KEYS})}",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+COST_KEYS = ("P", "route", "setup_s", "hvp_s", "grad_s", "grads_per_hvp", "peak_gib", "wall_s")
+
+
+def cost_table(rows: list[dict[str, Any]]) -> str:
+    """Cost vs P: seconds per HVP, gradients per HVP, peak RSS, set-up."""
+    lines = ["| size | P | route asked | route | s / gradient | s / HVP | gradients / HVP | set-up s | peak RSS GiB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['size']} | - | {r['requested']} | - | - | - | - | - | {r.get('peak_gib', float('nan')):.2f} | "
+                         f"{r.get('status')} |")
+            continue
+        lines.append(f"| {r['size']} | {r['P']:,} | {r['requested']} | {r['route']} | {r['grad_s']:.3f} | {r['hvp_s']:.3f} | "
+                     f"{r['grads_per_hvp']:.2f} | {r['setup_s']:.1f} | {r['peak_gib']:.2f} | ok |")
+    return "\n".join(lines)
 
 
 def run_all(sizes: list[str], tools: list[str], tasks: list[str], seqs: int, seq_len: int, timeout: float,

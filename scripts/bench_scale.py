@@ -155,6 +155,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=1800, help="with --models: seconds before a run is killed")
     ap.add_argument("--memory", help="with --models: basins' --memory budget (e.g. 18G)")
     ap.add_argument("--json-out", help="with --models: also write the rows as JSON here")
+    ap.add_argument("--hvp-cost", metavar="ROUTES",
+                    help="with --models: instead of the tasks, seconds per gradient and per HVP by each route "
+                         "(e.g. auto,graph,rev-rev), median of --repeats, one process per size × route")
+    ap.add_argument("--cost", help=argparse.SUPPRESS)
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--task", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
@@ -165,7 +169,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    if args.peer or args.measure or args.models:
+    if args.peer or args.measure or args.models or args.cost:
         models_main(args)
         return
 
@@ -229,6 +233,9 @@ def models_main(args: argparse.Namespace) -> None:
     if args.peer:
         print(json.dumps(g2.peer(args.peer, args.task, args.dir)))
         return
+    if args.cost:
+        print(json.dumps(g2.hvp_cost(args.dir, args.cost, args.repeats, args.memory)))
+        return
     if args.measure:
         r = g2.timed(json.loads(args.measure), args.timeout)
         print(g2.MARK + json.dumps(r))
@@ -237,6 +244,17 @@ def models_main(args: argparse.Namespace) -> None:
     unknown = [s for s in sizes if s not in g2.SIZES]
     if unknown:
         raise SystemExit(f"unknown size(s) {unknown}: use {', '.join(g2.SIZES)}")
+    if args.hvp_cost:
+        costs = g2.run_costs(sizes, args.hvp_cost.split(","), args.seqs, args.seq_len, args.timeout,
+                             os.path.abspath(__file__), args.repeats, args.memory)
+        print(g2.cost_table(costs))
+        for r in costs:
+            if r.get("plan"):
+                print(f"{r['size']} {r['requested']}: {r['plan']}")
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(costs, f, indent=1)
+        return
     rows = g2.run_all(sizes, args.tools.split(","), args.tasks.split(","), args.seqs, args.seq_len, args.timeout,
                       os.path.abspath(__file__), args.memory)
     print(g2.table(rows))
