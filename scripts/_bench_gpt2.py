@@ -195,10 +195,12 @@ def timed(cmd: list[str], timeout: float) -> dict[str, Any]:
     # because every run has its own parent (the --measure wrapper of run_all)
     import resource
 
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 2**30
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = usage.ru_maxrss * 1024 / 2**30
+    cpu = usage.ru_utime + usage.ru_stime  # CPU seconds: on a shared machine, less noisy than the wall time
     if proc.returncode == -signal.SIGKILL and not status.startswith("timed out"):
         status = "killed (memory?)"
-    return {"wall_s": wall, "peak_gib": peak, "stdout": out, "stderr": err[-2000:], "status": status}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_gib": peak, "stdout": out, "stderr": err[-2000:], "status": status}
 
 
 def run_costs(sizes: list[str], routes: list[str], seqs: int, seq_len: int, timeout: float, script: str,
@@ -289,14 +291,15 @@ def parse(tool: str, r: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| size | P | task | tool | result | HVPs | wall s | peak RSS GiB | status |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | P | task | tool | result | HVPs | wall s | CPU s | peak RSS GiB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     P = {r["size"]: r["P"] for r in rows if r.get("P")}
     for r in rows:
         hv = r.get("hvps")
         if r["tool"] == "basins" and hv is not None:
             hv = f"{hv} (set-up {r.get('setup_hvps')}" + (f", trace {r.get('trace_hvps')})" if r["task"] == "trace" else ")")
         lines.append(f"| {r['size']} | {P.get(r['size'], '?'):,} | {r['task']} | {r['tool']} | {r.get('value', '-')} | "
-                     f"{hv if hv is not None else '-'} | {r.get('wall_s', float('nan')):.1f} | "
+                     f"{hv if hv is not None else '-'} | {r.get('wall_s', float('nan')):.1f} | {r.get('cpu_s', float('nan')):.1f} | "
                      f"{r.get('peak_gib', float('nan')):.2f} | {r.get('status')} |")
     ratios = []
     for size in dict.fromkeys(r["size"] for r in rows):
