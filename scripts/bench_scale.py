@@ -8,6 +8,9 @@ Usage::
 
     python scripts/bench_scale.py --models 1M,10M  # GPT-2-style models vs hessian-eigenthings, PyHessian
                                                    # (scripts/_bench_gpt2.py: sizes, tasks, commands)
+    python scripts/bench_scale.py --models 124M --tools basins --memory 18G   # basins' --memory budget
+    python scripts/bench_scale.py --models 1M,10M,40M,124M --hvp-cost auto,rev-rev   # cost vs P: seconds
+                                                   # (wall and CPU) per gradient and per HVP, set-up, peak RSS
 
 Every configuration runs in a fresh process (``--worker``), so threads and memory do not
 leak between them:
