@@ -305,7 +305,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         hv = r.get("hvps")
         if r["tool"] == "basins" and hv is not None:
             hv = f"{hv} (set-up {r.get('setup_hvps')}" + (f", trace {r.get('trace_hvps')})" if r["task"] == "trace" else ")")
-        lines.append(f"| {r['size']} | {P.get(r['size'], '?'):,} | {r['task']} | {r['tool']} | {r.get('value', '-')} | "
+        lines.append(f"| {r['size']} | {format(P[r['size']], ',') if r['size'] in P else '-'} | {r['task']} | {r['tool']} | {r.get('value', '-')} | "
                      f"{hv if hv is not None else '-'} | {r.get('wall_s', float('nan')):.1f} | {r.get('cpu_s', float('nan')):.1f} | "
                      f"{r.get('peak_gib', float('nan')):.2f} | {r.get('status')} |")
     ratios = []

@@ -250,20 +250,20 @@ def models_main(args: argparse.Namespace) -> None:
     if args.hvp_cost:
         costs = g2.run_costs(sizes, args.hvp_cost.split(","), args.seqs, args.seq_len, args.timeout,
                              os.path.abspath(__file__), args.repeats, args.memory)
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(costs, f, indent=1)
         print(g2.cost_table(costs))
         for r in costs:
             if r.get("plan"):
                 print(f"{r['size']} {r['requested']}: {r['plan']}")
-        if args.json_out:
-            with open(args.json_out, "w") as f:
-                json.dump(costs, f, indent=1)
         return
     rows = g2.run_all(sizes, args.tools.split(","), args.tasks.split(","), args.seqs, args.seq_len, args.timeout,
                       os.path.abspath(__file__), args.memory)
-    print(g2.table(rows))
-    if args.json_out:
+    if args.json_out:  # first: the rows are kept whatever happens to the table
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=1)
+    print(g2.table(rows))
     for r in rows:
         if r.get("plan_line"):
             print(f"{r['size']} {r['task']}: {r['plan_line']}")
