@@ -205,5 +205,9 @@ def open_problem(
                                 if nm in set(selection.fixed)),
         "num_terms": problem.num_terms, "attention": problem.attention,
         "promoted_to_float64": ", ".join(problem.promoted_layers) or None,
+        # the problem's memory plan (route, HVP pieces, what is resident): every command's report holds it;
+        # an analysis with its own basis (hessian) completes it and stores the complete one in its group
+        "memory_plan": problem.routes.plan.describe(), "memory_budget_bytes": problem.routes.plan.budget,
+        "memory_plan_bytes": problem.routes.plan.total,
     }
     return OpenedProblem(problem, record, notes, warnings, setup_counts, loaded, found, source, world, rank)

@@ -133,12 +133,51 @@ def peer(tool: str, task: str, path: str) -> dict[str, Any]:
     return {"eigenvalues": sorted((float(x) for x in vals), reverse=True), "hvps": count["n"]}
 
 
-def command(tool: str, task: str, path: str, script: str) -> list[str]:
-    """The command line of one run (basins: its CLI)."""
+def hvp_cost(path: str, route: str, repeats: int, memory: str | None = None) -> dict[str, Any]:
+    """Seconds per full-data gradient and per HVP by ``route`` on the model at ``path`` (median of
+    ``repeats`` after one warm-up each), opened as the CLI opens it; the set-up's seconds and route."""
+    import statistics
+
+    import torch
+
+    from basins.problems import open_problem
+
+    t0 = time.perf_counter()
+    mem = None
+    if memory:
+        mem = int(float(memory.rstrip("GgBb")) * 2**30)
+    opened = open_problem(path, data=os.path.join(path, "tok.pt"), loss="causal-lm", hvp_route=route, device="cpu",
+                          memory_bytes=mem)
+    p = opened.problem
+    setup = time.perf_counter() - t0
+    v = torch.randn(p.num_params, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def med(fn: Any) -> tuple[float, float]:
+        """Median wall and CPU (this process' user + system) seconds of ``fn``."""
+        fn()
+        walls, cpus = [], []
+        for _ in range(repeats):
+            t, c = time.perf_counter(), time.process_time()
+            fn()
+            walls.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - c)
+        return statistics.median(walls), statistics.median(cpus)
+
+    hvp_s, hvp_cpu = med(lambda: p.hvp(v))
+    grad_s, grad_cpu = med(lambda: p.grad())
+    # on a shared machine the CPU seconds measure the work; the wall seconds include waiting for a core
+    return {"P": p.num_params, "route": p.hvp_route, "setup_s": setup, "hvp_s": hvp_s, "grad_s": grad_s,
+            "hvp_cpu_s": hvp_cpu, "grad_cpu_s": grad_cpu, "grads_per_hvp": hvp_s / grad_s,
+            "grads_per_hvp_cpu": hvp_cpu / grad_cpu, "plan": p.routes.plan.describe()}
+
+
+def command(tool: str, task: str, path: str, script: str, memory: str | None = None) -> list[str]:
+    """The command line of one run (basins: its CLI, with ``--memory`` when given)."""
     if tool == "basins":
         k = "10" if task == "top10" else "1"
         cmd = [sys.executable, "-m", "basins.cli", "hessian", path, "--data", os.path.join(path, "tok.pt"),
                "--loss", "causal-lm", "-k", k, "--tol", "1e-3", "--json"]
+        cmd += ["--memory", memory] if memory else []
         return cmd + (["--trace", "--trace-hvps", "30"] if task == "trace" else [])
     return [sys.executable, script, "--peer", tool, "--task", task, "--dir", path]
 
@@ -160,20 +199,64 @@ def timed(cmd: list[str], timeout: float) -> dict[str, Any]:
     # because every run has its own parent (the --measure wrapper of run_all)
     import resource
 
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 / 2**30
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = usage.ru_maxrss * 1024 / 2**30
+    cpu = usage.ru_utime + usage.ru_stime  # CPU seconds: on a shared machine, less noisy than the wall time
     if proc.returncode == -signal.SIGKILL and not status.startswith("timed out"):
         status = "killed (memory?)"
-    return {"wall_s": wall, "peak_gib": peak, "stdout": out, "stderr": err[-2000:], "status": status}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_gib": peak, "stdout": out, "stderr": err[-2000:], "status": status}
+
+
+def run_costs(sizes: list[str], routes: list[str], seqs: int, seq_len: int, timeout: float, script: str,
+              repeats: int, memory: str | None = None) -> list[dict[str, Any]]:
+    """:func:`hvp_cost` of every size × route, each in its own process (peak RSS, timeout as :func:`timed`)."""
+    rows = []
+    for size in sizes:
+        path = prepare(size, seqs, seq_len)
+        for route in routes:
+            cmd = [sys.executable, script, "--cost", route, "--dir", path, "--repeats", str(repeats)]
+            cmd += ["--memory", memory] if memory else []
+            wrapper = [sys.executable, script, "--measure", json.dumps(cmd), "--timeout", str(timeout)]
+            proc = subprocess.run(wrapper, capture_output=True, text=True)
+            line = next((ln for ln in proc.stdout.splitlines() if ln.startswith(MARK)), None)
+            r = json.loads(line[len(MARK):]) if line else {"status": "bench error", "stderr": proc.stderr[-500:]}
+            row = {"size": size, "requested": route, "command": " ".join(cmd), **r}
+            if r.get("status") == "ok":
+                row.update(json.loads(r["stdout"].strip().splitlines()[-1]))
+            rows.append(row)
+            print(f"{size} {route}: {row.get('status')} {json.dumps({k: row.get(k) for k in COST_KEYS})}",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+COST_KEYS = ("P", "route", "setup_s", "hvp_s", "grad_s", "grads_per_hvp", "peak_gib", "wall_s")
+
+
+def cost_table(rows: list[dict[str, Any]]) -> str:
+    """Cost vs P: seconds per HVP, gradients per HVP, peak RSS, set-up."""
+    lines = ["| size | P | route asked | route | s / gradient (CPU) | s / HVP (CPU) | gradients / HVP (CPU) | "
+             "set-up s | peak RSS GiB | status |", "|---|---|---|---|---|---|---|---|---|---|"]
+    nan = float("nan")
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(f"| {r['size']} | - | {r['requested']} | - | - | - | - | - | {r.get('peak_gib', nan):.2f} | "
+                         f"{r.get('status')} |")
+            continue
+        lines.append(f"| {r['size']} | {r['P']:,} | {r['requested']} | {r['route']} | {r['grad_s']:.3f} "
+                     f"({r.get('grad_cpu_s', nan):.3f}) | {r['hvp_s']:.3f} ({r.get('hvp_cpu_s', nan):.3f}) | "
+                     f"{r['grads_per_hvp']:.2f} ({r.get('grads_per_hvp_cpu', nan):.2f}) | {r['setup_s']:.1f} | "
+                     f"{r['peak_gib']:.2f} | ok |")
+    return "\n".join(lines)
 
 
 def run_all(sizes: list[str], tools: list[str], tasks: list[str], seqs: int, seq_len: int, timeout: float,
-            script: str) -> list[dict[str, Any]]:
+            script: str, memory: str | None = None) -> list[dict[str, Any]]:
     rows = []
     for size in sizes:
         path = prepare(size, seqs, seq_len)
         for task in tasks:
             for tool in tools:
-                cmd = command(tool, task, path, script)
+                cmd = command(tool, task, path, script, memory)
                 # a fresh parent per run, so that RUSAGE_CHILDREN's maximum is this run's alone
                 wrapper = [sys.executable, script, "--measure", json.dumps(cmd), "--timeout", str(timeout)]
                 proc = subprocess.run(wrapper, capture_output=True, text=True)
@@ -182,6 +265,8 @@ def run_all(sizes: list[str], tools: list[str], tasks: list[str], seqs: int, seq
                 row = {"size": size, "tool": tool, "task": task, "command": " ".join(cmd), **r}
                 row.update(parse(tool, r))
                 rows.append(row)
+                # the memory plan line basins prints on stderr before the work
+                row["plan_line"] = next((ln for ln in r.get("stderr", "").splitlines() if "memory plan" in ln), None)
                 print(f"{size} {tool} {task}: {row.get('status')} {row.get('wall_s', 0):.1f} s "
                       f"{row.get('peak_gib', 0):.2f} GiB {row.get('hvps')} HVPs {row.get('value', '')}",
                       file=sys.stderr, flush=True)
@@ -213,14 +298,15 @@ def parse(tool: str, r: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| size | P | task | tool | result | HVPs | wall s | peak RSS GiB | status |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| size | P | task | tool | result | HVPs | wall s | CPU s | peak RSS GiB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     P = {r["size"]: r["P"] for r in rows if r.get("P")}
     for r in rows:
         hv = r.get("hvps")
         if r["tool"] == "basins" and hv is not None:
             hv = f"{hv} (set-up {r.get('setup_hvps')}" + (f", trace {r.get('trace_hvps')})" if r["task"] == "trace" else ")")
-        lines.append(f"| {r['size']} | {P.get(r['size'], '?'):,} | {r['task']} | {r['tool']} | {r.get('value', '-')} | "
-                     f"{hv if hv is not None else '-'} | {r.get('wall_s', float('nan')):.1f} | "
+        lines.append(f"| {r['size']} | {format(P[r['size']], ',') if r['size'] in P else '-'} | {r['task']} | {r['tool']} | {r.get('value', '-')} | "
+                     f"{hv if hv is not None else '-'} | {r.get('wall_s', float('nan')):.1f} | {r.get('cpu_s', float('nan')):.1f} | "
                      f"{r.get('peak_gib', float('nan')):.2f} | {r.get('status')} |")
     ratios = []
     for size in dict.fromkeys(r["size"] for r in rows):

@@ -8,6 +8,9 @@ Usage::
 
     python scripts/bench_scale.py --models 1M,10M  # GPT-2-style models vs hessian-eigenthings, PyHessian
                                                    # (scripts/_bench_gpt2.py: sizes, tasks, commands)
+    python scripts/bench_scale.py --models 124M --tools basins --memory 18G   # basins' --memory budget
+    python scripts/bench_scale.py --models 1M,10M,40M,124M --hvp-cost auto,rev-rev   # cost vs P: seconds
+                                                   # (wall and CPU) per gradient and per HVP, set-up, peak RSS
 
 Every configuration runs in a fresh process (``--worker``), so threads and memory do not
 leak between them:
@@ -153,7 +156,12 @@ def main() -> None:
     ap.add_argument("--seqs", type=int, default=8, help="with --models: sequences of token data")
     ap.add_argument("--seq-len", type=int, default=128, help="with --models: tokens per sequence")
     ap.add_argument("--timeout", type=float, default=1800, help="with --models: seconds before a run is killed")
+    ap.add_argument("--memory", help="with --models: basins' --memory budget (e.g. 18G)")
     ap.add_argument("--json-out", help="with --models: also write the rows as JSON here")
+    ap.add_argument("--hvp-cost", metavar="ROUTES",
+                    help="with --models: instead of the tasks, seconds per gradient and per HVP by each route "
+                         "(e.g. auto,graph,rev-rev), median of --repeats, one process per size × route")
+    ap.add_argument("--cost", help=argparse.SUPPRESS)
     ap.add_argument("--peer", help=argparse.SUPPRESS)
     ap.add_argument("--task", help=argparse.SUPPRESS)
     ap.add_argument("--dir", help=argparse.SUPPRESS)
@@ -164,7 +172,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    if args.peer or args.measure or args.models:
+    if args.peer or args.measure or args.models or args.cost:
         models_main(args)
         return
 
@@ -228,6 +236,9 @@ def models_main(args: argparse.Namespace) -> None:
     if args.peer:
         print(json.dumps(g2.peer(args.peer, args.task, args.dir)))
         return
+    if args.cost:
+        print(json.dumps(g2.hvp_cost(args.dir, args.cost, args.repeats, args.memory)))
+        return
     if args.measure:
         r = g2.timed(json.loads(args.measure), args.timeout)
         print(g2.MARK + json.dumps(r))
@@ -236,12 +247,26 @@ def models_main(args: argparse.Namespace) -> None:
     unknown = [s for s in sizes if s not in g2.SIZES]
     if unknown:
         raise SystemExit(f"unknown size(s) {unknown}: use {', '.join(g2.SIZES)}")
+    if args.hvp_cost:
+        costs = g2.run_costs(sizes, args.hvp_cost.split(","), args.seqs, args.seq_len, args.timeout,
+                             os.path.abspath(__file__), args.repeats, args.memory)
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(costs, f, indent=1)
+        print(g2.cost_table(costs))
+        for r in costs:
+            if r.get("plan"):
+                print(f"{r['size']} {r['requested']}: {r['plan']}")
+        return
     rows = g2.run_all(sizes, args.tools.split(","), args.tasks.split(","), args.seqs, args.seq_len, args.timeout,
-                      os.path.abspath(__file__))
-    print(g2.table(rows))
-    if args.json_out:
+                      os.path.abspath(__file__), args.memory)
+    if args.json_out:  # first: the rows are kept whatever happens to the table
         with open(args.json_out, "w") as f:
             json.dump(rows, f, indent=1)
+    print(g2.table(rows))
+    for r in rows:
+        if r.get("plan_line"):
+            print(f"{r['size']} {r['task']}: {r['plan_line']}")
 
 
 if __name__ == "__main__":

@@ -371,3 +371,20 @@ def test_on_disk_basis_refuses_a_full_disk(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10, 10, 0))
     with pytest.raises(InputError, match="scratch space"):
         lanczos(torch.eye(50, dtype=F64), k=2, storage="disk")
+
+
+def test_scratch_rows_released_by_column_block_keep_their_data(tmp_path) -> None:  # noqa: ANN001
+    """Releasing a column block of some rows (the pages a streamed pass has finished with) or the whole
+    file drops pages from the process only: the numbers read back are the ones written."""
+    from basins.linalg.scratch import ScratchRows
+
+    rows = ScratchRows(3, 5000, torch.float32, str(tmp_path))
+    ref = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0))
+    rows.tensor.copy_(ref)
+    rows.release(2, 100, 4000)
+    assert torch.equal(rows.tensor, ref)
+    rows.tensor[1, 3000:] += 1.0
+    rows.release(3, 0, None)
+    rows.release()
+    ref[1, 3000:] += 1.0
+    assert torch.equal(rows.tensor, ref)

@@ -80,3 +80,16 @@ def test_hessian_with_the_basis_on_disk_matches_dense_float64() -> None:
     torch.testing.assert_close(disk.top.eigenvalues, ram.top.eigenvalues, rtol=1e-12, atol=0)
     assert bool(((disk.top.eigenvalues - ref).abs() <= disk.top.error_bounds).all())
     assert disk.record().attrs["basis_storage"] == "disk"
+
+
+def test_every_opened_problem_records_its_memory_plan(model_files) -> None:  # noqa: ANN001
+    """The problem's plan (route, HVP pieces, what is resident) is in the record every command's report
+    keeps, with the budget asked for; its bytes are the plan's total (resident + route + one product)."""
+    import basins
+
+    opened = basins.open_problem(str(model_files.bundle), device="cpu", memory_bytes=8 * GiB)
+    plan, rec = opened.problem.routes.plan, opened.record
+    assert rec["memory_plan"] == plan.describe() and rec["memory_plan"].startswith("memory plan: ")
+    assert f"HVP route {opened.problem.hvp_route}" in rec["memory_plan"] and "(--memory)" in rec["memory_plan"]
+    assert rec["memory_budget_bytes"] == 8 * GiB
+    assert rec["memory_plan_bytes"] == plan.resident + plan.graph + plan.hvp > plan.resident > 0

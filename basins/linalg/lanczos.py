@@ -320,6 +320,7 @@ class _Solver:
         out = torch.zeros(n, X.shape[1], dtype=X.dtype)
         for a in range(0, self.P, self.cols):
             out += self.V[:n, a : a + self.cols] @ X[a : a + self.cols]
+            self.scratch.release(n, a, a + self.cols)  # one block resident at a time
         return out
 
     def _subtract(self, n: int, X: torch.Tensor, c: torch.Tensor) -> None:
@@ -329,6 +330,7 @@ class _Solver:
             return
         for a in range(0, self.P, self.cols):
             X[a : a + self.cols].addmm_(self.V[:n, a : a + self.cols].T, c, alpha=-1)
+            self.scratch.release(n, a, a + self.cols)
 
     def _release(self) -> None:
         if self.scratch is not None:
@@ -503,6 +505,8 @@ class _Solver:
         chunk = max(1, (1 << 22) // max(q, 1))
         for a in range(0, self.P, chunk):
             self.V[:q, a : a + chunk] = Sd @ self.V[:m, a : a + chunk]
+            if self.scratch is not None:
+                self.scratch.release(m, a, a + chunk)
         self._release()
 
     def _result(self, theta: torch.Tensor, S: torch.Tensor, res: torch.Tensor, scale: float,

@@ -2,7 +2,7 @@
 
 :class:`ScratchRows` holds a ``(rows, P)`` tensor whose pages live in an unlinked temporary file
 (so nothing is left behind, even after a crash) and are read back by the OS on demand. After each
-pass over it the pages are released from this process (``madvise(MADV_DONTNEED)``: a shared file
+column block of a pass over it the pages are released from this process (``madvise(MADV_DONTNEED)``: a shared file
 mapping keeps its data in the file and the page cache), so the resident set holds only the
 block being worked on; the OS can drop clean pages under memory pressure instead of invoking the
 OOM killer. Reading a column block ``[:, a:b]`` touches ``rows`` ranges of ``b - a`` numbers each.
@@ -50,12 +50,25 @@ class ScratchRows:
         finally:
             os.close(fd)
         self.nbytes = size
+        self._cols, self._itemsize = cols, torch.empty((), dtype=dtype).element_size()
         self.tensor = torch.frombuffer(self._map, dtype=dtype, count=rows * cols).view(rows, cols)
 
-    def release(self) -> None:
-        """Drop the mapped pages from this process' resident set (their data stay in the file)."""
-        if hasattr(mmap, "MADV_DONTNEED"):
-            try:
+    def release(self, rows: int | None = None, start: int = 0, stop: int | None = None) -> None:
+        """Drop the mapped pages from this process' resident set (their data stay in the file and the
+        page cache). With ``rows``: only columns ``[start, stop)`` of the first ``rows`` rows (the whole
+        pages inside each row's range), so that a pass streamed in column blocks keeps one block resident
+        (the resident set counts mapped file pages: a whole pass would otherwise hold the basis)."""
+        if not hasattr(mmap, "MADV_DONTNEED"):  # pragma: no cover - not Linux/macOS: the OS pages out itself
+            return
+        try:
+            if rows is None:
                 self._map.madvise(mmap.MADV_DONTNEED)
-            except (OSError, ValueError):  # pragma: no cover - madvise refused: the OS pages out itself
-                pass
+                return
+            page, stop = mmap.PAGESIZE, self._cols if stop is None else stop
+            for r in range(rows):
+                lo = -(-(r * self._cols + start) * self._itemsize // page) * page
+                hi = (r * self._cols + stop) * self._itemsize // page * page
+                if hi > lo:
+                    self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError):  # pragma: no cover - madvise refused: the OS pages out itself
+            pass
