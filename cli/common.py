@@ -372,7 +372,7 @@ class Command:
     """One run of an analysis command on one checkpoint: the skeleton every command shares.
 
     ``Command(kw)`` loads the problem from the common options (:func:`load_problem`, timed as the
-    set-up); :meth:`run` makes the library call with a progress bar and the command's flags named
+    set-up) and prints its memory plan (``plan_line=False``: the command prints a fuller one); :meth:`run` makes the library call with a progress bar and the command's flags named
     in its errors (:func:`flag_errors`), timed; :meth:`emit` hands the record on to the report and
     stdout, with the timings and the counts (:func:`count_work`). A command module holds its
     options, these calls, and what it prints about its own result.
@@ -385,12 +385,15 @@ class Command:
         seconds: wall time of the :meth:`run` calls so far; setup_seconds: of the loading.
     """
 
-    def __init__(self, kw: dict[str, Any]) -> None:
+    def __init__(self, kw: dict[str, Any], *, plan_line: bool = True) -> None:
         self.kw = kw
         self.log = stderr_console(kw["quiet"])
         with Timer() as setup, flag_errors(by_message=False):
             self.loaded = load_problem(kw, self.log)
         self.setup_seconds = setup.seconds
+        plan = self.loaded.record.get("memory_plan")
+        if plan_line and plan:  # the problem's plan (route, pieces); hessian prints its own, with the basis
+            self.log.print(as_flags(str(plan)), soft_wrap=True, highlight=False, markup=False)
         self.seconds = 0.0
         self.warnings = list(self.loaded.warnings)
 

@@ -139,7 +139,7 @@ def hessian(**kw: Any) -> None:
     from basins.analyses.hessian import hessian_eigenvalues, plan_hessian
     from basins.engine.precision import audit_precision
 
-    c = Command(kw)
+    c = Command(kw, plan_line=bool(kw["per_block"]))
     problem, k = c.problem, kw["k"]
     if kw["eigenvectors"] and not kw["output_path"]:
         c.log.print("[yellow]note:[/] eigenvectors are stored only in a report: add -o report.h5")

@@ -90,6 +90,6 @@ def test_every_opened_problem_records_its_memory_plan(model_files) -> None:  # n
     opened = basins.open_problem(str(model_files.bundle), device="cpu", memory_bytes=8 * GiB)
     plan, rec = opened.problem.routes.plan, opened.record
     assert rec["memory_plan"] == plan.describe() and rec["memory_plan"].startswith("memory plan: ")
-    assert f"HVP route {opened.problem.hvp_route}" in rec["memory_plan"] and "(--memory)" in rec["memory_plan"]
+    assert f"HVP route {opened.problem.hvp_route}" in rec["memory_plan"] and "(memory_bytes)" in rec["memory_plan"]
     assert rec["memory_budget_bytes"] == 8 * GiB
     assert rec["memory_plan_bytes"] == plan.resident + plan.graph + plan.hvp > plan.resident > 0
