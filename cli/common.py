@@ -391,6 +391,9 @@ class Command:
         with Timer() as setup, flag_errors(by_message=False):
             self.loaded = load_problem(kw, self.log)
         self.setup_seconds = setup.seconds
+        if "num_steps" in kw and any(arg == "--steps" or arg.startswith("--steps=") for arg in sys.argv[1:]):
+            self.note("--steps is the training step of each MODEL; the Lanczos steps per probe are "
+                      "--lanczos-steps (they were --steps in basins 0.2 and before)")
         plan = self.loaded.record.get("memory_plan")
         if plan_line and plan:  # the problem's plan (route, pieces); hessian prints its own, with the basis
             self.log.print(as_flags(str(plan)), soft_wrap=True, highlight=False, markup=False)

@@ -164,3 +164,18 @@ def test_library_error_through_a_command(tmp_path) -> None:
     save_bundle(str(tmp_path / "m.pt"), mlp().eval(), x, y, "cross-entropy")
     r = CliRunner().invoke(main, ["hessian", str(tmp_path / "m.pt"), "-k", "100000", "-q"])
     assert r.exit_code == 2 and "--top-k: k must be between 1 and the number of parameters" in r.stderr
+
+
+def test_steps_in_a_lanczos_command_says_what_it_now_means(model_files, monkeypatch) -> None:  # noqa: ANN001
+    """``--steps`` changed meaning (Lanczos steps → training steps) in spectrum, nullity and evidence: a
+    command that has ``--lanczos-steps`` says so when ``--steps`` is on its command line, and only then."""
+    from click.testing import CliRunner
+
+    from basins.cli.main import main
+
+    for argv, said in ((["--steps", "80"], True), (["--train-steps", "80"], False), ([], False)):
+        args = ["spectrum", str(model_files.bundle), "--probes", "2", "--lanczos-steps", "4", *argv]
+        monkeypatch.setattr("sys.argv", ["basins", *args])
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+        assert ("--lanczos-steps (they were --steps" in " ".join(r.stderr.split())) is said, (argv, r.stderr)
