@@ -250,23 +250,23 @@ def models_main(args: argparse.Namespace) -> None:
     if args.hvp_cost:
         costs = g2.run_costs(sizes, args.hvp_cost.split(","), args.seqs, args.seq_len, args.timeout,
                              os.path.abspath(__file__), args.repeats, args.memory)
-        if args.json_out:
-            with open(args.json_out, "w") as f:
-                json.dump(costs, f, indent=1)
-        print(g2.cost_table(costs))
-        for r in costs:
-            if r.get("plan"):
-                print(f"{r['size']} {r['requested']}: {r['plan']}")
+        _write_rows(costs, args.json_out, g2.cost_table, "requested", "plan")
         return
     rows = g2.run_all(sizes, args.tools.split(","), args.tasks.split(","), args.seqs, args.seq_len, args.timeout,
                       os.path.abspath(__file__), args.memory)
-    if args.json_out:  # first: the rows are kept whatever happens to the table
-        with open(args.json_out, "w") as f:
+    _write_rows(rows, args.json_out, g2.table, "task", "plan_line")
+
+
+def _write_rows(rows: list, json_out: str | None, table, label: str, plan_key: str) -> None:  # noqa: ANN001
+    """The rows to ``json_out`` first (kept whatever happens to the table), then the table, then each
+    row's memory plan line."""
+    if json_out:
+        with open(json_out, "w") as f:
             json.dump(rows, f, indent=1)
-    print(g2.table(rows))
+    print(table(rows))
     for r in rows:
-        if r.get("plan_line"):
-            print(f"{r['size']} {r['task']}: {r['plan_line']}")
+        if r.get(plan_key):
+            print(f"{r['size']} {r[label]}: {r[plan_key]}")
 
 
 if __name__ == "__main__":
