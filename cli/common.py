@@ -350,22 +350,28 @@ def flag_errors(*, by_message: bool = True) -> Iterator[None]:
         yield
     except InputError as exc:
         ctx = click.get_current_context(silent=True)
-        params = list(ctx.command.params) if ctx is not None else []
-        msg = str(exc)
-        name = exc.param
-        if name is None and by_message:
-            found = re.match(r"(?:unknown )?([A-Za-z_]\w*)\b", msg)
-            name = found.group(1) if found else None
-        if exc.param is None:  # a word at the start of a message: the command's own options, and shared ones
-            # only by a name no sentence begins with (memory_bytes, not loss or data)
-            params = [p for p in params if p.name not in _shared_dests() or "_" in str(p.name)]
-        flag = flag_of(name, params) if name else None
-        spelled = as_flags(msg, list(ctx.command.params) if ctx is not None else [], keep=name)
-        if flag is not None and not msg.startswith(flag):
-            spelled = f"{flag}: {spelled}"
-        if spelled == msg:
+        spelled = spoken(exc, list(ctx.command.params) if ctx is not None else [], by_message=by_message)
+        if spelled == str(exc):
             raise
         raise type(exc)(spelled, param=exc.param) from exc
+
+
+def spoken(exc: Exception, params: list[click.Parameter], *, by_message: bool = False) -> str:
+    """The message of a library error as the command whose options are ``params`` speaks: the flag
+    of its ``param`` first (:func:`flag_of`; with ``by_message`` and no ``param``, of the parameter
+    the message begins with), and the other parameters it names spelled as flags (:func:`as_flags`)."""
+    msg = str(exc)
+    name = getattr(exc, "param", None)
+    options = params
+    if name is None and by_message:
+        found = re.match(r"(?:unknown )?([A-Za-z_]\w*)\b", msg)
+        name = found.group(1) if found else None
+        # a word at the start of a message: the command's own options, and shared ones only by a
+        # name no sentence begins with (memory_bytes, not loss or data)
+        options = [p for p in params if p.name not in _shared_dests() or "_" in str(p.name)]
+    flag = flag_of(name, options) if name else None
+    spelled = as_flags(msg, params, keep=name)
+    return f"{flag}: {spelled}" if flag is not None and not msg.startswith(flag) else spelled
 
 
 class Command:

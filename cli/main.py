@@ -88,14 +88,11 @@ class LazyGroup(click.Group):
     def _in_flags(self, ctx: click.Context, exc: BasinsError) -> str:
         """The message of a library error as the command line speaks: the flag of its ``param``
         first, and the parameters it names spelled as the invoked command's flags."""
-        from .common import as_flags, flag_of
+        from .common import spoken
 
         name = ctx.invoked_subcommand
         command = self.get_command(ctx, name) if name else None
-        params = list(command.params) if command is not None else []
-        msg = as_flags(str(exc), params, keep=getattr(exc, "param", None))
-        flag = flag_of(exc.param, params) if isinstance(exc, InputError) and exc.param else None
-        return f"{flag}: {msg}" if flag and not msg.startswith(flag) else msg
+        return spoken(exc, list(command.params) if command is not None else [])
 
 
 def _module_exists(module: str) -> bool:
