@@ -118,7 +118,9 @@ class MinibatchLoss:
         shards = [int(k) for k in problem.gather(problem.num_local_examples)]
         self.size = min(int(size), problem.num_examples)
         self.local_size = share_of_minibatch(self.size, shards)[rank() if len(shards) > 1 else 0]
-        self._inputs, self._targets = problem.inputs, problem.targets
+        self._inputs = problem.inputs
+        targets = problem.targets  # floating targets in float64 once: the loss is evaluated in float64
+        self._targets = targets.to(_F64) if targets.is_floating_point() else targets
         n_r = problem.num_local_examples
         #: L̂_B = scale · S_B on this process (module docstring)
         self.scale = n_r / (self.local_size * float(problem.num_terms)) if self.local_size else 0.0
@@ -128,6 +130,8 @@ class MinibatchLoss:
         self.num_losses = 0
         self._fixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # θ, sums, known
         self._whole: torch.Tensor | None = None
+        self._coefs: dict[tuple[int, int, float], torch.Tensor] = {}
+        self._losses: dict[int, Callable[[torch.Tensor, Inputs, torch.Tensor], torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ batches
     def draw(self, generators: Sequence[torch.Generator]) -> Batch:
@@ -149,29 +153,38 @@ class MinibatchLoss:
 
     def _coef(self, y: torch.Tensor, m: int, scale: float) -> torch.Tensor:
         """``(C,)``: the factor turning the loss's value on a piece of ``m`` examples per chain (targets
-        ``y (C, m, ...)``) into its share of the chain's estimate (its sum of terms times ``scale``)."""
+        ``y (C, m, ...)``) into its share of the chain's estimate (its sum of terms times ``scale``).
+        Kept for the next step unless it depends on the targets (token losses count valid tokens)."""
         C = y.shape[0]
-        if self.problem.pair_loss:  # the loss returns the sum itself
-            coef = torch.full((C,), scale, dtype=_F64)
-        elif self.problem.loss_name in TOKEN_LOSSES:
+        if self.problem.loss_name in TOKEN_LOSSES and not self.problem.pair_loss:
             coef = torch.tensor([scale * count_terms(self.problem.loss_name, (), y[c], m) for c in range(C)],
                                 dtype=_F64)
-        else:
-            coef = torch.full((C,), scale * m * self.problem.terms_per_example, dtype=_F64)
-        return coef.to(self.problem.device)
+            return coef.to(self.problem.device)
+        key = (C, m, scale)
+        if key not in self._coefs:
+            per = scale if self.problem.pair_loss else scale * m * self.problem.terms_per_example
+            self._coefs[key] = torch.full((C,), per, dtype=_F64).to(self.problem.device)
+        return self._coefs[key]
 
     # ------------------------------------------------------------------ losses
-    def _piece(self, m: int) -> Callable[[torch.Tensor, Inputs, torch.Tensor, torch.Tensor], torch.Tensor]:
+    def _piece(self, m: int) -> Callable[[torch.Tensor, Inputs, torch.Tensor], torch.Tensor]:
+        if m not in self._losses:
+            self._losses[m] = self._make_piece(m)
+        return self._losses[m]
+
+    def _make_piece(self, m: int) -> Callable[[torch.Tensor, Inputs, torch.Tensor], torch.Tensor]:
+        """The loss's value (float64) on a piece of ``m`` examples of one chain at ``theta (P,)``."""
         problem = self.problem
 
-        def loss(theta: torch.Tensor, x: Inputs, y: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-            out = problem.forward(problem.space.unflatten(theta), x)[:m]
-            if out.is_floating_point() and out.dtype != _F64:  # the loss in float64, as Problem's chunks
+        def loss(theta: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
+            out = problem.forward(problem.space.unflatten(theta), x)
+            if out.shape[0] != m:  # padded for a fixed-batch export
+                out = out[:m]
+            if out.is_floating_point() and out.dtype != _F64:  # the loss in float64 (floating targets already are)
                 out = out.to(_F64)
-                y = y.to(_F64) if y.is_floating_point() else y
             value = problem.loss_fn(out, y)
             total = value[0] if isinstance(value, tuple) else value
-            return total.to(_F64) * coef
+            return total if total.dtype == _F64 else total.to(_F64)
 
         return loss
 
@@ -179,6 +192,8 @@ class MinibatchLoss:
         chunk = self.problem.batch_size
         fixed = self.problem.fixed_batch_size
         out = []
+        if batch.size <= chunk and not fixed:  # one piece: the batch itself
+            return [(batch.size, batch.inputs, batch.targets, self._coef(batch.targets, batch.size, batch.scale))]
         for a in range(0, batch.size, chunk):
             b = min(batch.size, a + chunk)
             x = _slice(batch.inputs, a, b)
@@ -189,43 +204,45 @@ class MinibatchLoss:
     def _run(self, thetas: torch.Tensor, batch: Batch, with_grad: bool, reduce: bool
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         C = thetas.shape[0]
-        values = torch.zeros(C, dtype=_F64, device=thetas.device)
-        grads = torch.zeros_like(thetas) if with_grad else None
+        values: torch.Tensor | None = None
+        grads: torch.Tensor | None = None
         for m, x, y, coef in self._pieces(batch):
             f = self._piece(m)
             if with_grad:  # per-chain gradients of the sum over chains (chains do not interact)
                 leaf = thetas.detach().requires_grad_(True)
-                v = self._apply(f, leaf, x, y, coef)
+                v = self._apply(f, leaf, x, y) * coef
                 (g,) = torch.autograd.grad(v.sum(), leaf)
-                assert grads is not None
-                grads += g
+                grads = g if grads is None else grads + g
             else:
-                v = self._apply(f, thetas, x, y, coef)
-            values += v.detach()
-        if reduce:
+                v = self._apply(f, thetas, x, y) * coef
+            values = v.detach() if values is None else values + v.detach()
+        if values is None:  # an empty batch
+            values = torch.zeros(C, dtype=_F64, device=thetas.device)
+            grads = torch.zeros_like(thetas) if with_grad else None
+        if reduce and self.problem.distributed:
             if grads is None:
                 values = self.problem.reduce(values)
-            else:  # one collective for both
-                both = self.problem.reduce(torch.cat([values.to(grads.dtype)[:, None], grads], 1).to(_F64))
+            else:  # one collective for both, in float64 (the values keep their precision)
+                both = self.problem.reduce(torch.cat([values[:, None], grads.to(_F64)], 1))
                 values, grads = both[:, 0], both[:, 1:].to(thetas.dtype)
         if with_grad:
             self.num_grads += C
         else:
             self.num_losses += C
-        return values, (grads.detach() if grads is not None else None)
+        return values, grads
 
-    def _apply(self, fn: Callable[..., torch.Tensor], thetas: torch.Tensor, x: Inputs, y: torch.Tensor,
-               coef: torch.Tensor) -> torch.Tensor:
+    def _apply(self, fn: Callable[..., torch.Tensor], thetas: torch.Tensor, x: Inputs, y: torch.Tensor
+               ) -> torch.Tensor:
         if self.batched:
             try:
-                res = vmap(fn)(thetas, x, y, coef)
+                res = vmap(fn)(thetas, x, y)
                 self._checked = True
                 return res
             except Exception:  # noqa: BLE001 - a model vmap cannot trace: loop over chains
                 if self._checked:
                     raise
                 self.batched = False
-        return torch.stack([fn(thetas[c], _index_chain(x, c), y[c], coef[c]) for c in range(thetas.shape[0])])
+        return torch.stack([fn(thetas[c], _index_chain(x, c), y[c]) for c in range(thetas.shape[0])])
 
     def value_and_grad(self, thetas: torch.Tensor, batch: Batch, *, reduce: bool = True
                        ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -236,6 +236,11 @@ class Problem(ProblemSetup):
         return self.loss_value(out.to(torch.float64), y64).to(out.dtype)
 
     # ------------------------------------------------------------------ processes
+    @property
+    def distributed(self) -> bool:
+        """True when results are summed over processes (:meth:`reduce` is not the identity)."""
+        return self._reduce_fn is not None
+
     def reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum a per-process partial result over processes (identity in one process)."""
         return t if self._reduce_fn is None else self._reduce_fn(t)

@@ -60,7 +60,7 @@ ACCEPT_TARGET = 0.8
 BACKOFF = 0.7
 WINDOW = 100
 MALA_EVERY_BURNIN = 4
-MALA_EVERY = 10
+MALA_EVERY = 20
 CHECKPOINTS = 8
 POWER_ITERS = 8
 MAX_RESTARTS = 12
@@ -142,6 +142,9 @@ class Chains:
             np.random.SeedSequence(p[1].entropy, spawn_key=(*p[1].spawn_key, rank())))) for p in parts]
         self._aux = [torch.Generator().manual_seed(_torch_seed(p[2])) for p in parts]
         self.m = (self.mask if self.mask is not None else torch.ones(P)).to(dev, dt).expand(C, P)
+        self._masked = self.mask is not None  # False: the products by m (all ones) are skipped
+        self._preconditioned = self.sampler != "sgld"  # False: G stays 1 and its products are skipped
+        self._coefs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.dim = int(self.m[0].sum())
         self.auto = self.step_size is None
         a0 = self.nbeta * max(self.lambda_max, 0.0) + self.gamma
@@ -163,7 +166,8 @@ class Chains:
     def _randn(self, gens: list[torch.Generator]) -> torch.Tensor:
         P = self.w_star.numel()
         z = torch.stack([torch.randn(P, generator=g, dtype=_F64) for g in gens])
-        return z.to(self.w_star.device, self.w_star.dtype) * self.m
+        z = z.to(self.w_star.device, self.w_star.dtype)
+        return z * self.m if self._masked else z
 
     def draw(self) -> Batch:
         return self.mb.draw(self._data)
@@ -171,7 +175,8 @@ class Chains:
     def grad_u(self, w: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """``(∇Û(w) (C, P) masked, L̂_B(w) (C,))``. Cost: C minibatch gradients."""
         lv, g = self.mb.value_and_grad(w, batch)
-        return (self.nbeta * g + self.gamma * (w - self.w_star)) * self.m, lv
+        gU = torch.add(self.nbeta * g, w - self.w_star, alpha=self.gamma)
+        return (gU * self.m if self._masked else gU), lv
 
     def u_of(self, w: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
         return self.nbeta * lv + 0.5 * self.gamma * ((w - self.w_star).to(_F64) ** 2).sum(-1)
@@ -221,6 +226,7 @@ class Chains:
         self.eps = target if reset else torch.minimum(self.eps, target)
 
     def _restart(self, c: int, phase: str, step: int, reason: str) -> None:
+        self.eps = self.eps.clone()  # a new tensor (the step's kept coefficients follow it)
         self.eps[c] = self.eps[c] / 2
         self.w[c] = self.start[c]
         self.restarts.append(Restart(c, phase, step, reason, float(self.eps[c])))
@@ -234,14 +240,20 @@ class Chains:
         """``(C,)`` bool on the CPU: finite and ``γ‖w − w*‖² ≤ RADIUS_CAP·(dim + 10)``: outside, the
         localizing prior alone has mass < exp(−(RADIUS_CAP − 1)·(dim + 10)/2), so a chain there has
         not sampled its way out but been thrown out by an unstable step (diverged)."""
-        d2 = self.gamma * ((w - self.w_star).to(_F64) ** 2).sum(-1)
-        return (torch.isfinite(w).all(1) & (d2 <= RADIUS_CAP * (self.dim + 10))).cpu()
+        d2 = (w - self.w_star).to(_F64).square().sum(-1)
+        return (d2 <= RADIUS_CAP * (self.dim + 10) / self.gamma).cpu()  # False where d2 is NaN or inf
 
     def _step(self, gU: torch.Tensor) -> torch.Tensor:
         """One Leimkuhler–Matthews step (sets ``self._xi_next``; the caller commits it on success)."""
-        e = self.eps.to(self.w.dtype)[:, None]
         self._xi_next = self._randn(self._noise)
-        return self.w - 0.5 * e * self.G * gU + 0.5 * (e * self.G).sqrt() * (self._xi + self._xi_next)
+        if self._preconditioned:
+            eG = self.eps.to(self.w.dtype)[:, None] * self.G
+            return self.w - 0.5 * eG * gU + 0.5 * eG.sqrt() * (self._xi + self._xi_next)
+        if self._coefs is None or self._coefs[0] is not self.eps:  # ε/2 and √ε/2, (C, 1), kept while ε is
+            e = self.eps.to(self.w.dtype)[:, None]
+            self._coefs = (self.eps, 0.5 * e, 0.5 * e.sqrt())
+        _, half, root = self._coefs
+        return torch.addcmul(self.w, half, gU, value=-1).addcmul_(root, self._xi + self._xi_next)
 
     def _euler(self, gU: torch.Tensor) -> torch.Tensor:
         """The Euler–Maruyama (SGLD) proposal at this ε with the step's fresh noise: what MALA checks."""
@@ -309,21 +321,17 @@ class Chains:
         ``nβ·(L̂_B(w) − L̂_B(w*))`` on each step's minibatch and ``below`` the count of draws with
         ``L̂_B(w) < L̂_B(w*)``. Raises :class:`Diverged` on a non-finite chain."""
         C = self.num_chains
-        traces = torch.zeros(C, steps, dtype=_F64)
-        losses = torch.zeros(C, steps, dtype=_F64)
-        below = 0
+        values = torch.zeros(2, C, steps, dtype=_F64)  # L̂_B(w), L̂_B(w*) of each step's minibatch
         for t in range(steps):
             batch = self.draw()
             gU, lv = self.grad_u(self.w, batch)
             l0 = self.mb.value_fixed(self.w_star, batch)
             w_new = self._step(gU)
-            ok = torch.isfinite(lv).cpu() & torch.isfinite(gU).all(1).cpu() & self._inside(w_new)
+            ok = torch.isfinite(lv).cpu() & self._inside(w_new)  # a non-finite ∇Û makes w_new so
             if not bool(ok.all()):
                 raise Diverged(int((~ok).nonzero()[0, 0]), t)
-            d = (lv - l0).cpu()
-            traces[:, t] = self.nbeta * d
-            losses[:, t] = lv.cpu()
-            below += int((d < 0).sum())
+            values[0, :, t] = lv
+            values[1, :, t] = l0
             if t % MALA_EVERY == 0:
                 self.acc_sum += self._mala(self._euler(gU), gU, lv, batch)
                 self.acc_n += 1
@@ -331,12 +339,13 @@ class Chains:
             self._xi = self._xi_next
             self.steps_done += 1
             self._progress("draws", progress[0] + t + 1, progress[1])
-        return traces, losses, below
+        d = values[0] - values[1]
+        return self.nbeta * d, values[0].clone(), int((d < 0).sum())
 
     def after_divergence(self, err: Diverged) -> None:
         """A divergence in the draws (auto ε): halve every chain's ε, restart the chain (recorded)."""
         self.eps = self.eps / 2
-        self.eps[err.chain] = self.eps[err.chain] * 2  # _restart halves it once more
+        self.eps[err.chain] = self.eps[err.chain] * 2  # _restart halves it once more (ε is a new tensor)
         self._restart(err.chain, "draws", err.step, DIVERGED)
         self.acc_sum.zero_()
         self.acc_n = 0
