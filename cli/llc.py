@@ -13,6 +13,7 @@ from rich.console import RenderableType
 
 from .common import (
     Command,
+    as_flags,
     flag_errors,
     fmt,
     key_value_table,
@@ -110,10 +111,12 @@ def llc(**kw: Any) -> None:
     preconditioned curvature); it is not validated against a truth yet.
 
     Cost: chains × (burn-in + draws) minibatch gradients (default 4 × (1,000 + 1,000 to 15,000)) and as many
-    minibatch losses at w*, plus MALA checks (1/4 of burn-in, 1/10 of draws) and curvature
+    minibatch losses at w*, plus MALA checks (1/4 of burn-in, 1/20 of draws) and curvature
     checks (8 × 9 minibatch HVPs per chain in burn-in); in full-data HVPs, ≤ 50 for λ_max by
     Lanczos at w* and P (dense, P ≤ 2000) or 300 (SLQ) for llc_quadratic (--no-quadratic:
-    none).
+    none). Memory is planned before the work and the plan printed on stderr (and stored as
+    memory_plan): the chains' state and one step's buffers, the Lanczos basis, and
+    llc_quadratic's vectors (not computed, with a note, when they do not fit --memory).
 
     References: Lau, Furman, Wang, Murfet & Wei 2023 (the estimator); Watanabe, Algebraic
     Geometry and Statistical Learning Theory, 2009; Aoyagi & Watanabe 2005; Wang et al. 2024
@@ -127,8 +130,12 @@ def llc(**kw: Any) -> None:
       basins llc model.pt --step-size 1e-5 --gamma 100 -o report.h5
     """
     from basins.analyses.llc import llc as estimate
+    from basins.analyses.llc import plan_llc
 
-    c = Command(kw)
+    c = Command(kw, plan_line=False)
+    with flag_errors():
+        plan = plan_llc(c.problem, **c.options("num_chains", "minibatch", "sampler", "step_size", "quadratic"))
+    c.log.print(as_flags("; ".join([plan.describe(), *plan.notes])), soft_wrap=True, highlight=False, markup=False)
     planned = sum(1000 if kw[n] == "auto" else kw[n] for n in ("num_burnin", "num_draws"))
     opts = dict(seed=c.seed, **c.options("num_chains", "num_draws", "num_burnin", "nbeta", "gamma", "step_size",
                                          "minibatch", "sampler", "batched", "quadratic", "max_steps"))
@@ -136,7 +143,8 @@ def llc(**kw: Any) -> None:
         _per_block(c, opts, planned)
         return
     block = " ".join(c.problem.selection.patterns) if c.problem.selection.patterns else None
-    result = c.run(f"llc ({kw['sampler']})", estimate, c.problem, total=planned, block=block, **opts)
+    result = c.run(f"llc ({kw['sampler']})", estimate, c.problem, total=planned, block=block, memory_plan=plan,
+                   **opts)
     c.note(*result.warnings)
     c.warnings += result.warnings
     c.log.print(f"llc: nβ = {result.nbeta:.6g} ({result.nbeta_rule}); {result.num_grads} minibatch gradients in "

@@ -304,3 +304,81 @@ def test_auto_draws_and_burnin_extend_within_the_budget() -> None:
     assert r.traces.shape == (4, r.num_draws)
     fixed = llc(p, num_draws=1000, num_burnin=1000, quadratic=False, seed=0)
     assert fixed.converged is False  # the reason auto extended
+
+
+# ---------------------------------------------------------------------- memory: the chains' plan
+def _mlp_problem(width: int, n: int = 64, seed: int = 0) -> Problem:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 4, generator=g, dtype=F64)
+    model = nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 2)).to(F64)
+    Y = model(X).detach() + 0.1 * torch.randn(n, 2, generator=g, dtype=F64)
+    return Problem(model, X, Y, loss="mse")
+
+
+def test_chains_are_planned_and_refused_when_they_do_not_fit() -> None:
+    from basins.engine.memory import SGLD_VECTORS, MemoryPlan, plan_sgld
+
+    base = MemoryPlan(budget=1 << 30, given=True, device="cpu", resident=0, per_example=1000, route="graph",
+                      graph=0, piece_rows=None, piece_block=16, hvp=0)
+    P = 10**6
+    plan = plan_sgld(base, P, 4, chains=3, rows=8)
+    assert plan.sgld == (SGLD_VECTORS * 3 * 4 + 16) * P + 1000 * 3 * 8 and plan.sgld_chains == 3
+    assert plan.total == plan.sgld and "SGLD 3 chains" in plan.describe()
+    with pytest.raises(InputError, match="lower num_chains or minibatch") as err:
+        plan_sgld(base, P, 4, chains=30, rows=8)  # 30 · 11 · 4 MB > 1 GiB
+    assert err.value.param == "memory_bytes"
+    p = _mlp_problem(8)
+    planned = llc_module.plan_llc(p, num_chains=2)
+    assert planned.sgld_chains == 2 and planned.basis_storage == "memory" and planned.notes[-1].startswith(
+        "llc_quadratic in pieces of")
+    r = llc(p, num_chains=2, num_draws=50, num_burnin=20, seed=1)
+    assert r.memory_plan is not None and r.record().attrs["memory_plan"] == r.memory_plan.describe()
+
+
+def test_quadratic_llc_in_pieces_matches_dense_float64_and_is_skipped_when_it_does_not_fit() -> None:
+    """llc_quadratic by columns of H in pieces equals Σ ½·nβh/(nβh + γ) over the eigenvalues of the
+    float64 Hessian formed by autograd; with a budget that holds the chains but not its vectors, it
+    is not computed and a note says so."""
+    from torch.autograd.functional import hessian as dense_hessian
+
+    p = _mlp_problem(6)
+    theta = p.theta0.detach().clone()
+
+    def loss(t: torch.Tensor) -> torch.Tensor:
+        out = p.forward(p.space.unflatten(t), p.inputs)
+        return ((out - p.targets) ** 2).mean()
+
+    ev = torch.linalg.eigvalsh(dense_hessian(loss, theta))
+    nb, gamma = 30.0, 2.0
+    truth = float((0.5 * nb * ev.clamp(min=0) / (nb * ev.clamp(min=0) + gamma)).sum())
+    for block in (p.num_params, 16, 1):
+        got, method = llc_module._quadratic(p, None, nb, gamma, 0, block, F64)
+        assert got == pytest.approx(truth, rel=1e-10), block
+        assert method.startswith("exact")
+    plan = llc_module.plan_llc(p, num_chains=2, quadratic=False)
+    from dataclasses import replace
+
+    tight = replace(plan, budget=plan.resident + plan.graph + plan.hvp + plan.checks + 4 * p.num_params)
+    assert llc_module._quadratic_plan(p, None, 4 * p.num_params) is None
+    r = llc(p, num_chains=2, num_draws=50, num_burnin=20, seed=1, memory_plan=tight)
+    assert r.llc_quadratic is None and "do not fit" in r.llc_quadratic_method
+    assert any("llc_quadratic not computed" in w for w in r.warnings)
+
+
+def test_gradient_noise_in_chunks_matches_per_example_gradients() -> None:
+    """The critical-point test's noise √(n·tr Cov(hᵢ))/N from per-example gradients taken a few at a
+    time equals the same from a plain autograd loop over the examples."""
+    p = _mlp_problem(5, n=40)
+    mb = MinibatchLoss(p, 8)
+    got = [llc_module._grad_noise(p, mb, None, 3, chunk) for chunk in (1, 3, 64)]
+    h = []
+    for i in range(p.num_examples):
+        t = p.theta0.detach().clone().requires_grad_(True)
+        out = p.forward(p.space.unflatten(t), p.inputs[i : i + 1])
+        (g,) = torch.autograd.grad(((out - p.targets[i : i + 1]) ** 2).sum(), t)
+        h.append(g)
+    H = torch.stack(h)  # all 40 examples are the sample (NOISE_SAMPLE ≥ n)
+    tr = float(H.var(dim=0, unbiased=True).sum())
+    ref = math.sqrt(p.num_examples * tr) / p.num_terms
+    for v in got:
+        assert v == pytest.approx(ref, rel=1e-10)

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = ["memory_budget", "process_memory_bytes", "DEFAULT_FRACTION", "MemoryPlan", "plan_budget",
-           "available_memory_bytes", "resident_bytes", "hvp_piece_bytes", "plan_lanczos", "default_max_basis"]
+           "available_memory_bytes", "resident_bytes", "hvp_piece_bytes", "plan_lanczos", "default_max_basis",
+           "plan_sgld"]
 
 #: Share of :func:`process_memory_bytes` one budgeted structure may take by default.
 DEFAULT_FRACTION = 0.25
@@ -185,6 +186,8 @@ class MemoryPlan:
         scratch_bytes: size of the scratch file of an on-disk basis.
         trace_block, trace: the trace estimator's block and the bytes of its vectors.
         checks: bytes of the error-bound checks (their vectors, in float64).
+        sgld_chains, sgld: the SGLD chains advanced together and the bytes of their state and one
+            step (:func:`plan_sgld`; 0 when no sampling is planned).
     """
 
     budget: int
@@ -206,14 +209,18 @@ class MemoryPlan:
     trace_block: int = 0
     trace: int = 0
     checks: int = 0
+    sgld_chains: int = 0
+    sgld: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
         """Bytes the plan holds at its peak: what is resident, the graph, one HVP, then the larger of
-        the Lanczos phase (its basis, or the streamed basis' resident blocks) and the trace phase,
-        and the checks."""
-        return self.resident + self.graph + self.hvp + max(self.basis_bytes, self.trace) + self.checks
+        the Lanczos phase (its basis, or the streamed basis' resident blocks) and the trace phase, and
+        the checks; or, when larger, what is resident and the SGLD phase (which runs after the
+        full-data HVPs, with the gradient graph freed)."""
+        hvps = self.graph + self.hvp + max(self.basis_bytes, self.trace) + self.checks
+        return self.resident + max(hvps, self.sgld)
 
     def describe(self) -> str:
         """One line for stderr."""
@@ -234,6 +241,8 @@ class MemoryPlan:
                              f"{_gib(self.scratch_bytes)}; {_gib(self.basis_bytes)} resident)")
         if self.trace:
             parts.append(f"trace blocks of {self.trace_block} {_gib(self.trace)}")
+        if self.sgld:
+            parts.append(f"SGLD {self.sgld_chains} chains {_gib(self.sgld)}")
         return ", ".join(parts)
 
     def as_dict(self) -> dict[str, Any]:
@@ -311,3 +320,39 @@ def plan_lanczos(plan: MemoryPlan, num_params: int, itemsize: int, *, need: int,
             )
         out = replace(out, trace_block=tb, trace=(s + 3 * tb + need) * vec)
     return out
+
+
+#: Parameter-sized arrays per chain an SGLD step holds: position, start, the two noise draws,
+#: ∇Û, the minibatch gradient, three temporaries of the update or the curvature check's
+#: (:mod:`basins.analyses.llc.sampler`).
+SGLD_VECTORS = 10
+#: More per chain for a preconditioned sampler (RMSProp's G and its running second moment).
+SGLD_PRECONDITIONER_VECTORS = 2
+
+
+def plan_sgld(plan: MemoryPlan, num_params: int, itemsize: int, *, chains: int, rows: int,
+              preconditioned: bool = False) -> MemoryPlan:
+    """``plan`` completed with SGLD's phase: ``chains`` chains advanced together, each step a
+    minibatch gradient over pieces of ``rows`` examples per chain. The phase follows the full-data
+    HVPs (λ_max at w*), with the gradient graph freed: it shares the budget with what is resident only.
+
+    Bytes: :data:`SGLD_VECTORS` (+ :data:`SGLD_PRECONDITIONER_VECTORS`) ``(chains, P)`` arrays in the
+    model's dtype, two float64 ``(P,)`` transients (one chain's noise as drawn, one distance), and
+    the tensors a ``create_graph`` gradient saves per example (``plan.per_example``, an upper bound
+    for a first-order gradient) times ``chains · rows``.
+
+    Raises:
+        InputError: it does not fit next to the rest of the plan (one line, with sizes).
+    """
+    from basins.errors import InputError
+
+    per_chain = SGLD_VECTORS + (SGLD_PRECONDITIONER_VECTORS if preconditioned else 0)
+    need = (per_chain * chains * itemsize + 2 * 8) * num_params + int(plan.per_example * chains * rows)
+    left = plan.budget - plan.resident
+    if need > left:
+        raise InputError(
+            f"nothing fits the memory budget of {plan.budget / 2**30:.2f} GiB: SGLD with {chains} chains and pieces "
+            f"of {rows} examples needs {need / 2**30:.2f} GiB next to {plan.resident / 2**30:.2f} GiB resident (model "
+            "and data); lower num_chains or minibatch, or raise memory_bytes", param="memory_bytes"
+        )
+    return replace(plan, sgld_chains=chains, sgld=need)

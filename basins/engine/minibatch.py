@@ -131,7 +131,7 @@ class MinibatchLoss:
         self._fixed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # θ, sums, known
         self._whole: torch.Tensor | None = None
         self._coefs: dict[tuple[int, int, float], torch.Tensor] = {}
-        self._losses: dict[int, Callable[[torch.Tensor, Inputs, torch.Tensor], torch.Tensor]] = {}
+        self._losses: dict[int, Callable[[dict[str, torch.Tensor], Inputs, torch.Tensor], torch.Tensor]] = {}
 
     # ------------------------------------------------------------------ batches
     def draw(self, generators: Sequence[torch.Generator]) -> Batch:
@@ -167,17 +167,18 @@ class MinibatchLoss:
         return self._coefs[key]
 
     # ------------------------------------------------------------------ losses
-    def _piece(self, m: int) -> Callable[[torch.Tensor, Inputs, torch.Tensor], torch.Tensor]:
+    def _piece(self, m: int) -> Callable[[dict[str, torch.Tensor], Inputs, torch.Tensor], torch.Tensor]:
         if m not in self._losses:
             self._losses[m] = self._make_piece(m)
         return self._losses[m]
 
-    def _make_piece(self, m: int) -> Callable[[torch.Tensor, Inputs, torch.Tensor], torch.Tensor]:
-        """The loss's value (float64) on a piece of ``m`` examples of one chain at ``theta (P,)``."""
+    def _make_piece(self, m: int) -> Callable[[dict[str, torch.Tensor], Inputs, torch.Tensor], torch.Tensor]:
+        """The loss's value (float64) on a piece of ``m`` examples of one chain at ``params`` (the
+        model's tensors, ``{name: (*shape)}``)."""
         problem = self.problem
 
-        def loss(theta: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
-            out = problem.forward(problem.space.unflatten(theta), x)
+        def loss(params: dict[str, torch.Tensor], x: Inputs, y: torch.Tensor) -> torch.Tensor:
+            out = problem.forward(params, x)
             if out.shape[0] != m:  # padded for a fixed-batch export
                 out = out[:m]
             if out.is_floating_point() and out.dtype != _F64:  # the loss in float64 (floating targets already are)
@@ -204,17 +205,22 @@ class MinibatchLoss:
     def _run(self, thetas: torch.Tensor, batch: Batch, with_grad: bool, reduce: bool
              ) -> tuple[torch.Tensor, torch.Tensor | None]:
         C = thetas.shape[0]
+        space = self.problem.space
         values: torch.Tensor | None = None
         grads: torch.Tensor | None = None
         for m, x, y, coef in self._pieces(batch):
             f = self._piece(m)
             if with_grad:  # per-chain gradients of the sum over chains (chains do not interact)
-                leaf = thetas.detach().requires_grad_(True)
-                v = self._apply(f, leaf, x, y) * coef
-                (g,) = torch.autograd.grad(v.sum(), leaf)
+                # one leaf per model tensor (C, *shape): a leaf (C, P) split into views would cost
+                # a (C, P) zero-filled gradient per tensor in the backward (seconds at 10⁷ parameters)
+                leaves = {k: t.detach().requires_grad_(True) for k, t in space.unflatten(thetas).items()}
+                v = self._apply(f, leaves, x, y) * coef
+                gs = torch.autograd.grad(v.sum(), list(leaves.values()), allow_unused=True)
+                g = space.flatten({k: (t if t is not None else torch.zeros_like(leaves[k]))
+                                   for k, t in zip(leaves, gs)})
                 grads = g if grads is None else grads + g
             else:
-                v = self._apply(f, thetas, x, y) * coef
+                v = self._apply(f, space.unflatten(thetas), x, y) * coef
             values = v.detach() if values is None else values + v.detach()
         if values is None:  # an empty batch
             values = torch.zeros(C, dtype=_F64, device=thetas.device)
@@ -231,18 +237,20 @@ class MinibatchLoss:
             self.num_losses += C
         return values, grads
 
-    def _apply(self, fn: Callable[..., torch.Tensor], thetas: torch.Tensor, x: Inputs, y: torch.Tensor
+    def _apply(self, fn: Callable[..., torch.Tensor], params: dict[str, torch.Tensor], x: Inputs, y: torch.Tensor
                ) -> torch.Tensor:
+        """``fn`` of each chain's tensors ``params {name: (C, *shape)}`` and batch: ``(C,)``."""
         if self.batched:
             try:
-                res = vmap(fn)(thetas, x, y)
+                res = vmap(fn)(params, x, y)
                 self._checked = True
                 return res
             except Exception:  # noqa: BLE001 - a model vmap cannot trace: loop over chains
                 if self._checked:
                     raise
                 self.batched = False
-        return torch.stack([fn(thetas[c], _index_chain(x, c), y[c]) for c in range(thetas.shape[0])])
+        C = next(iter(params.values())).shape[0]
+        return torch.stack([fn({k: t[c] for k, t in params.items()}, _index_chain(x, c), y[c]) for c in range(C)])
 
     def value_and_grad(self, thetas: torch.Tensor, batch: Batch, *, reduce: bool = True
                        ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,7 +43,7 @@ per-example gradients on a subsample of ``NOISE_SAMPLE`` examples, and nβ‖∇
 localization force √γ at one localization length.
 
 Cost: C·(burn-in + draws) minibatch gradients plus as many minibatch losses at w*, plus MALA
-checks (1/4 of burn-in, 1/10 of draws), curvature checks (8·9 per chain in burn-in), the
+checks (1/4 of burn-in, 1/20 of draws), curvature checks (8·9 per chain in burn-in), the
 Lanczos λ_max at w* (≤ 50 HVPs), ``llc_quadratic`` (P HVPs dense for P ≤ 2000, else 300 by SLQ)
 and the noise subsample (``NOISE_SAMPLE`` per-example gradients).
 """
@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -66,6 +66,7 @@ from basins.analyses.llc.sampler import (
 )
 from basins.analyses.llc.stats import chain_mean, ess, split_rhat, t_quantile, trend_z
 from basins.engine.losses import TOKEN_LOSSES
+from basins.engine.memory import MemoryPlan, plan_lanczos, plan_sgld
 from basins.engine.minibatch import MinibatchLoss
 from basins.engine.problem import Problem
 from basins.errors import ComputeError, InputError
@@ -73,7 +74,7 @@ from basins.progress import ProgressCallback
 from basins.record import Array, Record
 
 __all__ = ["LLCResult", "llc", "llc_per_block", "split_rhat", "quadratic_llc", "SAMPLERS", "DEFAULT_GAMMA",
-           "STEP_RULE", "t_quantile", "ess", "DEFAULT_MINIBATCH", "REL_STDERR"]
+           "STEP_RULE", "t_quantile", "ess", "DEFAULT_MINIBATCH", "REL_STDERR", "plan_llc"]
 
 SAMPLERS = ("sgld", "rmsprop")
 DEFAULT_GAMMA = 1.0
@@ -139,6 +140,7 @@ class LLCResult:
     loss_traces: torch.Tensor
     loss_at_optimum: float
     warnings: list[str] = field(default_factory=list)
+    memory_plan: MemoryPlan | None = None
 
     def record(self) -> Record:
         """The ``/llc`` report group and ``--json`` keys."""
@@ -165,6 +167,9 @@ class LLCResult:
             "count_units": "num_loss_evals/num_grads count minibatch evaluations of one chain's minibatch",
             "batched": self.batched, "steps_per_second": self.steps_per_second, "notes": self.warnings,
         }
+        if self.memory_plan is not None:
+            plan = self.memory_plan
+            attrs.update(memory_plan=plan.describe(), memory_budget_bytes=plan.budget, memory_plan_bytes=plan.total)
         arrays = {
             "llc_trace": Array(self.traces, "per chain and draw: nβ·(L_B(w) − L_B(w*)) on the step's minibatch", None),
             "loss_trace": Array(self.loss_traces, "per chain and draw: minibatch estimate L_B(w)", "loss"),
@@ -194,57 +199,120 @@ def _operator(problem: Problem, mask: torch.Tensor | None):  # type: ignore[no-u
     return Operator(matvec, problem.num_params, problem.dtype, problem.device)
 
 
-def _lambda_max(problem: Problem, mask: torch.Tensor | None, seed: int) -> float:
-    """Largest eigenvalue of H (restricted to the mask) by Lanczos (tol 1e-2, ≤ 50 HVPs), ≥ 0."""
+def _lambda_max(problem: Problem, mask: torch.Tensor | None, seed: int, plan: MemoryPlan) -> float:
+    """Largest eigenvalue of H (restricted to the mask) by Lanczos (tol 1e-2, ≤ 50 HVPs), ≥ 0, its
+    basis where ``plan`` puts it."""
     from basins.linalg.lanczos import lanczos
 
     r = lanczos(_operator(problem, mask), k=1, which="top", tol=1e-2, max_matvecs=min(50, problem.num_params),
-                seed=seed)
+                seed=seed, dtype=problem.dtype, max_basis=plan.max_basis, storage=plan.basis_storage)
     return max(float(r.eigenvalues[0]), 0.0)
 
 
-def _quadratic(problem: Problem, mask: torch.Tensor | None, nb: float, gamma: float, seed: int
-               ) -> tuple[float, str]:
+#: SLQ's budget for ``llc_quadratic``: probes and Lanczos steps.
+QUADRATIC_PROBES, QUADRATIC_STEPS = 10, 30
+
+
+def _quadratic_plan(problem: Problem, mask: torch.Tensor | None, left: int) -> tuple[int, torch.dtype, int] | None:
+    """How ``llc_quadratic`` fits ``left`` bytes: ``(block, dtype, bytes)``, the most vectors at once
+    (float64 first), or None when nothing fits. The dense path holds ``block`` unit vectors and their
+    products (model dtype) and the ``dim × dim`` float64 Hessian; SLQ its probes and ``block`` Lanczos
+    bases of ``QUADRATIC_STEPS + 1`` vectors."""
+    P, item = int(problem.num_params), problem.dtype.itemsize
+    dim = P if mask is None else int(mask.sum())
+    from basins.analyses.eigen import dense_fits
+
+    if dense_fits(dim, max_params=DENSE_MAX):
+        options = [(b, problem.dtype, 2 * b * P * item + dim * dim * 8) for b in (dim, 256, 64, 16, 1) if b <= dim]
+    else:
+        dtypes = [torch.float64] + ([problem.dtype] if problem.dtype != torch.float64 else [])
+        options = [(b, dt, (QUADRATIC_PROBES + b * (QUADRATIC_STEPS + 1)) * P * dt.itemsize)
+                   for dt in dtypes for b in (QUADRATIC_PROBES, 5, 2, 1)]
+    return next((o for o in options if o[2] <= left), None)
+
+
+def _quadratic(problem: Problem, mask: torch.Tensor | None, nb: float, gamma: float, seed: int, block: int,
+               dtype: torch.dtype) -> tuple[float, str]:
     dim = problem.num_params if mask is None else int(mask.sum())
     op = _operator(problem, mask)
     from basins.analyses.eigen import dense_fits
 
     if dense_fits(dim, max_params=DENSE_MAX):  # the one dense rule, capped: here a diagnostic costs P HVPs
-        idx = torch.arange(problem.num_params) if mask is None else mask.nonzero().flatten()
-        E = torch.zeros(problem.num_params, dim, dtype=problem.dtype, device=problem.device)
-        E[idx.to(problem.device), torch.arange(dim, device=problem.device)] = 1
-        H = op.apply(E)[idx.to(problem.device)].to(torch.float64)
+        idx = (torch.arange(problem.num_params) if mask is None else mask.nonzero().flatten()).to(problem.device)
+        H = torch.zeros(dim, dim, dtype=torch.float64, device=problem.device)
+        for a in range(0, dim, block):  # columns of H in pieces of `block` unit vectors
+            cols = torch.arange(a, min(dim, a + block), device=problem.device)
+            E = torch.zeros(problem.num_params, cols.numel(), dtype=problem.dtype, device=problem.device)
+            E[idx[cols], cols - a] = 1
+            H[:, a : a + cols.numel()] = op.apply(E)[idx].to(torch.float64)
         ev = torch.linalg.eigvalsh((H + H.T) / 2)
         return quadratic_llc(ev, nb, gamma), f"exact ({dim} HVPs)"
     from basins.linalg.slq import slq
 
-    r = slq(op, num_probes=10, num_steps=30, seed=seed)
+    r = slq(op, num_probes=QUADRATIC_PROBES, num_steps=QUADRATIC_STEPS, seed=seed, block_size=block, dtype=dtype)
     vals = [float((w * 0.5 * (t.to(torch.float64).clamp(min=0) * nb) / (t.to(torch.float64).clamp(min=0) * nb + gamma)
                    ).sum()) for t, w in zip(r.nodes, r.weights)]
     # SLQ over the full space: coordinates outside the mask have h = 0 and add nothing
-    return problem.num_params * sum(vals) / len(vals), "slq (10 probes × 30 steps)"
+    return problem.num_params * sum(vals) / len(vals), f"slq ({QUADRATIC_PROBES} probes × {QUADRATIC_STEPS} steps)"
 
 
-def _grad_noise(problem: Problem, mb: MinibatchLoss, mask: torch.Tensor | None, seed: int) -> float:
+def _grad_noise(problem: Problem, mb: MinibatchLoss, mask: torch.Tensor | None, seed: int, chunk: int) -> float:
     """Sampling noise of ∇L, √(n·tr Cov(hᵢ))/N, hᵢ the gradient of example i's sum of terms,
-    from per-example gradients of ``NOISE_SAMPLE`` examples per process. Cost: that many gradients."""
+    from per-example gradients of ``NOISE_SAMPLE`` examples per process, ``chunk`` at a time (the
+    chains' share of the memory plan). Cost: that many gradients."""
     n_r = problem.num_local_examples
     m = min(NOISE_SAMPLE, n_r)
     g = torch.Generator().manual_seed(seed + 0x5EED)
     idx = torch.randperm(n_r, generator=g)[:m][:, None]
-    w0 = problem.theta0.expand(m, -1)
-    _, h = mb.value_and_grad(w0, mb.batch_at(idx, scale=1.0), reduce=False)
-    if mask is not None:
-        h = h * mask.to(h.device, h.dtype)
-    h = h.to(torch.float64)
-    stats = torch.cat([h.sum(0), torch.stack([(h * h).sum(), torch.tensor(float(m), dtype=torch.float64,
-                                                                            device=h.device)])])
+    s1 = torch.zeros(problem.num_params, dtype=torch.float64, device=problem.device)
+    s2 = torch.zeros((), dtype=torch.float64, device=problem.device)
+    for a in range(0, m, max(1, chunk)):
+        part = idx[a : a + max(1, chunk)]
+        w0 = problem.theta0.expand(part.shape[0], -1)
+        _, h = mb.value_and_grad(w0, mb.batch_at(part, scale=1.0), reduce=False)
+        if mask is not None:
+            h = h * mask.to(h.device, h.dtype)
+        for row in h:  # float64 one example at a time
+            r = row.to(torch.float64)
+            s1 += r
+            s2 += r @ r
+        del h
+    stats = torch.cat([s1, torch.stack([s2, torch.tensor(float(m), dtype=torch.float64, device=s1.device)])])
     stats = problem.reduce(stats)
-    s1, s2, cnt = stats[:-2], float(stats[-2]), float(stats[-1])
+    s1, s2v, cnt = stats[:-2], float(stats[-2]), float(stats[-1])
     if cnt < 2:
         return math.nan
-    tr = max((s2 - float(s1 @ s1) / cnt) / (cnt - 1), 0.0)
+    tr = max((s2v - float(s1 @ s1) / cnt) / (cnt - 1), 0.0)
     return math.sqrt(problem.num_examples * tr) / problem.num_terms
+
+
+def plan_llc(problem: Problem, *, num_chains: int = 4, minibatch: int | None = None, sampler: str = "sgld",
+             step_size: float | None = None, quadratic: bool = True, mask: torch.Tensor | None = None
+             ) -> MemoryPlan:
+    """The memory plan of :func:`llc` with these arguments: the problem's plan (route, HVP pieces)
+    completed with the Lanczos basis for λ_max at w* (auto step size only), ``llc_quadratic``'s
+    vectors (its ``quadratic`` entry: skipped with a note when they do not fit) and the chains' SGLD
+    phase (:func:`~basins.engine.memory.plan_sgld`). Costs nothing: sizes only.
+
+    Raises:
+        InputError: the chains do not fit the budget (one line, with the sizes).
+    """
+    P, item = int(problem.num_params), problem.dtype.itemsize
+    plan = problem.routes.plan
+    if step_size is None:
+        plan = plan_lanczos(plan, P, item, need=1, block=1)
+    size = min(problem.num_examples, minibatch or DEFAULT_MINIBATCH)
+    rows = min(size, problem.batch_size)
+    if problem.fixed_batch_size:
+        rows = problem.fixed_batch_size
+    plan = plan_sgld(plan, P, item, chains=num_chains, rows=rows, preconditioned=sampler != "sgld")
+    if quadratic:
+        left = plan.budget - (plan.resident + plan.graph + plan.hvp + plan.checks)
+        q = _quadratic_plan(problem, mask, left)
+        plan = replace(plan, notes=[*plan.notes, "llc_quadratic " + (
+            f"in pieces of {q[0]} vectors ({str(q[1]).replace('torch.', '')}), {q[2] / 2**30:.2f} GiB" if q else
+            "not computed: its vectors do not fit the memory budget")])
+    return plan
 
 
 def _terms_unit(problem: Problem) -> str:
@@ -275,6 +343,7 @@ def llc(
     block: str | None = None,
     max_steps: int = DEFAULT_MAX_STEPS,
     callback: ProgressCallback | None = None,
+    memory_plan: MemoryPlan | None = None,
 ) -> LLCResult:
     """Estimate the local learning coefficient at w* = ``problem``'s θ* (module docstring).
 
@@ -296,9 +365,10 @@ def llc(
         mask: ``(P,)`` 0/1, the coordinates that move (the weight-refined LLC of that block).
         block: the block's name, for the record.
         max_steps: budget per chain for ``"auto"`` (burn-in and draws together).
+        memory_plan: the plan the run is fitted to (default :func:`plan_llc` of these arguments).
 
     Raises:
-        InputError: a bad parameter, or streamed data.
+        InputError: a bad parameter, streamed data, or the chains do not fit the memory budget.
         ComputeError: a chain diverged with a given step size, or kept diverging.
     """
     auto_draws, auto_burnin = num_draws == "auto", num_burnin == "auto"
@@ -331,9 +401,18 @@ def llc(
     nb_rule = "given" if nbeta is not None else f"N/log N, N = {N:,} {_terms_unit(problem)}"
     g_val, gamma_rule = (DEFAULT_GAMMA, "default") if gamma is None else (float(gamma), "given")
     mb = MinibatchLoss(problem, min(problem.num_examples, minibatch or DEFAULT_MINIBATCH), batched=batched)
-    lam = _lambda_max(problem, mask, seed) if step_size is None else math.nan
-    lq, lq_method = _quadratic(problem, mask, nb, g_val, seed) if quadratic else (None, "not computed")
-    noise = _grad_noise(problem, mb, mask, seed)
+    plan = memory_plan or plan_llc(problem, num_chains=num_chains, minibatch=minibatch, sampler=sampler,
+                                   step_size=step_size, quadratic=quadratic, mask=mask)
+    lam = _lambda_max(problem, mask, seed, plan) if step_size is None else math.nan
+    q = _quadratic_plan(problem, mask, plan.budget - (plan.resident + plan.graph + plan.hvp + plan.checks)) \
+        if quadratic else None
+    if q is not None:
+        lq, lq_method = _quadratic(problem, mask, nb, g_val, seed, q[0], q[1])
+    else:
+        lq, lq_method = None, ("not computed: its vectors do not fit the memory budget" if quadratic else
+                               "not computed")
+    problem.routes.free_graph()  # the full-data HVPs are done: the chains' phase has the memory (the plan)
+    noise = _grad_noise(problem, mb, mask, seed, num_chains)
     gnorm = float((problem.grad() * mask).norm()) if mask is not None else problem.grad_norm
     chains = Chains(mb, problem.theta0.detach(), num_chains, nb, g_val, seed, mask, sampler, step_size,
                     lam, callback)
@@ -409,6 +488,9 @@ def llc(
     if auto_draws and not _precise(traces):
         notes.append(f"s.e. {est.stderr:.3g} is above {REL_STDERR:.0%} of λ̂ after {D} draws per chain: the "
                      "budget max_steps was spent")
+    if quadratic and q is None:
+        notes.append("llc_quadratic not computed: its vectors do not fit the memory budget (raise memory_bytes, or "
+                     "quadratic=False)")
     if chains.restarts:
         notes.append(f"{len(chains.restarts)} chain restart(s) after a divergence, each with ε halved "
                      f"(final ε {eps:.3g})")
@@ -429,7 +511,7 @@ def llc(
         grad_noise=noise, block=block, block_num_params=P_b, num_loss_evals=mb.num_losses,
         num_grads=mb.num_grads, num_hvps=problem.counters.num_hvps - hvps0, batched=mb.batched,
         steps_per_second=num_chains * chains.steps_done / wall if wall > 0 else math.nan, traces=traces,
-        loss_traces=losses, loss_at_optimum=problem.loss_at_optimum, warnings=notes,
+        loss_traces=losses, loss_at_optimum=problem.loss_at_optimum, warnings=notes, memory_plan=plan,
     )
 
 

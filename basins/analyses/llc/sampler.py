@@ -95,6 +95,11 @@ class Diverged(Exception):
         self.chain, self.step = chain, step
 
 
+def _squares(x: torch.Tensor) -> torch.Tensor:
+    """``‖x_c‖²`` of each row of ``x (C, P)`` in float64, ``(C,)``, one row at a time (a (P,) float64 transient)."""
+    return torch.stack([row.to(_F64).square().sum() for row in x])
+
+
 def _torch_seed(ss: np.random.SeedSequence) -> int:
     return int(ss.generate_state(1, np.uint64)[0]) & ((1 << 63) - 1)
 
@@ -150,8 +155,10 @@ class Chains:
         a0 = self.nbeta * max(self.lambda_max, 0.0) + self.gamma
         self.initial_step = STEP_FACTOR / a0 if self.auto else float(self.step_size)  # type: ignore[arg-type]
         self.eps = torch.full((C,), self.initial_step, dtype=_F64, device=dev)
-        self.G = torch.ones(C, P, dtype=dt, device=dev)
-        self.V = torch.zeros(C, P, dtype=dt, device=dev)
+        # RMSProp's preconditioner and second moment; SGLD's G is 1 (a scalar: no (C, P) arrays)
+        pre = self._preconditioned
+        self.G: torch.Tensor = torch.ones((C, P) if pre else (), dtype=dt, device=dev)
+        self.V: torch.Tensor = torch.zeros(C, P, dtype=dt, device=dev) if pre else self.G
         self.start = self._dispersed_starts()
         self.w = self.start.clone()
         self._xi = self._randn(self._noise)
@@ -165,8 +172,9 @@ class Chains:
     # ------------------------------------------------------------------ pieces
     def _randn(self, gens: list[torch.Generator]) -> torch.Tensor:
         P = self.w_star.numel()
-        z = torch.stack([torch.randn(P, generator=g, dtype=_F64) for g in gens])
-        z = z.to(self.w_star.device, self.w_star.dtype)
+        z = torch.empty(len(gens), P, dtype=self.w_star.dtype, device=self.w_star.device)
+        for row, g in zip(z, gens):  # drawn in float64 on the CPU, one chain at a time
+            row.copy_(torch.randn(P, generator=g, dtype=_F64))
         return z * self.m if self._masked else z
 
     def draw(self) -> Batch:
@@ -179,7 +187,7 @@ class Chains:
         return (gU * self.m if self._masked else gU), lv
 
     def u_of(self, w: torch.Tensor, lv: torch.Tensor) -> torch.Tensor:
-        return self.nbeta * lv + 0.5 * self.gamma * ((w - self.w_star).to(_F64) ** 2).sum(-1)
+        return self.nbeta * lv + 0.5 * self.gamma * _squares(w - self.w_star)
 
     def _dispersed_starts(self) -> torch.Tensor:
         C = self.num_chains
@@ -240,8 +248,8 @@ class Chains:
         """``(C,)`` bool on the CPU: finite and ``γ‖w − w*‖² ≤ RADIUS_CAP·(dim + 10)``: outside, the
         localizing prior alone has mass < exp(−(RADIUS_CAP − 1)·(dim + 10)/2), so a chain there has
         not sampled its way out but been thrown out by an unstable step (diverged)."""
-        d2 = (w - self.w_star).to(_F64).square().sum(-1)
-        return (d2 <= RADIUS_CAP * (self.dim + 10) / self.gamma).cpu()  # False where d2 is NaN or inf
+        r = torch.linalg.vector_norm(w - self.w_star, dim=-1).to(_F64)
+        return (r.square() <= RADIUS_CAP * (self.dim + 10) / self.gamma).cpu()  # False where r is NaN or inf
 
     def _step(self, gU: torch.Tensor) -> torch.Tensor:
         """One Leimkuhler–Matthews step (sets ``self._xi_next``; the caller commits it on success)."""
@@ -264,10 +272,14 @@ class Chains:
         """MALA acceptance probability ``(C,)`` of the SGLD move ``w → w_new`` on the same minibatch."""
         gU2, lv2 = self.grad_u(w_new, batch)
         e = self.eps.to(self.w.dtype)[:, None]
-        Gs = self.G * self.m + (1 - self.m)  # masked coordinates do not move: any G > 0
-        fwd = -((w_new - self.w + 0.5 * e * self.G * gU) ** 2 / Gs).to(_F64).sum(-1) / (2 * self.eps)
-        bwd = -((self.w - w_new + 0.5 * e * self.G * gU2) ** 2 / Gs).to(_F64).sum(-1) / (2 * self.eps)
-        log_a = -self.u_of(w_new, lv2) + self.u_of(self.w, lv) + bwd - fwd
+        if self._preconditioned:
+            Gs = (self.G * self.m + (1 - self.m)).sqrt()  # masked coordinates do not move: any G > 0
+            fwd = _squares((w_new - self.w + 0.5 * e * self.G * gU) / Gs)
+            bwd = _squares((self.w - w_new + 0.5 * e * self.G * gU2) / Gs)
+        else:
+            fwd = _squares(torch.addcmul(w_new - self.w, e, gU, value=0.5))
+            bwd = _squares(torch.addcmul(self.w - w_new, e, gU2, value=0.5))
+        log_a = -self.u_of(w_new, lv2) + self.u_of(self.w, lv) + (fwd - bwd) / (2 * self.eps)
         a = torch.exp(torch.clamp(log_a, max=0.0))
         return torch.where(torch.isfinite(a), a, torch.zeros_like(a)).cpu()
 
