@@ -44,6 +44,7 @@ class ParamSpace:
         for k in numels:
             self.offsets.append(self.offsets[-1] + k)
         self.num_params: int = self.offsets[-1]
+        self._numels: list[int] = numels
         first = next(iter(params.values()))
         self.dtype: torch.dtype = first.dtype
         self.device: torch.device = first.device
@@ -62,10 +63,10 @@ class ParamSpace:
         if vector.shape[-1] != self.num_params:
             raise ValueError(f"expected a vector of length {self.num_params}, got shape {tuple(vector.shape)}")
         lead = vector.shape[:-1]
-        return {
-            n: vector[..., a:b].reshape(*lead, *s)
-            for n, s, a, b in zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:])
-        }
+        # one split, not a slice per tensor: differentiated, a split's backward concatenates the
+        # pieces' gradients once, where each slice's backward fills a whole (..., P) zero gradient
+        pieces = torch.split(vector, self._numels, dim=-1)
+        return {n: t.reshape(*lead, *s) for n, s, t in zip(self.names, self.shapes, pieces)}
 
     def __repr__(self) -> str:
         return f"ParamSpace(num_params={self.num_params}, tensors={len(self.names)}, dtype={self.dtype})"
