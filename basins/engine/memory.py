@@ -188,6 +188,7 @@ class MemoryPlan:
         checks: bytes of the error-bound checks (their vectors, in float64).
         sgld_chains, sgld: the SGLD chains advanced together and the bytes of their state and one
             step (:func:`plan_sgld`; 0 when no sampling is planned).
+        quadratic: bytes of ``llc_quadratic``'s vectors (a phase of full-data HVPs beside the graph).
     """
 
     budget: int
@@ -211,15 +212,16 @@ class MemoryPlan:
     checks: int = 0
     sgld_chains: int = 0
     sgld: int = 0
+    quadratic: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
         """Bytes the plan holds at its peak: what is resident, the graph, one HVP, then the larger of
-        the Lanczos phase (its basis, or the streamed basis' resident blocks) and the trace phase, and
-        the checks; or, when larger, what is resident and the SGLD phase (which runs after the
+        the Lanczos phase (its basis, or the streamed basis' resident blocks), the trace phase and
+        ``llc_quadratic``'s, and the checks; or, when larger, what is resident and the SGLD phase (which runs after the
         full-data HVPs, with the gradient graph freed)."""
-        hvps = self.graph + self.hvp + max(self.basis_bytes, self.trace) + self.checks
+        hvps = self.graph + self.hvp + max(self.basis_bytes, self.trace, self.quadratic) + self.checks
         return self.resident + max(hvps, self.sgld)
 
     def describe(self) -> str:

@@ -211,6 +211,9 @@ def _lambda_max(problem: Problem, mask: torch.Tensor | None, seed: int, plan: Me
 
 #: SLQ's budget for ``llc_quadratic``: probes and Lanczos steps.
 QUADRATIC_PROBES, QUADRATIC_STEPS = 10, 30
+#: ``(block, P)`` temporaries of one SLQ step (the product, its dtype conversions, the three-term
+#: recurrence and the reorthogonalisation).
+SLQ_STEP_VECTORS = 6
 
 
 def _quadratic_plan(problem: Problem, mask: torch.Tensor | None, left: int) -> tuple[int, torch.dtype, int] | None:
@@ -222,11 +225,12 @@ def _quadratic_plan(problem: Problem, mask: torch.Tensor | None, left: int) -> t
     dim = P if mask is None else int(mask.sum())
     from basins.analyses.eigen import dense_fits
 
-    if dense_fits(dim, max_params=DENSE_MAX):
-        options = [(b, problem.dtype, 2 * b * P * item + dim * dim * 8) for b in (dim, 256, 64, 16, 1) if b <= dim]
-    else:
+    if dense_fits(dim, max_params=DENSE_MAX):  # unit vectors, products, their rows; H and its copies
+        options = [(b, problem.dtype, 3 * b * P * item + 3 * dim * dim * 8) for b in (dim, 256, 64, 16, 1)
+                   if b <= dim]
+    else:  # probes (drawn in float64, projected, normalised), the bases and a step's (b, P) temporaries
         dtypes = [torch.float64] + ([problem.dtype] if problem.dtype != torch.float64 else [])
-        options = [(b, dt, (QUADRATIC_PROBES + b * (QUADRATIC_STEPS + 1)) * P * dt.itemsize)
+        options = [(b, dt, 3 * QUADRATIC_PROBES * P * 8 + b * (QUADRATIC_STEPS + 1 + SLQ_STEP_VECTORS) * P * dt.itemsize)
                    for dt in dtypes for b in (QUADRATIC_PROBES, 5, 2, 1)]
     return next((o for o in options if o[2] <= left), None)
 
@@ -309,7 +313,7 @@ def plan_llc(problem: Problem, *, num_chains: int = 4, minibatch: int | None = N
     if quadratic:
         left = plan.budget - (plan.resident + plan.graph + plan.hvp + plan.checks)
         q = _quadratic_plan(problem, mask, left)
-        plan = replace(plan, notes=[*plan.notes, "llc_quadratic " + (
+        plan = replace(plan, quadratic=q[2] if q else 0, notes=[*plan.notes, "llc_quadratic " + (
             f"in pieces of {q[0]} vectors ({str(q[1]).replace('torch.', '')}), {q[2] / 2**30:.2f} GiB" if q else
             "not computed: its vectors do not fit the memory budget")])
     return plan
