@@ -359,7 +359,7 @@ def test_quadratic_llc_in_pieces_matches_dense_float64_and_is_skipped_when_it_do
     from dataclasses import replace
 
     tight = replace(plan, budget=plan.resident + plan.graph + plan.hvp + plan.checks + 4 * p.num_params)
-    assert llc_module._quadratic_plan(p, None, 4 * p.num_params) is None
+    assert llc_module._quadratic_plan(p, None, tight) is None  # 4·P bytes left beside the HVPs
     r = llc(p, num_chains=2, num_draws=50, num_burnin=20, seed=1, memory_plan=tight)
     assert r.llc_quadratic is None and "do not fit" in r.llc_quadratic_method
     assert any("llc_quadratic not computed" in w for w in r.warnings)

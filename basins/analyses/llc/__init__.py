@@ -214,11 +214,14 @@ QUADRATIC_PROBES, QUADRATIC_STEPS = 10, 30
 #: ``(block, P)`` temporaries of one SLQ step (the product, its dtype conversions, the three-term
 #: recurrence and the reorthogonalisation).
 SLQ_STEP_VECTORS = 6
+QUADRATIC_SKIPPED = "not computed: its vectors do not fit the memory budget"
 
 
-def _quadratic_plan(problem: Problem, mask: torch.Tensor | None, left: int) -> tuple[int, torch.dtype, int] | None:
-    """How ``llc_quadratic`` fits ``left`` bytes: ``(block, dtype, bytes)``, the most vectors at once
-    (float64 first), or None when nothing fits. The dense path holds ``block`` unit vectors and their
+def _quadratic_plan(problem: Problem, mask: torch.Tensor | None, plan: MemoryPlan
+                    ) -> tuple[int, torch.dtype, int] | None:
+    """How ``llc_quadratic`` fits what ``plan`` leaves beside the full-data HVPs (resident, graph,
+    one HVP, checks): ``(block, dtype, bytes)``, the most vectors at once (float64 first), or None
+    when nothing fits. The dense path holds ``block`` unit vectors and their
     products (model dtype) and the ``dim × dim`` float64 Hessian; SLQ its probes and ``block`` Lanczos
     bases of ``QUADRATIC_STEPS + 1`` vectors."""
     P, item = int(problem.num_params), problem.dtype.itemsize
@@ -230,8 +233,10 @@ def _quadratic_plan(problem: Problem, mask: torch.Tensor | None, left: int) -> t
                    if b <= dim]
     else:  # probes (drawn in float64, projected, normalised), the bases and a step's (b, P) temporaries
         dtypes = [torch.float64] + ([problem.dtype] if problem.dtype != torch.float64 else [])
-        options = [(b, dt, 3 * QUADRATIC_PROBES * P * 8 + b * (QUADRATIC_STEPS + 1 + SLQ_STEP_VECTORS) * P * dt.itemsize)
+        per_block = (QUADRATIC_STEPS + 1 + SLQ_STEP_VECTORS) * P
+        options = [(b, dt, 3 * QUADRATIC_PROBES * P * 8 + b * per_block * dt.itemsize)
                    for dt in dtypes for b in (QUADRATIC_PROBES, 5, 2, 1)]
+    left = plan.budget - (plan.resident + plan.graph + plan.hvp + plan.checks)
     return next((o for o in options if o[2] <= left), None)
 
 
@@ -305,17 +310,13 @@ def plan_llc(problem: Problem, *, num_chains: int = 4, minibatch: int | None = N
     plan = problem.routes.plan
     if step_size is None:
         plan = plan_lanczos(plan, P, item, need=1, block=1)
-    size = min(problem.num_examples, minibatch or DEFAULT_MINIBATCH)
-    rows = min(size, problem.batch_size)
-    if problem.fixed_batch_size:
-        rows = problem.fixed_batch_size
+    rows = problem.fixed_batch_size or min(problem.num_examples, minibatch or DEFAULT_MINIBATCH, problem.batch_size)
     plan = plan_sgld(plan, P, item, chains=num_chains, rows=rows, preconditioned=sampler != "sgld")
     if quadratic:
-        left = plan.budget - (plan.resident + plan.graph + plan.hvp + plan.checks)
-        q = _quadratic_plan(problem, mask, left)
+        q = _quadratic_plan(problem, mask, plan)
         plan = replace(plan, quadratic=q[2] if q else 0, notes=[*plan.notes, "llc_quadratic " + (
             f"in pieces of {q[0]} vectors ({str(q[1]).replace('torch.', '')}), {q[2] / 2**30:.2f} GiB" if q else
-            "not computed: its vectors do not fit the memory budget")])
+            QUADRATIC_SKIPPED)])
     return plan
 
 
@@ -408,13 +409,11 @@ def llc(
     plan = memory_plan or plan_llc(problem, num_chains=num_chains, minibatch=minibatch, sampler=sampler,
                                    step_size=step_size, quadratic=quadratic, mask=mask)
     lam = _lambda_max(problem, mask, seed, plan) if step_size is None else math.nan
-    q = _quadratic_plan(problem, mask, plan.budget - (plan.resident + plan.graph + plan.hvp + plan.checks)) \
-        if quadratic else None
+    q = _quadratic_plan(problem, mask, plan) if quadratic else None
     if q is not None:
         lq, lq_method = _quadratic(problem, mask, nb, g_val, seed, q[0], q[1])
     else:
-        lq, lq_method = None, ("not computed: its vectors do not fit the memory budget" if quadratic else
-                               "not computed")
+        lq, lq_method = None, QUADRATIC_SKIPPED if quadratic else "not computed"
     problem.routes.free_graph()  # the full-data HVPs are done: the chains' phase has the memory (the plan)
     noise = _grad_noise(problem, mb, mask, seed, num_chains)
     gnorm = float((problem.grad() * mask).norm()) if mask is not None else problem.grad_norm
@@ -493,8 +492,7 @@ def llc(
         notes.append(f"s.e. {est.stderr:.3g} is above {REL_STDERR:.0%} of λ̂ after {D} draws per chain: the "
                      "budget max_steps was spent")
     if quadratic and q is None:
-        notes.append("llc_quadratic not computed: its vectors do not fit the memory budget (raise memory_bytes, or "
-                     "quadratic=False)")
+        notes.append(f"llc_quadratic {QUADRATIC_SKIPPED} (raise memory_bytes, or quadratic=False)")
     if chains.restarts:
         notes.append(f"{len(chains.restarts)} chain restart(s) after a divergence, each with ε halved "
                      f"(final ε {eps:.3g})")

@@ -149,7 +149,6 @@ class Chains:
         self.m = (self.mask if self.mask is not None else torch.ones(P)).to(dev, dt).expand(C, P)
         self._masked = self.mask is not None  # False: the products by m (all ones) are skipped
         self._preconditioned = self.sampler != "sgld"  # False: G stays 1 and its products are skipped
-        self._coefs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.dim = int(self.m[0].sum())
         self.auto = self.step_size is None
         a0 = self.nbeta * max(self.lambda_max, 0.0) + self.gamma
@@ -234,7 +233,6 @@ class Chains:
         self.eps = target if reset else torch.minimum(self.eps, target)
 
     def _restart(self, c: int, phase: str, step: int, reason: str) -> None:
-        self.eps = self.eps.clone()  # a new tensor (the step's kept coefficients follow it)
         self.eps[c] = self.eps[c] / 2
         self.w[c] = self.start[c]
         self.restarts.append(Restart(c, phase, step, reason, float(self.eps[c])))
@@ -257,11 +255,8 @@ class Chains:
         if self._preconditioned:
             eG = self.eps.to(self.w.dtype)[:, None] * self.G
             return self.w - 0.5 * eG * gU + 0.5 * eG.sqrt() * (self._xi + self._xi_next)
-        if self._coefs is None or self._coefs[0] is not self.eps:  # ε/2 and √ε/2, (C, 1), kept while ε is
-            e = self.eps.to(self.w.dtype)[:, None]
-            self._coefs = (self.eps, 0.5 * e, 0.5 * e.sqrt())
-        _, half, root = self._coefs
-        return torch.addcmul(self.w, half, gU, value=-1).addcmul_(root, self._xi + self._xi_next)
+        e = self.eps.to(self.w.dtype)[:, None]
+        return torch.addcmul(self.w, e, gU, value=-0.5).addcmul_(e.sqrt(), self._xi + self._xi_next, value=0.5)
 
     def _euler(self, gU: torch.Tensor) -> torch.Tensor:
         """The Euler–Maruyama (SGLD) proposal at this ε with the step's fresh noise: what MALA checks."""
@@ -357,7 +352,7 @@ class Chains:
     def after_divergence(self, err: Diverged) -> None:
         """A divergence in the draws (auto ε): halve every chain's ε, restart the chain (recorded)."""
         self.eps = self.eps / 2
-        self.eps[err.chain] = self.eps[err.chain] * 2  # _restart halves it once more (ε is a new tensor)
+        self.eps[err.chain] = self.eps[err.chain] * 2  # _restart halves it once more
         self._restart(err.chain, "draws", err.step, DIVERGED)
         self.acc_sum.zero_()
         self.acc_n = 0
