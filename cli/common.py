@@ -402,7 +402,7 @@ class Command:
                       "--lanczos-steps (they were --steps in basins 0.2 and before)")
         plan = self.loaded.record.get("memory_plan")
         if plan_line and plan:  # the problem's plan (route, pieces); hessian prints its own, with the basis
-            self.log.print(as_flags(str(plan)), soft_wrap=True, highlight=False, markup=False)
+            self.print_plan(str(plan))
         self.seconds = 0.0
         self.warnings = list(self.loaded.warnings)
 
@@ -413,6 +413,10 @@ class Command:
     @property
     def seed(self) -> int:
         return self.loaded.seed
+
+    def print_plan(self, line: str) -> None:
+        """A memory plan's line on stderr, the parameters it names spelled as this command's flags."""
+        self.log.print(as_flags(line), soft_wrap=True, highlight=False, markup=False)
 
     def options(self, *names: str) -> dict[str, Any]:
         """``{name: kw[name]}``: options passed to the library under their own names."""

@@ -18,7 +18,6 @@ from basins.record import EIGEN_UNITS
 from .common import (
     Command,
     LibraryOption,
-    as_flags,
     flag_errors,
     fmt,
     key_value_table,
@@ -155,7 +154,7 @@ def hessian(**kw: Any) -> None:
     with flag_errors():
         plan = plan_hessian(problem, k=min(k, problem.num_params), **c.options("which", "block_size", "trace",
                                                                                "trace_hvps", "bounds"))
-    c.log.print(as_flags(plan.describe()), soft_wrap=True, highlight=False, markup=False)
+    c.print_plan(plan.describe())
     precision_warning = audit_precision(problem).warning()
     if precision_warning:
         c.warn(precision_warning)

@@ -13,7 +13,6 @@ from rich.console import RenderableType
 
 from .common import (
     Command,
-    as_flags,
     flag_errors,
     fmt,
     key_value_table,
@@ -135,7 +134,7 @@ def llc(**kw: Any) -> None:
     c = Command(kw, plan_line=False)
     with flag_errors():
         plan = plan_llc(c.problem, **c.options("num_chains", "minibatch", "sampler", "step_size", "quadratic"))
-    c.log.print(as_flags("; ".join([plan.describe(), *plan.notes])), soft_wrap=True, highlight=False, markup=False)
+    c.print_plan(plan.describe())
     planned = sum(1000 if kw[n] == "auto" else kw[n] for n in ("num_burnin", "num_draws"))
     opts = dict(seed=c.seed, **c.options("num_chains", "num_draws", "num_burnin", "nbeta", "gamma", "step_size",
                                          "minibatch", "sampler", "batched", "quadratic", "max_steps"))

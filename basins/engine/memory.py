@@ -225,7 +225,7 @@ class MemoryPlan:
         return self.resident + max(hvps, self.sgld)
 
     def describe(self) -> str:
-        """One line for stderr."""
+        """One line for stderr (its notes after semicolons)."""
         rows = "whole chunks" if self.piece_rows is None else f"pieces of {self.piece_rows} examples"
         parts = [f"memory plan: {_gib(self.total)} of {_gib(self.budget)} "
                  f"({'memory_bytes' if self.given else f'{PLAN_FRACTION:.0%} of available'}) on {self.device}",
@@ -245,7 +245,7 @@ class MemoryPlan:
             parts.append(f"trace blocks of {self.trace_block} {_gib(self.trace)}")
         if self.sgld:
             parts.append(f"SGLD {self.sgld_chains} chains {_gib(self.sgld)}")
-        return ", ".join(parts)
+        return "; ".join([", ".join(parts), *self.notes])
 
     def as_dict(self) -> dict[str, Any]:
         """The plan for a report's attributes (``memory_plan_*``) and ``--json``."""
